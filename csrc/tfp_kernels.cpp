@@ -1,0 +1,30 @@
+// The one registration file: every op of tfp_kernels is declared here with its schema, and its CPU and
+// CUDA implementations are attached with TORCH_LIBRARY_IMPL. Python calls them as
+// torch.ops.tfp_kernels.<name>. CUDA implementations are compiled only with -DWITH_CUDA.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(tfp_kernels, m) {
+  // Version of the CUDA toolkit the extension was compiled with (e.g. 13000 for 13.0), or -1 when it
+  // was compiled without CUDA. Checked against torch.version.cuda at import.
+  m.def("cuda_version() -> int", &tfp::cuda_version);
+  // Ordered next-fit bin packing: lengths (N,) int64 -> pack id of every item (N,) int64.
+  m.def("next_fit_pack_ids(Tensor lengths, int max_len) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
+  m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(tfp_kernels, CUDA, m) {
+  m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cuda);
+}
+#endif
+
+// A minimal Python module init, so that `import tfp_kernels._C` loads the library (and runs the
+// registrations above) without pulling pybind11 into the build.
+static struct PyModuleDef tfp_kernels_module = {PyModuleDef_HEAD_INIT, "_C", "tfp_kernels compiled ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&tfp_kernels_module); }

@@ -1,0 +1,105 @@
+"""Build script for the ``tfp_kernels._C`` extension.
+
+One extension, ``tfp_kernels._C``, holds every compiled op. Its sources:
+
+- ``csrc/*.cpp`` and ``csrc/cpu/*.cpp``: always (registration + CPU implementations);
+- ``csrc/cuda/*.cu``: when torch was built with CUDA and a CUDA toolkit (``nvcc``) is found,
+  compiled with ``-DWITH_CUDA``.
+
+Build switches (environment variables), decided without probing the build machine's GPU:
+
+==============================  =============================================================
+``TFP_KERNELS_FORCE_CPU=1``     build the CPU part only, even when CUDA is available
+``TFP_KERNELS_FORCE_CUDA=1``    fail instead of silently building CPU-only when CUDA is missing
+``TFP_KERNELS_NO_EXT=1``        build no extension at all (pure-torch fallbacks only)
+``TORCH_CUDA_ARCH_LIST``        respected; if unset and no GPU is visible: ``8.0;9.0+PTX``
+``CUDA_HOME``                   respected; if unset, ``/usr/local/cuda`` when it holds ``bin/nvcc``
+``MAX_JOBS``                    parallel compile jobs (ninja)
+``TFP_KERNELS_DEBUG=1``         ``-O0 -g`` instead of ``-O3``
+==============================  =============================================================
+
+Install against the already installed torch (no second copy of torch in an isolated build env)::
+
+    pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# torch guesses CUDA_HOME from the location of `nvcc` on PATH; /usr/local/bin/nvcc may be a wrapper
+# script, which makes torch pick /usr/local and fail to link -lcudart. Prefer the real toolkit.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _extensions():
+    if _flag("TFP_KERNELS_NO_EXT"):
+        print("tfp_kernels: TFP_KERNELS_NO_EXT=1, building no C++ extension", file=sys.stderr)
+        return [], {}
+
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    torch_has_cuda = torch.version.cuda is not None
+    with_cuda = torch_has_cuda and cuda_home is not None and not _flag("TFP_KERNELS_FORCE_CPU")
+    if _flag("TFP_KERNELS_FORCE_CUDA") and not with_cuda:
+        raise RuntimeError(
+            "TFP_KERNELS_FORCE_CUDA=1 but the CUDA sources cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}, "
+            f"TFP_KERNELS_FORCE_CPU={os.environ.get('TFP_KERNELS_FORCE_CPU')!r}"
+        )
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    debug = _flag("TFP_KERNELS_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    extra_compile_args = {"cxx": list(opt)}  # torch picks the C++ standard it needs
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to detect the architecture from: build for A100 and H100/H200 (+PTX for newer).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        extra_compile_args["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+        ext_cls = cpp_extension.CUDAExtension
+        print(
+            f"tfp_kernels: building CPU + CUDA ops (CUDA_HOME={cuda_home}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})",
+            file=sys.stderr,
+        )
+    else:
+        ext_cls = cpp_extension.CppExtension
+        why = "TFP_KERNELS_FORCE_CPU=1" if _flag("TFP_KERNELS_FORCE_CPU") else (
+            "torch has no CUDA" if not torch_has_cuda else "no CUDA toolkit (nvcc) found"
+        )
+        print(f"tfp_kernels: building CPU ops only ({why})", file=sys.stderr)
+
+    ext = ext_cls(
+        name="tfp_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+    )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
