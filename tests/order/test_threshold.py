@@ -1,0 +1,102 @@
+"""estimate_threshold: exact over all pairs for small N, seeded sample otherwise."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tfp_kernels import estimate_threshold
+from tfp_kernels.order import threshold_estimate
+from tfp_kernels.order.threshold import quantile_linear
+
+
+def brute_force_threshold(emb, metric, q):
+    """All pairs i < j in float64 by plain Python loops, zeros dropped, linear-interpolated quantile."""
+    x = emb.double()
+    if metric == "cosine":
+        x = x / x.norm(dim=1, keepdim=True)
+    ds = []
+    for i, j in itertools.combinations(range(x.shape[0]), 2):
+        d = float((x[i] - x[j]).norm())
+        if metric == "cosine":
+            d = 0.5 * d * d
+        if d > 0:
+            ds.append(d)
+    ds.sort()
+    pos = q * (len(ds) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ds) - 1)
+    return ds[lo] + (pos - lo) * (ds[hi] - ds[lo])
+
+
+def test_hand_worked_threshold():
+    # points 0, 1, 3, 3 on a line: positive pair distances 1, 2, 3, 2, 3 (the 3-3 pair is dropped);
+    # sorted 1, 2, 2, 3, 3; q = 0.25 -> position 1 -> 2.0; q = 0.1 -> position 0.4 -> 1.4.
+    emb = torch.tensor([[0.0], [1.0], [3.0], [3.0]])
+    assert estimate_threshold(emb, quantile=0.25) == pytest.approx(2.0)
+    assert estimate_threshold(emb, quantile=0.1) == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n, d", [(2, 3), (37, 5), (61, 17)])
+def test_exact_matches_brute_force(metric, n, d):
+    torch.manual_seed(n)
+    emb = torch.randn(n, d)
+    if n > 2:
+        emb[-1] = emb[0]  # a duplicate pair, distance 0, must be ignored
+    for q in (0.02, 0.5, 0.9):
+        assert estimate_threshold(emb, metric=metric, quantile=q) == pytest.approx(
+            brute_force_threshold(emb, metric, q), rel=1e-12, abs=1e-12
+        )
+
+
+def test_exact_matches_torch_quantile():
+    torch.manual_seed(0)
+    emb = torch.randn(300, 16, dtype=torch.float64)
+    dist = torch.cdist(emb, emb, compute_mode="donot_use_mm_for_euclid_dist")
+    iu = torch.triu_indices(300, 300, offset=1)
+    pairs = dist[iu[0], iu[1]]
+    expected = torch.quantile(pairs[pairs > 0], 0.02).item()
+    est = threshold_estimate(emb)
+    assert est.exact and est.num_pairs == 300 * 299 // 2
+    assert est.value == pytest.approx(expected, rel=1e-12)
+
+
+def test_sampled_is_seeded_and_close_to_exact():
+    torch.manual_seed(1)
+    emb = torch.randn(400, 8)
+    exact = threshold_estimate(emb, quantile=0.05)
+    a = threshold_estimate(emb, quantile=0.05, sample_pairs=20_000, seed=3)
+    b = threshold_estimate(emb, quantile=0.05, sample_pairs=20_000, seed=3)
+    c = threshold_estimate(emb, quantile=0.05, sample_pairs=20_000, seed=4)
+    assert exact.exact and not a.exact and a.num_pairs == 20_000
+    assert a.value == b.value
+    assert a.value != c.value
+    # sampling error: sd of the quantile level is sqrt(q(1-q)/m) = 1.5e-3; allow 5 sd in level terms
+    dist = torch.cdist(emb.double(), emb.double())
+    iu = torch.triu_indices(400, 400, offset=1)
+    pairs = dist[iu[0], iu[1]]
+    level = (pairs < a.value).double().mean().item()
+    assert abs(level - 0.05) < 5 * math.sqrt(0.05 * 0.95 / 20_000)
+
+
+def test_sample_pairs_at_least_all_pairs_is_exact():
+    emb = torch.randn(20, 4)
+    est = threshold_estimate(emb, sample_pairs=190)
+    assert est.exact and est.value == estimate_threshold(emb)
+
+
+def test_quantile_linear_beyond_torch_limit_matches_sort():
+    torch.manual_seed(5)
+    v = torch.rand((1 << 24) + 3, dtype=torch.float32)
+    s = v.sort().values
+    pos = 0.02 * (v.numel() - 1)
+    lo = int(pos)
+    expected = s[lo].item() + (pos - lo) * (s[lo + 1].item() - s[lo].item())
+    assert quantile_linear(v, 0.02) == pytest.approx(expected, rel=1e-6)
+
+
+def test_all_zero_distances_warns_and_returns_zero():
+    with pytest.warns(UserWarning, match="threshold is set to 0.0"):
+        assert estimate_threshold(torch.zeros(6, 3)) == 0.0

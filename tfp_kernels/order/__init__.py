@@ -1,0 +1,17 @@
+"""Ordering layer: the TFP threshold, the TFP path (reference and public API) and its validator."""
+
+from .api import OrderStats, tfp_order
+from .check import PathCheck, check_path
+from .reference import tfp_order_reference
+from .threshold import ThresholdEstimate, estimate_threshold, threshold_estimate
+
+__all__ = [
+    "OrderStats",
+    "PathCheck",
+    "ThresholdEstimate",
+    "check_path",
+    "estimate_threshold",
+    "tfp_order",
+    "tfp_order_reference",
+    "threshold_estimate",
+]

@@ -1,0 +1,242 @@
+"""Path validator: re-verifies a TFP path step by step, blockwise (the oracle at large N)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from .distance import gemm_distances, prepare
+
+# Elements of the (steps x N) blocks the validator works on at once.
+_BLOCK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class PathCheck:
+    """Outcome of :func:`check_path`; truthy when the path passed.
+
+    Attributes:
+        ok: True when the path is a permutation and every checked step follows the TFP rule.
+        num_steps_checked: steps verified (steps 1..N-1, or the requested subset).
+        num_tolerated: checked steps that differ from the pick in the validator's own arithmetic but
+            are explained by distances within the tolerance (floating-point ties).
+        first_bad_step: index into ``path`` of the first violation, or None.
+        expected: the node the rule picks at ``first_bad_step`` (in the validator's arithmetic), or None.
+        got: ``path[first_bad_step]``, or None.
+        message: a readable explanation ("ok" when the path passed).
+    """
+
+    ok: bool
+    num_steps_checked: int
+    num_tolerated: int = 0
+    first_bad_step: int | None = None
+    expected: int | None = None
+    got: int | None = None
+    message: str = "ok"
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def raise_if_failed(self) -> None:
+        """Raise ``AssertionError`` with :attr:`message` when the path failed."""
+        if not self.ok:
+            raise AssertionError(self.message)
+
+
+def _check_permutation(path: torch.Tensor, n: int) -> PathCheck | None:
+    if path.numel() != n:
+        return PathCheck(False, 0, message=f"path has {path.numel()} entries but embeddings has N = {n} rows")
+    out_of_range = (path < 0) | (path >= n)
+    if bool(out_of_range.any()):
+        s = int(torch.nonzero(out_of_range)[0])
+        return PathCheck(False, 0, first_bad_step=s, got=int(path[s]),
+                         message=f"path[{s}] = {int(path[s])} is outside [0, N) = [0, {n})")
+    counts = torch.bincount(path, minlength=n)
+    if bool((counts != 1).any()):
+        dup = torch.nonzero(counts > 1).flatten()
+        missing = torch.nonzero(counts == 0).flatten()
+        node = int(dup[0])
+        steps = torch.nonzero(path == node).flatten()
+        return PathCheck(
+            False, 0, first_bad_step=int(steps[1]), got=node,
+            message=(f"path is not a permutation of 0..N-1: node {node} appears at steps "
+                     f"{steps.tolist()[:4]}; {dup.numel()} node(s) repeated, {missing.numel()} missing "
+                     f"(first missing: {int(missing[0])})"),
+        )
+    return None
+
+
+def _explained_by_tolerance(
+    d: torch.Tensor, wmin: torch.Tensor, cand: torch.Tensor, chosen: int, t: float,
+    max_rejections: int | None, atol: float, rtol: float,
+) -> bool:
+    """Whether ``chosen`` is what the rule picks for *some* perturbation of the distances within
+    ``atol + rtol * |value|`` (so a floating-point tie explains the difference)."""
+    n_u = int(cand.sum())
+    capped = max_rejections is not None and n_u > max_rejections
+    tol_t = atol + rtol * abs(t)
+    clearly_valid = cand & (wmin >= t + tol_t)
+    dc = float(d[chosen])
+    tol_c = atol + rtol * abs(dc)
+    others = cand.clone()
+    others[chosen] = False
+    surely_before = others & (d < dc - tol_c)
+    maybe_before = others & (d <= dc + tol_c)
+    lo = int(surely_before.sum())
+    no_valid_surely_before = not bool((clearly_valid & surely_before).any())
+    # (a) chosen is the first valid candidate (and, with the cap, could stand before position M).
+    if bool(wmin[chosen] >= t - tol_t) and no_valid_surely_before and (not capped or lo < max_rejections):
+        return True
+    # (b) no candidate is valid and chosen could be c_0.
+    if not capped and not bool(clearly_valid.any()) and lo == 0:
+        return True
+    # (c) the cap fires and chosen could be c_M, with M candidates ahead of it that may all be invalid.
+    if capped and lo <= max_rejections <= int(maybe_before.sum()) and no_valid_surely_before:
+        ambiguous_invalid = maybe_before & ~surely_before & ~clearly_valid
+        if int(ambiguous_invalid.sum()) >= max_rejections - lo:
+            return True
+    return False
+
+
+def check_path(
+    embeddings: torch.Tensor,
+    path: torch.Tensor,
+    *,
+    threshold: float,
+    metric: str = "l2",
+    window: int = 4,
+    max_rejections: int | None = None,
+    atol: float = 1e-6,
+    rtol: float = 1e-6,
+    steps: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> PathCheck:
+    """Verify that ``path`` is the TFP order of ``embeddings`` (DESIGN.md 1.1), step by step.
+
+    Checks that ``path`` is a permutation of ``0..N-1``, then, for every step ``s >= 1`` (or the
+    given ``steps``), recomputes which node the rule takes after ``path[:s]`` and compares it with
+    ``path[s]``. A difference is accepted when a perturbation of the distances within
+    ``atol + rtol * |value|`` explains it (ties in floating point); such steps are counted in
+    :attr:`PathCheck.num_tolerated`. With ``atol = rtol = 0`` every step must match the validator's
+    own arithmetic exactly, including the lower-index-first tie-break.
+
+    Distances go through a matrix product (``|a|^2 + |b|^2 - 2 a.b``) in ``dtype`` (float64 by
+    default), over blocks of steps: memory O(N * block), time O(N^2 * D) for a full check (O(N * D)
+    per sampled step). Usable on the CPU up to ~10^5 nodes; pass ``steps`` to check a sample.
+
+    Args:
+        embeddings: (N, D), floating dtype, CPU or CUDA, finite.
+        path: (N,) integer tensor, the order to verify (moved to the device of ``embeddings``).
+        threshold: the threshold ``t`` the path was built with (>= 0).
+        metric, window, max_rejections: as in :func:`~tfp_kernels.tfp_order`.
+        atol, rtol: tolerance on distances for accepting floating-point ties.
+        steps: optional 1-D integer tensor of step indices in [1, N) to check (default: all).
+        dtype: compute dtype of the distances (float64 or float32).
+
+    Returns:
+        A :class:`PathCheck` (truthy when the path passed) naming the first violating step.
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels import check_path
+        >>> emb = torch.tensor([[0.0], [0.1], [1.0], [1.1], [5.0]])
+        >>> bool(check_path(emb, torch.tensor([0, 2, 4, 1, 3]), threshold=0.5, window=2))
+        True
+        >>> check_path(emb, torch.tensor([0, 1, 2, 3, 4]), threshold=0.5, window=2).first_bad_step
+        1
+    """
+    metric = _checks.check_metric(metric)
+    embeddings = _checks.check_embeddings(embeddings, metric=metric)
+    threshold = _checks.check_threshold(threshold)
+    if threshold is None:
+        raise ValueError("threshold is required: pass the t the path was built with")
+    window = _checks.check_window(window)
+    max_rejections = _checks.check_max_rejections(max_rejections)
+    atol = _checks.check_tolerance(atol, "atol")
+    rtol = _checks.check_tolerance(rtol, "rtol")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(path, torch.Tensor):
+        path = torch.as_tensor(path)
+    if path.dim() != 1:
+        raise ValueError(f"path must be 1-D with shape (N,), got shape {tuple(path.shape)}")
+    if path.dtype.is_floating_point or path.dtype.is_complex or path.dtype == torch.bool:
+        raise TypeError(f"path must have an integer dtype, got {path.dtype}")
+    n = embeddings.shape[0]
+    device = embeddings.device
+    path = path.to(device=device, dtype=torch.long)
+    bad = _check_permutation(path, n)
+    if bad is not None:
+        return bad
+    if steps is None:
+        steps = torch.arange(1, n, device=device)
+    else:
+        steps = torch.as_tensor(steps, device=device)
+        if steps.dim() != 1 or steps.dtype.is_floating_point or steps.dtype == torch.bool:
+            raise ValueError("steps must be a 1-D integer tensor of step indices")
+        steps = torch.unique(steps.long())  # sorted
+        if steps.numel() and (int(steps[0]) < 1 or int(steps[-1]) >= n):
+            raise ValueError(f"steps must lie in [1, N) = [1, {n}), got range [{int(steps[0])}, {int(steps[-1])}]")
+    if steps.numel() == 0:
+        return PathCheck(True, 0)
+
+    x = prepare(embeddings, metric, dtype)
+    sq_norms = x.square().sum(dim=1)
+    pos = torch.empty(n, dtype=torch.long, device=device)
+    pos[path] = torch.arange(n, device=device)
+    node_ids = torch.arange(n, device=device)
+    block = max(1, _BLOCK_ELEMENTS // (n * (window + 1)))
+    tolerated = 0
+    for b in range(0, steps.numel(), block):
+        s = steps[b : b + block]  # (B,)
+        # offsets[:, o] = position of the o-th most recent path node before step s (o = 0 is last)
+        back = s[:, None] - 1 - torch.arange(window, device=device)[None, :]  # (B, window)
+        in_path = back >= 0
+        needed, inverse = torch.unique(back.clamp(min=0), return_inverse=True)
+        dist = gemm_distances(x, sq_norms, path[needed], metric)  # (R, N)
+        d_last = dist[inverse[:, 0]]  # (B, N)
+        wmin = d_last.clone()
+        for o in range(1, window):
+            rows_o = dist[inverse[:, o]]
+            wmin = torch.where(in_path[:, o : o + 1], torch.minimum(wmin, rows_o), wmin)
+        cand = pos[None, :] >= s[:, None]
+        valid = cand & (wmin >= threshold)
+        inf = torch.tensor(torch.inf, dtype=x.dtype, device=device)
+        d_valid = torch.where(valid, d_last, inf)
+        first_valid = d_valid.argmin(dim=1)
+        has_valid = valid.any(dim=1)
+        d_cand = torch.where(cand, d_last, inf)
+        pick = torch.where(has_valid, first_valid, d_cand.argmin(dim=1))
+        if max_rejections is not None:
+            capped = (n - s) > max_rejections
+            dv = d_last.gather(1, first_valid[:, None])
+            ahead = cand & ((d_last < dv) | ((d_last == dv) & (node_ids[None, :] < first_valid[:, None])))
+            use_cm = capped & (~has_valid | (ahead.sum(dim=1) >= max_rejections))
+            if bool(use_cm.any()):
+                rows_cm = torch.nonzero(use_cm).flatten()
+                order = torch.sort(d_cand[rows_cm], dim=1, stable=True).indices
+                pick[rows_cm] = order[:, max_rejections]
+        got = path[s]
+        mismatch = torch.nonzero(pick != got).flatten().tolist()
+        for i in mismatch:
+            if (atol > 0 or rtol > 0) and _explained_by_tolerance(
+                d_last[i], wmin[i], cand[i], int(got[i]), threshold, max_rejections, atol, rtol
+            ):
+                tolerated += 1
+                continue
+            step = int(s[i])
+            chosen, expected = int(got[i]), int(pick[i])
+            return PathCheck(
+                False, b + i + 1, tolerated, step, expected, chosen,
+                message=(
+                    f"step {step}: path takes node {chosen} after node {int(path[step - 1])}, but the TFP rule "
+                    f"(threshold {threshold:.6g}, window {window}, max_rejections {max_rejections}) takes node "
+                    f"{expected}: D[last, {chosen}] = {float(d_last[i, chosen]):.6g}, "
+                    f"D[last, {expected}] = {float(d_last[i, expected]):.6g}; min distance to the window: "
+                    f"{float(wmin[i, chosen]):.6g} for {chosen}, {float(wmin[i, expected]):.6g} for {expected}"
+                ),
+            )
+    return PathCheck(True, int(steps.numel()), tolerated)

@@ -1,0 +1,121 @@
+"""Exact reference implementation of the TFP ordering (plain torch): the test oracle.
+
+It implements DESIGN.md 1.1 literally, step by step, with exact (difference-based, float64)
+distances, and keeps memory at O(N * window): one row of distances per path node in the window,
+never the N x N matrix. Time is O(N^2 * D). Every fast path is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .distance import distances_from, prepare
+from .threshold import estimate_threshold
+
+
+def _pick_next(
+    d_last: torch.Tensor,
+    valid: torch.Tensor,
+    max_rejections: int | None,
+) -> int:
+    """Position (into the candidate list) of the node the TFP rule takes.
+
+    Args:
+        d_last: (U,) distances from the last path node to the unvisited nodes, in ascending node order.
+        valid: (U,) bool, True where the node is >= t from every window node.
+        max_rejections: the cap M, or None.
+    """
+    n_u = d_last.numel()
+    capped = max_rejections is not None and n_u > max_rejections
+    if bool(valid.any()):
+        # The first valid candidate in the order (distance, index): argmin returns the first of equal
+        # minima, i.e. the lowest node index, because candidates are in ascending node order.
+        first_valid = int(torch.where(valid, d_last, torch.inf).argmin())
+        if not capped:
+            return first_valid
+        dv = d_last[first_valid]
+        ahead = d_last.lt(dv) | (d_last.eq(dv) & (torch.arange(n_u, device=d_last.device) < first_valid))
+        if int(ahead.sum()) < max_rejections:
+            return first_valid
+    elif not capped:
+        return int(d_last.argmin())  # no valid node and the cap cannot fire: c_0
+    # The cap fires: c_M, the M-th candidate (0-based) in the order (distance, index).
+    return int(torch.sort(d_last, stable=True).indices[max_rejections])
+
+
+def tfp_order_reference(
+    embeddings: torch.Tensor,
+    *,
+    metric: str = "l2",
+    quantile: float = 0.02,
+    threshold: float | None = None,
+    window: int = 4,
+    max_rejections: int | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """Threshold Filtering Packing order, computed exactly by the rule of DESIGN.md 1.1.
+
+    The path starts at ``start``. At each step, with ``last`` the newest path node, the unvisited
+    nodes are listed by ascending ``D[last, j]`` (ties: lower index first) as ``c_0, c_1, ...``; ``c_k``
+    is valid when ``D[c_k, p] >= t`` for each ``p`` among the last ``window`` path nodes (``last``
+    included). The first valid ``c_k`` is taken. With a cap ``M = max_rejections``: if the first ``M``
+    candidates are all invalid and a candidate ``c_M`` exists, ``c_M`` is taken unchecked (the paper's
+    cap). If no candidate is valid (and the cap cannot fire), ``c_0`` is taken.
+
+    Distances are computed in float64 from explicit differences (:mod:`tfp_kernels.order.distance`);
+    the threshold is compared in float64.
+
+    Args:
+        embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite, N >= 1.
+        metric: ``"l2"`` (the paper) or ``"cosine"`` (``1 - cos``).
+        quantile: q in (0, 1) for the threshold when ``threshold`` is None (paper: 0.02).
+        threshold: the distance threshold ``t`` (>= 0); None estimates it with
+            :func:`~tfp_kernels.estimate_threshold` (``metric``, ``quantile``, default sampling).
+        window: number of most recent path nodes a candidate must be ``>= t`` from (paper: 4).
+        max_rejections: the cap ``M`` (paper: 10000), or None for no cap.
+        start: first node of the path (paper: 0).
+
+    Returns:
+        path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``.
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels.order.reference import tfp_order_reference
+        >>> emb = torch.tensor([[0.0], [0.1], [1.0], [1.1], [5.0]])
+        >>> tfp_order_reference(emb, threshold=0.5, window=2).tolist()
+        [0, 2, 4, 1, 3]
+    """
+    metric = _checks.check_metric(metric)
+    embeddings = _checks.check_embeddings(embeddings, metric=metric)
+    quantile = _checks.check_quantile(quantile)
+    threshold = _checks.check_threshold(threshold)
+    window = _checks.check_window(window)
+    max_rejections = _checks.check_max_rejections(max_rejections)
+    n = embeddings.shape[0]
+    start = _checks.check_start(start, n)
+    device = embeddings.device
+    path = torch.empty(n, dtype=torch.long, device=device)
+    path[0] = start
+    if n == 1:
+        return path
+    t = threshold if threshold is not None else estimate_threshold(embeddings, metric=metric, quantile=quantile)
+
+    x = prepare(embeddings, metric)
+    # rows[s % window] holds D[path[s], j] for the nodes j still unvisited when path[s] was appended.
+    rows = torch.empty(window, n, dtype=x.dtype, device=device)
+    unvisited = torch.cat([torch.arange(start, device=device), torch.arange(start + 1, n, device=device)])
+    rows[0, unvisited] = distances_from(x, path[:1], unvisited, metric)[0]
+    for step in range(1, n):
+        d_last = rows[(step - 1) % window, unvisited]
+        valid = d_last >= t
+        for back in range(2, min(window, step) + 1):
+            valid &= rows[(step - back) % window, unvisited] >= t
+        pos = _pick_next(d_last, valid, max_rejections)
+        node = unvisited[pos]
+        path[step] = node
+        unvisited = torch.cat([unvisited[:pos], unvisited[pos + 1 :]])
+        if unvisited.numel():
+            rows[step % window, unvisited] = distances_from(x, node.view(1), unvisited, metric)[0]
+    return path
