@@ -21,7 +21,7 @@ at::Tensor next_fit_pack_ids_cpu(const at::Tensor& lengths, int64_t max_len) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t l = len[i];
     TORCH_CHECK(l > 0 && l <= max_len, "lengths[", i, "] = ", l, " is outside [1, max_len=", max_len, "]");
-    if (used + l > max_len) {
+    if (l > max_len - used) {  // used + l > max_len, without overflow for max_len near INT64_MAX
       ++pack;
       used = 0;
     }

@@ -36,8 +36,10 @@ at::Tensor next_fit_pack_ids_cuda(const at::Tensor& lengths, int64_t max_len) {
 
   const auto ends = at::cumsum(lens, 0);              // inclusive prefix sums
   const auto begins = ends - lens;                     // exclusive prefix sums
-  // next[i] = number of items whose inclusive end is <= begins[i] + max_len (> i since len_i <= max_len)
-  auto next = at::searchsorted(ends, begins + max_len, /*out_int32=*/true, /*right=*/true);
+  // next[i] = number of items whose inclusive end is <= begins[i] + max_len (> i since len_i <= max_len).
+  // min(max_len, total tokens) gives the same packs and keeps the sum from overflowing int64.
+  const auto capacity = at::clamp_max(ends.slice(0, n - 1, n), max_len);
+  auto next = at::searchsorted(ends, begins + capacity, /*out_int32=*/true, /*right=*/true);
   const auto sentinel = at::full({1}, static_cast<int32_t>(n), next.options());
   next = at::cat({next, sentinel});                    // next[n] = n: the chain stays at the end
 
