@@ -1,0 +1,315 @@
+"""Bin packing of sample lengths into packs of at most ``max_len`` tokens: :func:`pack_lengths`.
+
+Shape letters: ``N`` samples, ``M`` pieces, ``P`` packs, ``T`` tokens (see :mod:`tfp_kernels.packing.types`).
+
+The work is done in three steps, each vectorised over all samples (no Python loop per sample):
+
+1. validate ``lengths`` and ``max_len`` (one host sync for a few statistics of ``lengths``);
+2. turn samples into pieces of at most ``max_len`` tokens with the over-long policy (:func:`expand_overlong`);
+3. assign the pieces to packs with the chosen strategy (``STRATEGIES``), then derive the pack offsets
+   (one host sync to read the number of packs).
+
+A strategy is a function ``(pieces: Pieces, max_len: int) -> (pieces in pack order, pack_id)``; new ones
+are added to ``STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .next_fit import next_fit_pack_ids
+from .types import Packing
+
+OVERLONG_POLICIES = ("error", "truncate", "drop", "split")
+PLANNED_STRATEGIES = ("stream", "window_best_fit", "bfd")
+
+_INTEGER_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
+)
+_INT64_MAX = 2**63 - 1
+
+
+class Pieces(NamedTuple):
+    """Pieces of samples, one entry per piece; all (M,), torch.int64, on one device."""
+
+    sample_index: torch.Tensor
+    offset: torch.Tensor
+    length: torch.Tensor
+
+
+class OverlongResult(NamedTuple):
+    """What :func:`expand_overlong` returns: the pieces plus what the over-long policy did."""
+
+    pieces: Pieces
+    num_truncated: int
+    num_dropped: int
+    num_split: int
+    dropped_index: torch.Tensor  # (num_dropped,), torch.int64, increasing
+
+
+# ---------------------------------------------------------------------------------------- strategies
+
+
+def _next_fit(pieces: Pieces, max_len: int) -> tuple[Pieces, torch.Tensor]:
+    """Ordered next fit: pieces keep their order; a new pack when the next piece does not fit."""
+    return pieces, next_fit_pack_ids(pieces.length, max_len)
+
+
+Strategy = Callable[[Pieces, int], "tuple[Pieces, torch.Tensor]"]
+
+STRATEGIES: dict[str, Strategy] = {
+    "next_fit": _next_fit,
+}
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _as_lengths_tensor(lengths) -> torch.Tensor:
+    """``lengths`` as a 1-D, non-empty, contiguous torch.int64 tensor on its own device (CPU for lists)."""
+    if not isinstance(lengths, torch.Tensor):
+        if isinstance(lengths, np.ndarray) and (lengths.dtype == np.bool_ or lengths.dtype.kind not in "iu"):
+            raise TypeError(f"lengths must hold integers, got a numpy array of dtype {lengths.dtype}")
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise TypeError(
+                f"lengths must be a 1-D integer tensor, numpy array or sequence of ints, got "
+                f"{type(lengths).__name__} ({err})"
+            ) from err
+        if lengths.numel() == 0 and lengths.dim() == 1:
+            raise ValueError("lengths is empty: pack_lengths needs at least one sample")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sample), got shape {tuple(lengths.shape)}")
+    if lengths.numel() == 0:
+        raise ValueError("lengths is empty: pack_lengths needs at least one sample")
+    if lengths.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+    return lengths.to(torch.int64).contiguous()
+
+
+def _as_max_len(max_len) -> int:
+    if isinstance(max_len, (bool, np.bool_)) or (isinstance(max_len, torch.Tensor) and max_len.dtype == torch.bool):
+        raise TypeError(f"max_len must be a positive int, got {max_len!r}")
+    try:
+        value = operator.index(max_len)
+    except TypeError as err:
+        raise TypeError(f"max_len must be a positive int, got {type(max_len).__name__} {max_len!r}") from err
+    if value < 1:
+        raise ValueError(f"max_len must be a positive int, got {value}")
+    if value > _INT64_MAX:
+        raise ValueError(f"max_len must fit in int64, got {value}")
+    return value
+
+
+def _first_index(mask: torch.Tensor) -> int:
+    return int(torch.argmax(mask.to(torch.uint8)))  # first True (mask has one)
+
+
+# ---------------------------------------------------------------------------------------- over-long policy
+
+
+def _indices_where(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Increasing indices of the ``count`` True entries of ``mask`` (count known: no host sync)."""
+    return torch.nonzero_static(mask, size=count).reshape(-1)
+
+
+def expand_overlong(
+    lengths: torch.Tensor,
+    max_len: int,
+    overlong: str,
+    *,
+    num_overlong: int | None = None,
+    num_pieces: int | None = None,
+) -> OverlongResult:
+    """Cut samples into pieces of at most ``max_len`` tokens according to the over-long policy.
+
+    Args:
+        lengths: (N,), torch.int64, any device; every value ``>= 1`` (validated by the caller).
+        max_len: capacity of a pack (Python int ``>= 1``).
+        overlong: ``"truncate"`` (keep the first ``max_len`` tokens), ``"drop"`` (no piece) or ``"split"``
+            (pieces of ``max_len`` tokens, then the remainder); ``"error"`` is handled by the caller and
+            here only accepted when no sample is over-long.
+        num_overlong: number of samples longer than ``max_len``; computed here (a host sync on CUDA) when
+            None. :func:`pack_lengths` passes it from the host sync of its checks.
+        num_pieces: with ``"split"``, the number of pieces ``sum(ceil(lengths / max_len))``; computed here
+            when None.
+
+    Returns:
+        :class:`OverlongResult`: pieces (M,) in sample order, on the device of ``lengths``, and the counts.
+    """
+    n = lengths.numel()
+    device = lengths.device
+    all_samples = torch.arange(n, dtype=torch.int64, device=device)
+    no_drop = torch.empty(0, dtype=torch.int64, device=device)
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
+    if num_overlong is None:
+        num_overlong = int((lengths > max_len).sum())
+    if num_overlong == 0:
+        return OverlongResult(Pieces(all_samples, torch.zeros_like(lengths), lengths), 0, 0, 0, no_drop)
+    if overlong == "truncate":
+        pieces = Pieces(all_samples, torch.zeros_like(lengths), torch.clamp(lengths, max=max_len))
+        return OverlongResult(pieces, num_overlong, 0, 0, no_drop)
+    if overlong == "drop":
+        is_overlong = lengths > max_len
+        kept = _indices_where(~is_overlong, n - num_overlong)
+        dropped = _indices_where(is_overlong, num_overlong)
+        pieces = Pieces(kept, torch.zeros_like(kept), lengths.index_select(0, kept))
+        return OverlongResult(pieces, 0, num_overlong, 0, dropped)
+    if overlong == "split":
+        pieces_per_sample = _pieces_per_sample(lengths, max_len)
+        if num_pieces is None:
+            num_pieces = int(pieces_per_sample.sum())
+        return OverlongResult(_split_pieces(lengths, max_len, pieces_per_sample, num_pieces), 0, 0, num_overlong, no_drop)
+    raise ValueError(
+        f"lengths has {num_overlong} samples longer than max_len={max_len} and overlong='error'"
+    )
+
+
+def _pieces_per_sample(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(N,) int64: ``ceil(lengths / max_len)`` for lengths >= 1, without overflow."""
+    return torch.div(lengths - 1, max_len, rounding_mode="floor") + 1
+
+
+def _split_pieces(lengths: torch.Tensor, max_len: int, pieces_per_sample: torch.Tensor, num_pieces: int) -> Pieces:
+    device = lengths.device
+    samples = torch.arange(lengths.numel(), dtype=torch.int64, device=device)
+    sample_index = torch.repeat_interleave(samples, pieces_per_sample, output_size=num_pieces)
+    first_piece = torch.cumsum(pieces_per_sample, 0) - pieces_per_sample  # (N,) index of each sample's first piece
+    rank = torch.arange(num_pieces, dtype=torch.int64, device=device) - first_piece.index_select(0, sample_index)
+    offset = rank * max_len
+    length = torch.clamp(lengths.index_select(0, sample_index) - offset, max=max_len)
+    return Pieces(sample_index, offset, length)
+
+
+# ---------------------------------------------------------------------------------------- public API
+
+
+def pack_lengths(
+    lengths: torch.Tensor | Sequence[int] | np.ndarray,
+    max_len: int,
+    *,
+    strategy: str = "next_fit",
+    overlong: str = "error",
+) -> Packing:
+    """Assign samples of the given lengths to packs of at most ``max_len`` tokens.
+
+    Every sample appears exactly once: whole, cut (``overlong="truncate"`` or ``"split"``) or listed in
+    ``dropped_index`` (``overlong="drop"``); the result counts what the over-long policy did.
+
+    Strategies (``strategy=``):
+
+    - ``"next_fit"``: the samples keep their order (e.g. a TFP ordering) and are never split to fill a
+      pack; a new pack opens when the next piece does not fit into the current one. CPU tensors use a
+      sequential C++ loop, CUDA tensors a pointer-jumping kernel; without the compiled extension a
+      pure-torch version of the pointer jumping runs (with a warning).
+    - ``"stream"``, ``"window_best_fit"``, ``"bfd"``: planned, raise ``NotImplementedError``.
+
+    Args:
+        lengths: (N,) token count of each sample, any integer dtype (not bool), CPU or CUDA; a Python
+            sequence of ints or a numpy integer array is taken as a CPU tensor. Every value ``>= 1``.
+        max_len: capacity of a pack in tokens, a positive Python int.
+        strategy: packing strategy, see above.
+        overlong: what to do with a sample longer than ``max_len``:
+            ``"error"`` (default): raise ``ValueError`` naming the first such sample and their count;
+            ``"truncate"``: keep its first ``max_len`` tokens (one piece, offset 0);
+            ``"drop"``: leave it out and record its index in ``dropped_index``;
+            ``"split"``: cut it into consecutive pieces of ``max_len`` tokens and a remainder, at offsets
+            ``0, max_len, 2 * max_len, ...``; next fit places them in that order.
+
+    Returns:
+        :class:`~tfp_kernels.packing.Packing`, all tensors int64 on the device of ``lengths``:
+        ``pack_id``, ``sample_index``, ``offset``, ``length`` (M,) per piece in pack order;
+        ``pack_offsets`` (P + 1,); ``dropped_index`` (num_dropped,); ints ``num_packs``, ``num_truncated``,
+        ``num_dropped``, ``num_split``, ``max_len``.
+
+    Raises:
+        ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; a sample longer than
+            ``max_len`` with ``overlong="error"``; ``max_len < 1``; an unknown ``strategy`` or ``overlong``.
+        TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len`` not an int.
+        NotImplementedError: a planned strategy.
+
+    Host syncs (CUDA): one to check ``lengths`` (and count split pieces), one to read ``P``; the
+    compiled CUDA op adds one of its own.
+
+    Examples::
+
+        >>> from tfp_kernels.packing import pack_lengths
+        >>> packing = pack_lengths([3, 4, 5, 1, 9, 2], max_len=10)
+        >>> packing.pack_id
+        tensor([0, 0, 1, 1, 2, 3])
+        >>> packing.pack_offsets
+        tensor([ 0,  7, 13, 22, 24])
+        >>> packing = pack_lengths([3, 25, 4], max_len=10, overlong="split")
+        >>> packing.sample_index, packing.offset, packing.length
+        (tensor([0, 1, 1, 1, 2]), tensor([ 0,  0, 10, 20,  0]), tensor([ 3, 10, 10,  5,  4]))
+        >>> packing.pack_id, packing.num_split
+        (tensor([0, 1, 2, 3, 3]), 1)
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        if strategy in PLANNED_STRATEGIES:
+            raise NotImplementedError(
+                f"strategy={strategy!r} is planned but not implemented yet; available: {sorted(STRATEGIES)}"
+            )
+        raise ValueError(
+            f"strategy must be one of {sorted(STRATEGIES)} (planned: {list(PLANNED_STRATEGIES)}), got {strategy!r}"
+        )
+    if not isinstance(overlong, str) or overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
+    lengths = _as_lengths_tensor(lengths)
+    max_len = _as_max_len(max_len)
+
+    # One host sync for the checks: smallest length, number of over-long samples (and of split pieces).
+    is_overlong = lengths > max_len
+    stats = [lengths.min(), is_overlong.sum()]
+    if overlong == "split":
+        stats.append(_pieces_per_sample(lengths, max_len).sum())
+    min_length, num_overlong, *num_pieces = torch.stack(stats).tolist()
+    if min_length < 1:
+        not_positive = lengths < 1
+        first = _first_index(not_positive)
+        raise ValueError(
+            f"lengths[{first}] = {int(lengths[first])} is not positive ({int(not_positive.sum())} of "
+            f"{lengths.numel()} samples have length <= 0); every sample needs at least one token"
+        )
+    if num_overlong > 0 and overlong == "error":
+        first = _first_index(is_overlong)
+        raise ValueError(
+            f"lengths[{first}] = {int(lengths[first])} is longer than max_len={max_len} ({num_overlong} of "
+            f"{lengths.numel()} samples are over-long); pass overlong='truncate', 'drop' or 'split' to handle them"
+        )
+
+    expanded = expand_overlong(
+        lengths, max_len, overlong, num_overlong=num_overlong, num_pieces=num_pieces[0] if num_pieces else None
+    )
+    pieces, pack_id = STRATEGIES[strategy](expanded.pieces, max_len)
+    return _make_packing(pieces, pack_id, max_len, expanded)
+
+
+def _make_packing(pieces: Pieces, pack_id: torch.Tensor, max_len: int, expanded: OverlongResult) -> Packing:
+    """Derive the pack offsets from pieces in pack order and their (non-decreasing) pack ids."""
+    device = pack_id.device
+    num_pieces = pack_id.numel()
+    num_packs = int(pack_id[-1]) + 1 if num_pieces > 0 else 0  # the one host sync for P
+    piece_offsets = torch.zeros(num_pieces + 1, dtype=torch.int64, device=device)
+    torch.cumsum(pieces.length, 0, out=piece_offsets[1:])
+    first_piece_of_pack = torch.searchsorted(pack_id, torch.arange(num_packs + 1, dtype=torch.int64, device=device))
+    return Packing(
+        pack_id=pack_id,
+        sample_index=pieces.sample_index,
+        offset=pieces.offset,
+        length=pieces.length,
+        pack_offsets=piece_offsets.index_select(0, first_piece_of_pack),
+        max_len=max_len,
+        num_packs=num_packs,
+        num_truncated=expanded.num_truncated,
+        num_dropped=expanded.num_dropped,
+        num_split=expanded.num_split,
+        dropped_index=expanded.dropped_index,
+    )
