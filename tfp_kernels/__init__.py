@@ -14,17 +14,20 @@ from .order import (
     tfp_order,
     tfp_order_reference,
 )
+from .packing import Packing, pack_lengths
 from .version import __version__
 
 __all__ = [
     "ExtensionNotAvailableError",
     "OrderStats",
+    "Packing",
     "PathCheck",
     "__version__",
     "check_path",
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
+    "pack_lengths",
     "tfp_order",
     "tfp_order_reference",
 ]
