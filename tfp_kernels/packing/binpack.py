@@ -299,7 +299,10 @@ def _make_packing(pieces: Pieces, pack_id: torch.Tensor, max_len: int, expanded:
     num_packs = int(pack_id[-1]) + 1 if num_pieces > 0 else 0  # the one host sync for P
     piece_offsets = torch.zeros(num_pieces + 1, dtype=torch.int64, device=device)
     torch.cumsum(pieces.length, 0, out=piece_offsets[1:])
-    first_piece_of_pack = torch.searchsorted(pack_id, torch.arange(num_packs + 1, dtype=torch.int64, device=device))
+    # first piece of each pack (pack ids are non-decreasing), then M: O(M), no binary search
+    is_first = torch.ones(num_pieces + 1, dtype=torch.bool, device=device)
+    torch.ne(pack_id[1:], pack_id[:-1], out=is_first[1:num_pieces])
+    first_piece_of_pack = _indices_where(is_first, num_packs + 1)
     return Packing(
         pack_id=pack_id,
         sample_index=pieces.sample_index,
