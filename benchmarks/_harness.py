@@ -42,11 +42,20 @@ def git_commit() -> str:
     """HEAD of the repository, with ``-dirty`` when tracked files differ from it; ``"unknown"`` outside git."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -124,7 +133,9 @@ def time_call(
     }
 
 
-def write_results(stage: str, device: str | torch.device, payload: dict, *, out_dir: Path | None = None) -> Path:
+def write_results(
+    stage: str, device: str | torch.device, payload: dict, *, out_dir: Path | None = None
+) -> Path:
     """Write ``{"environment": ..., **payload}`` to ``<out_dir>/<stage>_<device-name>.json``; return the path."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,11 @@ def _run_sizes(devices, sizes, max_len, repeat, reference_max_n, num_threads) ->
     for n in sizes:
         lengths_cpu = make_lengths(n, max_len=max_len)
         packing = pack_lengths(lengths_cpu, max_len)
-        data = {"num_packs": packing.num_packs, "fill_ratio": packing.fill_ratio, "mean_length": float(lengths_cpu.double().mean())}
+        data = {
+            "num_packs": packing.num_packs,
+            "fill_ratio": packing.fill_ratio,
+            "mean_length": float(lengths_cpu.double().mean()),
+        }
         expected = next_fit_pack_ids_torch(lengths_cpu, max_len)
         for device in devices:
             lengths = lengths_cpu.to(device)
@@ -143,11 +147,26 @@ def _run_sizes(devices, sizes, max_len, repeat, reference_max_n, num_threads) ->
                 argument = prepare(lengths)
                 result = torch.as_tensor(run(argument)).cpu()
                 assert torch.equal(result, expected), f"{impl} on {device} disagrees at N={n}"
-                timing = time_call(lambda: run(argument), device=device, repeat=repeat)
-                rows.append({"device": device, "impl": impl, "n": n, "max_len": max_len, "torch_threads": num_threads,
-                             **data, **timing, "items_per_s": n / (timing["median_ms"] / 1e3)})
-                print(f"{device:5s} {impl:22s} threads={num_threads} N={n:>9,d}  median {timing['median_ms']:10.3f} ms "
-                      f"(p20 {timing['p20_ms']:.3f}, p80 {timing['p80_ms']:.3f}, {timing['runs']} runs)", flush=True)
+                timing = time_call(
+                    lambda run=run, argument=argument: run(argument), device=device, repeat=repeat
+                )
+                rows.append(
+                    {
+                        "device": device,
+                        "impl": impl,
+                        "n": n,
+                        "max_len": max_len,
+                        "torch_threads": num_threads,
+                        **data,
+                        **timing,
+                        "items_per_s": n / (timing["median_ms"] / 1e3),
+                    }
+                )
+                print(
+                    f"{device:5s} {impl:22s} threads={num_threads} N={n:>9,d}  median {timing['median_ms']:10.3f} ms "
+                    f"(p20 {timing['p20_ms']:.3f}, p80 {timing['p80_ms']:.3f}, {timing['runs']} runs)",
+                    flush=True,
+                )
     return rows
 
 
@@ -168,8 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--reference-max-n", type=int, default=REFERENCE_MAX_N)
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch intra-op thread counts to run with (default: torch's current setting)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch intra-op thread counts to run with (default: torch's current setting)",
+    )
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -179,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("binpack", main_device, payload, out_dir=args.out_dir)
     print(f"wrote {path}")
     summary = [
-        {k: row[k] for k in ("device", "torch_threads", "impl", "n", "median_ms", "speedup_vs_python_reference")}
+        {
+            k: row[k]
+            for k in ("device", "torch_threads", "impl", "n", "median_ms", "speedup_vs_python_reference")
+        }
         for row in payload["rows"]
     ]
     print(json.dumps(summary, indent=1))

@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
-settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -50,5 +52,7 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _poison(empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _poison(empty_like(*args, **kwargs)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *args, **kwargs: _poison(new_empty(self, *args, **kwargs)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *args, **kwargs: _poison(new_empty(self, *args, **kwargs))
+    )
     return INT_SENTINEL

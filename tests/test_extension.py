@@ -52,7 +52,9 @@ def test_cuda_version_matches_torch():
         pytest.skip("extension built without CUDA ops")
     assert torch.version.cuda is not None
     major, minor = (int(part) for part in torch.version.cuda.split(".")[:2])
-    assert (built // 1000, built % 1000 // 10) == (major, minor), f"built with {built}, torch has {torch.version.cuda}"
+    assert (built // 1000, built % 1000 // 10) == (major, minor), (
+        f"built with {built}, torch has {torch.version.cuda}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,12 +68,15 @@ def test_cuda_version_matches_torch():
 def test_opcheck_next_fit_pack_ids(lengths, max_len):
     import tfp_kernels.packing  # noqa: F401  (registers the fake kernel)
 
-    torch.library.opcheck(torch.ops.tfp_kernels.next_fit_pack_ids.default, (torch.tensor(lengths, dtype=I64), max_len))
+    torch.library.opcheck(
+        torch.ops.tfp_kernels.next_fit_pack_ids.default, (torch.tensor(lengths, dtype=I64), max_len)
+    )
 
 
 def test_fake_kernel_shape():
-    import tfp_kernels.packing  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import tfp_kernels.packing  # noqa: F401
 
     with FakeTensorMode():
         lengths = torch.empty(17, dtype=I64)
@@ -86,7 +91,9 @@ def test_op_empty_input():
 @pytest.mark.parametrize(
     "lengths, max_len, match",
     [
-        pytest.param(torch.tensor([1, 0, 2]), 10, r"lengths\[1\] = 0 is outside \[1, max_len=10\]", id="zero"),
+        pytest.param(
+            torch.tensor([1, 0, 2]), 10, r"lengths\[1\] = 0 is outside \[1, max_len=10\]", id="zero"
+        ),
         pytest.param(torch.tensor([1, 11]), 10, r"lengths\[1\] = 11 is outside", id="too-long"),
         pytest.param(torch.tensor([1, 2], dtype=torch.int32), 10, "lengths must have dtype Long", id="int32"),
         pytest.param(torch.ones(2, 2, dtype=I64), 10, "lengths must be 1-D", id="2-D"),

@@ -44,7 +44,9 @@ def lognormal_lengths(
         (N,), torch.int64, on ``device``.
     """
     generator = torch.Generator().manual_seed(seed)
-    mu = torch.log(torch.tensor(mean, dtype=torch.float64)) - sigma**2 / 2  # E[exp(X)] = exp(mu + sigma^2 / 2)
+    mu = (
+        torch.log(torch.tensor(mean, dtype=torch.float64)) - sigma**2 / 2
+    )  # E[exp(X)] = exp(mu + sigma^2 / 2)
     normal = torch.randn(n, generator=generator, dtype=torch.float64)
     lengths = torch.exp(mu + sigma * normal).round().clamp_(1, max_len).to(torch.int64)
     return lengths.to(device)
@@ -54,7 +56,9 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "tens
     """Assert ``torch.equal(actual, expected)`` (same shape, dtype, values); on failure, say where they differ."""
     assert isinstance(actual, torch.Tensor), f"{name}: expected a tensor, got {type(actual).__name__}"
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    )
     if torch.equal(actual, expected.to(actual.device)):
         return
     actual_cpu, expected_cpu = actual.cpu(), expected.cpu()

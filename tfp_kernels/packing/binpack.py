@@ -94,7 +94,9 @@ def _as_lengths_tensor(lengths) -> torch.Tensor:
 
 
 def _as_max_len(max_len) -> int:
-    if isinstance(max_len, (bool, np.bool_)) or (isinstance(max_len, torch.Tensor) and max_len.dtype == torch.bool):
+    if isinstance(max_len, (bool, np.bool_)) or (
+        isinstance(max_len, torch.Tensor) and max_len.dtype == torch.bool
+    ):
         raise TypeError(f"max_len must be a positive int, got {max_len!r}")
     try:
         value = operator.index(max_len)
@@ -166,10 +168,10 @@ def expand_overlong(
         pieces_per_sample = _pieces_per_sample(lengths, max_len)
         if num_pieces is None:
             num_pieces = int(pieces_per_sample.sum())
-        return OverlongResult(_split_pieces(lengths, max_len, pieces_per_sample, num_pieces), 0, 0, num_overlong, no_drop)
-    raise ValueError(
-        f"lengths has {num_overlong} samples longer than max_len={max_len} and overlong='error'"
-    )
+        return OverlongResult(
+            _split_pieces(lengths, max_len, pieces_per_sample, num_pieces), 0, 0, num_overlong, no_drop
+        )
+    raise ValueError(f"lengths has {num_overlong} samples longer than max_len={max_len} and overlong='error'")
 
 
 def _pieces_per_sample(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -177,12 +179,18 @@ def _pieces_per_sample(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.div(lengths - 1, max_len, rounding_mode="floor") + 1
 
 
-def _split_pieces(lengths: torch.Tensor, max_len: int, pieces_per_sample: torch.Tensor, num_pieces: int) -> Pieces:
+def _split_pieces(
+    lengths: torch.Tensor, max_len: int, pieces_per_sample: torch.Tensor, num_pieces: int
+) -> Pieces:
     device = lengths.device
     samples = torch.arange(lengths.numel(), dtype=torch.int64, device=device)
     sample_index = torch.repeat_interleave(samples, pieces_per_sample, output_size=num_pieces)
-    first_piece = torch.cumsum(pieces_per_sample, 0) - pieces_per_sample  # (N,) index of each sample's first piece
-    rank = torch.arange(num_pieces, dtype=torch.int64, device=device) - first_piece.index_select(0, sample_index)
+    first_piece = (
+        torch.cumsum(pieces_per_sample, 0) - pieces_per_sample
+    )  # (N,) index of each sample's first piece
+    rank = torch.arange(num_pieces, dtype=torch.int64, device=device) - first_piece.index_select(
+        0, sample_index
+    )
     offset = rank * max_len
     length = torch.clamp(lengths.index_select(0, sample_index) - offset, max=max_len)
     return Pieces(sample_index, offset, length)
@@ -286,7 +294,11 @@ def pack_lengths(
         )
 
     expanded = expand_overlong(
-        lengths, max_len, overlong, num_overlong=num_overlong, num_pieces=num_pieces[0] if num_pieces else None
+        lengths,
+        max_len,
+        overlong,
+        num_overlong=num_overlong,
+        num_pieces=num_pieces[0] if num_pieces else None,
     )
     pieces, pack_id = STRATEGIES[strategy](expanded.pieces, max_len)
     return _make_packing(pieces, pack_id, max_len, expanded)
