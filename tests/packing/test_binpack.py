@@ -660,3 +660,15 @@ def test_import_and_pack_without_extension():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_bad_lengths_named():
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 0 is not positive"):
+        pack_lengths(tensor([3, 0, 2], "cuda"), 10)
+    with pytest.raises(ValueError, match=r"lengths\[2\] = 12 is longer than max_len=10 \(1 of 3"):
+        pack_lengths(tensor([3, 1, 12], "cuda"), 10)
+    with pytest.raises(TypeError, match="integer dtype"):
+        pack_lengths(torch.ones(3, device="cuda"), 10)
+    packing = pack_lengths(torch.tensor([3, 12, 4], dtype=torch.int32, device="cuda"), 10, overlong="drop")
+    assert packing.dropped_index.device.type == "cuda" and packing.dropped_index.tolist() == [1]
