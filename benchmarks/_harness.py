@@ -39,7 +39,13 @@ def _slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository, with ``-dirty`` when tracked files differ from it; ``"unknown"`` outside git."""
+    """HEAD of the repository, with ``-dirty`` when tracked files differ from it; ``"unknown"`` outside git.
+
+    ``TFP_GIT_COMMIT`` in the environment overrides it (for copies of the tree without ``.git``, e.g. on a
+    rented GPU machine).
+    """
+    if os.environ.get("TFP_GIT_COMMIT"):
+        return os.environ["TFP_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
