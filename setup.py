@@ -25,6 +25,8 @@ Install against the already installed torch (no second copy of torch in an isola
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -43,11 +45,44 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _has_shared_libstdcxx(cxx: str) -> bool:
+    """Whether ``cxx`` links against a shared libstdc++ (as torch does)."""
+    try:
+        out = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True  # cannot tell; let the build go on with it
+    return os.path.isabs(out.stdout.strip())
+
+
+def _choose_cxx() -> None:
+    """Avoid a C++ compiler that would put a static copy of libstdc++ into the extension.
+
+    Such a copy (seen with a GCC toolchain whose lib dir has only libstdc++.a, set as CC/CXX) makes
+    _C.so use its own iostreams/locale next to torch's shared libstdc++: formatting an error message
+    then segfaults. Switch to the system compiler when it links libstdc++ dynamically.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    if _has_shared_libstdcxx(cxx) or _flag("TFP_KERNELS_ALLOW_STATIC_LIBSTDCXX"):
+        return
+    for candidate_cxx, candidate_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):
+        if shutil.which(candidate_cxx) and _has_shared_libstdcxx(candidate_cxx):
+            print(
+                f"tfp_kernels: CXX={cxx} has no shared libstdc++ (a static copy in _C.so crashes next to "
+                f"torch's); building with CXX={candidate_cxx} CC={candidate_cc} instead "
+                "(TFP_KERNELS_ALLOW_STATIC_LIBSTDCXX=1 keeps the original)",
+                file=sys.stderr,
+            )
+            os.environ["CXX"], os.environ["CC"] = candidate_cxx, candidate_cc
+            return
+    print(f"tfp_kernels: warning: CXX={cxx} links libstdc++ statically; the extension may crash", file=sys.stderr)
+
+
 def _extensions():
     if _flag("TFP_KERNELS_NO_EXT"):
         print("tfp_kernels: TFP_KERNELS_NO_EXT=1, building no C++ extension", file=sys.stderr)
         return [], {}
 
+    _choose_cxx()
     import torch
     from torch.utils import cpp_extension
 
