@@ -1,0 +1,137 @@
+"""Ordering benchmark: the naive algorithm (the paper's way) vs the exact reference vs ``tfp_order``.
+
+Same embeddings for all (clustered, with planted near-duplicates, D = 768 by default), measured in
+one run. Each implementation gets the same threshold (the naive one's own ``torch.quantile`` when
+it can compute it, else ``estimate_threshold``) and the paper's cap ``max_rejections=10000``; the
+paths are compared for identity and validated with ``check_path``.
+
+    python -m benchmarks.bench_order --device cpu --sizes 1000 4000
+    python -m benchmarks.bench_order --device cuda --sizes 1024 4096 16384
+
+writes ``benchmarks/results/order_<device name>.json``. ``pytest benchmarks/bench_order.py`` runs a
+small pytest-benchmark version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks._harness import write_results
+from benchmarks.naive_tfp import naive_distance_matrix, naive_threshold, naive_tfp_order
+from tfp_kernels import check_path, estimate_threshold, tfp_order, tfp_order_reference
+
+PAPER_CAP = 10000
+
+
+def clustered_embeddings(n: int, d: int, *, seed: int = 0, device="cpu") -> torch.Tensor:
+    """(n, d) float32: n // 64 + 1 Gaussian clusters with 3% near-duplicates (the pairs TFP rejects)."""
+    g = torch.Generator().manual_seed(seed)
+    k = n // 64 + 1
+    centres = torch.randn(k, d, generator=g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    emb = centres[labels] + 0.7 * torch.randn(n, d, generator=g)
+    dup = torch.randperm(n, generator=g)[: int(0.03 * n)]
+    emb[dup] = emb[torch.randint(0, n, (dup.numel(),), generator=g)] + 1e-3 * torch.randn(dup.numel(), d, generator=g)
+    return emb.to(device)
+
+
+def _timed(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def bench_size(n: int, d: int, device: str, *, naive_max_n: int) -> dict:
+    emb = clustered_embeddings(n, d, device=device)
+    row: dict = {"n": n, "dim": d, "max_rejections": PAPER_CAP}
+    threshold = None
+    if n <= naive_max_n:
+        try:
+            threshold, dt = _timed(lambda: naive_threshold(naive_distance_matrix(emb), 0.02), device)
+            row["naive_threshold_s"] = dt
+        except RuntimeError as err:  # torch.quantile's input limit (2^24), or out of memory
+            row["naive"] = {"ran": False, "why": str(err).splitlines()[0][:300]}
+    else:
+        row["naive"] = {"ran": False, "why": f"skipped above N={naive_max_n} (O(N^2) memory, hours of Python loop)"}
+    if threshold is None:
+        threshold, dt = _timed(lambda: estimate_threshold(emb, quantile=0.02), device)
+        row["threshold_source"] = "estimate_threshold"
+        row["estimate_threshold_s"] = dt
+    else:
+        row["threshold_source"] = "naive torch.quantile"
+    row["threshold"] = threshold
+
+    paths = {}
+    if "naive" not in row:
+        paths["naive"], dt = _timed(
+            lambda: naive_tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
+        row["naive"] = {"ran": True, "seconds": dt}
+    paths["reference"], dt = _timed(
+        lambda: tfp_order_reference(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
+    row["reference"] = {"seconds": dt}
+    (paths["tfp_order"], stats), dt = _timed(
+        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, return_stats=True), device)
+    row["tfp_order"] = {"seconds": dt, "backend": stats.backend}
+
+    check, dt = _timed(lambda: check_path(emb, paths["reference"], threshold=threshold, max_rejections=PAPER_CAP),
+                       device)
+    row["check_path"] = {"ok": check.ok, "tolerated_ties": check.num_tolerated, "seconds": dt}
+    if "naive" in paths:
+        naive_check = check_path(emb, paths["naive"].to(device), threshold=threshold, max_rejections=PAPER_CAP)
+        row["naive"]["check_path"] = {"ok": naive_check.ok, "tolerated_ties": naive_check.num_tolerated}
+    ref = paths["reference"].cpu()
+    row["identical_paths"] = {name: bool(torch.equal(p.cpu(), ref)) for name, p in paths.items() if name != "reference"}
+    if row["naive"].get("ran"):
+        row["speedup_vs_naive"] = {
+            name: row["naive"]["seconds"] / row[name]["seconds"] for name in ("reference", "tfp_order")
+        }
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--naive-max-n", type=int, default=20000)
+    p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.sizes:
+        row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n)
+        rows.append(row)
+        naive = row["naive"]
+        print(
+            f"N={n:>7} naive={naive.get('seconds', float('nan')):8.2f}s reference={row['reference']['seconds']:8.2f}s "
+            f"tfp_order={row['tfp_order']['seconds']:8.2f}s ({row['tfp_order']['backend']}) "
+            f"identical={row['identical_paths']} check={row['check_path']['ok']}"
+            + ("" if naive.get("ran") else f" naive: {naive['why'][:80]}"),
+            flush=True,
+        )
+    path = write_results("order", args.device, {"sizes": args.sizes, "rows": rows}, out_dir=args.out_dir)
+    print(f"wrote {path}")
+
+
+# --- pytest-benchmark version (small sizes) -------------------------------------------------------
+
+def test_naive_order_1000(benchmark):
+    emb = clustered_embeddings(1000, 768)
+    t = naive_threshold(naive_distance_matrix(emb), 0.02)
+    benchmark.pedantic(lambda: naive_tfp_order(emb, threshold=t), rounds=1, iterations=1)
+
+
+def test_tfp_order_1000(benchmark):
+    emb = clustered_embeddings(1000, 768)
+    t = naive_threshold(naive_distance_matrix(emb), 0.02)
+    benchmark.pedantic(lambda: tfp_order(emb, threshold=t, max_rejections=PAPER_CAP), rounds=1, iterations=1)
+
+
+if __name__ == "__main__":
+    main()
