@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from .reference import tfp_order_reference
+from .reference import reference_walk
 from .threshold import threshold_estimate
 
 
@@ -50,7 +50,7 @@ def tfp_order(
     each next sample is the nearest unvisited one that is at distance ``>= t`` from each of the last
     ``window`` samples of the path. Feed the order to :func:`~tfp_kernels.pack_lengths`.
 
-    This release computes the path with the exact reference (:func:`tfp_order_reference`,
+    This release computes the path with the exact reference walk (as :func:`tfp_order_reference`:
     O(N^2 D) time, O(N * window) memory); the blockwise band top-k fast path replaces it behind
     this same signature.
 
@@ -83,8 +83,10 @@ def tfp_order(
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
     quantile = _checks.check_quantile(quantile)
     threshold = _checks.check_threshold(threshold)
+    window = _checks.check_window(window)
+    max_rejections = _checks.check_max_rejections(max_rejections)
     n = embeddings.shape[0]
-    _checks.check_start(start, n)
+    start = _checks.check_start(start, n)
     t0 = time.perf_counter()
     if threshold is not None:
         source = "given"
@@ -94,9 +96,8 @@ def tfp_order(
         est = threshold_estimate(embeddings, metric=metric, quantile=quantile)
         threshold, source = est.value, ("exact" if est.exact else "sampled")
     t1 = time.perf_counter()
-    path = tfp_order_reference(
-        embeddings, metric=metric, threshold=threshold, window=window,
-        max_rejections=max_rejections, start=start,
+    path = reference_walk(
+        embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections, start=start
     )
     t2 = time.perf_counter()
     if not return_stats:

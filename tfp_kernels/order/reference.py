@@ -95,13 +95,30 @@ def tfp_order_reference(
     max_rejections = _checks.check_max_rejections(max_rejections)
     n = embeddings.shape[0]
     start = _checks.check_start(start, n)
+    if threshold is None:
+        threshold = 0.0 if n == 1 else estimate_threshold(embeddings, metric=metric, quantile=quantile)
+    return reference_walk(embeddings, metric=metric, threshold=threshold, window=window,
+                          max_rejections=max_rejections, start=start)
+
+
+def reference_walk(
+    embeddings: torch.Tensor, *, metric: str, threshold: float, window: int, max_rejections: int | None, start: int
+) -> torch.Tensor:
+    """The walk of :func:`tfp_order_reference` on already validated arguments and a known threshold.
+
+    Args:
+        embeddings: (N, D) checked embeddings (N >= 1), CPU or CUDA.
+        Others: as in :func:`tfp_order_reference`, validated; ``threshold`` a float.
+
+    Returns:
+        path: (N,) int64 on the device of ``embeddings``.
+    """
+    n = embeddings.shape[0]
     device = embeddings.device
     path = torch.empty(n, dtype=torch.long, device=device)
     path[0] = start
     if n == 1:
         return path
-    t = threshold if threshold is not None else estimate_threshold(embeddings, metric=metric, quantile=quantile)
-
     x = prepare(embeddings, metric)
     # rows[s % window] holds D[path[s], j] for the nodes j still unvisited when path[s] was appended.
     rows = torch.empty(window, n, dtype=x.dtype, device=device)
@@ -109,9 +126,9 @@ def tfp_order_reference(
     rows[0, unvisited] = distances_from(x, path[:1], unvisited, metric)[0]
     for step in range(1, n):
         d_last = rows[(step - 1) % window, unvisited]
-        valid = d_last >= t
+        valid = d_last >= threshold
         for back in range(2, min(window, step) + 1):
-            valid &= rows[(step - back) % window, unvisited] >= t
+            valid &= rows[(step - back) % window, unvisited] >= threshold
         pos = _pick_next(d_last, valid, max_rejections)
         node = unvisited[pos]
         path[step] = node
