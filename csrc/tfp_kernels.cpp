@@ -12,10 +12,23 @@ TORCH_LIBRARY(tfp_kernels, m) {
   m.def("cuda_version() -> int", &tfp::cuda_version);
   // Ordered next-fit bin packing: lengths (N,) int64 -> pack id of every item (N,) int64.
   m.def("next_fit_pack_ids(Tensor lengths, int max_len) -> Tensor");
+  // --- ordering ---
+  // The TFP walk over band lists, from `step` on, with exact double-precision checks; host tensors only
+  // (the lists of CUDA runs are copied to the host). Fills path/visited in place. With projections
+  // (N, r) float64 it runs the exact fallback scans itself and returns N; with an empty projections
+  // tensor it returns the step at which a fallback scan is needed (N when the path is complete).
+  // num_fallbacks: empty, or a (1,) int64 counter incremented by the scans run here. The walk also
+  // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
+  m.def(
+      "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
+      "Tensor band_slack, Tensor num_close, Tensor projections, Tensor(a!) path, Tensor(b!) visited, "
+      "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
+      "bool cosine) -> int");
 }
 
 TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
   m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cpu);
+  m.impl("tfp_walk", &tfp::tfp_walk_cpu);
 }
 
 #ifdef WITH_CUDA

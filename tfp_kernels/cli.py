@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
 
     path, stats = tfp_order(
         emb, metric=args.metric, quantile=args.quantile, threshold=args.threshold, window=args.window,
-        max_rejections=args.max_rejections, start=args.start, return_stats=True,
+        max_rejections=args.max_rejections, start=args.start, progress=True, return_stats=True,
     )
     t = stats.threshold
     how = {"given": "given", "exact": "exact over all pairs", "sampled": "sampled pairs"}[stats.threshold_source]

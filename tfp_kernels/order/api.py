@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _ext
 from . import _checks
 from .reference import reference_walk
 from .threshold import threshold_estimate
@@ -19,10 +20,15 @@ class OrderStats:
     Attributes:
         threshold: the threshold ``t`` used (distance units of ``metric``).
         threshold_source: ``"given"``, ``"exact"`` (all pairs) or ``"sampled"``.
-        backend: the implementation that computed the path (``"reference"`` for now).
+        backend: the implementation that computed the path: ``"fast"`` (band lists + C++ walk +
+            exact fallback scans) or ``"reference"``.
         num_nodes: N.
         time_threshold_s: seconds spent estimating the threshold (0 when given).
-        time_order_s: seconds spent computing the path.
+        time_order_s: seconds spent computing the path (all phases).
+        band_backend: ``"triton"`` or ``"torch"`` (fast backend only).
+        k: length K of the band lists (fast backend only).
+        num_fallbacks: steps the band lists could not decide, settled by an exact scan.
+        time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend.
     """
 
     threshold: float
@@ -31,6 +37,17 @@ class OrderStats:
     num_nodes: int
     time_threshold_s: float
     time_order_s: float
+    band_backend: str = ""
+    k: int = 0
+    num_fallbacks: int = 0
+    time_band_s: float = 0.0
+    time_walk_s: float = 0.0
+    time_fallback_s: float = 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        """Fraction of the N - 1 steps settled by an exact fallback scan."""
+        return self.num_fallbacks / max(1, self.num_nodes - 1)
 
 
 def tfp_order(
@@ -42,6 +59,9 @@ def tfp_order(
     window: int = 4,
     max_rejections: int | None = None,
     start: int = 0,
+    k: int = 64,
+    backend: str = "auto",
+    progress: bool = False,
     return_stats: bool = False,
 ):
     """Order samples by Threshold Filtering Packing (DESIGN.md 1.1).
@@ -50,9 +70,12 @@ def tfp_order(
     each next sample is the nearest unvisited one that is at distance ``>= t`` from each of the last
     ``window`` samples of the path. Feed the order to :func:`~tfp_kernels.pack_lengths`.
 
-    This release computes the path with the exact reference walk (as :func:`tfp_order_reference`:
-    O(N^2 D) time, O(N * window) memory); the blockwise band top-k fast path replaces it behind
-    this same signature.
+    How (``backend="fast"``, the default when the compiled extension is present): band top-k lists
+    (the K nearest nodes at distance ``>= t`` of every node; a Triton kernel on CUDA, blockwise matrix
+    products on the CPU; O(N K) memory, never N x N), a C++ walk over them that decides every step with
+    exact float64 distances, and an exact scan of the unvisited nodes where a list cannot prove its
+    answer. The path equals :func:`tfp_order_reference`'s up to floating-point ties.
+    ``backend="reference"`` runs the plain-torch reference walk instead (O(N^2 D)).
 
     Args:
         embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite; N >= 1.
@@ -65,6 +88,9 @@ def tfp_order(
             unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
             nearest node"; see DESIGN.md 1.1.
         start: the first node of the path (paper: 0).
+        k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory.
+        backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
+        progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
 
     Returns:
@@ -85,6 +111,7 @@ def tfp_order(
     threshold = _checks.check_threshold(threshold)
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
+    k = _checks.check_positive_int(k, "k")
     n = embeddings.shape[0]
     start = _checks.check_start(start, n)
     t0 = time.perf_counter()
@@ -96,10 +123,33 @@ def tfp_order(
         est = threshold_estimate(embeddings, metric=metric, quantile=quantile)
         threshold, source = est.value, ("exact" if est.exact else "sampled")
     t1 = time.perf_counter()
-    path = reference_walk(
-        embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections, start=start
-    )
+    extra = {}
+    if backend == "fast" or (backend == "auto" and n > 1):
+        if backend == "auto" and not _ext.has_extension():
+            _ext.warn_fallback("tfp_order (the C++ walk)")
+            backend = "reference"
+        else:
+            _ext.require_extension("tfp_order(backend='fast')")
+            backend = "fast"
+    if backend == "fast":
+        from .fast import fast_tfp_order
+
+        path, info = fast_tfp_order(
+            embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
+            start=start, k=k, progress=progress,
+        )
+        extra = dict(band_backend=info.band_backend, k=info.k, num_fallbacks=info.num_fallbacks,
+                     time_band_s=info.time_band_s, time_walk_s=info.time_walk_s,
+                     time_fallback_s=info.time_fallback_s)
+    elif backend in ("reference", "auto"):
+        backend = "reference"
+        path = reference_walk(
+            embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
+            start=start,
+        )
+    else:
+        raise ValueError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}")
     t2 = time.perf_counter()
     if not return_stats:
         return path
-    return path, OrderStats(threshold, source, "reference", n, t1 - t0, t2 - t1)
+    return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, **extra)

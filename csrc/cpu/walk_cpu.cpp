@@ -1,0 +1,298 @@
+// The TFP walk over band lists (DESIGN.md 1.1 and 2.1), on the CPU.
+//
+// At each step the walk takes, among the unvisited nodes, the first node in the order (D[last, j], j)
+// that lies at distance >= t from each of the last `window` path nodes. It looks for that node in the
+// band list of `last` (the K nearest nodes whose approximate squared distance is >= the band's lower
+// bound), settling every decision with exact distances computed here in double precision from the
+// embeddings. Where the list cannot prove its answer, it needs an exact fallback scan:
+//   - no unvisited valid node in the list, or
+//   - the best one is not certainly closer than every node outside the list
+//     (exact s2 >= band_limit2[last]), or
+//   - the rejection cap could fire (num_close[last] + K >= max_rejections while more than
+//     max_rejections candidates remain).
+// With `projections` (N, r) given, the scan runs here (FallbackScan below) and the walk completes;
+// without them the op returns the step that needs the scan and the caller runs it.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace tfp {
+namespace {
+
+template <typename scalar_t>
+struct ExactDistance {
+  static constexpr int kLanes = 8;
+  const scalar_t* x;
+  const double* norms;  // row norms for cosine, nullptr for l2
+  int64_t dim;
+  bool cosine;
+
+  // Squared L2 distance of the prepared rows (unit rows for cosine), in double. Eight independent
+  // partial sums let the compiler vectorise the loop and hide the add latency.
+  double s2(int64_t a, int64_t b) const {
+    const scalar_t* pa = x + a * dim;
+    const scalar_t* pb = x + b * dim;
+    double acc[kLanes] = {0.0};
+    int64_t k = 0;
+    if (cosine) {
+      const double na = norms[a], nb = norms[b];
+      for (; k + kLanes <= dim; k += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const double diff = static_cast<double>(pa[k + j]) / na - static_cast<double>(pb[k + j]) / nb;
+          acc[j] += diff * diff;
+        }
+      }
+      for (; k < dim; ++k) {
+        const double diff = static_cast<double>(pa[k]) / na - static_cast<double>(pb[k]) / nb;
+        acc[0] += diff * diff;
+      }
+    } else {
+      for (; k + kLanes <= dim; k += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const double diff = static_cast<double>(pa[k + j]) - static_cast<double>(pb[k + j]);
+          acc[j] += diff * diff;
+        }
+      }
+      for (; k < dim; ++k) {
+        const double diff = static_cast<double>(pa[k]) - static_cast<double>(pb[k]);
+        acc[0] += diff * diff;
+      }
+    }
+    double total = 0.0;
+    for (int j = 0; j < kLanes; ++j) total += acc[j];
+    return total;
+  }
+
+  // The metric distance from a squared distance, computed as the reference does.
+  double metric(double s2_value) const {
+    const double l2 = std::sqrt(s2_value);
+    return cosine ? 0.5 * l2 * l2 : l2;
+  }
+};
+
+// Exact scan of the unvisited nodes for the rule's pick after `last`. Candidates are visited in the
+// order of a lower bound of their squared distance to `last` (the squared distance of their
+// projections on an orthonormal basis, which cannot exceed the true one), in growing batches, and
+// exact distances are computed only until the pick is proven.
+template <typename scalar_t>
+class FallbackScan {
+ public:
+  FallbackScan(const ExactDistance<scalar_t>& dist, const double* proj, int64_t rank, int64_t n, const bool* seen)
+      : dist_(dist), proj_(proj), rank_(rank), position_(n, -1) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!seen[i]) {
+        position_[i] = static_cast<int64_t>(unvisited_.size());
+        unvisited_.push_back(i);
+      }
+    }
+  }
+
+  void remove(int64_t node) {
+    const int64_t at = position_[node];
+    const int64_t moved = unvisited_.back();
+    unvisited_[at] = moved;
+    position_[moved] = at;
+    unvisited_.pop_back();
+    position_[node] = -1;
+  }
+
+  int64_t pick(const int64_t* path, int64_t step, int64_t window, double threshold, int64_t max_rejections) {
+    const int64_t last = path[step - 1];
+    const int64_t win_begin = std::max<int64_t>(0, step - window);
+    const int64_t n_u = static_cast<int64_t>(unvisited_.size());
+    const bool capped = max_rejections >= 0 && n_u > max_rejections;
+    constexpr double kSafety = 1.0 - 1e-12;  // the float64 projected distances are exact to ~1e-15
+    bound_.resize(n_u);
+    const double* yl = proj_ + last * rank_;
+    for (int64_t i = 0; i < n_u; ++i) {
+      const double* yu = proj_ + unvisited_[i] * rank_;
+      double acc = 0.0;
+      for (int64_t r = 0; r < rank_; ++r) {
+        const double diff = yl[r] - yu[r];
+        acc += diff * diff;
+      }
+      bound_[i] = {acc * kSafety, unvisited_[i]};
+    }
+    exact_.clear();
+    int64_t best = -1;
+    double best_d = std::numeric_limits<double>::infinity(), best_s2 = best_d;
+    int64_t done = 0;
+    int64_t batch = std::min<int64_t>(n_u, 256);
+    while (true) {
+      double outside = std::numeric_limits<double>::infinity();  // lower bound of s2 beyond the batch
+      if (batch < n_u) {
+        std::nth_element(bound_.begin() + done, bound_.begin() + batch, bound_.end());
+        outside = bound_[batch].first;
+      }
+      std::sort(bound_.begin() + done, bound_.begin() + batch);
+      for (int64_t i = done; i < batch; ++i) {
+        const int64_t c = bound_[i].second;
+        const double c_s2 = dist_.s2(last, c);
+        const double c_d = dist_.metric(c_s2);
+        exact_.push_back({{c_d, c}, c_s2});
+        if (c_d < threshold || (best >= 0 && (c_d > best_d || (c_d == best_d && c > best)))) continue;
+        bool valid = true;
+        for (int64_t q = win_begin; q < step - 1 && valid; ++q) valid = dist_.metric(dist_.s2(c, path[q])) >= threshold;
+        if (valid) {
+          best = c;
+          best_d = c_d;
+          best_s2 = c_s2;
+        }
+      }
+      done = batch;
+      if (best >= 0 && best_s2 < outside) {
+        if (!capped) return best;
+        int64_t ahead = 0;
+        for (const auto& e : exact_) ahead += e.first < std::make_pair(best_d, best);
+        if (ahead < max_rejections) return best;
+      }
+      int64_t sure = 0;
+      for (const auto& e : exact_) sure += e.second < outside;
+      if (capped && sure > max_rejections) {
+        // every valid node would rank below M and be proven above: the first M are invalid, take c_M
+        std::nth_element(exact_.begin(), exact_.begin() + max_rejections, exact_.end());
+        return exact_[max_rejections].first.second;
+      }
+      if (!capped && done == n_u) {  // nothing valid anywhere: c_0
+        return std::min_element(exact_.begin(), exact_.end())->first.second;
+      }
+      batch = std::min<int64_t>(n_u, batch * 4);
+    }
+  }
+
+ private:
+  const ExactDistance<scalar_t>& dist_;
+  const double* proj_;
+  int64_t rank_;
+  std::vector<int64_t> position_;
+  std::vector<int64_t> unvisited_;
+  std::vector<std::pair<double, int64_t>> bound_;
+  std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
+};
+
+template <typename scalar_t>
+int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
+                  const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
+                  const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path, at::Tensor& visited,
+                  at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
+                  int64_t max_rejections, bool cosine) {
+  const int64_t n = embeddings.size(0);
+  const int64_t k = band_index.size(1);
+  const ExactDistance<scalar_t> dist{embeddings.data_ptr<scalar_t>(), cosine ? norms.data_ptr<double>() : nullptr,
+                                     embeddings.size(1), cosine};
+  const int32_t* index = band_index.data_ptr<int32_t>();
+  const float* s2_approx = band_s2.data_ptr<float>();
+  const double* limit2 = band_limit2.data_ptr<double>();
+  const double* slack = band_slack.data_ptr<double>();
+  const int32_t* close = num_close.data_ptr<int32_t>();
+  int64_t* p = path.data_ptr<int64_t>();
+  bool* seen = visited.data_ptr<bool>();
+  const bool scan_here = projections.numel() > 0;
+  std::unique_ptr<FallbackScan<scalar_t>> scan;
+  if (scan_here) {
+    scan = std::make_unique<FallbackScan<scalar_t>>(dist, projections.data_ptr<double>(), projections.size(1), n, seen);
+  }
+
+  int64_t fallbacks = 0;
+  const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
+  for (; step < end; ++step) {
+    const int64_t last = p[step - 1];
+    const int64_t remaining = n - step;
+    const int64_t win_begin = std::max<int64_t>(0, step - window);
+    const int32_t* list = index + last * k;
+    const float* list_s2 = s2_approx + last * k;
+    int64_t best = -1;
+    double best_d = std::numeric_limits<double>::infinity();
+    double best_s2 = std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = list[j];
+      if (c < 0) break;
+      // entries are sorted by approximate s2; their exact s2 is at least list_s2[j] - slack[last]
+      if (best >= 0 && static_cast<double>(list_s2[j]) - slack[last] > best_s2) break;
+      if (seen[c]) continue;
+      const double c_s2 = dist.s2(last, c);
+      const double c_d = dist.metric(c_s2);
+      if (c_d < threshold) continue;  // too close to last
+      if (best >= 0 && (c_d > best_d || (c_d == best_d && c > best))) continue;
+      bool valid = true;
+      for (int64_t q = win_begin; q < step - 1 && valid; ++q) valid = dist.metric(dist.s2(c, p[q])) >= threshold;
+      if (!valid) continue;
+      best = c;
+      best_d = c_d;
+      best_s2 = c_s2;
+    }
+    const bool proven = best >= 0 && best_s2 < limit2[last] &&
+                        !(max_rejections >= 0 && remaining > max_rejections &&
+                          static_cast<int64_t>(close[last]) + k >= max_rejections);
+    if (!proven) {
+      // nothing certain in the list, or the cap might fire: the exact scan decides
+      if (!scan_here) return step;
+      best = scan->pick(p, step, window, threshold, max_rejections);
+      ++fallbacks;
+    }
+    p[step] = best;
+    seen[best] = true;
+    if (scan_here) scan->remove(best);
+  }
+  if (num_fallbacks.numel() > 0) num_fallbacks.data_ptr<int64_t>()[0] += fallbacks;
+  return step;
+}
+
+}  // namespace
+
+int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
+                     const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
+                     const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path,
+                     at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
+                     double threshold, int64_t window, int64_t max_rejections, bool cosine) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &projections, &path,
+           &visited, &num_fallbacks}) {
+    TORCH_CHECK(t->device().is_cpu(), "tfp_walk: every tensor must be on the CPU");
+    TORCH_CHECK(t->is_contiguous(), "tfp_walk: every tensor must be contiguous");
+  }
+  TFP_CHECK_DIM(embeddings, 2);
+  const int64_t n = embeddings.size(0);
+  TORCH_CHECK(embeddings.scalar_type() == at::kFloat || embeddings.scalar_type() == at::kDouble,
+              "tfp_walk: embeddings must be float32 or float64, got ", embeddings.scalar_type());
+  TFP_CHECK_DTYPE(band_index, at::kInt);
+  TFP_CHECK_DTYPE(band_s2, at::kFloat);
+  TFP_CHECK_DTYPE(band_limit2, at::kDouble);
+  TFP_CHECK_DTYPE(band_slack, at::kDouble);
+  TFP_CHECK_DTYPE(num_close, at::kInt);
+  TFP_CHECK_DTYPE(path, at::kLong);
+  TFP_CHECK_DTYPE(visited, at::kBool);
+  TORCH_CHECK(band_index.dim() == 2 && band_index.size(0) == n && band_s2.sizes() == band_index.sizes(),
+              "tfp_walk: band_index and band_s2 must have shape (N, K) with N = ", n);
+  TORCH_CHECK(band_limit2.numel() == n && band_slack.numel() == n && num_close.numel() == n && path.numel() == n &&
+                  visited.numel() == n,
+              "tfp_walk: per-node tensors must have N = ", n, " entries");
+  TORCH_CHECK(!cosine || norms.numel() == n, "tfp_walk: cosine needs the (N,) float64 row norms");
+  TORCH_CHECK(projections.numel() == 0 || (projections.dim() == 2 && projections.size(0) == n &&
+                                           projections.scalar_type() == at::kDouble),
+              "tfp_walk: projections must be empty or (N, r) float64");
+  TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
+              "tfp_walk: num_fallbacks must be empty or an int64 counter");
+  if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
+  TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
+  TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
+  if (embeddings.scalar_type() == at::kFloat) {
+    return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
+                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
+                            cosine);
+  }
+  return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
+                           path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
+                            cosine);
+}
+
+}  // namespace tfp

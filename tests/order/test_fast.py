@@ -1,0 +1,133 @@
+"""The fast exact ordering (band lists + C++ walk + exact fallback scans) equals the reference."""
+
+import pytest
+import torch
+
+from tfp_kernels import check_path, estimate_threshold, has_extension, tfp_order, tfp_order_reference
+from tfp_kernels.order.fast import fast_tfp_order
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="the fast path needs tfp_kernels._C")
+
+
+def clustered(n, d, *, clusters=8, spread=0.5, dup_every=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g) * 3
+    labels = torch.randint(0, clusters, (n,), generator=g)
+    emb = centres[labels] + spread * torch.randn(n, d, generator=g)
+    if dup_every:
+        src = emb[::dup_every].clone()
+        emb[1::dup_every] = src[: emb[1::dup_every].shape[0]] + 1e-3 * torch.randn(emb[1::dup_every].shape, generator=g)
+    return emb.to(dtype)
+
+
+def anisotropic(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 8, generator=g) * torch.linspace(3, 0.5, 8)
+    return lat @ torch.randn(8, d, generator=g) + 0.05 * torch.randn(n, d, generator=g)
+
+
+CASES = [
+    pytest.param(clustered(300, 24), "l2", 4, None, 0, 16, id="clustered-l2"),
+    pytest.param(clustered(300, 24), "cosine", 4, None, 5, 16, id="clustered-cosine-start5"),
+    pytest.param(clustered(257, 33, seed=1), "l2", 1, None, 0, 8, id="window1-k8"),
+    pytest.param(clustered(257, 33, seed=1), "l2", 6, None, 0, 64, id="window6"),
+    pytest.param(clustered(200, 17, seed=2), "l2", 4, 3, 0, 16, id="cap3"),
+    pytest.param(clustered(200, 17, seed=2), "cosine", 4, 40, 0, 16, id="cap40-cosine"),
+    pytest.param(clustered(200, 17, seed=3), "l2", 4, 0, 0, 16, id="cap0"),
+    pytest.param(anisotropic(400, 48), "l2", 4, None, 0, 32, id="anisotropic"),
+    pytest.param(torch.randn(150, 7, generator=torch.Generator().manual_seed(4)), "l2", 3, None, 0, 1, id="k1"),
+    pytest.param(torch.randn(9, 5, generator=torch.Generator().manual_seed(5)), "l2", 4, None, 2, 64, id="k-over-n"),
+]
+
+
+@pytest.mark.parametrize("emb, metric, window, cap, start, k", CASES)
+@pytest.mark.parametrize("fallback", ["host", "device"])
+def test_fast_equals_reference(emb, metric, window, cap, start, k, fallback):
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start)
+    path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start,
+                                k=k, fallback=fallback, band_backend="torch")
+    assert torch.equal(path, ref)
+    assert info.num_fallbacks >= 0
+
+
+def test_public_api_uses_fast_backend_and_reports_stats():
+    emb = clustered(400, 32, seed=7)
+    path, stats = tfp_order(emb, return_stats=True, k=16)
+    assert stats.backend == "fast" and stats.band_backend in ("torch", "triton") and stats.k == 16
+    assert 0 <= stats.fallback_rate <= 1 and stats.num_fallbacks <= 399
+    assert torch.equal(path, tfp_order_reference(emb, threshold=stats.threshold))
+    assert torch.equal(path, tfp_order(emb, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes(dtype):
+    emb = clustered(150, 20, seed=8, dtype=dtype)
+    t = estimate_threshold(emb)
+    assert torch.equal(tfp_order(emb, threshold=t), tfp_order_reference(emb, threshold=t))
+
+
+def test_duplicates_and_identical_rows():
+    emb = torch.randn(6, 4).repeat(20, 1)  # every row 20 times
+    t = estimate_threshold(emb)
+    assert torch.equal(tfp_order(emb, threshold=t, k=8), tfp_order_reference(emb, threshold=t))
+    same = torch.ones(30, 3)
+    with pytest.warns(UserWarning):
+        assert tfp_order(same, start=4).tolist() == [4] + [i for i in range(30) if i != 4]
+
+
+def test_progress_bar_run_matches(capsys):
+    emb = clustered(2500, 16, clusters=20, seed=12)
+    t = estimate_threshold(emb)
+    assert torch.equal(tfp_order(emb, threshold=t, progress=True), tfp_order(emb, threshold=t))
+
+
+def test_tiny_inputs():
+    assert tfp_order(torch.randn(1, 3)).tolist() == [0]
+    assert tfp_order(torch.randn(2, 3), start=1, threshold=0.0).tolist() == [1, 0]
+
+
+def test_larger_n_validated_with_check_path():
+    emb = clustered(3000, 32, clusters=40, seed=9)
+    t = estimate_threshold(emb)
+    path, stats = tfp_order(emb, threshold=t, return_stats=True)
+    res = check_path(emb, path, threshold=t)
+    assert res.ok, res.message
+
+
+def test_walk_op_rejects_bad_arguments():
+    emb = torch.randn(4, 3)
+    lists = torch.zeros(4, 2, dtype=torch.int32)
+    args = [emb, torch.empty(0, dtype=torch.float64), lists, torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64),
+            torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32), torch.empty(0, dtype=torch.float64),
+            torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), torch.zeros(1, dtype=torch.long)]
+    with pytest.raises(RuntimeError, match="step must lie in"):
+        torch.ops.tfp_kernels.tfp_walk(*args, 0, -1, 1.0, 4, -1, False)
+    bad = list(args)
+    bad[2] = lists.long()
+    with pytest.raises(RuntimeError, match="band_index must have dtype Int"):
+        torch.ops.tfp_kernels.tfp_walk(*bad, 1, -1, 1.0, 4, -1, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("band_backend", ["triton", "torch"])
+def test_cuda_fast_equals_reference(metric, band_backend):
+    emb = clustered(3000, 64, clusters=30, seed=10).cuda()
+    t = estimate_threshold(emb, metric=metric)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t)
+    for fallback in ("host", "device"):
+        path, _ = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0, k=64,
+                                 fallback=fallback, band_backend=band_backend)
+        assert path.device == emb.device
+        assert torch.equal(path, ref)
+
+
+@pytest.mark.gpu
+def test_cuda_large_n_check_path():
+    emb = anisotropic(100_000, 64, seed=11).cuda()
+    t = estimate_threshold(emb)
+    path, stats = tfp_order(emb, threshold=t, return_stats=True)
+    steps = torch.randperm(100_000 - 1, generator=torch.Generator().manual_seed(0))[:3000] + 1
+    res = check_path(emb, path, threshold=t, steps=steps)
+    assert res.ok, res.message

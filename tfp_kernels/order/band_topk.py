@@ -1,0 +1,174 @@
+"""Band top-k: per row, the K nearest rows whose squared distance lies at or above a lower bound.
+
+All functions here work in the *squared L2 domain of prepared rows* (:func:`~tfp_kernels.order.distance.prepare`):
+``s2[i, j] = ||x_i - x_j||^2``. For ``metric="l2"`` the TFP band ``D >= t`` is ``s2 >= t^2``; for
+``metric="cosine"`` (unit rows, ``D = 0.5 * s2``) it is ``s2 >= 2 t``. The ordering layer widens the
+bounds by the arithmetic error of the fast paths (:func:`squared_distance_error_coef`) and settles
+every borderline case with exact distances.
+
+For every row ``i`` the result holds
+
+- ``index[i]``: (K,) int32, the K rows ``j != i`` with the smallest ``s2[i, j] >= lower[i]``, sorted by
+  (``s2``, ``j``); ``-1`` after the last one when fewer than K qualify;
+- ``s2[i]``: (K,) float32, their squared distances (``+inf`` where ``index`` is ``-1``);
+- ``num_close[i]``: int32, the number of rows ``j != i`` with ``s2[i, j] < upper[i]``.
+
+Implementations: :func:`band_topk_reference` (float64, one block of rows at a time, the test
+oracle), :func:`band_topk_torch` (blockwise matrix products in float32 + ``torch.topk``; CPU and CUDA)
+and the fused Triton kernel in :mod:`tfp_kernels.order.band_topk_triton` (CUDA). Memory: O(N * K)
+plus one (block x N) tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .distance import BLOCK_ELEMENTS
+
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    "tf32": 2.0**-11,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+@dataclass(frozen=True)
+class BandLists:
+    """Band top-k lists of N rows (see the module docstring).
+
+    Attributes:
+        index: (N, K) int32, same device as the embeddings; -1 padding.
+        s2: (N, K) float32 squared distances of the entries; +inf padding.
+        num_close: (N,) int32, rows closer than ``upper`` (``s2 < upper``), self excluded.
+    """
+
+    index: torch.Tensor
+    s2: torch.Tensor
+    num_close: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[1]
+
+
+def squared_distance_error_coef(dim: int, input_dtype) -> float:
+    """Bound ``c`` with ``|s2_fast - s2_exact| <= c * (|x_i|^2 + |x_j|^2)`` for the fast paths.
+
+    ``s2_fast = |x_i|^2 + |x_j|^2 - 2 <x_i', x_j'>`` with the norms in float32 from the float32 rows,
+    ``x'`` the rows rounded to ``input_dtype`` (a torch dtype or ``"tf32"``) and float32 accumulation
+    over ``dim`` terms. Worst-case (not statistical) bound: ``2 gamma_D + 2.01 u_in + 4 u`` with
+    ``gamma_D = D u / (1 - D u)``, ``u = 2^-24``; plus the float32 rounding of the rows themselves
+    (``2 u``) when the embeddings came in float64.
+    """
+    u = UNIT_ROUNDOFF[torch.float32]
+    gamma = dim * u / (1.0 - dim * u)
+    u_in = 0.0 if input_dtype == torch.float32 else UNIT_ROUNDOFF[input_dtype]
+    return 2.0 * gamma + 2.01 * u_in + 6.0 * u
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul():
+    """Full float32 matrix products (no TF32) inside the block; the error bound assumes it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _finish_block(s2: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int):
+    """Band top-k of one (B, N) block of squared distances (modified in place).
+
+    The K smallest are selected by (value, column), so that ties at the K-th place go to the lower
+    column, as in the Triton kernel: float32 values are packed with their column into int64 keys
+    (non-negative float bits order like the values); float64 blocks (the reference) use a stable sort.
+    """
+    b, n = s2.shape
+    s2[torch.arange(b, device=s2.device), rows] = torch.inf  # self
+    num_close = (s2 < upper[:, None]).sum(dim=1, dtype=torch.int32)
+    s2.masked_fill_(s2 < lower[:, None], torch.inf)
+    kk = min(k, n)
+    if s2.dtype == torch.float32:
+        cols = torch.arange(n, device=s2.device, dtype=torch.int64)
+        keys = (s2.view(torch.int32).to(torch.int64) << 32) | cols
+        keys = torch.topk(keys, kk, dim=1, largest=False, sorted=True).values
+        idx = keys & 0xFFFFFFFF
+        vals = (keys >> 32).to(torch.int32).view(torch.float32)
+    else:
+        vals, idx = torch.sort(s2, dim=1, stable=True)
+        vals, idx = vals[:, :kk], idx[:, :kk]
+    idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
+    if kk < k:
+        vals = torch.cat([vals, vals.new_full((b, k - kk), torch.inf)], dim=1)
+        idx = torch.cat([idx, idx.new_full((b, k - kk), -1)], dim=1)
+    return idx, vals.float(), num_close
+
+
+def _check_bounds(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int):
+    n = x.shape[0]
+    if lower.shape != (n,) or upper.shape != (n,):
+        raise ValueError(f"lower and upper must have shape ({n},), got {tuple(lower.shape)} and {tuple(upper.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int) -> BandLists:
+    """Band top-k with exact float64 squared distances (explicit differences), blockwise.
+
+    Args:
+        x: (N, D) prepared rows, any float dtype, CPU or CUDA.
+        lower, upper: (N,) bounds in the squared domain (any float dtype, same device).
+        k: K >= 1.
+
+    Returns:
+        :class:`BandLists` on the device of ``x`` (``s2`` rounded to float32 for the output).
+    """
+    _check_bounds(x, lower, upper, k)
+    x64 = x.double()
+    n = x64.shape[0]
+    block = max(1, BLOCK_ELEMENTS // n)
+    parts = []
+    for r0 in range(0, n, block):
+        rows = torch.arange(r0, min(n, r0 + block), device=x.device)
+        s2 = torch.cdist(x64[rows], x64, compute_mode="donot_use_mm_for_euclid_dist").square_()
+        parts.append(_finish_block(s2, rows, lower[rows].double(), upper[rows].double(), k))
+    index, s2, num_close = (torch.cat(p) for p in zip(*parts))
+    return BandLists(index, s2, num_close)
+
+
+def band_topk_torch(
+    x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
+    *, block_elements: int = 1 << 24,
+) -> BandLists:
+    """Band top-k through blockwise float32 matrix products (``|a|^2 + |b|^2 - 2 a.b``) and ``torch.topk``.
+
+    Args:
+        x: (N, D) prepared rows, float32 (other dtypes are upcast), CPU or CUDA.
+        sq_norms: (N,) float32 squared norms of ``x``.
+        lower, upper: (N,) float32 bounds in the squared domain.
+        k: K >= 1.
+        block_elements: size of the (rows x N) tile computed at once.
+
+    Returns:
+        :class:`BandLists` on the device of ``x``; error per entry within
+        :func:`squared_distance_error_coef` ``(D, torch.float32) * (|x_i|^2 + |x_j|^2)``.
+    """
+    _check_bounds(x, lower, upper, k)
+    x = x.float()
+    n = x.shape[0]
+    block = max(1, block_elements // n)
+    parts = []
+    with _ieee_fp32_matmul():
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            rows = torch.arange(r0, r1, device=x.device)
+            s2 = torch.addmm(sq_norms[None, :], x[r0:r1], x.T, alpha=-2.0).add_(sq_norms[r0:r1, None]).clamp_(min=0)
+            parts.append(_finish_block(s2, rows, lower[r0:r1], upper[r0:r1], k))
+    index, s2, num_close = (torch.cat(p) for p in zip(*parts))
+    return BandLists(index, s2, num_close)

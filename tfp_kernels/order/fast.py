@@ -1,0 +1,191 @@
+"""The fast exact TFP ordering: band top-k lists, the C++ walk over them, exact fallback scans.
+
+Pipeline (DESIGN.md 2.1), for validated embeddings and a known threshold ``t``:
+
+1. rows prepared in float32 (unit rows for cosine) and the arithmetic error bound of the fast
+   distances (:func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`);
+2. band top-k lists: per node the K nearest nodes whose *approximate* squared distance is at least
+   ``t`` minus the error bound (so no node at exact distance ``>= t`` is left out), plus an upper
+   bound of the number of nodes closer than ``t``;
+3. the walk (C++ op ``tfp_walk``, on host copies) takes each next node from the list of ``last``,
+   deciding with exact double-precision distances, and stops where the list cannot prove the answer;
+4. there, :func:`~tfp_kernels.order.scan.exact_pick` scans the unvisited nodes exactly (on the device of
+   the embeddings), and the walk resumes.
+
+The result is the path of :func:`~tfp_kernels.order.reference.tfp_order_reference` up to
+floating-point ties (both decide with float64 distances; only their rounding differs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .band_topk import BandLists, band_topk_torch, squared_distance_error_coef
+from .distance import prepare
+from .scan import exact_pick, projection_basis
+
+
+@dataclass
+class FastOrderInfo:
+    """Counters and timings of one fast ordering run."""
+
+    band_backend: str = ""
+    k: int = 0
+    num_fallbacks: int = 0
+    time_band_s: float = 0.0
+    time_walk_s: float = 0.0
+    time_fallback_s: float = 0.0
+    time_setup_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def squared_threshold(threshold: float, metric: str) -> float:
+    """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
+    return threshold * threshold if metric == "l2" else 2.0 * threshold
+
+
+def band_lists(x32: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
+               backend: str) -> tuple[BandLists, str]:
+    """Dispatch the band top-k to the Triton kernel (CUDA) or the blockwise torch version."""
+    if backend == "auto":
+        backend = "torch"
+        if x32.is_cuda:
+            from .band_topk_triton import triton_available
+
+            backend = "triton" if triton_available() else "torch"
+    if backend == "triton":
+        from .band_topk_triton import band_topk_triton
+
+        return band_topk_triton(x32, sq_norms, lower, upper, k), "triton"
+    if backend == "torch":
+        return band_topk_torch(x32, sq_norms, lower, upper, k), "torch"
+    raise ValueError(f"band backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def fast_tfp_order(
+    embeddings: torch.Tensor,
+    *,
+    metric: str,
+    threshold: float,
+    window: int,
+    max_rejections: int | None,
+    start: int,
+    k: int,
+    band_backend: str = "auto",
+    fallback: str = "auto",
+    progress: bool = False,
+) -> tuple[torch.Tensor, FastOrderInfo]:
+    """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
+
+    ``fallback="host"`` runs the exact fallback scans inside the C++ walk (host copies of the
+    rows and their projections); ``"device"`` runs them with torch on the device of the embeddings,
+    returning from the C++ walk at each one; ``"auto"``: host for CPU tensors, device for CUDA.
+
+    Returns:
+        path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
+    """
+    info = FastOrderInfo(k=k)
+    device = embeddings.device
+    n, dim = embeddings.shape
+    t0 = time.perf_counter()
+    x64 = prepare(embeddings, metric, torch.float64)
+    x32 = x64.float()
+    sq_norms = x32.square().sum(dim=1)
+    coef = squared_distance_error_coef(dim, torch.float32)
+    slack = coef * (sq_norms.double() + sq_norms.max().double())  # (N,) bound of |s2_fast - s2_exact| per row
+    t2 = squared_threshold(threshold, metric)
+    lower = torch.nextafter((t2 - slack).float(), torch.tensor(-torch.inf, device=device))
+    upper = torch.nextafter((t2 + slack).float(), torch.tensor(torch.inf, device=device))
+    k = min(k, max(n - 1, 1))
+    info.time_setup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    lists, info.band_backend = band_lists(x32, sq_norms, lower, upper, k, band_backend)
+    # exact s2 of any node outside a full list is >= (approx s2 of its last entry) - slack
+    full = lists.index[:, -1] >= 0
+    limit2 = torch.where(full, lists.s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info.time_band_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    host = torch.device("cpu")
+    host_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    emb_host = embeddings.to(host, host_dtype).contiguous()
+    norms_host = (
+        torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous()
+        if metric == "cosine" else torch.empty(0, dtype=torch.float64)
+    )
+    walk_args = [
+        emb_host, norms_host, lists.index.to(host).contiguous(), lists.s2.to(host).contiguous(),
+        limit2.to(host).contiguous(), slack.to(host).contiguous(), lists.num_close.to(host).contiguous(),
+    ]
+    path = torch.empty(n, dtype=torch.long)
+    path[0] = start
+    visited = torch.zeros(n, dtype=torch.bool)
+    visited[start] = True
+    visited_dev = visited.to(device)
+    synced = 1  # path[:synced] is marked in visited_dev
+    if fallback == "auto":
+        fallback = "host" if device.type == "cpu" else "device"
+    if fallback not in ("host", "device"):
+        raise ValueError(f"fallback must be 'auto', 'host' or 'device', got {fallback!r}")
+    y64 = None  # projections for the scans' lower bounds, computed at the first fallback
+    projections = torch.empty(0, dtype=torch.float64)
+    counter = torch.zeros(1, dtype=torch.long)
+    cap = -1 if max_rejections is None else max_rejections
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=1, desc="tfp walk", unit="node")
+    info.time_setup_s += time.perf_counter() - t0
+
+    chunk = max(1000, n // 100) if bar is not None else -1  # steps per call, for the progress bar
+    step = 1
+    while step < n:
+        t0 = time.perf_counter()
+        stop = -1 if chunk < 0 else step + chunk
+        new_step = int(torch.ops.tfp_kernels.tfp_walk(
+            *walk_args, projections, path, visited, counter, step, stop, threshold, window, cap,
+            metric == "cosine"))
+        info.time_walk_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(new_step - step)
+        if new_step == stop:  # progress stop, no fallback needed here
+            step = new_step
+            continue
+        step = new_step
+        if step >= n:
+            break
+        t0 = time.perf_counter()
+        if y64 is None:
+            y64 = x64 @ projection_basis(x64)
+            if fallback == "host":  # from now on the C++ walk runs the scans itself
+                projections = y64.to(host).contiguous()
+                info.time_fallback_s += time.perf_counter() - t0
+                continue
+        if device.type != "cpu":
+            visited_dev[path[synced:step].to(device)] = True
+        else:
+            visited_dev = visited
+        synced = step
+        unvisited = torch.nonzero(~visited_dev).flatten()
+        node = exact_pick(
+            x64, y64, unvisited, int(path[step - 1]), path[max(0, step - window) : step - 1].tolist(),
+            threshold=threshold, max_rejections=max_rejections, metric=metric,
+        )
+        path[step] = node
+        visited[node] = True
+        step += 1
+        info.num_fallbacks += 1
+        if bar is not None:
+            bar.update(1)
+        info.time_fallback_s += time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    info.num_fallbacks += int(counter)  # scans run inside the C++ walk (their time is in time_walk_s)
+    return path.to(device), info
