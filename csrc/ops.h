@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <cstdint>
+#include <optional>  // packing/assembly block below
+#include <tuple>
 
 namespace tfp {
 
@@ -15,8 +17,24 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine);
 
+// --- bin packing (best fit) and packed-batch assembly (tfp_kernels/packing, tfp_kernels/assembly) ---
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_fit_decreasing_cpu(const at::Tensor& lengths,
+                                                                                   int64_t max_len, int64_t window);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_pack_cpu(const at::Tensor& lengths,
+                                                                           int64_t max_len);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cpu(const at::Tensor& values,
+                                                            const std::optional<at::Tensor>& labels,
+                                                            const at::Tensor& pieces, int64_t num_tokens,
+                                                            int64_t ignore_index);
+// --- end of the packing/assembly block ---
+
 #ifdef WITH_CUDA
 at::Tensor next_fit_pack_ids_cuda(const at::Tensor& lengths, int64_t max_len);
+// packed-batch assembly (packing/assembly block)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cuda(const at::Tensor& values,
+                                                             const std::optional<at::Tensor>& labels,
+                                                             const at::Tensor& pieces, int64_t num_tokens,
+                                                             int64_t ignore_index);
 #endif
 
 }  // namespace tfp

@@ -12,6 +12,24 @@ TORCH_LIBRARY(tfp_kernels, m) {
   m.def("cuda_version() -> int", &tfp::cuda_version);
   // Ordered next-fit bin packing: lengths (N,) int64 -> pack id of every item (N,) int64.
   m.def("next_fit_pack_ids(Tensor lengths, int max_len) -> Tensor");
+  // --- bin packing (best fit) and packed-batch assembly (tfp_kernels/packing, tfp_kernels/assembly) ---
+  // Best fit decreasing of lengths (M,) int64 into packs of max_len, globally (window >= M) or inside
+  // consecutive windows of `window` items. Returns (order, pack_id, length) (M,) int64 and pack_offsets
+  // (P + 1,) int64: the items listed pack by pack (packs numbered by their first item, items in input
+  // order inside a pack), the pack and length of each listed item, the token offsets of the packs.
+  // CPU only (sequential); CUDA callers pack a host copy.
+  m.def("best_fit_decreasing(Tensor lengths, int max_len, int window) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The TFP paper's packer: lengths (N,) int64 concatenated and cut every max_len tokens. Returns
+  // (item, offset, length, pack_id), each (M,) int64: one piece per (item, pack) it touches, in stream
+  // order. CPU; CUDA tensors use vectorised torch ops instead.
+  m.def("stream_pack(Tensor lengths, int max_len) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed-batch assembly: gathers the pieces of the (4, M) int64 table (rows: source start in values,
+  // output start, length, position id of the first token) into flat (num_tokens,) int64 input_ids,
+  // labels (labels or values; ignore_index where the position id is 0) and position_ids.
+  m.def(
+      "assemble(Tensor values, Tensor? labels, Tensor pieces, int num_tokens, int ignore_index) -> "
+      "(Tensor, Tensor, Tensor)");
+  // --- end of the packing/assembly block ---
   // --- ordering ---
   // The TFP walk over band lists, from `step` on, with exact double-precision checks; host tensors only
   // (the lists of CUDA runs are copied to the host). Fills path/visited in place. With projections
@@ -28,12 +46,16 @@ TORCH_LIBRARY(tfp_kernels, m) {
 
 TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
   m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cpu);
+  m.impl("best_fit_decreasing", &tfp::best_fit_decreasing_cpu);  // packing/assembly block
+  m.impl("stream_pack", &tfp::stream_pack_cpu);  // packing/assembly block
+  m.impl("assemble", &tfp::assemble_cpu);  // packing/assembly block
   m.impl("tfp_walk", &tfp::tfp_walk_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(tfp_kernels, CUDA, m) {
   m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cuda);
+  m.impl("assemble", &tfp::assemble_cuda);  // packing/assembly block
 }
 #endif
 
