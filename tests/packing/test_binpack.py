@@ -1,5 +1,8 @@
 """Tests of tfp_kernels.packing: pack_lengths, the three next-fit implementations, the over-long policies.
 
+The other strategies (stream, window_best_fit, bfd) are tested in test_strategies.py, pack shuffling in
+test_shuffle.py.
+
 Integer outputs are compared bit for bit (torch.equal via ``assert_equal``), never with a tolerance.
 """
 
@@ -18,7 +21,6 @@ from hypothesis import strategies as st
 from tfp_kernels import _ext
 from tfp_kernels.packing import (
     OVERLONG_POLICIES,
-    PLANNED_STRATEGIES,
     Packing,
     expand_overlong,
     next_fit_pack_ids,
@@ -52,6 +54,7 @@ def assert_packing_matches_reference(
     for field in ("num_packs", "num_truncated", "num_dropped", "num_split"):
         assert getattr(packing, field) == expected[field], field
     assert packing.max_len == max_len
+    assert_equal(packing.sample_lengths, tensor(lengths, device), "sample_lengths")
 
 
 # ================================================================================== hand-worked cases
@@ -446,18 +449,15 @@ def test_bad_policy_and_strategy():
         ValueError, match=r"overlong must be one of \['error', 'truncate', 'drop', 'split'\], got 'clip'"
     ):
         pack_lengths([1, 2], 10, overlong="clip")
-    with pytest.raises(ValueError, match=r"strategy must be one of \['next_fit'\].*got 'first_fit'"):
+    with pytest.raises(
+        ValueError,
+        match=r"strategy must be one of \['stream', 'next_fit', 'window_best_fit', 'bfd'\], got 'first_fit'",
+    ):
         pack_lengths([1, 2], 10, strategy="first_fit")
     with pytest.raises(ValueError, match="strategy must be one of"):
         pack_lengths([1, 2], 10, strategy=None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         pack_lengths([1, 2], 10, "next_fit")  # type: ignore[misc]  # options are keyword-only
-
-
-@pytest.mark.parametrize("strategy", PLANNED_STRATEGIES)
-def test_planned_strategies(strategy):
-    with pytest.raises(NotImplementedError, match=f"strategy='{strategy}' is planned"):
-        pack_lengths([1, 2], 10, strategy=strategy)
 
 
 # ================================================================================== properties (hypothesis)

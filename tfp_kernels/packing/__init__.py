@@ -2,26 +2,46 @@
 
 Public API:
 
-- :func:`pack_lengths` ``(lengths, max_len, *, strategy="next_fit", overlong="error") -> Packing``
+- :func:`pack_lengths` ``(lengths, max_len, *, strategy="next_fit", overlong="error", window=1024) -> Packing``
+  with strategies ``"stream"``, ``"next_fit"``, ``"window_best_fit"``, ``"bfd"``;
 - :class:`Packing`: pieces in pack order (``pack_id``, ``sample_index``, ``offset``, ``length``),
-  ``pack_offsets`` and the counts of the over-long policy.
+  ``pack_offsets`` and the counts of the over-long policy;
+- :func:`shuffle_packs` (seeded epoch shuffle of the packs), :func:`select_packs`, :func:`pack_permutation`.
 
 Lower level: :func:`next_fit_pack_ids` (compiled op or pure torch), :func:`next_fit_pack_ids_torch`,
-:func:`expand_overlong`; plain-Python oracles in :mod:`tfp_kernels.packing.reference`.
+:func:`best_fit_decreasing` (compiled op or pure Python), :func:`best_fit_decreasing_python`,
+:func:`stream_pack` (compiled op or pure torch), :func:`stream_pack_torch`, :func:`expand_overlong`; plain-Python oracles in :mod:`tfp_kernels.packing.reference`.
 """
 
-from .binpack import OVERLONG_POLICIES, PLANNED_STRATEGIES, STRATEGIES, Pieces, expand_overlong, pack_lengths
+from .best_fit import best_fit_decreasing, best_fit_decreasing_python
+from .binpack import (
+    DEFAULT_WINDOW,
+    OVERLONG_POLICIES,
+    STRATEGIES,
+    Pieces,
+    expand_overlong,
+    pack_lengths,
+)
 from .next_fit import next_fit_pack_ids, next_fit_pack_ids_torch
+from .shuffle import pack_permutation, select_packs, shuffle_packs
+from .stream import stream_pack, stream_pack_torch
 from .types import Packing
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "OVERLONG_POLICIES",
-    "PLANNED_STRATEGIES",
     "STRATEGIES",
     "Packing",
     "Pieces",
+    "best_fit_decreasing",
+    "best_fit_decreasing_python",
     "expand_overlong",
     "next_fit_pack_ids",
     "next_fit_pack_ids_torch",
     "pack_lengths",
+    "pack_permutation",
+    "select_packs",
+    "shuffle_packs",
+    "stream_pack",
+    "stream_pack_torch",
 ]

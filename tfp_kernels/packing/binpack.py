@@ -9,8 +9,9 @@ The work is done in three steps, each vectorised over all samples (no Python loo
 3. assign the pieces to packs with the chosen strategy (``STRATEGIES``), then derive the pack offsets
    (one host sync to read the number of packs).
 
-A strategy is a function ``(pieces: Pieces, max_len: int) -> (pieces in pack order, pack_id)``; new ones
-are added to ``STRATEGIES``.
+A strategy is a function ``(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) ->
+(pieces in pack order, pack_id)``; new ones are added to ``STRATEGIES``. ``pieces_are_samples`` says that
+piece ``i`` is sample ``i`` from offset 0 (no drop, no split), which lets a strategy skip two gathers.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .best_fit import best_fit_decreasing
 from .next_fit import next_fit_pack_ids
+from .stream import stream_pack
 from .types import Packing
 
 OVERLONG_POLICIES = ("error", "truncate", "drop", "split")
-PLANNED_STRATEGIES = ("stream", "window_best_fit", "bfd")
+DEFAULT_WINDOW = 1024
 
 _INTEGER_DTYPES = frozenset(
     {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
@@ -55,15 +58,59 @@ class OverlongResult(NamedTuple):
 # ---------------------------------------------------------------------------------------- strategies
 
 
-def _next_fit(pieces: Pieces, max_len: int) -> tuple[Pieces, torch.Tensor]:
+class Assignment(NamedTuple):
+    """What a strategy returns: the pieces in pack order, their packs, and (when known) the pack offsets."""
+
+    pieces: Pieces
+    pack_id: torch.Tensor  # (M,) torch.int64, non-decreasing from 0, every pack non-empty
+    pack_offsets: torch.Tensor | None = None  # (P + 1,) torch.int64; derived from the pieces when None
+
+
+def _next_fit(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) -> Assignment:
     """Ordered next fit: pieces keep their order; a new pack when the next piece does not fit."""
-    return pieces, next_fit_pack_ids(pieces.length, max_len)
+    return Assignment(pieces, next_fit_pack_ids(pieces.length, max_len))
 
 
-Strategy = Callable[[Pieces, int], "tuple[Pieces, torch.Tensor]"]
+def _stream(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) -> Assignment:
+    """The paper's packer: the token stream of the pieces (all at offset 0), cut every ``max_len`` tokens."""
+    cut = stream_pack(pieces.length, max_len)
+    sample_index = cut.item if pieces_are_samples else pieces.sample_index.index_select(0, cut.item)
+    num_packs = int(cut.pack_id[-1]) + 1 if cut.pack_id.numel() > 0 else 0
+    # pack p starts at p * max_len (< total tokens, no overflow); the last one ends at the total
+    starts = torch.arange(num_packs, dtype=torch.int64, device=cut.length.device) * max_len
+    pack_offsets = torch.cat([starts, pieces.length.sum().reshape(1)])
+    return Assignment(Pieces(sample_index, cut.offset, cut.length), cut.pack_id, pack_offsets)
+
+
+def _bfd(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) -> Assignment:
+    """Global best fit decreasing (C++ op; on a host copy for CUDA pieces)."""
+    return _best_fit(pieces, best_fit_decreasing(pieces.length, max_len), pieces_are_samples)
+
+
+def _window_best_fit(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) -> Assignment:
+    """Best fit decreasing inside consecutive windows of ``window`` pieces; windows keep their order."""
+    return _best_fit(pieces, best_fit_decreasing(pieces.length, max_len, window=window), pieces_are_samples)
+
+
+def _best_fit(pieces: Pieces, result, pieces_are_samples: bool) -> Assignment:
+    """``pieces[order]``; when piece i is sample i at offset 0, the sample indices are ``order`` itself."""
+    order = result.order
+    if pieces_are_samples:
+        listed = Pieces(order, torch.zeros_like(order), result.length)
+    else:
+        listed = Pieces(
+            pieces.sample_index.index_select(0, order), pieces.offset.index_select(0, order), result.length
+        )
+    return Assignment(listed, result.pack_id, result.pack_offsets)
+
+
+Strategy = Callable[..., Assignment]
 
 STRATEGIES: dict[str, Strategy] = {
+    "stream": _stream,
     "next_fit": _next_fit,
+    "window_best_fit": _window_best_fit,
+    "bfd": _bfd,
 }
 
 
@@ -94,19 +141,22 @@ def _as_lengths_tensor(lengths) -> torch.Tensor:
 
 
 def _as_max_len(max_len) -> int:
-    if isinstance(max_len, (bool, np.bool_)) or (
-        isinstance(max_len, torch.Tensor) and max_len.dtype == torch.bool
-    ):
-        raise TypeError(f"max_len must be a positive int, got {max_len!r}")
+    return _as_positive_int(max_len, "max_len")
+
+
+def _as_positive_int(value, name: str) -> int:
+    """``value`` as a Python int in ``[1, 2**63 - 1]``; bools and floats are refused."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
     try:
-        value = operator.index(max_len)
+        result = operator.index(value)
     except TypeError as err:
-        raise TypeError(f"max_len must be a positive int, got {type(max_len).__name__} {max_len!r}") from err
-    if value < 1:
-        raise ValueError(f"max_len must be a positive int, got {value}")
-    if value > _INT64_MAX:
-        raise ValueError(f"max_len must fit in int64, got {value}")
-    return value
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from err
+    if result < 1:
+        raise ValueError(f"{name} must be a positive int, got {result}")
+    if result > _INT64_MAX:
+        raise ValueError(f"{name} must fit in int64, got {result}")
+    return result
 
 
 def _first_index(mask: torch.Tensor) -> int:
@@ -205,46 +255,70 @@ def pack_lengths(
     *,
     strategy: str = "next_fit",
     overlong: str = "error",
+    window: int = DEFAULT_WINDOW,
 ) -> Packing:
     """Assign samples of the given lengths to packs of at most ``max_len`` tokens.
 
-    Every sample appears exactly once: whole, cut (``overlong="truncate"`` or ``"split"``) or listed in
-    ``dropped_index`` (``overlong="drop"``); the result counts what the over-long policy did.
+    Every token of every sample appears exactly once, in one piece: samples are whole, cut
+    (``overlong="truncate"``: the cut-off tokens are counted in ``num_truncated``; ``"split"``, or by the
+    ``"stream"`` strategy: several pieces) or listed in ``dropped_index`` (``overlong="drop"``).
 
     Strategies (``strategy=``):
 
-    - ``"next_fit"``: the samples keep their order (e.g. a TFP ordering) and are never split to fill a
-      pack; a new pack opens when the next piece does not fit into the current one. CPU tensors use a
-      sequential C++ loop, CUDA tensors a pointer-jumping kernel; without the compiled extension a
-      pure-torch version of the pointer jumping runs (with a warning).
-    - ``"stream"``, ``"window_best_fit"``, ``"bfd"``: planned, raise ``NotImplementedError``.
+    ==================== ============ ============== =====================================================
+    strategy             keeps order  splits samples  notes
+    ==================== ============ ============== =====================================================
+    ``"stream"``         yes          yes             the TFP paper's packer: concatenate, cut every
+                                                      ``max_len`` tokens; every pack full but the last
+    ``"next_fit"``       yes          no              a new pack when the next piece does not fit
+    ``"window_best_fit"`` per window  no              BFD inside consecutive windows of ``window`` pieces;
+                                                      near-BFD fill, neighbours stay together
+    ``"bfd"``            no           no              global best fit decreasing (as TRL, OLMo-core)
+    ==================== ============ ============== =====================================================
+
+    - ``"next_fit"``: CPU tensors use a sequential C++ loop, CUDA tensors a pointer-jumping kernel;
+      without the compiled extension a pure-torch version of the pointer jumping runs (with a warning).
+    - ``"stream"``: vectorised torch ops on the device of ``lengths``. A sample crossing a cut becomes one
+      piece per pack it touches. With ``overlong="split"`` the over-long samples are cut by the stream
+      like any other (their pieces need not start at multiples of ``max_len``).
+    - ``"bfd"`` and ``"window_best_fit"``: pieces by decreasing length, each into the open pack with the
+      smallest remaining capacity that fits it (ties: the pack whose load changed last), in C++ with a
+      segment tree over the remaining capacities, O(M log max_len). Packs are numbered by their first
+      piece in input order, and pieces inside a pack keep input order, so the result is deterministic.
+      BFD is sequential: CUDA lengths are packed on a host copy. Without the extension a pure-Python
+      version runs (with a warning). ``"window_best_fit"`` packs pieces ``[0, window)``, then
+      ``[window, 2 * window)``, ... each into new packs; ``window >= M`` gives ``"bfd"``.
 
     Args:
         lengths: (N,) token count of each sample, any integer dtype (not bool), CPU or CUDA; a Python
             sequence of ints or a numpy integer array is taken as a CPU tensor. Every value ``>= 1``.
         max_len: capacity of a pack in tokens, a positive Python int.
         strategy: packing strategy, see above.
+        window: pieces per window of ``"window_best_fit"`` (a positive int, default 1024); checked but
+            unused by the other strategies.
         overlong: what to do with a sample longer than ``max_len``:
             ``"error"`` (default): raise ``ValueError`` naming the first such sample and their count;
             ``"truncate"``: keep its first ``max_len`` tokens (one piece, offset 0);
             ``"drop"``: leave it out and record its index in ``dropped_index``;
             ``"split"``: cut it into consecutive pieces of ``max_len`` tokens and a remainder, at offsets
-            ``0, max_len, 2 * max_len, ...``; next fit places them in that order.
+            ``0, max_len, 2 * max_len, ...``; next fit places them in that order (``"stream"``: see above).
 
     Returns:
         :class:`~tfp_kernels.packing.Packing`, all tensors int64 on the device of ``lengths``:
         ``pack_id``, ``sample_index``, ``offset``, ``length`` (M,) per piece in pack order;
-        ``pack_offsets`` (P + 1,); ``dropped_index`` (num_dropped,); ints ``num_packs``, ``num_truncated``,
-        ``num_dropped``, ``num_split``, ``max_len``.
+        ``pack_offsets`` (P + 1,); ``dropped_index`` (num_dropped,); ``sample_lengths`` (N,), the lengths
+        packed; ints ``num_packs``, ``num_truncated``, ``num_dropped``, ``num_split``, ``max_len``.
 
     Raises:
         ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; a sample longer than
-            ``max_len`` with ``overlong="error"``; ``max_len < 1``; an unknown ``strategy`` or ``overlong``.
-        TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len`` not an int.
-        NotImplementedError: a planned strategy.
+            ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
+            ``strategy`` or ``overlong``.
+        TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len`` or
+            ``window`` not an int.
 
     Host syncs (CUDA): one to check ``lengths`` (and count split pieces), one to read ``P``; the
-    compiled CUDA op adds one of its own.
+    compiled next-fit op and ``"stream"`` add one each; ``"bfd"``/``"window_best_fit"`` copy the
+    piece lengths to the host and the result back.
 
     Examples::
 
@@ -259,19 +333,26 @@ def pack_lengths(
         (tensor([0, 1, 1, 1, 2]), tensor([ 0,  0, 10, 20,  0]), tensor([ 3, 10, 10,  5,  4]))
         >>> packing.pack_id, packing.num_split
         (tensor([0, 1, 2, 3, 3]), 1)
+        >>> packing = pack_lengths([3, 4, 5, 1, 9, 2], max_len=10, strategy="bfd")
+        >>> packing.pack_id, packing.sample_index  # 3+2 | 4+5+1 | 9
+        (tensor([0, 0, 1, 1, 1, 2]), tensor([0, 5, 1, 2, 3, 4]))
+        >>> packing.pack_offsets
+        tensor([ 0,  5, 15, 24])
+        >>> packing = pack_lengths([3, 4, 5, 1, 9, 2], max_len=10, strategy="stream")
+        >>> packing.sample_index
+        tensor([0, 1, 2, 2, 3, 4, 4, 5])
+        >>> packing.offset, packing.length
+        (tensor([0, 0, 0, 3, 0, 0, 7, 0]), tensor([3, 4, 3, 2, 1, 7, 2, 2]))
+        >>> packing.pack_offsets
+        tensor([ 0, 10, 20, 24])
     """
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        if strategy in PLANNED_STRATEGIES:
-            raise NotImplementedError(
-                f"strategy={strategy!r} is planned but not implemented yet; available: {sorted(STRATEGIES)}"
-            )
-        raise ValueError(
-            f"strategy must be one of {sorted(STRATEGIES)} (planned: {list(PLANNED_STRATEGIES)}), got {strategy!r}"
-        )
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if not isinstance(overlong, str) or overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
     lengths = _as_lengths_tensor(lengths)
     max_len = _as_max_len(max_len)
+    window = _as_positive_int(window, "window")
 
     # One host sync for the checks: smallest length, number of over-long samples (and of split pieces).
     is_overlong = lengths > max_len
@@ -293,19 +374,46 @@ def pack_lengths(
             f"{lengths.numel()} samples are over-long); pass overlong='truncate', 'drop' or 'split' to handle them"
         )
 
-    expanded = expand_overlong(
-        lengths,
-        max_len,
-        overlong,
-        num_overlong=num_overlong,
-        num_pieces=num_pieces[0] if num_pieces else None,
+    if strategy == "stream" and overlong == "split":
+        # the stream cuts every sample where the packs end: the over-long ones stay whole until then
+        expanded = expand_overlong(lengths, max_len, "split", num_overlong=0)._replace(num_split=num_overlong)
+    else:
+        expanded = expand_overlong(
+            lengths,
+            max_len,
+            overlong,
+            num_overlong=num_overlong,
+            num_pieces=num_pieces[0] if num_pieces else None,
+        )
+    pieces_are_samples = (
+        num_overlong == 0 or overlong == "truncate" or (strategy == "stream" and overlong == "split")
     )
-    pieces, pack_id = STRATEGIES[strategy](expanded.pieces, max_len)
-    return _make_packing(pieces, pack_id, max_len, expanded)
+    assignment = STRATEGIES[strategy](
+        expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples
+    )
+    return _make_packing(assignment, max_len, expanded, lengths)
 
 
-def _make_packing(pieces: Pieces, pack_id: torch.Tensor, max_len: int, expanded: OverlongResult) -> Packing:
-    """Derive the pack offsets from pieces in pack order and their (non-decreasing) pack ids."""
+def _make_packing(
+    assignment: Assignment, max_len: int, expanded: OverlongResult, lengths: torch.Tensor
+) -> Packing:
+    """The :class:`Packing` of a strategy's result; pack offsets derived from the pieces when not given."""
+    pieces, pack_id = assignment.pieces, assignment.pack_id
+    if assignment.pack_offsets is not None:
+        return Packing(
+            pack_id=pack_id,
+            sample_index=pieces.sample_index,
+            offset=pieces.offset,
+            length=pieces.length,
+            pack_offsets=assignment.pack_offsets,
+            max_len=max_len,
+            num_packs=assignment.pack_offsets.numel() - 1,
+            num_truncated=expanded.num_truncated,
+            num_dropped=expanded.num_dropped,
+            num_split=expanded.num_split,
+            dropped_index=expanded.dropped_index,
+            sample_lengths=lengths,
+        )
     device = pack_id.device
     num_pieces = pack_id.numel()
     num_packs = int(pack_id[-1]) + 1 if num_pieces > 0 else 0  # the one host sync for P
@@ -327,4 +435,5 @@ def _make_packing(pieces: Pieces, pack_id: torch.Tensor, max_len: int, expanded:
         num_dropped=expanded.num_dropped,
         num_split=expanded.num_split,
         dropped_index=expanded.dropped_index,
+        sample_lengths=lengths,
     )

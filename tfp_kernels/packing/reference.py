@@ -1,8 +1,19 @@
 """Plain-Python references for bin packing: the test oracle.
 
-Loops over Python ints, no torch, written for clarity only (about a microsecond per sample). The fast
-paths (:mod:`tfp_kernels.packing.binpack`, the C++/CUDA op ``torch.ops.tfp_kernels.next_fit_pack_ids``
-and :func:`tfp_kernels.packing.next_fit.next_fit_pack_ids_torch`) must agree with these exactly.
+Loops over Python ints, no torch, written for clarity only (the best-fit references scan every open pack
+for every item: O(N * P), use them on small inputs). The fast paths (:mod:`tfp_kernels.packing.binpack`,
+the C++/CUDA ops ``torch.ops.tfp_kernels.next_fit_pack_ids`` and ``best_fit_decreasing``, the pure-torch
+and pure-Python fallbacks) must agree with these exactly.
+
+One function per strategy, each taking the pieces' lengths and returning a pack id per piece:
+
+- :func:`next_fit_pack_ids_reference` (``"next_fit"``);
+- :func:`best_fit_decreasing_reference` (``"bfd"``) and :func:`window_best_fit_reference`
+  (``"window_best_fit"``);
+- :func:`stream_reference` (``"stream"``) works on samples, since it cuts them itself.
+
+:func:`pack_lengths_reference` composes them with the over-long policy (:func:`expand_overlong_reference`),
+and :func:`select_packs_reference` reorders (or subsets) the packs of a result.
 """
 
 from __future__ import annotations
@@ -85,21 +96,193 @@ def expand_overlong_reference(lengths: Sequence[int], max_len: int, overlong: st
     return out
 
 
-def pack_lengths_reference(lengths: Sequence[int], max_len: int, *, overlong: str = "error") -> dict:
-    """Reference of :func:`tfp_kernels.packing.pack_lengths` with ``strategy="next_fit"``.
+def best_fit_decreasing_reference(lengths: Sequence[int], max_len: int) -> list[int]:
+    """Best fit decreasing (BFD), the definition the fast paths reproduce.
+
+    1. Items are taken by decreasing length; equal lengths by increasing index.
+    2. Each item goes into the open pack with the *smallest* remaining capacity that still fits it. Among
+       packs with that same remaining capacity, the one whose load changed most recently (last got an
+       item) wins. When no pack fits, a new pack opens.
+    3. Packs are numbered by their first item in input order (the pack holding item 0 is pack 0, the
+       pack of the first item not in pack 0 is pack 1, ...), and inside a pack items keep input order.
+
+    The tie rule of step 2 does not change the number of packs (packs with equal remaining capacity are
+    interchangeable for the items that follow); it only fixes which items share a pack, so that the
+    result is deterministic.
+
+    Args:
+        lengths: N item lengths, each in ``[1, max_len]``.
+        max_len: capacity of a pack.
+
+    Returns:
+        The pack id of each item (N ints), numbered as in step 3.
+    """
+    for item, length in enumerate(lengths):
+        if not 1 <= length <= max_len:
+            raise ValueError(f"lengths[{item}] = {length} is outside [1, max_len={max_len}]")
+    remaining: list[int] = []  # per pack, in order of opening
+    last_change: list[int] = []  # step at which each pack last got an item
+    pack_of = [0] * len(lengths)
+    by_decreasing_length = sorted(range(len(lengths)), key=lambda item: (-lengths[item], item))
+    for step, item in enumerate(by_decreasing_length):
+        length = lengths[item]
+        fitting = [pack for pack in range(len(remaining)) if remaining[pack] >= length]
+        if fitting:
+            pack = min(fitting, key=lambda p: (remaining[p], -last_change[p]))
+        else:
+            pack = len(remaining)
+            remaining.append(max_len)
+            last_change.append(step)
+        remaining[pack] -= length
+        last_change[pack] = step
+        pack_of[item] = pack
+    return _number_packs_by_first_item(pack_of)
+
+
+def window_best_fit_reference(lengths: Sequence[int], max_len: int, window: int) -> list[int]:
+    """Best fit decreasing inside consecutive windows of ``window`` items; packs never span windows.
+
+    Items ``[0, window)`` are packed by :func:`best_fit_decreasing_reference`, then items
+    ``[window, 2 * window)`` into new packs, and so on; the packs of a window come after those of the
+    windows before it. ``window >= N`` gives plain BFD.
+
+    Returns:
+        The pack id of each item (N ints), packs numbered by their first item in input order.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    pack_ids: list[int] = []
+    num_packs = 0
+    for start in range(0, len(lengths), window):
+        local = best_fit_decreasing_reference(lengths[start : start + window], max_len)
+        pack_ids += [num_packs + pack for pack in local]
+        num_packs += max(local) + 1
+    return pack_ids
+
+
+def _number_packs_by_first_item(pack_of: list[int]) -> list[int]:
+    new_id: dict[int, int] = {}
+    for pack in pack_of:
+        new_id.setdefault(pack, len(new_id))
+    return [new_id[pack] for pack in pack_of]
+
+
+def stream_reference(lengths: Sequence[int], max_len: int) -> dict:
+    """The paper's packer: concatenate the samples in order and cut the stream every ``max_len`` tokens.
+
+    A sample that crosses a cut becomes several pieces (one per pack it touches); samples may be longer
+    than ``max_len``. Every pack but the last holds exactly ``max_len`` tokens.
+
+    Args:
+        lengths: N sample lengths, each >= 1.
+        max_len: capacity of a pack.
+
+    Returns:
+        A dict of lists, one entry per piece in pack order: ``pack_id``, ``item`` (index into ``lengths``),
+        ``offset`` (first token of the piece within its sample) and ``length``.
+    """
+    out = {"pack_id": [], "item": [], "offset": [], "length": []}
+    pack, used = 0, 0
+    for item, length in enumerate(lengths):
+        if length < 1:
+            raise ValueError(f"lengths[{item}] = {length} is not positive")
+        offset = 0
+        while offset < length:
+            if used == max_len:
+                pack, used = pack + 1, 0
+            take = min(length - offset, max_len - used)
+            out["pack_id"].append(pack)
+            out["item"].append(item)
+            out["offset"].append(offset)
+            out["length"].append(take)
+            used += take
+            offset += take
+    return out
+
+
+STRATEGY_NAMES = ("next_fit", "stream", "window_best_fit", "bfd")
+
+
+def pack_lengths_reference(
+    lengths: Sequence[int],
+    max_len: int,
+    *,
+    strategy: str = "next_fit",
+    overlong: str = "error",
+    window: int = 1024,
+) -> dict:
+    """Reference of :func:`tfp_kernels.packing.pack_lengths`.
+
+    The over-long policy runs first (:func:`expand_overlong_reference`). With ``"stream"`` and
+    ``overlong="split"`` the over-long samples stay whole at that point: the stream cuts them where the
+    packs end (so their pieces need not start at multiples of ``max_len``); ``num_split`` still counts them.
+    The other strategies pack the pieces; their pieces inside a pack keep input order.
 
     Returns:
         A dict with the fields of :class:`~tfp_kernels.packing.Packing` as Python lists / ints:
         ``pack_id``, ``sample_index``, ``offset``, ``length``, ``pack_offsets``, ``dropped_index``,
-        ``num_packs``, ``num_truncated``, ``num_dropped``, ``num_split``.
+        ``sample_lengths``, ``num_packs``, ``num_truncated``, ``num_dropped``, ``num_split``.
     """
-    result = expand_overlong_reference(lengths, max_len, overlong)
-    pack_ids = next_fit_pack_ids_reference(result["length"], max_len)
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {strategy!r}")
+    if strategy == "stream" and overlong == "split":  # whole samples; the stream cuts them
+        result = expand_overlong_reference(lengths, max_len=max(lengths, default=1), overlong="error")
+        result["num_split"] = sum(1 for length in lengths if length > max_len)
+    else:
+        result = expand_overlong_reference(lengths, max_len, overlong)
+    piece_lengths = result["length"]
+    if strategy == "next_fit":
+        pack_ids, order = next_fit_pack_ids_reference(piece_lengths, max_len), None
+    elif strategy == "bfd":
+        pack_ids = best_fit_decreasing_reference(piece_lengths, max_len)
+        order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
+    elif strategy == "window_best_fit":
+        pack_ids = window_best_fit_reference(piece_lengths, max_len, window)
+        order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
+    else:  # stream
+        streamed = stream_reference(piece_lengths, max_len)
+        pieces = streamed["item"]
+        result["sample_index"] = [result["sample_index"][p] for p in pieces]
+        result["offset"] = [result["offset"][p] + o for p, o in zip(pieces, streamed["offset"])]
+        result["length"] = streamed["length"]
+        pack_ids, order = streamed["pack_id"], None
+    if order is not None:
+        for field in ("sample_index", "offset", "length"):
+            result[field] = [result[field][piece] for piece in order]
+        pack_ids = [pack_ids[piece] for piece in order]
+    result.update(_pack_fields(pack_ids, result["length"]), sample_lengths=list(lengths))
+    return result
+
+
+def _pack_fields(pack_ids: list[int], piece_lengths: list[int]) -> dict:
     num_packs = pack_ids[-1] + 1 if pack_ids else 0
     pack_offsets = [0] * (num_packs + 1)
-    for pack, length in zip(pack_ids, result["length"]):
+    for pack, length in zip(pack_ids, piece_lengths):
         pack_offsets[pack + 1] += length
     for pack in range(num_packs):
         pack_offsets[pack + 1] += pack_offsets[pack]
-    result.update(pack_id=pack_ids, pack_offsets=pack_offsets, num_packs=num_packs)
-    return result
+    return {"pack_id": pack_ids, "pack_offsets": pack_offsets, "num_packs": num_packs}
+
+
+def select_packs_reference(packing: dict, packs: Sequence[int]) -> dict:
+    """The packs ``packs`` of a packing (a dict as returned by :func:`pack_lengths_reference`), in that order.
+
+    Pack ``packs[j]`` becomes pack ``j``; its pieces keep their order. The per-sample fields
+    (``sample_lengths``, ``dropped_index``, the counts) are those of the whole packing.
+    """
+    out = {key: value for key, value in packing.items() if key not in _PIECE_FIELDS}
+    for field in _PIECE_FIELDS:
+        out[field] = []
+    for new_pack, old_pack in enumerate(packs):
+        if not 0 <= old_pack < packing["num_packs"]:
+            raise ValueError(f"packs holds {old_pack}, outside [0, {packing['num_packs']})")
+        for piece, pack in enumerate(packing["pack_id"]):
+            if pack == old_pack:
+                out["pack_id"].append(new_pack)
+                for field in ("sample_index", "offset", "length"):
+                    out[field].append(packing[field][piece])
+    out.update(_pack_fields(out["pack_id"], out["length"]))
+    return out
+
+
+_PIECE_FIELDS = ("pack_id", "sample_index", "offset", "length")

@@ -40,6 +40,8 @@ class Packing:
         num_dropped: samples left out by ``overlong="drop"`` (their indices: ``dropped_index``).
         num_split: samples cut into several pieces by ``overlong="split"``.
         dropped_index: (num_dropped,) increasing indices into ``lengths`` of the dropped samples.
+        sample_lengths: (N,) the lengths that were packed (``None`` for a packing built by hand); lets
+            :func:`~tfp_kernels.assembly.assemble` check that its tokens match the packing.
     """
 
     pack_id: torch.Tensor
@@ -53,6 +55,7 @@ class Packing:
     num_dropped: int = 0
     num_split: int = 0
     dropped_index: torch.Tensor | None = None
+    sample_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.dropped_index is None:
@@ -65,6 +68,11 @@ class Packing:
     def device(self) -> torch.device:
         """Device of every tensor field."""
         return self.pack_id.device
+
+    @property
+    def num_samples(self) -> int | None:
+        """``N``, the number of samples packed (``None`` when ``sample_lengths`` is unknown)."""
+        return None if self.sample_lengths is None else self.sample_lengths.numel()
 
     @property
     def num_pieces(self) -> int:
