@@ -141,7 +141,9 @@ def fast_tfp_order(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, initial=1, desc="tfp walk", unit="node")
+        bar = tqdm(total=n, initial=1, desc="tfp walk", unit="node", disable=None)  # None: off when not a TTY
+        if bar.disable:
+            bar = None
     info.time_setup_s += time.perf_counter() - t0
 
     chunk = max(1000, n // 100) if bar is not None else -1  # steps per call, for the progress bar
