@@ -48,7 +48,8 @@ def _timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
-def bench_size(n: int, d: int, device: str, *, naive_max_n: int) -> dict:
+def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k: int = 64,
+               check_steps: int = 2000) -> dict:
     emb = clustered_embeddings(n, d, device=device)
     row: dict = {"n": n, "dim": d, "max_rejections": PAPER_CAP}
     threshold = None
@@ -73,24 +74,41 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int) -> dict:
         paths["naive"], dt = _timed(
             lambda: naive_tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
         row["naive"] = {"ran": True, "seconds": dt}
-    paths["reference"], dt = _timed(
-        lambda: tfp_order_reference(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
-    row["reference"] = {"seconds": dt}
+    if n <= reference_max_n:
+        paths["reference"], dt = _timed(
+            lambda: tfp_order_reference(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
+        row["reference"] = {"seconds": dt}
+    else:
+        row["reference"] = {"ran": False, "why": f"skipped above N={reference_max_n} (O(N^2 D) Python-driven walk)"}
     (paths["tfp_order"], stats), dt = _timed(
-        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, return_stats=True), device)
-    row["tfp_order"] = {"seconds": dt, "backend": stats.backend}
+        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, k=k, return_stats=True), device)
+    row["tfp_order"] = {
+        "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend, "k": stats.k,
+        "fallbacks": stats.num_fallbacks, "fallback_rate": stats.fallback_rate, "band_s": stats.time_band_s,
+        "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
+    }
 
-    check, dt = _timed(lambda: check_path(emb, paths["reference"], threshold=threshold, max_rejections=PAPER_CAP),
-                       device)
-    row["check_path"] = {"ok": check.ok, "tolerated_ties": check.num_tolerated, "seconds": dt}
+    # validate our path: every step up to N = 20000, else a seeded sample of steps
+    steps = None
+    if n - 1 > max(check_steps, 20000):
+        gen = torch.Generator().manual_seed(0)
+        steps = torch.randperm(n - 1, generator=gen)[:check_steps] + 1
+    check, dt = _timed(lambda: check_path(emb, paths["tfp_order"], threshold=threshold, max_rejections=PAPER_CAP,
+                                          steps=steps), device)
+    row["check_path"] = {"ok": check.ok, "steps_checked": check.num_steps_checked,
+                         "tolerated_ties": check.num_tolerated, "seconds": dt, "message": check.message}
     if "naive" in paths:
         naive_check = check_path(emb, paths["naive"].to(device), threshold=threshold, max_rejections=PAPER_CAP)
         row["naive"]["check_path"] = {"ok": naive_check.ok, "tolerated_ties": naive_check.num_tolerated}
-    ref = paths["reference"].cpu()
-    row["identical_paths"] = {name: bool(torch.equal(p.cpu(), ref)) for name, p in paths.items() if name != "reference"}
+    # every other path compared with the reference's (or, without it, with tfp_order's)
+    base = "reference" if "reference" in paths else "tfp_order"
+    row["identical_paths"] = {
+        f"{name}_vs_{base}": bool(torch.equal(p.cpu(), paths[base].cpu())) for name, p in paths.items() if name != base
+    }
     if row["naive"].get("ran"):
         row["speedup_vs_naive"] = {
             name: row["naive"]["seconds"] / row[name]["seconds"] for name in ("reference", "tfp_order")
+            if "seconds" in row[name]
         }
     return row
 
@@ -101,21 +119,28 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--naive-max-n", type=int, default=20000)
+    p.add_argument("--reference-max-n", type=int, default=20000)
+    p.add_argument("--k", type=int, default=64, help="band list length of tfp_order")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
     rows = []
     for n in args.sizes:
-        row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n)
+        row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
+                         reference_max_n=args.reference_max_n, k=args.k)
         rows.append(row)
         naive = row["naive"]
+        fast = row["tfp_order"]
         print(
-            f"N={n:>7} naive={naive.get('seconds', float('nan')):8.2f}s reference={row['reference']['seconds']:8.2f}s "
-            f"tfp_order={row['tfp_order']['seconds']:8.2f}s ({row['tfp_order']['backend']}) "
+            f"N={n:>7} naive={naive.get('seconds', float('nan')):8.2f}s "
+            f"reference={row['reference'].get('seconds', float('nan')):8.2f}s "
+            f"tfp_order={fast['seconds']:8.2f}s ({fast['backend']}/{fast['band_backend']}, band {fast['band_s']:.2f}s, "
+            f"walk {fast['walk_s']:.2f}s, fallbacks {fast['fallback_rate']:.1%}) "
             f"identical={row['identical_paths']} check={row['check_path']['ok']}"
             + ("" if naive.get("ran") else f" naive: {naive['why'][:80]}"),
             flush=True,
         )
-    path = write_results("order", args.device, {"sizes": args.sizes, "rows": rows}, out_dir=args.out_dir)
+    stage = "order" if args.k == 64 else f"order_k{args.k}"
+    path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "rows": rows}, out_dir=args.out_dir)
     print(f"wrote {path}")
 
 

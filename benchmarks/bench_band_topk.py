@@ -1,0 +1,81 @@
+"""Band top-k benchmark: the fused Triton kernel vs blockwise torch vs torch's bf16 GEMM on the same shapes.
+
+    python -m benchmarks.bench_band_topk --sizes 16384 65536 --dim 768 --k 64
+
+For each N: the Triton kernel with IEEE float32 products (what ``tfp_order`` uses, exact error bound)
+and with bf16 inputs (tensor cores), the torch implementation (float32 GEMM + topk), and a plain
+bf16 matrix product ``x @ x.T`` over the same (N, N, D) problem in row blocks (the ceiling). TFLOP/s
+count 2 N^2 D. Agreement: fraction of rows whose index lists equal the torch float32 version.
+Writes ``benchmarks/results/band_topk_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks._harness import time_call, write_results
+from benchmarks.bench_order import clustered_embeddings
+from tfp_kernels import estimate_threshold
+from tfp_kernels.order.band_topk import band_topk_torch
+from tfp_kernels.order.band_topk_triton import band_topk_triton
+
+
+def _gemm_blocks(xb: torch.Tensor, block: int = 8192) -> None:
+    for r0 in range(0, xb.shape[0], block):
+        torch.mm(xb[r0 : r0 + block], xb.T)
+
+
+def bench(n: int, dim: int, k: int, device: str) -> dict:
+    x = clustered_embeddings(n, dim, device=device)
+    sq = x.square().sum(dim=1)
+    t = estimate_threshold(x)
+    lower = torch.full((n,), t * t * 0.999, device=device)
+    upper = torch.full((n,), t * t * 1.001, device=device)
+    flops = 2.0 * n * n * dim
+    row = {"n": n, "dim": dim, "k": k}
+    ref = band_topk_torch(x, sq, lower, upper, k)
+    cases = {
+        "triton_fp32_ieee": lambda: band_topk_triton(x, sq, lower, upper, k),
+        "triton_bf16": lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=torch.bfloat16),
+        "torch_fp32": lambda: band_topk_torch(x, sq, lower, upper, k),
+    }
+    for name, fn in cases.items():
+        out = fn()
+        timing = time_call(fn, device=device, warmup=1, repeat=3, max_seconds=60)
+        row[name] = {**timing, "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12,
+                     "rows_equal_to_torch_fp32": float((out.index == ref.index).all(dim=1).float().mean())}
+    xb = x.bfloat16()
+    timing = time_call(lambda: _gemm_blocks(xb), device=device, warmup=1, repeat=3)
+    row["torch_bf16_gemm"] = {**timing, "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12}
+    xf = x.float()
+    timing = time_call(lambda: _gemm_blocks(xf), device=device, warmup=1, repeat=3)
+    row["torch_fp32_gemm"] = {**timing, "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12}
+    for name in ("triton_fp32_ieee", "triton_bf16"):
+        row[name]["fraction_of_bf16_gemm"] = row[name]["tflops"] / row["torch_bf16_gemm"]["tflops"]
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.sizes:
+        row = bench(n, args.dim, args.k, args.device)
+        rows.append(row)
+        print(f"N={n}: " + "  ".join(
+            f"{name} {row[name]['median_ms']:.1f} ms ({row[name]['tflops']:.1f} TFLOP/s)"
+            for name in ("triton_fp32_ieee", "triton_bf16", "torch_fp32", "torch_bf16_gemm", "torch_fp32_gemm")),
+            flush=True)
+    path = write_results("band_topk", args.device, {"rows": rows}, out_dir=args.out_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
