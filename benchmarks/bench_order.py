@@ -84,7 +84,8 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
         lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, k=k, return_stats=True), device)
     row["tfp_order"] = {
         "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend, "k": stats.k,
-        "fallbacks": stats.num_fallbacks, "fallback_rate": stats.fallback_rate, "band_s": stats.time_band_s,
+        "fallbacks": stats.num_fallbacks, "fallback_rate": stats.fallback_rate, "rebuilds": stats.num_rebuilds,
+        "band_s": stats.time_band_s,
         "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
     }
 

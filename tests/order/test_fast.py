@@ -76,6 +76,21 @@ def test_duplicates_and_identical_rows():
         assert tfp_order(same, start=4).tolist() == [4] + [i for i in range(30) if i != 4]
 
 
+@pytest.mark.parametrize("fallback", ["host", "device"])
+def test_list_rebuilds_keep_the_path_exact(monkeypatch, fallback):
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "_MIN_REBUILD_NODES", 64)  # rebuild often on a small input
+    emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
+    t = estimate_threshold(emb)
+    ref = tfp_order_reference(emb, threshold=t)
+    for k in (4, 16):
+        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=k,
+                                    rebuild=0.25, fallback=fallback)
+        assert info.num_rebuilds > 0
+        assert torch.equal(path, ref)
+
+
 def test_progress_bar_run_matches(capsys):
     emb = clustered(2500, 16, clusters=20, seed=12)
     t = estimate_threshold(emb)

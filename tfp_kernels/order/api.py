@@ -28,6 +28,7 @@ class OrderStats:
         band_backend: ``"triton"`` or ``"torch"`` (fast backend only).
         k: length K of the band lists (fast backend only).
         num_fallbacks: steps the band lists could not decide, settled by an exact scan.
+        num_rebuilds: times the lists of the unvisited nodes were recomputed among the unvisited.
         time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend.
     """
 
@@ -40,6 +41,7 @@ class OrderStats:
     band_backend: str = ""
     k: int = 0
     num_fallbacks: int = 0
+    num_rebuilds: int = 0
     time_band_s: float = 0.0
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
@@ -139,6 +141,7 @@ def tfp_order(
             start=start, k=k, progress=progress,
         )
         extra = dict(band_backend=info.band_backend, k=info.k, num_fallbacks=info.num_fallbacks,
+                     num_rebuilds=info.num_rebuilds,
                      time_band_s=info.time_band_s, time_walk_s=info.time_walk_s,
                      time_fallback_s=info.time_fallback_s)
     elif backend in ("reference", "auto"):

@@ -28,6 +28,10 @@ from .distance import prepare
 from .scan import exact_pick, projection_basis
 
 
+#: Below this many nodes the lists are never rebuilt (the scans are cheap there).
+_MIN_REBUILD_NODES = 2048
+
+
 @dataclass
 class FastOrderInfo:
     """Counters and timings of one fast ordering run."""
@@ -35,6 +39,7 @@ class FastOrderInfo:
     band_backend: str = ""
     k: int = 0
     num_fallbacks: int = 0
+    num_rebuilds: int = 0
     time_band_s: float = 0.0
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
@@ -76,6 +81,7 @@ def fast_tfp_order(
     k: int,
     band_backend: str = "auto",
     fallback: str = "auto",
+    rebuild: float | None = 0.25,
     progress: bool = False,
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
@@ -83,6 +89,11 @@ def fast_tfp_order(
     ``fallback="host"`` runs the exact fallback scans inside the C++ walk (host copies of the
     rows and their projections); ``"device"`` runs them with torch on the device of the embeddings,
     returning from the C++ walk at each one; ``"auto"``: host for CPU tensors, device for CUDA.
+
+    ``rebuild``: once this fraction of the nodes unvisited at the last (re)build has been visited,
+    and the walk needed a fallback scan for more than 5% of those steps, the lists of the unvisited
+    nodes are recomputed among the unvisited nodes only (their old entries are mostly visited by then,
+    which is what sends the walk to the expensive scans). None disables it.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
@@ -102,27 +113,39 @@ def fast_tfp_order(
     k = min(k, max(n - 1, 1))
     info.time_setup_s = time.perf_counter() - t0
 
+    def build(rows: torch.Tensor | None):
+        """Lists of ``rows`` (all nodes when None) among ``rows``, with global node ids, as host tensors."""
+        if rows is None:
+            out, info.band_backend = band_lists(x32, sq_norms, lower, upper, k, band_backend)
+            index = out.index
+        else:
+            out, _ = band_lists(x32[rows], sq_norms[rows], lower[rows], upper[rows], min(k, max(rows.numel() - 1, 1)),
+                                info.band_backend)
+            index = torch.where(out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
+            if index.shape[1] < k:  # fewer rows than K: pad the lists
+                pad = k - index.shape[1]
+                index = torch.cat([index, index.new_full((index.shape[0], pad), -1)], dim=1)
+                out = type(out)(out.index, torch.cat([out.s2, out.s2.new_full((out.s2.shape[0], pad), torch.inf)], 1),
+                                out.num_close)
+        row_slack = slack if rows is None else slack[rows]
+        # exact s2 of any node outside a full list (among the nodes listed from) >= last entry's s2 - slack
+        full = index[:, -1] >= 0
+        limit2 = torch.where(full, out.s2[:, -1].double() - row_slack, torch.full_like(row_slack, torch.inf))
+        return [t.to(host).contiguous() for t in (index, out.s2, limit2, out.num_close)]
+
+    host = torch.device("cpu")
     t0 = time.perf_counter()
-    lists, info.band_backend = band_lists(x32, sq_norms, lower, upper, k, band_backend)
-    # exact s2 of any node outside a full list is >= (approx s2 of its last entry) - slack
-    full = lists.index[:, -1] >= 0
-    limit2 = torch.where(full, lists.s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    band_index, band_s2, limit2, num_close = build(None)
     info.time_band_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    host = torch.device("cpu")
     host_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     emb_host = embeddings.to(host, host_dtype).contiguous()
     norms_host = (
         torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous()
         if metric == "cosine" else torch.empty(0, dtype=torch.float64)
     )
-    walk_args = [
-        emb_host, norms_host, lists.index.to(host).contiguous(), lists.s2.to(host).contiguous(),
-        limit2.to(host).contiguous(), slack.to(host).contiguous(), lists.num_close.to(host).contiguous(),
-    ]
+    slack_host = slack.to(host).contiguous()
     path = torch.empty(n, dtype=torch.long)
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
@@ -146,18 +169,35 @@ def fast_tfp_order(
             bar = None
     info.time_setup_s += time.perf_counter() - t0
 
-    chunk = max(1000, n // 100) if bar is not None else -1  # steps per call, for the progress bar
+    chunk = max(1000, n // 100) if bar is not None else n  # steps per call, for the progress bar
+    built_at, rebuild_at = 1, n
+    if rebuild is not None and n >= _MIN_REBUILD_NODES:
+        rebuild_at = 1 + max(_MIN_REBUILD_NODES // 2, int(rebuild * n))
+    fallbacks_at_build = 0
     step = 1
     while step < n:
         t0 = time.perf_counter()
-        stop = -1 if chunk < 0 else step + chunk
+        stop = min(step + chunk, rebuild_at)
         new_step = int(torch.ops.tfp_kernels.tfp_walk(
-            *walk_args, projections, path, visited, counter, step, stop, threshold, window, cap,
-            metric == "cosine"))
+            emb_host, norms_host, band_index, band_s2, limit2, slack_host, num_close, projections, path, visited,
+            counter, step, stop, threshold, window, cap, metric == "cosine"))
         info.time_walk_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
-        if new_step == stop:  # progress stop, no fallback needed here
+        if new_step == rebuild_at and new_step < n:
+            remaining = n - new_step
+            fallbacks = info.num_fallbacks + int(counter) - fallbacks_at_build
+            if fallbacks > 0.05 * (new_step - built_at) and remaining >= _MIN_REBUILD_NODES // 2:
+                t0 = time.perf_counter()
+                rows = torch.nonzero(~visited).flatten().to(device)
+                rows_host = rows.to(host)
+                for table, part in zip((band_index, band_s2, limit2, num_close), build(rows)):
+                    table[rows_host] = part
+                info.num_rebuilds += 1
+                info.time_band_s += time.perf_counter() - t0
+            built_at, fallbacks_at_build = new_step, info.num_fallbacks + int(counter)
+            rebuild_at = new_step + max(_MIN_REBUILD_NODES // 2, int(rebuild * remaining))
+        if new_step == stop and new_step < n:  # progress or rebuild stop: no fallback needed here
             step = new_step
             continue
         step = new_step
