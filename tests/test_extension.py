@@ -13,7 +13,8 @@ from tfp_kernels import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason="tfp_kernels._C is not built")
 
-OPS = ["next_fit_pack_ids"]
+OPS = ["next_fit_pack_ids", "assemble"]  # ops with CPU and CUDA kernels
+CPU_ONLY_OPS = ["best_fit_decreasing", "stream_pack"]  # sequential: CUDA callers use host copies
 I64 = torch.int64
 
 
@@ -38,6 +39,11 @@ def test_ops_registered_for_cpu(op):
 @pytest.mark.parametrize("op", OPS)
 def test_ops_registered_for_cuda_when_built(op):
     assert has_kernel(op, "CUDA") == _ext.has_cuda_ops()
+
+
+@pytest.mark.parametrize("op", CPU_ONLY_OPS)
+def test_cpu_only_ops_registered(op):
+    assert has_kernel(op, "CPU") and not has_kernel(op, "CUDA")
 
 
 def test_schema():
