@@ -42,6 +42,11 @@ TORCH_LIBRARY(tfp_kernels, m) {
       "Tensor band_slack, Tensor num_close, Tensor projections, Tensor(a!) path, Tensor(b!) visited, "
       "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine) -> int");
+  // Epilogue of the blockwise band top-k on the CPU: per row of a (B, N) float32 block of squared
+  // distances (global rows row_offset..), the K smallest entries >= lower (by value, then column) and
+  // the count of entries < upper, the row's own column skipped. Returns (index (B, K) int32, -1 padded;
+  // s2 (B, K) float32, +inf padded; num_close (B,) int32).
+  m.def("band_select(Tensor s2, int row_offset, Tensor lower, Tensor upper, int k) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
@@ -50,6 +55,7 @@ TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
   m.impl("stream_pack", &tfp::stream_pack_cpu);  // packing/assembly block
   m.impl("assemble", &tfp::assemble_cpu);  // packing/assembly block
   m.impl("tfp_walk", &tfp::tfp_walk_cpu);
+  m.impl("band_select", &tfp::band_select_cpu);
 }
 
 #ifdef WITH_CUDA

@@ -64,6 +64,19 @@ def test_torch_matches_reference(n, d, k):
     assert_lists_match(fast, ref, x, squared_distance_error_coef(d, torch.float32))
 
 
+@pytest.mark.parametrize("n, d, k", [(1, 3, 4), (37, 19, 8), (130, 33, 20), (70, 17, 100)])
+def test_cpu_select_op_equals_torch_epilogue(n, d, k):
+    from tfp_kernels import has_extension
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    x = make_rows(n, d, seed=n + 1)
+    lo, hi = bounds(x) if n > 2 else (torch.zeros(n), torch.ones(n))
+    a = band_topk_torch(x, x.square().sum(1), lo, hi, k, block_elements=n * 5, use_extension=True)
+    b = band_topk_torch(x, x.square().sum(1), lo, hi, k, block_elements=n * 5, use_extension=False)
+    assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
+
+
 def test_reference_semantics_hand_worked():
     # points 0, 1, 3, 6 on a line: squared distances from 0: 1, 9, 36; from 3: 9, 4, 9
     x = torch.tensor([[0.0], [1.0], [3.0], [6.0]])

@@ -144,7 +144,7 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
 
 def band_topk_torch(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
-    *, block_elements: int = 1 << 24,
+    *, block_elements: int = 1 << 24, use_extension: bool = True,
 ) -> BandLists:
     """Band top-k through blockwise float32 matrix products (``|a|^2 + |b|^2 - 2 a.b``) and ``torch.topk``.
 
@@ -154,6 +154,8 @@ def band_topk_torch(
         lower, upper: (N,) float32 bounds in the squared domain.
         k: K >= 1.
         block_elements: size of the (rows x N) tile computed at once.
+        use_extension: on CPU tensors, select with the C++ op ``band_select`` (one pass per row,
+            parallel over rows) when the extension is built; else with torch ops (same result).
 
     Returns:
         :class:`BandLists` on the device of ``x``; error per entry within
@@ -164,11 +166,18 @@ def band_topk_torch(
     n = x.shape[0]
     block = max(1, block_elements // n)
     parts = []
+    select_op = None
+    if use_extension and x.device.type == "cpu":
+        from .._ext import has_extension
+
+        select_op = torch.ops.tfp_kernels.band_select if has_extension() else None
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
-            rows = torch.arange(r0, r1, device=x.device)
             s2 = torch.addmm(sq_norms[None, :], x[r0:r1], x.T, alpha=-2.0).add_(sq_norms[r0:r1, None]).clamp_(min=0)
-            parts.append(_finish_block(s2, rows, lower[r0:r1], upper[r0:r1], k))
+            if select_op is not None:
+                parts.append(select_op(s2, r0, lower[r0:r1].float(), upper[r0:r1].float(), k))
+            else:
+                parts.append(_finish_block(s2, torch.arange(r0, r1, device=x.device), lower[r0:r1], upper[r0:r1], k))
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)

@@ -1,0 +1,91 @@
+// Band selection on the CPU: the epilogue of the blockwise band top-k (tfp_kernels/order/band_topk.py).
+//
+// For each row of a (B, N) block of squared distances (block rows are the global rows
+// row_offset .. row_offset + B - 1, so the row's own column is skipped): count the entries below
+// upper[i], and keep the K smallest entries >= lower[i] ordered by (value, column). Values are packed
+// with their column into int64 keys (non-negative float bits order like the values) and kept in a
+// bounded max-heap, one pass over the row. Rows are processed in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace tfp {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
+                                                               const at::Tensor& lower, const at::Tensor& upper,
+                                                               int64_t k) {
+  TFP_CHECK_CPU(s2);
+  TFP_CHECK_DIM(s2, 2);
+  TFP_CHECK_DTYPE(s2, at::kFloat);
+  TFP_CHECK_DTYPE(lower, at::kFloat);
+  TFP_CHECK_DTYPE(upper, at::kFloat);
+  TORCH_CHECK(k >= 1, "band_select: k must be >= 1, got ", k);
+  const int64_t b = s2.size(0), n = s2.size(1);
+  TORCH_CHECK(lower.numel() == b && upper.numel() == b, "band_select: lower and upper must have ", b, " entries");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "band_select: N must be < 2^31");
+  const auto values = s2.contiguous();
+  const auto lo = lower.contiguous(), hi = upper.contiguous();
+  auto index = at::empty({b, k}, s2.options().dtype(at::kInt));
+  auto out = at::empty({b, k}, s2.options());
+  auto close = at::empty({b}, s2.options().dtype(at::kInt));
+  const float* v = values.data_ptr<float>();
+  const float* lo_p = lo.data_ptr<float>();
+  const float* hi_p = hi.data_ptr<float>();
+  int32_t* index_p = index.data_ptr<int32_t>();
+  float* out_p = out.data_ptr<float>();
+  int32_t* close_p = close.data_ptr<int32_t>();
+  at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> heap;
+    heap.reserve(k + 1);
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = v + i * n;
+      const int64_t self = row_offset + i;
+      const float lower_i = lo_p[i], upper_i = hi_p[i];
+      int32_t below = 0;
+      heap.clear();
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == self) continue;
+        const float x = row[j];
+        below += x < upper_i;
+        if (!(x >= lower_i)) continue;
+        int32_t bits;
+        std::memcpy(&bits, &x, sizeof(bits));
+        const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
+        if (static_cast<int64_t>(heap.size()) < k) {
+          heap.push_back(key);
+          std::push_heap(heap.begin(), heap.end());
+        } else if (key < heap.front()) {
+          std::pop_heap(heap.begin(), heap.end());
+          heap.back() = key;
+          std::push_heap(heap.begin(), heap.end());
+        }
+      }
+      std::sort_heap(heap.begin(), heap.end());
+      close_p[i] = below;
+      for (int64_t j = 0; j < k; ++j) {
+        if (j < static_cast<int64_t>(heap.size())) {
+          const int64_t key = heap[j];
+          const int32_t bits = static_cast<int32_t>(key >> 32);
+          float x;
+          std::memcpy(&x, &bits, sizeof(x));
+          index_p[i * k + j] = static_cast<int32_t>(key & 0xFFFFFFFF);
+          out_p[i * k + j] = x;
+        } else {
+          index_p[i * k + j] = -1;
+          out_p[i * k + j] = std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  });
+  return {index, out, close};
+}
+
+}  // namespace tfp
