@@ -29,7 +29,7 @@ from .scan import exact_pick, projection_basis
 
 
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
-_MIN_REBUILD_NODES = 2048
+_MIN_REBUILD_NODES = 1024
 
 
 @dataclass
