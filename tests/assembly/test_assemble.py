@@ -746,11 +746,8 @@ def test_cuda_matches_cpu(form, attention, packing_device):
     assert batch.cu_seqlens.dtype == I32 and batch.cu_seqlens.is_contiguous()
     assert_equal(batch.cu_seqlens_cpu, expected.cu_seqlens_cpu, "cu_seqlens_cpu")
     assert batch.max_seqlen == expected.max_seqlen
-    for name in PaddedFields:
+    for name in ("input_ids", "labels", "position_ids", "attention_mask"):
         assert_equal(getattr(batch.padded, name).cpu(), getattr(expected.padded, name), f"padded {name}")
-
-
-PaddedFields = ("input_ids", "labels", "position_ids", "attention_mask")
 
 
 @pytest.mark.gpu

@@ -162,16 +162,35 @@ def _host_lengths(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.to(device="cpu", dtype=torch.int64).contiguous()
 
 
+def _uniform_1d_integer(tensors, device: torch.device | None = None) -> bool:
+    """Whether all ``tensors`` are 1-D integer tensors on one device (``device`` when given): one set per
+    property instead of a function call per tensor (4096 samples: ~1 ms instead of ~10 ms)."""
+    try:
+        dims = {t.dim() for t in tensors}
+        devices = {t.device for t in tensors}
+        dtypes = {t.dtype for t in tensors}
+    except AttributeError:  # not all tensors
+        return False
+    return (
+        dims == {1}
+        and len(devices) == 1
+        and (device is None or devices == {device})
+        and dtypes <= _INTEGER_DTYPES
+    )
+
+
 def _read_list(tokens, labels, used: torch.Tensor | None) -> _Source:
     n = len(tokens)
     if n == 0:
         raise ValueError("tokens is empty: assemble needs at least one sample")
-    first = _check_integer(tokens[0], "tokens[0]", 1)
-    device = first.device
-    for i, sample in enumerate(tokens):
-        _check_integer(sample, f"tokens[{i}]", 1)
-        _check_device(sample, f"tokens[{i}]", device, "tokens[0]")
-    lengths = torch.tensor([sample.numel() for sample in tokens], dtype=torch.int64)
+    if not _uniform_1d_integer(tokens):  # find the first bad sample and say what is wrong with it
+        first = _check_integer(tokens[0], "tokens[0]", 1)
+        for i, sample in enumerate(tokens):
+            _check_integer(sample, f"tokens[{i}]", 1)
+            _check_device(sample, f"tokens[{i}]", first.device, "tokens[0]")
+    device = tokens[0].device
+    sizes = [sample.numel() for sample in tokens]
+    lengths = torch.tensor(sizes, dtype=torch.int64)
     if labels is not None:
         if not isinstance(labels, (list, tuple)):
             raise TypeError(
@@ -179,25 +198,26 @@ def _read_list(tokens, labels, used: torch.Tensor | None) -> _Source:
             )
         if len(labels) != n:
             raise ValueError(f"labels has {len(labels)} samples but tokens has {n}")
-        for i, (label, sample) in enumerate(zip(labels, tokens)):
-            _check_integer(label, f"labels[{i}]", 1)
-            _check_device(label, f"labels[{i}]", device, "tokens")
-            if label.numel() != sample.numel():
-                raise ValueError(
-                    f"labels[{i}] has {label.numel()} entries but tokens[{i}] has {sample.numel()}"
-                )
+        if not _uniform_1d_integer(labels, device) or [label.numel() for label in labels] != sizes:
+            for i, (label, size) in enumerate(zip(labels, sizes)):
+                _check_integer(label, f"labels[{i}]", 1)
+                _check_device(label, f"labels[{i}]", device, "tokens")
+                if label.numel() != size:
+                    raise ValueError(f"labels[{i}] has {label.numel()} entries but tokens[{i}] has {size}")
     # concatenate only the samples the packing uses (a batch of packs out of a whole data set)
-    selected = range(n) if used is None else used.tolist()
     starts = torch.zeros(n, dtype=torch.int64)
-    index = torch.as_tensor(list(selected), dtype=torch.int64)
-    if index.numel() > 0:
-        starts[index] = torch.cumsum(lengths[index], 0) - lengths[index]
-    if index.numel() == 0:
-        values = torch.empty(0, dtype=first.dtype, device=device)
+    if used is None:
+        starts[1:] = torch.cumsum(lengths[:-1], 0)
+        values = torch.cat(tokens) if n > 1 else tokens[0]
+        label_values = None if labels is None else (torch.cat(labels) if n > 1 else labels[0])
+    elif used.numel() == 0:
+        values = torch.empty(0, dtype=tokens[0].dtype, device=device)
         label_values = None if labels is None else torch.empty(0, dtype=labels[0].dtype, device=device)
     else:
-        values = torch.cat([tokens[i].reshape(-1) for i in selected])
-        label_values = None if labels is None else torch.cat([labels[i].reshape(-1) for i in selected])
+        starts[used] = torch.cumsum(lengths[used], 0) - lengths[used]
+        selected = used.tolist()
+        values = torch.cat([tokens[i] for i in selected])
+        label_values = None if labels is None else torch.cat([labels[i] for i in selected])
     return _Source(
         _as_int_ids(values), None if label_values is None else _as_int_ids(label_values), starts, lengths
     )
@@ -490,11 +510,11 @@ def assemble(
         index = host.sample_index
         if index.numel() == 0:
             return torch.empty(0, dtype=torch.int64)
-        if int(index.min()) < 0 or int(index.max()) >= n:
+        low, high = torch.aminmax(index)
+        if int(low) < 0 or int(high) >= n:
             return None  # reported by _check_packing
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[index] = True
-        return None if bool(mask.all()) else torch.nonzero(mask).reshape(-1)
+        used = torch.zeros(n, dtype=torch.uint8).index_fill_(0, index, 1)
+        return None if int(used.sum()) == n else torch.nonzero(used).reshape(-1)
 
     source = _read_tokens(tokens, labels, used_samples)
     _check_packing(source, packing, host)
