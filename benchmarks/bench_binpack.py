@@ -1,4 +1,7 @@
-"""Benchmark of ordered next-fit bin packing: compiled op vs pure-torch pointer jumping vs Python reference.
+"""Benchmarks of bin packing: next fit (op vs pure torch vs reference) and BFD against TRL and plain-Python FFD.
+
+**Suite ``next_fit``** (the default): ordered next-fit bin packing, compiled op vs pure-torch pointer jumping
+vs Python reference.
 
 Lengths: log-normal (mean ~512 tokens, sigma 1), rounded and clipped to ``[1, max_len]``, ``max_len = 2048``,
 ``N = 10**5`` and ``10**6`` (the Python reference only at ``10**5``). All implementations get the same
@@ -19,12 +22,31 @@ Two ways to run it:
   timers; writes ``benchmarks/results/binpack_<device-name>.json`` (device name: the GPU's when CUDA is
   available, else ``cpu-<nproc>core``) with timings and speedups over the reference and over pure torch,
   all measured in the same run.
+
+**Suite ``bfd``** (``python benchmarks/bench_binpack.py --suite bfd [--sizes 100000 1000000 10000000]
+[--max-lens 2048 8192] [--trl-max-n ...] [--ffd-max-n ...]``): on the same log-normal lengths (mean 512,
+sigma 1, clipped to ``[1, max_len]``), time and fill ratio of
+
+- ``bfd``: ``pack_lengths(lengths, max_len, strategy="bfd")`` end to end (validation, C++ op, Packing);
+- ``bfd_op``: the C++ op ``torch.ops.tfp_kernels.best_fit_decreasing`` alone;
+- ``window_best_fit`` (window 1024), ``next_fit``, ``stream``: the other strategies, for their fill;
+- ``python_ffd``: plain-Python first-fit-decreasing with a segment tree (``benchmarks/ffd_python.py``);
+- ``trl_bfd``: TRL's ``pack_dataset(dataset, max_len, strategy="bfd")`` on a ``datasets.Dataset`` whose
+  ``input_ids`` column is a ``large_list<null>`` of the given lengths (Arrow stores no token values for
+  it, so this times TRL's bin packing and Arrow bookkeeping without moving tokens: a lower bound on
+  TRL's time, and the like-for-like peer of ``bfd``, which sees lengths only);
+- ``trl_bfd_int32_tokens``: the same with real int32 token columns (what a user runs), at the smaller sizes.
+
+TRL packs per ``datasets.map`` batch of 1000 rows, not globally: its fill is lower. Writes
+``benchmarks/results/binpack_bfd_<device-name>.json`` with ``speedup_vs_trl`` (TRL median / row median)
+and ``fill_minus_trl`` for every row. Needs the ``bench`` extra (``trl``, ``datasets``) for the TRL rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -99,6 +121,196 @@ def test_next_fit(benchmark, device, impl, n):
     if expected is not None:
         result = torch.as_tensor(result).cpu()
         assert torch.equal(result, expected), f"{impl} on {device} disagrees with the C++ op"
+
+
+# ================================================================================== BFD suite
+
+BFD_SIZES = (100_000, 1_000_000, 10_000_000)
+BFD_MAX_LENS = (2048, 8192)
+TRL_TOKENS_MAX_N = 1_000_000
+
+
+def trl_available() -> bool:
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def trl_dataset(lengths: torch.Tensor, *, tokens: bool):
+    """A ``datasets.Dataset`` with an ``input_ids`` column of the given lengths (null or int32 token values)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    datasets.disable_progress_bars()
+    offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+    if tokens:
+        values = pa.array(np.zeros(int(offsets[-1]), dtype=np.int32))
+        column = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    else:
+        column = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.nulls(int(offsets[-1])))
+    return datasets.Dataset(pa.table({"input_ids": column}))
+
+
+def trl_bfd_packs(dataset, max_len: int) -> int:
+    from trl import pack_dataset
+
+    return len(pack_dataset(dataset, max_len, strategy="bfd"))
+
+
+def bfd_peers(max_len: int, n: int, trl_max_n: int, ffd_max_n: int, trl_tokens_max_n: int) -> dict:
+    """name -> (prepare(lengths) -> argument, run(argument) -> number of packs, timed runs)."""
+    try:
+        from benchmarks.ffd_python import first_fit_decreasing
+    except ImportError:  # run as a script from benchmarks/
+        from ffd_python import first_fit_decreasing
+
+    many = 3 if n >= 10_000_000 else 5
+    peers = {
+        "bfd": (lambda x: x, lambda x: pack_lengths(x, max_len, strategy="bfd").num_packs, many),
+        "bfd_op": (
+            lambda x: x,
+            lambda x: int(torch.ops.tfp_kernels.best_fit_decreasing(x, max_len, x.numel())[1][-1]) + 1,
+            many,
+        ),
+        "window_best_fit": (
+            lambda x: x,
+            lambda x: pack_lengths(x, max_len, strategy="window_best_fit").num_packs,
+            many,
+        ),
+        "next_fit": (lambda x: x, lambda x: pack_lengths(x, max_len, strategy="next_fit").num_packs, many),
+        "stream": (lambda x: x, lambda x: pack_lengths(x, max_len, strategy="stream").num_packs, many),
+    }
+    if not has_extension():
+        del peers["bfd_op"]
+    if n <= ffd_max_n:
+        peers["python_ffd"] = (
+            lambda x: x.tolist(),
+            lambda x: max(first_fit_decreasing(x, max_len)) + 1,
+            1 if n >= 1_000_000 else 3,
+        )
+    if trl_available() and n <= trl_max_n:
+        peers["trl_bfd"] = (
+            lambda x: trl_dataset(x, tokens=False),
+            lambda d: trl_bfd_packs(d, max_len),
+            1 if n >= 1_000_000 else 3,
+        )
+    if trl_available() and n <= min(trl_max_n, trl_tokens_max_n):
+        peers["trl_bfd_int32_tokens"] = (
+            lambda x: trl_dataset(x, tokens=True),
+            lambda d: trl_bfd_packs(d, max_len),
+            1 if n >= 1_000_000 else 3,
+        )
+    return peers
+
+
+def run_bfd_comparison(
+    sizes: list[int], max_lens: list[int], trl_max_n: int, ffd_max_n: int, trl_tokens_max_n: int
+) -> dict:
+    rows = []
+    for max_len in max_lens:
+        for n in sizes:
+            lengths = make_lengths(n, max_len=max_len)
+            total = int(lengths.sum())
+            for impl, (prepare, run, repeat) in bfd_peers(
+                max_len, n, trl_max_n, ffd_max_n, trl_tokens_max_n
+            ).items():
+                start = time.perf_counter()
+                argument = prepare(lengths)
+                prepare_s = time.perf_counter() - start
+                start = time.perf_counter()
+                num_packs = run(argument)
+                first_ms = (time.perf_counter() - start) * 1e3
+                if repeat > 1:  # the first call was the warm-up
+                    timing = time_call(
+                        lambda run=run, argument=argument: run(argument), warmup=0, repeat=repeat
+                    )
+                else:  # slow peers: the one call is the measurement
+                    timing = {
+                        "median_ms": first_ms,
+                        "p20_ms": first_ms,
+                        "p80_ms": first_ms,
+                        "min_ms": first_ms,
+                        "runs": 1,
+                    }
+                row = {
+                    "impl": impl,
+                    "n": n,
+                    "max_len": max_len,
+                    "num_tokens": total,
+                    "num_packs": num_packs,
+                    "fill_ratio": total / (num_packs * max_len),
+                    "prepare_s": prepare_s,
+                    **timing,
+                    "items_per_s": n / (timing["median_ms"] / 1e3),
+                }
+                rows.append(row)
+                print(
+                    f"max_len={max_len} N={n:>10,d} {impl:22s} median {timing['median_ms']:12.1f} ms "
+                    f"({timing['runs']} runs)  fill {row['fill_ratio']:.5f}  packs {num_packs}",
+                    flush=True,
+                )
+    by_key = {(row["impl"], row["n"], row["max_len"]): row for row in rows}
+    for row in rows:
+        trl = by_key.get(("trl_bfd", row["n"], row["max_len"]))
+        row["speedup_vs_trl"] = trl["median_ms"] / row["median_ms"] if trl else None
+        row["fill_minus_trl"] = row["fill_ratio"] - trl["fill_ratio"] if trl else None
+    return {
+        "config": {
+            "suite": "bfd",
+            "lengths": f"log-normal, mean {MEAN_LENGTH}, sigma 1, rounded, clipped to [1, max_len]; seed {SEED}",
+            "sizes": sizes,
+            "max_lens": max_lens,
+            "trl_max_n": trl_max_n,
+            "ffd_max_n": ffd_max_n,
+            "trl_tokens_max_n": trl_tokens_max_n,
+            "torch_threads": torch.get_num_threads(),
+            "trl": _version("trl"),
+            "datasets": _version("datasets"),
+            "timer": "time.perf_counter around each call; fast peers: one untimed call first (it also gives "
+            "the pack count), then 3-5 timed runs, quantiles 0.5/0.2/0.8; slow peers (python_ffd, trl at N >= "
+            "10^6): the single call is the measurement; the argument (list, Dataset) is built before timing "
+            "(prepare_s)",
+            "ratios": "speedup_vs_trl = median of trl_bfd (lengths-only dataset) / median of this row; "
+            "fill_minus_trl = fill ratio of this row - fill ratio of trl_bfd; same run, same lengths",
+        },
+        "rows": rows,
+    }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+BFD_CASES = [
+    pytest.param(impl, n, id=f"{impl}-n{n}")
+    for n in (100_000, 1_000_000)
+    for impl in ("bfd", "bfd_op", "next_fit", "python_ffd", "trl_bfd")
+    if not (impl in ("python_ffd", "trl_bfd") and n > 100_000)
+]
+
+
+@pytest.mark.parametrize("impl, n", BFD_CASES)
+def test_bfd_vs_peers(benchmark, impl, n):
+    peers = bfd_peers(MAX_LEN, n, trl_max_n=100_000, ffd_max_n=100_000, trl_tokens_max_n=0)
+    if impl not in peers:
+        pytest.skip(
+            f"{impl} is not available (extension: {has_extension()}, trl/datasets: {trl_available()})"
+        )
+    prepare, run, _ = peers[impl]
+    lengths = make_lengths(n)
+    argument = prepare(lengths)
+    benchmark.group = f"bfd cpu N={n} max_len={MAX_LEN}"
+    num_packs = benchmark.pedantic(lambda: run(argument), rounds=3, iterations=1, warmup_rounds=0)
+    fill = int(lengths.sum()) / (num_packs * MAX_LEN)
+    benchmark.extra_info.update(n=n, max_len=MAX_LEN, num_packs=num_packs, fill_ratio=fill)
+    assert fill > 0.99
 
 
 # ================================================================================== plain script
@@ -195,7 +407,27 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op thread counts to run with (default: torch's current setting)",
     )
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
+    parser.add_argument("--suite", choices=["next_fit", "bfd"], default="next_fit")
+    parser.add_argument("--max-lens", type=int, nargs="+", default=list(BFD_MAX_LENS), help="bfd suite")
+    parser.add_argument("--trl-max-n", type=int, default=max(BFD_SIZES), help="bfd suite: largest N for TRL")
+    parser.add_argument("--ffd-max-n", type=int, default=max(BFD_SIZES), help="bfd suite: largest N for FFD")
+    parser.add_argument(
+        "--trl-tokens-max-n",
+        type=int,
+        default=TRL_TOKENS_MAX_N,
+        help="bfd suite: largest N for TRL on tokens",
+    )
     args = parser.parse_args(argv)
+    if args.suite == "bfd":
+        sizes = args.sizes if args.sizes != list(SIZES) else list(BFD_SIZES)
+        payload = run_bfd_comparison(
+            sizes, args.max_lens, args.trl_max_n, args.ffd_max_n, args.trl_tokens_max_n
+        )
+        path = write_results("binpack_bfd", "cpu", payload, out_dir=args.out_dir)
+        print(f"wrote {path}")
+        keys = ("impl", "n", "max_len", "median_ms", "fill_ratio", "speedup_vs_trl")
+        print(json.dumps([{k: row[k] for k in keys} for row in payload["rows"]], indent=1))
+        return
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     threads = args.threads or [torch.get_num_threads()]
     payload = run_comparisons(devices, args.sizes, args.max_len, args.repeat, args.reference_max_n, threads)
