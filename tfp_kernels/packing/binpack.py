@@ -265,22 +265,24 @@ def pack_lengths(
 
     Strategies (``strategy=``):
 
-    ==================== ============ ============== =====================================================
-    strategy             keeps order  splits samples  notes
-    ==================== ============ ============== =====================================================
-    ``"stream"``         yes          yes             the TFP paper's packer: concatenate, cut every
+    ===================== ============ ============== ====================================================
+    strategy              keeps order  splits samples notes
+    ===================== ============ ============== ====================================================
+    ``"stream"``          yes          yes            the TFP paper's packer: concatenate, cut every
                                                       ``max_len`` tokens; every pack full but the last
-    ``"next_fit"``       yes          no              a new pack when the next piece does not fit
-    ``"window_best_fit"`` per window  no              BFD inside consecutive windows of ``window`` pieces;
+    ``"next_fit"``        yes          no             a new pack when the next piece does not fit
+    ``"window_best_fit"`` per window   no             BFD inside consecutive windows of ``window`` pieces:
                                                       near-BFD fill, neighbours stay together
-    ``"bfd"``            no           no              global best fit decreasing (as TRL, OLMo-core)
-    ==================== ============ ============== =====================================================
+    ``"bfd"``             no           no             global best fit decreasing (as TRL, OLMo-core)
+    ===================== ============ ============== ====================================================
 
     - ``"next_fit"``: CPU tensors use a sequential C++ loop, CUDA tensors a pointer-jumping kernel;
       without the compiled extension a pure-torch version of the pointer jumping runs (with a warning).
-    - ``"stream"``: vectorised torch ops on the device of ``lengths``. A sample crossing a cut becomes one
-      piece per pack it touches. With ``overlong="split"`` the over-long samples are cut by the stream
-      like any other (their pieces need not start at multiples of ``max_len``).
+    - ``"stream"``: a C++ loop for CPU tensors, vectorised torch ops for CUDA tensors (the pure-torch
+      version is also the fallback without the extension). A sample crossing a cut becomes one piece per
+      pack it touches. Over-long samples follow ``overlong`` as with the other strategies; with
+      ``overlong="split"`` the stream cuts them like any other sample (their pieces need not start at
+      multiples of ``max_len``).
     - ``"bfd"`` and ``"window_best_fit"``: pieces by decreasing length, each into the open pack with the
       smallest remaining capacity that fits it (ties: the pack whose load changed last), in C++ with a
       segment tree over the remaining capacities, O(M log max_len). Packs are numbered by their first
