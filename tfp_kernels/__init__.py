@@ -1,11 +1,12 @@
 """tfp_kernels: Threshold Filtering Packing (arXiv:2408.09327) for LLM fine-tuning.
 
 Layers (each usable alone): ``order`` (threshold, TFP path, validator), ``packing`` (bin packing of
-lengths). Glossary of tensor shapes used in the docstrings: N samples, D embedding dimension,
+lengths, pack shuffling), ``assembly`` (packed input_ids / labels / position_ids / cu_seqlens). Glossary of tensor shapes used in the docstrings: N samples, D embedding dimension,
 M pieces of samples, P packs, T tokens.
 """
 
 from ._ext import ExtensionNotAvailableError, has_cuda_ops, has_extension
+from .assembly import IGNORE_INDEX, Jagged, PackedBatch, Padded, PaddedBatch, assemble
 from .order import (
     OrderStats,
     PathCheck,
@@ -14,20 +15,29 @@ from .order import (
     tfp_order,
     tfp_order_reference,
 )
-from .packing import Packing, pack_lengths
+from .packing import Packing, pack_lengths, pack_permutation, select_packs, shuffle_packs
 from .version import __version__
 
 __all__ = [
+    "IGNORE_INDEX",
     "ExtensionNotAvailableError",
+    "Jagged",
     "OrderStats",
+    "PackedBatch",
     "Packing",
+    "Padded",
+    "PaddedBatch",
     "PathCheck",
     "__version__",
+    "assemble",
     "check_path",
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
     "pack_lengths",
+    "pack_permutation",
+    "select_packs",
+    "shuffle_packs",
     "tfp_order",
     "tfp_order_reference",
 ]
