@@ -2,7 +2,7 @@
 # One full session on a lent GPU machine (no network there): build offline against its torch, run the
 # whole test suite (GPU tests included), the main job on CUDA, and the benchmarks. Results and logs
 # go to $OUT (the device tool brings them back) and to benchmarks/results/.
-#   usage: bash benchmarks/run_gpu.sh [order sizes...]
+#   usage: bash benchmarks/run_gpu.sh [order sizes...]    (default 4096 16384)
 set -uo pipefail
 OUT="${OUT:-/tmp/tfp_gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -12,9 +12,11 @@ start=$SECONDS
 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - start)) s"; grep "tfp_kernels:" "$OUT/build.log"
 python3 -c "import tfp_kernels as t, torch; print('ext', t.has_extension(), 'cuda ops', t.has_cuda_ops(), torch.ops.tfp_kernels.cuda_version())"
-python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout 900 python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 python3 -m tfp_kernels --device cuda --report "$OUT/tfp_pack_cuda.json" 2>&1 | tail -12
-python3 benchmarks/bench_binpack.py 2>&1 | tail -20
-python3 -m benchmarks.bench_order --device cuda --sizes ${@:-1024 4096} 2>&1 | tail -10
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+timeout 300 python3 benchmarks/bench_binpack.py 2>&1 | tail -4
+timeout 300 python3 benchmarks/bench_assemble.py --devices cpu cuda 2>&1 | tail -8
+timeout 300 python3 -m benchmarks.bench_band_topk --sizes 16384 65536 2>&1 | tail -4
+timeout 600 python3 -m benchmarks.bench_order --device cuda --sizes ${@:-4096 16384} 2>&1 | tail -6
+cp benchmarks/results/*NVIDIA*.json "$OUT/" 2>/dev/null
 ls "$OUT"
