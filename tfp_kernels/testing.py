@@ -71,3 +71,74 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "tens
         f"actual[{window.start}:{window.stop}] = {actual_cpu.reshape(-1)[window].tolist()}, "
         f"expected = {expected_cpu.reshape(-1)[window].tolist()}"
     )
+
+
+def check_packing_invariants(packing, lengths: list[int], max_len: int, overlong: str, *, strategy: str) -> None:
+    """Assert every structural property a :class:`~tfp_kernels.packing.Packing` of ``lengths`` must have.
+
+    Pack ids start at 0 and grow by 0 or 1; pack offsets run from 0 to the total tokens with every
+    pack non-empty and within ``max_len``; every token of every sample appears exactly once across the
+    pieces (only its first ``max_len`` tokens under ``"truncate"``, none for a dropped sample); the
+    over-long counts match; and the order rules of ``strategy``: ``"stream"``/``"next_fit"`` keep the
+    input order (next fit opens a pack only when the next piece does not fit; stream fills every pack
+    but the last), best-fit strategies number packs by their first piece and keep the input order
+    inside a pack. Plain Python on lists, for small inputs (tests and property tests).
+    """
+    import itertools
+
+    pack_id = packing.pack_id.tolist()
+    sample_index = packing.sample_index.tolist()
+    offset = packing.offset.tolist()
+    piece_length = packing.length.tolist()
+    pack_offsets = packing.pack_offsets.tolist()
+    num_packs = packing.num_packs
+    if pack_id:
+        assert pack_id[0] == 0 and pack_id[-1] == num_packs - 1
+        assert all(b - a in (0, 1) for a, b in itertools.pairwise(pack_id))
+    total = sum(piece_length)
+    assert pack_offsets[0] == 0 and pack_offsets[-1] == total and len(pack_offsets) == num_packs + 1
+    assert all(0 < b - a <= max_len for a, b in itertools.pairwise(pack_offsets))
+    per_pack = [0] * num_packs
+    for p, length in zip(pack_id, piece_length):
+        per_pack[p] += length
+    assert per_pack == [b - a for a, b in itertools.pairwise(pack_offsets)]
+    assert all(1 <= length <= max_len for length in piece_length)
+    assert all(0 <= o and o + n <= lengths[s] for s, o, n in zip(sample_index, offset, piece_length))
+    # every token of every sample exactly once across the pieces (or max_len of them, or none)
+    covered = [[] for _ in lengths]
+    for s, o, n in zip(sample_index, offset, piece_length):
+        covered[s].append((o, n))
+    for s, length in enumerate(lengths):
+        if overlong == "drop" and length > max_len:
+            assert covered[s] == []
+            continue
+        kept = min(length, max_len) if overlong == "truncate" else length
+        tokens = [t for o, n in sorted(covered[s]) for t in range(o, o + n)]
+        assert tokens == list(range(kept)), f"sample {s}: tokens {tokens} != 0..{kept - 1}"
+    overlong_samples = [i for i, length in enumerate(lengths) if length > max_len]
+    counts = {
+        "error": (0, 0, 0),
+        "truncate": (len(overlong_samples), 0, 0),
+        "drop": (0, len(overlong_samples), 0),
+        "split": (0, 0, len(overlong_samples)),
+    }[overlong]
+    assert (packing.num_truncated, packing.num_dropped, packing.num_split) == counts
+    assert packing.dropped_index.tolist() == (overlong_samples if overlong == "drop" else [])
+    keys = list(zip(sample_index, offset))  # input order of the pieces
+    if strategy in ("stream", "next_fit"):
+        assert keys == sorted(keys)  # order kept
+    else:
+        first_key = {}
+        for p, key in zip(pack_id, keys):
+            first_key.setdefault(p, key)
+        assert list(first_key.values()) == sorted(first_key.values())  # packs numbered by first piece
+        for p in range(num_packs):
+            inside = [key for q, key in zip(pack_id, keys) if q == p]
+            assert inside == sorted(inside)  # input order inside a pack
+    if strategy == "next_fit":  # a pack opens only when its first piece did not fit into the previous one
+        first_piece = {}
+        for i, p in enumerate(pack_id):
+            first_piece.setdefault(p, i)
+        assert all(per_pack[p - 1] + piece_length[first_piece[p]] > max_len for p in range(1, num_packs))
+    if strategy == "stream":
+        assert all(b - a == max_len for a, b in itertools.pairwise(pack_offsets[:-1]))

@@ -9,7 +9,6 @@ Integer outputs are compared bit for bit (torch.equal via ``assert_equal``), nev
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 
 import numpy as np
@@ -33,7 +32,14 @@ from tfp_kernels.packing.reference import (
     next_fit_pack_ids_reference,
     pack_lengths_reference,
 )
-from tfp_kernels.testing import assert_equal, devices, int_dtypes, lognormal_lengths, non_int_dtypes
+from tfp_kernels.testing import (
+    assert_equal,
+    check_packing_invariants,
+    devices,
+    int_dtypes,
+    lognormal_lengths,
+    non_int_dtypes,
+)
 
 needs_extension = pytest.mark.skipif(not _ext.has_extension(), reason="tfp_kernels._C is not built")
 
@@ -467,61 +473,7 @@ max_len_strategy = st.integers(min_value=1, max_value=60)
 
 
 def check_invariants(packing: Packing, lengths: list[int], max_len: int, overlong: str) -> None:
-    pack_id = packing.pack_id.tolist()
-    sample_index = packing.sample_index.tolist()
-    offset = packing.offset.tolist()
-    piece_length = packing.length.tolist()
-    pack_offsets = packing.pack_offsets.tolist()
-    num_packs = packing.num_packs
-
-    # pack ids: start at 0, non-decreasing by steps of 0 or 1, every pack non-empty
-    if pack_id:
-        assert pack_id[0] == 0 and pack_id[-1] == num_packs - 1
-        assert all(b - a in (0, 1) for a, b in itertools.pairwise(pack_id))
-    # pack offsets: from 0 to the total tokens, increasing, each pack within max_len
-    total = sum(piece_length)
-    assert pack_offsets[0] == 0 and pack_offsets[-1] == total and len(pack_offsets) == num_packs + 1
-    assert all(0 < b - a <= max_len for a, b in itertools.pairwise(pack_offsets))
-    # pieces are contiguous within packs: the pieces of pack p sum to the size of pack p
-    per_pack = [0] * num_packs
-    for p, length in zip(pack_id, piece_length):
-        per_pack[p] += length
-    assert per_pack == [b - a for a, b in itertools.pairwise(pack_offsets)]
-    # next fit: the first piece of a pack did not fit into the previous pack
-    first_piece = {}
-    for i, p in enumerate(pack_id):
-        first_piece.setdefault(p, i)
-    for p in range(1, num_packs):
-        assert per_pack[p - 1] + piece_length[first_piece[p]] > max_len
-    # every piece within its sample; order of samples kept
-    assert all(1 <= length <= max_len for length in piece_length)
-    assert all(
-        0 <= o and o + length <= lengths[s] for s, o, length in zip(sample_index, offset, piece_length)
-    )
-    assert sample_index == sorted(sample_index)
-    # what the over-long policy did
-    overlong_samples = [i for i, length in enumerate(lengths) if length > max_len]
-    counts = (packing.num_truncated, packing.num_dropped, packing.num_split)
-    expected_counts = {
-        "error": (0, 0, 0),
-        "truncate": (len(overlong_samples), 0, 0),
-        "drop": (0, len(overlong_samples), 0),
-        "split": (0, 0, len(overlong_samples)),
-    }[overlong]
-    assert counts == expected_counts
-    assert packing.dropped_index.tolist() == (overlong_samples if overlong == "drop" else [])
-    # every sample accounted for exactly once: kept (with all its tokens, or max_len of them) or dropped
-    covered = [[] for _ in lengths]
-    for s, o, length in zip(sample_index, offset, piece_length):
-        covered[s].append((o, length))
-    for s, length in enumerate(lengths):
-        spans = sorted(covered[s])
-        if overlong == "drop" and length > max_len:
-            assert spans == []
-            continue
-        kept = min(length, max_len) if overlong == "truncate" else length
-        tokens = [t for o, n in spans for t in range(o, o + n)]
-        assert tokens == list(range(kept)), f"sample {s}: tokens {tokens} != 0..{kept - 1}"
+    check_packing_invariants(packing, lengths, max_len, overlong, strategy="next_fit")
 
 
 @given(

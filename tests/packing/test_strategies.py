@@ -6,8 +6,6 @@ of tfp_kernels.packing.reference; integer outputs bit for bit (torch.equal via `
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import given
@@ -34,7 +32,7 @@ from tfp_kernels.packing.reference import (
     stream_reference,
     window_best_fit_reference,
 )
-from tfp_kernels.testing import assert_equal, devices, lognormal_lengths
+from tfp_kernels.testing import assert_equal, check_packing_invariants, devices, lognormal_lengths
 
 needs_extension = pytest.mark.skipif(not _ext.has_extension(), reason="tfp_kernels._C is not built")
 
@@ -387,54 +385,7 @@ lengths_strategy = st.lists(st.integers(min_value=1, max_value=120), min_size=1,
 def check_invariants(
     packing: Packing, lengths: list[int], max_len: int, strategy: str, overlong: str
 ) -> None:
-    pack_id = packing.pack_id.tolist()
-    sample_index = packing.sample_index.tolist()
-    offset = packing.offset.tolist()
-    piece_length = packing.length.tolist()
-    pack_offsets = packing.pack_offsets.tolist()
-    num_packs = packing.num_packs
-    if pack_id:
-        assert pack_id[0] == 0 and pack_id[-1] == num_packs - 1
-        assert all(b - a in (0, 1) for a, b in itertools.pairwise(pack_id))
-    total = sum(piece_length)
-    assert pack_offsets[0] == 0 and pack_offsets[-1] == total and len(pack_offsets) == num_packs + 1
-    assert all(0 < b - a <= max_len for a, b in itertools.pairwise(pack_offsets))
-    per_pack = [0] * num_packs
-    for p, length in zip(pack_id, piece_length):
-        per_pack[p] += length
-    assert per_pack == [b - a for a, b in itertools.pairwise(pack_offsets)]
-    assert all(1 <= length <= max_len for length in piece_length)
-    # every token of every sample exactly once across the pieces (or max_len of them, or none)
-    covered = [[] for _ in lengths]
-    for s, o, length in zip(sample_index, offset, piece_length):
-        covered[s].append((o, length))
-    for s, length in enumerate(lengths):
-        if overlong == "drop" and length > max_len:
-            assert covered[s] == []
-            continue
-        kept = min(length, max_len) if overlong == "truncate" else length
-        tokens = [t for o, n in sorted(covered[s]) for t in range(o, o + n)]
-        assert tokens == list(range(kept)), f"sample {s}: tokens {tokens} != 0..{kept - 1}"
-    overlong_samples = [i for i, length in enumerate(lengths) if length > max_len]
-    counts = {
-        "truncate": (len(overlong_samples), 0, 0),
-        "drop": (0, len(overlong_samples), 0),
-        "split": (0, 0, len(overlong_samples)),
-    }[overlong]
-    assert (packing.num_truncated, packing.num_dropped, packing.num_split) == counts
-    keys = list(zip(sample_index, offset))  # input order of the pieces
-    if strategy in ("stream", "next_fit"):
-        assert keys == sorted(keys)  # order kept
-    else:
-        first_key = {}
-        for p, key in zip(pack_id, keys):
-            first_key.setdefault(p, key)
-        assert list(first_key.values()) == sorted(first_key.values())  # packs numbered by first piece
-        for p in range(num_packs):
-            inside = [key for q, key in zip(pack_id, keys) if q == p]
-            assert inside == sorted(inside)  # input order inside a pack
-    if strategy == "stream":
-        assert all(b - a == max_len for a, b in itertools.pairwise(pack_offsets[:-1]))
+    check_packing_invariants(packing, lengths, max_len, overlong, strategy=strategy)
 
 
 @given(
