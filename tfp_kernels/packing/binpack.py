@@ -401,38 +401,25 @@ def _make_packing(
 ) -> Packing:
     """The :class:`Packing` of a strategy's result; pack offsets derived from the pieces when not given."""
     pieces, pack_id = assignment.pieces, assignment.pack_id
-    if assignment.pack_offsets is not None:
-        return Packing(
-            pack_id=pack_id,
-            sample_index=pieces.sample_index,
-            offset=pieces.offset,
-            length=pieces.length,
-            pack_offsets=assignment.pack_offsets,
-            max_len=max_len,
-            num_packs=assignment.pack_offsets.numel() - 1,
-            num_truncated=expanded.num_truncated,
-            num_dropped=expanded.num_dropped,
-            num_split=expanded.num_split,
-            dropped_index=expanded.dropped_index,
-            sample_lengths=lengths,
-        )
-    device = pack_id.device
-    num_pieces = pack_id.numel()
-    num_packs = int(pack_id[-1]) + 1 if num_pieces > 0 else 0  # the one host sync for P
-    piece_offsets = torch.zeros(num_pieces + 1, dtype=torch.int64, device=device)
-    torch.cumsum(pieces.length, 0, out=piece_offsets[1:])
-    # first piece of each pack (pack ids are non-decreasing), then M: O(M), no binary search
-    is_first = torch.ones(num_pieces + 1, dtype=torch.bool, device=device)
-    torch.ne(pack_id[1:], pack_id[:-1], out=is_first[1:num_pieces])
-    first_piece_of_pack = _indices_where(is_first, num_packs + 1)
+    pack_offsets = assignment.pack_offsets
+    if pack_offsets is None:
+        device = pack_id.device
+        num_pieces = pack_id.numel()
+        num_packs = int(pack_id[-1]) + 1 if num_pieces > 0 else 0  # the one host sync for P
+        piece_offsets = torch.zeros(num_pieces + 1, dtype=torch.int64, device=device)
+        torch.cumsum(pieces.length, 0, out=piece_offsets[1:])
+        # first piece of each pack (pack ids are non-decreasing), then M: O(M), no binary search
+        is_first = torch.ones(num_pieces + 1, dtype=torch.bool, device=device)
+        torch.ne(pack_id[1:], pack_id[:-1], out=is_first[1:num_pieces])
+        pack_offsets = piece_offsets.index_select(0, _indices_where(is_first, num_packs + 1))
     return Packing(
         pack_id=pack_id,
         sample_index=pieces.sample_index,
         offset=pieces.offset,
         length=pieces.length,
-        pack_offsets=piece_offsets.index_select(0, first_piece_of_pack),
+        pack_offsets=pack_offsets,
         max_len=max_len,
-        num_packs=num_packs,
+        num_packs=pack_offsets.numel() - 1,
         num_truncated=expanded.num_truncated,
         num_dropped=expanded.num_dropped,
         num_split=expanded.num_split,
