@@ -142,3 +142,33 @@ def check_packing_invariants(packing, lengths: list[int], max_len: int, overlong
         assert all(per_pack[p - 1] + piece_length[first_piece[p]] > max_len for p in range(1, num_packs))
     if strategy == "stream":
         assert all(b - a == max_len for a, b in itertools.pairwise(pack_offsets[:-1]))
+
+
+LENGTH_KINDS = ["uniform", "lognormal", "all-max-len", "all-ones", "mostly-small", "small", "bimodal"]
+
+
+def make_lengths(kind: str, n: int, max_len: int, seed: int) -> torch.Tensor:
+    """(n,) int64 sample lengths in [1, max_len] of one of :data:`LENGTH_KINDS`, seeded.
+
+    ``"mostly-small"``: many items per pack with 1% of max_len items (long chains inside a pack);
+    ``"small"``: the same without the max_len items; ``"bimodal"``: many exact-fit pairs (tie rules).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    i64 = torch.int64
+    if kind == "uniform":
+        return torch.randint(1, max_len + 1, (n,), generator=generator, dtype=i64)
+    if kind == "lognormal":
+        return lognormal_lengths(n, mean=max_len / 4, max_len=max_len, seed=seed)
+    if kind == "all-max-len":
+        return torch.full((n,), max_len, dtype=i64)
+    if kind == "all-ones":
+        return torch.ones(n, dtype=i64)
+    if kind in ("mostly-small", "small"):
+        small = torch.randint(1, max(2, max_len // 50) + 1, (n,), generator=generator, dtype=i64).clamp_(max=max_len)
+        if kind == "small":
+            return small
+        return torch.where(torch.rand(n, generator=generator) < 0.01, torch.full_like(small, max_len), small)
+    if kind == "bimodal":
+        big = torch.randint(max_len // 2, max_len + 1, (n,), generator=generator, dtype=i64)
+        return torch.where(torch.rand(n, generator=generator) < 0.5, big, (max_len - big).clamp_(min=1))
+    raise ValueError(f"unknown length kind {kind!r}; known: {LENGTH_KINDS}")

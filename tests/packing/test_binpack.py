@@ -38,6 +38,7 @@ from tfp_kernels.testing import (
     devices,
     int_dtypes,
     lognormal_lengths,
+    make_lengths,
     non_int_dtypes,
 )
 
@@ -229,24 +230,6 @@ def test_packing_properties():
 # ================================================================================== three implementations agree
 
 KINDS = ["uniform", "lognormal", "all-max-len", "all-ones", "mostly-small"]
-
-
-def make_lengths(kind: str, n: int, max_len: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    if kind == "uniform":
-        return torch.randint(1, max_len + 1, (n,), generator=generator, dtype=I64)
-    if kind == "lognormal":
-        return lognormal_lengths(n, mean=max_len / 4, max_len=max_len, seed=seed)
-    if kind == "all-max-len":
-        return torch.full((n,), max_len, dtype=I64)
-    if kind == "all-ones":
-        return torch.ones(n, dtype=I64)
-    if kind == "mostly-small":  # many items per pack: long chains of "next" within a pack
-        small = torch.randint(1, max(2, max_len // 50) + 1, (n,), generator=generator, dtype=I64).clamp_(
-            max=max_len
-        )
-        return torch.where(torch.rand(n, generator=generator) < 0.01, torch.full_like(small, max_len), small)
-    raise ValueError(kind)
 
 
 SIZES = [1, 2, 3, 7, 64, 1023, 1024, 1025, 4097]

@@ -32,7 +32,13 @@ from tfp_kernels.packing.reference import (
     stream_reference,
     window_best_fit_reference,
 )
-from tfp_kernels.testing import assert_equal, check_packing_invariants, devices, lognormal_lengths
+from tfp_kernels.testing import (
+    assert_equal,
+    check_packing_invariants,
+    devices,
+    lognormal_lengths,
+    make_lengths,
+)
 
 needs_extension = pytest.mark.skipif(not _ext.has_extension(), reason="tfp_kernels._C is not built")
 
@@ -239,26 +245,7 @@ def test_bfd_is_not_always_better_than_next_fit():
 
 # ================================================================================== fast paths vs references
 
-KINDS = ["uniform", "lognormal", "all-max-len", "all-ones", "mostly-small", "bimodal"]
-
-
-def make_lengths(kind: str, n: int, max_len: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    if kind == "uniform":
-        return torch.randint(1, max_len + 1, (n,), generator=generator, dtype=I64)
-    if kind == "lognormal":
-        return lognormal_lengths(n, mean=max_len / 4, max_len=max_len, seed=seed)
-    if kind == "all-max-len":
-        return torch.full((n,), max_len, dtype=I64)
-    if kind == "all-ones":
-        return torch.ones(n, dtype=I64)
-    if kind == "mostly-small":
-        small = torch.randint(1, max(2, max_len // 50) + 1, (n,), generator=generator, dtype=I64)
-        return small.clamp_(max=max_len)
-    if kind == "bimodal":  # many exact-fit pairs: stresses the tie rule
-        big = torch.randint(max_len // 2, max_len + 1, (n,), generator=generator, dtype=I64)
-        return torch.where(torch.rand(n, generator=generator) < 0.5, big, (max_len - big).clamp_(min=1))
-    raise ValueError(kind)
+KINDS = ["uniform", "lognormal", "all-max-len", "all-ones", "small", "bimodal"]
 
 
 def best_fit_expected(lengths: list[int], max_len: int, window: int | None):
