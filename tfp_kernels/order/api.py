@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -140,10 +141,8 @@ def tfp_order(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
             start=start, k=k, progress=progress,
         )
-        extra = dict(band_backend=info.band_backend, k=info.k, num_fallbacks=info.num_fallbacks,
-                     num_rebuilds=info.num_rebuilds,
-                     time_band_s=info.time_band_s, time_walk_s=info.time_walk_s,
-                     time_fallback_s=info.time_fallback_s)
+        extra = dataclasses.asdict(info)
+        del extra["time_setup_s"]  # counted in time_order_s
     elif backend in ("reference", "auto"):
         backend = "reference"
         path = reference_walk(

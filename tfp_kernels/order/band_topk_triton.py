@@ -14,7 +14,6 @@ memory O(N K). Semantics: :mod:`tfp_kernels.order.band_topk`.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -93,7 +92,6 @@ if _HAVE_TRITON:
         tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
 def _block_config(k_pad: int, device_type: str) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for K = k_pad columns per tile."""
     if device_type != "cuda":  # interpreter: small tiles

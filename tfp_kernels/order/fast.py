@@ -19,14 +19,13 @@ floating-point ties (both decide with float64 distances; only their rounding dif
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .band_topk import BandLists, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
 from .scan import exact_pick, projection_basis
-
 
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
 _MIN_REBUILD_NODES = 1024
@@ -44,7 +43,6 @@ class FastOrderInfo:
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
     time_setup_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def squared_threshold(threshold: float, metric: str) -> float:
