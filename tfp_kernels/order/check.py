@@ -189,6 +189,7 @@ def check_path(
     pos[path] = torch.arange(n, device=device)
     node_ids = torch.arange(n, device=device)
     block = max(1, _BLOCK_ELEMENTS // (n * (window + 1)))
+    inf = torch.tensor(torch.inf, dtype=x.dtype, device=device)
     tolerated = 0
     for b in range(0, steps.numel(), block):
         s = steps[b : b + block]  # (B,)
@@ -204,7 +205,6 @@ def check_path(
             wmin = torch.where(in_path[:, o : o + 1], torch.minimum(wmin, rows_o), wmin)
         cand = pos[None, :] >= s[:, None]
         valid = cand & (wmin >= threshold)
-        inf = torch.tensor(torch.inf, dtype=x.dtype, device=device)
         d_valid = torch.where(valid, d_last, inf)
         first_valid = d_valid.argmin(dim=1)
         has_valid = valid.any(dim=1)
