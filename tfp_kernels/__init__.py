@@ -1,7 +1,8 @@
 """tfp_kernels: Threshold Filtering Packing (arXiv:2408.09327) for LLM fine-tuning.
 
 Layers (each usable alone): ``order`` (threshold, TFP path, validator), ``packing`` (bin packing of
-lengths, pack shuffling), ``assembly`` (packed input_ids / labels / position_ids / cu_seqlens). Glossary of tensor shapes used in the docstrings: N samples, D embedding dimension,
+lengths, pack shuffling), ``assembly`` (packed input_ids / labels / position_ids / cu_seqlens); ``pack_gpu`` composes them for
+training loops. Glossary of tensor shapes used in the docstrings: N samples, D embedding dimension,
 M pieces of samples, P packs, T tokens.
 """
 
@@ -16,6 +17,7 @@ from .order import (
     tfp_order_reference,
 )
 from .packing import Packing, pack_lengths, pack_permutation, select_packs, shuffle_packs
+from .pipeline import pack_gpu
 from .version import __version__
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
+    "pack_gpu",
     "pack_lengths",
     "pack_permutation",
     "select_packs",

@@ -83,6 +83,9 @@ class PackedBatch:
         max_pack_length: tokens in the fullest pack (Python int).
         packing: the :class:`~tfp_kernels.packing.Packing` the batch was assembled from.
         padded: the :class:`PaddedBatch` view when ``assemble(..., pad_to=...)`` asked for it, else None.
+        order: (N,), torch.int64, same device: the order of the input samples that was packed, when the
+            batch comes from :func:`~tfp_kernels.pack_gpu` (else None).
+        order_stats: the :class:`~tfp_kernels.OrderStats` of that order (``pack_gpu(order="tfp")``), else None.
     """
 
     input_ids: torch.Tensor
@@ -99,6 +102,8 @@ class PackedBatch:
     max_pack_length: int
     packing: Packing
     padded: PaddedBatch | None = None
+    order: torch.Tensor | None = None
+    order_stats: object | None = None
 
     # ------------------------------------------------------------------ sizes and stats
 
