@@ -146,14 +146,15 @@ def _embed(samples, embedder) -> torch.Tensor:
 
 
 def _check_buffer_embeddings(embeddings, n: int, device: torch.device, metric: str) -> torch.Tensor:
-    embeddings = _checks.check_embeddings(_as_tensor(embeddings, "embeddings"), metric=metric)
-    if embeddings.shape[0] != n:
-        raise ValueError(
-            f"embeddings has {embeddings.shape[0]} rows but there are {n} samples: one row per sample"
-        )
+    embeddings = _as_tensor(embeddings, "embeddings")
     if embeddings.device != device:
         raise ValueError(
             f"embeddings are on {embeddings.device} but the samples are on {device}; put both on one device"
+        )
+    embeddings = _checks.check_embeddings(embeddings, metric=metric)
+    if embeddings.shape[0] != n:
+        raise ValueError(
+            f"embeddings has {embeddings.shape[0]} rows but there are {n} samples: one row per sample"
         )
     return embeddings
 
