@@ -100,3 +100,61 @@ def test_quantile_linear_beyond_torch_limit_matches_sort():
 def test_all_zero_distances_warns_and_returns_zero():
     with pytest.warns(UserWarning, match="threshold is set to 0.0"):
         assert estimate_threshold(torch.zeros(6, 3)) == 0.0
+
+
+# ------------------------------------------------------------------ exact mode from float32 products + bounds
+
+
+def _blobs(n: int, d: int, seed: int, duplicates: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(7, d, generator=g) * 3
+    emb = centers[torch.randint(0, 7, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    if duplicates:
+        emb[:duplicates] = emb[duplicates : 2 * duplicates]
+    return emb
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize(
+    "n, d, duplicates", [(2, 3, 0), (3, 1, 0), (97, 5, 0), (301, 37, 40), (640, 129, 0), (1200, 768, 10)]
+)
+@pytest.mark.parametrize("q", [0.001, 0.02, 0.5, 0.999])
+def test_bounds_equal_all_pairs_bit_for_bit(metric, n, d, duplicates, q):
+    emb = _blobs(n, d, seed=n + d, duplicates=duplicates)
+    fast = threshold_estimate(emb, metric=metric, quantile=q)
+    slow = threshold_estimate(emb, metric=metric, quantile=q, exact_method="all")
+    assert fast.exact and slow.exact
+    assert fast.value == slow.value  # bit for bit
+    assert (fast.num_pairs, fast.num_positive) == (slow.num_pairs, slow.num_positive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_bounds_equal_all_pairs_with_ties_and_dtypes(dtype):
+    # integer coordinates: many exactly equal distances, and identical rows (distance 0, left out)
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randint(0, 4, (400, 3), generator=g).to(dtype)
+    for q in (0.02, 0.3, 0.9):
+        fast = threshold_estimate(emb, quantile=q)
+        slow = threshold_estimate(emb, quantile=q, exact_method="all")
+        assert fast.value == slow.value and fast.num_positive == slow.num_positive < fast.num_pairs
+
+
+def test_bounds_fall_back_to_all_pairs_when_the_window_is_crowded(monkeypatch):
+    from tfp_kernels.order import threshold as threshold_module
+
+    emb = _blobs(200, 9, seed=1)
+    expected = threshold_estimate(emb, exact_method="all").value
+    monkeypatch.setattr(threshold_module, "_MAX_CANDIDATES", 0)
+    assert threshold_module._exact_quantile_by_bounds(emb.double(), "l2", 0.02) is None
+    assert threshold_estimate(emb).value == expected
+
+
+def test_bounds_all_rows_identical_warns():
+    with pytest.warns(UserWarning, match="distance 0"):
+        est = threshold_estimate(torch.ones(20, 4))
+    assert est.value == 0.0 and est.num_positive == 0
+
+
+def test_bad_exact_method():
+    with pytest.raises(ValueError, match="exact_method"):
+        threshold_estimate(torch.randn(5, 2), exact_method="fast")

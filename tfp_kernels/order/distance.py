@@ -44,7 +44,9 @@ def _finish(l2: torch.Tensor, metric: str) -> torch.Tensor:
     return l2 if metric == "l2" else 0.5 * l2.square()
 
 
-def distances_from(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None, metric: str) -> torch.Tensor:
+def distances_from(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None, metric: str
+) -> torch.Tensor:
     """Exact distances from ``x[rows]`` to ``x[cols]``.
 
     Args:
@@ -69,13 +71,16 @@ def pair_distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: st
         i, j: (P,) int64 indices, same device as ``x``.
 
     Returns:
-        (P,) distances in the dtype of ``x``.
+        (P,) distances in the dtype of ``x``, bit for bit the entries :func:`distances_from` gives for the
+        same pairs (the same ``torch.cdist`` kernel, batched over the pairs).
     """
     out = torch.empty(i.numel(), dtype=x.dtype, device=x.device)
     step = max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
     for s in range(0, i.numel(), step):
-        diff = x.index_select(0, i[s : s + step]) - x.index_select(0, j[s : s + step])
-        out[s : s + step] = _finish(torch.linalg.vector_norm(diff, dim=1), metric)
+        a = x.index_select(0, i[s : s + step]).unsqueeze(1)
+        b = x.index_select(0, j[s : s + step]).unsqueeze(1)
+        l2 = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").reshape(-1)
+        out[s : s + step] = _finish(l2, metric)
     return out
 
 

@@ -63,10 +63,100 @@ def _all_positive_pair_distances(x: torch.Tensor, metric: str) -> tuple[torch.Te
         rows = cols_all[s : min(n - 1, s + block)]
         cols = cols_all[s + 1 :]
         d = distances_from(x, rows, cols, metric)  # (r, n - s - 1); keep the strict upper triangle
-        upper = (cols[None, :] > rows[:, None])
+        upper = cols[None, :] > rows[:, None]
         d = d[upper & (d > 0)]
         parts.append(d)
     return torch.cat(parts), n * (n - 1) // 2
+
+
+#: Above this many candidate pairs the bounded selection gives up and every pair is computed exactly.
+_MAX_CANDIDATES = 1 << 20
+
+
+def _triangle_pairs(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) of positions in the row-major strict upper triangle (row i holds j = i+1 .. n-1)."""
+    rows = torch.arange(n, device=flat.device, dtype=torch.int64)
+    row_start = rows * n - rows * (rows + 1) // 2
+    i = torch.searchsorted(row_start, flat, right=True) - 1
+    return i, flat - row_start.index_select(0, i) + i + 1
+
+
+def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[float, int, int] | None:
+    """The exact-mode quantile of :func:`threshold_estimate`, from float32 matrix products with error bounds.
+
+    Same value, bit for bit, as computing every pair in float64 from differences, at the cost of one float32
+    GEMM over the pairs: every float32 squared distance ``s`` is within ``E`` of the exact one (worst-case
+    bound of :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`, taken with the largest row
+    norm), so order statistics move by at most ``E`` too. The ``r``-th smallest exact value is then the
+    ``(r - A)``-th smallest exact value of the pairs with ``s`` within ``2E`` of the ``r``-th smallest ``s``
+    (``A`` = pairs below that window), and only those candidates are computed in float64. Pairs at distance
+    0 (left out of the quantile) are found among the pairs with ``s <= E``, also exactly.
+
+    Args:
+        x: (N, D) float64 prepared rows (:func:`~tfp_kernels.order.distance.prepare`), any device.
+
+    Returns:
+        ``(value, num_pairs, num_positive)``, or None when too many pairs fall in the windows (then the
+        caller computes them all).
+    """
+    from .band_topk import squared_distance_error_coef
+
+    n, dim = x.shape
+    total = n * (n - 1) // 2
+    x32 = x.float()
+    sq32 = x32.square().sum(dim=1)
+    max_sq = float(x.square().sum(dim=1).max())
+    # |s2_fp32 - s2_exact| <= coef * (|x_i|^2 + |x_j|^2); the 1e-10 term covers the float64 rounding of the
+    # exact values themselves (they are what the quantile returns)
+    bound = 1.01 * squared_distance_error_coef(dim, torch.float32) * 2.0 * max_sq + 1e-10 * 4.0 * max_sq
+    s2 = torch.empty(total, dtype=torch.float32, device=x.device)
+    block = max(1, BLOCK_ELEMENTS // n)
+    pos = 0
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the bound assumes IEEE float32 products
+    try:
+        for start in range(0, n - 1, block):
+            stop = min(n - 1, start + block)
+            a = x32[start:stop]
+            b = x32[start + 1 :]
+            part = (sq32[start:stop, None] + sq32[None, start + 1 :]) - 2.0 * (a @ b.T)
+            # row r of the block keeps columns > its own index: the last (n - 1 - r) entries
+            keep = (
+                torch.arange(b.shape[0], device=x.device)[None, :]
+                >= torch.arange(stop - start, device=x.device)[:, None]
+            )
+            values = part[keep]
+            s2[pos : pos + values.numel()] = values
+            pos += values.numel()
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+    def exact(flat: torch.Tensor) -> torch.Tensor:
+        i, j = _triangle_pairs(flat, n)
+        return pair_distances(x, i, j, metric)
+
+    maybe_zero = torch.nonzero(s2 <= bound).reshape(-1)
+    if maybe_zero.numel() > _MAX_CANDIDATES:
+        return None
+    num_zero = int((exact(maybe_zero) == 0).sum()) if maybe_zero.numel() else 0
+    num_positive = total - num_zero
+    if num_positive == 0:
+        return 0.0, total, 0
+    level = q * (num_positive - 1)
+    lo = int(level)
+    hi = min(lo + 1, num_positive - 1)
+    rank_lo, rank_hi = num_zero + lo + 1, num_zero + hi + 1  # 1-based over all pairs, zeros first
+    s_lo = float(torch.kthvalue(s2, rank_lo).values)
+    s_hi = s_lo if rank_hi == rank_lo else float(torch.kthvalue(s2, rank_hi).values)
+    window_lo, window_hi = s_lo - 2.0 * bound, s_hi + 2.0 * bound
+    below = int((s2 < window_lo).sum())
+    candidates = torch.nonzero((s2 >= window_lo) & (s2 <= window_hi)).reshape(-1)
+    if candidates.numel() > _MAX_CANDIDATES:
+        return None
+    values = exact(candidates).sort().values
+    v_lo = float(values[rank_lo - below - 1])
+    v_hi = float(values[rank_hi - below - 1])
+    return v_lo + (level - lo) * (v_hi - v_lo), total, num_positive
 
 
 def _sampled_positive_pair_distances(x: torch.Tensor, metric: str, num: int, seed: int) -> torch.Tensor:
@@ -79,6 +169,15 @@ def _sampled_positive_pair_distances(x: torch.Tensor, metric: str, num: int, see
     return d[d > 0]
 
 
+def _warn_all_zero(looked: int, exact: bool) -> None:
+    warnings.warn(
+        f"all {looked} {'pairs' if exact else 'sampled pairs'} of embeddings are at distance 0 "
+        "(identical rows); the threshold is set to 0.0, which disables the filtering",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def threshold_estimate(
     embeddings: torch.Tensor,
     *,
@@ -86,8 +185,16 @@ def threshold_estimate(
     quantile: float = 0.02,
     sample_pairs: int | None = None,
     seed: int = 0,
+    exact_method: str = "bounds",
 ) -> ThresholdEstimate:
-    """Like :func:`estimate_threshold`, but also says how the value was obtained."""
+    """Like :func:`estimate_threshold`, but also says how the value was obtained.
+
+    ``exact_method`` (exact mode only): ``"bounds"`` (default; float32 products with error bounds, float64
+    only near the quantile, see :func:`_exact_quantile_by_bounds`) or ``"all"`` (every pair in float64:
+    the reference the tests compare with). Both return the same value.
+    """
+    if exact_method not in ("bounds", "all"):
+        raise ValueError(f"exact_method must be 'bounds' or 'all', got {exact_method!r}")
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
     quantile = _checks.check_quantile(quantile)
@@ -102,17 +209,18 @@ def threshold_estimate(
     exact = total <= (MAX_EXACT_PAIRS if sample_pairs is None else sample_pairs)
     x = prepare(embeddings, metric)
     if exact:
+        fast = _exact_quantile_by_bounds(x, metric, quantile) if exact_method == "bounds" else None
+        if fast is not None:
+            value, looked, num_positive = fast
+            if num_positive == 0:
+                _warn_all_zero(looked, exact)
+            return ThresholdEstimate(value, True, looked, num_positive)
         positive, looked = _all_positive_pair_distances(x, metric)
     else:
         looked = DEFAULT_SAMPLE_PAIRS if sample_pairs is None else sample_pairs
         positive = _sampled_positive_pair_distances(x, metric, looked, seed)
     if positive.numel() == 0:
-        warnings.warn(
-            f"all {looked} {'pairs' if exact else 'sampled pairs'} of embeddings are at distance 0 "
-            "(identical rows); the threshold is set to 0.0, which disables the filtering",
-            UserWarning,
-            stacklevel=3,
-        )
+        _warn_all_zero(looked, exact)
         return ThresholdEstimate(0.0, exact, looked, 0)
     return ThresholdEstimate(quantile_linear(positive, quantile), exact, looked, positive.numel())
 
