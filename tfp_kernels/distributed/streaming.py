@@ -1,0 +1,542 @@
+"""Streaming TFP packing: :class:`TFPStreamingDataset`, an ``IterableDataset`` over any iterable of samples.
+
+Shape letters: ``B`` samples per buffer, ``U`` units of a buffer (a unit is a sample or, after a resume or
+an ``overlong="split"``, a token range of one), ``M`` pieces of a batch, ``P`` packs, ``T`` tokens.
+
+How a shard walks the stream:
+
+1. **Sharding.** Item ``i`` of the source (0-based, in the source's order) belongs to shard
+   ``i % num_shards``, with ``num_shards = world_size * num_workers`` and shard id
+   ``rank * num_workers + worker_id`` (``torch.utils.data.get_worker_info()``; 1 worker and id 0 outside a
+   DataLoader worker). Shards are disjoint and cover the stream. Every shard reads the source from the
+   start and keeps its own items (a source with ``__len__`` and ``__getitem__``, e.g. a list or a map-style
+   ``datasets.Dataset``, is indexed directly instead).
+2. **Buffer.** The shard collects ``buffer_size`` of its items, turns each into a 1-D token tensor (and
+   labels), and packs the buffer with :func:`tfp_kernels.pack_gpu` (TFP order over the buffer, then bin
+   packing); the last buffer of the stream may be smaller and is packed and emitted all the same: nothing
+   is dropped at the end of the stream.
+3. **Batches.** The buffer's packs are put in a seeded random order (``shuffle=True``; the paper shuffles
+   packs, never the order inside a pack) and emitted ``packs_per_batch`` at a time, each group assembled
+   with :func:`tfp_kernels.assemble` into a :class:`StreamBatch` (a :class:`~tfp_kernels.PackedBatch` plus
+   ``source_index`` / ``source_offset`` / ``shard`` / ``stream_state``). The last batch of a buffer may hold
+   fewer packs.
+
+**Resuming.** A shard's state is: the epoch, how many of its items went into buffers that were fully
+emitted (``items_consumed``), and for a partly emitted buffer, its number of items and the token ranges
+``(position in buffer, start, end)`` of the pieces not emitted yet. The buffer's items are *re-read* from
+the source on resume (so the source must give the same items in the same order when iterated again: a
+list, a ``datasets`` dataset, a file reader, or a zero-argument callable returning a fresh iterator; a
+one-shot generator cannot be resumed) and the pieces still due are packed again with ``pack_gpu`` and
+emitted. Every sample (or every token range of a split sample) is emitted exactly once across the
+interruption, whatever ``pack_gpu`` does; what changes is only how the remainder of that one buffer is
+grouped into packs.
+
+The state is updated *before* each batch is yielded and travels with it (``batch.stream_state``): with
+``num_workers=0`` :meth:`TFPStreamingDataset.state_dict` is current; with DataLoader workers (each holds
+its own copy of the dataset), call :meth:`TFPStreamingDataset.update_state` ``(batch)`` in the training
+loop for every batch taken, then ``state_dict()`` reflects exactly the batches consumed (batches prefetched
+but not taken are emitted again after a resume, not lost). Resume with the same ``world_size`` and
+``num_workers``.
+
+**End of an epoch.** When a shard has emitted its last batch, its state says so (``done``); the next
+iteration starts the next epoch from the start of the stream (the pack shuffles take the epoch into their
+seed; re-shuffling the source itself is the source's business, e.g. ``datasets``' ``set_epoch``).
+Shards may emit different numbers of batches (their buffers pack differently): in multi-GPU training
+bound the steps (``max_steps``) or drop the tail, as with any stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..assembly import PackedBatch, assemble
+from ..packing import Packing, select_packs
+
+STATE_VERSION = 1
+_RESERVED_PACK_KWARGS = ("samples", "max_len", "labels", "embeddings")
+_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+@dataclass(frozen=True, eq=False)
+class StreamBatch(PackedBatch):
+    """A :class:`~tfp_kernels.PackedBatch` emitted by :class:`TFPStreamingDataset`, with where its pieces
+    came from in the stream. All fields of ``PackedBatch`` keep their meaning (``sample_index`` indexes the
+    units of the packed buffer, so use ``source_index`` to identify samples), plus:
+
+    Attributes:
+        source_index: (M,), torch.int64, CPU: the position in the source stream of each piece's sample.
+        source_offset: (M,), torch.int64, CPU: first token of each piece within that sample (0 unless the
+            sample was split by ``overlong="split"``); the piece's length is ``packing.length``.
+        shard: the shard that emitted the batch (``rank * num_workers + worker_id``).
+        stream_state: that shard's state after this batch (what :meth:`TFPStreamingDataset.update_state`
+            records).
+    """
+
+    source_index: torch.Tensor | None = None
+    source_offset: torch.Tensor | None = None
+    shard: int = 0
+    stream_state: dict | None = None
+
+
+class TFPStreamingDataset(IterableDataset):
+    """TFP-pack a stream of samples buffer by buffer, split across ranks and DataLoader workers, resumable.
+
+    See the module docstring for how the stream is sharded, buffered, packed, emitted and resumed. Use it
+    with ``DataLoader(dataset, batch_size=None, num_workers=...)`` (each item is already a packed batch).
+
+    Args:
+        source: the samples: any iterable (a list, a ``datasets`` dataset — map-style or streaming —, a
+            ``torch`` ``IterableDataset``, ...) or a zero-argument callable returning a fresh iterator. Each
+            item is a 1-D integer tensor / numpy array / list of ints (the token ids), or a mapping with the
+            field ``input_field`` (and optionally ``labels_field`` and ``embedding_field``); or anything
+            ``tokenize`` turns into one of those. For :meth:`load_state_dict` the source must give the same
+            items in the same order every time it is iterated.
+        buffer_size: ``B >= 1``, items of a shard packed together (TFP orders within a buffer: larger is
+            better for locality, costlier to order).
+        max_len: capacity of a pack in tokens.
+        tokenize: optional callable ``item -> tokens | mapping`` applied to every item first (e.g. a
+            tokenizer call on a text field).
+        input_field: field of the token ids in mapping items.
+        labels_field: field of the labels in mapping items (same length as the tokens); items without it
+            use their token ids (the default labels of :func:`~tfp_kernels.assemble`). None: ignore labels.
+        embedding_field: optional field of a precomputed 1-D embedding per item, passed to ``pack_gpu`` as
+            ``embeddings`` (else ``pack_gpu`` embeds the tokens with its default embedder).
+        pack_kwargs: keyword arguments of :func:`tfp_kernels.pack_gpu` (``order``, ``strategy``,
+            ``attention``, ``metric``, ``quantile``, ``threshold``, ``window``, ``k``, ``embedder``,
+            ``overlong``, ``pad_to``, ``seed``...), except ``samples``, ``max_len``, ``labels`` and
+            ``embeddings``. ``attention`` and ``pad_to`` also apply to the emitted batches.
+        packs_per_batch: packs per emitted batch (default 1); None: the whole buffer in one batch.
+        shuffle: emit a buffer's packs in a seeded random order (else in TFP order).
+        rank, world_size: this process's rank and the number of ranks (default: those of the initialised
+            default process group, else 0 and 1).
+        seed: non-negative int: seeds the pack shuffles (mixed with epoch, shard and buffer number) and is
+            ``pack_gpu``'s ``seed`` unless ``pack_kwargs`` names one.
+        device: where the tokens go before packing (default CPU; e.g. ``"cuda"`` with ``num_workers=0``).
+
+    Yields:
+        :class:`StreamBatch` (a ``PackedBatch``): ``input_ids``, ``labels``, ``position_ids`` (1, T) int64,
+        ``cu_seqlens`` (S + 1,) int32, ``max_seqlen``, ``to_hf_kwargs()``; ``source_index`` / ``source_offset``
+        (M,) int64 identifying every piece in the stream; ``stream_state``.
+
+    Raises:
+        ValueError / TypeError: bad arguments (at construction); an item without tokens, with an empty or
+        non-integer token list, or labels of another length (while iterating, naming the stream position);
+        a state saved with another ``world_size`` / rank / worker count (when iterating after
+        :meth:`load_state_dict`).
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels.distributed import TFPStreamingDataset
+        >>> stream = [{"input_ids": torch.arange(i % 7 + 1) + i} for i in range(30)]
+        >>> ds = TFPStreamingDataset(stream, buffer_size=8, max_len=16, pack_kwargs={"order": "keep"})
+        >>> batches = list(ds)
+        >>> sorted(torch.cat([b.source_index for b in batches]).tolist()) == list(range(30))
+        True
+        >>> ds2 = TFPStreamingDataset(stream, buffer_size=8, max_len=16, pack_kwargs={"order": "keep"})
+        >>> it = iter(ds2); first = [next(it) for _ in range(3)]
+        >>> ds3 = TFPStreamingDataset(stream, buffer_size=8, max_len=16, pack_kwargs={"order": "keep"})
+        >>> ds3.load_state_dict(ds2.state_dict())
+        >>> seen = torch.cat([b.source_index for b in first + list(ds3)])
+        >>> sorted(seen.tolist()) == list(range(30))
+        True
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        buffer_size: int,
+        max_len: int,
+        tokenize: Callable | None = None,
+        input_field: str = "input_ids",
+        labels_field: str | None = "labels",
+        embedding_field: str | None = None,
+        pack_kwargs: Mapping | None = None,
+        packs_per_batch: int | None = 1,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if source is None or not (callable(source) or hasattr(source, "__iter__")):
+            raise TypeError(
+                "source must be an iterable of samples or a zero-argument callable returning an iterator, "
+                f"got {type(source).__name__}"
+            )
+        self.source = source
+        self.buffer_size = _as_int(buffer_size, "buffer_size", 1)
+        self.max_len = _as_int(max_len, "max_len", 1)
+        if tokenize is not None and not callable(tokenize):
+            raise TypeError(f"tokenize must be callable or None, got {type(tokenize).__name__}")
+        self.tokenize = tokenize
+        self.input_field = input_field
+        self.labels_field = labels_field
+        self.embedding_field = embedding_field
+        pack_kwargs = dict(pack_kwargs or {})
+        reserved = sorted(set(pack_kwargs) & set(_RESERVED_PACK_KWARGS))
+        if reserved:
+            raise ValueError(f"pack_kwargs must not set {reserved}: the dataset passes them to pack_gpu")
+        self.pack_kwargs = pack_kwargs
+        self.packs_per_batch = (
+            None if packs_per_batch is None else _as_int(packs_per_batch, "packs_per_batch", 1)
+        )
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
+        self.shuffle = bool(shuffle)
+        default_world, default_rank = _default_world()
+        self.world_size = _as_int(default_world if world_size is None else world_size, "world_size", 1)
+        self.rank = _as_int(default_rank if rank is None else rank, "rank", 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        self.seed = _as_int(seed, "seed", 0)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._states: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The progress of this rank's shards, to restore with :meth:`load_state_dict`.
+
+        Returns:
+            ``{"version", "world_size", "rank", "shards": {shard_id: shard_state}}``, where a shard state is
+            ``{"num_shards", "epoch", "items_consumed", "buffer_index", "done", "num_batches", "num_dropped",
+            "pending"}`` and ``pending`` is None or ``{"num_items", "generation", "units"}`` with ``units`` a
+            (U, 3) torch.int64 CPU tensor of ``(position in buffer, start, end)`` token ranges still to emit.
+            Suitable for ``torch.save``. Shards this object has not seen (workers whose batches were not
+            passed to :meth:`update_state`) are absent and start from the beginning.
+        """
+        return {
+            "version": STATE_VERSION,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "shards": {shard: _copy_state(state) for shard, state in sorted(self._states.items())},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume from a :meth:`state_dict` (of this rank, same ``world_size``): the next iteration continues
+        every recorded shard where it stopped.
+
+        Raises:
+            ValueError: another version, ``world_size`` or rank; a malformed shard state.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a TFPStreamingDataset state (version {STATE_VERSION}): {state!r:.200}")
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"the state was saved by rank {state['rank']} of world_size {state['world_size']}, but this "
+                f"dataset is rank {self.rank} of world_size {self.world_size}"
+            )
+        shards = {}
+        for shard, shard_state in state["shards"].items():
+            shard = int(shard)
+            shard_state = _copy_state(shard_state)
+            num_shards = int(shard_state["num_shards"])
+            if num_shards % self.world_size != 0 or shard // (num_shards // self.world_size) != self.rank:
+                raise ValueError(f"shard {shard} of {num_shards} does not belong to rank {self.rank}")
+            shards[shard] = shard_state
+        self._states = shards
+
+    def update_state(self, batch: StreamBatch) -> None:
+        """Record the shard state carried by ``batch`` (call it in the main process for every batch taken
+        from a DataLoader with workers, so that :meth:`state_dict` covers the workers' shards)."""
+        if not isinstance(batch, StreamBatch) or batch.stream_state is None:
+            raise TypeError(f"update_state needs a StreamBatch from this dataset, got {type(batch).__name__}")
+        self._states[batch.shard] = batch.stream_state
+
+    # ------------------------------------------------------------------ iteration
+
+    def _shard_layout(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.rank * num_workers + worker_id, self.world_size * num_workers
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        shard, num_shards = self._shard_layout()
+        state = self._states.get(shard)
+        if state is not None and state["num_shards"] != num_shards:
+            raise ValueError(
+                f"the state of shard {shard} was saved with {state['num_shards']} shards (world_size x "
+                f"num_workers) but there are now {num_shards}: resume with the same world_size and num_workers"
+            )
+        if state is None or state["done"]:
+            epoch = 0 if state is None else state["epoch"] + 1
+            state = _fresh_state(num_shards, epoch)
+        self._states[shard] = state
+        return self._run(shard, num_shards, state)
+
+    def _run(self, shard: int, num_shards: int, state: dict) -> Iterator[StreamBatch]:
+        items = self._shard_items(shard, num_shards, state["items_consumed"])
+        while True:
+            pending = state["pending"]
+            if pending is None:
+                raw = list(itertools.islice(items, self.buffer_size))
+                if not raw:
+                    state["done"] = True
+                    return
+                buffer = self._read_buffer(raw)
+                lengths = torch.tensor([t.numel() for t in buffer[0]], dtype=torch.int64)
+                units = torch.stack([torch.arange(len(raw)), torch.zeros_like(lengths), lengths], dim=1)
+                pending = {"num_items": len(raw), "generation": 0, "units": units}
+                state["pending"] = pending
+            else:  # resumed in the middle of a buffer: read the same items again, pack what is left anew
+                pending["generation"] += 1
+                raw = list(itertools.islice(items, pending["num_items"]))
+                if len(raw) != pending["num_items"]:
+                    raise ValueError(
+                        f"shard {shard}: the source gave {len(raw)} items where the saved state expects "
+                        f"{pending['num_items']} (it must give the same items when iterated again)"
+                    )
+                buffer = self._read_buffer(raw)
+            yield from self._emit_buffer(shard, num_shards, state, buffer)
+
+    def _emit_buffer(self, shard: int, num_shards: int, state: dict, buffer) -> Iterator[StreamBatch]:
+        from ..pipeline import pack_gpu
+
+        tokens, labels, embeddings = buffer
+        pending = state["pending"]
+        units = pending["units"]
+        position, start, end = units.unbind(1)
+        samples = [tokens[p][s:e] for p, s, e in units.tolist()]
+        unit_labels = None if labels is None else [labels[p][s:e] for p, s, e in units.tolist()]
+        unit_embeddings = (
+            None if embeddings is None else embeddings.index_select(0, position.to(embeddings.device))
+        )
+        mix = (self.seed, state["epoch"], shard, state["buffer_index"], pending["generation"])
+        kwargs = {"seed": _mixed_seed(*mix, 0)} | self.pack_kwargs
+        packed = pack_gpu(
+            samples, max_len=self.max_len, labels=unit_labels, embeddings=unit_embeddings, **kwargs
+        )
+        packing = packed.packing
+        if pending["generation"] == 0:
+            state["num_dropped"] += packing.num_dropped
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mixed_seed(*mix, 1))
+            packing = select_packs(packing, torch.randperm(packing.num_packs, generator=generator))
+        # every piece as a token range of its buffer item, in emission order
+        piece_unit = packing.sample_index
+        piece_start = start.index_select(0, piece_unit) + packing.offset
+        emitted = torch.stack(
+            [position.index_select(0, piece_unit), piece_start, piece_start + packing.length], dim=1
+        )
+        piece_offsets = packing.pack_piece_offsets.tolist()
+        unit_lengths = (end - start).to(torch.int64)
+        attention = self.pack_kwargs.get("attention", "pack")
+        pad_to = self.pack_kwargs.get("pad_to")
+        per_batch = packing.num_packs if self.packs_per_batch is None else self.packs_per_batch
+        for first in range(0, packing.num_packs, per_batch):
+            last = min(first + per_batch, packing.num_packs)
+            chunk = select_packs(packing, range(first, last))
+            used, local = torch.unique(chunk.sample_index, return_inverse=True)
+            chunk = Packing(
+                pack_id=chunk.pack_id,
+                sample_index=local,
+                offset=chunk.offset,
+                length=chunk.length,
+                pack_offsets=chunk.pack_offsets,
+                max_len=chunk.max_len,
+                num_packs=chunk.num_packs,
+                sample_lengths=unit_lengths.index_select(0, used),
+            )
+            used_list = used.tolist()
+            batch = assemble(
+                [samples[u] for u in used_list],
+                chunk,
+                attention=attention,
+                labels=None if unit_labels is None else [unit_labels[u] for u in used_list],
+                pad_to=pad_to,
+            )
+            pieces = emitted[piece_offsets[first] : piece_offsets[last]]
+            source_index = (pieces[:, 0] + state["items_consumed"]) * num_shards + shard
+            # the state after this batch, updated before the batch leaves
+            state["num_batches"] += 1
+            if last == packing.num_packs:
+                state["items_consumed"] += pending["num_items"]
+                state["buffer_index"] += 1
+                state["pending"] = None
+            else:
+                pending["units"] = emitted[piece_offsets[last] :]
+            fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(PackedBatch)}
+            yield StreamBatch(
+                **fields,
+                source_index=source_index,
+                source_offset=pieces[:, 1].clone(),
+                shard=shard,
+                stream_state=_copy_state(state, share=True),
+            )
+        if state["pending"] is not None:  # pragma: no cover - every buffer ends with its last pack
+            raise AssertionError("buffer not fully emitted")
+
+    # ------------------------------------------------------------------ reading the source
+
+    def _open(self) -> Iterator:
+        source = self.source
+        if callable(source) and not hasattr(source, "__iter__"):
+            return iter(source())
+        return iter(source)
+
+    def _random_access(self) -> bool:
+        source = self.source
+        return (
+            not isinstance(source, (IterableDataset, Mapping, str, bytes))
+            and hasattr(source, "__len__")
+            and hasattr(source, "__getitem__")
+        )
+
+    def _shard_items(self, shard: int, num_shards: int, start: int) -> Iterator[tuple[int, object]]:
+        """``(stream position, item)`` of the shard's items from its ``start``-th on."""
+        first = start * num_shards + shard
+        if self._random_access():
+            source = self.source
+            return ((i, source[i]) for i in range(first, len(source), num_shards))
+        positions = itertools.count(first, num_shards)
+        return zip(positions, itertools.islice(self._open(), first, None, num_shards))
+
+    def _read_buffer(self, raw: list) -> tuple[list, list | None, torch.Tensor | None]:
+        """Token tensors (and labels, embeddings) of the buffer's items; errors name the stream position."""
+        tokens, labels, embeddings = [], [], []
+        any_labels = False
+        for position, item in raw:
+            if self.tokenize is not None:
+                item = self.tokenize(item)
+            tok, lab, emb = self._parse(item, position)
+            tokens.append(tok)
+            labels.append(lab)
+            any_labels = any_labels or lab is not None
+            embeddings.append(emb)
+        if any_labels:
+            labels = [t if lab is None else lab for t, lab in zip(tokens, labels)]
+        else:
+            labels = None
+        stacked = None
+        if self.embedding_field is not None:
+            stacked = torch.stack(embeddings).to(self.device)
+        return tokens, labels, stacked
+
+    def _parse(self, item, position: int):
+        label = embedding = None
+        if isinstance(item, Mapping):
+            if self.input_field not in item:
+                raise ValueError(
+                    f"stream item {position} has no field {self.input_field!r} (fields: {sorted(item)[:10]})"
+                )
+            tokens = item[self.input_field]
+            if self.labels_field is not None and item.get(self.labels_field) is not None:
+                label = _as_ids(
+                    item[self.labels_field], f"stream item {position} field {self.labels_field!r}"
+                )
+            if self.embedding_field is not None:
+                if item.get(self.embedding_field) is None:
+                    raise ValueError(f"stream item {position} has no field {self.embedding_field!r}")
+                embedding = torch.as_tensor(np.asarray(item[self.embedding_field])).reshape(-1)
+        else:
+            if self.embedding_field is not None:
+                raise ValueError(
+                    f"stream item {position} is not a mapping, so it has no field {self.embedding_field!r}"
+                )
+            tokens = item
+        tokens = _as_ids(tokens, f"stream item {position} tokens")
+        if tokens.numel() == 0:
+            raise ValueError(f"stream item {position} has no tokens: every sample needs at least one")
+        if label is not None and label.numel() != tokens.numel():
+            raise ValueError(f"stream item {position} has {tokens.numel()} tokens but {label.numel()} labels")
+        tokens = tokens.to(self.device)
+        label = None if label is None else label.to(self.device)
+        return tokens, label, embedding
+
+    def __repr__(self) -> str:
+        return (
+            f"TFPStreamingDataset(buffer_size={self.buffer_size}, max_len={self.max_len}, "
+            f"packs_per_batch={self.packs_per_batch}, rank {self.rank} of {self.world_size}, seed={self.seed})"
+        )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _fresh_state(num_shards: int, epoch: int) -> dict:
+    return {
+        "num_shards": num_shards,
+        "epoch": epoch,
+        "items_consumed": 0,
+        "buffer_index": 0,
+        "done": False,
+        "num_batches": 0,
+        "num_dropped": 0,
+        "pending": None,
+    }
+
+
+def _copy_state(state: Mapping, *, share: bool = False) -> dict:
+    """A copy of a shard state; ``share=True`` keeps the (never modified in place) ``units`` tensor."""
+    copy = dict(state)
+    pending = state.get("pending")
+    if pending is not None:
+        units = pending["units"]
+        units = torch.as_tensor(units, dtype=torch.int64).reshape(-1, 3)
+        copy["pending"] = {
+            "num_items": int(pending["num_items"]),
+            "generation": int(pending["generation"]),
+            "units": units if share else units.clone(),
+        }
+    return copy
+
+
+def _mixed_seed(*values: int) -> int:
+    """A 63-bit seed mixing ``values`` (numpy SeedSequence): unrelated for neighbouring inputs."""
+    state = np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def _as_ids(value, what: str) -> torch.Tensor:
+    """A 1-D integer CPU tensor from a tensor, numpy array or list of ints."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"{what} must be a 1-D integer tensor, array or list, got {type(value).__name__}"
+            ) from err
+        if array.size == 0:
+            array = array.astype(np.int64)
+        if array.dtype == np.bool_ or array.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integers, got dtype {array.dtype}")
+        tensor = torch.from_numpy(array.astype(np.int64, copy=False))
+    if tensor.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{what} must have an integer dtype, got {tensor.dtype}")
+    return tensor
+
+
+def _default_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised default process group, else ``(1, 0)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _as_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from err
+    if result < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {result}")
+    return result
