@@ -1,0 +1,219 @@
+"""Reading the token containers of the embedders into one flat buffer with per-token sample ids.
+
+The containers are those of :func:`tfp_kernels.assembly.assemble`: a list of N 1-D integer tensors,
+``Jagged(values, offsets)``, ``Padded(tokens, lengths)`` or a plain 2-tuple of tensors (``Jagged`` when the
+first is 1-D, ``Padded`` when it is 2-D). Nothing here loops over the samples in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..assembly.api import _check_device, _check_integer, _to_device, _uniform_1d_integer
+from ..assembly.types import Jagged, Padded
+
+
+class FlatTokens(NamedTuple):
+    """N samples as one flat buffer.
+
+    values: (T,) integer tensor (the caller's dtype), on ``device``.
+    segment: (T,) int64, same device: the sample of each token, in ``[0, N)`` (also for unused tokens).
+    room: (T,) int64, same device: tokens left in the token's sample from this one on (1 for the last
+        token of a sample); ``<= 0`` for tokens that belong to no sample (padding, or outside the offsets).
+    num_samples: N.
+    all_used: whether every token of ``values`` belongs to a sample (no padding, nothing outside).
+    device_offsets: (N + 1,) int64 offsets that live on the device and are not checked yet, else None.
+    """
+
+    values: torch.Tensor
+    segment: torch.Tensor
+    room: torch.Tensor
+    num_samples: int
+    all_used: bool
+    device_offsets: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+
+def _empty_error(who: str) -> ValueError:
+    return ValueError(f"tokens is empty: {who} needs at least one sample (N = 0)")
+
+
+def _from_host_lengths(values: torch.Tensor, lengths: torch.Tensor) -> FlatTokens:
+    """``values`` (T,) exactly covered by samples of the CPU int64 ``lengths`` (N,), back to back."""
+    device = values.device
+    n = lengths.numel()
+    total = values.numel()
+    ends = _to_device(torch.cumsum(lengths, 0), device)
+    lengths_dev = _to_device(lengths, device)
+    segment = torch.repeat_interleave(
+        torch.arange(n, dtype=torch.int64, device=device), lengths_dev, output_size=total
+    )
+    room = ends.index_select(0, segment).sub_(torch.arange(total, dtype=torch.int64, device=device))
+    return FlatTokens(values, segment, room, n, True)
+
+
+def read_list(tokens: Sequence[torch.Tensor], who: str) -> FlatTokens:
+    n = len(tokens)
+    if n == 0:
+        raise _empty_error(who)
+    if not _uniform_1d_integer(tokens):  # find the first bad sample and say what is wrong with it
+        first = _check_integer(tokens[0], "tokens[0]", 1)
+        for i, sample in enumerate(tokens):
+            _check_integer(sample, f"tokens[{i}]", 1)
+            _check_device(sample, f"tokens[{i}]", first.device, "tokens[0]")
+    lengths = torch.tensor([sample.numel() for sample in tokens], dtype=torch.int64)
+    values = torch.cat(list(tokens)) if n > 1 else tokens[0]  # mixed integer dtypes are promoted
+    return _from_host_lengths(values, lengths)
+
+
+def read_jagged(values, offsets, who: str) -> FlatTokens:
+    values = _check_integer(values, "tokens.values", 1)
+    offsets = _check_integer(offsets, "tokens.offsets", 1)
+    _check_device(offsets, "tokens.offsets", values.device, "tokens.values", cpu_ok=True)
+    if offsets.numel() < 2:
+        raise _empty_error(who)
+    device = values.device
+    if offsets.device.type == "cpu":
+        host = offsets.to(torch.int64)
+        lengths = host[1:] - host[:-1]
+        start, end = int(host[0]), int(host[-1])
+        if start < 0:
+            raise ValueError(f"tokens.offsets[0] = {start} is negative")
+        if (lengths < 0).any():
+            i = int(torch.argmax((lengths < 0).to(torch.uint8)))
+            raise ValueError(
+                f"tokens.offsets must be non-decreasing: offsets[{i + 1}] = {int(host[i + 1])} < "
+                f"offsets[{i}] = {int(host[i])}"
+            )
+        if end > values.numel():
+            raise ValueError(
+                f"tokens.offsets[-1] = {end} is past the end of tokens.values ({values.numel()})"
+            )
+        return _from_host_lengths(values[start:end], lengths)
+    # offsets on the device of the values: no host sync (checked later, with the ids, in one sync)
+    offsets = offsets.to(torch.int64)
+    n = offsets.numel() - 1
+    position = torch.arange(values.numel(), dtype=torch.int64, device=device)
+    segment = torch.searchsorted(offsets, position, right=True).sub_(1).clamp_(0, n - 1)
+    room = offsets.index_select(0, segment + 1).sub_(position)
+    inside = (position >= offsets[0]) & (position < offsets[-1])
+    room.mul_(inside)
+    return FlatTokens(values, segment, room, n, False, offsets)
+
+
+def read_padded(tokens, lengths, who: str) -> FlatTokens:
+    tokens = _check_integer(tokens, "tokens.tokens", 2)
+    lengths = _check_integer(lengths, "tokens.lengths", 1)
+    _check_device(lengths, "tokens.lengths", tokens.device, "tokens.tokens", cpu_ok=True)
+    batch, width = tokens.shape
+    if batch == 0:
+        raise _empty_error(who)
+    if lengths.numel() != batch:
+        raise ValueError(f"tokens.lengths has {lengths.numel()} entries but tokens.tokens has {batch} rows")
+    device = tokens.device
+    if lengths.device.type == "cpu":
+        host = lengths.to(torch.int64)
+        bad = (host < 0) | (host > width)
+        if bad.any():
+            i = int(torch.argmax(bad.to(torch.uint8)))
+            raise ValueError(
+                f"tokens.lengths[{i}] = {int(host[i])} is outside [0, {width}] (the padded width)"
+            )
+        all_used = bool((host == width).all())
+        lengths = _to_device(host, device)
+    else:
+        lengths = lengths.to(torch.int64)
+        all_used = False
+    column = torch.arange(width, dtype=torch.int64, device=device)
+    room = (lengths.unsqueeze(1) - column.unsqueeze(0)).reshape(-1)
+    segment = torch.arange(batch, dtype=torch.int64, device=device).repeat_interleave(width)
+    return FlatTokens(tokens.reshape(-1), segment, room, batch, all_used)
+
+
+def read_tokens(tokens, who: str) -> FlatTokens:
+    """Any supported container -> :class:`FlatTokens`; ``who`` names the caller in the errors."""
+    if isinstance(tokens, Jagged):
+        return read_jagged(tokens.values, tokens.offsets, who)
+    if isinstance(tokens, Padded):
+        return read_padded(tokens.tokens, tokens.lengths, who)
+    if isinstance(tokens, torch.Tensor):
+        raise TypeError(
+            f"tokens is a single tensor of shape {tuple(tokens.shape)}; pass a list of 1-D tensors, "
+            "Jagged(values, offsets) or Padded(tokens, lengths) (a [B, L] tensor needs its lengths)"
+        )
+    if isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, torch.Tensor) for t in tokens):
+        if tokens[0].dim() == 2:
+            return read_padded(tokens[0], tokens[1], who)
+        return read_jagged(tokens[0], tokens[1], who)
+    if isinstance(tokens, (list, tuple)):
+        return read_list(tokens, who)
+    raise TypeError(
+        "tokens must be a list of 1-D integer tensors, Jagged(values, offsets) or Padded(tokens, lengths), "
+        f"got {type(tokens).__name__}"
+    )
+
+
+def validate(flat: FlatTokens, *, ids: bool = True) -> None:
+    """The checks that need the data: device-resident offsets (non-decreasing, inside the values) and, with
+    ``ids``, no negative id among the tokens of the samples (padding may hold anything). One host read."""
+    values, offsets = flat.values, flat.device_offsets
+    parts = []
+    if offsets is not None:
+        parts += [torch.diff(offsets).min(), offsets[0], values.numel() - offsets[-1]]
+    check_ids = ids and values.numel() > 0 and values.dtype != torch.uint8
+    if check_ids:
+        parts.append(values.min() if flat.all_used else torch.where(flat.room > 0, values, 0).min())
+    if not parts:
+        return
+    found = torch.stack([p.to(torch.int64) for p in parts]).tolist()  # the one host read
+    if offsets is not None:
+        step, first, room = found[:3]
+        if step < 0 or first < 0 or room < 0:
+            read_jagged(values[:0].cpu(), offsets.cpu(), "")  # raises the error that names the bad offset
+            raise AssertionError("unreachable: bad device offsets passed the host checks")
+    if check_ids and found[-1] < 0:
+        used = flat.room > 0
+        bad = int(torch.nonzero((values < 0) & used)[0, 0])
+        raise ValueError(
+            f"token ids must be non-negative: sample {int(flat.segment[bad])} holds the id {int(values[bad])} "
+            f"(flat position {bad})"
+        )
+
+
+def check_texts(texts, who: str) -> list[str]:
+    """``texts`` as a list of str, or a clear error (a single str, a non-str item, no texts)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            f"{who}: texts must be a sequence of str, got a single {type(texts).__name__}; wrap it in a list"
+        )
+    try:
+        texts = list(texts)
+    except TypeError as err:
+        raise TypeError(f"{who}: texts must be a sequence of str, got {type(texts).__name__}") from err
+    if not texts:
+        raise ValueError(f"texts is empty: {who} needs at least one text (N = 0)")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{who}: texts[{i}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+def texts_to_bytes(texts: list[str], device) -> Jagged:
+    """UTF-8 bytes of ``texts`` as ``Jagged(values (T,) uint8 on device, offsets (N + 1,) int64 CPU)``."""
+    encoded = [text.encode("utf-8") for text in texts]
+    lengths = torch.tensor([len(b) for b in encoded], dtype=torch.int64)
+    offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    joined = b"".join(encoded)
+    values = (
+        torch.frombuffer(bytearray(joined), dtype=torch.uint8)
+        if joined
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    return Jagged(_to_device(values, torch.device(device)), offsets)
