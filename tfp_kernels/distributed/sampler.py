@@ -80,27 +80,75 @@ def _balance_lpt(tokens: torch.Tensor, num_replicas: int) -> tuple[torch.Tensor,
     return slot, loads
 
 
-def balance_steps(tokens: torch.Tensor, num_replicas: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _refine_swaps(
+    tokens: torch.Tensor, slot: torch.Tensor, loads: torch.Tensor, max_swaps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise-swap local search: while it helps, swap one pack of the most loaded rank ``m`` (first on
+    ties) with one pack of another rank ``r``, choosing the swap that minimises ``max(load_m - d, load_r +
+    d)`` among those that make both sides smaller than ``load_m`` (ties: the first ``(r, i, j)``); at most
+    ``max_swaps`` swaps per step. Each swap lowers the sum of squared loads, so the search ends; the most
+    loaded rank never gets heavier. Vectorised over the steps, a chunk of steps at a time (about 2**22
+    candidate swaps, tens of MB)."""
+    num_steps, num_replicas, k = slot.shape
+    chunk = max(1, (1 << 22) // (num_replicas * k * k))
+    slot, loads = slot.clone(), loads.clone()
+    big = torch.iinfo(torch.int64).max
+    for begin in range(0, num_steps, chunk):
+        active = torch.arange(begin, min(begin + chunk, num_steps))
+        for _ in range(max_swaps):
+            if active.numel() == 0:
+                break
+            sl, ld = slot[active], loads[active]
+            x = tokens[active].gather(1, sl.reshape(active.numel(), -1)).view_as(sl)  # (A, R, K)
+            rows = torch.arange(active.numel())
+            m = ld.argmax(dim=1)
+            peak = ld[rows, m]
+            d = x[rows, m][:, None, :, None] - x[:, :, None, :]  # (A, R, K_m, K_r): a_i - b_j
+            new = torch.maximum(peak[:, None, None, None] - d, ld[:, :, None, None] + d)
+            other = torch.arange(num_replicas)[None, :] != m[:, None]
+            valid = (d > 0) & (new < peak[:, None, None, None]) & other[:, :, None, None]
+            flat = torch.where(valid, new, big).reshape(active.numel(), -1)
+            best = flat.argmin(dim=1)
+            found = flat[rows, best] < big
+            if not bool(found.any()):
+                break
+            active, rows, best, m = active[found], rows[found], best[found], m[found]
+            r, i, j = best // (k * k), (best // k) % k, best % k
+            a, b = slot[active, m, i], slot[active, r, j]
+            delta = x[rows, m, i] - x[rows, r, j]
+            slot[active, m, i], slot[active, r, j] = b, a
+            loads[active, m] -= delta
+            loads[active, r] += delta
+    return slot, loads
+
+
+def balance_steps(
+    tokens: torch.Tensor, num_replicas: int, *, max_swaps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the packs of every step among ``num_replicas`` ranks, ``K`` each, with near-equal token sums.
 
-    Two greedy assignments are computed for every step, vectorised over the steps, and the one whose most
-    loaded rank has fewer tokens is kept (ties: the first):
+    Vectorised over the steps, deterministic. Two greedy assignments are computed for every step and the one
+    whose most loaded rank has fewer tokens is kept (ties: the first), then improved by pairwise swaps:
 
     - *sorted rounds*: the step's packs in decreasing size, ``R`` at a time; in each round the largest goes
       to the least loaded rank, the second largest to the second least loaded, and so on;
     - *LPT with a cardinality limit*: packs in decreasing size, each to the least loaded rank that holds
-      fewer than ``K`` packs (skipped when ``K == 1`` or ``R == 1``: there is no choice to make).
+      fewer than ``K`` packs;
+    - *swaps*: while it helps (at most ``max_swaps`` times per step), swap a pack of the most loaded rank
+      with a pack of another rank, the swap that lowers the larger of the two new loads most. (The last two
+      are skipped when ``K == 1`` or ``R == 1``: every assignment has the same loads.)
 
     Bound. For sorted rounds, ``max_r load_r - min_r load_r <= x_max`` (the step's longest pack). Proof by
     induction over the rounds: before a round let the loads be ``l_1 <= ... <= l_R`` with spread ``D``, and
     the round's packs ``x_1 >= ... >= x_R`` (``x_i`` goes to the rank of ``l_i``). For ``i < j``,
     ``(l_i + x_i) - (l_j + x_j) <= x_i - x_j <= x_1``; for ``i > j``, ``(l_i + x_i) - (l_j + x_j) <=
-    l_i - l_j <= D``. So the spread stays ``<= max(D, x_1) <= x_max``. Since ``min <= mean``, the kept
-    assignment has ``max_r load_r <= mean_r load_r + x_max``.
+    l_i - l_j <= D``. So the spread stays ``<= max(D, x_1) <= x_max``. Neither the choice nor the swaps
+    raise the largest load, and ``min <= mean``, so the result has ``max_r load_r <= mean_r load_r + x_max``.
 
     Args:
         tokens: (S, G) integer tensor (CPU), ``G = R * K``: tokens of the packs of each step, in slot order.
         num_replicas: ``R >= 1``, dividing ``G``.
+        max_swaps: cap on the swaps per step (default ``2 * G``; 0 turns the swaps off).
 
     Returns:
         ``(slot, loads)``: ``slot`` (S, R, K) torch.int64, the slots (indices into ``G``) given to each rank
@@ -117,10 +165,14 @@ def balance_steps(tokens: torch.Tensor, num_replicas: int) -> tuple[torch.Tensor
         better = loads_lpt.max(dim=1).values < loads.max(dim=1).values
         slot = torch.where(better[:, None, None], slot_lpt, slot)
         loads = torch.where(better[:, None], loads_lpt, loads)
+        max_swaps = 2 * group if max_swaps is None else max_swaps
+        slot, loads = _refine_swaps(tokens, slot, loads, max_swaps)
     return slot, loads
 
 
-def balance_step_reference(tokens: list[int], num_replicas: int) -> list[list[int]]:
+def balance_step_reference(
+    tokens: list[int], num_replicas: int, *, max_swaps: int | None = None
+) -> list[list[int]]:
     """Plain-Python definition of :func:`balance_steps` for one step: the slots of each rank."""
     group = len(tokens)
     k = group // num_replicas
@@ -147,7 +199,23 @@ def balance_step_reference(tokens: list[int], num_replicas: int) -> list[list[in
     if k > 1 and num_replicas > 1:
         slots_lpt, loads_lpt = lpt()
         if max(loads_lpt) < max(loads):
-            slots = slots_lpt
+            slots, loads = slots_lpt, loads_lpt
+        for _ in range(2 * group if max_swaps is None else max_swaps):
+            m = max(range(num_replicas), key=lambda r: (loads[r], -r))
+            best = None
+            for r in range(num_replicas):
+                for i in range(k):
+                    for j in range(k):
+                        d = tokens[slots[m][i]] - tokens[slots[r][j]]
+                        new = max(loads[m] - d, loads[r] + d)
+                        if r != m and d > 0 and new < loads[m] and (best is None or new < best[0]):
+                            best = (new, r, i, j, d)
+            if best is None:
+                break
+            _, r, i, j, d = best
+            slots[m][i], slots[r][j] = slots[r][j], slots[m][i]
+            loads[m] -= d
+            loads[r] += d
     return slots
 
 
