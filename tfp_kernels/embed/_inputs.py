@@ -26,6 +26,7 @@ class FlatTokens(NamedTuple):
     num_samples: N.
     all_used: whether every token of ``values`` belongs to a sample (no padding, nothing outside).
     device_offsets: (N + 1,) int64 offsets that live on the device and are not checked yet, else None.
+    device_lengths: (B,) int64 lengths of a ``Padded`` that live on the device, not checked yet, else None.
     """
 
     values: torch.Tensor
@@ -34,6 +35,7 @@ class FlatTokens(NamedTuple):
     num_samples: int
     all_used: bool
     device_offsets: torch.Tensor | None = None
+    device_lengths: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -78,7 +80,6 @@ def read_jagged(values, offsets, who: str) -> FlatTokens:
     _check_device(offsets, "tokens.offsets", values.device, "tokens.values", cpu_ok=True)
     if offsets.numel() < 2:
         raise _empty_error(who)
-    device = values.device
     if offsets.device.type == "cpu":
         host = offsets.to(torch.int64)
         lengths = host[1:] - host[:-1]
@@ -96,14 +97,17 @@ def read_jagged(values, offsets, who: str) -> FlatTokens:
                 f"tokens.offsets[-1] = {end} is past the end of tokens.values ({values.numel()})"
             )
         return _from_host_lengths(values[start:end], lengths)
-    # offsets on the device of the values: no host sync (checked later, with the ids, in one sync)
-    offsets = offsets.to(torch.int64)
+    return jagged_device_offsets(values, offsets.to(torch.int64))
+
+
+def jagged_device_offsets(values: torch.Tensor, offsets: torch.Tensor) -> FlatTokens:
+    """``Jagged`` whose (N + 1,) int64 ``offsets`` live on the device of ``values``: per-token sample ids by a
+    binary search, no host sync (the offsets are checked later by :func:`validate`, in its one host read)."""
     n = offsets.numel() - 1
-    position = torch.arange(values.numel(), dtype=torch.int64, device=device)
+    position = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
     segment = torch.searchsorted(offsets, position, right=True).sub_(1).clamp_(0, n - 1)
     room = offsets.index_select(0, segment + 1).sub_(position)
-    inside = (position >= offsets[0]) & (position < offsets[-1])
-    room.mul_(inside)
+    room.mul_((position >= offsets[0]) & (position < offsets[-1]))
     return FlatTokens(values, segment, room, n, False, offsets)
 
 
@@ -117,23 +121,26 @@ def read_padded(tokens, lengths, who: str) -> FlatTokens:
     if lengths.numel() != batch:
         raise ValueError(f"tokens.lengths has {lengths.numel()} entries but tokens.tokens has {batch} rows")
     device = tokens.device
+    unchecked = None
     if lengths.device.type == "cpu":
         host = lengths.to(torch.int64)
-        bad = (host < 0) | (host > width)
-        if bad.any():
-            i = int(torch.argmax(bad.to(torch.uint8)))
-            raise ValueError(
-                f"tokens.lengths[{i}] = {int(host[i])} is outside [0, {width}] (the padded width)"
-            )
+        _check_padded_lengths(host, width)
         all_used = bool((host == width).all())
         lengths = _to_device(host, device)
     else:
-        lengths = lengths.to(torch.int64)
+        lengths = unchecked = lengths.to(torch.int64)
         all_used = False
     column = torch.arange(width, dtype=torch.int64, device=device)
     room = (lengths.unsqueeze(1) - column.unsqueeze(0)).reshape(-1)
     segment = torch.arange(batch, dtype=torch.int64, device=device).repeat_interleave(width)
-    return FlatTokens(tokens.reshape(-1), segment, room, batch, all_used)
+    return FlatTokens(tokens.reshape(-1), segment, room, batch, all_used, None, unchecked)
+
+
+def _check_padded_lengths(host: torch.Tensor, width: int) -> None:
+    bad = (host < 0) | (host > width)
+    if bad.any():
+        i = int(torch.argmax(bad.to(torch.uint8)))
+        raise ValueError(f"tokens.lengths[{i}] = {int(host[i])} is outside [0, {width}] (the padded width)")
 
 
 def read_tokens(tokens, who: str) -> FlatTokens:
@@ -160,26 +167,30 @@ def read_tokens(tokens, who: str) -> FlatTokens:
 
 
 def validate(flat: FlatTokens, *, ids: bool = True) -> None:
-    """The checks that need the data: device-resident offsets (non-decreasing, inside the values) and, with
-    ``ids``, no negative id among the tokens of the samples (padding may hold anything). One host read."""
-    values, offsets = flat.values, flat.device_offsets
-    parts = []
+    """The checks that need the data, in one host read: offsets that live on the device (non-decreasing,
+    inside the values), lengths that live on the device (inside ``[0, L]``) and, with ``ids``, no negative
+    id among the tokens of the samples (padding may hold anything)."""
+    values, offsets, lengths = flat.values, flat.device_offsets, flat.device_lengths
+    parts: dict[str, torch.Tensor] = {}
     if offsets is not None:
-        parts += [torch.diff(offsets).min(), offsets[0], values.numel() - offsets[-1]]
-    check_ids = ids and values.numel() > 0 and values.dtype != torch.uint8
-    if check_ids:
-        parts.append(values.min() if flat.all_used else torch.where(flat.room > 0, values, 0).min())
+        parts["offsets"] = torch.stack(
+            [torch.diff(offsets).min(), offsets[0], values.numel() - offsets[-1]]
+        ).min()
+    width = values.numel() // lengths.numel() if lengths is not None else 0
+    if lengths is not None:
+        parts["lengths"] = torch.minimum(lengths.min(), width - lengths.max())
+    if ids and values.numel() > 0 and values.dtype != torch.uint8:
+        parts["ids"] = values.min() if flat.all_used else torch.where(flat.room > 0, values, 0).min()
     if not parts:
         return
-    found = torch.stack([p.to(torch.int64) for p in parts]).tolist()  # the one host read
-    if offsets is not None:
-        step, first, room = found[:3]
-        if step < 0 or first < 0 or room < 0:
-            read_jagged(values[:0].cpu(), offsets.cpu(), "")  # raises the error that names the bad offset
-            raise AssertionError("unreachable: bad device offsets passed the host checks")
-    if check_ids and found[-1] < 0:
-        used = flat.room > 0
-        bad = int(torch.nonzero((values < 0) & used)[0, 0])
+    found = dict(zip(parts, torch.stack([p.to(torch.int64) for p in parts.values()]).tolist()))
+    if found.get("offsets", 0) < 0:  # redo the host checks, which name the bad offset
+        read_jagged(torch.zeros(values.numel(), dtype=torch.uint8), offsets.cpu(), "")
+        raise AssertionError("unreachable: bad device offsets passed the host checks")
+    if found.get("lengths", 0) < 0:
+        _check_padded_lengths(lengths.cpu(), width)
+    if found.get("ids", 0) < 0:
+        bad = int(torch.nonzero((values < 0) & (flat.room > 0))[0, 0])
         raise ValueError(
             f"token ids must be non-negative: sample {int(flat.segment[bad])} holds the id {int(values[bad])} "
             f"(flat position {bad})"
