@@ -24,7 +24,7 @@ from tfp_kernels.distributed import (
     balance_steps,
     plan_epoch,
 )
-from tfp_kernels.distributed.sampler import _balance_rounds
+from tfp_kernels.distributed.sampler import _balance_lpt, _balance_rounds
 from tfp_kernels.packing import pack_lengths, select_packs
 from tfp_kernels.testing import lognormal_lengths
 
@@ -109,11 +109,14 @@ def test_balance_known_optimum():
     slot, loads = balance_steps(torch.tensor([[8, 7, 6, 5, 4, 3]]), 2)
     assert sorted(loads[0].tolist()) == [16, 17]
     assert sorted(slot.reshape(-1).tolist()) == list(range(6))
-    # a case where cardinality-limited LPT beats sorted rounds: the kept one is the better
-    tokens = torch.tensor([[10, 9, 8, 1, 1, 1]])
-    _, loads_rounds = _balance_rounds(tokens, 3)
-    _, loads = balance_steps(tokens, 3)
-    assert loads.max() <= loads_rounds.max()
+    # cardinality-limited LPT beats sorted rounds here (12 | 12 against 13 | 11); the better one is kept
+    tokens = torch.tensor([[2, 6, 2, 1, 10, 1]])
+    assert _balance_rounds(tokens, 2)[1].max() == 13 and _balance_lpt(tokens, 2)[1].max() == 12
+    assert balance_steps(tokens, 2, max_swaps=0)[1].max() == 12
+    # and here a swap improves on both greedy assignments (21 -> 20, the optimum: 59 tokens on 3 ranks)
+    tokens = torch.tensor([[1, 5, 9, 8, 7, 5, 8, 6, 10]])
+    assert balance_steps(tokens, 3, max_swaps=0)[1].max() == 21
+    assert balance_steps(tokens, 3)[1].max() == 20
 
 
 @pytest.mark.parametrize("remainder", ["pad", "drop"])
