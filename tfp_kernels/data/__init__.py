@@ -1,19 +1,16 @@
-"""The bundled default dataset (see README.md in this folder)."""
+"""The bundled default dataset of ``tfp-pack`` (see README.md in this folder)."""
 
 from __future__ import annotations
 
 import os
 
-import torch
+#: 4,000 synthetic alpaca records (instruction/input/output/topic), gzip JSON Lines, CC0.
+DEFAULT_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_default.jsonl.gz")
 
-DEFAULT_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_embeddings.pt")
 
+def load_default() -> list[dict]:
+    """The bundled synthetic SFT dataset: a list of 4,000 dicts with ``instruction``, ``input``, ``output``
+    (strings) and ``topic`` (one of 8 topic names), in file order."""
+    from ..text.readers import read_records
 
-def load_default() -> dict:
-    """The bundled synthetic dataset.
-
-    Returns:
-        dict with ``embeddings`` (2000, 64) float16, ``lengths`` (2000,) int64 token counts and
-        ``topic`` (2000,) int64 generating topic of each sample; all on the CPU.
-    """
-    return torch.load(DEFAULT_DATASET, weights_only=True)
+    return read_records(DEFAULT_SFT)

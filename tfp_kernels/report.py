@@ -1,0 +1,198 @@
+"""Figures and plots of a packing: fill, intra-pack similarity, same-topic pairs; the PNGs of ``tfp-pack``.
+
+Plots are drawn on a bare ``matplotlib.figure.Figure`` (Agg canvas; pyplot and the global backend are
+left alone) and saved without time stamps or software version (``metadata={"Software": None}``), so the
+same numbers give the same PNG bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from .packing import Packing
+
+
+def _pack_of_samples(packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct (pack, sample) pairs of a packing: ``(pack, sample)`` (K,) int64 each, on the CPU."""
+    pack = packing.pack_id.cpu()
+    sample = packing.sample_index.cpu()
+    n = int(sample.max()) + 1 if sample.numel() else 1
+    key = torch.unique(pack * n + sample)
+    return key // n, key % n
+
+
+def intra_pack_similarity(packing: Packing, embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity of the distinct samples sharing each pack.
+
+    For the ``k`` samples of a pack with unit embeddings ``x_i``: ``sum_{i<j} x_i . x_j / (k (k - 1) / 2)``,
+    computed as ``(|sum x|^2 - sum |x|^2) / 2`` per pack in float64 (O(N D), no pairs listed).
+
+    Args:
+        packing: a :class:`~tfp_kernels.Packing` whose ``sample_index`` indexes rows of ``embeddings``.
+        embeddings: (N, D) floating, any device; rows are L2-normalised here (zero rows stay zero).
+
+    Returns:
+        (P,) float64 on the CPU; NaN for packs with fewer than two distinct samples.
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels import pack_lengths
+        >>> emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> intra_pack_similarity(pack_lengths([2, 2, 2, 4], 4), emb)   # packs: {0, 1} | {2} | {3}
+        tensor([1., nan, nan], dtype=torch.float64)
+    """
+    x = torch.nn.functional.normalize(embeddings.detach().to("cpu", torch.float64), dim=1)
+    pack, sample = _pack_of_samples(packing)
+    p = packing.num_packs
+    d = x.shape[1]
+    sums = torch.zeros(p, d, dtype=torch.float64).index_add_(0, pack, x[sample])
+    sq = torch.zeros(p, dtype=torch.float64).index_add_(0, pack, x[sample].square().sum(1))
+    k = torch.bincount(pack, minlength=p).double()
+    pairs = k * (k - 1) / 2
+    sim = (sums.square().sum(1) - sq) / 2 / pairs
+    return torch.where(pairs > 0, sim, torch.full_like(sim, float("nan")))
+
+
+def same_label_pair_fraction(packing: Packing, labels: torch.Tensor) -> float:
+    """Fraction of the within-pack pairs of distinct samples whose ``labels`` (e.g. topics) agree.
+
+    Args:
+        labels: (N,) integer tensor, one label per sample.
+
+    Returns:
+        a float in [0, 1], or NaN when no pack holds two samples.
+    """
+    pack, sample = _pack_of_samples(packing)
+    lab = labels.cpu().long()[sample]
+    nl = int(lab.max()) + 1 if lab.numel() else 1
+    per = torch.bincount(pack * nl + lab, minlength=packing.num_packs * nl).double()
+    same = (per * (per - 1) / 2).sum()
+    k = torch.bincount(pack, minlength=packing.num_packs).double()
+    total = (k * (k - 1) / 2).sum()
+    return float(same / total) if total > 0 else float("nan")
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = x[~torch.isnan(x)]
+    return round(float(x.mean()), 6) if x.numel() else None
+
+
+def packing_summary(
+    packing: Packing, embeddings: torch.Tensor | None = None, topics: torch.Tensor | None = None
+) -> dict:
+    """Counts and quality figures of a packing, as JSON-ready Python numbers (floats rounded to 6 digits):
+    packs, pieces, tokens, fill ratio, over-long counts, mean intra-pack similarity (over packs with
+    two or more samples), and the same-topic pair fraction when ``topics`` is given."""
+    out = {
+        "packs": packing.num_packs,
+        "pieces": packing.num_pieces,
+        "tokens": packing.num_tokens,
+        "fill_ratio": round(packing.fill_ratio, 6),
+        "split": packing.num_split,
+        "truncated": packing.num_truncated,
+        "dropped": packing.num_dropped,
+    }
+    if embeddings is not None:
+        out["mean_intra_pack_similarity"] = _nanmean(intra_pack_similarity(packing, embeddings))
+    if topics is not None:
+        frac = same_label_pair_fraction(packing, topics)
+        out["same_topic_pair_fraction"] = None if math.isnan(frac) else round(frac, 6)
+    return out
+
+
+def write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON (key order kept) with a final newline."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def plot_pack_lengths(pack_lengths: torch.Tensor, max_len: int, path: str, title: str) -> None:
+    """Histogram of the tokens per pack, with ``max_len`` marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    values = pack_lengths.cpu().double().numpy()
+    ax.hist(values, bins=50, range=(0, max_len), color=_COLOURS[0])
+    ax.axvline(max_len, color="black", linestyle="--", linewidth=1, label=f"max_len = {max_len}")
+    ax.set_xlabel("tokens in the pack")
+    ax.set_ylabel("packs")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_fill_ratio(fill: dict[str, dict[str, float]], path: str, title: str) -> None:
+    """Grouped bars: fill ratio per strategy (x) for each order (``fill[order][strategy]``)."""
+    from matplotlib.figure import Figure
+
+    orders = list(fill)
+    strategies = list(next(iter(fill.values())))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(orders))
+    for j, order in enumerate(orders):
+        xs = [i + (j - (len(orders) - 1) / 2) * width for i in range(len(strategies))]
+        ys = [fill[order][s] for s in strategies]
+        bars = ax.bar(xs, ys, width=width, color=_COLOURS[j % len(_COLOURS)], label=f"{order} order")
+        for bar, y in zip(bars, ys):
+            ax.annotate(
+                f"{y:.3f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=7
+            )
+    ax.set_xticks(range(len(strategies)), strategies)
+    low = min(min(v.values()) for v in fill.values())
+    ax.set_ylim(max(0.0, low - 0.1), 1.02)
+    ax.set_ylabel("fill ratio (tokens / (packs x max_len))")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_similarity(per_pack: dict[str, torch.Tensor], path: str, title: str) -> None:
+    """Overlaid histograms of the per-pack mean pairwise similarity, one per packing, means marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    values = {k: v[~torch.isnan(v)].numpy() for k, v in per_pack.items()}
+    nonempty = [v for v in values.values() if v.size]
+    lo = min(float(v.min()) for v in nonempty) if nonempty else 0.0
+    hi = max(float(v.max()) for v in nonempty) if nonempty else 1.0
+    if hi <= lo:
+        hi = lo + 1e-6
+    for j, (name, v) in enumerate(values.items()):
+        colour = _COLOURS[j % len(_COLOURS)]
+        mean = float(v.mean()) if v.size else float("nan")
+        ax.hist(
+            v,
+            bins=40,
+            range=(lo, hi),
+            histtype="step",
+            linewidth=1.6,
+            color=colour,
+            label=f"{name}: mean {mean:.3f}",
+        )
+        if v.size:
+            ax.axvline(mean, color=colour, linestyle="--", linewidth=1)
+    ax.set_xlabel("mean pairwise cosine similarity of the samples in a pack")
+    ax.set_ylabel("packs")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,164 @@
+"""Parquet outputs of ``tfp-pack``: the records in TFP order and the packed dataset (one row per pack).
+
+Both files are written deterministically (same input -> same bytes: pyarrow writes no time stamps;
+columns and row groups follow the data) and load with ``datasets.load_dataset("parquet", data_files=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Rows per Parquet row group of the packed file (a pack is up to max_len tokens per list column).
+PACKED_ROW_GROUP = 2048
+
+
+def _column(values: list):
+    """A pyarrow array of ``values``; a column mixing types it cannot unify is stored as JSON strings."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return pa.array(
+            [
+                None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+                for v in values
+            ],
+            type=pa.string(),
+        )
+
+
+def records_table(records: Sequence[dict], order: np.ndarray, index_column: str, extra: dict | None = None):
+    """A pyarrow Table of ``records[order]`` with the original index in ``index_column``.
+
+    Columns: every field of any record (first-seen order; missing values are null), then
+    ``index_column`` (int64) and the ``extra`` columns (name -> (N,) array in the original order).
+    """
+    import pyarrow as pa
+
+    keys: dict[str, None] = {}
+    for r in records:
+        for k in r:
+            keys.setdefault(k, None)
+    ordered = [records[i] for i in order.tolist()]
+    columns = {k: _column([r.get(k) for r in ordered]) for k in keys}
+    columns[index_column] = pa.array(order.astype(np.int64))
+    for name, values in (extra or {}).items():
+        columns[name] = pa.array(np.asarray(values)[order])
+    return pa.table(columns)
+
+
+def index_column_name(records: Sequence[dict], base: str = "original_index") -> str:
+    """``base``, or ``base_2``, ``base_3``... when the records already have a field of that name."""
+    taken = set()
+    for r in records:
+        taken.update(r)
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray, value_type):
+    import pyarrow as pa
+
+    values = pa.array(values, type=value_type)
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), values)
+
+
+def packed_table(batch=None, *, packing=None):
+    """One row per pack of a :class:`~tfp_kernels.PackedBatch` (or, without tokens, of a
+    :class:`~tfp_kernels.Packing` whose ``sample_index`` holds original record indices).
+
+    Columns (lists are per pack):
+
+    - ``input_ids``, ``labels``, ``position_ids``: list<int32>, the pack's tokens (labels -100 outside the
+      loss and at the first token of every attention segment, as ``assemble`` makes them);
+    - ``cu_seqlens``: list<int32>, attention segment boundaries inside the pack, from 0 to its length
+      (``[0, length]`` with ``attention="pack"``; one segment per piece with ``"sample"``);
+    - ``sample_ids``: list<int64>, original record index of each piece, in order;
+    - ``seq_lengths``: list<int32>, tokens of each piece; ``sample_starts``: list<int32>, the piece's first
+      token within its record (0 unless the record was split);
+    - ``length``: int32, tokens in the pack.
+
+    Without a batch (``packing=`` given) only the last four kinds of columns are written.
+    """
+    import pyarrow as pa
+
+    if batch is not None:
+        packing = batch.packing
+    pack_offsets = packing.pack_offsets.cpu().numpy()
+    piece_rows = packing.pack_piece_offsets.cpu().numpy()
+    columns = {}
+    if batch is not None:
+        for name in ("input_ids", "labels", "position_ids"):
+            columns[name] = _list_array(
+                getattr(batch, name)[0].cpu().numpy().astype(np.int32), pack_offsets, pa.int32()
+            )
+        cu = batch.cu_seqlens_cpu.numpy().astype(np.int64)
+        # a pack's boundaries: its segment starts, then its end; segments never cross packs
+        seg_pack = np.searchsorted(pack_offsets, cu[:-1], side="right") - 1
+        num_packs = pack_offsets.size - 1
+        seg_counts = np.bincount(seg_pack, minlength=num_packs)
+        row_offsets = np.zeros(num_packs + 1, dtype=np.int64)
+        np.cumsum(seg_counts + 1, out=row_offsets[1:])
+        values = np.empty(row_offsets[-1], dtype=np.int64)
+        seg_pos = np.arange(cu.size - 1) + seg_pack  # each earlier pack adds one end entry
+        values[seg_pos] = cu[:-1] - pack_offsets[seg_pack]
+        values[row_offsets[1:] - 1] = np.diff(pack_offsets)
+        columns["cu_seqlens"] = _list_array(values.astype(np.int32), row_offsets, pa.int32())
+    columns["sample_ids"] = _list_array(packing.sample_index.cpu().numpy(), piece_rows, pa.int64())
+    columns["seq_lengths"] = _list_array(
+        packing.length.cpu().numpy().astype(np.int32), piece_rows, pa.int32()
+    )
+    columns["sample_starts"] = _list_array(
+        packing.offset.cpu().numpy().astype(np.int32), piece_rows, pa.int32()
+    )
+    columns["length"] = pa.array(np.diff(pack_offsets).astype(np.int32))
+    return pa.table(columns)
+
+
+def write_parquet(
+    table, path: str, *, row_group_size: int | None = None, progress: bool = False, desc: str = "writing"
+) -> None:
+    """Write ``table`` to ``path`` (zstd, deterministic), in row groups, with a progress bar."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    rows = table.num_rows
+    step = row_group_size or max(1, rows)
+    with (
+        pq.ParquetWriter(path, table.schema, compression="zstd") as writer,
+        tqdm(total=rows, unit="row", desc=desc, disable=not progress) as bar,
+    ):
+        for start in range(0, max(rows, 1), step):
+            writer.write_table(table.slice(start, step), row_group_size=step)
+            bar.update(min(step, rows - start))
+
+
+def unpack_records(table, num_records: int, column: str = "input_ids") -> list[torch.Tensor]:
+    """The tokens (or ``column``: ``labels``, ``position_ids``) of every record, rebuilt from a packed table
+    (``sample_ids``, ``seq_lengths``, ``sample_starts``): a list of N 1-D int64 tensors (empty for records
+    not packed). The inverse of the packing, used by the tests."""
+    ids = table.column(column).to_pylist()
+    sids = table.column("sample_ids").to_pylist()
+    lens = table.column("seq_lengths").to_pylist()
+    starts = table.column("sample_starts").to_pylist()
+    pieces: list[list[tuple[int, list[int]]]] = [[] for _ in range(num_records)]
+    for row_ids, row_sids, row_lens, row_starts in zip(ids, sids, lens, starts):
+        pos = 0
+        for s, n, st in zip(row_sids, row_lens, row_starts):
+            pieces[s].append((st, row_ids[pos : pos + n]))
+            pos += n
+    out = []
+    for p in pieces:
+        p.sort(key=lambda x: x[0])
+        out.append(torch.tensor([t for _, chunk in p for t in chunk], dtype=torch.int64))
+    return out
