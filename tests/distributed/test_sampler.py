@@ -42,11 +42,13 @@ def epoch_steps(samplers):
     return out
 
 
-def check_epoch(pack_tokens, world, packs_per_step, remainder, **kwargs):
-    """Every invariant of one epoch over all ranks; returns the samplers."""
+def check_epoch(pack_tokens, world, packs_per_step, remainder, epoch=0, **kwargs):
+    """Every invariant of epoch ``epoch`` over all ranks; returns the samplers."""
     pack_tokens = torch.as_tensor(pack_tokens, dtype=torch.int64)
     num_packs = pack_tokens.numel()
     samplers = all_ranks(pack_tokens, world, packs_per_step=packs_per_step, remainder=remainder, **kwargs)
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
     steps = epoch_steps(samplers)
     group = world * packs_per_step
     expected_steps = -(-num_packs // group) if remainder == "pad" else num_packs // group
@@ -125,9 +127,7 @@ def test_epoch_invariants_on_real_packs(world, packs_per_step, remainder):
     lengths = lognormal_lengths(3000, mean=300, max_len=2048, seed=world)
     packing = pack_lengths(lengths, 2048, strategy="next_fit")
     for epoch in range(2):
-        samplers = check_epoch(packing.pack_lengths, world, packs_per_step, remainder, seed=3)
-        for s in samplers:
-            s.set_epoch(epoch + 1)
+        check_epoch(packing.pack_lengths, world, packs_per_step, remainder, epoch=epoch, seed=3)
 
 
 def test_imbalance_figures_on_real_packs():
@@ -271,22 +271,7 @@ def test_set_epoch_rejects_negative():
     epoch=st.integers(0, 5),
 )
 def test_epoch_invariants_property(tokens, world, packs_per_step, remainder, balance, seed, epoch):
-    samplers = [
-        DistributedPackSampler(
-            tokens,
-            num_replicas=world,
-            rank=r,
-            packs_per_step=packs_per_step,
-            remainder=remainder,
-            balance=balance,
-            seed=seed,
-        )
-        for r in range(world)
-    ]
-    for s in samplers:
-        s.set_epoch(epoch)
-    # check_epoch builds its own samplers at epoch 0; compare the epoch's plan with a rebuilt one too
-    check_epoch(tokens, world, packs_per_step, remainder, balance=balance, seed=seed)
+    samplers = check_epoch(tokens, world, packs_per_step, remainder, epoch=epoch, balance=balance, seed=seed)
     plan = plan_epoch(
         torch.tensor(tokens, dtype=torch.int64),
         num_replicas=world,
@@ -296,7 +281,7 @@ def test_epoch_invariants_property(tokens, world, packs_per_step, remainder, bal
         remainder=remainder,
         balance=balance,
     )
-    assert torch.equal(samplers[0].plan().packs, plan.packs)
+    assert torch.equal(samplers[0].plan().packs, plan.packs) and samplers[0].plan().epoch == epoch
 
 
 @given(
