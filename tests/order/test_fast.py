@@ -41,7 +41,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("emb, metric, window, cap, start, k", CASES)
-@pytest.mark.parametrize("fallback", ["host", "device"])
+@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
 def test_fast_equals_reference(emb, metric, window, cap, start, k, fallback):
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start)
@@ -76,7 +76,7 @@ def test_duplicates_and_identical_rows():
         assert tfp_order(same, start=4).tolist() == [4] + [i for i in range(30) if i != 4]
 
 
-@pytest.mark.parametrize("fallback", ["host", "device"])
+@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
 def test_list_rebuilds_keep_the_path_exact(monkeypatch, fallback):
     from tfp_kernels.order import fast
 
@@ -131,7 +131,7 @@ def test_cuda_fast_equals_reference(metric, band_backend):
     emb = clustered(3000, 64, clusters=30, seed=10).cuda()
     t = estimate_threshold(emb, metric=metric)
     ref = tfp_order_reference(emb, metric=metric, threshold=t)
-    for fallback in ("host", "device"):
+    for fallback in ("host", "device", "triton"):
         path, _ = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0, k=64,
                                  fallback=fallback, band_backend=band_backend)
         assert path.device == emb.device

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .band_topk import BandLists, band_topk_torch, squared_distance_error_coef
+from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
 from .distance import prepare
 from .scan import exact_pick, projection_basis
 
@@ -86,7 +87,9 @@ def fast_tfp_order(
 
     ``fallback="host"`` runs the exact fallback scans inside the C++ walk (host copies of the
     rows and their projections); ``"device"`` runs them with torch on the device of the embeddings,
-    returning from the C++ walk at each one; ``"auto"``: host for CPU tensors, device for CUDA.
+    returning from the C++ walk at each one; ``"triton"``: like ``"device"`` but each scan is one fused
+    Triton pass over the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without the rejection
+    cap, else as ``"device"``); ``"auto"``: host for CPU tensors, device for CUDA.
 
     ``rebuild``: once this fraction of the nodes unvisited at the last (re)build has been visited,
     and the walk needed a fallback scan for more than 5% of those steps, the lists of the unvisited
@@ -152,8 +155,14 @@ def fast_tfp_order(
     synced = 1  # path[:synced] is marked in visited_dev
     if fallback == "auto":
         fallback = "host" if device.type == "cpu" else "device"
-    if fallback not in ("host", "device"):
-        raise ValueError(f"fallback must be 'auto', 'host' or 'device', got {fallback!r}")
+    if fallback not in ("host", "device", "triton"):
+        raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
+    fused_scan = fallback == "triton" and max_rejections is None and window <= MAX_SCAN_WINDOW
+    if fallback == "triton":
+        from .band_topk_triton import triton_available
+
+        if not triton_available():
+            raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     y64 = None  # projections for the scans' lower bounds, computed at the first fallback
     projections = torch.empty(0, dtype=torch.float64)
     counter = torch.zeros(1, dtype=torch.long)
@@ -202,7 +211,7 @@ def fast_tfp_order(
         if step >= n:
             break
         t0 = time.perf_counter()
-        if y64 is None:
+        if y64 is None and not fused_scan:
             y64 = x64 @ projection_basis(x64)
             if fallback == "host":  # from now on the C++ walk runs the scans itself
                 projections = y64.to(host).contiguous()
@@ -214,10 +223,16 @@ def fast_tfp_order(
             visited_dev = visited
         synced = step
         unvisited = torch.nonzero(~visited_dev).flatten()
-        node = exact_pick(
-            x64, y64, unvisited, int(path[step - 1]), path[max(0, step - window) : step - 1].tolist(),
-            threshold=threshold, max_rejections=max_rejections, metric=metric,
-        )
+        last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
+        if fused_scan:
+            node = triton_exact_pick(
+                x64, x32, sq_norms, slack, unvisited, last, window_nodes, threshold=threshold, metric=metric
+            )
+        else:
+            node = exact_pick(
+                x64, y64, unvisited, last, window_nodes,
+                threshold=threshold, max_rejections=max_rejections, metric=metric,
+            )
         path[step] = node
         visited[node] = True
         step += 1

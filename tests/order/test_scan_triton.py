@@ -1,0 +1,106 @@
+"""The fused masked scan (Triton, under TRITON_INTERPRET=1 on the CPU) and the pick built on it vs exact_pick."""
+
+import pytest
+import torch
+
+from tfp_kernels.order.band_topk import squared_distance_error_coef
+from tfp_kernels.order.band_topk_triton import triton_available
+from tfp_kernels.order.distance import distances_from, prepare
+from tfp_kernels.order.fast import squared_threshold
+from tfp_kernels.order.scan import exact_pick, projection_basis
+from tfp_kernels.order.scan_triton import masked_scan_torch, masked_scan_triton, triton_exact_pick
+from tfp_kernels.order.threshold import estimate_threshold
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+SCANS = [
+    pytest.param(masked_scan_torch, id="torch"),
+    pytest.param(masked_scan_triton, id="triton", marks=needs_triton),
+]
+
+
+def _data(n, d, seed, duplicates=0, metric="l2"):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(5, d, generator=g) * 2
+    emb = centers[torch.randint(0, 5, (n,), generator=g)] + 0.6 * torch.randn(n, d, generator=g)
+    if duplicates:
+        emb[:duplicates] = emb[duplicates : 2 * duplicates]
+    x64 = prepare(emb, metric)
+    x32 = x64.float()
+    sq = x32.square().sum(dim=1)
+    slack = squared_distance_error_coef(d, torch.float32) * (sq.double() + sq.max().double())
+    return emb, x64, x32, sq, slack
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("n, d", [(1, 3), (7, 5), (130, 37), (300, 100)])
+def test_status_agrees_with_exact_distances(scan, n, d):
+    emb, x64, x32, sq, slack = _data(n, d, seed=n)
+    t = estimate_threshold(emb, quantile=0.2) if n > 1 else 1.0
+    t2 = squared_threshold(t, "l2")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randperm(n, generator=g)[: max(1, n // 2)].sort().values
+    queries = torch.randint(0, n, (min(5, n),), generator=g)
+    lower = (t2 - slack[queries]).float()
+    upper = (t2 + slack[queries]).float()
+    s2_last, status = scan(x32, sq, rows, queries, lower, upper)
+    exact = distances_from(x64, rows, queries, "l2") ** 2  # (U, W) exact squared distances
+    assert s2_last.dtype == torch.float32 and status.dtype == torch.int8
+    assert torch.all((s2_last.double() - exact[:, 0]).abs() <= slack[queries[0]] * 1.0001)
+    valid = (exact >= t2).all(dim=1)
+    assert torch.all(valid[status == 2]), "a row marked surely valid is exactly too close to a query"
+    assert not torch.any(valid[status == 0]), "a row marked surely invalid is exactly far from every query"
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("window", [1, 2, 4, 7])
+@pytest.mark.parametrize("quantile", [0.02, 0.3, 0.9])
+def test_pick_equals_exact_pick(scan, metric, window, quantile):
+    n, d = 157, 23
+    emb, x64, x32, sq, slack = _data(n, d, seed=window + int(quantile * 100), duplicates=12, metric=metric)
+    t = estimate_threshold(emb, metric=metric, quantile=quantile)
+    y64 = x64 @ projection_basis(x64)
+    g = torch.Generator().manual_seed(window)
+    for trial in range(6):
+        visited = torch.randperm(n, generator=g)[: int(torch.randint(window, n - 1, (1,), generator=g))]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[visited] = False
+        unvisited = torch.nonzero(mask).flatten()
+        last, window_nodes = int(visited[0]), visited[1:window].tolist()
+        expected = exact_pick(
+            x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
+        )
+        got = triton_exact_pick(
+            x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan
+        )
+        assert got == expected, (trial, got, expected)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_pick_with_no_valid_node_takes_the_nearest(scan):
+    # every unvisited node is within t of the last node: c_0, the nearest (ties by index)
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    x64 = prepare(emb, "l2")
+    x32 = x64.float()
+    sq = x32.square().sum(dim=1)
+    slack = squared_distance_error_coef(2, torch.float32) * (sq.double() + sq.max().double())
+    unvisited = torch.tensor([1, 2, 3])
+    got = triton_exact_pick(x64, x32, sq, slack, unvisited, 0, [], threshold=10.0, metric="l2", scan=scan)
+    assert got == 1  # nodes 1 and 2 tie at distance 1: the lower index
+    got = triton_exact_pick(x64, x32, sq, slack, unvisited, 4, [0], threshold=0.9, metric="l2", scan=scan)
+    assert got == 1  # all three are 0.707 from node 4 (< 0.9): none valid, c_0 ties -> lowest index
+    got = triton_exact_pick(x64, x32, sq, slack, unvisited, 0, [], threshold=1.2, metric="l2", scan=scan)
+    assert got == 3  # only node 3 (1.414 away) is valid, although 1 and 2 are nearer
+
+
+def test_window_limit():
+    x32 = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="query rows"):
+        masked_scan_triton(
+            x32,
+            torch.zeros(3),
+            torch.arange(3),
+            torch.zeros(65, dtype=torch.int64),
+            torch.zeros(65),
+            torch.zeros(65),
+        )

@@ -1,0 +1,233 @@
+"""Fused Triton kernel of the exact fallback scan: one pass over the unvisited rows for ``last`` and its window.
+
+The walk's fallback (:func:`~tfp_kernels.order.scan.exact_pick`) needs, among the unvisited nodes ``u``, the
+nearest one to ``last`` that is at distance ``>= t`` from every window node (``last`` included). The kernel
+reads each unvisited row once (through the index list: the rows are never gathered into a copy) and
+computes, in IEEE float32, its squared distances to the ``W`` query rows (``last`` first, then the other
+window nodes): ``s2 = |x_u|^2 + |q|^2 - 2 x_u.q``. It writes ``s2`` to ``last`` and a status per row:
+
+- ``2`` (surely valid): every ``s2 >= upper_w`` (``upper_w = t^2 + slack_w``, the float32 error bound of
+  :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`), so every exact distance is ``>= t``;
+- ``0`` (surely invalid): some ``s2 < lower_w`` (``t^2 - slack_w``), so some exact distance is ``< t``;
+- ``1``: undecided in float32.
+
+:func:`triton_exact_pick` then settles the pick exactly: the best surely-valid row bounds the answer, and
+only rows whose float32 distance to ``last`` is within twice the error bound of it are recomputed in float64
+(few rows), with the rule of the reference. Without the rejection cap only (with a cap, the caller uses
+:func:`~tfp_kernels.order.scan.exact_pick`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .band_topk_triton import _HAVE_TRITON
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _masked_scan_kernel(
+        out_s2_ptr,
+        out_status_ptr,
+        x_ptr,
+        stride_xn,
+        stride_xd,
+        sq_norms_ptr,
+        rows_ptr,
+        n_rows,
+        query_ptr,
+        lower_ptr,
+        upper_ptr,
+        n_query,
+        dim,
+        BLOCK_U: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+        row_ok = offs < n_rows
+        rows = tl.load(rows_ptr + offs, mask=row_ok, other=0).to(tl.int64)
+        w = tl.arange(0, BLOCK_W)
+        w_ok = w < n_query
+        queries = tl.load(query_ptr + w, mask=w_ok, other=0).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_U, BLOCK_W), tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d_ok = (d0 + offs_d) < dim
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                x_ptr + queries[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd,
+                mask=w_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
+        query_norm = tl.load(sq_norms_ptr + queries, mask=w_ok, other=0.0)
+        s2 = tl.maximum(row_norm[:, None] + query_norm[None, :] - 2.0 * acc, 0.0)
+        lower = tl.load(lower_ptr + w, mask=w_ok, other=0.0)
+        upper = tl.load(upper_ptr + w, mask=w_ok, other=0.0)
+        below = tl.sum((w_ok[None, :] & (s2 < lower[None, :])).to(tl.int32), axis=1)
+        unsure = tl.sum((w_ok[None, :] & (s2 < upper[None, :])).to(tl.int32), axis=1)
+        status = tl.where(below > 0, 0, tl.where(unsure > 0, 1, 2)).to(tl.int8)
+        s2_last = tl.sum(tl.where(w[None, :] == 0, s2, 0.0), axis=1)
+        tl.store(out_s2_ptr + offs, s2_last, mask=row_ok)
+        tl.store(out_status_ptr + offs, status, mask=row_ok)
+
+
+#: Largest window the kernel takes (query rows padded to a power of two >= 16 for ``tl.dot``).
+MAX_SCAN_WINDOW = 64
+
+
+def masked_scan_triton(
+    x32: torch.Tensor,
+    sq_norms: torch.Tensor,
+    rows: torch.Tensor,
+    queries: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared float32 distances of ``rows`` to ``queries[0]`` and their status against all queries.
+
+    Args:
+        x32: (N, D) float32 prepared rows, CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        sq_norms: (N,) float32 squared norms of ``x32``.
+        rows: (U,) int64 node indices to scan (the unvisited nodes), U >= 1.
+        queries: (W,) int64 node indices, ``last`` first; 1 <= W <= :data:`MAX_SCAN_WINDOW`.
+        lower, upper: (W,) float32 squared-domain bounds ``t^2 -/+ slack`` of each query.
+
+    Returns:
+        ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
+        on the device of ``x32``.
+    """
+    if not _HAVE_TRITON:  # pragma: no cover - exercised only without triton
+        raise RuntimeError("masked_scan_triton needs Triton")
+    n_rows, n_query = rows.numel(), queries.numel()
+    if not 1 <= n_query <= MAX_SCAN_WINDOW:
+        raise ValueError(f"masked_scan_triton: 1 <= W <= {MAX_SCAN_WINDOW} query rows, got {n_query}")
+    out_s2 = torch.empty(n_rows, dtype=torch.float32, device=x32.device)
+    out_status = torch.empty(n_rows, dtype=torch.int8, device=x32.device)
+    if n_rows == 0:
+        return out_s2, out_status
+    block_w = max(16, triton.next_power_of_2(n_query))
+    block_u = 128
+    block_d = 32
+    grid = (triton.cdiv(n_rows, block_u),)
+    _masked_scan_kernel[grid](
+        out_s2,
+        out_status,
+        x32,
+        x32.stride(0),
+        x32.stride(1),
+        sq_norms,
+        rows.contiguous(),
+        n_rows,
+        queries.contiguous(),
+        lower.float().contiguous(),
+        upper.float().contiguous(),
+        n_query,
+        x32.shape[1],
+        BLOCK_U=block_u,
+        BLOCK_W=block_w,
+        BLOCK_D=block_d,
+    )
+    return out_s2, out_status
+
+
+def masked_scan_torch(
+    x32: torch.Tensor,
+    sq_norms: torch.Tensor,
+    rows: torch.Tensor,
+    queries: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
+    may sum in another order, so values near a bound can get another status — both are within the bound)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
+    finally:
+        torch.set_float32_matmul_precision(old)
+    s2 = sq_norms.index_select(0, rows)[:, None] + sq_norms.index_select(0, queries)[None, :] - 2.0 * dots
+    s2 = s2.clamp_(min=0)
+    below = (s2 < lower.float()[None, :]).any(dim=1)
+    unsure = (s2 < upper.float()[None, :]).any(dim=1)
+    status = torch.where(below, 0, torch.where(unsure, 1, 2)).to(torch.int8)
+    return s2[:, 0].contiguous(), status
+
+
+def _exact_metric(x64: torch.Tensor, rows: torch.Tensor, node: int, metric: str) -> torch.Tensor:
+    # the reference's float64 values: the cdist kernel of distance.distances_from, one pair per batch
+    from .distance import pair_distances
+
+    return pair_distances(x64, rows, torch.full_like(rows, node), metric)
+
+
+def triton_exact_pick(
+    x64: torch.Tensor,
+    x32: torch.Tensor,
+    sq_norms: torch.Tensor,
+    slack: torch.Tensor,
+    unvisited: torch.Tensor,
+    last: int,
+    window_nodes: list[int],
+    *,
+    threshold: float,
+    metric: str,
+    scan=masked_scan_triton,
+) -> int:
+    """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
+
+    Args:
+        x64: (N, D) float64 prepared rows; x32: the same in float32; sq_norms: (N,) float32 ``|x32_i|^2``.
+        slack: (N,) float64, ``slack[i]`` bounds ``|s2_fp32 - s2_exact|`` for every pair (i, j).
+        unvisited: (U,) int64 unvisited nodes in ascending order, U >= 1, same device.
+        last, window_nodes: the newest path node and the other window nodes (older first or any order).
+        threshold, metric: the TFP rule.
+        scan: the scan implementation (:func:`masked_scan_triton` or :func:`masked_scan_torch`).
+
+    Returns:
+        The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
+        ``max_rejections=None``.
+    """
+    from .fast import squared_threshold
+
+    device = x64.device
+    queries = torch.tensor([last, *window_nodes], dtype=torch.int64, device=device)
+    t2 = squared_threshold(threshold, metric)
+    q_slack = slack.index_select(0, queries)
+    lower = torch.nextafter((t2 - q_slack).float(), torch.tensor(-torch.inf, device=device))
+    upper = torch.nextafter((t2 + q_slack).float(), torch.tensor(torch.inf, device=device))
+    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper)
+    last_slack = float(slack[last])
+    sure = status == 2
+    maybe = status >= 1
+    best_sure = torch.where(sure, s2_last, torch.inf).min()
+    best_any = s2_last.min()
+    best_sure, best_any = (float(v) for v in torch.stack([best_sure, best_any]).tolist())
+    if best_sure < float("inf"):
+        # the answer is valid and exactly no farther than the best surely valid row
+        candidates = maybe & (s2_last <= best_sure + 2.0 * last_slack)
+    else:
+        candidates = maybe  # undecided rows only (often none)
+    cand = unvisited[candidates]
+    if cand.numel():
+        d_last = _exact_metric(x64, cand, last, metric)
+        valid = d_last >= threshold
+        for p in window_nodes:
+            valid &= _exact_metric(x64, cand, p, metric) >= threshold
+        if bool(valid.any()):
+            # first valid in the order (distance, index): cand is ascending, argmin takes the first minimum
+            return int(cand[torch.where(valid, d_last, torch.inf).argmin()])
+    # no valid node anywhere: c_0, the nearest unvisited node (ties by index)
+    cand = unvisited[s2_last <= best_any + 2.0 * last_slack]
+    d_last = _exact_metric(x64, cand, last, metric)
+    return int(cand[d_last.argmin()])
