@@ -8,6 +8,8 @@ M pieces of samples, P packs, T tokens.
 
 from ._ext import ExtensionNotAvailableError, has_cuda_ops, has_extension
 from .assembly import IGNORE_INDEX, Jagged, PackedBatch, Padded, PaddedBatch, assemble
+from .attention import available_backends, check_cu_seqlens, varlen_attention
+from .integrations import TFPDataCollator, order_dataset
 from .order import (
     OrderStats,
     PathCheck,
@@ -30,12 +32,16 @@ __all__ = [
     "Padded",
     "PaddedBatch",
     "PathCheck",
+    "TFPDataCollator",
     "__version__",
     "assemble",
+    "available_backends",
+    "check_cu_seqlens",
     "check_path",
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
+    "order_dataset",
     "pack_gpu",
     "pack_lengths",
     "pack_permutation",
@@ -43,4 +49,5 @@ __all__ = [
     "shuffle_packs",
     "tfp_order",
     "tfp_order_reference",
+    "varlen_attention",
 ]
