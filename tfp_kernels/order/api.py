@@ -64,6 +64,7 @@ def tfp_order(
     start: int = 0,
     k: int = 64,
     backend: str = "auto",
+    fallback: str = "auto",
     progress: bool = False,
     return_stats: bool = False,
 ):
@@ -93,6 +94,9 @@ def tfp_order(
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory.
         backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
+        fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
+            host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
+            pass per scan, CUDA) or ``"auto"`` (host for CPU tensors, device for CUDA). Same path in all.
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
 
@@ -139,7 +143,7 @@ def tfp_order(
 
         path, info = fast_tfp_order(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
-            start=start, k=k, progress=progress,
+            start=start, k=k, progress=progress, fallback=fallback,
         )
         extra = dataclasses.asdict(info)
         del extra["time_setup_s"]  # counted in time_order_s

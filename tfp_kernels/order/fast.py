@@ -157,7 +157,9 @@ def fast_tfp_order(
         fallback = "host" if device.type == "cpu" else "device"
     if fallback not in ("host", "device", "triton"):
         raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
-    fused_scan = fallback == "triton" and max_rejections is None and window <= MAX_SCAN_WINDOW
+    # the fused scan applies the rule without the cap: used while the cap cannot fire (no cap, or fewer
+    # unvisited nodes than the cap), else the torch scan
+    fused_scan = fallback == "triton" and window <= MAX_SCAN_WINDOW
     if fallback == "triton":
         from .band_topk_triton import triton_available
 
@@ -211,7 +213,7 @@ def fast_tfp_order(
         if step >= n:
             break
         t0 = time.perf_counter()
-        if y64 is None and not fused_scan:
+        if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
             if fallback == "host":  # from now on the C++ walk runs the scans itself
                 projections = y64.to(host).contiguous()
@@ -224,7 +226,7 @@ def fast_tfp_order(
         synced = step
         unvisited = torch.nonzero(~visited_dev).flatten()
         last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
-        if fused_scan:
+        if fused_scan and (max_rejections is None or unvisited.numel() <= max_rejections):
             node = triton_exact_pick(
                 x64, x32, sq_norms, slack, unvisited, last, window_nodes, threshold=threshold, metric=metric
             )
