@@ -355,11 +355,12 @@ def run(args: argparse.Namespace) -> dict:
     out = _Output(args.output or DEFAULT_OUTPUT)
     try:
         device = _resolve_device(args.device)
+        if source is None:
+            path, label = bundled.DEFAULT_SFT, "the bundled default dataset (synthetic, CC0)"
+        else:
+            path, label = source, source
+        print(f"tfp-pack {__version__} on {label}, device {device}", flush=True)
         with timer("read"):
-            if source is None:
-                path, label = bundled.DEFAULT_SFT, "the bundled default dataset (synthetic, CC0)"
-            else:
-                path, label = source, source
             from .text import readers
 
             kind = readers.input_kind(path)
@@ -387,13 +388,15 @@ def run(args: argparse.Namespace) -> dict:
             topics = data.get("topic")
         n = int(lengths.numel())
         report["input"]["num_records"] = n
-        print(f"tfp-pack {__version__}: {n} records from {label}, device {device}")
         if tok is not None:
             i = report["input"]
             print(
-                f"  format {i['format']}, tokenizer {i['tokenizer']}, embedder {args.embedder} "
-                f"(text: {i['embed_field']}), {i['tokens']} tokens ({i['label_tokens']} in the loss)"
+                f"  {n} records, format {i['format']}, tokenizer {i['tokenizer']}, embedder {args.embedder} "
+                f"(text: {i['embed_field']}); {i['tokens']} tokens, {i['label_tokens']} in the loss",
+                flush=True,
             )
+        else:
+            print(f"  {n} samples, embeddings {tuple(emb.shape)}, {int(lengths.sum())} tokens", flush=True)
 
         # ------------------------------------------------------------------ order + check
         with timer("order"):
@@ -530,6 +533,10 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  time (s): {phases}; total {timings['total_s']:.1f}")
     shown = os.path.relpath(out.path) if not os.path.relpath(out.path).startswith("..") else out.path
     print(f"wrote {shown}{os.sep}: " + ", ".join(report["outputs"]))
+    if batch is not None:
+        print(
+            f'  load the packs: datasets.load_dataset("parquet", data_files="{os.path.join(shown, "packed.parquet")}")'
+        )
     report["timings"] = timings
     return report
 

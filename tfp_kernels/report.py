@@ -156,10 +156,10 @@ def plot_fill_ratio(fill: dict[str, dict[str, float]], path: str, title: str) ->
             )
     ax.set_xticks(range(len(strategies)), strategies)
     low = min(min(v.values()) for v in fill.values())
-    ax.set_ylim(max(0.0, low - 0.1), 1.02)
+    ax.set_ylim(max(0.0, low - 0.1), 1.06)
     ax.set_ylabel("fill ratio (tokens / (packs x max_len))")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncol=len(orders), fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

@@ -188,6 +188,7 @@ def test_same_input_and_seed_give_identical_files(tmp_path):
         if name != "timings.json":  # wall-clock times: the one file that differs
             assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
     rc3, out3 = _run([path, "--max-len", "256", "--seed", "4"], tmp_path, "c")
+    assert rc3 == 0
     assert (out1 / "report.json").read_bytes() != (out3 / "report.json").read_bytes()
 
 

@@ -1,14 +1,12 @@
 """SFT record formats: what is trained on, what is a label, and what is embedded.
 
-=================== ============================================ ============================ ======================
-format              fields                                       labels (tokens in the loss)  default embedding text
-=================== ============================================ ============================ ======================
-``alpaca``          ``instruction``, ``output``, opt. ``input``  the response (``output``)    ``instruction`` (paper)
-``chat``            ``messages``: list of ``{role, content}``    every assistant message       first user message
-``prompt_completion`` ``prompt``, ``completion`` (strings, or    the completion               the prompt (first user
-                    lists of messages as in TRL)                                              message of a list)
-``text``            ``text``                                     every token                  ``text``
-=================== ============================================ ============================ ======================
+- ``alpaca``: fields ``instruction``, ``output``, optional ``input``; labels: the response (``output``);
+  embedded by default: ``instruction`` (the paper).
+- ``chat``: field ``messages``, a list of ``{role, content}``; labels: every assistant message; embedded:
+  the first user message.
+- ``prompt_completion``: fields ``prompt``, ``completion`` (strings, or lists of messages as in TRL);
+  labels: the completion; embedded: the prompt (its first user message for a list).
+- ``text``: field ``text``; labels: every token; embedded: ``text``.
 
 A record becomes a list of *segments* ``(text, is_label)`` that the tokenizer encodes one by one and
 concatenates (see :mod:`tfp_kernels.text.tokenize`); prompt tokens get the label -100. The text laid
