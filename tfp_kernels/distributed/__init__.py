@@ -7,9 +7,13 @@ Public API:
   :func:`plan_epoch` / :class:`PackPlan` (the plan of all ranks), :func:`balance_steps`;
 - :class:`TFPStreamingDataset`: an ``IterableDataset`` that buffers any iterable of samples, packs each
   buffer with :func:`tfp_kernels.pack_gpu`, splits the stream across ranks and DataLoader workers and
-  resumes from ``state_dict()`` without losing or repeating samples; it yields :class:`StreamBatch`.
+  resumes from ``state_dict()`` without losing or repeating samples; it yields :class:`StreamBatch`;
+- :func:`tfp_order_sharded` (also ``tfp_order(shard, ..., group=g)``): TFP ordering of rows sharded over the
+  ranks of a process group, the same path as single-process ``tfp_order``; :class:`ShardedOrderStats`,
+  :func:`shard_bounds` / :func:`shard_rows` (the ``torch.arange(N).tensor_split(world_size)`` split).
 """
 
+from .order import ShardedOrderStats, shard_bounds, shard_rows, tfp_order_sharded
 from .sampler import (
     BALANCE_MODES,
     REMAINDER_POLICIES,
@@ -26,9 +30,13 @@ __all__ = [
     "REMAINDER_POLICIES",
     "DistributedPackSampler",
     "PackPlan",
+    "ShardedOrderStats",
     "StreamBatch",
     "TFPStreamingDataset",
     "balance_step_reference",
     "balance_steps",
     "plan_epoch",
+    "shard_bounds",
+    "shard_rows",
+    "tfp_order_sharded",
 ]

@@ -67,6 +67,7 @@ def tfp_order(
     fallback: str = "auto",
     progress: bool = False,
     return_stats: bool = False,
+    group=None,
 ):
     """Order samples by Threshold Filtering Packing (DESIGN.md 1.1).
 
@@ -99,6 +100,12 @@ def tfp_order(
             pass per scan, CUDA) or ``"auto"`` (host for CPU tensors, device for CUDA). Same path in all.
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
+        group: None (default: this process orders all of ``embeddings``) or an initialised
+            ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): then every rank of
+            the group calls ``tfp_order`` with its contiguous block of the rows (in rank order, as
+            ``torch.arange(N).tensor_split(world_size)`` splits them; empty blocks allowed) and gets the same
+            global (N,) path, that of the single-process call on all rows;
+            see :func:`tfp_kernels.distributed.tfp_order_sharded` (stats: a ``ShardedOrderStats``).
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``;
@@ -112,6 +119,14 @@ def tfp_order(
         >>> path.shape, path.dtype, bool((path.sort().values == torch.arange(100)).all())
         (torch.Size([100]), torch.int64, True)
     """
+    if group is not None:
+        from ..distributed.order import tfp_order_sharded
+
+        return tfp_order_sharded(
+            embeddings, group=group, metric=metric, quantile=quantile, threshold=threshold, window=window,
+            max_rejections=max_rejections, start=start, k=k, backend=backend, progress=progress,
+            return_stats=return_stats,
+        )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
     quantile = _checks.check_quantile(quantile)

@@ -1,0 +1,151 @@
+"""Worker process and launcher of the sharded ordering tests (tests/distributed/test_order_sharded.py).
+
+The launcher starts ``world_size`` Python processes running this file; they join a gloo group through a
+``FileStore`` (no ports), run every case of a case file on their shard and save what they got (path,
+stats or the error) to ``<out>/rank<r>.pt``. A hang ends at the timeout, with every process killed.
+
+    python tests/distributed/_helpers_order.py RANK WORLD STORE_FILE CASES_FILE OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_embeddings(n: int, d: int, *, seed: int, clusters: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """(n, d) Gaussian rows (around ``clusters`` centres when > 0): no distance ties in practice."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if clusters:
+        centres = 3.0 * torch.randn(clusters, d, generator=g, dtype=torch.float64)
+        x = centres[torch.randint(0, clusters, (n,), generator=g)] + 0.5 * x
+    return x.to(dtype)
+
+
+def case_embeddings(case: dict) -> torch.Tensor:
+    return make_embeddings(
+        case["n"],
+        case["d"],
+        seed=case.get("seed", 0),
+        clusters=case.get("clusters", 0),
+        dtype=case.get("dtype", torch.float32),
+    )
+
+
+def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = 120.0) -> list[list[dict]]:
+    """Run ``cases`` on ``world_size`` gloo processes; return ``results[rank][case]``.
+
+    Raises AssertionError with the workers' stderr when a worker fails or the run exceeds ``timeout``.
+    """
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    cases_file = tmp_dir / "cases.pt"
+    torch.save(cases, cases_file)
+    store = tmp_dir / "store"
+    store.unlink(missing_ok=True)  # a FileStore left by an earlier run would hand out stale addresses
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
+    procs = []
+    for rank in range(world_size):
+        err = open(tmp_dir / f"stderr{rank}.txt", "w")  # noqa: SIM115 - closed below
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        str(rank),
+                        str(world_size),
+                        str(store),
+                        str(cases_file),
+                        str(tmp_dir),
+                    ],
+                    stdout=err,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=REPO_ROOT,
+                ),
+                err,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for proc, err in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+    logs = "\n".join(
+        f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_dir / f"stderr{r}.txt").read_text()[-3000:]
+        for r, (p, _) in enumerate(procs)
+    )
+    assert not timed_out, f"the {world_size} workers did not finish within {timeout} s\n{logs}"
+    assert all(p.returncode == 0 for p, _ in procs), f"a worker failed\n{logs}"
+    return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _run_case(case: dict, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from tfp_kernels import tfp_order
+    from tfp_kernels.distributed import shard_bounds, tfp_order_sharded
+
+    emb = case_embeddings(case)
+    s, e = shard_bounds(emb.shape[0], world)[rank]
+    shard = emb[s:e]
+    if "d_on_rank" in case and rank in case["d_on_rank"]:
+        shard = make_embeddings(e - s, case["d_on_rank"][rank], seed=1)
+    if "nan_on_rank" in case and rank == case["nan_on_rank"] and shard.shape[0]:
+        shard = shard.clone()
+        shard[0, 0] = float("nan")
+    kwargs = dict(case.get("kwargs", {}))
+    if "kwargs_on_rank" in case and rank in case["kwargs_on_rank"]:
+        kwargs.update(case["kwargs_on_rank"][rank])
+    try:
+        if case.get("direct"):
+            path, stats = tfp_order_sharded(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
+        else:
+            path, stats = tfp_order(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
+    except (TypeError, ValueError) as err:
+        return {"error": (type(err).__name__, str(err))}
+    return {"path": path, "stats": stats}
+
+
+def _worker(rank: int, world: int, store_file: str, cases_file: str, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_file, world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        cases = torch.load(cases_file, weights_only=False)
+        results = [_run_case(case, rank, world) for case in cases]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])

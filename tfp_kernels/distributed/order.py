@@ -1,0 +1,1001 @@
+"""Sharded TFP ordering over a ``torch.distributed`` process group (issue 7, part 1).
+
+Every rank of the group passes its contiguous block of the N rows (rank ``r`` holds the global rows
+``offset_r .. offset_r + n_r - 1`` with ``offset_r = n_0 + ... + n_{r-1}``; :func:`shard_bounds` gives the
+usual split, ``torch.arange(N).tensor_split(world_size)``; empty shards are allowed). Every rank returns
+the same (N,) int64 path of global indices, equal to single-process :func:`~tfp_kernels.tfp_order` on the
+concatenated rows (up to floating-point ties: both decide every step with float64 distances).
+
+Phases (all ranks take part in each; the transport is ``torch.distributed``: gloo on CPU, NCCL on GPU):
+
+1. **Validation**: one ``all_gather_object`` of each rank's shard shape, dtype, device type, arguments and
+   local error; every rank raises the same error when any rank's input is bad or the ranks disagree.
+2. **Threshold**: the value single-process :func:`~tfp_kernels.estimate_threshold` gives. Exact (N <= 5,793:
+   all pairs) -> the rows are gathered to rank 0, which computes it. Sampled (larger N) -> every rank draws
+   the same seeded global pairs, rank 0 gathers only the rows those pairs touch (at most 2 x 2^20 rows) and
+   computes the same distances. Rank 0 broadcasts the value. ``threshold=`` skips this phase.
+3. **List phase** (ring): every rank computes the band top-k lists (DESIGN.md 2.1) of its rows against every
+   column block; the blocks travel around the ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the
+   next block's transfer overlapping the current block's products), so a rank holds its own rows and at
+   most two column blocks, never all embeddings. Blockwise float32 products (IEEE, no TF32) with the same
+   error bound and the same band as the single-process lists; per row the running K best are merged by
+   (squared distance, global index).
+4. **Gather to rank 0** (the walking rank): the lists (N x K entries), and the embeddings themselves, as
+   host copies: the C++ walk checks every list entry and window with exact float64 distances, which needs
+   the rows of arbitrary nodes, and asking their owners per step would cost a round trip per step.
+5. **Walk** on rank 0 (C++ op ``tfp_walk``); the other ranks serve commands that rank 0 broadcasts:
+   *scan* (where a list cannot prove its answer): rank 0 broadcasts the step, the nodes visited since the
+   last command and the window rows; each rank scans its own unvisited rows exactly (candidates in the
+   order of a projection lower bound, float64 exact distances, the single-process scan's rule) and an
+   ``all_gather`` of per-rank summaries settles the global pick with ties broken by global index (more
+   rounds only when a rank must look further, and for the rejection cap a count and, when the cap fires,
+   a gather of each rank's M + 1 nearest). *rebuild*: the lists of the unvisited nodes recomputed among
+   the unvisited, with the same ring. *done*: rank 0 broadcasts the path.
+
+Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = ``block_elements``):
+
+- list phase, every rank: the shard (n_r D in its dtype) + float32 rows (4 n_r D) + two column blocks in
+  flight (8 max_r(n_r) D) + running lists and their merge (24 n_r K) + one (rows x columns) float32 tile
+  (4 b bytes, 64 MiB by default): O((N / ranks) (D + K)).
+- scans, every rank: float64 projections of its rows (8 n_r r, r <= 64) + a visited mask.
+- rank 0 in the walk phase: the N x D embeddings as a host copy (float32, or float64 for float64 input:
+  4 N D bytes) + the host lists (N (8 K + 20) bytes) + path/visited (9 N): O(N (D + K)). This is the
+  price of an exact walk with one round trip per fallback instead of per step; see benchmarks/README.md
+  for N = 10^8 (rank 0 then needs ~360 GB of host memory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import _ext
+from ..order import _checks
+from ..order.api import OrderStats
+from ..order.band_topk import _ieee_fp32_matmul, squared_distance_error_coef
+from ..order.distance import pair_distances, prepare
+from ..order.fast import _MIN_REBUILD_NODES, squared_threshold
+from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
+from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
+
+__all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
+
+_MAX_KEY = 0x7FFFFFFFFFFFFFFF
+_ROOT = 0  # group rank of the walking rank
+# commands broadcast by the walking rank
+_DONE, _SCAN, _REBUILD, _BASIS = 0, 1, 2, 3
+# bytes per message when rows are gathered to rank 0
+_CHUNK_BYTES = 1 << 28
+
+
+@dataclass(frozen=True)
+class ShardedOrderStats(OrderStats):
+    """:class:`~tfp_kernels.OrderStats` of a sharded run, plus what the distribution cost.
+
+    ``backend`` is ``"sharded"`` and ``band_backend`` ``"torch-ring"``. Times are this rank's; the counters
+    (``num_fallbacks``, ``num_rebuilds``) are rank 0's, the same on every rank.
+
+    Attributes (besides OrderStats'):
+        world_size: ranks in the group.
+        rank: this rank (group rank).
+        num_rows: n_r, the rows of this rank's shard.
+        time_gather_s: seconds spent gathering lists and embeddings to rank 0 (this rank's side).
+        bytes_ring: bytes this rank sent around the ring in the list phase (first build only).
+        bytes_to_root: bytes this rank sent to rank 0 (lists + rows + threshold rows).
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    num_rows: int = 0
+    time_gather_s: float = 0.0
+    bytes_ring: int = 0
+    bytes_to_root: int = 0
+
+
+def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` per rank of the split ``torch.arange(n).tensor_split(world_size)``.
+
+    The first ``n % world_size`` ranks get one row more; with ``n < world_size`` the last ranks get none.
+
+    Examples::
+
+        >>> shard_bounds(10, 4)
+        [(0, 3), (3, 6), (6, 8), (8, 10)]
+        >>> shard_bounds(2, 3)
+        [(0, 1), (1, 2), (2, 2)]
+    """
+    if not isinstance(n, int) or n < 0 or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"need n >= 0 and world_size >= 1, got n = {n!r}, world_size = {world_size!r}")
+    base, extra = divmod(n, world_size)
+    out, s = [], 0
+    for r in range(world_size):
+        e = s + base + (r < extra)
+        out.append((s, e))
+        s = e
+    return out
+
+
+def shard_rows(embeddings: torch.Tensor, group=None) -> torch.Tensor:
+    """This rank's block of a full (N, D) tensor under :func:`shard_bounds` (a view, no copy)."""
+    world = dist.get_world_size(group)
+    s, e = shard_bounds(embeddings.shape[0], world)[dist.get_rank(group)]
+    return embeddings[s:e]
+
+
+class _Comm:
+    """The process group, this rank, and the device collectives run on (CUDA for NCCL, else CPU)."""
+
+    def __init__(self, group):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "tfp_order(group=...) needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise RuntimeError(
+                "tfp_order(group=...) was called on a process that is not a member of the group"
+            )
+        backend = str(dist.get_backend(self.group)).lower()
+        if "nccl" in backend:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+
+    def bcast(self, tensor: torch.Tensor, src: int = _ROOT) -> torch.Tensor:
+        """Broadcast from group rank ``src``; returns the received tensor on ``tensor``'s device."""
+        buf = tensor.to(self.device).contiguous()
+        if self.world > 1:
+            dist.broadcast(buf, group=self.group, group_src=src)
+        return buf.to(tensor.device)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world, *tensor.shape): every rank's ``tensor`` (same shape on all ranks)."""
+        buf = tensor.to(self.device).contiguous()
+        if self.world == 1:
+            return buf[None].to(tensor.device)
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(out, buf, group=self.group)
+        return torch.stack(out).to(tensor.device)
+
+    def all_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t)
+
+
+def _local_errors(embeddings, *, metric, args: dict) -> tuple[dict, torch.Tensor | None]:
+    """Check this rank's shard and arguments; return a summary for the other ranks (never raises)."""
+    info = {
+        "error": None,
+        "n": -1,
+        "d": -1,
+        "dtype": None,
+        "device_type": None,
+        "args": args,
+        "extension": _ext.has_extension(),
+    }
+    try:
+        if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.shape[0] == 0:
+            if embeddings.dtype not in _checks.FLOAT_DTYPES:
+                raise TypeError(f"embeddings must have a floating dtype, got {embeddings.dtype}")
+            if embeddings.shape[1] == 0:
+                raise ValueError(f"embeddings has no columns: shape {tuple(embeddings.shape)} (D = 0)")
+        else:
+            embeddings = _checks.check_embeddings(embeddings, metric=metric)
+        info.update(
+            n=int(embeddings.shape[0]),
+            d=int(embeddings.shape[1]),
+            dtype=str(embeddings.dtype),
+            device_type=embeddings.device.type,
+        )
+    except (TypeError, ValueError) as err:
+        info["error"] = (type(err).__name__, str(err))
+        embeddings = None
+    return info, embeddings
+
+
+def _validate(
+    comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend
+):
+    """Collective validation: every rank raises the same error when any rank's input is bad."""
+    arg_error = None
+    try:
+        metric = _checks.check_metric(metric)
+        quantile = _checks.check_quantile(quantile)
+        threshold = _checks.check_threshold(threshold)
+        window = _checks.check_window(window)
+        max_rejections = _checks.check_max_rejections(max_rejections)
+        k = _checks.check_positive_int(k, "k")
+        if not (isinstance(start, int) and not isinstance(start, bool)):
+            raise ValueError(f"start must be an integer in [0, N), got {start!r}")
+        if backend not in ("auto", "fast"):
+            raise ValueError(f"backend must be 'auto' or 'fast' with a process group, got {backend!r}")
+    except (TypeError, ValueError) as err:
+        arg_error = (type(err).__name__, str(err))
+    args = {
+        "metric": metric,
+        "quantile": quantile,
+        "threshold": threshold,
+        "window": window,
+        "max_rejections": max_rejections,
+        "start": start,
+        "k": k,
+    }
+    info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
+    if arg_error is not None:
+        info["error"] = arg_error
+    infos: list = [None] * comm.world
+    if comm.world > 1:
+        dist.all_gather_object(infos, info, group=comm.group)
+    else:
+        infos = [info]
+    bad = [(r, i["error"]) for r, i in enumerate(infos) if i["error"] is not None]
+    if bad:
+        r, (kind, msg) = bad[0]
+        more = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
+        exc = TypeError if kind == "TypeError" else ValueError
+        raise exc(f"tfp_order(group=...): bad input on rank {r}{more}: {msg}")
+    for key, what in (
+        ("d", "D (the embedding dimension)"),
+        ("dtype", "dtype"),
+        ("device_type", "device type"),
+        ("args", "arguments"),
+    ):
+        values = [i[key] for i in infos]
+        if any(v != values[0] for v in values):
+            listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(
+                f"tfp_order(group=...): the ranks' embedding shards disagree on {what}: {listing}; every rank "
+                "must pass (n_r, D) rows with the same D, dtype and device type, and the same arguments"
+            )
+    if not infos[_ROOT]["extension"]:
+        raise RuntimeError(
+            "tfp_order(group=...) needs the compiled extension on rank 0 (the C++ walk); "
+            "see tfp_kernels.has_extension()"
+        )
+    sizes = [i["n"] for i in infos]
+    n = sum(sizes)
+    if n == 0:
+        raise ValueError("tfp_order(group=...): every rank's embedding shard is empty (N = 0)")
+    start = _checks.check_start(start, n)
+    return checked, sizes, metric, quantile, threshold, window, max_rejections, start, k
+
+
+def _gather_rows(comm: _Comm, local: torch.Tensor, counts: list[int], *, out_device, out_dtype=None):
+    """Rows of every rank, concatenated in rank order, on rank 0 (``None`` elsewhere). Sent in chunks."""
+    rest = tuple(local.shape[1:])
+    row_bytes = max(1, local.element_size() * math.prod(rest))
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+    sent = 0
+    if comm.rank != _ROOT:
+        for s in range(0, local.shape[0], chunk):
+            part = local[s : s + chunk].to(comm.device).contiguous()
+            dist.send(part, group=comm.group, group_dst=_ROOT)
+            sent += part.numel() * part.element_size()
+        return None, sent
+    out = torch.empty((sum(counts), *rest), dtype=out_dtype or local.dtype, device=out_device)
+    offset = 0
+    for r, m in enumerate(counts):
+        if r == _ROOT:
+            out[offset : offset + m] = local
+        else:
+            for s in range(0, m, chunk):
+                e = min(m, s + chunk)
+                buf = torch.empty((e - s, *rest), dtype=local.dtype, device=comm.device)
+                dist.recv(buf, group=comm.group, group_src=r)
+                out[offset + s : offset + e] = buf
+        offset += m
+    return out, sent
+
+
+def _sampled_pairs(n: int, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of :func:`~tfp_kernels.estimate_threshold`'s sample (same generator, same draws)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    i = torch.randint(0, n, (num,), generator=gen)
+    j = torch.randint(0, n - 1, (num,), generator=gen)
+    j += (j >= i).long()
+    return i, j
+
+
+def _sharded_threshold(comm, shard, sizes, offset, *, metric, quantile, sample_pairs, seed):
+    """The single-process threshold estimate (value, source, bytes sent to rank 0)."""
+    n = sum(sizes)
+    total = n * (n - 1) // 2
+    exact = total <= (MAX_EXACT_PAIRS if sample_pairs is None else sample_pairs)
+    if exact:
+        rows, counts = shard, sizes
+    else:
+        num = DEFAULT_SAMPLE_PAIRS if sample_pairs is None else sample_pairs
+        i, j = _sampled_pairs(n, num, seed)
+        needed = torch.unique(torch.cat([i, j]))  # sorted: rank order = ascending global index
+        lo, hi = offset, offset + shard.shape[0]
+        mine = needed[(needed >= lo) & (needed < hi)] - lo
+        rows = shard.index_select(0, mine.to(shard.device))
+        counts = [int((needed < e).sum() - (needed < s).sum()) for s, e in _bounds(sizes)]
+    gathered, sent = _gather_rows(comm, rows, counts, out_device=shard.device)
+    value = torch.zeros(1, dtype=torch.float64)
+    if comm.rank == _ROOT:
+        if exact:
+            est = threshold_estimate(
+                gathered, metric=metric, quantile=quantile, sample_pairs=sample_pairs, seed=seed
+            )
+            value[0] = est.value
+        else:
+            x = prepare(gathered, metric)
+            ii = torch.searchsorted(needed, i).to(x.device)
+            jj = torch.searchsorted(needed, j).to(x.device)
+            d = pair_distances(x, ii, jj, metric)
+            positive = d[d > 0]
+            if positive.numel() == 0:
+                warnings.warn(
+                    f"all {num} sampled pairs of embeddings are at distance 0 (identical rows); the threshold "
+                    "is set to 0.0, which disables the filtering",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            else:
+                value[0] = quantile_linear(positive, quantile)
+        del gathered
+    value = comm.bcast(value)
+    return float(value[0]), ("exact" if exact else "sampled"), sent
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    out, s = [], 0
+    for m in sizes:
+        out.append((s, s + m))
+        s += m
+    return out
+
+
+def _prepared32(shard: torch.Tensor, metric: str, rows: torch.Tensor | None = None, step: int = 1 << 16):
+    """float32 prepared rows (``prepare`` in float64, then rounded), in chunks of rows."""
+    src = shard if rows is None else shard.index_select(0, rows)
+    out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+    for s in range(0, src.shape[0], step):
+        out[s : s + step] = prepare(src[s : s + step], metric, torch.float64).float()
+    return out
+
+
+def _block_keys(s2, cols_ids, lower, upper, k, self_offset, select_op):
+    """Band selection of one (b, c) tile of squared distances: (b, k) int64 keys, (b,) int32 counts.
+
+    Keys are ``(float32 bits << 32) | global column`` (max key where there is no entry); ``self_offset``:
+    the tile column of the tile's first row when the tile holds the rows themselves, else None.
+    """
+    b, c = s2.shape
+    if select_op is not None:
+        idx, vals, close = select_op(s2, c if self_offset is None else self_offset, lower, upper, k)
+        have = idx >= 0
+        gid = cols_ids.index_select(0, idx.clamp(min=0).long().flatten()).view(b, k)
+        keys = (vals.view(torch.int32).to(torch.int64) << 32) | gid
+        return keys.masked_fill_(~have, _MAX_KEY), close
+    if self_offset is not None:
+        r = torch.arange(b, device=s2.device)
+        s2[r, r + self_offset] = torch.inf
+    close = (s2 < upper[:, None]).sum(dim=1, dtype=torch.int32)
+    s2.masked_fill_(s2 < lower[:, None], torch.inf)
+    keys = (s2.view(torch.int32).to(torch.int64) << 32) | cols_ids[None, :]
+    keys.masked_fill_(torch.isinf(s2), _MAX_KEY)
+    keys = torch.topk(keys, min(k, c), dim=1, largest=False, sorted=True).values
+    return keys, close
+
+
+def _ring_band_lists(
+    comm: _Comm,
+    x32,
+    ids,
+    lower,
+    upper,
+    k: int,
+    counts: list[int],
+    *,
+    block_elements: int,
+    use_extension: bool = True,
+):
+    """Band top-k lists of this rank's rows against the rows of every rank, blocks passed around the ring.
+
+    Args:
+        x32: (m, D) float32 prepared rows of this rank; ids: (m,) int64 their global ids, ascending.
+        lower, upper: (m,) float32 band bounds (squared domain); k: K.
+        counts: rows per rank (the m of every rank).
+
+    Returns:
+        index (m, K) int32 global ids (-1 padding), s2 (m, K) float32 (+inf padding), num_close (m,) int32,
+        and the bytes this rank sent.
+    """
+    m, dim = x32.shape
+    dev = x32.device
+    best = torch.full((m, k), _MAX_KEY, dtype=torch.int64, device=dev)
+    close = torch.zeros(m, dtype=torch.int32, device=dev)
+    sq = x32.square().sum(dim=1)
+    select_op = None
+    if use_extension and dev.type == "cpu" and _ext.has_extension():
+        select_op = torch.ops.tfp_kernels.band_select
+    cur_x, cur_ids = x32.to(comm.device), ids.to(comm.device)
+    sent = 0
+    nxt, prv = (comm.rank + 1) % comm.world, (comm.rank - 1) % comm.world
+    for s in range(comm.world):
+        owner = (comm.rank - s) % comm.world
+        incoming = (comm.rank - s - 1) % comm.world
+        works, recv_x, recv_ids = [], None, None
+        if s < comm.world - 1:
+            ops = []
+            if counts[owner] > 0:
+                ops += [
+                    dist.P2POp(dist.isend, cur_x, group=comm.group, group_peer=nxt, tag=2 * s),
+                    dist.P2POp(dist.isend, cur_ids, group=comm.group, group_peer=nxt, tag=2 * s + 1),
+                ]
+                sent += cur_x.numel() * 4 + cur_ids.numel() * 8
+            if counts[incoming] > 0:
+                recv_x = torch.empty((counts[incoming], dim), dtype=torch.float32, device=comm.device)
+                recv_ids = torch.empty(counts[incoming], dtype=torch.int64, device=comm.device)
+                ops += [
+                    dist.P2POp(dist.irecv, recv_x, group=comm.group, group_peer=prv, tag=2 * s),
+                    dist.P2POp(dist.irecv, recv_ids, group=comm.group, group_peer=prv, tag=2 * s + 1),
+                ]
+            if ops:
+                works = dist.batch_isend_irecv(ops)
+        c = counts[owner]
+        if c > 0 and m > 0:
+            cols_x, cols_ids = cur_x.to(dev), cur_ids.to(dev)
+            cols_sq = cols_x.square().sum(dim=1)
+            rows_per_tile = max(1, block_elements // c)
+            with _ieee_fp32_matmul():
+                for r0 in range(0, m, rows_per_tile):
+                    r1 = min(m, r0 + rows_per_tile)
+                    s2 = torch.addmm(cols_sq[None, :], x32[r0:r1], cols_x.T, alpha=-2.0)
+                    s2.add_(sq[r0:r1, None]).clamp_(min=0)
+                    keys, cl = _block_keys(
+                        s2,
+                        cols_ids,
+                        lower[r0:r1],
+                        upper[r0:r1],
+                        k,
+                        r0 if owner == comm.rank else None,
+                        select_op,
+                    )
+                    merged = torch.cat([best[r0:r1], keys], dim=1)
+                    best[r0:r1] = torch.topk(merged, k, dim=1, largest=False, sorted=True).values
+                    close[r0:r1] += cl
+        for w in works:
+            w.wait()
+        cur_x, cur_ids = recv_x, recv_ids
+    empty = best == _MAX_KEY
+    index = (best & 0xFFFFFFFF).to(torch.int32).masked_fill_(empty, -1)
+    s2 = (best >> 32).to(torch.int32).view(torch.float32).masked_fill(empty, torch.inf)
+    return index, s2, close, sent
+
+
+def _pack_lists(index, s2, limit2, num_close, slack) -> torch.Tensor:
+    """(m, 8K + 20) uint8 rows: index | s2 | limit2 | num_close | slack (one message per chunk)."""
+    parts = [index, s2, limit2[:, None], num_close[:, None], slack[:, None]]
+    return torch.cat(
+        [p.contiguous().view(torch.uint8).view(p.shape[0], p.shape[1] * p.element_size()) for p in parts],
+        dim=1,
+    )
+
+
+def _unpack_lists(packed: torch.Tensor, k: int):
+    widths = [(torch.int32, k), (torch.float32, k), (torch.float64, 1), (torch.int32, 1), (torch.float64, 1)]
+    out, col = [], 0
+    for dtype, count in widths:
+        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        out.append(packed[:, col : col + nbytes].contiguous().view(dtype))
+        col += nbytes
+    index, s2, limit2, num_close, slack = out
+    return index, s2, limit2.flatten(), num_close.flatten(), slack.flatten()
+
+
+class _Shard:
+    """This rank's rows and what the sharded phases keep about them."""
+
+    def __init__(self, shard: torch.Tensor, offset: int, sizes: list[int], metric: str):
+        self.x = shard
+        self.offset = offset
+        self.sizes = sizes
+        self.metric = metric
+        self.m = shard.shape[0]
+        self.visited = torch.zeros(self.m, dtype=torch.bool, device=shard.device)
+        self.basis = (
+            None  # (D, r) float64 orthonormal basis, the same on every rank, set before the first scan
+        )
+        self.y = None  # (m, r) float64 projections of the rows on it
+        self.slack = self.lower = self.upper = None
+
+    def mark(self, nodes: torch.Tensor) -> None:
+        """Mark the global ``nodes`` (int64, any device) that lie in this shard as visited."""
+        local = nodes.to(self.x.device) - self.offset
+        local = local[(local >= 0) & (local < self.m)]
+        self.visited[local] = True
+
+
+def _lists(comm, sh: _Shard, rows: torch.Tensor | None, counts, k, block_elements):
+    """Ring band lists of ``rows`` (local positions; None = all) among the ``rows`` of every rank, packed."""
+    ids = torch.arange(sh.m, device=sh.x.device) if rows is None else rows
+    x32 = _prepared32(sh.x, sh.metric, rows)
+    lower = sh.lower if rows is None else sh.lower[rows]
+    upper = sh.upper if rows is None else sh.upper[rows]
+    slack = sh.slack if rows is None else sh.slack[rows]
+    total = sum(counts)
+    kk = min(k, max(total - 1, 1))
+    index, s2, close, sent = _ring_band_lists(
+        comm, x32, ids + sh.offset, lower, upper, kk, counts, block_elements=block_elements
+    )
+    del x32
+    if kk < k:  # fewer rows than K: pad the lists
+        index = torch.cat([index, index.new_full((index.shape[0], k - kk), -1)], dim=1)
+        s2 = torch.cat([s2, s2.new_full((s2.shape[0], k - kk), torch.inf)], dim=1)
+    full = index[:, -1] >= 0
+    limit2 = torch.where(full, s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
+    return _pack_lists(index, s2, limit2, close, slack), sent
+
+
+def _metric(s2: torch.Tensor, metric: str) -> torch.Tensor:
+    l2 = s2.sqrt()
+    return l2 if metric == "l2" else 0.5 * l2.square()
+
+
+def _lex_sorted(d: torch.Tensor, ids: torch.Tensor):
+    """Sort keys by (d, id)."""
+    order = torch.argsort(ids)
+    d, ids = d[order], ids[order]
+    order = torch.argsort(d, stable=True)
+    return d[order], ids[order]
+
+
+def _select_mth(comm: _Comm, d: torch.Tensor, ids: torch.Tensor, m_th: int) -> int:
+    """The ``m_th`` (0-based) smallest key (d, id) of the union over ranks of the local keys."""
+    d, ids = _lex_sorted(d.cpu(), ids.cpu())
+    d, ids = d[: m_th + 1], ids[: m_th + 1]
+    counts = comm.all_gather(torch.tensor([d.numel()], dtype=torch.int64)).flatten()
+    width = max(1, int(counts.max()))
+    buf = torch.full((width, 2), torch.inf, dtype=torch.float64)
+    buf[: d.numel(), 0] = d
+    buf[: d.numel(), 1] = ids.double()
+    allk = comm.all_gather(buf).view(-1, 2)
+    allk = allk[torch.isfinite(allk[:, 0])]
+    _sd, sid = _lex_sorted(allk[:, 0], allk[:, 1].long())
+    return int(sid[m_th])
+
+
+def _sharded_pick(
+    comm: _Comm,
+    sh: _Shard,
+    step: int,
+    n: int,
+    win_rows: torch.Tensor,
+    *,
+    threshold: float,
+    max_rejections: int | None,
+    first_batch: int = 256,
+) -> int:
+    """The TFP rule's next node over all ranks' unvisited rows, exactly (all ranks call it, same answer).
+
+    ``win_rows``: (w, D) float64 prepared rows of the window's path nodes, the newest (``last``) last.
+    """
+    metric = sh.metric
+    dev = sh.x.device
+    win_rows = win_rows.to(dev)
+    last_row, others = win_rows[-1], win_rows[:-1]
+    capped = max_rejections is not None and n - step > max_rejections
+    unv = torch.nonzero(~sh.visited).flatten()
+    n_u = unv.numel()
+    if n_u:
+        y_last = last_row @ sh.basis
+        lb2 = (sh.y.index_select(0, unv) - y_last).square_().sum(dim=1).mul_(_LB_SAFETY)
+    batch = min(n_u, first_batch)
+    evaluated_batch = -1
+    inf = float("inf")
+    while True:
+        if batch != evaluated_batch:
+            if batch >= n_u:
+                cand, outside = unv, inf
+            else:
+                vals, pos = torch.topk(lb2, batch + 1, largest=False, sorted=True)
+                outside = float(vals[batch])
+                cand = unv.index_select(0, pos[:batch])
+            cand = cand.sort().values  # ascending ids: argmin below picks the lowest id among equal d
+            rows = prepare(sh.x.index_select(0, cand), metric)
+            s2 = (rows - last_row).square_().sum(dim=1)
+            d = _metric(s2, metric)
+            valid = d >= threshold
+            for p in others:
+                valid &= _metric((rows - p).square_().sum(dim=1), metric) >= threshold
+            ids = cand + sh.offset
+            # best_d, best_id, best_s2 (best valid), outside, c0_d, c0_id (nearest evaluated), exhausted
+            summary = torch.full((7,), inf, dtype=torch.float64)
+            summary[3] = outside
+            summary[6] = float(batch >= n_u)
+            if cand.numel():
+                i0 = int(torch.argmin(d))  # first minimum: the lowest id among equal distances
+                summary[4], summary[5] = float(d[i0]), float(ids[i0])
+                if bool(valid.any()):
+                    iv = int(torch.argmin(torch.where(valid, d, torch.inf)))
+                    summary[0], summary[1], summary[2] = float(d[iv]), float(ids[iv]), float(s2[iv])
+            evaluated_batch = batch
+            ev_d, ev_s2, ev_ids = d.cpu(), s2.cpu(), ids.cpu()
+        allsum = comm.all_gather(summary)  # (world, 7), the same on every rank: the decisions below agree
+        big_o = float(allsum[:, 3].min())  # every node not evaluated (on any rank) has s2 >= big_o
+        g = None  # the best valid node evaluated anywhere: (d, id, s2)
+        has = torch.isfinite(allsum[:, 1])
+        if bool(has.any()):
+            rows_g = allsum[has]
+            _, gid = _lex_sorted(rows_g[:, 0], rows_g[:, 1].long())
+            row = rows_g[rows_g[:, 1] == float(gid[0])][0]
+            g = (float(row[0]), int(row[1]), float(row[2]))
+        if g is not None and g[2] < big_o:  # g is the first valid candidate c_j of the global order
+            if not capped:
+                return g[1]
+            before = (ev_d < g[0]) | ((ev_d == g[0]) & (ev_ids < g[1]))
+            ahead = int(comm.all_gather(torch.tensor([int(before.sum())], dtype=torch.int64)).sum())
+            if ahead < max_rejections:
+                return g[1]
+            upto = before | (ev_ids == g[1])  # c_0 .. c_j, j >= M: take c_M
+            return _select_mth(comm, ev_d[upto], ev_ids[upto], max_rejections)
+        if capped:
+            sure = ev_s2 < big_o  # a prefix of the global order, none of it valid
+            n_sure = int(comm.all_gather(torch.tensor([int(sure.sum())], dtype=torch.int64)).sum())
+            if n_sure > max_rejections:  # the first M candidates are all invalid: c_M
+                return _select_mth(comm, ev_d[sure], ev_ids[sure], max_rejections)
+        elif bool((allsum[:, 6] == 1).all()):  # every node evaluated, none valid: c_0
+            rows_c = allsum[torch.isfinite(allsum[:, 5])]
+            _, cid = _lex_sorted(rows_c[:, 4], rows_c[:, 5].long())
+            return int(cid[0])
+        target = g[2] if g is not None else inf
+        if batch < n_u and outside <= target:
+            batch = min(n_u, batch * 4)
+
+
+def _projection(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, n: int, dim: int) -> None:
+    """Rank 0 computes an orthonormal basis from a sample of rows and broadcasts it; every rank projects."""
+    r = torch.zeros(1, dtype=torch.int64)
+    basis = None
+    if comm.rank == _ROOT:
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randperm(n, generator=gen)[:PROJECTION_SAMPLE]
+        basis = projection_basis(prepare(emb_host.index_select(0, rows), sh.metric), dim=PROJECTION_DIM)
+        r[0] = basis.shape[1]
+    r = int(comm.bcast(r)[0])
+    if basis is None:
+        basis = torch.empty(dim, r, dtype=torch.float64)
+    sh.basis = comm.bcast(basis.contiguous()).to(sh.x.device)
+    sh.y = torch.empty(sh.m, r, dtype=torch.float64, device=sh.x.device)
+    for s in range(0, sh.m, 1 << 16):
+        sh.y[s : s + (1 << 16)] = prepare(sh.x[s : s + (1 << 16)], sh.metric) @ sh.basis
+
+
+def _recv_nodes(comm: _Comm, count: int) -> torch.Tensor:
+    return comm.bcast(torch.empty(count, dtype=torch.int64)) if count else torch.empty(0, dtype=torch.int64)
+
+
+def _rebuild(comm, sh: _Shard, k: int, block_elements: int):
+    """Lists of every rank's unvisited rows among the unvisited rows, gathered to rank 0 (packed)."""
+    rows = torch.nonzero(~sh.visited).flatten()
+    counts = comm.all_gather(torch.tensor([rows.numel()], dtype=torch.int64)).flatten().tolist()
+    packed, _ = _lists(comm, sh, rows, counts, k, block_elements)
+    gathered, sent = _gather_rows(comm, packed, counts, out_device=torch.device("cpu"))
+    return gathered, sent
+
+
+def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):
+    """The loop of the ranks other than 0 during the walk: run the broadcast commands until done."""
+    while True:
+        cmd, step, n_new, n_win = comm.bcast(torch.zeros(4, dtype=torch.int64)).tolist()
+        sh.mark(_recv_nodes(comm, n_new))
+        if cmd == _DONE:
+            return
+        if cmd == _BASIS:
+            _projection(comm, sh, None, n, dim)
+        elif cmd == _SCAN:
+            win_rows = comm.bcast(torch.empty(n_win, dim, dtype=torch.float64))
+            node = _sharded_pick(
+                comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections
+            )
+            sh.mark(torch.tensor([node]))
+        elif cmd == _REBUILD:
+            _rebuild(comm, sh, k, block_elements)
+        else:  # pragma: no cover - protocol error
+            raise RuntimeError(f"tfp_order(group=...): unknown command {cmd} from rank 0")
+
+
+def tfp_order_sharded(
+    embeddings: torch.Tensor,
+    *,
+    group=None,
+    metric: str = "l2",
+    quantile: float = 0.02,
+    threshold: float | None = None,
+    window: int = 4,
+    max_rejections: int | None = None,
+    start: int = 0,
+    k: int = 64,
+    backend: str = "auto",
+    progress: bool = False,
+    return_stats: bool = False,
+    rebuild: float | None = 0.25,
+    sample_pairs: int | None = None,
+    seed: int = 0,
+    block_elements: int = 1 << 24,
+):
+    """TFP order of rows sharded over the ranks of a process group (collective: every rank calls it).
+
+    What :func:`~tfp_kernels.tfp_order` computes on the concatenation of every rank's rows, in rank order;
+    ``tfp_order(shard, ..., group=g)`` calls this. See the module docstring for the phases, what moves
+    between ranks and the memory per rank.
+
+    Args:
+        embeddings: (n_r, D) this rank's rows (global rows ``offset_r ..``, ``offset_r`` = rows of the lower
+            ranks), float16/bfloat16/float32/float64, finite; n_r = 0 allowed. Same D, dtype and device type
+            on every rank; CPU tensors with gloo, CUDA tensors (on this rank's device) with NCCL.
+        group: the process group (None: the default group). Must be initialised.
+        metric, quantile, threshold, window, max_rejections, start, k, progress, return_stats: as in
+            :func:`~tfp_kernels.tfp_order`, the same on every rank (checked). ``start`` is a global index.
+        backend: ``"auto"`` or ``"fast"`` (the only sharded implementation: ring band lists, C++ walk on
+            rank 0, sharded exact scans). The compiled extension is needed on rank 0.
+        rebuild: as in the single-process fast path (fraction of the unvisited nodes after which the lists
+            of the unvisited are recomputed when scans pile up); None disables it.
+        sample_pairs, seed: of the threshold sample, as in :func:`~tfp_kernels.estimate_threshold`
+            (tfp_order uses the defaults None and 0).
+        block_elements: elements of the (rows x columns) float32 tile of the list phase.
+
+    Returns:
+        path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1`` (global indices), the
+        same on every rank; with ``return_stats=True``, ``(path, ShardedOrderStats)``.
+
+    Raises:
+        TypeError / ValueError on every rank when any rank's shard or arguments are bad, or when the ranks
+        disagree on D, dtype, device type or arguments (the message names the ranks).
+    """
+    comm = _Comm(group)
+    (shard, sizes, metric, quantile, threshold, window, max_rejections, start, k) = _validate(
+        comm,
+        embeddings,
+        metric=metric,
+        quantile=quantile,
+        threshold=threshold,
+        window=window,
+        max_rejections=max_rejections,
+        start=start,
+        k=k,
+        backend=backend,
+    )
+    n, dim = sum(sizes), shard.shape[1]
+    offset = sum(sizes[: comm.rank])
+    device = shard.device
+    bytes_root = bytes_ring = 0
+    t0 = time.perf_counter()
+    if threshold is not None:
+        source = "given"
+    elif n == 1:
+        threshold, source = 0.0, "given"
+    else:
+        threshold, source, sent = _sharded_threshold(
+            comm, shard, sizes, offset, metric=metric, quantile=quantile, sample_pairs=sample_pairs, seed=seed
+        )
+        bytes_root += sent
+    t1 = time.perf_counter()
+    stats = {
+        "band_backend": "torch-ring",
+        "k": k,
+        "num_fallbacks": 0,
+        "num_rebuilds": 0,
+        "time_band_s": 0.0,
+        "time_walk_s": 0.0,
+        "time_fallback_s": 0.0,
+    }
+    time_gather = 0.0
+    if n == 1:
+        path = torch.full((1,), start, dtype=torch.int64, device=device)
+    else:
+        sh = _Shard(shard, offset, sizes, metric)
+        # the band of every row: the single-process bounds (global max of the squared norms)
+        x32 = _prepared32(shard, metric)
+        sq_norms = x32.square().sum(dim=1)
+        del x32
+        max_sq = comm.all_max(float(sq_norms.max()) if sh.m else 0.0)
+        coef = squared_distance_error_coef(dim, torch.float32)
+        sh.slack = coef * (sq_norms.double() + max_sq)
+        t2 = squared_threshold(threshold, metric)
+        sh.lower = torch.nextafter((t2 - sh.slack).float(), torch.tensor(-torch.inf, device=device))
+        sh.upper = torch.nextafter((t2 + sh.slack).float(), torch.tensor(torch.inf, device=device))
+        tb = time.perf_counter()
+        packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
+        stats["time_band_s"] = time.perf_counter() - tb
+        tg = time.perf_counter()
+        lists, sent = _gather_rows(comm, packed, sizes, out_device=torch.device("cpu"))
+        bytes_root += sent
+        del packed
+        host_dtype = torch.float64 if shard.dtype == torch.float64 else torch.float32
+        emb_host, sent = _gather_rows(
+            comm, shard, sizes, out_device=torch.device("cpu"), out_dtype=host_dtype
+        )
+        bytes_root += sent
+        time_gather = time.perf_counter() - tg
+        common = {
+            "threshold": threshold,
+            "max_rejections": max_rejections,
+            "k": k,
+            "block_elements": block_elements,
+        }
+        if comm.rank == _ROOT:
+            path = _walk_root(
+                comm,
+                sh,
+                n,
+                dim,
+                lists,
+                emb_host,
+                window=window,
+                start=start,
+                rebuild=rebuild,
+                progress=progress,
+                stats=stats,
+                **common,
+            )
+        else:
+            _serve(comm, sh, n, dim, **common)
+            path = torch.empty(n, dtype=torch.int64)
+        path = comm.bcast(path)
+        counters = comm.bcast(
+            torch.tensor([stats["num_fallbacks"], stats["num_rebuilds"]], dtype=torch.int64)
+        )
+        stats["num_fallbacks"], stats["num_rebuilds"] = (int(v) for v in counters)
+        path = path.to(device)
+    t3 = time.perf_counter()
+    if not return_stats:
+        return path
+    return path, ShardedOrderStats(
+        threshold,
+        source,
+        "sharded",
+        n,
+        t1 - t0,
+        t3 - t1,
+        **stats,
+        world_size=comm.world,
+        rank=comm.rank,
+        num_rows=sizes[comm.rank],
+        time_gather_s=time_gather,
+        bytes_ring=bytes_ring,
+        bytes_to_root=bytes_root,
+    )
+
+
+def _walk_root(
+    comm: _Comm,
+    sh: _Shard,
+    n: int,
+    dim: int,
+    lists: torch.Tensor,
+    emb_host: torch.Tensor,
+    *,
+    threshold,
+    window,
+    max_rejections,
+    start,
+    k,
+    block_elements,
+    rebuild,
+    progress,
+    stats,
+) -> torch.Tensor:
+    """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans and rebuilds."""
+    band_index, band_s2, limit2, num_close, slack_host = _unpack_lists(lists, k)
+    del lists
+    metric = sh.metric
+    norms_host = (
+        torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous()
+        if metric == "cosine"
+        else torch.empty(0, dtype=torch.float64)
+    )
+    path = torch.empty(n, dtype=torch.long)
+    path[0] = start
+    visited = torch.zeros(n, dtype=torch.bool)
+    visited[start] = True
+    projections = torch.empty(0, dtype=torch.float64)  # no projections: the op returns at every scan
+    counter = torch.zeros(1, dtype=torch.long)
+    cap = -1 if max_rejections is None else max_rejections
+    synced = 0  # path[:synced] has been sent to the other ranks
+
+    def command(cmd: int, step: int, n_win: int = 0) -> None:
+        nonlocal synced
+        new = path[synced:step]
+        comm.bcast(torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.int64))
+        if new.numel():
+            comm.bcast(new.clone())
+        sh.mark(new)
+        synced = step
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=1, desc="tfp walk (sharded)", unit="node", disable=None)
+        if bar.disable:
+            bar = None
+    chunk = max(1000, n // 100) if bar is not None else n
+    built_at, rebuild_at = 1, n
+    if rebuild is not None and n >= _MIN_REBUILD_NODES:
+        rebuild_at = 1 + max(_MIN_REBUILD_NODES // 2, int(rebuild * n))
+    fallbacks_at_build = 0
+    have_basis = False
+    step = 1
+    while step < n:
+        t0 = time.perf_counter()
+        stop = min(step + chunk, rebuild_at)
+        new_step = int(
+            torch.ops.tfp_kernels.tfp_walk(
+                emb_host,
+                norms_host,
+                band_index,
+                band_s2,
+                limit2,
+                slack_host,
+                num_close,
+                projections,
+                path,
+                visited,
+                counter,
+                step,
+                stop,
+                threshold,
+                window,
+                cap,
+                metric == "cosine",
+            )
+        )
+        stats["time_walk_s"] += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(new_step - step)
+        if new_step == rebuild_at and new_step < n:
+            remaining = n - new_step
+            fallbacks = stats["num_fallbacks"] - fallbacks_at_build
+            if fallbacks > 0.05 * (new_step - built_at) and remaining >= _MIN_REBUILD_NODES // 2:
+                t0 = time.perf_counter()
+                command(_REBUILD, new_step)
+                gathered, _ = _rebuild(comm, sh, k, block_elements)
+                rows_host = torch.nonzero(~visited).flatten()
+                for table, part in zip(
+                    (band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)
+                ):
+                    table[rows_host] = part
+                stats["num_rebuilds"] += 1
+                stats["time_band_s"] += time.perf_counter() - t0
+            built_at, fallbacks_at_build = new_step, stats["num_fallbacks"]
+            rebuild_at = new_step + max(_MIN_REBUILD_NODES // 2, int(rebuild * remaining))
+        if new_step == stop and new_step < n:
+            step = new_step
+            continue
+        step = new_step
+        if step >= n:
+            break
+        t0 = time.perf_counter()
+        if not have_basis:
+            command(_BASIS, step)
+            _projection(comm, sh, emb_host, n, dim)
+            have_basis = True
+        win_ids = path[max(0, step - window) : step]
+        command(_SCAN, step, win_ids.numel())
+        win_rows = comm.bcast(prepare(emb_host.index_select(0, win_ids), metric).contiguous())
+        node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+        path[step] = node
+        visited[node] = True
+        step += 1
+        stats["num_fallbacks"] += 1
+        if bar is not None:
+            bar.update(1)
+        stats["time_fallback_s"] += time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    command(_DONE, n)
+    return path
