@@ -86,6 +86,9 @@ def test_matches_reference_odd_samples(dim, ngram, normalize):
         pytest.param(
             lambda s: _inputs.jagged_device_offsets(*as_jagged(s, head=2, tail=4)), id="device-offsets-path"
         ),
+        pytest.param(
+            lambda s: _inputs.padded_device_lengths(*as_padded(s, pad=-5)), id="device-lengths-path"
+        ),
     ],
 )
 @pytest.mark.parametrize("ngram, min_ngram", [(1, 1), (2, 1), (3, 2), (4, 4)])
@@ -371,9 +374,10 @@ def test_device_offsets_checks():
     with pytest.raises(ValueError, match=r"non-negative"):
         _inputs.validate(_inputs.jagged_device_offsets(torch.tensor([5, -3, 1]), torch.tensor([1, 3])))
     _inputs.validate(_inputs.jagged_device_offsets(torch.tensor([-5, 3, 1, -9]), torch.tensor([1, 2, 3])))
-    flat = _inputs.read_padded(torch.zeros(2, 3, dtype=I64), torch.tensor([1, 2]), "test")
-    with pytest.raises(ValueError, match=r"outside \[0, 3\]"):
-        _inputs.validate(flat._replace(device_lengths=torch.tensor([1, 5])))
+    for lengths in ([1, 5], [-1, 2]):
+        flat = _inputs.padded_device_lengths(torch.zeros(2, 3, dtype=I64), torch.tensor(lengths))
+        with pytest.raises(ValueError, match=r"outside \[0, 3\]"):
+            _inputs.validate(flat)
 
 
 # ---------------------------------------------------------------------------------------- GPU

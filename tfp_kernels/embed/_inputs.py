@@ -46,18 +46,23 @@ def _empty_error(who: str) -> ValueError:
     return ValueError(f"tokens is empty: {who} needs at least one sample (N = 0)")
 
 
-def _from_host_lengths(values: torch.Tensor, lengths: torch.Tensor) -> FlatTokens:
-    """``values`` (T,) exactly covered by samples of the CPU int64 ``lengths`` (N,), back to back."""
-    device = values.device
-    n = lengths.numel()
-    total = values.numel()
+def _segments(lengths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples of the CPU int64 ``lengths`` (N,) back to back: the (T,) int64 sample of each token, its room
+    (tokens left in its sample) and the (N,) lengths, all on ``device`` (no host sync)."""
+    n, total = lengths.numel(), int(lengths.sum())
     ends = _to_device(torch.cumsum(lengths, 0), device)
     lengths_dev = _to_device(lengths, device)
     segment = torch.repeat_interleave(
         torch.arange(n, dtype=torch.int64, device=device), lengths_dev, output_size=total
     )
     room = ends.index_select(0, segment).sub_(torch.arange(total, dtype=torch.int64, device=device))
-    return FlatTokens(values, segment, room, n, True)
+    return segment, room, lengths_dev
+
+
+def _from_host_lengths(values: torch.Tensor, lengths: torch.Tensor) -> FlatTokens:
+    """``values`` (T,) exactly covered by samples of the CPU int64 ``lengths`` (N,), back to back."""
+    segment, room, _ = _segments(lengths, values.device)
+    return FlatTokens(values, segment, room, lengths.numel(), True)
 
 
 def read_list(tokens: Sequence[torch.Tensor], who: str) -> FlatTokens:
@@ -121,19 +126,24 @@ def read_padded(tokens, lengths, who: str) -> FlatTokens:
     if lengths.numel() != batch:
         raise ValueError(f"tokens.lengths has {lengths.numel()} entries but tokens.tokens has {batch} rows")
     device = tokens.device
-    unchecked = None
-    if lengths.device.type == "cpu":
+    if lengths.device.type == "cpu":  # gather the samples' tokens: no work on the padding, no host sync
         host = lengths.to(torch.int64)
         _check_padded_lengths(host, width)
-        all_used = bool((host == width).all())
-        lengths = _to_device(host, device)
-    else:
-        lengths = unchecked = lengths.to(torch.int64)
-        all_used = False
-    column = torch.arange(width, dtype=torch.int64, device=device)
+        segment, room, lengths_dev = _segments(host, device)
+        column = lengths_dev.index_select(0, segment).sub_(room)
+        values = tokens.reshape(-1).index_select(0, segment * width + column)
+        return FlatTokens(values, segment, room, batch, True)
+    return padded_device_lengths(tokens, lengths.to(torch.int64))
+
+
+def padded_device_lengths(tokens: torch.Tensor, lengths: torch.Tensor) -> FlatTokens:
+    """``Padded`` whose (B,) int64 ``lengths`` live on the device of the (B, L) ``tokens``: every position is
+    kept (room <= 0 on the padding), no host sync (the lengths are checked later by :func:`validate`)."""
+    batch, width = tokens.shape
+    column = torch.arange(width, dtype=torch.int64, device=tokens.device)
     room = (lengths.unsqueeze(1) - column.unsqueeze(0)).reshape(-1)
-    segment = torch.arange(batch, dtype=torch.int64, device=device).repeat_interleave(width)
-    return FlatTokens(tokens.reshape(-1), segment, room, batch, all_used, None, unchecked)
+    segment = torch.arange(batch, dtype=torch.int64, device=tokens.device).repeat_interleave(width)
+    return FlatTokens(tokens.reshape(-1), segment, room, batch, False, None, lengths)
 
 
 def _check_padded_lengths(host: torch.Tensor, width: int) -> None:
