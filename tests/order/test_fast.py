@@ -76,7 +76,7 @@ def test_duplicates_and_identical_rows():
         assert tfp_order(same, start=4).tolist() == [4] + [i for i in range(30) if i != 4]
 
 
-@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
+@pytest.mark.parametrize("fallback", ["host", "device"])  # "triton": same scan interface, too slow interpreted
 def test_list_rebuilds_keep_the_path_exact(monkeypatch, fallback):
     from tfp_kernels.order import fast
 
