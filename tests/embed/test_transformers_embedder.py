@@ -139,6 +139,16 @@ def test_bfloat16_on_cpu(minilm):
     torch.testing.assert_close(out, minilm.embed_texts(TEXTS), rtol=0, atol=0.05)
 
 
+def test_tokenizer_without_pad_token_or_left_padded(hand_model):
+    from tfp_kernels.embed.hf import _prepare_tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.pad_token = None
+    tokenizer.padding_side = "left"
+    assert _prepare_tokenizer(tokenizer) is tokenizer
+    assert (tokenizer.pad_token, tokenizer.padding_side) == ("[SEP]", "right")
+
+
 # ---------------------------------------------------------------------------------------- tiny BERT on disk
 
 

