@@ -49,9 +49,9 @@ def _timed(fn, device: str):
 
 
 def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k: int = 64,
-               check_steps: int = 2000) -> dict:
+               check_steps: int = 2000, fallback: str = "auto") -> dict:
     emb = clustered_embeddings(n, d, device=device)
-    row: dict = {"n": n, "dim": d, "max_rejections": PAPER_CAP}
+    row: dict = {"n": n, "dim": d, "max_rejections": PAPER_CAP, "fallback": fallback}
     threshold = None
     if n <= naive_max_n:
         try:
@@ -81,7 +81,8 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
     else:
         row["reference"] = {"ran": False, "why": f"skipped above N={reference_max_n} (O(N^2 D) Python-driven walk)"}
     (paths["tfp_order"], stats), dt = _timed(
-        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, k=k, return_stats=True), device)
+        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, k=k, fallback=fallback,
+                          return_stats=True), device)
     row["tfp_order"] = {
         "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend, "k": stats.k,
         "fallbacks": stats.num_fallbacks, "fallback_rate": stats.fallback_rate, "rebuilds": stats.num_rebuilds,
@@ -122,12 +123,16 @@ def main(argv=None) -> None:
     p.add_argument("--naive-max-n", type=int, default=20000)
     p.add_argument("--reference-max-n", type=int, default=20000)
     p.add_argument("--k", type=int, default=64, help="band list length of tfp_order")
+    p.add_argument("--fallback", default="auto", choices=["auto", "host", "device", "triton"],
+                   help="where tfp_order runs its exact fallback scans (tfp_order(fallback=...))")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
+    if args.device == "cuda":  # compile the Triton kernels outside the timings (a one-off cost per process)
+        tfp_order(clustered_embeddings(700, args.dim, device="cuda"), k=args.k, fallback=args.fallback)
     rows = []
     for n in args.sizes:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
-                         reference_max_n=args.reference_max_n, k=args.k)
+                         reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback)
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]
@@ -141,6 +146,8 @@ def main(argv=None) -> None:
             flush=True,
         )
     stage = "order" if args.k == 64 else f"order_k{args.k}"
+    if args.fallback != "auto":
+        stage += f"_{args.fallback}"
     path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "rows": rows}, out_dir=args.out_dir)
     print(f"wrote {path}")
 
