@@ -10,7 +10,10 @@ How a shard walks the stream:
    ``rank * num_workers + worker_id`` (``torch.utils.data.get_worker_info()``; 1 worker and id 0 outside a
    DataLoader worker). Shards are disjoint and cover the stream. Every shard reads the source from the
    start and keeps its own items (a source with ``__len__`` and ``__getitem__``, e.g. a list or a map-style
-   ``datasets.Dataset``, is indexed directly instead).
+   ``datasets.Dataset``, is indexed directly instead). A ``datasets.IterableDataset`` is read through its
+   ``.iter()``, which does not split it by DataLoader worker (its ``__iter__`` would, and the two splits
+   would lose data); do not split it by node either (``split_dataset_by_node``): pass the whole stream to
+   every rank. The same holds for any other source that splits itself by worker or rank.
 2. **Buffer.** The shard collects ``buffer_size`` of its items, turns each into a 1-D token tensor (and
    labels), and packs the buffer with :func:`tfp_kernels.pack_gpu` (TFP order over the buffer, then bin
    packing); the last buffer of the stream may be smaller and is packed and emitted all the same: nothing
@@ -61,15 +64,18 @@ from ..assembly import PackedBatch, assemble
 from ..packing import Packing, select_packs
 
 STATE_VERSION = 1
+_HF_BATCH_SIZE = 256
 _RESERVED_PACK_KWARGS = ("samples", "max_len", "labels", "embeddings")
 _INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class StreamBatch(PackedBatch):
     """A :class:`~tfp_kernels.PackedBatch` emitted by :class:`TFPStreamingDataset`, with where its pieces
-    came from in the stream. All fields of ``PackedBatch`` keep their meaning (``sample_index`` indexes the
-    units of the packed buffer, so use ``source_index`` to identify samples), plus:
+    came from in the stream. The fields of ``PackedBatch`` keep their meaning for the batch, except that
+    ``sample_index`` indexes the pieces' samples *within this batch* (use ``source_index`` to identify them)
+    and ``order`` / ``order_stats`` are those of the whole buffer the batch comes from (``pack_gpu``'s order
+    of the buffer's units, and its ordering statistics). Added fields:
 
     Attributes:
         source_index: (M,), torch.int64, CPU: the position in the source stream of each piece's sample.
@@ -84,6 +90,10 @@ class StreamBatch(PackedBatch):
     source_offset: torch.Tensor | None = None
     shard: int = 0
     stream_state: dict | None = None
+
+    def __repr__(self) -> str:
+        inner = super().__repr__()
+        return f"StreamBatch{inner[inner.index('(') : -1]}, shard={self.shard})"
 
 
 class TFPStreamingDataset(IterableDataset):
@@ -336,16 +346,17 @@ class TFPStreamingDataset(IterableDataset):
         per_batch = packing.num_packs if self.packs_per_batch is None else self.packs_per_batch
         for first in range(0, packing.num_packs, per_batch):
             last = min(first + per_batch, packing.num_packs)
-            chunk = select_packs(packing, range(first, last))
-            used, local = torch.unique(chunk.sample_index, return_inverse=True)
+            # packs first..last-1 are contiguous: a slice of the pieces (select_packs without the gathers)
+            pieces = slice(piece_offsets[first], piece_offsets[last])
+            used, local = torch.unique(packing.sample_index[pieces], return_inverse=True)
             chunk = Packing(
-                pack_id=chunk.pack_id,
+                pack_id=packing.pack_id[pieces] - first,
                 sample_index=local,
-                offset=chunk.offset,
-                length=chunk.length,
-                pack_offsets=chunk.pack_offsets,
-                max_len=chunk.max_len,
-                num_packs=chunk.num_packs,
+                offset=packing.offset[pieces],
+                length=packing.length[pieces],
+                pack_offsets=packing.pack_offsets[first : last + 1] - packing.pack_offsets[first],
+                max_len=packing.max_len,
+                num_packs=last - first,
                 sample_lengths=unit_lengths.index_select(0, used),
             )
             used_list = used.tolist()
@@ -356,8 +367,8 @@ class TFPStreamingDataset(IterableDataset):
                 labels=None if unit_labels is None else [unit_labels[u] for u in used_list],
                 pad_to=pad_to,
             )
-            pieces = emitted[piece_offsets[first] : piece_offsets[last]]
-            source_index = (pieces[:, 0] + state["items_consumed"]) * num_shards + shard
+            ranges = emitted[pieces]
+            source_index = (ranges[:, 0] + state["items_consumed"]) * num_shards + shard
             # the state after this batch, updated before the batch leaves
             state["num_batches"] += 1
             if last == packing.num_packs:
@@ -367,10 +378,11 @@ class TFPStreamingDataset(IterableDataset):
             else:
                 pending["units"] = emitted[piece_offsets[last] :]
             fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(PackedBatch)}
+            fields.update(order=packed.order, order_stats=packed.order_stats)
             yield StreamBatch(
                 **fields,
                 source_index=source_index,
-                source_offset=pieces[:, 1].clone(),
+                source_offset=ranges[:, 1].clone(),
                 shard=shard,
                 stream_state=_copy_state(state, share=True),
             )
@@ -383,6 +395,10 @@ class TFPStreamingDataset(IterableDataset):
         source = self.source
         if callable(source) and not hasattr(source, "__iter__"):
             return iter(source())
+        if _is_hf_iterable(source):
+            # iterating a datasets.IterableDataset inside a DataLoader worker gives only that worker's share
+            # of its shards; .iter() does not split, and the sharding here stays the only one
+            return _unbatch(source.iter(batch_size=_HF_BATCH_SIZE))
         return iter(source)
 
     def _random_access(self) -> bool:
@@ -448,6 +464,11 @@ class TFPStreamingDataset(IterableDataset):
         tokens = _as_ids(tokens, f"stream item {position} tokens")
         if tokens.numel() == 0:
             raise ValueError(f"stream item {position} has no tokens: every sample needs at least one")
+        if tokens.numel() > self.max_len and self.pack_kwargs.get("overlong", "error") == "error":
+            raise ValueError(
+                f"stream item {position} has {tokens.numel()} tokens, more than max_len={self.max_len}; pass "
+                "pack_kwargs={'overlong': 'truncate' | 'drop' | 'split'} to handle over-long samples"
+            )
         if label is not None and label.numel() != tokens.numel():
             raise ValueError(f"stream item {position} has {tokens.numel()} tokens but {label.numel()} labels")
         tokens = tokens.to(self.device)
@@ -462,6 +483,23 @@ class TFPStreamingDataset(IterableDataset):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _is_hf_iterable(source) -> bool:
+    """Whether ``source`` is a ``datasets.IterableDataset`` (without importing ``datasets``)."""
+    import sys
+
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(source, getattr(datasets, "IterableDataset", ()))
+
+
+def _unbatch(batches) -> Iterator[dict]:
+    """Rows of the column batches (``{name: values}``) that ``datasets.IterableDataset.iter`` yields."""
+    for batch in batches:
+        columns = list(batch)
+        size = len(batch[columns[0]]) if columns else 0
+        for i in range(size):
+            yield {name: batch[name][i] for name in columns}
 
 
 def _fresh_state(num_shards: int, epoch: int) -> dict:
