@@ -3,8 +3,9 @@
 Every n-gram (orders ``min_ngram .. ngram``, default 1 .. 2, inside one sample) hashes to a bucket in
 ``[0, dim)`` and a sign; a sample's vector is its signed bucket counts, optionally L2-normalised. The
 hash is a fixed 32-bit multiply-xorshift computed in int64 without overflow (specified in
-:mod:`tfp_kernels.embed.reference`), so CPU and CUDA give the same buckets; the counts are integers and the normalisation is one float64 division
-rounded to float32, so CPU and CUDA give bit-identical rows, and the same input always the same output.
+:mod:`tfp_kernels.embed.reference`), so CPU and CUDA give the same buckets; the counts are integers and
+the normalisation is one float64 division rounded to float32, so CPU and CUDA give bit-identical rows,
+and the same input always the same output.
 
 The fast path works on the flat token buffer of all samples at once (per-token sample ids, one
 ``index_add_`` of integer counts): no Python loop over samples, the same code on CPU and CUDA.
