@@ -22,6 +22,7 @@ from tfp_kernels.distributed import (
     DistributedPackSampler,
     balance_step_reference,
     balance_steps,
+    mask_repeats,
     plan_epoch,
 )
 from tfp_kernels.distributed.sampler import _balance_lpt, _balance_rounds
@@ -167,6 +168,29 @@ def test_inputs_packing_batch_int_and_dataloader():
     # as a plain sampler (packs_per_step == 1): ints
     single = DistributedPackSampler(packing, num_replicas=3, rank=2)
     assert all(isinstance(p, int) for p in single)
+
+
+def test_mask_repeats_hides_repeat_packs_from_the_loss():
+    lengths = [5, 3, 8, 2, 7, 1, 4]
+    tokens = [torch.arange(n) + 10 * i for i, n in enumerate(lengths)]
+    packing = pack_lengths(lengths, 10)  # 5+3 | 8+2 | 7+1 | 4: 4 packs
+    sampler = DistributedPackSampler(packing, num_replicas=1, rank=0, packs_per_step=3, seed=2)
+    steps = list(sampler.iter_with_repeats())
+    assert sum(sum(flags) for _, flags in steps) == 2  # 4 packs in steps of 3: 2 repeats
+    for packs, flags in steps:
+        batch = assemble(tokens, select_packs(packing, packs), pad_to=10)
+        masked = mask_repeats(batch, flags)
+        for j, flag in enumerate(flags):
+            span = slice(int(batch.pack_offsets[j]), int(batch.pack_offsets[j + 1]))
+            expected = torch.full_like(batch.labels[0, span], -100) if flag else batch.labels[0, span]
+            assert torch.equal(masked.labels[0, span], expected)
+            row = masked.padded.labels[j]
+            assert bool((row == -100).all()) if flag else torch.equal(row, batch.padded.labels[j])
+        assert torch.equal(masked.input_ids, batch.input_ids)
+        if not any(flags):
+            assert masked is batch
+    with pytest.raises(ValueError, match="3 flags but the batch has 2 packs"):
+        mask_repeats(assemble(tokens, select_packs(packing, [0, 1])), [True, False, False])
 
 
 def test_deterministic_and_epochs_differ():

@@ -180,6 +180,11 @@ def test_overlong_drop_is_counted_not_silent():
     batches = list(dataset)
     assert_exactly_once(batches, stream, skip=too_long)
     assert dataset.state_dict()["shards"][0]["num_dropped"] == len(too_long)
+    # a buffer whose samples are all dropped emits nothing and the stream goes on
+    stream = [torch.arange(40), torch.arange(50), torch.arange(5), torch.arange(45), torch.arange(7)]
+    dataset = TFPStreamingDataset(stream, buffer_size=2, max_len=32, pack_kwargs={"overlong": "drop"})
+    assert_exactly_once(list(dataset), stream, skip=[0, 1, 3])
+    assert dataset.state_dict()["shards"][0]["num_dropped"] == 3
     truncating = TFPStreamingDataset(stream, buffer_size=10, max_len=32, pack_kwargs={"overlong": "truncate"})
     assert_exactly_once(list(truncating), stream, max_len=32)
 

@@ -4,7 +4,7 @@ Public API:
 
 - :class:`DistributedPackSampler`: every rank the same number of steps and packs per step, near-equal
   tokens per step, deterministic per ``(seed, epoch)``, an explicit remainder policy (``"pad"`` | ``"drop"``);
-  :func:`plan_epoch` / :class:`PackPlan` (the plan of all ranks), :func:`balance_steps`;
+  :func:`plan_epoch` / :class:`PackPlan` (the plan of all ranks), :func:`balance_steps`, :func:`mask_repeats`;
 - :class:`TFPStreamingDataset`: an ``IterableDataset`` that buffers any iterable of samples, packs each
   buffer with :func:`tfp_kernels.pack_gpu`, splits the stream across ranks and DataLoader workers and
   resumes from ``state_dict()`` without losing or repeating samples; it yields :class:`StreamBatch`;
@@ -21,6 +21,7 @@ from .sampler import (
     PackPlan,
     balance_step_reference,
     balance_steps,
+    mask_repeats,
     plan_epoch,
 )
 from .streaming import StreamBatch, TFPStreamingDataset
@@ -35,6 +36,7 @@ __all__ = [
     "TFPStreamingDataset",
     "balance_step_reference",
     "balance_steps",
+    "mask_repeats",
     "plan_epoch",
     "shard_bounds",
     "shard_rows",

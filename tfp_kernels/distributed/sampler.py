@@ -308,6 +308,43 @@ def plan_epoch(
     return PackPlan(packs=packs, repeat=repeat, tokens=loads, dropped=dropped, epoch=epoch)
 
 
+def mask_repeats(batch, repeat) -> object:
+    """``batch`` with the labels of its repeat packs set to -100, so that they add nothing to the loss.
+
+    For ``remainder="pad"``: assemble a step's packs in the order the sampler gave them (``select_packs``
+    + ``assemble``), then pass the step's repeat flags (:meth:`DistributedPackSampler.iter_with_repeats`).
+
+    Args:
+        batch: a :class:`~tfp_kernels.PackedBatch` with ``K`` packs.
+        repeat: (K,) bools (tensor or sequence): True for the packs whose labels to mask.
+
+    Returns:
+        A copy of ``batch`` (``dataclasses.replace``) whose ``labels`` are -100 over the flagged packs
+        (also in its ``padded`` view, when present: one row per pack); ``batch`` itself when nothing is
+        flagged.
+
+    Raises:
+        ValueError: ``repeat`` does not have one flag per pack.
+    """
+    import dataclasses
+
+    from ..assembly import IGNORE_INDEX
+
+    flags = torch.as_tensor(repeat, dtype=torch.bool).reshape(-1).cpu()
+    if flags.numel() != batch.num_packs:
+        raise ValueError(f"repeat has {flags.numel()} flags but the batch has {batch.num_packs} packs")
+    if not bool(flags.any()):
+        return batch
+    pack_lengths = torch.diff(batch.pack_offsets)
+    token_flags = torch.repeat_interleave(flags.to(batch.device), pack_lengths, output_size=batch.num_tokens)
+    labels = batch.labels.masked_fill(token_flags.unsqueeze(0), IGNORE_INDEX)
+    padded = batch.padded
+    if padded is not None:  # one row per pack
+        rows = flags.to(padded.labels.device).unsqueeze(1)
+        padded = padded._replace(labels=padded.labels.masked_fill(rows, IGNORE_INDEX))
+    return dataclasses.replace(batch, labels=labels, padded=padded)
+
+
 # ---------------------------------------------------------------------------------------- the sampler
 
 
@@ -332,8 +369,8 @@ class DistributedPackSampler(Sampler):
     - ``"pad"`` (default): the last step is filled with repeats of the first packs of the epoch's order (in
       turn, cyclically if needed). ``stats()["num_repeated"]`` counts them; :meth:`repeat_mask` / the
       ``repeat`` field of :meth:`plan` say which yielded packs are repeats, and :meth:`iter_with_repeats`
-      yields the flags alongside: set the labels of a repeat pack to -100 (or weight its loss by 0) to keep
-      every sample's weight at exactly one per epoch. Every pack is used at least once, non-repeats exactly
+      yields the flags alongside: :func:`mask_repeats` sets the labels of the repeat packs of an assembled
+      step to -100, which keeps every sample's weight at exactly one per epoch. Every pack is used at least once, non-repeats exactly
       once.
     - ``"drop"``: the last ``P % (R * K)`` packs of the epoch's order are left out of that epoch
       (``stats()["num_dropped"]``, the indices in ``plan().dropped``); with ``shuffle=True`` a different set

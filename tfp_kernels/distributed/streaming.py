@@ -330,6 +330,11 @@ class TFPStreamingDataset(IterableDataset):
         packing = packed.packing
         if pending["generation"] == 0:
             state["num_dropped"] += packing.num_dropped
+        if packing.num_packs == 0:  # every sample of the buffer dropped by overlong="drop": nothing to emit
+            state["items_consumed"] += pending["num_items"]
+            state["buffer_index"] += 1
+            state["pending"] = None
+            return
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mixed_seed(*mix, 1))
             packing = select_packs(packing, torch.randperm(packing.num_packs, generator=generator))
