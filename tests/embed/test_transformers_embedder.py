@@ -9,6 +9,7 @@ padding: float32 on the CPU, tolerance 1e-5 absolute (padding and batching chang
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -50,6 +51,15 @@ def hand_model():
     ).eval()
 
 
+def variant(embedder: TransformersEmbedder, **settings) -> TransformersEmbedder:
+    """The same loaded model with other settings (a model load per test would dominate the test time)."""
+    other = copy.copy(embedder)
+    for name, value in settings.items():
+        assert hasattr(other, name), name
+        setattr(other, name, value)
+    return other
+
+
 def hand_embed(tokenizer, model, texts, *, pooling: str, max_length: int = 128) -> torch.Tensor:
     """One text at a time, no padding: the pooled last hidden state, float32."""
     rows = []
@@ -73,8 +83,7 @@ def test_minilm_mean_pooling_matches_hand_computation(minilm, hand_model):
 
 
 def test_batching_and_order_invariance(minilm):
-    one = TransformersEmbedder(minilm_path(), pooling="mean", normalize=True, batch_size=1, device="cpu")
-    seven = TransformersEmbedder(minilm_path(), pooling="mean", normalize=True, batch_size=7, device="cpu")
+    one, seven = variant(minilm, batch_size=1), variant(minilm, batch_size=7)
     a, b = one.embed_texts(TEXTS), seven.embed_texts(TEXTS)
     torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
     torch.testing.assert_close(minilm.embed_texts(TEXTS), b, rtol=0, atol=ATOL)
@@ -82,8 +91,8 @@ def test_batching_and_order_invariance(minilm):
     torch.testing.assert_close(reverse.flip(0), b, rtol=0, atol=ATOL)
 
 
-def test_cls_pooling_is_the_first_token(hand_model):
-    embedder = TransformersEmbedder(minilm_path(), pooling="cls", batch_size=4, device="cpu")
+def test_cls_pooling_is_the_first_token(minilm, hand_model):
+    embedder = variant(minilm, pooling="cls", normalize=False, batch_size=4)
     expected = hand_embed(*hand_model, TEXTS, pooling="cls")
     torch.testing.assert_close(embedder(TEXTS), expected, rtol=0, atol=ATOL)
 
@@ -98,9 +107,9 @@ def test_related_sentences_are_closer(minilm):
         assert bool(partner.min() > others.max()), (i, cos[i])
 
 
-def test_truncation_to_max_length(hand_model):
+def test_truncation_to_max_length(minilm, hand_model):
     long_text = " ".join(["word"] * 400)
-    embedder = TransformersEmbedder(minilm_path(), pooling="mean", max_length=16, device="cpu")
+    embedder = variant(minilm, max_length=16, normalize=False)
     expected = hand_embed(*hand_model, [long_text, "short"], pooling="mean", max_length=16)
     torch.testing.assert_close(embedder.embed_texts([long_text, "short"]), expected, rtol=0, atol=ATOL)
 
@@ -109,9 +118,7 @@ def test_embed_tokens_decodes_with_the_llm_tokenizer(minilm, hand_model):
     tokenizer = hand_model[0]
     with pytest.raises(ValueError, match=r"decode_tokenizer=.*embeddings=|embed_texts"):
         minilm.embed_tokens([torch.tensor([1, 2, 3])])
-    decoder = TransformersEmbedder(
-        minilm_path(), pooling="mean", normalize=True, device="cpu", decode_tokenizer=tokenizer
-    )
+    decoder = variant(minilm, decode_tokenizer=tokenizer)
     ids = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS[:4]]
     decoded = tokenizer.batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
     expected = minilm.embed_texts(decoded)
@@ -126,8 +133,8 @@ def test_embed_tokens_decodes_with_the_llm_tokenizer(minilm, hand_model):
     )
 
 
-def test_progress_bar(capsys):
-    embedder = TransformersEmbedder(minilm_path(), pooling="mean", batch_size=2, device="cpu", progress=True)
+def test_progress_bar(minilm, capsys):
+    embedder = variant(minilm, batch_size=2, progress=True)
     assert embedder.embed_texts(TEXTS[:3]).shape == (3, 384)
     assert "embedding" in capsys.readouterr().err
 
