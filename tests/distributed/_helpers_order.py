@@ -40,11 +40,8 @@ def case_embeddings(case: dict) -> torch.Tensor:
     )
 
 
-def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = 120.0) -> list[list[dict]]:
-    """Run ``cases`` on ``world_size`` gloo processes; return ``results[rank][case]``.
-
-    Raises AssertionError with the workers' stderr when a worker fails or the run exceeds ``timeout``.
-    """
+def start(world_size: int, cases: list[dict], tmp_dir: Path) -> dict:
+    """Start ``world_size`` worker processes on ``cases``; :func:`finish` collects them."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     cases_file = tmp_dir / "cases.pt"
@@ -58,9 +55,9 @@ def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float 
     )
     procs = []
     for rank in range(world_size):
-        err = open(tmp_dir / f"stderr{rank}.txt", "w")  # noqa: SIM115 - closed below
-        procs.append(
-            (
+        log = tmp_dir / f"stderr{rank}.txt"
+        with open(log, "w") as err:
+            procs.append(
                 subprocess.Popen(
                     [
                         sys.executable,
@@ -75,30 +72,42 @@ def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float 
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd=REPO_ROOT,
-                ),
-                err,
+                )
             )
-        )
-    deadline = time.monotonic() + timeout
+    return {"procs": procs, "dir": tmp_dir, "world": world_size, "started": time.monotonic()}
+
+
+def finish(handle: dict, *, timeout: float = 120.0) -> list[list[dict]]:
+    """Wait for the workers of :func:`start`; return ``results[rank][case]``.
+
+    Raises AssertionError with the workers' output when a worker fails or the run exceeds ``timeout``
+    seconds from its start (every worker is then killed).
+    """
+    procs, tmp_dir, world = handle["procs"], handle["dir"], handle["world"]
+    deadline = handle["started"] + timeout
     timed_out = False
-    for proc, _ in procs:
+    for proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
             break
-    for proc, err in procs:
+    for proc in procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        err.close()
     logs = "\n".join(
         f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_dir / f"stderr{r}.txt").read_text()[-3000:]
-        for r, (p, _) in enumerate(procs)
+        for r, p in enumerate(procs)
     )
-    assert not timed_out, f"the {world_size} workers did not finish within {timeout} s\n{logs}"
-    assert all(p.returncode == 0 for p, _ in procs), f"a worker failed\n{logs}"
-    return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    assert not timed_out, f"the {world} workers did not finish within {timeout} s\n{logs}"
+    assert all(p.returncode == 0 for p in procs), f"a worker failed\n{logs}"
+    return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = 120.0) -> list[list[dict]]:
+    """Run ``cases`` on ``world_size`` gloo processes and wait: :func:`start` + :func:`finish`."""
+    return finish(start(world_size, cases, tmp_dir), timeout=timeout)
 
 
 def _run_case(case: dict, rank: int, world: int) -> dict:

@@ -216,7 +216,7 @@ def _validate(
         max_rejections = _checks.check_max_rejections(max_rejections)
         k = _checks.check_positive_int(k, "k")
         if not (isinstance(start, int) and not isinstance(start, bool)):
-            raise ValueError(f"start must be an integer in [0, N), got {start!r}")
+            raise ValueError(f"start must be an integer in [0, N), got {start!r}")  # noqa: TRY004 (as tfp_order)
         if backend not in ("auto", "fast"):
             raise ValueError(f"backend must be 'auto' or 'fast' with a process group, got {backend!r}")
     except (TypeError, ValueError) as err:
@@ -674,10 +674,6 @@ def _projection(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, n: int, 
         sh.y[s : s + (1 << 16)] = prepare(sh.x[s : s + (1 << 16)], sh.metric) @ sh.basis
 
 
-def _recv_nodes(comm: _Comm, count: int) -> torch.Tensor:
-    return comm.bcast(torch.empty(count, dtype=torch.int64)) if count else torch.empty(0, dtype=torch.int64)
-
-
 def _rebuild(comm, sh: _Shard, k: int, block_elements: int):
     """Lists of every rank's unvisited rows among the unvisited rows, gathered to rank 0 (packed)."""
     rows = torch.nonzero(~sh.visited).flatten()
@@ -691,13 +687,15 @@ def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejectio
     """The loop of the ranks other than 0 during the walk: run the broadcast commands until done."""
     while True:
         cmd, step, n_new, n_win = comm.bcast(torch.zeros(4, dtype=torch.int64)).tolist()
-        sh.mark(_recv_nodes(comm, n_new))
+        if n_new or n_win:
+            payload = comm.bcast(torch.empty(n_new + n_win * dim, dtype=torch.float64))
+            sh.mark(payload[:n_new].long())
+            win_rows = payload[n_new:].view(n_win, dim)
         if cmd == _DONE:
             return
         if cmd == _BASIS:
             _projection(comm, sh, None, n, dim)
         elif cmd == _SCAN:
-            win_rows = comm.bcast(torch.empty(n_win, dim, dtype=torch.float64))
             node = _sharded_pick(
                 comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections
             )
@@ -907,12 +905,15 @@ def _walk_root(
     cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
 
-    def command(cmd: int, step: int, n_win: int = 0) -> None:
+    def command(cmd: int, step: int, win_rows: torch.Tensor | None = None) -> None:
+        """Broadcast a command, then one payload: the nodes visited since the last one, the window rows."""
         nonlocal synced
         new = path[synced:step]
+        n_win = 0 if win_rows is None else win_rows.shape[0]
         comm.bcast(torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.int64))
-        if new.numel():
-            comm.bcast(new.clone())
+        if new.numel() or n_win:
+            parts = [new.double()] + ([] if win_rows is None else [win_rows.flatten()])
+            comm.bcast(torch.cat(parts))
         sh.mark(new)
         synced = step
 
@@ -984,9 +985,8 @@ def _walk_root(
             command(_BASIS, step)
             _projection(comm, sh, emb_host, n, dim)
             have_basis = True
-        win_ids = path[max(0, step - window) : step]
-        command(_SCAN, step, win_ids.numel())
-        win_rows = comm.bcast(prepare(emb_host.index_select(0, win_ids), metric).contiguous())
+        win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
+        command(_SCAN, step, win_rows)
         node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
         path[step] = node
         visited[node] = True

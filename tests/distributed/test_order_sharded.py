@@ -1,0 +1,207 @@
+"""Sharded ordering (tfp_order(shard, group=...)) on 1, 2 and 4 gloo processes vs single-process tfp_order.
+
+The 2- and 4-process runs each start their processes once (tests/distributed/_helpers_order.py) and run
+every case there; the tests below compare what every rank returned with single-process ``tfp_order`` and
+``tfp_order_reference`` on the concatenated rows. The data has no distance ties, so paths must be equal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tfp_kernels import tfp_order, tfp_order_reference
+from tfp_kernels.distributed import ShardedOrderStats, shard_bounds, shard_rows, tfp_order_sharded
+from tfp_kernels.order.threshold import threshold_estimate
+
+_spec = importlib.util.spec_from_file_location(
+    "_helpers_order", Path(__file__).with_name("_helpers_order.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+# name -> case (see _helpers_order.case_embeddings / _run_case)
+GOOD = {
+    "l2_w4": {"n": 37, "d": 8},
+    "cosine_w1": {"n": 37, "d": 8, "kwargs": {"metric": "cosine", "window": 1}},
+    "l2_cap_k4": {"n": 53, "d": 8, "kwargs": {"max_rejections": 3, "k": 4}},
+    "cosine_cap_w1": {
+        "n": 53,
+        "d": 8,
+        "kwargs": {"metric": "cosine", "max_rejections": 5, "k": 4, "window": 1},
+    },
+    "one_row": {"n": 1, "d": 4},
+    "three_rows": {"n": 3, "d": 4, "kwargs": {"start": 2}},
+    "float16": {"n": 40, "d": 8, "dtype": torch.float16, "kwargs": {"window": 2}},
+    # clustered, short lists: fallback scans and (n >= 1024) list rebuilds
+    "clustered_l2": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4}},
+    "clustered_cosine_cap": {
+        "n": 1100,
+        "d": 12,
+        "clusters": 16,
+        "dtype": torch.float64,
+        "kwargs": {"metric": "cosine", "k": 4, "max_rejections": 30, "start": 7},
+    },
+}
+SAMPLED = {"n": 150, "d": 6, "direct": True, "kwargs": {"sample_pairs": 300, "seed": 3}}
+BAD = {
+    "bad_d": {"n": 30, "d": 8, "d_on_rank": {1: 9}},
+    "bad_nan": {"n": 30, "d": 8, "nan_on_rank": 1},
+    "bad_args": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"window": 3}}},
+}
+CASES = {**GOOD, "sampled": SAMPLED, **BAD}
+# the 4-process run: fewer cases (four processes share the 2 CI cores)
+CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "bad_d"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start the 2- and the 4-process runs together; compute the single-process paths while they run."""
+    h2 = helpers.start(2, [CASES[n] for n in CASES], tmp_path_factory.mktemp("world2"))
+    h4 = helpers.start(4, [CASES[n] for n in CASES4], tmp_path_factory.mktemp("world4"))
+    expected = {name: _single(case) for name, case in GOOD.items()}
+    r2, r4 = helpers.finish(h2, timeout=170), helpers.finish(h4, timeout=170)
+    world2 = {name: [r2[r][i] for r in range(2)] for i, name in enumerate(CASES)}
+    world4 = {name: [r4[r][i] for r in range(4)] for i, name in enumerate(CASES4)}
+    return world2, world4, expected
+
+
+@pytest.fixture(scope="module")
+def world2(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def world4(runs):
+    return runs[1]
+
+
+@pytest.fixture(scope="module")
+def expected(runs):
+    return runs[2]
+
+
+def _single(case: dict):
+    emb = helpers.case_embeddings(case)
+    kwargs = case.get("kwargs", {})
+    path, stats = tfp_order(emb, return_stats=True, **kwargs)
+    ref = tfp_order_reference(emb, **{k: v for k, v in kwargs.items() if k != "k"})
+    assert torch.equal(path, ref), "single-process fast and reference paths differ: the test data has ties"
+    return path, stats
+
+
+def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
+    case = CASES[name]
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {r}: {res.get('error')}"
+    path, stats = expected[name]
+    for r, res in enumerate(per_rank):
+        assert res["path"].dtype == torch.int64 and res["path"].shape == (case["n"],)
+        assert torch.equal(res["path"], path), f"rank {r}'s path differs from single-process tfp_order"
+        got = res["stats"]
+        assert isinstance(got, ShardedOrderStats) and got.backend == "sharded"
+        assert got.threshold == stats.threshold and got.threshold_source == stats.threshold_source
+        assert got.world_size == len(per_rank) and got.rank == r
+        assert got.num_fallbacks == per_rank[0]["stats"].num_fallbacks
+
+
+@pytest.mark.parametrize("name", list(GOOD))
+def test_two_ranks_match_single_process(world2, expected, name):
+    _check_good(world2[name], name, expected)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES4 if n in GOOD])
+def test_four_ranks_match_single_process(world4, expected, name):
+    _check_good(world4[name], name, expected)
+
+
+def test_fallbacks_and_rebuilds_exercised(world2, world4):
+    # the clustered cases must go through the sharded scans and the sharded rebuild, not only the lists
+    for res in (world2["clustered_l2"][0], world4["clustered_l2"][0], world2["clustered_cosine_cap"][0]):
+        assert res["stats"].num_fallbacks > 20
+    assert world2["clustered_l2"][0]["stats"].num_rebuilds >= 1
+    assert world4["clustered_l2"][0]["stats"].num_rebuilds >= 1
+    # cap cases: the cap can fire at every step, so every step is a scan
+    assert world2["l2_cap_k4"][0]["stats"].num_fallbacks > 0
+
+
+def test_empty_shards_when_fewer_rows_than_ranks(world4):
+    assert [e - s for s, e in shard_bounds(3, 4)] == [1, 1, 1, 0]
+    assert [r["stats"].num_rows for r in world4["three_rows"]] == [1, 1, 1, 0]
+    assert [r["stats"].num_rows for r in world4["one_row"]] == [1, 0, 0, 0]
+    assert [r["stats"].num_rows for r in world4["l2_w4"]] == [10, 9, 9, 9]
+
+
+def test_sampled_threshold_is_the_single_process_one(world2):
+    case = SAMPLED
+    emb = helpers.case_embeddings(case)
+    est = threshold_estimate(emb, sample_pairs=300, seed=3)
+    assert not est.exact
+    path = tfp_order(emb, threshold=est.value)
+    for res in world2["sampled"]:
+        assert res["stats"].threshold_source == "sampled"
+        assert res["stats"].threshold == est.value
+        assert torch.equal(res["path"], path)
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("bad_d", "disagree on D (the embedding dimension): rank 0: 8, rank 1: 9"),
+        ("bad_nan", "bad input on rank 1"),
+        ("bad_args", "disagree on arguments"),
+    ],
+)
+def test_bad_input_raises_on_every_rank(world2, name, needle):
+    for r, res in enumerate(world2[name]):
+        assert "error" in res, f"rank {r} did not raise"
+        assert res["error"][0] == "ValueError" and needle in res["error"][1], res["error"]
+
+
+def test_bad_input_raises_on_every_rank_four(world4):
+    for res in world4["bad_d"]:
+        assert "rank 1: 9" in res["error"][1]
+
+
+def test_shard_bounds_is_tensor_split():
+    for n in (0, 1, 3, 10, 37):
+        for w in (1, 2, 3, 4):
+            split = torch.arange(n).tensor_split(w)
+            assert [(int(p[0]), int(p[-1]) + 1) if p.numel() else None for p in split] == [
+                (s, e) if e > s else None for s, e in shard_bounds(n, w)
+            ]
+
+
+def test_needs_an_initialised_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        tfp_order_sharded(torch.randn(5, 3))
+
+
+def test_one_rank_in_process(tmp_path):
+    """A 1-process gloo group in this process: same path as single-process, incl. the stats fields."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        emb = helpers.make_embeddings(300, 10, seed=5, clusters=6)
+        assert torch.equal(shard_rows(emb), emb)
+        for kwargs in ({"k": 4}, {"k": 4, "metric": "cosine", "max_rejections": 7, "window": 1}):
+            path, stats = tfp_order(emb, group=dist.group.WORLD, return_stats=True, **kwargs)
+            assert torch.equal(path, tfp_order(emb, **kwargs))
+            assert stats.bytes_ring == 0 and stats.bytes_to_root == 0 and stats.world_size == 1
+        with pytest.raises(ValueError, match="backend must be 'auto' or 'fast'"):
+            tfp_order_sharded(emb, backend="reference")
+        with pytest.raises(ValueError, match="bad input on rank 0: .*NaN"):
+            tfp_order_sharded(torch.full((4, 2), float("nan")))
+        with pytest.raises(ValueError, match="every rank's embedding shard is empty"):
+            tfp_order_sharded(torch.empty(0, 3))
+    finally:
+        dist.destroy_process_group()
