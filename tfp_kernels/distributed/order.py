@@ -84,6 +84,7 @@ class ShardedOrderStats(OrderStats):
         world_size: ranks in the group.
         rank: this rank (group rank).
         num_rows: n_r, the rows of this rank's shard.
+        time_lists_s: seconds of the first list phase on this rank (the ring; ``time_band_s`` adds rebuilds).
         time_gather_s: seconds spent gathering lists and embeddings to rank 0 (this rank's side).
         bytes_ring: bytes this rank sent around the ring in the list phase (first build only).
         bytes_to_root: bytes this rank sent to rank 0 (lists + rows + threshold rows).
@@ -92,6 +93,7 @@ class ShardedOrderStats(OrderStats):
     world_size: int = 1
     rank: int = 0
     num_rows: int = 0
+    time_lists_s: float = 0.0
     time_gather_s: float = 0.0
     bytes_ring: int = 0
     bytes_to_root: int = 0
@@ -791,7 +793,7 @@ def tfp_order_sharded(
         "time_walk_s": 0.0,
         "time_fallback_s": 0.0,
     }
-    time_gather = 0.0
+    time_gather = time_lists = 0.0
     if n == 1:
         path = torch.full((1,), start, dtype=torch.int64, device=device)
     else:
@@ -808,7 +810,7 @@ def tfp_order_sharded(
         sh.upper = torch.nextafter((t2 + sh.slack).float(), torch.tensor(torch.inf, device=device))
         tb = time.perf_counter()
         packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
-        stats["time_band_s"] = time.perf_counter() - tb
+        stats["time_band_s"] = time_lists = time.perf_counter() - tb
         tg = time.perf_counter()
         lists, sent = _gather_rows(comm, packed, sizes, out_device=torch.device("cpu"))
         bytes_root += sent
@@ -863,6 +865,7 @@ def tfp_order_sharded(
         world_size=comm.world,
         rank=comm.rank,
         num_rows=sizes[comm.rank],
+        time_lists_s=time_lists,
         time_gather_s=time_gather,
         bytes_ring=bytes_ring,
         bytes_to_root=bytes_root,

@@ -1,0 +1,216 @@
+"""Sharded ordering benchmark: the list phase and the whole order on 1, 2, 4 gloo processes (CPU).
+
+Every run orders the same clustered embeddings (benchmarks.bench_order.clustered_embeddings, D = 768 by
+default) with ``tfp_order(shard, group=...)``, each process holding its ``tensor_split`` block, with the
+same given threshold (``estimate_threshold`` of the full data, computed once) so that only the ordering is
+timed. Each process uses ``max(1, cpu_count // processes)`` threads. Per run: the first list phase (ring of
+column blocks; the slowest rank), the gather of lists and rows to rank 0, the walk with its sharded scans,
+the whole order, and the ratio of each to the 1-process run of the same invocation; plus single-process
+``tfp_order`` (no group) for comparison and a check that every path is identical to it.
+
+    python -m benchmarks.bench_distributed --sizes 4096 8192 --procs 1 2 4
+
+writes ``benchmarks/results/distributed_<device name>.json``. On a machine with fewer cores than
+processes the ratios measure oversubscription, not scaling: read them with ``cpu_count`` in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._harness import REPO_ROOT, write_results
+from benchmarks.bench_order import clustered_embeddings
+
+
+def _worker(rank: int, world: int, store_file: str, spec_file: str, out_file: str) -> None:
+    """One process of a run: join the gloo group, warm up, order the shard, report its stats."""
+    import torch.distributed as dist
+
+    from tfp_kernels import tfp_order
+    from tfp_kernels.distributed import shard_bounds
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(spec["threads"])
+    store = dist.FileStore(store_file, world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+    )
+    try:
+        group = dist.group.WORLD
+        warm = clustered_embeddings(256, spec["dim"], seed=1)
+        s, e = shard_bounds(256, world)[rank]
+        tfp_order(warm[s:e], group=group, k=spec["k"])
+        emb = clustered_embeddings(spec["n"], spec["dim"], seed=0)
+        s, e = shard_bounds(spec["n"], world)[rank]
+        shard = emb[s:e].clone()
+        del emb
+        dist.barrier()
+        t0 = time.perf_counter()
+        path, stats = tfp_order(
+            shard,
+            group=group,
+            threshold=spec["threshold"],
+            k=spec["k"],
+            max_rejections=spec["max_rejections"],
+            return_stats=True,
+        )
+        wall = time.perf_counter() - t0
+        mine = {
+            "rank": rank,
+            "wall_s": wall,
+            "lists_s": stats.time_lists_s,
+            "gather_s": stats.time_gather_s,
+            "walk_s": stats.time_walk_s,
+            "fallback_s": stats.time_fallback_s,
+            "band_s": stats.time_band_s,
+            "fallbacks": stats.num_fallbacks,
+            "rebuilds": stats.num_rebuilds,
+            "bytes_ring": stats.bytes_ring,
+            "bytes_to_root": stats.bytes_to_root,
+        }
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if rank == 0:
+            torch.save({"ranks": everyone, "path": path}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_procs(world: int, spec: dict, *, timeout: float) -> dict:
+    """Start ``world`` worker processes of this script on ``spec``; return rank 0's report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        spec_file, out_file = tmp / "spec.json", tmp / "out.pt"
+        spec_file.write_text(json.dumps(spec))
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            OMP_NUM_THREADS=str(spec["threads"]),
+        )
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_distributed",
+                    "--worker",
+                    str(r),
+                    str(world),
+                    str(tmp / "store"),
+                    str(spec_file),
+                    str(out_file),
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+            )
+            for r in range(world)
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            for p in procs:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if any(p.returncode != 0 for p in procs):
+            raise RuntimeError(f"a worker of the {world}-process run failed: {[p.returncode for p in procs]}")
+        return torch.load(out_file, weights_only=False)
+
+
+def bench_size(n: int, dim: int, procs: list[int], *, k: int, max_rejections, timeout: float) -> dict:
+    from tfp_kernels import estimate_threshold, tfp_order
+
+    emb = clustered_embeddings(n, dim, seed=0)
+    threshold = estimate_threshold(emb)
+    cores = os.cpu_count() or 1
+    row: dict = {"n": n, "dim": dim, "k": k, "max_rejections": max_rejections, "threshold": threshold}
+    tfp_order(emb[:256], k=k)  # warm-up
+    t0 = time.perf_counter()
+    single, stats = tfp_order(emb, threshold=threshold, k=k, max_rejections=max_rejections, return_stats=True)
+    row["single_process"] = {
+        "wall_s": time.perf_counter() - t0,
+        "band_s": stats.time_band_s,
+        "walk_s": stats.time_walk_s,
+        "fallback_s": stats.time_fallback_s,
+        "fallbacks": stats.num_fallbacks,
+        "rebuilds": stats.num_rebuilds,
+        "threads": torch.get_num_threads(),
+    }
+    del emb
+    runs = {}
+    for world in procs:
+        spec = {
+            "n": n,
+            "dim": dim,
+            "k": k,
+            "threshold": threshold,
+            "max_rejections": max_rejections,
+            "threads": max(1, cores // world),
+        }
+        report = run_procs(world, spec, timeout=timeout)
+        ranks = report["ranks"]
+        runs[world] = {
+            "threads_per_process": spec["threads"],
+            "lists_s": max(r["lists_s"] for r in ranks),  # the list phase ends with the slowest rank
+            "gather_s": ranks[0]["gather_s"],
+            "walk_s": ranks[0]["walk_s"],
+            "fallback_s": ranks[0]["fallback_s"],
+            "band_s_rank0": ranks[0]["band_s"],
+            "order_s": max(r["wall_s"] for r in ranks),
+            "fallbacks": ranks[0]["fallbacks"],
+            "rebuilds": ranks[0]["rebuilds"],
+            "bytes_ring_per_rank": [r["bytes_ring"] for r in ranks],
+            "bytes_to_root_per_rank": [r["bytes_to_root"] for r in ranks],
+            "same_path_as_single_process": bool(torch.equal(report["path"], single)),
+        }
+        print(f"n={n} procs={world}: {runs[world]}", flush=True)
+    base = runs.get(1)
+    if base is not None:
+        for world, run in runs.items():
+            run["ratio_to_1_process"] = {
+                key: run[key] / base[key] for key in ("lists_s", "order_s", "fallback_s") if base[key] > 0
+            }
+    row["runs"] = {str(w): r for w, r in runs.items()}
+    return row
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--max-rejections", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per multi-process run")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = [
+        bench_size(
+            n, args.dim, args.procs, k=args.k, max_rejections=args.max_rejections, timeout=args.timeout
+        )
+        for n in args.sizes
+    ]
+    payload = {"sizes": args.sizes, "procs": args.procs, "transport": "gloo (CPU, one machine)", "rows": rows}
+    path = write_results("distributed", "cpu", payload, out_dir=args.out_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
