@@ -9,6 +9,7 @@ M pieces of samples, P packs, T tokens.
 from ._ext import ExtensionNotAvailableError, has_cuda_ops, has_extension
 from .assembly import IGNORE_INDEX, Jagged, PackedBatch, Padded, PaddedBatch, assemble
 from .attention import available_backends, check_cu_seqlens, varlen_attention
+from .distributed import DistributedPackSampler, PackPlan, StreamBatch, TFPStreamingDataset, mask_repeats
 from .integrations import TFPDataCollator, order_dataset
 from .order import (
     OrderStats,
@@ -24,15 +25,19 @@ from .version import __version__
 
 __all__ = [
     "IGNORE_INDEX",
+    "DistributedPackSampler",
     "ExtensionNotAvailableError",
     "Jagged",
     "OrderStats",
+    "PackPlan",
     "PackedBatch",
     "Packing",
     "Padded",
     "PaddedBatch",
     "PathCheck",
+    "StreamBatch",
     "TFPDataCollator",
+    "TFPStreamingDataset",
     "__version__",
     "assemble",
     "available_backends",
@@ -41,6 +46,7 @@ __all__ = [
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
+    "mask_repeats",
     "order_dataset",
     "pack_gpu",
     "pack_lengths",
