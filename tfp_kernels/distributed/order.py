@@ -570,6 +570,87 @@ def _select_mth(comm: _Comm, d: torch.Tensor, ids: torch.Tensor, m_th: int) -> i
     return int(sid[m_th])
 
 
+class _LocalScan:
+    """This rank's side of one exact fallback scan: its unvisited rows, evaluated in growing sets.
+
+    Rows are evaluated in the order of a lower bound ``lb2`` of their squared distance to ``last`` (their
+    projections' squared distance); after each :meth:`grow` every row with ``lb2 < outside`` has its exact
+    float64 distance, and every other row has ``s2 >= lb2 >= outside``. The sets are nested, so each row is
+    evaluated once. The window test runs only where it can change the local best valid row: rows at
+    distance ``>= t`` from ``last`` that would beat it, in (d, id) order, stopping at the first valid one.
+    """
+
+    def __init__(self, sh: _Shard, last_row: torch.Tensor, others: torch.Tensor, threshold: float):
+        self.sh, self.last_row, self.others, self.threshold = sh, last_row, others, threshold
+        self.unv = torch.nonzero(~sh.visited).flatten()  # ascending local positions
+        self.n_u = self.unv.numel()
+        self.lb2 = None
+        if self.n_u:
+            y_last = last_row @ sh.basis
+            self.lb2 = (sh.y.index_select(0, self.unv) - y_last).square_().sum(dim=1).mul_(_LB_SAFETY)
+        self.outside = -math.inf
+        empty = torch.empty(0, dtype=torch.float64)
+        self.d, self.s2, self.ids = empty, empty, torch.empty(0, dtype=torch.int64)
+        self.best = (math.inf, -1, math.inf)  # local best valid (d, id, s2)
+        self.c0 = (math.inf, -1)  # local nearest evaluated (d, id)
+
+    def grow(self, batch: int) -> None:
+        """Evaluate the rows whose lower bound is below the (batch + 1)-th smallest one (all if batch >= U)."""
+        if self.n_u == 0 or self.outside == math.inf:
+            self.outside = math.inf
+            return
+        new_outside = math.inf if batch >= self.n_u else float(torch.kthvalue(self.lb2, batch + 1).values)
+        mask = (self.lb2 >= self.outside) & (self.lb2 < new_outside)
+        self.outside = new_outside
+        cand = self.unv[mask]  # ascending: argmin/stable sorts below break ties by the lower id
+        if cand.numel() == 0:
+            return
+        sh, metric = self.sh, self.sh.metric
+        rows = prepare(sh.x.index_select(0, cand), metric)
+        s2 = (rows - self.last_row).square_().sum(dim=1)
+        d = _metric(s2, metric)
+        ids = cand + sh.offset
+        i0 = int(torch.argmin(d))
+        self.c0 = min(self.c0, (float(d[i0]), int(ids[i0])))
+        bd, bid, _ = self.best
+        better = (d >= self.threshold) & ((d < bd) | ((d == bd) & (ids < bid)))
+        pos = torch.nonzero(better).flatten()
+        if pos.numel():
+            pos = pos[torch.argsort(d[pos], stable=True)]  # (d, id) order
+            chunk = 16
+            for c0 in range(0, pos.numel(), chunk):
+                part = pos[c0 : c0 + chunk]
+                sub = rows.index_select(0, part.to(rows.device))
+                valid = torch.ones(part.numel(), dtype=torch.bool, device=rows.device)
+                for p in self.others:
+                    valid &= _metric((sub - p).square_().sum(dim=1), metric) >= self.threshold
+                hit = torch.nonzero(valid).flatten()
+                if hit.numel():
+                    j = int(part[int(hit[0])])
+                    self.best = (float(d[j]), int(ids[j]), float(s2[j]))
+                    break
+                chunk *= 4
+        self.d = torch.cat([self.d, d.cpu()])
+        self.s2 = torch.cat([self.s2, s2.cpu()])
+        self.ids = torch.cat([self.ids, ids.cpu()])
+
+    def summary(self) -> torch.Tensor:
+        """best_d, best_id, best_s2 (best valid), outside, c0_d, c0_id (nearest evaluated), exhausted."""
+        bd, bid, bs2 = self.best
+        return torch.tensor(
+            [
+                bd,
+                bid if bid >= 0 else math.inf,
+                bs2,
+                self.outside,
+                self.c0[0],
+                self.c0[1] if self.c0[1] >= 0 else math.inf,
+                float(self.outside == math.inf),
+            ],
+            dtype=torch.float64,
+        )
+
+
 def _sharded_pick(
     comm: _Comm,
     sh: _Shard,
@@ -584,48 +665,21 @@ def _sharded_pick(
     """The TFP rule's next node over all ranks' unvisited rows, exactly (all ranks call it, same answer).
 
     ``win_rows``: (w, D) float64 prepared rows of the window's path nodes, the newest (``last``) last.
+    Every decision below is taken from gathered values, so all ranks take it alike.
     """
-    metric = sh.metric
-    dev = sh.x.device
-    win_rows = win_rows.to(dev)
-    last_row, others = win_rows[-1], win_rows[:-1]
+    win_rows = win_rows.to(sh.x.device)
+    scan = _LocalScan(sh, win_rows[-1], win_rows[:-1], threshold)
     capped = max_rejections is not None and n - step > max_rejections
-    unv = torch.nonzero(~sh.visited).flatten()
-    n_u = unv.numel()
-    if n_u:
-        y_last = last_row @ sh.basis
-        lb2 = (sh.y.index_select(0, unv) - y_last).square_().sum(dim=1).mul_(_LB_SAFETY)
-    batch = min(n_u, first_batch)
-    evaluated_batch = -1
-    inf = float("inf")
+    batch = min(scan.n_u, first_batch)
+    inf = math.inf
+    grown = -1
     while True:
-        if batch != evaluated_batch:
-            if batch >= n_u:
-                cand, outside = unv, inf
-            else:
-                vals, pos = torch.topk(lb2, batch + 1, largest=False, sorted=True)
-                outside = float(vals[batch])
-                cand = unv.index_select(0, pos[:batch])
-            cand = cand.sort().values  # ascending ids: argmin below picks the lowest id among equal d
-            rows = prepare(sh.x.index_select(0, cand), metric)
-            s2 = (rows - last_row).square_().sum(dim=1)
-            d = _metric(s2, metric)
-            valid = d >= threshold
-            for p in others:
-                valid &= _metric((rows - p).square_().sum(dim=1), metric) >= threshold
-            ids = cand + sh.offset
-            # best_d, best_id, best_s2 (best valid), outside, c0_d, c0_id (nearest evaluated), exhausted
-            summary = torch.full((7,), inf, dtype=torch.float64)
-            summary[3] = outside
-            summary[6] = float(batch >= n_u)
-            if cand.numel():
-                i0 = int(torch.argmin(d))  # first minimum: the lowest id among equal distances
-                summary[4], summary[5] = float(d[i0]), float(ids[i0])
-                if bool(valid.any()):
-                    iv = int(torch.argmin(torch.where(valid, d, torch.inf)))
-                    summary[0], summary[1], summary[2] = float(d[iv]), float(ids[iv]), float(s2[iv])
-            evaluated_batch = batch
-            ev_d, ev_s2, ev_ids = d.cpu(), s2.cpu(), ids.cpu()
+        if batch != grown:
+            scan.grow(batch)
+            grown = batch
+        summary = scan.summary()
+        outside = scan.outside
+        ev_d, ev_s2, ev_ids = scan.d, scan.s2, scan.ids
         allsum = comm.all_gather(summary)  # (world, 7), the same on every rank: the decisions below agree
         big_o = float(allsum[:, 3].min())  # every node not evaluated (on any rank) has s2 >= big_o
         g = None  # the best valid node evaluated anywhere: (d, id, s2)
@@ -654,8 +708,8 @@ def _sharded_pick(
             _, cid = _lex_sorted(rows_c[:, 4], rows_c[:, 5].long())
             return int(cid[0])
         target = g[2] if g is not None else inf
-        if batch < n_u and outside <= target:
-            batch = min(n_u, batch * 4)
+        if batch < scan.n_u and outside <= target:  # this rank may hide a better node: look further
+            batch = min(scan.n_u, batch * 4)
 
 
 def _projection(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, n: int, dim: int) -> None:
