@@ -17,7 +17,7 @@ Implementations (``impl``):
 
 Every fast implementation must equal ``jagged`` bit for bit (``torch.equal``; CUDA results are compared with
 the CPU ones), and ``jagged`` must equal the Python reference on its subset, before anything is timed.
-Run ``python benchmarks/bench_embed.py [--n 4096] [--devices cpu cuda] [--repeat 20]``: writes
+Run ``python benchmarks/bench_embed.py [--n 4096] [--devices cpu cuda] [--repeat 20] [--threads 1]``: writes
 ``benchmarks/results/embed_<device-name>.json``; or ``pytest benchmarks/bench_embed.py``.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -91,6 +92,7 @@ def implementations(samples, jagged: Jagged, padded: Padded, device: str) -> dic
 
 
 def run_comparisons(n: int, devices: list[str], repeat: int, ref_n: int) -> dict:
+    load_before = os.getloadavg()[0]
     rows = []
     cpu_result = None
     for device in devices:
@@ -133,6 +135,7 @@ def run_comparisons(n: int, devices: list[str], repeat: int, ref_n: int) -> dict
             "python_reference": f"first {ref_n} samples on the CPU; speedup_vs_python_reference compares "
             "tokens per second",
             "torch_threads": torch.get_num_threads(),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "timer": "time.perf_counter around each call, torch.cuda.synchronize after CUDA calls; quantiles "
             "0.5/0.2/0.8 over the runs",
         },
@@ -201,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-n", type=int, default=REF_N, help="samples run through the Python reference")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     payload = run_comparisons(args.n, devices, args.repeat, args.ref_n)
     main_device = "cuda" if "cuda" in devices else "cpu"
