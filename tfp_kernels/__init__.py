@@ -9,7 +9,15 @@ M pieces of samples, P packs, T tokens.
 from ._ext import ExtensionNotAvailableError, has_cuda_ops, has_extension
 from .assembly import IGNORE_INDEX, Jagged, PackedBatch, Padded, PaddedBatch, assemble
 from .attention import available_backends, check_cu_seqlens, varlen_attention
-from .distributed import DistributedPackSampler, PackPlan, StreamBatch, TFPStreamingDataset, mask_repeats
+from .distributed import (
+    DistributedPackSampler,
+    PackPlan,
+    ShardedOrderStats,
+    StreamBatch,
+    TFPStreamingDataset,
+    mask_repeats,
+    tfp_order_sharded,
+)
 from .integrations import TFPDataCollator, order_dataset
 from .order import (
     OrderStats,
@@ -35,6 +43,7 @@ __all__ = [
     "Padded",
     "PaddedBatch",
     "PathCheck",
+    "ShardedOrderStats",
     "StreamBatch",
     "TFPDataCollator",
     "TFPStreamingDataset",
@@ -55,5 +64,6 @@ __all__ = [
     "shuffle_packs",
     "tfp_order",
     "tfp_order_reference",
+    "tfp_order_sharded",
     "varlen_attention",
 ]
