@@ -1,9 +1,12 @@
 """tfp_kernels: Threshold Filtering Packing (arXiv:2408.09327) for LLM fine-tuning.
 
-Layers (each usable alone): ``order`` (threshold, TFP path, validator), ``packing`` (bin packing of
-lengths, pack shuffling), ``assembly`` (packed input_ids / labels / position_ids / cu_seqlens); ``pack_gpu`` composes them for
-training loops. Glossary of tensor shapes used in the docstrings: N samples, D embedding dimension,
-M pieces of samples, P packs, T tokens.
+Layers, each usable alone: ``embed`` (hashed token-bag or transformers embeddings), ``order`` (threshold,
+exact TFP path, validator), ``packing`` (bin packing of lengths, pack shuffling), ``assembly`` (packed
+input_ids / labels / position_ids / cu_seqlens), ``attention`` (varlen attention over a packed batch),
+``integrations`` (transformers collator, ``order_dataset``), ``distributed`` (sharded ordering, rank-balanced
+pack sampler, streaming), ``cli`` (``tfp-pack``). :func:`pack_gpu` composes embed -> order -> pack -> assemble
+for training loops. Shape letters in the docstrings: N samples, D embedding dimension, M pieces of samples,
+P packs, T tokens.
 """
 
 from ._ext import ExtensionNotAvailableError, has_cuda_ops, has_extension
