@@ -21,6 +21,7 @@ from .distributed import (
     mask_repeats,
     tfp_order_sharded,
 )
+from .embed import HashedEmbedder, TransformersEmbedder, hashed_embed, load_embedder, minilm_path
 from .integrations import TFPDataCollator, order_dataset
 from .order import (
     OrderStats,
@@ -38,6 +39,7 @@ __all__ = [
     "IGNORE_INDEX",
     "DistributedPackSampler",
     "ExtensionNotAvailableError",
+    "HashedEmbedder",
     "Jagged",
     "OrderStats",
     "PackPlan",
@@ -50,6 +52,7 @@ __all__ = [
     "StreamBatch",
     "TFPDataCollator",
     "TFPStreamingDataset",
+    "TransformersEmbedder",
     "__version__",
     "assemble",
     "available_backends",
@@ -58,7 +61,10 @@ __all__ = [
     "estimate_threshold",
     "has_cuda_ops",
     "has_extension",
+    "hashed_embed",
+    "load_embedder",
     "mask_repeats",
+    "minilm_path",
     "order_dataset",
     "pack_gpu",
     "pack_lengths",
