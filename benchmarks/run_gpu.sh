@@ -17,6 +17,9 @@ python3 -m tfp_kernels --device cuda --report "$OUT/tfp_pack_cuda.json" 2>&1 | t
 timeout 300 python3 benchmarks/bench_binpack.py 2>&1 | tail -4
 timeout 300 python3 benchmarks/bench_assemble.py --devices cpu cuda 2>&1 | tail -8
 timeout 300 python3 -m benchmarks.bench_band_topk --sizes 16384 65536 2>&1 | tail -4
+timeout 300 python3 benchmarks/bench_embed.py --devices cpu cuda 2>&1 | tail -6
+timeout 300 python3 benchmarks/bench_pack_gpu.py --device cuda 2>&1 | tail -12
 timeout 600 python3 -m benchmarks.bench_order --device cuda --sizes ${@:-4096 16384} 2>&1 | tail -6
+timeout 600 python3 -m benchmarks.bench_order --device cuda --fallback triton --reference-max-n 0 --sizes ${@:-4096 16384 65536} 2>&1 | tail -6
 cp benchmarks/results/*NVIDIA*.json "$OUT/" 2>/dev/null
 ls "$OUT"
