@@ -171,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         "renamed at the end; an existing tfp-pack output there is replaced, any other "
         "existing non-empty folder is an error",
     )
+    g.add_argument("--report", default=None, metavar="FILE", help="also copy report.json to FILE")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--version", action="version", version=f"tfp_kernels {__version__}")
@@ -515,7 +516,7 @@ def run(args: argparse.Namespace) -> dict:
                 _plots(out, packing, per_pack, fill, args, n)
         report["outputs"] = sorted(f for f in os.listdir(out.tmp))
         report["outputs"] = sorted(report["outputs"] + ["report.json", "timings.json"])
-        report["args"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress")}
+        report["args"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress", "report")}
         report["device"] = device
         report["versions"] = _versions()
         write_json(report, out.file("report.json"))
@@ -526,6 +527,8 @@ def run(args: argparse.Namespace) -> dict:
         }
         write_json(timings, out.file("timings.json"))
         out.commit()
+        if args.report:
+            shutil.copyfile(os.path.join(out.path, "report.json"), args.report)
     except BaseException:
         out.abort()
         raise

@@ -193,8 +193,9 @@ def test_same_input_and_seed_give_identical_files(tmp_path):
 
 
 def test_default_run_on_bundled_data(tmp_path, capsys):
-    rc, out = _run(["--limit", "600"], tmp_path)
+    rc, out = _run(["--limit", "600", "--report", str(tmp_path / "copy.json")], tmp_path)
     assert rc == 0
+    assert (tmp_path / "copy.json").read_bytes() == (out / "report.json").read_bytes()
     text = capsys.readouterr().out
     assert "path check: ok" in text and f"wrote {out}" in text
     report = json.loads((out / "report.json").read_text())
@@ -324,3 +325,21 @@ def test_module_entry_point_help():
         "Threshold Filtering Packing",
     ):
         assert option in res.stdout
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    rc, out = _run(["--device", "cuda", "--limit", "10"], tmp_path)
+    assert rc == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == "tfp-pack: error: --device cuda: torch sees no CUDA device"
+
+
+@pytest.mark.gpu
+def test_device_cuda_end_to_end(tmp_path):
+    records = _records("chat")
+    path = _write(tmp_path / "d.jsonl", records)
+    rc, out = _run([path, "--device", "cuda", "--max-len", "512"], tmp_path)
+    assert rc == 0
+    report = _check_outputs(out, records, "chat", 512)
+    assert report["device"] == "cuda"
