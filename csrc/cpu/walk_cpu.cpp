@@ -179,12 +179,32 @@ class FallbackScan {
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
 };
 
+// Exact-duplicate groups: band lists hold group ids; a group stands for its next unvisited member.
+struct Groups {
+  const int32_t* group_of = nullptr;     // (N,) node -> group; nullptr: no grouping (lists hold nodes)
+  const int64_t* offsets = nullptr;      // (U + 1,)
+  const int64_t* members = nullptr;      // (N,) members of each group, increasing
+  int64_t* next = nullptr;               // (U,) position of the first possibly-unvisited member
+
+  int64_t list_row(int64_t node) const { return group_of ? group_of[node] : node; }
+
+  // The node an entry stands for: itself, or its group's first unvisited member (-1 when none is left).
+  int64_t resolve(int64_t entry, const bool* seen) const {
+    if (!group_of) return seen[entry] ? -1 : entry;
+    int64_t pos = next[entry];
+    const int64_t end = offsets[entry + 1];
+    while (pos < end && seen[members[pos]]) ++pos;
+    next[entry] = pos;
+    return pos < end ? members[pos] : -1;
+  }
+};
+
 template <typename scalar_t>
 int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                   const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
-                  int64_t max_rejections, bool cosine) {
+                  int64_t max_rejections, bool cosine, const Groups& groups) {
   const int64_t n = embeddings.size(0);
   const int64_t k = band_index.size(1);
   const ExactDistance<scalar_t> dist{embeddings.data_ptr<scalar_t>(), cosine ? norms.data_ptr<double>() : nullptr,
@@ -208,17 +228,19 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     const int64_t last = p[step - 1];
     const int64_t remaining = n - step;
     const int64_t win_begin = std::max<int64_t>(0, step - window);
-    const int32_t* list = index + last * k;
-    const float* list_s2 = s2_approx + last * k;
+    const int64_t row = groups.list_row(last);
+    const int32_t* list = index + row * k;
+    const float* list_s2 = s2_approx + row * k;
     int64_t best = -1;
     double best_d = std::numeric_limits<double>::infinity();
     double best_s2 = std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t c = list[j];
-      if (c < 0) break;
+      const int64_t entry = list[j];
+      if (entry < 0) break;
       // entries are sorted by approximate s2; their exact s2 is at least list_s2[j] - slack[last]
       if (best >= 0 && static_cast<double>(list_s2[j]) - slack[last] > best_s2) break;
-      if (seen[c]) continue;
+      const int64_t c = groups.resolve(entry, seen);
+      if (c < 0) continue;
       const double c_s2 = dist.s2(last, c);
       const double c_d = dist.metric(c_s2);
       if (c_d < threshold) continue;  // too close to last
@@ -230,9 +252,9 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       best_d = c_d;
       best_s2 = c_s2;
     }
-    const bool proven = best >= 0 && best_s2 < limit2[last] &&
+    const bool proven = best >= 0 && best_s2 < limit2[row] &&
                         !(max_rejections >= 0 && remaining > max_rejections &&
-                          static_cast<int64_t>(close[last]) + k >= max_rejections);
+                          static_cast<int64_t>(close[row]) + k >= max_rejections);
     if (!proven) {
       // nothing certain in the list, or the cap might fire: the exact scan decides
       if (!scan_here) return step;
@@ -253,7 +275,9 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                      const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path,
                      at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
-                     double threshold, int64_t window, int64_t max_rejections, bool cosine) {
+                     double threshold, int64_t window, int64_t max_rejections, bool cosine,
+                     const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
+                     const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &projections, &path,
            &visited, &num_fallbacks}) {
@@ -271,10 +295,35 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   TFP_CHECK_DTYPE(num_close, at::kInt);
   TFP_CHECK_DTYPE(path, at::kLong);
   TFP_CHECK_DTYPE(visited, at::kBool);
-  TORCH_CHECK(band_index.dim() == 2 && band_index.size(0) == n && band_s2.sizes() == band_index.sizes(),
-              "tfp_walk: band_index and band_s2 must have shape (N, K) with N = ", n);
-  TORCH_CHECK(band_limit2.numel() == n && band_slack.numel() == n && num_close.numel() == n && path.numel() == n &&
-                  visited.numel() == n,
+  const int grouped = group_of.has_value() + group_offsets.has_value() + group_members.has_value() +
+                      group_next.has_value();
+  TORCH_CHECK(grouped == 0 || grouped == 4,
+              "tfp_walk: pass all of group_of, group_offsets, group_members, group_next, or none");
+  Groups groups;
+  int64_t rows = n;  // rows of the band tables: nodes, or groups
+  if (grouped) {
+    const auto& g_of = *group_of;
+    const auto& g_off = *group_offsets;
+    const auto& g_mem = *group_members;
+    const auto& g_next = *group_next;
+    for (const at::Tensor* t : {&g_of, &g_off, &g_mem, &g_next}) {
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tfp_walk: group tensors must be contiguous CPU tensors");
+    }
+    TFP_CHECK_DTYPE(g_of, at::kInt);
+    TFP_CHECK_DTYPE(g_off, at::kLong);
+    TFP_CHECK_DTYPE(g_mem, at::kLong);
+    TFP_CHECK_DTYPE(g_next, at::kLong);
+    rows = g_next.numel();
+    TORCH_CHECK(g_of.numel() == n && g_mem.numel() == n && g_off.numel() == rows + 1,
+                "tfp_walk: group_of and group_members need N = ", n, " entries and group_offsets U + 1 = ", rows + 1);
+    groups = Groups{g_of.data_ptr<int32_t>(), g_off.data_ptr<int64_t>(), g_mem.data_ptr<int64_t>(),
+                    g_next.data_ptr<int64_t>()};
+  }
+  TORCH_CHECK(band_index.dim() == 2 && band_index.size(0) == rows && band_s2.sizes() == band_index.sizes(),
+              "tfp_walk: band_index and band_s2 must have shape (", rows, ", K)");
+  TORCH_CHECK(band_limit2.numel() == rows && num_close.numel() == rows,
+              "tfp_walk: band_limit2 and num_close must have ", rows, " entries (one per list)");
+  TORCH_CHECK(band_slack.numel() == n && path.numel() == n && visited.numel() == n,
               "tfp_walk: per-node tensors must have N = ", n, " entries");
   TORCH_CHECK(!cosine || norms.numel() == n, "tfp_walk: cosine needs the (N,) float64 row norms");
   TORCH_CHECK(projections.numel() == 0 || (projections.dim() == 2 && projections.size(0) == n &&
@@ -288,11 +337,11 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   if (embeddings.scalar_type() == at::kFloat) {
     return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                            cosine);
+                            cosine, groups);
   }
   return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                            cosine);
+                           cosine, groups);
 }
 
 }  // namespace tfp

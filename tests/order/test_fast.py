@@ -124,6 +124,85 @@ def test_walk_op_rejects_bad_arguments():
         torch.ops.tfp_kernels.tfp_walk(*bad, 1, -1, 1.0, 4, -1, False)
 
 
+def _with_duplicate_groups(n_distinct: int, d: int, seed: int) -> torch.Tensor:
+    """Clustered rows where many rows are repeated exactly: a few big groups, many small ones, singletons."""
+    g = torch.Generator().manual_seed(seed)
+    base = clustered(n_distinct, d, clusters=6, spread=0.4, seed=seed)
+    sizes = torch.ones(n_distinct, dtype=torch.long)
+    sizes[: n_distinct // 10] = torch.randint(2, 6, (n_distinct // 10,), generator=g)
+    sizes[:3] = torch.tensor([40, 25, 12])  # groups bigger than K fill whole lists
+    rows = torch.repeat_interleave(torch.arange(n_distinct), sizes)
+    return base[rows[torch.randperm(rows.numel(), generator=g)]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
+def test_duplicate_groups_keep_the_path_exact(metric, window, fallback):
+    emb = _with_duplicate_groups(160, 12, seed=window)
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=7)
+    grouped, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None, start=7,
+                                   k=8, fallback=fallback, band_backend="torch")
+    assert info.num_groups < emb.shape[0]
+    assert torch.equal(grouped, ref)
+    plain, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None, start=7,
+                                 k=8, fallback=fallback, band_backend="torch", group_duplicates=False)
+    assert info.num_groups == emb.shape[0]
+    assert torch.equal(plain, ref)
+
+
+def test_duplicate_groups_with_rebuilds_and_fewer_scans(monkeypatch):
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "_MIN_REBUILD_NODES", 64)
+    emb = _with_duplicate_groups(700, 16, seed=3)
+    t = estimate_threshold(emb)
+    ref = tfp_order_reference(emb, threshold=t)
+    grouped, with_groups = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0,
+                                          k=16)
+    plain, without = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=16,
+                                    group_duplicates=False)
+    assert torch.equal(grouped, ref) and torch.equal(plain, ref)
+    assert with_groups.num_rebuilds > 0
+    assert with_groups.num_fallbacks < without.num_fallbacks
+
+
+def test_duplicate_groups_are_not_used_with_a_cap_or_zero_threshold():
+    emb = _with_duplicate_groups(60, 5, seed=4)
+    t = estimate_threshold(emb)
+    for kwargs in ({"threshold": t, "max_rejections": 5}, {"threshold": 0.0, "max_rejections": None}):
+        ref = tfp_order_reference(emb, window=4, **kwargs)
+        path, info = fast_tfp_order(emb, metric="l2", window=4, start=0, k=8, **kwargs)
+        assert info.num_groups == emb.shape[0]
+        assert torch.equal(path, ref)
+
+
+def test_duplicate_groups_found_exactly():
+    from tfp_kernels.order.fast import duplicate_groups
+
+    rows = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 2.0], [-0.0, 1.0], [3.0, 3.0], [1.0, 2.0]])
+    groups = duplicate_groups(rows)
+    members = [groups.members[a:b].tolist() for a, b in zip(groups.offsets[:-1], groups.offsets[1:])]
+    assert sorted(members) == [[0, 2, 5], [1, 3], [4]]
+    assert all(groups.group_of[m].unique().numel() == 1 for m in members)
+    assert sorted(groups.representatives.tolist()) == [0, 1, 4]
+    assert duplicate_groups(torch.eye(3)) is None
+
+
+def test_walk_op_rejects_partial_group_arguments():
+    emb = torch.randn(4, 3)
+    args = [emb, torch.empty(0, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2),
+            torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32),
+            torch.empty(0, dtype=torch.float64), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool),
+            torch.zeros(1, dtype=torch.long)]
+    with pytest.raises(RuntimeError, match="pass all of group_of"):
+        torch.ops.tfp_kernels.tfp_walk(*args, 1, -1, 1.0, 4, -1, False, torch.zeros(4, dtype=torch.int32))
+    group_args = (torch.zeros(4, dtype=torch.int32), torch.tensor([0, 4]), torch.arange(4), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"band_index and band_s2 must have shape \(1, K\)"):
+        torch.ops.tfp_kernels.tfp_walk(*args, 1, -1, 1.0, 4, -1, False, *group_args)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("band_backend", ["triton", "torch"])

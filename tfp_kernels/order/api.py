@@ -31,6 +31,8 @@ class OrderStats:
         num_fallbacks: steps the band lists could not decide, settled by an exact scan.
         num_rebuilds: times the lists of the unvisited nodes were recomputed among the unvisited.
         time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend.
+        num_groups: distinct rows (exact duplicates share one band list); N when all rows are distinct or
+            duplicates are not grouped (with a cap, or t = 0).
     """
 
     threshold: float
@@ -46,6 +48,7 @@ class OrderStats:
     time_band_s: float = 0.0
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
+    num_groups: int = 0
 
     @property
     def fallback_rate(self) -> float:
