@@ -243,7 +243,7 @@ def fast_tfp_order(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, initial=1, desc="tfp walk", unit="node", disable=None)  # None: off when not a TTY
+        bar = tqdm(total=n, initial=1, desc="tfp walk", unit="node")
         if bar.disable:
             bar = None
     info.time_setup_s += time.perf_counter() - t0
