@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -62,6 +61,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..assembly import PackedBatch, assemble
 from ..packing import Packing, select_packs
+from .sampler import _as_int, _default_world
 
 STATE_VERSION = 1
 _HF_BATCH_SIZE = 256
@@ -564,22 +564,3 @@ def _as_ids(value, what: str) -> torch.Tensor:
     return tensor
 
 
-def _default_world() -> tuple[int, int]:
-    """``(world_size, rank)`` of the initialised default process group, else ``(1, 0)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _as_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    try:
-        result = operator.index(value)
-    except TypeError as err:
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from err
-    if result < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {result}")
-    return result
