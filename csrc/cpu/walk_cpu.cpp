@@ -13,6 +13,7 @@
 // With `projections` (N, r) given, the scan runs here (FallbackScan below) and the walk completes;
 // without them the op returns the step that needs the scan and the caller runs it.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -79,6 +80,26 @@ struct ExactDistance {
   }
 };
 
+// Exact-duplicate groups: band lists hold group ids; a group stands for its next unvisited member.
+struct Groups {
+  const int32_t* group_of = nullptr;     // (N,) node -> group; nullptr: no grouping (lists hold nodes)
+  const int64_t* offsets = nullptr;      // (U + 1,)
+  const int64_t* members = nullptr;      // (N,) members of each group, increasing
+  int64_t* next = nullptr;               // (U,) position of the first possibly-unvisited member
+
+  int64_t list_row(int64_t node) const { return group_of ? group_of[node] : node; }
+
+  // The node an entry stands for: itself, or its group's first unvisited member (-1 when none is left).
+  int64_t resolve(int64_t entry, const bool* seen) const {
+    if (!group_of) return seen[entry] ? -1 : entry;
+    int64_t pos = next[entry];
+    const int64_t end = offsets[entry + 1];
+    while (pos < end && seen[members[pos]]) ++pos;
+    next[entry] = pos;
+    return pos < end ? members[pos] : -1;
+  }
+};
+
 // Exact scan of the unvisited nodes for the rule's pick after `last`. Candidates are visited in the
 // order of a lower bound of their squared distance to `last` (the squared distance of their
 // projections on an orthonormal basis, which cannot exceed the true one), in growing batches, and
@@ -86,23 +107,29 @@ struct ExactDistance {
 template <typename scalar_t>
 class FallbackScan {
  public:
-  FallbackScan(const ExactDistance<scalar_t>& dist, const double* proj, int64_t rank, int64_t n, const bool* seen)
-      : dist_(dist), proj_(proj), rank_(rank), position_(n, -1) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (!seen[i]) {
+  // With groups, the scan runs over the groups that still have an unvisited member: one distance per
+  // group, standing for its next unvisited member (the one the rule takes among equals).
+  FallbackScan(const ExactDistance<scalar_t>& dist, const double* proj, int64_t rank, int64_t n, const bool* seen,
+               const Groups& groups, int64_t num_rows)
+      : dist_(dist), proj_(proj), rank_(rank), groups_(groups), seen_(seen), position_(num_rows, -1) {
+    for (int64_t i = 0; i < num_rows; ++i) {
+      if (groups_.resolve(i, seen) >= 0) {
         position_[i] = static_cast<int64_t>(unvisited_.size());
         unvisited_.push_back(i);
       }
     }
   }
 
+  // Call after marking `node` visited.
   void remove(int64_t node) {
-    const int64_t at = position_[node];
+    const int64_t row = groups_.list_row(node);
+    if (position_[row] < 0 || groups_.resolve(row, seen_) >= 0) return;  // the group still has members
+    const int64_t at = position_[row];
     const int64_t moved = unvisited_.back();
     unvisited_[at] = moved;
     position_[moved] = at;
     unvisited_.pop_back();
-    position_[node] = -1;
+    position_[row] = -1;
   }
 
   int64_t pick(const int64_t* path, int64_t step, int64_t window, double threshold, int64_t max_rejections) {
@@ -111,17 +138,21 @@ class FallbackScan {
     const int64_t n_u = static_cast<int64_t>(unvisited_.size());
     const bool capped = max_rejections >= 0 && n_u > max_rejections;
     constexpr double kSafety = 1.0 - 1e-12;  // the float64 projected distances are exact to ~1e-15
+    // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
     bound_.resize(n_u);
     const double* yl = proj_ + last * rank_;
-    for (int64_t i = 0; i < n_u; ++i) {
-      const double* yu = proj_ + unvisited_[i] * rank_;
-      double acc = 0.0;
-      for (int64_t r = 0; r < rank_; ++r) {
-        const double diff = yl[r] - yu[r];
-        acc += diff * diff;
+    at::parallel_for(0, n_u, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t node = groups_.resolve(unvisited_[i], seen_);  // a member: identical projections
+        const double* yu = proj_ + node * rank_;
+        double acc = 0.0;
+        for (int64_t r = 0; r < rank_; ++r) {
+          const double diff = yl[r] - yu[r];
+          acc += diff * diff;
+        }
+        bound_[i] = {acc * kSafety, node};
       }
-      bound_[i] = {acc * kSafety, unvisited_[i]};
-    }
+    });
     exact_.clear();
     int64_t best = -1;
     double best_d = std::numeric_limits<double>::infinity(), best_s2 = best_d;
@@ -173,30 +204,12 @@ class FallbackScan {
   const ExactDistance<scalar_t>& dist_;
   const double* proj_;
   int64_t rank_;
+  const Groups& groups_;
+  const bool* seen_;
   std::vector<int64_t> position_;
   std::vector<int64_t> unvisited_;
   std::vector<std::pair<double, int64_t>> bound_;
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
-};
-
-// Exact-duplicate groups: band lists hold group ids; a group stands for its next unvisited member.
-struct Groups {
-  const int32_t* group_of = nullptr;     // (N,) node -> group; nullptr: no grouping (lists hold nodes)
-  const int64_t* offsets = nullptr;      // (U + 1,)
-  const int64_t* members = nullptr;      // (N,) members of each group, increasing
-  int64_t* next = nullptr;               // (U,) position of the first possibly-unvisited member
-
-  int64_t list_row(int64_t node) const { return group_of ? group_of[node] : node; }
-
-  // The node an entry stands for: itself, or its group's first unvisited member (-1 when none is left).
-  int64_t resolve(int64_t entry, const bool* seen) const {
-    if (!group_of) return seen[entry] ? -1 : entry;
-    int64_t pos = next[entry];
-    const int64_t end = offsets[entry + 1];
-    while (pos < end && seen[members[pos]]) ++pos;
-    next[entry] = pos;
-    return pos < end ? members[pos] : -1;
-  }
 };
 
 template <typename scalar_t>
@@ -219,7 +232,8 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   const bool scan_here = projections.numel() > 0;
   std::unique_ptr<FallbackScan<scalar_t>> scan;
   if (scan_here) {
-    scan = std::make_unique<FallbackScan<scalar_t>>(dist, projections.data_ptr<double>(), projections.size(1), n, seen);
+    scan = std::make_unique<FallbackScan<scalar_t>>(dist, projections.data_ptr<double>(), projections.size(1), n, seen,
+                                                    groups, groups.group_of ? band_limit2.numel() : n);
   }
 
   int64_t fallbacks = 0;
