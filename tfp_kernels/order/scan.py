@@ -15,7 +15,7 @@ import torch
 #: Dimensions of the projection used for lower bounds.
 PROJECTION_DIM = 64
 #: Rows sampled to compute the projection basis.
-PROJECTION_SAMPLE = 4096
+PROJECTION_SAMPLE = 1024
 # Relative safety factor applied to the float64 projected distances (rounding of ~1e-15 relative).
 _LB_SAFETY = 1.0 - 1e-12
 
