@@ -158,3 +158,37 @@ def test_bounds_all_rows_identical_warns():
 def test_bad_exact_method():
     with pytest.raises(ValueError, match="exact_method"):
         threshold_estimate(torch.randn(5, 2), exact_method="fast")
+
+
+@pytest.mark.parametrize("m", [1, 7, 300_000, 1_000_003])
+@pytest.mark.parametrize("kind", ["ties", "continuous"])
+def test_order_statistics_equal_a_full_sort(m, kind):
+    from tfp_kernels.order.threshold import order_statistics
+
+    g = torch.Generator().manual_seed(m)
+    values = torch.randint(0, 50, (m,), generator=g).float() if kind == "ties" else torch.rand(m, generator=g)
+    ordered = values.sort().values
+    for ranks in ([1], [1, 2], [m // 2, m // 2 + 1], [max(1, m - 1), m], [(m + 49) // 50] * 2):
+        ranks = [min(max(r, 1), m) for r in ranks]
+        assert order_statistics(values, ranks) == [float(ordered[r - 1]) for r in ranks]
+
+
+def test_order_statistics_falls_back_when_the_bracket_misses(monkeypatch):
+    from tfp_kernels.order import threshold as threshold_module
+
+    values = torch.rand(400_000, generator=torch.Generator().manual_seed(1))
+    values[0] = -1.0  # the only sampled entry below: the bracket holds one value, not rank 1001
+    expected = float(values.sort().values[1000])
+    calls = []
+    real = torch.kthvalue
+
+    def spy(x, k):
+        calls.append(x.numel())
+        return real(x, k)
+
+    monkeypatch.setattr(threshold_module.torch, "kthvalue", spy)
+    # a sample made of entry 0 only: the counts disagree and the full input is used
+    real_randint = torch.randint
+    monkeypatch.setattr(threshold_module.torch, "randint", lambda *a, **k: torch.zeros_like(real_randint(*a, **k)))
+    assert threshold_module.order_statistics(values, [1001]) == [expected]
+    assert calls == [values.numel()]

@@ -73,6 +73,40 @@ def _all_positive_pair_distances(x: torch.Tensor, metric: str) -> tuple[torch.Te
 _MAX_CANDIDATES = 1 << 20
 
 
+def order_statistics(values: torch.Tensor, ranks: list[int]) -> list[float]:
+    """The ``r``-th smallest entries of ``values`` (1-based ``ranks``, ascending), exactly.
+
+    ``torch.kthvalue`` selects on one thread and reads the whole input per rank; here a seeded sample of
+    2^16 entries brackets the ranks, one parallel pass counts the entries below the bracket and keeps the
+    (few) inside it, and the selection runs on those. Falls back to ``kthvalue`` on the whole input when the
+    bracket misses (never silently wrong: the counts are checked).
+
+    Args:
+        values: (M,) floating tensor, any device; ranks: ints in ``[1, M]``, ascending.
+    """
+    m = values.numel()
+    sample_size = 1 << 16
+    if m <= 4 * sample_size:
+        return [float(torch.kthvalue(values, r).values) for r in ranks]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sample = values[torch.randint(0, m, (sample_size,), generator=gen).to(values.device)].sort().values
+    margin = 6.0 * sample_size**0.5 + 16  # ~6 standard deviations of a sampled rank
+    lo_pos = int(ranks[0] / m * sample_size - margin)
+    hi_pos = int(ranks[-1] / m * sample_size + margin)
+    lo = sample[lo_pos] if lo_pos >= 0 else None
+    hi = sample[hi_pos] if hi_pos < sample_size else None
+    inside = torch.ones_like(values, dtype=torch.bool)
+    if lo is not None:
+        inside &= values >= lo
+    if hi is not None:
+        inside &= values <= hi
+    below = int((values < lo).sum()) if lo is not None else 0
+    kept = values[inside]
+    if not all(below < r <= below + kept.numel() for r in ranks):
+        return [float(torch.kthvalue(values, r).values) for r in ranks]
+    return [float(torch.kthvalue(kept, r - below).values) for r in ranks]
+
+
 def _triangle_pairs(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) of positions in the row-major strict upper triangle (row i holds j = i+1 .. n-1)."""
     rows = torch.arange(n, device=flat.device, dtype=torch.int64)
@@ -146,8 +180,7 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[f
     lo = int(level)
     hi = min(lo + 1, num_positive - 1)
     rank_lo, rank_hi = num_zero + lo + 1, num_zero + hi + 1  # 1-based over all pairs, zeros first
-    s_lo = float(torch.kthvalue(s2, rank_lo).values)
-    s_hi = s_lo if rank_hi == rank_lo else float(torch.kthvalue(s2, rank_hi).values)
+    s_lo, s_hi = order_statistics(s2, [rank_lo, rank_hi])
     window_lo, window_hi = s_lo - 2.0 * bound, s_hi + 2.0 * bound
     below = int((s2 < window_lo).sum())
     candidates = torch.nonzero((s2 >= window_lo) & (s2 <= window_hi)).reshape(-1)
