@@ -164,19 +164,32 @@ class FallbackScan {
         std::nth_element(bound_.begin() + done, bound_.begin() + batch, bound_.end());
         outside = bound_[batch].first;
       }
-      std::sort(bound_.begin() + done, bound_.begin() + batch);
-      for (int64_t i = done; i < batch; ++i) {
-        const int64_t c = bound_[i].second;
-        const double c_s2 = dist_.s2(last, c);
-        const double c_d = dist_.metric(c_s2);
-        exact_.push_back({{c_d, c}, c_s2});
-        if (c_d < threshold || (best >= 0 && (c_d > best_d || (c_d == best_d && c > best)))) continue;
+      // exact distances of the batch to `last` on all threads, then the window test in exact order, only
+      // until the first valid candidate (nothing after it in this batch can be the pick)
+      const int64_t first_new = static_cast<int64_t>(exact_.size());
+      exact_.resize(first_new + (batch - done));
+      at::parallel_for(done, batch, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = bound_[i].second;
+          const double c_s2 = dist_.s2(last, c);
+          exact_[first_new + (i - done)] = {{dist_.metric(c_s2), c}, c_s2};
+        }
+      });
+      order_.resize(batch - done);
+      for (int64_t i = 0; i < batch - done; ++i) order_[i] = first_new + i;
+      std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return exact_[a].first < exact_[b].first; });
+      for (const int64_t e : order_) {
+        const double c_d = exact_[e].first.first;
+        const int64_t c = exact_[e].first.second;
+        if (c_d < threshold) continue;
+        if (best >= 0 && (c_d > best_d || (c_d == best_d && c > best))) break;  // sorted: none better follows
         bool valid = true;
         for (int64_t q = win_begin; q < step - 1 && valid; ++q) valid = dist_.metric(dist_.s2(c, path[q])) >= threshold;
         if (valid) {
           best = c;
           best_d = c_d;
-          best_s2 = c_s2;
+          best_s2 = exact_[e].second;
+          break;
         }
       }
       done = batch;
@@ -210,6 +223,7 @@ class FallbackScan {
   std::vector<int64_t> unvisited_;
   std::vector<std::pair<double, int64_t>> bound_;
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
+  std::vector<int64_t> order_;
 };
 
 template <typename scalar_t>
