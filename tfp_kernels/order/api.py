@@ -100,7 +100,8 @@ def tfp_order(
         backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
         fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
-            pass per scan, CUDA) or ``"auto"`` (host for CPU tensors, device for CUDA). Same path in all.
+            pass per scan, CUDA) or ``"auto"`` (host for CPU tensors and for up to 16,384 CUDA rows,
+            device beyond). Same path in all.
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
         group: None (default: this process orders all of ``embeddings``) or an initialised

@@ -79,6 +79,10 @@ def duplicate_groups(rows: torch.Tensor) -> DuplicateGroups | None:
     )
 
 
+#: Up to this many nodes, CUDA inputs run their fallback scans on the host (fallback="auto").
+_HOST_SCAN_MAX_NODES = 16_384
+
+
 def squared_threshold(threshold: float, metric: str) -> float:
     """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
     return threshold * threshold if metric == "l2" else 2.0 * threshold
@@ -124,7 +128,8 @@ def fast_tfp_order(
     rows and their projections); ``"device"`` runs them with torch on the device of the embeddings,
     returning from the C++ walk at each one; ``"triton"``: like ``"device"`` but each scan is one fused
     Triton pass over the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without the rejection
-    cap, else as ``"device"``); ``"auto"``: host for CPU tensors, device for CUDA.
+    cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
+    ``_HOST_SCAN_MAX_NODES`` (16,384) nodes, device beyond.
 
     ``rebuild``: once this fraction of the nodes unvisited at the last (re)build has been visited,
     and the walk needed a fallback scan for more than 5% of those steps, the lists of the unvisited
@@ -224,7 +229,10 @@ def fast_tfp_order(
     visited_dev = visited.to(device)
     synced = 1  # path[:synced] is marked in visited_dev
     if fallback == "auto":
-        fallback = "host" if device.type == "cpu" else "device"
+        # CUDA: the host scan (C++, projected lower bounds, ~0.3 ms at N = 4,000 on 2 cores) beats the torch
+        # device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a training
+        # loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
+        fallback = "host" if device.type == "cpu" or n <= _HOST_SCAN_MAX_NODES else "device"
     if fallback not in ("host", "device", "triton"):
         raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
     # the fused scan applies the rule without the cap: used while the cap cannot fire (no cap, or fewer
