@@ -17,6 +17,7 @@ import torch
 
 from .assembly import Jagged, PackedBatch, Padded, assemble
 from .assembly.api import ATTENTION_MODES
+from .assembly.types import as_token_container
 from .order import _checks
 from .order.api import tfp_order
 from .packing import Packing, pack_lengths
@@ -51,23 +52,17 @@ def _is_array(x) -> bool:
 
 def _as_samples(samples, name: str):
     """``samples`` in one of the kinds :func:`~tfp_kernels.assemble` reads, with torch tensors throughout."""
-    if isinstance(samples, Jagged):
-        return Jagged(
-            _as_tensor(samples.values, f"{name}.values"), _as_tensor(samples.offsets, f"{name}.offsets")
-        )
-    if isinstance(samples, Padded):
-        return Padded(
-            _as_tensor(samples.tokens, f"{name}.tokens"), _as_tensor(samples.lengths, f"{name}.lengths")
-        )
-    if isinstance(samples, tuple) and len(samples) == 2 and all(_is_array(s) for s in samples):
-        first, second = (_as_tensor(s, name) for s in samples)
-        return Padded(first, second) if first.dim() == 2 else Jagged(first, second)
+    if isinstance(samples, (Jagged, Padded)):
+        fields = (_as_tensor(x, f"{name}.{f}") for f, x in zip(samples._fields, samples))
+        return type(samples)(*fields)
     if _is_array(samples):
         shape = tuple(getattr(samples, "shape", ()))
         raise TypeError(
             f"{name} is a single array of shape {shape}; pass a list of 1-D token tensors, "
             "Jagged(values, offsets) or Padded(tokens, lengths)"
         )
+    if isinstance(samples, tuple) and len(samples) == 2 and all(_is_array(s) for s in samples):
+        return as_token_container(tuple(_as_tensor(s, name) for s in samples))  # (values, offsets) or padded
     if isinstance(samples, (list, tuple)):
         return [_as_tensor(s, f"{name}[{i}]") for i, s in enumerate(samples)]
     raise TypeError(

@@ -27,7 +27,7 @@ import torch
 
 from .._ext import has_cuda_ops, has_extension, require_extension, warn_fallback
 from ..packing import Packing
-from .types import IGNORE_INDEX, Jagged, PackedBatch, Padded
+from .types import IGNORE_INDEX, Jagged, PackedBatch, Padded, as_token_container
 
 ATTENTION_MODES = ("pack", "sample")
 BACKENDS = ("auto", "op", "torch")
@@ -304,26 +304,12 @@ def _read_padded(tokens, lengths, labels) -> _Source:
 
 
 def _read_tokens(tokens, labels, used_fn) -> _Source:
+    tokens = as_token_container(tokens)
     if isinstance(tokens, Jagged):
         return _read_jagged(tokens.values, tokens.offsets, labels)
     if isinstance(tokens, Padded):
         return _read_padded(tokens.tokens, tokens.lengths, labels)
-    if isinstance(tokens, torch.Tensor):
-        raise TypeError(
-            f"tokens is a single tensor of shape {tuple(tokens.shape)}; pass a list of 1-D tensors, "
-            "Jagged(values, offsets) or Padded(tokens, lengths) (a [B, L] tensor needs its lengths)"
-        )
-    if isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, torch.Tensor) for t in tokens):
-        # a plain pair: (values, offsets) when the first is 1-D, (padded, lengths) when it is 2-D
-        if tokens[0].dim() == 2:
-            return _read_padded(tokens[0], tokens[1], labels)
-        return _read_jagged(tokens[0], tokens[1], labels)
-    if isinstance(tokens, (list, tuple)):
-        return _read_list(tokens, labels, used_fn(len(tokens)))
-    raise TypeError(
-        "tokens must be a list of 1-D integer tensors, Jagged(values, offsets) or Padded(tokens, lengths), "
-        f"got {type(tokens).__name__}"
-    )
+    return _read_list(tokens, labels, used_fn(len(tokens)))
 
 
 # ---------------------------------------------------------------------------------------- checks

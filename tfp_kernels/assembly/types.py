@@ -43,6 +43,33 @@ class Padded(NamedTuple):
     lengths: torch.Tensor
 
 
+def as_token_container(tokens):
+    """``tokens`` as ``Jagged``, ``Padded`` or a list/tuple of per-sample tensors (the containers that
+    :func:`~tfp_kernels.assembly.assemble` and the embedders read).
+
+    A plain 2-tuple of tensors becomes ``Jagged`` when its first element is 1-D and ``Padded`` when it is 2-D;
+    ``Jagged``/``Padded`` and other lists/tuples are returned as they are.
+
+    Raises:
+        TypeError: a single tensor (its sample boundaries are unknown), or anything else.
+    """
+    if isinstance(tokens, (Jagged, Padded)):
+        return tokens
+    if isinstance(tokens, torch.Tensor):
+        raise TypeError(
+            f"tokens is a single tensor of shape {tuple(tokens.shape)}; pass a list of 1-D tensors, "
+            "Jagged(values, offsets) or Padded(tokens, lengths) (a [B, L] tensor needs its lengths)"
+        )
+    if isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, torch.Tensor) for t in tokens):
+        return Padded(*tokens) if tokens[0].dim() == 2 else Jagged(*tokens)
+    if isinstance(tokens, (list, tuple)):
+        return tokens
+    raise TypeError(
+        "tokens must be a list of 1-D integer tensors, Jagged(values, offsets) or Padded(tokens, lengths), "
+        f"got {type(tokens).__name__}"
+    )
+
+
 class PaddedBatch(NamedTuple):
     """A packed batch laid out as ``[P, pad_to]`` rows, one pack per row, padding at the end of each row.
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ..assembly.api import _check_device, _check_integer, _to_device, _uniform_1d_integer
-from ..assembly.types import Jagged, Padded
+from ..assembly.types import Jagged, Padded, as_token_container
 
 
 class FlatTokens(NamedTuple):
@@ -155,25 +155,12 @@ def _check_padded_lengths(host: torch.Tensor, width: int) -> None:
 
 def read_tokens(tokens, who: str) -> FlatTokens:
     """Any supported container -> :class:`FlatTokens`; ``who`` names the caller in the errors."""
+    tokens = as_token_container(tokens)
     if isinstance(tokens, Jagged):
         return read_jagged(tokens.values, tokens.offsets, who)
     if isinstance(tokens, Padded):
         return read_padded(tokens.tokens, tokens.lengths, who)
-    if isinstance(tokens, torch.Tensor):
-        raise TypeError(
-            f"tokens is a single tensor of shape {tuple(tokens.shape)}; pass a list of 1-D tensors, "
-            "Jagged(values, offsets) or Padded(tokens, lengths) (a [B, L] tensor needs its lengths)"
-        )
-    if isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, torch.Tensor) for t in tokens):
-        if tokens[0].dim() == 2:
-            return read_padded(tokens[0], tokens[1], who)
-        return read_jagged(tokens[0], tokens[1], who)
-    if isinstance(tokens, (list, tuple)):
-        return read_list(tokens, who)
-    raise TypeError(
-        "tokens must be a list of 1-D integer tensors, Jagged(values, offsets) or Padded(tokens, lengths), "
-        f"got {type(tokens).__name__}"
-    )
+    return read_list(tokens, who)
 
 
 def validate(flat: FlatTokens, *, ids: bool = True) -> None:
