@@ -223,6 +223,34 @@ def _read_list(tokens, labels, used: torch.Tensor | None) -> _Source:
     )
 
 
+def _read_labels(labels, layout: type, tokens: torch.Tensor, tokens_name: str, meta: torch.Tensor,
+                 host: torch.Tensor, *, part: str) -> torch.Tensor | None:
+    """The labels of a ``Jagged``/``Padded`` token container, flat like its values (or None).
+
+    ``labels``: a tensor shaped like ``tokens``, or a pair of ``layout`` (``Jagged``: values + offsets,
+    ``Padded``: tokens + lengths) whose ``part`` (offsets / lengths) equals the tokens' ``meta`` (host copy
+    ``host``).
+    """
+    if labels is None:
+        return None
+    if isinstance(labels, layout) or (isinstance(labels, tuple) and len(labels) == 2):
+        label_tensor, label_meta = labels
+        _check_integer(label_meta, f"labels.{part}", 1)
+        if label_meta is not meta and not torch.equal(_host_lengths(label_meta, f"labels.{part}"), host):
+            raise ValueError(
+                f"labels.{part} differ from tokens.{part}: labels must have the layout of tokens"
+            )
+    else:
+        label_tensor = labels
+    _check_integer(label_tensor, "labels", tokens.dim())
+    _check_device(label_tensor, "labels", tokens.device, "tokens")
+    if label_tensor.shape != tokens.shape:
+        raise ValueError(
+            f"labels has shape {tuple(label_tensor.shape)} but {tokens_name} has {tuple(tokens.shape)}"
+        )
+    return _as_int_ids(label_tensor.contiguous().view(-1))
+
+
 def _read_jagged(values, offsets, labels) -> _Source:
     values = _check_integer(values, "tokens.values", 1)
     offsets = _check_integer(offsets, "tokens.offsets", 1)
@@ -242,26 +270,7 @@ def _read_jagged(values, offsets, labels) -> _Source:
         raise ValueError(
             f"tokens.offsets[-1] = {int(host[-1])} is past the end of tokens.values ({values.numel()})"
         )
-    label_values = None
-    if labels is not None:
-        if isinstance(labels, Jagged) or (isinstance(labels, tuple) and len(labels) == 2):
-            label_values, label_offsets = labels
-            _check_integer(label_offsets, "labels.offsets", 1)
-            if label_offsets is not offsets and not torch.equal(
-                _host_lengths(label_offsets, "labels.offsets"), host
-            ):
-                raise ValueError(
-                    "labels.offsets differ from tokens.offsets: labels must have the layout of tokens"
-                )
-        else:
-            label_values = labels
-        _check_integer(label_values, "labels", 1)
-        _check_device(label_values, "labels", values.device, "tokens")
-        if label_values.shape != values.shape:
-            raise ValueError(
-                f"labels has shape {tuple(label_values.shape)} but tokens.values has {tuple(values.shape)}"
-            )
-        label_values = _as_int_ids(label_values)
+    label_values = _read_labels(labels, Jagged, values, "tokens.values", offsets, host, part="offsets")
     return _Source(_as_int_ids(values), label_values, host[:-1].clone(), lengths)
 
 
@@ -279,26 +288,7 @@ def _read_padded(tokens, lengths, labels) -> _Source:
     if bad.any():
         i = int(torch.argmax(bad.to(torch.uint8)))
         raise ValueError(f"tokens.lengths[{i}] = {int(host[i])} is outside [0, {width}] (the padded width)")
-    label_values = None
-    if labels is not None:
-        if isinstance(labels, Padded) or (isinstance(labels, tuple) and len(labels) == 2):
-            label_tensor, label_lengths = labels
-            _check_integer(label_lengths, "labels.lengths", 1)
-            if label_lengths is not lengths and not torch.equal(
-                _host_lengths(label_lengths, "labels.lengths"), host
-            ):
-                raise ValueError(
-                    "labels.lengths differ from tokens.lengths: labels must have the layout of tokens"
-                )
-        else:
-            label_tensor = labels
-        _check_integer(label_tensor, "labels", 2)
-        _check_device(label_tensor, "labels", tokens.device, "tokens")
-        if label_tensor.shape != tokens.shape:
-            raise ValueError(
-                f"labels has shape {tuple(label_tensor.shape)} but tokens has {tuple(tokens.shape)}"
-            )
-        label_values = _as_int_ids(label_tensor.contiguous().view(-1))
+    label_values = _read_labels(labels, Padded, tokens, "tokens", lengths, host, part="lengths")
     starts = torch.arange(batch, dtype=torch.int64) * width
     return _Source(_as_int_ids(tokens.contiguous().view(-1)), label_values, starts, host)
 
