@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .band_topk import _ieee_fp32_matmul
 from .band_topk_triton import _HAVE_TRITON
 
 if _HAVE_TRITON:
@@ -150,12 +151,8 @@ def masked_scan_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
     may sum in another order, so values near a bound can get another status — both are within the bound)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with _ieee_fp32_matmul():
         dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
-    finally:
-        torch.set_float32_matmul_precision(old)
     s2 = sq_norms.index_select(0, rows)[:, None] + sq_norms.index_select(0, queries)[None, :] - 2.0 * dots
     s2 = s2.clamp_(min=0)
     below = (s2 < lower.float()[None, :]).any(dim=1)

@@ -133,7 +133,7 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[f
         ``(value, num_pairs, num_positive)``, or None when too many pairs fall in the windows (then the
         caller computes them all).
     """
-    from .band_topk import squared_distance_error_coef
+    from .band_topk import _ieee_fp32_matmul, squared_distance_error_coef
 
     n, dim = x.shape
     total = n * (n - 1) // 2
@@ -146,9 +146,7 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[f
     s2 = torch.empty(total, dtype=torch.float32, device=x.device)
     block = max(1, BLOCK_ELEMENTS // n)
     pos = 0
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # the bound assumes IEEE float32 products
-    try:
+    with _ieee_fp32_matmul():  # the bound assumes IEEE float32 products
         for start in range(0, n - 1, block):
             stop = min(n - 1, start + block)
             a = x32[start:stop]
@@ -162,8 +160,6 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[f
             values = part[keep]
             s2[pos : pos + values.numel()] = values
             pos += values.numel()
-    finally:
-        torch.set_float32_matmul_precision(old)
 
     def exact(flat: torch.Tensor) -> torch.Tensor:
         i, j = _triangle_pairs(flat, n)
