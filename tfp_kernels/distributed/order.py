@@ -57,7 +57,7 @@ import torch.distributed as dist
 from .. import _ext
 from ..order import _checks
 from ..order.api import OrderStats
-from ..order.band_topk import _ieee_fp32_matmul, squared_distance_error_coef
+from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
 from ..order.distance import pair_distances, prepare
 from ..order.fast import _MIN_REBUILD_NODES, squared_threshold
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
@@ -860,8 +860,7 @@ def tfp_order_sharded(
         coef = squared_distance_error_coef(dim, torch.float32)
         sh.slack = coef * (sq_norms.double() + max_sq)
         t2 = squared_threshold(threshold, metric)
-        sh.lower = torch.nextafter((t2 - sh.slack).float(), torch.tensor(-torch.inf, device=device))
-        sh.upper = torch.nextafter((t2 + sh.slack).float(), torch.tensor(torch.inf, device=device))
+        sh.lower, sh.upper = band_bounds(t2, sh.slack)
         tb = time.perf_counter()
         packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
         stats["time_band_s"] = time_lists = time.perf_counter() - tb

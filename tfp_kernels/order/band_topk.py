@@ -71,6 +71,18 @@ def squared_distance_error_coef(dim: int, input_dtype) -> float:
     return 2.0 * gamma + 2.01 * u_in + 6.0 * u
 
 
+def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(lower, upper)`` bounds of the threshold band in the squared domain: ``t^2 -/+ slack``, each
+    rounded one float32 step outward so that the rounding to float32 never narrows the band.
+
+    Args:
+        t2: the squared threshold; slack: (R,) float64 error bounds of the fast squared distances, any device.
+    """
+    lower = torch.nextafter((t2 - slack).float(), torch.tensor(-torch.inf, device=slack.device))
+    upper = torch.nextafter((t2 + slack).float(), torch.tensor(torch.inf, device=slack.device))
+    return lower, upper
+
+
 @contextlib.contextmanager
 def _ieee_fp32_matmul():
     """Full float32 matrix products (no TF32) inside the block; the error bound assumes it."""

@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-from .band_topk import BandLists, band_topk_torch, squared_distance_error_coef
-from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
+from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
 from .scan import exact_pick, projection_basis
+from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
 
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
 _MIN_REBUILD_NODES = 1024
@@ -156,8 +156,7 @@ def fast_tfp_order(
     coef = squared_distance_error_coef(dim, torch.float32)
     slack = coef * (sq_norms.double() + sq_norms.max().double())  # (N,) bound of |s2_fast - s2_exact| per row
     t2 = squared_threshold(threshold, metric)
-    lower = torch.nextafter((t2 - slack).float(), torch.tensor(-torch.inf, device=device))
-    upper = torch.nextafter((t2 + slack).float(), torch.tensor(torch.inf, device=device))
+    lower, upper = band_bounds(t2, slack)
     host = torch.device("cpu")
     host_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     emb_host = embeddings.to(host, host_dtype).contiguous()

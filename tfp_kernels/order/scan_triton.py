@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .band_topk import _ieee_fp32_matmul
+from .band_topk import _ieee_fp32_matmul, band_bounds
 from .band_topk_triton import _HAVE_TRITON
 
 if _HAVE_TRITON:
@@ -201,8 +201,7 @@ def triton_exact_pick(
     queries = torch.tensor([last, *window_nodes], dtype=torch.int64, device=device)
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
-    lower = torch.nextafter((t2 - q_slack).float(), torch.tensor(-torch.inf, device=device))
-    upper = torch.nextafter((t2 + q_slack).float(), torch.tensor(torch.inf, device=device))
+    lower, upper = band_bounds(t2, q_slack)
     s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper)
     last_slack = float(slack[last])
     sure = status == 2
