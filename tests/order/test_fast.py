@@ -51,6 +51,27 @@ def test_fast_equals_reference(emb, metric, window, cap, start, k, fallback):
     assert info.num_fallbacks >= 0
 
 
+@pytest.mark.parametrize("band_dtype", ["bfloat16x3", "bfloat16"])
+@pytest.mark.parametrize("case", [0, 1, 3, 4, 7])
+def test_low_precision_lists_give_the_same_path(case, band_dtype):
+    # lists from split (bf16 hi + lo) or plain bf16 products, simulated with float32 GEMMs on the CPU: their
+    # wider error bound moves the band edges and the walk's certificates, never a decision
+    emb, metric, window, cap, start, k = CASES[case].values
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start)
+    path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start,
+                                k=k, band_backend="torch", band_dtype=band_dtype)
+    assert torch.equal(path, ref) and info.band_dtype == band_dtype
+
+
+def test_band_dtype_choice_and_bad_value():
+    emb = clustered(120, 16, seed=9)
+    _, stats = tfp_order(emb, return_stats=True)
+    assert stats.band_dtype == "float32"  # CPU: the split would cost three float32 products
+    with pytest.raises(ValueError, match="band_dtype must be"):
+        tfp_order(emb, band_dtype="float8")
+
+
 def test_public_api_uses_fast_backend_and_reports_stats():
     emb = clustered(400, 32, seed=7)
     path, stats = tfp_order(emb, return_stats=True, k=16)
@@ -205,15 +226,16 @@ def test_walk_op_rejects_partial_group_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("band_backend", ["triton", "torch"])
-def test_cuda_fast_equals_reference(metric, band_backend):
+@pytest.mark.parametrize("band_backend, band_dtype", [("triton", "bfloat16x3"), ("triton", "float32"),
+                                                      ("triton", "bfloat16"), ("torch", "float32")])
+def test_cuda_fast_equals_reference(metric, band_backend, band_dtype):
     emb = clustered(3000, 64, clusters=30, seed=10).cuda()
     t = estimate_threshold(emb, metric=metric)
     ref = tfp_order_reference(emb, metric=metric, threshold=t)
     for fallback in ("host", "device", "triton"):
-        path, _ = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0, k=64,
-                                 fallback=fallback, band_backend=band_backend)
-        assert path.device == emb.device
+        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0, k=64,
+                                    fallback=fallback, band_backend=band_backend, band_dtype=band_dtype)
+        assert path.device == emb.device and info.band_backend == band_backend
         assert torch.equal(path, ref)
 
 

@@ -27,6 +27,8 @@ class OrderStats:
         time_threshold_s: seconds spent estimating the threshold (0 when given).
         time_order_s: seconds spent computing the path (all phases).
         band_backend: ``"triton"`` or ``"torch"`` (fast backend only).
+        band_dtype: what the band lists multiply: ``"float32"``, ``"bfloat16x3"`` or ``"bfloat16"`` (fast
+            backend only).
         k: length K of the band lists (fast backend only).
         num_fallbacks: steps the band lists could not decide, settled by an exact scan.
         num_rebuilds: times the lists of the unvisited nodes were recomputed among the unvisited.
@@ -42,6 +44,7 @@ class OrderStats:
     time_threshold_s: float
     time_order_s: float
     band_backend: str = ""
+    band_dtype: str = ""
     k: int = 0
     num_fallbacks: int = 0
     num_rebuilds: int = 0
@@ -68,6 +71,7 @@ def tfp_order(
     k: int = 64,
     backend: str = "auto",
     fallback: str = "auto",
+    band_dtype: str = "auto",
     progress: bool = False,
     return_stats: bool = False,
     group=None,
@@ -102,6 +106,12 @@ def tfp_order(
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
             pass per scan, CUDA) or ``"auto"`` (host for CPU tensors and for up to 16,384 CUDA rows,
             device beyond). Same path in all.
+        band_dtype: what the band lists multiply (fast backend): ``"auto"`` (``"bfloat16x3"`` with the
+            Triton kernel on CUDA: rows split as bf16 hi + lo, three tensor-core products, an error bound
+            ~4x float32's; float32 on the CPU), ``"float32"``, ``"bfloat16x3"`` or ``"bfloat16"`` (one bf16
+            product; its error bound makes many more fallback scans at D in the hundreds). Same path in all:
+            every decision is taken on exact distances; the bound only sets how much the lists can prove.
+            Ignored with ``group`` (the sharded lists are float32).
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
         group: None (default: this process orders all of ``embeddings``) or an initialised
@@ -162,7 +172,7 @@ def tfp_order(
 
         path, info = fast_tfp_order(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
-            start=start, k=k, progress=progress, fallback=fallback,
+            start=start, k=k, progress=progress, fallback=fallback, band_dtype=band_dtype,
         )
         extra = dataclasses.asdict(info)
         del extra["time_setup_s"]  # counted in time_order_s

@@ -56,19 +56,62 @@ class BandLists:
         return self.index.shape[1]
 
 
+#: Split precisions: rows as ``hi + lo`` in a 16-bit dtype, products ``hi.hi' + hi.lo' + lo.hi'`` on tensor
+#: cores (three MMAs): about float32 accuracy (see :func:`squared_distance_error_coef`) at the 16-bit rate.
+SPLIT_DTYPES = {"bfloat16x3": torch.bfloat16, "float16x3": torch.float16}
+
+#: Unit roundoff assumed for tensor-core float32 accumulation (bf16/fp16 inputs): NVIDIA's accumulators
+#: are documented to truncate rather than round, so one bit more than IEEE round-to-nearest's 2^-24.
+TENSOR_CORE_ACC_ROUNDOFF = 2.0**-23
+
+
+def split_rows(x: torch.Tensor, input_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` with ``hi = x`` rounded to the split's 16-bit dtype and ``lo = (x - hi)`` rounded to it.
+
+    Args:
+        x: (N, D) float32 rows, any device; input_dtype: a key of :data:`SPLIT_DTYPES`.
+
+    Returns:
+        two (N, D) contiguous tensors of that dtype; ``|x - hi - lo| <= u^2 |x|`` elementwise
+        (``u`` its unit roundoff), as long as ``lo`` stays in the dtype's normal range (always for bf16,
+        which has float32's exponent range; float16 needs ``|x|`` well inside [2^-3, 2^15]).
+    """
+    dtype = SPLIT_DTYPES[input_dtype]
+    hi = x.to(dtype)
+    lo = (x - hi.float()).to(dtype)  # x - hi is exact in float32
+    return hi.contiguous(), lo.contiguous()
+
+
 def squared_distance_error_coef(dim: int, input_dtype) -> float:
     """Bound ``c`` with ``|s2_fast - s2_exact| <= c * (|x_i|^2 + |x_j|^2)`` for the fast paths.
 
-    ``s2_fast = |x_i|^2 + |x_j|^2 - 2 <x_i', x_j'>`` with the norms in float32 from the float32 rows,
-    ``x'`` the rows rounded to ``input_dtype`` (a torch dtype or ``"tf32"``) and float32 accumulation
-    over ``dim`` terms. Worst-case (not statistical) bound: ``2 gamma_D + 2.01 u_in + 4 u`` with
-    ``gamma_D = D u / (1 - D u)``, ``u = 2^-24``; plus the float32 rounding of the rows themselves
-    (``2 u``) when the embeddings came in float64.
+    ``s2_fast = |x_i|^2 + |x_j|^2 - 2 <x_i', x_j'>`` with the norms in float32 from the float32 rows and
+    float32 accumulation of the products over ``dim`` terms. ``input_dtype``:
+
+    - ``torch.float32``: IEEE float32 products; bound ``2 gamma_D + 6 u`` (``gamma_D = D u / (1 - D u)``,
+      ``u = 2^-24``: the norms' and the product's accumulation, and the final additions);
+    - a 16-bit dtype (or ``"tf32"``): the rows rounded to it (``u_in``), accumulated on tensor cores
+      (:data:`TENSOR_CORE_ACC_ROUNDOFF`): ``gamma_D + gamma'_D + 2.01 u_in + 6 u``;
+    - ``"bfloat16x3"`` / ``"float16x3"`` (:func:`split_rows`): the three products of the split leave out
+      terms of at most ``3.1 u_in^2 |x_i,k x_j,k|`` and accumulate ``3 D`` terms on tensor cores:
+      ``gamma_D + 1.02 gamma'_{3D} + 3.1 u_in^2 + 6 u`` (about 4x the float32 bound at D = 768, 70x below
+      bf16's).
+
+    Worst-case (not statistical) bounds, using ``sum_k |a_k b_k| <= (|a|^2 + |b|^2) / 2``; plus the float32
+    rounding of the rows themselves (``2 u``) when the embeddings came in float64.
     """
     u = UNIT_ROUNDOFF[torch.float32]
-    gamma = dim * u / (1.0 - dim * u)
-    u_in = 0.0 if input_dtype == torch.float32 else UNIT_ROUNDOFF[input_dtype]
-    return 2.0 * gamma + 2.01 * u_in + 6.0 * u
+
+    def gamma(n, unit):
+        return n * unit / (1.0 - n * unit)
+
+    if input_dtype == torch.float32:
+        return 2.0 * gamma(dim, u) + 6.0 * u
+    u_acc = TENSOR_CORE_ACC_ROUNDOFF
+    if input_dtype in SPLIT_DTYPES:
+        u_in = UNIT_ROUNDOFF[SPLIT_DTYPES[input_dtype]]
+        return gamma(dim, u) + 1.02 * gamma(3 * dim, u_acc) + 3.1 * u_in * u_in + 6.0 * u
+    return gamma(dim, u) + gamma(dim, u_acc) + 2.01 * UNIT_ROUNDOFF[input_dtype] + 6.0 * u
 
 
 def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +199,7 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
 
 def band_topk_torch(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
-    *, block_elements: int = 1 << 24, use_extension: bool = True,
+    *, block_elements: int = 1 << 24, use_extension: bool = True, input_dtype: torch.dtype | None = None,
 ) -> BandLists:
     """Band top-k through blockwise float32 matrix products (``|a|^2 + |b|^2 - 2 a.b``) and ``torch.topk``.
 
@@ -168,13 +211,22 @@ def band_topk_torch(
         block_elements: size of the (rows x N) tile computed at once.
         use_extension: on CPU tensors, select with the C++ op ``band_select`` (one pass per row,
             parallel over rows) when the extension is built; else with torch ops (same result).
+        input_dtype: the products are those of the rows rounded to this dtype (float32 accumulation), as
+            the Triton kernel's tensor-core products are, or of a split (``"bfloat16x3"``: three float32
+            products of :func:`split_rows`' parts); None or float32: the float32 rows. For tests and for
+            measuring how a precision changes the walk: on the CPU only float32 is worth its cost.
 
     Returns:
         :class:`BandLists` on the device of ``x``; error per entry within
-        :func:`squared_distance_error_coef` ``(D, torch.float32) * (|x_i|^2 + |x_j|^2)``.
+        :func:`squared_distance_error_coef` ``(D, input_dtype) * (|x_i|^2 + |x_j|^2)``.
     """
     _check_bounds(x, lower, upper, k)
     x = x.float()
+    split = None
+    if input_dtype in SPLIT_DTYPES:
+        split = [p.float() for p in split_rows(x, input_dtype)]
+    elif input_dtype not in (None, torch.float32):
+        x = x.to(input_dtype).float()
     n = x.shape[0]
     block = max(1, block_elements // n)
     parts = []
@@ -186,7 +238,13 @@ def band_topk_torch(
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
-            s2 = torch.addmm(sq_norms[None, :], x[r0:r1], x.T, alpha=-2.0).add_(sq_norms[r0:r1, None]).clamp_(min=0)
+            if split is None:
+                s2 = torch.addmm(sq_norms[None, :], x[r0:r1], x.T, alpha=-2.0)
+            else:  # hi.hi' + hi.lo' + lo.hi', the three tensor-core products
+                hi, lo = split
+                dot = hi[r0:r1] @ hi.T + hi[r0:r1] @ lo.T + lo[r0:r1] @ hi.T
+                s2 = dot.mul_(-2.0).add_(sq_norms[None, :])
+            s2 = s2.add_(sq_norms[r0:r1, None]).clamp_(min=0)
             if select_op is not None:
                 parts.append(select_op(s2, r0, lower[r0:r1].float(), upper[r0:r1].float(), k))
             else:
