@@ -115,15 +115,15 @@ def test_triton_exact_ties_by_index():
 
 
 def _interp_config(**extra):
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=1, **extra)
+    return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1, **extra}
 
 
 @needs_triton
 @pytest.mark.parametrize("n, d, k, extra", [
-    (53, 19, 8, dict(CAP=16)),  # CAP = BLOCK_N: a merge before every tile with candidates
-    (53, 19, 8, dict(programs=2)),  # persistent programs: each takes several row blocks in turn
-    (75, 33, 16, dict(CAP=16, programs=3)),
-    (20, 7, 40, dict(CAP=64, programs=1)),  # K > N (K pads to 64)
+    (53, 19, 8, {"CAP": 16}),  # CAP = BLOCK_N: a merge before every tile with candidates
+    (53, 19, 8, {"programs": 2}),  # persistent programs: each takes several row blocks in turn
+    (75, 33, 16, {"CAP": 16, "programs": 3}),
+    (20, 7, 40, {"CAP": 64, "programs": 1}),  # K > N (K pads to 64)
 ])
 def test_triton_merge_schedule_does_not_change_lists(n, d, k, extra):
     # same tile shape (so the same float32 sums): the candidate filter, the merge points and the persistent

@@ -34,6 +34,7 @@ Semantics: :mod:`tfp_kernels.order.band_topk`.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -162,13 +163,13 @@ if _HAVE_TRITON:
 def _configs(k_pad: int, device_type: str) -> list[dict]:
     """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for K = k_pad list columns."""
     if device_type != "cuda":  # interpreter: one small tile shape
-        return [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=1)]
+        return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}]
     configs = [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
     ]
     if k_pad > 128:  # the merge's (BLOCK_M, K) int64 sorts: keep them within the registers
         configs = [c for c in configs if c["BLOCK_M"] == 64]
@@ -219,7 +220,8 @@ def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) ->
         for config in configs:
             try:
                 ms = triton.testing.do_bench(lambda c=config: _launch(c, *args), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile shape on this GPU
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for this tile shape on this GPU
+                warnings.warn(f"band_topk_triton: launch setting {config} skipped ({type(err).__name__})", RuntimeWarning, stacklevel=3)
                 continue
             timings.append((ms, config))
         if not timings:
@@ -253,7 +255,7 @@ def band_topk_triton(
     """
     if not _HAVE_TRITON:
         raise ImportError("band_topk_triton needs triton (pip install triton)")
-    n, dim = x.shape
+    n = x.shape[0]
     if n >= 2**31:
         raise ValueError(f"band_topk_triton supports N < 2^31 rows, got {n}")
     if not 1 <= k <= 1024:
