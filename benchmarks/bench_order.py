@@ -49,9 +49,9 @@ def _timed(fn, device: str):
 
 
 def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k: int = 64,
-               check_steps: int = 2000, fallback: str = "auto") -> dict:
+               check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP) -> dict:
     emb = clustered_embeddings(n, d, device=device)
-    row: dict = {"n": n, "dim": d, "max_rejections": PAPER_CAP, "fallback": fallback}
+    row: dict = {"n": n, "dim": d, "max_rejections": cap, "fallback": fallback}
     threshold = None
     if n <= naive_max_n:
         try:
@@ -72,19 +72,20 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
     paths = {}
     if "naive" not in row:
         paths["naive"], dt = _timed(
-            lambda: naive_tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
+            lambda: naive_tfp_order(emb, threshold=threshold, max_rejections=cap), device)
         row["naive"] = {"ran": True, "seconds": dt}
     if n <= reference_max_n:
         paths["reference"], dt = _timed(
-            lambda: tfp_order_reference(emb, threshold=threshold, max_rejections=PAPER_CAP), device)
+            lambda: tfp_order_reference(emb, threshold=threshold, max_rejections=cap), device)
         row["reference"] = {"seconds": dt}
     else:
         row["reference"] = {"ran": False, "why": f"skipped above N={reference_max_n} (O(N^2 D) Python-driven walk)"}
     (paths["tfp_order"], stats), dt = _timed(
-        lambda: tfp_order(emb, threshold=threshold, max_rejections=PAPER_CAP, k=k, fallback=fallback,
+        lambda: tfp_order(emb, threshold=threshold, max_rejections=cap, k=k, fallback=fallback,
                           return_stats=True), device)
     row["tfp_order"] = {
-        "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend, "k": stats.k,
+        "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend,
+        "band_dtype": stats.band_dtype, "k": stats.k, "threshold_s": stats.time_threshold_s,
         "fallbacks": stats.num_fallbacks, "fallback_rate": stats.fallback_rate, "rebuilds": stats.num_rebuilds,
         "band_s": stats.time_band_s,
         "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
@@ -95,12 +96,12 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
     if n - 1 > max(check_steps, 20000):
         gen = torch.Generator().manual_seed(0)
         steps = torch.randperm(n - 1, generator=gen)[:check_steps] + 1
-    check, dt = _timed(lambda: check_path(emb, paths["tfp_order"], threshold=threshold, max_rejections=PAPER_CAP,
+    check, dt = _timed(lambda: check_path(emb, paths["tfp_order"], threshold=threshold, max_rejections=cap,
                                           steps=steps), device)
     row["check_path"] = {"ok": check.ok, "steps_checked": check.num_steps_checked,
                          "tolerated_ties": check.num_tolerated, "seconds": dt, "message": check.message}
     if "naive" in paths:
-        naive_check = check_path(emb, paths["naive"].to(device), threshold=threshold, max_rejections=PAPER_CAP)
+        naive_check = check_path(emb, paths["naive"].to(device), threshold=threshold, max_rejections=cap)
         row["naive"]["check_path"] = {"ok": naive_check.ok, "tolerated_ties": naive_check.num_tolerated}
     # every other path compared with the reference's (or, without it, with tfp_order's)
     base = "reference" if "reference" in paths else "tfp_order"
@@ -125,14 +126,17 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=64, help="band list length of tfp_order")
     p.add_argument("--fallback", default="auto", choices=["auto", "host", "device", "triton"],
                    help="where tfp_order runs its exact fallback scans (tfp_order(fallback=...))")
+    p.add_argument("--cap", default=str(PAPER_CAP),
+                   help="max_rejections of every implementation: an integer, or 'none' (tfp_order's default)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
+    cap = None if args.cap.lower() == "none" else int(args.cap)
     if args.device == "cuda":  # compile the Triton kernels outside the timings (a one-off cost per process)
         tfp_order(clustered_embeddings(700, args.dim, device="cuda"), k=args.k, fallback=args.fallback)
     rows = []
     for n in args.sizes:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
-                         reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback)
+                         reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap)
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]
@@ -148,7 +152,10 @@ def main(argv=None) -> None:
     stage = "order" if args.k == 64 else f"order_k{args.k}"
     if args.fallback != "auto":
         stage += f"_{args.fallback}"
-    path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "rows": rows}, out_dir=args.out_dir)
+    if cap != PAPER_CAP:
+        stage += f"_cap{cap}" if cap is not None else "_nocap"
+    path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "max_rejections": cap, "rows": rows},
+                         out_dir=args.out_dir)
     print(f"wrote {path}")
 
 
