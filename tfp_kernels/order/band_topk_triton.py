@@ -178,8 +178,9 @@ def _configs(k_pad: int, device_type: str) -> list[dict]:
 
 #: Tuned launch settings, keyed by (device name, dim, K, input dtype).
 _TUNED: dict[tuple, dict] = {}
-#: Rows used to time the candidate settings (the first call of a key tunes on a prefix of its rows).
-_TUNE_ROWS = 8192
+#: Rows used to time the candidate settings (the first call of a key tunes on a prefix of its rows): 256 row
+#: blocks of 128, enough to fill two waves of an H100's 132 SMs so that no tile shape wins by occupancy alone.
+_TUNE_ROWS = 32768
 
 
 def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
