@@ -101,13 +101,13 @@ def test_duplicates_and_identical_rows():
 def test_list_rebuilds_keep_the_path_exact(monkeypatch, fallback):
     from tfp_kernels.order import fast
 
-    monkeypatch.setattr(fast, "_MIN_REBUILD_NODES", 64)  # rebuild often on a small input
+    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)  # rebuild often on a small input
     emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
     t = estimate_threshold(emb)
     ref = tfp_order_reference(emb, threshold=t)
     for k in (4, 16):
         path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=k,
-                                    rebuild=0.25, fallback=fallback)
+                                    rebuild="auto", fallback=fallback)
         assert info.num_rebuilds > 0
         assert torch.equal(path, ref)
 
@@ -176,7 +176,7 @@ def test_duplicate_groups_keep_the_path_exact(metric, window, fallback):
 def test_duplicate_groups_with_rebuilds_and_fewer_scans(monkeypatch):
     from tfp_kernels.order import fast
 
-    monkeypatch.setattr(fast, "_MIN_REBUILD_NODES", 64)
+    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
     emb = _with_duplicate_groups(700, 16, seed=3)
     t = estimate_threshold(emb)
     ref = tfp_order_reference(emb, threshold=t)

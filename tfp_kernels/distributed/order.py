@@ -59,8 +59,9 @@ from ..order import _checks
 from ..order.api import OrderStats
 from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
 from ..order.distance import pair_distances, prepare
-from ..order.fast import _MIN_REBUILD_NODES, squared_threshold
+from ..order.fast import squared_threshold
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
+from ..order.schedule import MIN_REBUILD_NODES, RebuildSchedule
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
@@ -776,7 +777,7 @@ def tfp_order_sharded(
     backend: str = "auto",
     progress: bool = False,
     return_stats: bool = False,
-    rebuild: float | None = 0.25,
+    rebuild: str | None = "auto",
     sample_pairs: int | None = None,
     seed: int = 0,
     block_elements: int = 1 << 24,
@@ -796,8 +797,9 @@ def tfp_order_sharded(
             :func:`~tfp_kernels.tfp_order`, the same on every rank (checked). ``start`` is a global index.
         backend: ``"auto"`` or ``"fast"`` (the only sharded implementation: ring band lists, C++ walk on
             rank 0, sharded exact scans). The compiled extension is needed on rank 0.
-        rebuild: as in the single-process fast path (fraction of the unvisited nodes after which the lists
-            of the unvisited are recomputed when scans pile up); None disables it.
+        rebuild: as in the single-process fast path: ``"auto"`` recomputes the lists of the unvisited nodes
+            when the rows scanned since the last build reach the work of a rebuild
+            (:class:`~tfp_kernels.order.schedule.RebuildSchedule`); None disables it.
         sample_pairs, seed: of the threshold sample, as in :func:`~tfp_kernels.estimate_threshold`
             (tfp_order uses the defaults None and 0).
         block_elements: elements of the (rows x columns) float32 tile of the list phase.
@@ -980,16 +982,12 @@ def _walk_root(
         bar = tqdm(total=n, initial=1, desc="tfp walk (sharded)", unit="node", disable=None)
         if bar.disable:
             bar = None
-    chunk = max(1000, n // 100) if bar is not None else n
-    built_at, rebuild_at = 1, n
-    if rebuild is not None and n >= _MIN_REBUILD_NODES:
-        rebuild_at = 1 + max(_MIN_REBUILD_NODES // 2, int(rebuild * n))
-    fallbacks_at_build = 0
+    schedule = RebuildSchedule(n, enabled=rebuild == "auto", min_nodes=MIN_REBUILD_NODES)
     have_basis = False
     step = 1
     while step < n:
         t0 = time.perf_counter()
-        stop = min(step + chunk, rebuild_at)
+        stop = min(step + schedule.chunk, n)
         new_step = int(
             torch.ops.tfp_kernels.tfp_walk(
                 emb_host,
@@ -1014,43 +1012,39 @@ def _walk_root(
         stats["time_walk_s"] += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
-        if new_step == rebuild_at and new_step < n:
-            remaining = n - new_step
-            fallbacks = stats["num_fallbacks"] - fallbacks_at_build
-            if fallbacks > 0.05 * (new_step - built_at) and remaining >= _MIN_REBUILD_NODES // 2:
-                t0 = time.perf_counter()
-                command(_REBUILD, new_step)
-                gathered, _ = _rebuild(comm, sh, k, block_elements)
-                rows_host = torch.nonzero(~visited).flatten()
-                for table, part in zip(
-                    (band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)
-                ):
-                    table[rows_host] = part
-                stats["num_rebuilds"] += 1
-                stats["time_band_s"] += time.perf_counter() - t0
-            built_at, fallbacks_at_build = new_step, stats["num_fallbacks"]
-            rebuild_at = new_step + max(_MIN_REBUILD_NODES // 2, int(rebuild * remaining))
-        if new_step == stop and new_step < n:
-            step = new_step
-            continue
+        scans = 0
         step = new_step
-        if step >= n:
-            break
-        t0 = time.perf_counter()
-        if not have_basis:
-            command(_BASIS, step)
-            _projection(comm, sh, emb_host, n, dim)
-            have_basis = True
-        win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
-        command(_SCAN, step, win_rows)
-        node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
-        path[step] = node
-        visited[node] = True
-        step += 1
-        stats["num_fallbacks"] += 1
-        if bar is not None:
-            bar.update(1)
-        stats["time_fallback_s"] += time.perf_counter() - t0
+        if step < n and step < stop:  # the list of `last` cannot decide: a sharded exact scan
+            t0 = time.perf_counter()
+            if not have_basis:
+                command(_BASIS, step)
+                _projection(comm, sh, emb_host, n, dim)
+                have_basis = True
+            win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
+            command(_SCAN, step, win_rows)
+            node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+            path[step] = node
+            visited[node] = True
+            step += 1
+            scans = 1
+            stats["num_fallbacks"] += 1
+            if bar is not None:
+                bar.update(1)
+            stats["time_fallback_s"] += time.perf_counter() - t0
+        schedule.record(scans, n - step)
+        if step < n and schedule.due(n - step):
+            t0 = time.perf_counter()
+            command(_REBUILD, step)
+            gathered, _ = _rebuild(comm, sh, k, block_elements)
+            rows_host = torch.nonzero(~visited).flatten()
+            for table, part in zip(
+                (band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)
+            ):
+                table[rows_host] = part
+            stats["num_rebuilds"] += 1
+            seconds = time.perf_counter() - t0
+            stats["time_band_s"] += seconds
+            schedule.rebuilt()
     if bar is not None:
         bar.close()
     command(_DONE, n)

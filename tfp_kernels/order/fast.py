@@ -28,9 +28,7 @@ from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance
 from .distance import prepare
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
-
-#: Below this many nodes the lists are never rebuilt (the scans are cheap there).
-_MIN_REBUILD_NODES = 1024
+from .schedule import MIN_REBUILD_NODES, RebuildSchedule
 
 
 @dataclass
@@ -157,7 +155,7 @@ def fast_tfp_order(
     band_backend: str = "auto",
     band_dtype="auto",
     fallback: str = "auto",
-    rebuild: float | None = 0.25,
+    rebuild: str | None = "auto",
     progress: bool = False,
     group_duplicates: bool = True,
 ) -> tuple[torch.Tensor, FastOrderInfo]:
@@ -170,10 +168,11 @@ def fast_tfp_order(
     cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
     ``_HOST_SCAN_MAX_NODES`` (16,384) nodes, device beyond.
 
-    ``rebuild``: once this fraction of the nodes unvisited at the last (re)build has been visited,
-    and the walk needed a fallback scan for more than 5% of those steps, the lists of the unvisited
-    nodes are recomputed among the unvisited nodes only (their old entries are mostly visited by then,
-    which is what sends the walk to the expensive scans). None disables it.
+    ``rebuild``: ``"auto"``: the lists of the unvisited nodes are recomputed among the unvisited nodes only
+    (their old entries are mostly visited by then, which is what sends the walk to the expensive scans) when
+    the rows scanned since the last build reach the work of a rebuild
+    (:class:`~tfp_kernels.order.schedule.RebuildSchedule`); None disables it. Walks of fewer than
+    ``MIN_REBUILD_NODES`` nodes never rebuild.
 
     ``band_dtype``: precision of the band lists' products (:func:`resolve_band_dtype`; default bf16 x 3 on
     tensor cores with the Triton kernel). The lists' error bound (hence the band edges and the walk's
@@ -323,15 +322,47 @@ def fast_tfp_order(
             bar = None
     info.time_setup_s += time.perf_counter() - t0
 
-    chunk = max(1000, n // 100) if bar is not None else n  # steps per call, for the progress bar
-    built_at, rebuild_at = 1, n
-    if rebuild is not None and n >= _MIN_REBUILD_NODES:
-        rebuild_at = 1 + max(_MIN_REBUILD_NODES // 2, int(rebuild * n))
-    fallbacks_at_build = 0
+    def pick(step: int) -> int:
+        """The exact scan at ``step`` (on the device, or the first one of the host mode: then -1 after
+        handing the projections to the C++ walk, which scans from there on)."""
+        nonlocal y64, projections, visited_dev, synced
+        if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
+            y64 = x64 @ projection_basis(x64)
+            if fallback == "host":  # from now on the C++ walk runs the scans itself
+                projections = y64.to(host).contiguous()
+                return -1
+        if device.type != "cpu":
+            visited_dev[path[synced:step].to(device)] = True
+        else:
+            visited_dev = visited
+        synced = step
+        unvisited = torch.nonzero(~visited_dev).flatten()
+        last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
+        if fused_scan and (max_rejections is None or unvisited.numel() <= max_rejections):
+            node = triton_exact_pick(
+                x64, x32, sq_norms, slack, unvisited, last, window_nodes, threshold=threshold, metric=metric
+            )
+        else:
+            node = exact_pick(
+                x64,
+                y64,
+                unvisited,
+                last,
+                window_nodes,
+                threshold=threshold,
+                max_rejections=max_rejections,
+                metric=metric,
+            )
+        return node
+
+    if rebuild not in ("auto", None):
+        raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
+    schedule = RebuildSchedule(n, enabled=rebuild == "auto", min_nodes=MIN_REBUILD_NODES)
     step = 1
     while step < n:
         t0 = time.perf_counter()
-        stop = min(step + chunk, rebuild_at)
+        scans_before = int(counter)
+        stop = min(step + schedule.chunk, n)
         new_step = int(
             torch.ops.tfp_kernels.tfp_walk(
                 emb_host,
@@ -357,67 +388,37 @@ def fast_tfp_order(
         info.time_walk_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
-        if new_step == rebuild_at and new_step < n:
-            remaining = n - new_step
-            fallbacks = info.num_fallbacks + int(counter) - fallbacks_at_build
-            if fallbacks > 0.05 * (new_step - built_at) and remaining >= _MIN_REBUILD_NODES // 2:
-                t0 = time.perf_counter()
-                if groups is not None:  # the groups with an unvisited member
-                    alive = torch.zeros(num_lists, dtype=torch.bool)
-                    alive[groups.group_of[~visited].long()] = True
-                    rows_host = torch.nonzero(alive).flatten()
-                else:
-                    rows_host = torch.nonzero(~visited).flatten()
-                rows = rows_host.to(device)
-                for table, part in zip((band_index, band_s2, limit2, num_close), build(rows)):
-                    table[rows_host] = part
-                info.num_rebuilds += 1
-                info.time_band_s += time.perf_counter() - t0
-            built_at, fallbacks_at_build = new_step, info.num_fallbacks + int(counter)
-            rebuild_at = new_step + max(_MIN_REBUILD_NODES // 2, int(rebuild * remaining))
-        if new_step == stop and new_step < n:  # progress or rebuild stop: no fallback needed here
-            step = new_step
-            continue
+        scans = int(counter) - scans_before
         step = new_step
-        if step >= n:
-            break
-        t0 = time.perf_counter()
-        if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
-            y64 = x64 @ projection_basis(x64)
-            if fallback == "host":  # from now on the C++ walk runs the scans itself
-                projections = y64.to(host).contiguous()
-                info.time_fallback_s += time.perf_counter() - t0
-                continue
-        if device.type != "cpu":
-            visited_dev[path[synced:step].to(device)] = True
-        else:
-            visited_dev = visited
-        synced = step
-        unvisited = torch.nonzero(~visited_dev).flatten()
-        last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
-        if fused_scan and (max_rejections is None or unvisited.numel() <= max_rejections):
-            node = triton_exact_pick(
-                x64, x32, sq_norms, slack, unvisited, last, window_nodes, threshold=threshold, metric=metric
-            )
-        else:
-            node = exact_pick(
-                x64,
-                y64,
-                unvisited,
-                last,
-                window_nodes,
-                threshold=threshold,
-                max_rejections=max_rejections,
-                metric=metric,
-            )
-        path[step] = node
-        visited[node] = True
-        step += 1
-        info.num_fallbacks += 1
-        if bar is not None:
-            bar.update(1)
-        info.time_fallback_s += time.perf_counter() - t0
+        if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
+            t0 = time.perf_counter()
+            node = pick(step)
+            if node >= 0:
+                path[step] = node
+                visited[node] = True
+                step += 1
+                scans += 1
+                info.num_fallbacks += 1
+                if bar is not None:
+                    bar.update(1)
+            info.time_fallback_s += time.perf_counter() - t0
+        schedule.record(scans, n - step)
+        if step < n and schedule.due(n - step):
+            t0 = time.perf_counter()
+            if groups is not None:  # the groups with an unvisited member
+                alive = torch.zeros(num_lists, dtype=torch.bool)
+                alive[groups.group_of[~visited].long()] = True
+                rows_host = torch.nonzero(alive).flatten()
+            else:
+                rows_host = torch.nonzero(~visited).flatten()
+            for table, part in zip((band_index, band_s2, limit2, num_close), build(rows_host.to(device))):
+                table[rows_host] = part
+            info.num_rebuilds += 1
+            seconds = time.perf_counter() - t0
+            info.time_band_s += seconds
+            schedule.rebuilt()
     if bar is not None:
         bar.close()
     info.num_fallbacks += int(counter)  # scans run inside the C++ walk (their time is in time_walk_s)
     return path.to(device), info
+
