@@ -35,7 +35,8 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (the lists of CUDA runs are copied to the host). Fills path/visited in place. With projections
   // (N, r) float64 it runs the exact fallback scans itself and returns N; with an empty projections
   // tensor it returns the step at which a fallback scan is needed (N when the path is complete).
-  // num_fallbacks: empty, or a (1,) int64 counter incremented by the scans run here. The walk also
+  // num_fallbacks: empty, or an int64 counter incremented by the scans run here ((2,): [1] also counts
+  // those of them at steps where the rejection cap could fire). The walk also
   // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "

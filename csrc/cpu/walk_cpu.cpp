@@ -251,6 +251,7 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   }
 
   int64_t fallbacks = 0;
+  int64_t cap_fallbacks = 0;  // scans where the cap could fire (fresh lists avoid few of them)
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
   for (; step < end; ++step) {
     const int64_t last = p[step - 1];
@@ -280,20 +281,22 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       best_d = c_d;
       best_s2 = c_s2;
     }
-    const bool proven = best >= 0 && best_s2 < limit2[row] &&
-                        !(max_rejections >= 0 && remaining > max_rejections &&
-                          static_cast<int64_t>(close[row]) + k >= max_rejections);
+    const bool cap_may_fire = max_rejections >= 0 && remaining > max_rejections &&
+                              static_cast<int64_t>(close[row]) + k >= max_rejections;
+    const bool proven = best >= 0 && best_s2 < limit2[row] && !cap_may_fire;
     if (!proven) {
       // nothing certain in the list, or the cap might fire: the exact scan decides
       if (!scan_here) return step;
       best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
+      if (cap_may_fire) ++cap_fallbacks;
     }
     p[step] = best;
     seen[best] = true;
     if (scan_here) scan->remove(best);
   }
   if (num_fallbacks.numel() > 0) num_fallbacks.data_ptr<int64_t>()[0] += fallbacks;
+  if (num_fallbacks.numel() > 1) num_fallbacks.data_ptr<int64_t>()[1] += cap_fallbacks;
   return step;
 }
 

@@ -64,6 +64,21 @@ def test_low_precision_lists_give_the_same_path(case, band_dtype):
     assert torch.equal(path, ref) and info.band_dtype == band_dtype
 
 
+def test_triton_band_lists_in_the_walk():
+    # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 products there, as
+    # the interpreter's bf16 tl.dot is wrong): the same path as the reference
+    from tfp_kernels.order.band_topk_triton import triton_available
+
+    if not triton_available():
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    emb = clustered(48, 10, clusters=4, seed=21)
+    t = estimate_threshold(emb, quantile=0.05)
+    ref = tfp_order_reference(emb, threshold=t)
+    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                                band_backend="triton", band_dtype="float32")
+    assert info.band_backend == "triton" and torch.equal(path, ref)
+
+
 def test_band_dtype_choice_and_bad_value():
     emb = clustered(120, 16, seed=9)
     _, stats = tfp_order(emb, return_stats=True)

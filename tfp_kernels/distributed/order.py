@@ -61,7 +61,7 @@ from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_e
 from ..order.distance import pair_distances, prepare
 from ..order.fast import squared_threshold
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.schedule import MIN_REBUILD_NODES, RebuildSchedule
+from ..order.schedule import MIN_REBUILD_NODES, RebuildSchedule, cap_may_fire
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
@@ -842,6 +842,7 @@ def tfp_order_sharded(
     t1 = time.perf_counter()
     stats = {
         "band_backend": "torch-ring",
+        "band_dtype": "float32",
         "k": k,
         "num_fallbacks": 0,
         "num_rebuilds": 0,
@@ -1016,6 +1017,9 @@ def _walk_root(
         step = new_step
         if step < n and step < stop:  # the list of `last` cannot decide: a sharded exact scan
             t0 = time.perf_counter()
+            cap_scan = max_rejections is not None and cap_may_fire(
+                max_rejections, n - step, int(num_close[path[step - 1]]), k
+            )
             if not have_basis:
                 command(_BASIS, step)
                 _projection(comm, sh, emb_host, n, dim)
@@ -1026,7 +1030,7 @@ def _walk_root(
             path[step] = node
             visited[node] = True
             step += 1
-            scans = 1
+            scans = 0 if cap_scan else 1  # (a scan the cap forces is no sign of stale lists)
             stats["num_fallbacks"] += 1
             if bar is not None:
                 bar.update(1)

@@ -28,7 +28,7 @@ from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance
 from .distance import prepare
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
-from .schedule import MIN_REBUILD_NODES, RebuildSchedule
+from .schedule import MIN_REBUILD_NODES, RebuildSchedule, cap_may_fire
 
 
 @dataclass
@@ -311,7 +311,7 @@ def fast_tfp_order(
             raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     y64 = None  # projections for the scans' lower bounds, computed at the first fallback
     projections = torch.empty(0, dtype=torch.float64)
-    counter = torch.zeros(1, dtype=torch.long)
+    counter = torch.zeros(2, dtype=torch.long)  # scans in the C++ walk; those of them where the cap could fire
     cap = -1 if max_rejections is None else max_rejections
     bar = None
     if progress:
@@ -361,7 +361,7 @@ def fast_tfp_order(
     step = 1
     while step < n:
         t0 = time.perf_counter()
-        scans_before = int(counter)
+        scans_before, cap_scans_before = counter.tolist()
         stop = min(step + schedule.chunk, n)
         new_step = int(
             torch.ops.tfp_kernels.tfp_walk(
@@ -388,10 +388,12 @@ def fast_tfp_order(
         info.time_walk_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
-        scans = int(counter) - scans_before
+        scans, cap_scans = (int(c) - b for c, b in zip(counter.tolist(), (scans_before, cap_scans_before)))
         step = new_step
         if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
             t0 = time.perf_counter()
+            if max_rejections is not None:  # (never with duplicate groups: list rows are nodes here)
+                cap_scans += cap_may_fire(max_rejections, n - step, int(num_close[path[step - 1]]), k)
             node = pick(step)
             if node >= 0:
                 path[step] = node
@@ -402,7 +404,7 @@ def fast_tfp_order(
                 if bar is not None:
                     bar.update(1)
             info.time_fallback_s += time.perf_counter() - t0
-        schedule.record(scans, n - step)
+        schedule.record(scans - cap_scans, n - step)
         if step < n and schedule.due(n - step):
             t0 = time.perf_counter()
             if groups is not None:  # the groups with an unvisited member
@@ -419,6 +421,6 @@ def fast_tfp_order(
             schedule.rebuilt()
     if bar is not None:
         bar.close()
-    info.num_fallbacks += int(counter)  # scans run inside the C++ walk (their time is in time_walk_s)
+    info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)
     return path.to(device), info
 

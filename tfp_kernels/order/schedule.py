@@ -5,7 +5,9 @@ certain in the list of ``last``: each such step costs an exact scan of the r unv
 memory-bound). Recomputing the lists among the r unvisited nodes (O(r^2 D), compute-bound) makes them fresh
 again. The rule (:class:`RebuildSchedule`):
 
-- *rent*: the rows scanned since the last build (each scan of r unvisited nodes adds r);
+- *rent*: the rows scanned since the last build (each scan of r unvisited nodes adds r), counting only the
+  scans that fresher lists could have avoided: not those at steps where the rejection cap could fire
+  (:func:`cap_may_fire`; the walk scans there whatever its list holds);
 - *price* of a rebuild of r nodes, in the same unit: ``r^2 / NODES_PER_SCANNED_ROW``, the rows a scan could
   read in the time the list phase spends on r^2 pairs. Measured: on the 2-core CPU, the list phase takes
   9.2 ns per pair (N = 50,000, D = 768: 23 s) and a host scan 0.68 us per unvisited row (17 ms at ~25,000
@@ -51,7 +53,8 @@ class RebuildSchedule:
         self.rent = 0
 
     def record(self, scans: int, remaining: int) -> None:
-        """``scans`` exact scans were made with about ``remaining`` unvisited nodes."""
+        """``scans`` exact scans (that fresher lists could have avoided) were made with about ``remaining``
+        unvisited nodes."""
         self.rent += scans * remaining
 
     @staticmethod
@@ -66,3 +69,9 @@ class RebuildSchedule:
     def rebuilt(self) -> None:
         """The lists were rebuilt: the rent starts over."""
         self.rent = 0
+
+
+def cap_may_fire(max_rejections: int | None, remaining: int, num_close: int, k: int) -> bool:
+    """Whether the rejection cap could fire at a step: more unvisited nodes than the cap, and the list row's
+    count of nodes closer than ``t`` plus its K entries reaches it (the C++ walk's test; it scans then)."""
+    return max_rejections is not None and remaining > max_rejections and num_close + k >= max_rejections
