@@ -20,7 +20,8 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
                                                                const at::Tensor& lower, const at::Tensor& upper,
-                                                               int64_t k);
+                                                               int64_t k, const std::optional<at::Tensor>& row_sq,
+                                                               const std::optional<at::Tensor>& col_sq);
 
 // --- bin packing (best fit) and packed-batch assembly (tfp_kernels/packing, tfp_kernels/assembly) ---
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_fit_decreasing_cpu(const at::Tensor& lengths,

@@ -53,8 +53,11 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // Epilogue of the blockwise band top-k on the CPU: per row of a (B, N) float32 block of squared
   // distances (global rows row_offset..), the K smallest entries >= lower (by value, then column) and
   // the count of entries < upper, the row's own column skipped. Returns (index (B, K) int32, -1 padded;
-  // s2 (B, K) float32, +inf padded; num_close (B,) int32).
-  m.def("band_select(Tensor s2, int row_offset, Tensor lower, Tensor upper, int k) -> (Tensor, Tensor, Tensor)");
+  // s2 (B, K) float32, +inf padded; num_close (B,) int32). With row_sq (B,) and col_sq (N,) float32 the
+  // block holds dot products and s2 = max((-2 dot + col_sq[j]) + row_sq[i], 0) is formed on the fly.
+  m.def(
+      "band_select(Tensor s2, int row_offset, Tensor lower, Tensor upper, int k, Tensor? row_sq=None, "
+      "Tensor? col_sq=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {

@@ -5,12 +5,19 @@
 // upper[i], and keep the K smallest entries >= lower[i] ordered by (value, column). Values are packed
 // with their column into int64 keys (non-negative float bits order like the values) and kept in a
 // bounded max-heap, one pass over the row. Rows are processed in parallel.
+//
+// With row_sq (B,) and col_sq (N,) the block holds dot products instead, and each squared distance is
+// formed on the fly as max((-2 dot + col_sq[j]) + row_sq[i], 0) in float32, the very operations (and
+// roundings) of the torch epilogue `dot.mul_(-2).add_(col_sq).add_(row_sq[:, None]).clamp_(min=0)`:
+// one read of the block instead of three read-write passes over it (the passes cost about as much
+// as the matrix product itself on a 2-core CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -21,7 +28,8 @@ namespace tfp {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
                                                                const at::Tensor& lower, const at::Tensor& upper,
-                                                               int64_t k) {
+                                                               int64_t k, const std::optional<at::Tensor>& row_sq,
+                                                               const std::optional<at::Tensor>& col_sq) {
   TFP_CHECK_CPU(s2);
   TFP_CHECK_DIM(s2, 2);
   TFP_CHECK_DTYPE(s2, at::kFloat);
@@ -31,6 +39,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
   const int64_t b = s2.size(0), n = s2.size(1);
   TORCH_CHECK(lower.numel() == b && upper.numel() == b, "band_select: lower and upper must have ", b, " entries");
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "band_select: N must be < 2^31");
+  TORCH_CHECK(row_sq.has_value() == col_sq.has_value(), "band_select: pass both row_sq and col_sq, or neither");
+  const bool from_dots = row_sq.has_value();
+  at::Tensor rsq, csq;
+  if (from_dots) {
+    TFP_CHECK_DTYPE((*row_sq), at::kFloat);
+    TFP_CHECK_DTYPE((*col_sq), at::kFloat);
+    TORCH_CHECK(row_sq->numel() == b && col_sq->numel() == n, "band_select: row_sq must have ", b,
+                " entries and col_sq ", n);
+    rsq = row_sq->contiguous();
+    csq = col_sq->contiguous();
+  }
+  const float* rsq_p = from_dots ? rsq.data_ptr<float>() : nullptr;
+  const float* csq_p = from_dots ? csq.data_ptr<float>() : nullptr;
   const auto values = s2.contiguous();
   const auto lo = lower.contiguous(), hi = upper.contiguous();
   auto index = at::empty({b, k}, s2.options().dtype(at::kInt));
@@ -51,11 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       const float lower_i = lo_p[i], upper_i = hi_p[i];
       int32_t below = 0;
       heap.clear();
+      // value of the K-th best key once K are held: larger values cannot enter (equal ones may, by column)
+      float cutoff = std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        if (j == self) continue;
-        const float x = row[j];
+        float x = row[j];
+        if (from_dots) {
+          x = (-2.0f * x + csq_p[j]) + rsq_p[i];  // -2 x is exact: a fused multiply-add rounds the same
+          x = x < 0.0f ? 0.0f : x;                // clamp_(min=0); never -0.0 here (sums of >= +0 terms)
+        }
         below += x < upper_i;
-        if (!(x >= lower_i)) continue;
+        if (!(x >= lower_i) || x > cutoff || j == self) continue;
         int32_t bits;
         std::memcpy(&bits, &x, sizeof(bits));
         const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
@@ -66,7 +92,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
           std::pop_heap(heap.begin(), heap.end());
           heap.back() = key;
           std::push_heap(heap.begin(), heap.end());
+        } else {
+          continue;
         }
+        if (static_cast<int64_t>(heap.size()) == k) {
+          const int32_t worst = static_cast<int32_t>(heap.front() >> 32);
+          std::memcpy(&cutoff, &worst, sizeof(cutoff));
+        }
+      }
+      if (self >= 0 && self < n) {  // the row itself was counted above when below upper
+        float x = row[self];
+        if (from_dots) {
+          x = (-2.0f * x + csq_p[self]) + rsq_p[i];
+          x = x < 0.0f ? 0.0f : x;
+        }
+        below -= x < upper_i;
       }
       std::sort_heap(heap.begin(), heap.end());
       close_p[i] = below;

@@ -77,6 +77,27 @@ def test_cpu_select_op_equals_torch_epilogue(n, d, k):
     assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
 
 
+def test_cpu_select_op_forms_s2_from_dot_products():
+    from tfp_kernels import has_extension
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    x = make_rows(90, 13, seed=31)
+    sq = x.square().sum(1)
+    lo, hi = bounds(x)
+    op = torch.ops.tfp_kernels.band_select
+    for r0, r1 in ((0, 90), (17, 40)):  # the whole block, and rows of the middle (self columns offset)
+        dot = x[r0:r1] @ x.T
+        s2 = dot.clone().mul_(-2.0).add_(sq[None, :]).add_(sq[r0:r1, None]).clamp_(min=0)
+        a = op(s2, r0, lo[r0:r1], hi[r0:r1], 7)
+        b = op(dot, r0, lo[r0:r1], hi[r0:r1], 7, sq[r0:r1], sq)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(RuntimeError, match="both row_sq and col_sq"):
+        op(dot, 17, lo[17:40], hi[17:40], 7, sq[17:40], None)
+    with pytest.raises(RuntimeError, match="row_sq must have 23 entries"):
+        op(dot, 17, lo[17:40], hi[17:40], 7, sq, sq)
+
+
 def test_reference_semantics_hand_worked():
     # points 0, 1, 3, 6 on a line: squared distances from 0: 1, 9, 36; from 3: 9, 4, 9
     x = torch.tensor([[0.0], [1.0], [3.0], [6.0]])

@@ -239,15 +239,15 @@ def band_topk_torch(
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             if split is None:
-                s2 = torch.addmm(sq_norms[None, :], x[r0:r1], x.T, alpha=-2.0)
+                dot = x[r0:r1] @ x.T
             else:  # hi.hi' + hi.lo' + lo.hi', the three tensor-core products
                 hi, lo = split
                 dot = hi[r0:r1] @ hi.T + hi[r0:r1] @ lo.T + lo[r0:r1] @ hi.T
-                s2 = dot.mul_(-2.0).add_(sq_norms[None, :])
-            s2 = s2.add_(sq_norms[r0:r1, None]).clamp_(min=0)
-            if select_op is not None:
-                parts.append(select_op(s2, r0, lower[r0:r1].float(), upper[r0:r1].float(), k))
+            if select_op is not None:  # the C++ op forms s2 from the dot products as it reads them
+                parts.append(select_op(dot, r0, lower[r0:r1].float(), upper[r0:r1].float(), k,
+                                       sq_norms[r0:r1].float(), sq_norms.float()))
             else:
+                s2 = dot.mul_(-2.0).add_(sq_norms[None, :]).add_(sq_norms[r0:r1, None]).clamp_(min=0)
                 parts.append(_finish_block(s2, torch.arange(r0, r1, device=x.device), lower[r0:r1], upper[r0:r1], k))
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
