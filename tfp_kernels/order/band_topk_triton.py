@@ -65,20 +65,18 @@ def _interpreted() -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _merge_candidates(row_buf, rows, count, K: tl.constexpr, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _merge_candidates(row_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr):
         """Merge the ``count`` candidate keys of each row (slots ``K ..``) into its sorted K best (slots
         ``0 .. K``); returns the new best (BLOCK_M, K) and stores it back. Self entries are dropped here."""
         max_key = tl.full((BLOCK_M, K), 0x7FFFFFFFFFFFFFFF, tl.int64)
         offs_k = tl.arange(0, K)
         tl.debug_barrier()  # candidates stored by other threads of the program are visible
         best = tl.load(row_buf + offs_k[None, :])
-        max_count = tl.max(count, axis=0)
-        for c0 in tl.static_range(0, CAP, K):
-            if c0 < max_count:
-                ok = (c0 + offs_k)[None, :] < count[:, None]
-                chunk = tl.load(row_buf + K + c0 + offs_k[None, :], mask=ok, other=0x7FFFFFFFFFFFFFFF)
-                chunk = tl.where((chunk & 0xFFFFFFFF) == rows[:, None], max_key, chunk)
-                best = tl.sort(tl.minimum(best, tl.sort(chunk, dim=1, descending=True)), dim=1)
+        for c0 in range(0, tl.max(count, axis=0), K):  # a loop, not unrolled: one copy of the sorts to compile
+            ok = (c0 + offs_k)[None, :] < count[:, None]
+            chunk = tl.load(row_buf + K + c0 + offs_k[None, :], mask=ok, other=0x7FFFFFFFFFFFFFFF)
+            chunk = tl.where((chunk & 0xFFFFFFFF) == rows[:, None], max_key, chunk)
+            best = tl.sort(tl.minimum(best, tl.sort(chunk, dim=1, descending=True)), dim=1)
         tl.store(row_buf + offs_k[None, :], best)
         tl.debug_barrier()  # every read of the slots is done before they are written again
         return best
@@ -113,7 +111,7 @@ if _HAVE_TRITON:
             close = tl.zeros((BLOCK_M,), tl.int32)
             for col0 in range(0, n_rows, BLOCK_N):
                 if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for a full tile of candidates: merge
-                    best = _merge_candidates(row_buf, rows, count, K, CAP, BLOCK_M)
+                    best = _merge_candidates(row_buf, rows, count, K, BLOCK_M)
                     worst = tl.max(best, axis=1)
                     cutoff = tl.where(
                         worst == 0x7FFFFFFFFFFFFFFF,
@@ -150,7 +148,7 @@ if _HAVE_TRITON:
                     keys = (s2.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
                     tl.store(row_buf + K + slot, keys, mask=keep != 0)
                     count += num_keep
-            best = _merge_candidates(row_buf, rows, count, K, CAP, BLOCK_M)
+            best = _merge_candidates(row_buf, rows, count, K, BLOCK_M)
             found = best != 0x7FFFFFFFFFFFFFFF
             index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
             s2_out = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
@@ -164,12 +162,10 @@ def _configs(k_pad: int, device_type: str) -> list[dict]:
     """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for K = k_pad list columns."""
     if device_type != "cuda":  # interpreter: one small tile shape
         return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}]
-    configs = [
+    configs = [  # three candidates: each costs a compile (seconds) on the first call of a (K, dtype)
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
-        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
     ]
     if k_pad > 128:  # the merge's (BLOCK_M, K) int64 sorts: keep them within the registers
         configs = [c for c in configs if c["BLOCK_M"] == 64]
