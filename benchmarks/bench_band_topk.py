@@ -21,8 +21,8 @@ import torch
 from benchmarks._harness import time_call, write_results
 from benchmarks.bench_order import clustered_embeddings
 from tfp_kernels import estimate_threshold
-from tfp_kernels.order.band_topk import band_topk_torch
 from tfp_kernels.order import band_topk_triton as btk
+from tfp_kernels.order.band_topk import band_topk_torch
 from tfp_kernels.order.band_topk_triton import band_topk_triton
 
 
