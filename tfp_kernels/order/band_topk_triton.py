@@ -9,7 +9,8 @@ and streams every column block of ``x`` (``BLOCK_N`` columns at a time) past the
    only);
 3. keeps the *candidates*: entries at or above ``lower`` (the band) and strictly below the row's
    ``cutoff``, the squared distance of its current K-th best entry (``+inf`` until K are known), and
-   appends them to the row's slots of a small scratch buffer (exclusive prefix sum for the slots).
+   appends their s2 and column to the row's slots of a small scratch (exclusive prefix sum for the
+   slots; 32-bit stores, so that no 64-bit tile is ever held in registers).
 
 Only when a row's scratch slots could overflow (and once at the end) are the candidates *merged* into
 the row's sorted K best: entries are packed into int64 keys ``(float32 bits << 32) | column`` so that one
@@ -26,8 +27,8 @@ improves about ``K ln(N / K)`` times over N columns, so after the first tiles al
 filtered out by two comparisons; the per-element work is a GEMM epilogue (a few comparisons, one
 prefix sum, predicated stores), not the sort of the previous version of this kernel (which merged whole
 tiles by sorting whenever any row of the program improved, 9-10% of the bf16 GEMM rate on an H200).
-Never materialises N x N; memory O(N K) plus a scratch of (programs x BLOCK_M x (K + CAP)) int64 keys
-(2 x 132 SMs x 128 x (64 + 512) x 8 B = 156 MB on an H100, whatever N).
+Never materialises N x N; memory O(N K) plus a scratch per program row of K int64 keys and CAP (s2, column)
+pairs (2 x 132 SMs x 128 x (64 x 8 + 512 x 8) B = 156 MB on an H100, whatever N).
 Semantics: :mod:`tfp_kernels.order.band_topk`.
 """
 
@@ -65,19 +66,21 @@ def _interpreted() -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _merge_candidates(row_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Merge the ``count`` candidate keys of each row (slots ``K ..``) into its sorted K best (slots
-        ``0 .. K``); returns the new best (BLOCK_M, K) and stores it back. Self entries are dropped here."""
-        max_key = tl.full((BLOCK_M, K), 0x7FFFFFFFFFFFFFFF, tl.int64)
+    def _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Merge the ``count`` candidates of each row (their s2 and column at ``cand_*_buf[row, :count]``) into
+        its sorted K best keys (``best_buf[row, :K]``); returns the new best (BLOCK_M, K) and stores it back.
+        Self entries are dropped here."""
         offs_k = tl.arange(0, K)
         tl.debug_barrier()  # candidates stored by other threads of the program are visible
-        best = tl.load(row_buf + offs_k[None, :])
+        best = tl.load(best_buf + offs_k[None, :])
         for c0 in range(0, tl.max(count, axis=0), K):  # a loop, not unrolled: one copy of the sorts to compile
             ok = (c0 + offs_k)[None, :] < count[:, None]
-            chunk = tl.load(row_buf + K + c0 + offs_k[None, :], mask=ok, other=0x7FFFFFFFFFFFFFFF)
-            chunk = tl.where((chunk & 0xFFFFFFFF) == rows[:, None], max_key, chunk)
+            s2 = tl.load(cand_s2_buf + c0 + offs_k[None, :], mask=ok, other=0.0)
+            col = tl.load(cand_col_buf + c0 + offs_k[None, :], mask=ok, other=0)
+            key = (s2.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
+            chunk = tl.where(ok & (col != rows[:, None]), key, 0x7FFFFFFFFFFFFFFF)
             best = tl.sort(tl.minimum(best, tl.sort(chunk, dim=1, descending=True)), dim=1)
-        tl.store(row_buf + offs_k[None, :], best)
+        tl.store(best_buf + offs_k[None, :], best)
         tl.debug_barrier()  # every read of the slots is done before they are written again
         return best
 
@@ -85,7 +88,7 @@ if _HAVE_TRITON:
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
         x_ptr, x_lo_ptr, stride_xn, stride_xd,
-        sq_norms_ptr, lower_ptr, upper_ptr, scratch_ptr,
+        sq_norms_ptr, lower_ptr, upper_ptr, best_ptr, cand_s2_ptr, cand_col_ptr,
         n_rows, dim,
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -96,7 +99,9 @@ if _HAVE_TRITON:
         offs_k = tl.arange(0, K)
         offs_d = tl.arange(0, BLOCK_D)
         local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's scratch rows
-        row_buf = scratch_ptr + local[:, None] * (K + CAP)
+        best_buf = best_ptr + local[:, None] * K
+        cand_s2_buf = cand_s2_ptr + local[:, None] * CAP
+        cand_col_buf = cand_col_ptr + local[:, None] * CAP
         for row0 in range(pid * BLOCK_M, n_rows, num_programs * BLOCK_M):
             rows = row0 + tl.arange(0, BLOCK_M)
             row_ok = rows < n_rows
@@ -105,13 +110,13 @@ if _HAVE_TRITON:
             lower = tl.load(lower_ptr + rows, mask=row_ok, other=float("inf"))  # padding rows keep nothing
             upper = tl.load(upper_ptr + rows, mask=row_ok, other=0.0)
             tl.debug_barrier()
-            tl.store(row_buf + offs_k[None, :], tl.full((BLOCK_M, K), 0x7FFFFFFFFFFFFFFF, tl.int64))
+            tl.store(best_buf + offs_k[None, :], tl.full((BLOCK_M, K), 0x7FFFFFFFFFFFFFFF, tl.int64))
             cutoff = tl.full((BLOCK_M,), float("inf"), tl.float32)
             count = tl.zeros((BLOCK_M,), tl.int32)
             close = tl.zeros((BLOCK_M,), tl.int32)
             for col0 in range(0, n_rows, BLOCK_N):
                 if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for a full tile of candidates: merge
-                    best = _merge_candidates(row_buf, rows, count, K, BLOCK_M)
+                    best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
                     worst = tl.max(best, axis=1)
                     cutoff = tl.where(
                         worst == 0x7FFFFFFFFFFFFFFF,
@@ -143,12 +148,12 @@ if _HAVE_TRITON:
                     close -= tl.sum((below & (cols[None, :] == rows[:, None])).to(tl.int32), axis=1)
                 keep = ((s2 >= lower[:, None]) & (s2 < cutoff[:, None])).to(tl.int32)
                 num_keep = tl.sum(keep, axis=1)
-                if tl.max(num_keep, axis=0) > 0:
+                if tl.max(num_keep, axis=0) > 0:  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
                     slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
-                    keys = (s2.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
-                    tl.store(row_buf + K + slot, keys, mask=keep != 0)
+                    tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
+                    tl.store(cand_col_buf + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=keep != 0)
                     count += num_keep
-            best = _merge_candidates(row_buf, rows, count, K, BLOCK_M)
+            best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
             found = best != 0x7FFFFFFFFFFFFFFF
             index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
             s2_out = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
@@ -194,10 +199,12 @@ def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
     index = torch.empty(n, k_pad, dtype=torch.int32, device=x.device)
     s2 = torch.empty(n, k_pad, dtype=torch.float32, device=x.device)
     close = torch.empty(n, dtype=torch.int32, device=x.device)
-    scratch = torch.empty(grid * block_m, k_pad + cap, dtype=torch.int64, device=x.device)
+    best = torch.empty(grid * block_m, k_pad, dtype=torch.int64, device=x.device)
+    cand_s2 = torch.empty(grid * block_m, cap, dtype=torch.float32, device=x.device)
+    cand_col = torch.empty(grid * block_m, cap, dtype=torch.int32, device=x.device)
     _band_topk_kernel[(grid,)](
         index, s2, close, x, x if x_lo is None else x_lo, x.stride(0), x.stride(1), sq_norms, lower, upper,
-        scratch, n, dim, K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, **config,
+        best, cand_s2, cand_col, n, dim, K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, **config,
     )
     return index, s2, close
 
