@@ -131,6 +131,8 @@ def test_progress_bar_run_matches(capsys):
     emb = clustered(2500, 16, clusters=20, seed=12)
     t = estimate_threshold(emb)
     assert torch.equal(tfp_order(emb, threshold=t, progress=True), tfp_order(emb, threshold=t))
+    err = capsys.readouterr().err
+    assert "tfp band lists" in err and "tfp walk" in err  # both long phases show a bar
 
 
 def test_tiny_inputs():

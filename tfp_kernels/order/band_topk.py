@@ -193,6 +193,8 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
         rows = torch.arange(r0, min(n, r0 + block), device=x.device)
         s2 = torch.cdist(x64[rows], x64, compute_mode="donot_use_mm_for_euclid_dist").square_()
         parts.append(_finish_block(s2, rows, lower[rows].double(), upper[rows].double(), k))
+    if bar is not None:
+        bar.close()
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
 
@@ -200,6 +202,7 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
 def band_topk_torch(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
     *, block_elements: int = 1 << 24, use_extension: bool = True, input_dtype: torch.dtype | None = None,
+    progress: str | None = None,
 ) -> BandLists:
     """Band top-k through blockwise float32 matrix products (``|a|^2 + |b|^2 - 2 a.b``) and ``torch.topk``.
 
@@ -215,6 +218,7 @@ def band_topk_torch(
             the Triton kernel's tensor-core products are, or of a split (``"bfloat16x3"``: three float32
             products of :func:`split_rows`' parts); None or float32: the float32 rows. For tests and for
             measuring how a precision changes the walk: on the CPU only float32 is worth its cost.
+        progress: None (default: quiet), or the label of a progress bar (tqdm) over the rows.
 
     Returns:
         :class:`BandLists` on the device of ``x``; error per entry within
@@ -235,9 +239,16 @@ def band_topk_torch(
         from .._ext import has_extension
 
         select_op = torch.ops.tfp_kernels.band_select if has_extension() else None
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=progress, unit="row")
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
+            if bar is not None:
+                bar.update(r1 - r0)
             if split is None:
                 dot = x[r0:r1] @ x.T
             else:  # hi.hi' + hi.lo' + lo.hi', the three tensor-core products
@@ -249,5 +260,7 @@ def band_topk_torch(
             else:
                 s2 = dot.mul_(-2.0).add_(sq_norms[None, :]).add_(sq_norms[r0:r1, None]).clamp_(min=0)
                 parts.append(_finish_block(s2, torch.arange(r0, r1, device=x.device), lower[r0:r1], upper[r0:r1], k))
+    if bar is not None:
+        bar.close()
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)

@@ -110,15 +110,17 @@ def band_lists(
     k: int,
     backend: str,
     input_dtype=torch.float32,
+    progress: str | None = None,
 ) -> tuple[BandLists, str]:
     """Dispatch the band top-k to the Triton kernel (CUDA) or the blockwise torch version; the products are
-    those of ``input_dtype`` (error bound: ``squared_distance_error_coef(D, input_dtype)``)."""
+    those of ``input_dtype`` (error bound: ``squared_distance_error_coef(D, input_dtype)``). ``progress``: the
+    label of a progress bar over the row blocks of the torch version (the Triton kernel is one launch)."""
     backend = resolve_band_backend(backend, x32.device)
     if backend == "triton":
         from .band_topk_triton import band_topk_triton
 
         return band_topk_triton(x32, sq_norms, lower, upper, k, input_dtype=input_dtype), "triton"
-    return band_topk_torch(x32, sq_norms, lower, upper, k, input_dtype=input_dtype), "torch"
+    return band_topk_torch(x32, sq_norms, lower, upper, k, input_dtype=input_dtype, progress=progress), "torch"
 
 
 #: Precisions of the band lists' products (``band_dtype``): see :func:`resolve_band_dtype`.
@@ -233,7 +235,8 @@ def fast_tfp_order(
         global list-row ids, as host tensors."""
         if rows is None:
             out, info.band_backend = band_lists(
-                list_x32, list_sq, list_lower, list_upper, k, band_backend, band_dtype
+                list_x32, list_sq, list_lower, list_upper, k, band_backend, band_dtype,
+                "tfp band lists" if progress else None,
             )
             index = out.index
         else:
@@ -245,6 +248,7 @@ def fast_tfp_order(
                 min(k, max(rows.numel() - 1, 1)),
                 info.band_backend,
                 band_dtype,
+                "tfp band lists (rebuild)" if progress else None,
             )
             index = torch.where(out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
             if index.shape[1] < k:  # fewer rows than K: pad the lists
