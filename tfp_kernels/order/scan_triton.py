@@ -23,6 +23,7 @@ import torch
 
 from .band_topk import _ieee_fp32_matmul, band_bounds
 from .band_topk_triton import _HAVE_TRITON
+from .distance import pair_distances
 
 if _HAVE_TRITON:
     import triton
@@ -163,8 +164,6 @@ def masked_scan_torch(
 
 def _exact_metric(x64: torch.Tensor, rows: torch.Tensor, node: int, metric: str) -> torch.Tensor:
     # the reference's float64 values: the cdist kernel of distance.distances_from, one pair per batch
-    from .distance import pair_distances
-
     return pair_distances(x64, rows, torch.full_like(rows, node), metric)
 
 
@@ -203,27 +202,25 @@ def triton_exact_pick(
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
     s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper)
-    last_slack = float(slack[last])
-    sure = status == 2
-    maybe = status >= 1
-    best_sure = torch.where(sure, s2_last, torch.inf).min()
-    best_any = s2_last.min()
-    best_sure, best_any = (float(v) for v in torch.stack([best_sure, best_any]).tolist())
-    if best_sure < float("inf"):
-        # the answer is valid and exactly no farther than the best surely valid row
-        candidates = maybe & (s2_last <= best_sure + 2.0 * last_slack)
-    else:
-        candidates = maybe  # undecided rows only (often none)
-    cand = unvisited[candidates]
+    # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
+    # they, not the arithmetic, set the cost of a scan)
+    two_slack = 2.0 * q_slack[0]
+    best_sure = torch.where(status == 2, s2_last, torch.inf).min()
+    # the answer is valid and exactly no farther than the best surely valid row (all undecided rows when no
+    # row is surely valid)
+    limit = torch.where(torch.isfinite(best_sure), best_sure + two_slack, torch.inf)
+    cand = unvisited[(status >= 1) & (s2_last <= limit)]
     if cand.numel():
-        d_last = _exact_metric(x64, cand, last, metric)
-        valid = d_last >= threshold
-        for p in window_nodes:
-            valid &= _exact_metric(x64, cand, p, metric) >= threshold
-        if bool(valid.any()):
-            # first valid in the order (distance, index): cand is ascending, argmin takes the first minimum
-            return int(cand[torch.where(valid, d_last, torch.inf).argmin()])
+        w = queries.numel()
+        # exact distances of every candidate to last and the window nodes, in one batch of pairs
+        d = pair_distances(x64, cand.repeat_interleave(w), queries.repeat(cand.numel()), metric).view(-1, w)
+        valid = (d >= threshold).all(dim=1)
+        # first valid in the order (distance, index): cand is ascending, argmin takes the first minimum
+        node = cand[torch.where(valid, d[:, 0], torch.inf).argmin()]
+        found, node = torch.stack([valid.any().long(), node]).tolist()
+        if found:
+            return int(node)
     # no valid node anywhere: c_0, the nearest unvisited node (ties by index)
-    cand = unvisited[s2_last <= best_any + 2.0 * last_slack]
+    cand = unvisited[s2_last <= s2_last.min() + two_slack]
     d_last = _exact_metric(x64, cand, last, metric)
     return int(cand[d_last.argmin()])
