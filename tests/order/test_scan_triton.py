@@ -74,6 +74,12 @@ def test_pick_equals_exact_pick(scan, metric, window, quantile):
             x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan
         )
         assert got == expected, (trial, got, expected)
+        # a stale list (every node) with the visited mask: the same pick
+        stale = triton_exact_pick(
+            x64, x32, sq, slack, torch.arange(n), last, window_nodes, threshold=t, metric=metric, scan=scan,
+            visited=~mask,
+        )
+        assert stale == expected, (trial, stale, expected)
 
 
 @pytest.mark.parametrize("scan", SCANS)
@@ -91,6 +97,13 @@ def test_pick_with_no_valid_node_takes_the_nearest(scan):
     assert got == 1  # all three are 0.707 from node 4 (< 0.9): none valid, c_0 ties -> lowest index
     got = triton_exact_pick(x64, x32, sq, slack, unvisited, 0, [], threshold=1.2, metric="l2", scan=scan)
     assert got == 3  # only node 3 (1.414 away) is valid, although 1 and 2 are nearer
+    # the same with a stale list: node 4 listed but visited, never read nor picked
+    visited = torch.tensor([True, False, False, False, True])
+    rows = torch.arange(5)
+    assert triton_exact_pick(x64, x32, sq, slack, rows, 0, [], threshold=10.0, metric="l2", scan=scan,
+                             visited=visited) == 1
+    assert triton_exact_pick(x64, x32, sq, slack, rows, 0, [], threshold=0.6, metric="l2", scan=scan,
+                             visited=visited) == 1  # node 4 (0.707 away) would be the nearest valid one
 
 
 def test_window_limit():

@@ -326,10 +326,12 @@ def fast_tfp_order(
             bar = None
     info.time_setup_s += time.perf_counter() - t0
 
+    scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
+
     def pick(step: int) -> int:
         """The exact scan at ``step`` (on the device, or the first one of the host mode: then -1 after
         handing the projections to the C++ walk, which scans from there on)."""
-        nonlocal y64, projections, visited_dev, synced
+        nonlocal y64, projections, visited_dev, synced, scan_rows, scan_rows_at
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
             if fallback == "host":  # from now on the C++ walk runs the scans itself
@@ -340,17 +342,21 @@ def fast_tfp_order(
         else:
             visited_dev = visited
         synced = step
-        unvisited = torch.nonzero(~visited_dev).flatten()
         last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
-        if fused_scan and (max_rejections is None or unvisited.numel() <= max_rejections):
+        if fused_scan and (max_rejections is None or n - step <= max_rejections):
+            # one list of the unvisited nodes serves several fused scans (they skip the nodes visited since):
+            # rebuilt once half of it is stale, not at every scan (a pass over N and a host sync each)
+            if scan_rows is None or 2 * (step - scan_rows_at) > scan_rows.numel():
+                scan_rows, scan_rows_at = torch.nonzero(~visited_dev).flatten(), step
             node = triton_exact_pick(
-                x64, x32, sq_norms, slack, unvisited, last, window_nodes, threshold=threshold, metric=metric
+                x64, x32, sq_norms, slack, scan_rows, last, window_nodes, threshold=threshold, metric=metric,
+                visited=visited_dev,
             )
         else:
             node = exact_pick(
                 x64,
                 y64,
-                unvisited,
+                torch.nonzero(~visited_dev).flatten(),
                 last,
                 window_nodes,
                 threshold=threshold,

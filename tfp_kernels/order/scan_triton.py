@@ -39,6 +39,7 @@ if _HAVE_TRITON:
         sq_norms_ptr,
         rows_ptr,
         n_rows,
+        visited_ptr,
         query_ptr,
         lower_ptr,
         upper_ptr,
@@ -47,11 +48,15 @@ if _HAVE_TRITON:
         BLOCK_U: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        HAS_VISITED: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
-        row_ok = offs < n_rows
-        rows = tl.load(rows_ptr + offs, mask=row_ok, other=0).to(tl.int64)
+        in_range = offs < n_rows
+        rows = tl.load(rows_ptr + offs, mask=in_range, other=0).to(tl.int64)
+        row_ok = in_range
+        if HAS_VISITED:  # listed rows visited since the list was made: never read, never picked
+            row_ok = in_range & (tl.load(visited_ptr + rows, mask=in_range, other=1) == 0)
         w = tl.arange(0, BLOCK_W)
         w_ok = w < n_query
         queries = tl.load(query_ptr + w, mask=w_ok, other=0).to(tl.int64)
@@ -77,10 +82,10 @@ if _HAVE_TRITON:
         upper = tl.load(upper_ptr + w, mask=w_ok, other=0.0)
         below = tl.sum((w_ok[None, :] & (s2 < lower[None, :])).to(tl.int32), axis=1)
         unsure = tl.sum((w_ok[None, :] & (s2 < upper[None, :])).to(tl.int32), axis=1)
-        status = tl.where(below > 0, 0, tl.where(unsure > 0, 1, 2)).to(tl.int8)
-        s2_last = tl.sum(tl.where(w[None, :] == 0, s2, 0.0), axis=1)
-        tl.store(out_s2_ptr + offs, s2_last, mask=row_ok)
-        tl.store(out_status_ptr + offs, status, mask=row_ok)
+        status = tl.where(row_ok & (below == 0), tl.where(unsure > 0, 1, 2), 0).to(tl.int8)
+        s2_last = tl.where(row_ok, tl.sum(tl.where(w[None, :] == 0, s2, 0.0), axis=1), float("inf"))
+        tl.store(out_s2_ptr + offs, s2_last, mask=in_range)
+        tl.store(out_status_ptr + offs, status, mask=in_range)
 
 
 #: Largest window the kernel takes (query rows padded to a power of two >= 16 for ``tl.dot``).
@@ -94,6 +99,7 @@ def masked_scan_triton(
     queries: torch.Tensor,
     lower: torch.Tensor,
     upper: torch.Tensor,
+    visited: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared float32 distances of ``rows`` to ``queries[0]`` and their status against all queries.
 
@@ -103,6 +109,8 @@ def masked_scan_triton(
         rows: (U,) int64 node indices to scan (the unvisited nodes), U >= 1.
         queries: (W,) int64 node indices, ``last`` first; 1 <= W <= :data:`MAX_SCAN_WINDOW`.
         lower, upper: (W,) float32 squared-domain bounds ``t^2 -/+ slack`` of each query.
+        visited: None, or (N,) bool: listed rows marked visited are skipped (status 0, ``s2_last`` +inf), so
+            that a list of unvisited nodes can serve several scans.
 
     Returns:
         ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
@@ -130,6 +138,7 @@ def masked_scan_triton(
         sq_norms,
         rows.contiguous(),
         n_rows,
+        rows if visited is None else visited.contiguous().view(torch.uint8),
         queries.contiguous(),
         lower.float().contiguous(),
         upper.float().contiguous(),
@@ -138,6 +147,7 @@ def masked_scan_triton(
         BLOCK_U=block_u,
         BLOCK_W=block_w,
         BLOCK_D=block_d,
+        HAS_VISITED=visited is not None,
     )
     return out_s2, out_status
 
@@ -149,6 +159,7 @@ def masked_scan_torch(
     queries: torch.Tensor,
     lower: torch.Tensor,
     upper: torch.Tensor,
+    visited: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
     may sum in another order, so values near a bound can get another status — both are within the bound)."""
@@ -159,7 +170,12 @@ def masked_scan_torch(
     below = (s2 < lower.float()[None, :]).any(dim=1)
     unsure = (s2 < upper.float()[None, :]).any(dim=1)
     status = torch.where(below, 0, torch.where(unsure, 1, 2)).to(torch.int8)
-    return s2[:, 0].contiguous(), status
+    s2_last = s2[:, 0].contiguous()
+    if visited is not None:
+        skip = visited.index_select(0, rows)
+        status.masked_fill_(skip, 0)
+        s2_last.masked_fill_(skip, torch.inf)
+    return s2_last, status
 
 
 def _exact_metric(x64: torch.Tensor, rows: torch.Tensor, node: int, metric: str) -> torch.Tensor:
@@ -179,16 +195,19 @@ def triton_exact_pick(
     threshold: float,
     metric: str,
     scan=masked_scan_triton,
+    visited: torch.Tensor | None = None,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
     Args:
         x64: (N, D) float64 prepared rows; x32: the same in float32; sq_norms: (N,) float32 ``|x32_i|^2``.
         slack: (N,) float64, ``slack[i]`` bounds ``|s2_fp32 - s2_exact|`` for every pair (i, j).
-        unvisited: (U,) int64 unvisited nodes in ascending order, U >= 1, same device.
+        unvisited: (U,) int64 nodes in ascending order, same device: the unvisited nodes, or a superset of
+            them when ``visited`` (N,) bool is given (listed nodes marked there are skipped).
         last, window_nodes: the newest path node and the other window nodes (older first or any order).
         threshold, metric: the TFP rule.
         scan: the scan implementation (:func:`masked_scan_triton` or :func:`masked_scan_torch`).
+        visited: see ``unvisited``.
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -201,7 +220,7 @@ def triton_exact_pick(
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
-    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper)
+    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited)
     # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
     # they, not the arithmetic, set the cost of a scan)
     two_slack = 2.0 * q_slack[0]
