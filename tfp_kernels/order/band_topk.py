@@ -193,8 +193,6 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
         rows = torch.arange(r0, min(n, r0 + block), device=x.device)
         s2 = torch.cdist(x64[rows], x64, compute_mode="donot_use_mm_for_euclid_dist").square_()
         parts.append(_finish_block(s2, rows, lower[rows].double(), upper[rows].double(), k))
-    if bar is not None:
-        bar.close()
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
 
