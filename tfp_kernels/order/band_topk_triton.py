@@ -210,14 +210,16 @@ def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
 
 
 def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) -> dict:
-    """The fastest of :func:`_configs` for this (device, dim, K, dtype), timed on the first ``_TUNE_ROWS``
-    rows of the first call (timing whole million-row calls per candidate would cost minutes)."""
+    """The fastest of :func:`_configs` for this (device, dim, K, dtype, size class), timed on the first
+    ``min(N, _TUNE_ROWS)`` rows of the first call of the class (size classes: powers of two of that count;
+    timing whole million-row calls per candidate would cost minutes)."""
     configs = _configs(k_pad, x.device.type)
     if len(configs) == 1:
         return configs[0]
-    key = (torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None)
+    m = min(x.shape[0], _TUNE_ROWS)
+    # by size class too: a setting timed on a 700-row warm-up call must not be the one of a 10^6-row call
+    key = (torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None, triton.next_power_of_2(m))
     if key not in _TUNED:
-        m = min(x.shape[0], _TUNE_ROWS)
         args = (x[:m], None if x_lo is None else x_lo[:m], sq_norms[:m], lower[:m], upper[:m], k_pad, precision,
                 num_sms)
         timings = []
