@@ -218,7 +218,9 @@ def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) ->
         return configs[0]
     m = min(x.shape[0], _TUNE_ROWS)
     # by size class too: a setting timed on a 700-row warm-up call must not be the one of a 10^6-row call
-    key = (torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None, triton.next_power_of_2(m))
+    key = (
+        torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None, triton.next_power_of_2(m)
+    )
     if key not in _TUNED:
         args = (x[:m], None if x_lo is None else x_lo[:m], sq_norms[:m], lower[:m], upper[:m], k_pad, precision,
                 num_sms)
