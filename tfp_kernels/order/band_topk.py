@@ -257,7 +257,8 @@ def band_topk_torch(
                                        sq_norms[r0:r1].float(), sq_norms.float()))
             else:
                 s2 = dot.mul_(-2.0).add_(sq_norms[None, :]).add_(sq_norms[r0:r1, None]).clamp_(min=0)
-                parts.append(_finish_block(s2, torch.arange(r0, r1, device=x.device), lower[r0:r1], upper[r0:r1], k))
+                rows = torch.arange(r0, r1, device=x.device)
+                parts.append(_finish_block(s2, rows, lower[r0:r1], upper[r0:r1], k))
     if bar is not None:
         bar.close()
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))

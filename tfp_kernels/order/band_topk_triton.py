@@ -66,7 +66,9 @@ def _interpreted() -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _merge_candidates(
+        best_buf, cand_s2_buf, cand_col_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr
+    ):
         """Merge the ``count`` candidates of each row (their s2 and column at ``cand_*_buf[row, :count]``) into
         its sorted K best keys (``best_buf[row, :K]``); returns the new best (BLOCK_M, K) and stores it back.
         Self entries are dropped here."""
@@ -151,7 +153,8 @@ if _HAVE_TRITON:
                 if tl.max(num_keep, axis=0) > 0:  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
                     slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
                     tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
-                    tl.store(cand_col_buf + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=keep != 0)
+                    col_tile = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N))
+                    tl.store(cand_col_buf + slot, col_tile, mask=keep != 0)
                     count += num_keep
             best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
             found = best != 0x7FFFFFFFFFFFFFFF
@@ -194,7 +197,8 @@ def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
     cap = config.pop("CAP", None) or triton.cdiv(max(4 * config["BLOCK_N"], k_pad), k_pad) * k_pad
     if cap % k_pad or cap < config["BLOCK_N"]:
         raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least BLOCK_N, got {cap}")
-    grid = config.pop("programs", None) or (min(triton.cdiv(n, block_m), 2 * num_sms) if num_sms else triton.cdiv(n, block_m))
+    row_blocks = triton.cdiv(n, block_m)
+    grid = config.pop("programs", None) or (min(row_blocks, 2 * num_sms) if num_sms else row_blocks)
     grid = max(1, grid)
     index = torch.empty(n, k_pad, dtype=torch.int32, device=x.device)
     s2 = torch.empty(n, k_pad, dtype=torch.float32, device=x.device)
@@ -204,7 +208,8 @@ def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
     cand_col = torch.empty(grid * block_m, cap, dtype=torch.int32, device=x.device)
     _band_topk_kernel[(grid,)](
         index, s2, close, x, x if x_lo is None else x_lo, x.stride(0), x.stride(1), sq_norms, lower, upper,
-        best, cand_s2, cand_col, n, dim, K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, **config,
+        best, cand_s2, cand_col, n, dim,
+        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, **config,
     )
     return index, s2, close
 
@@ -219,7 +224,8 @@ def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) ->
     m = min(x.shape[0], _TUNE_ROWS)
     # by size class too: a setting timed on a 700-row warm-up call must not be the one of a 10^6-row call
     key = (
-        torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None, triton.next_power_of_2(m)
+        torch.cuda.get_device_name(x.device), x.shape[1], k_pad, x.dtype, x_lo is not None,
+        triton.next_power_of_2(m),
     )
     if key not in _TUNED:
         args = (x[:m], None if x_lo is None else x_lo[:m], sq_norms[:m], lower[:m], upper[:m], k_pad, precision,
@@ -277,7 +283,9 @@ def band_topk_triton(
     elif input_dtype in (torch.float32, torch.bfloat16, torch.float16):
         xin, x_lo = x.to(input_dtype).contiguous(), None
     else:
-        raise ValueError(f"input_dtype must be float32, bfloat16, float16, 'bfloat16x3' or 'float16x3', got {input_dtype!r}")
+        raise ValueError(
+            f"input_dtype must be float32, bfloat16, float16, 'bfloat16x3' or 'float16x3', got {input_dtype!r}"
+        )
     sq_norms, lower, upper = (t.float().contiguous() for t in (sq_norms, lower, upper))
     k_pad = max(16, triton.next_power_of_2(k))
     precision = "ieee" if input_dtype == torch.float32 else "tf32"  # (tf32 is moot for 16-bit inputs)
