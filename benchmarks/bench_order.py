@@ -126,6 +126,8 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=64, help="band list length of tfp_order")
     p.add_argument("--fallback", default="auto", choices=["auto", "host", "device", "triton"],
                    help="where tfp_order runs its exact fallback scans (tfp_order(fallback=...))")
+    p.add_argument("--check-steps", type=int, default=2000,
+                   help="above N = 20,000 the path is checked on this many sampled steps (each an O(N D) float64 pass)")
     p.add_argument("--cap", default=str(PAPER_CAP),
                    help="max_rejections of every implementation: an integer, or 'none' (tfp_order's default)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
@@ -136,7 +138,8 @@ def main(argv=None) -> None:
     rows = []
     for n in args.sizes:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
-                         reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap)
+                         reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap,
+                         check_steps=args.check_steps)
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]
