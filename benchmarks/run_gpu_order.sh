@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3's GPU checks in short calls (a lent machine gives ~15 minutes of device time per session, start-up
 # included, and at most 10 minutes per call): build offline, the GPU tests of the ordering, the band top-k
-# kernel against torch's bf16 GEMM, and tfp_order on N = 1,000,000 (no cap, fused Triton scans) with its path
-# checked on sampled steps. Results go to $OUT and benchmarks/results/.
+# kernel against torch's bf16 GEMM, naive vs tfp_order at N = 4096 (the 100x target; the paper's cap), and
+# tfp_order on N = 1,000,000 (no cap, fused Triton scans) with its path checked on sampled steps. Results go to $OUT and benchmarks/results/.
 #   usage: bash benchmarks/run_gpu_order.sh [all|tests|bench] [N for the large run, default 1000000]
 #   "tests" (~5 min with the build) and "bench" (~5 min) fit one call each; "all" runs both (~9 min).
 set -uo pipefail
@@ -23,6 +23,8 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   timeout 100 python3 -m benchmarks.bench_band_topk --sizes 16384 65536 2>&1 | tee "$OUT/band_topk.log" | tail -4
   echo "band top-k: $((SECONDS - start)) s"
+  timeout 90 python3 -m benchmarks.bench_order --device cuda --sizes 4096 2>&1 | tee "$OUT/order_4096.log" | tail -3
+  echo "naive vs tfp_order at 4096: $((SECONDS - start)) s"
   timeout 200 python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton --naive-max-n 0 \
       --reference-max-n 0 --check-steps 500 --sizes "$N" 2>&1 | tee "$OUT/order_large.log" | tail -4
   echo "total: $((SECONDS - start)) s"
