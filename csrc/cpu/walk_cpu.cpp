@@ -37,6 +37,13 @@ struct ExactDistance {
   int64_t dim;
   bool cosine;
 
+  // Ask the caches for row a (one prefetch per 64-byte line).
+  void prefetch(int64_t a) const {
+    const char* row = reinterpret_cast<const char*>(x + a * dim);
+    const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 1);
+  }
+
   // Squared L2 distance of the prepared rows (unit rows for cosine), in double. Eight independent
   // partial sums let the compiler vectorise the loop and hide the add latency.
   double s2(int64_t a, int64_t b) const {
@@ -270,6 +277,14 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       if (best >= 0 && static_cast<double>(list_s2[j]) - slack[last] > best_s2) break;
       const int64_t c = groups.resolve(entry, seen);
       if (c < 0) continue;
+      // start fetching the row of the next unvisited entry while this one is computed (rows are KBs
+      // in DRAM at random places: the walk is bound by their latency, not by the arithmetic)
+      for (int64_t j2 = j + 1; j2 < k && list[j2] >= 0; ++j2) {
+        const int64_t c2 = groups.resolve(list[j2], seen);
+        if (c2 < 0) continue;
+        dist.prefetch(c2);
+        break;
+      }
       const double c_s2 = dist.s2(last, c);
       const double c_d = dist.metric(c_s2);
       if (c_d < threshold) continue;  // too close to last
