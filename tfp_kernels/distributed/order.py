@@ -61,7 +61,7 @@ from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_e
 from ..order.distance import pair_distances, prepare
 from ..order.fast import squared_threshold
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.schedule import MIN_REBUILD_NODES, RebuildSchedule, cap_may_fire
+from ..order.schedule import MIN_REBUILD_NODES, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
@@ -960,7 +960,7 @@ def _walk_root(
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
     projections = torch.empty(0, dtype=torch.float64)  # no projections: the op returns at every scan
-    counter = torch.zeros(1, dtype=torch.long)
+    counter = torch.zeros(2, dtype=torch.long)  # (stays 0: the op never scans here)
     cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
 
@@ -983,13 +983,10 @@ def _walk_root(
         bar = tqdm(total=n, initial=1, desc="tfp walk (sharded)", unit="node", disable=None)
         if bar.disable:
             bar = None
-    schedule = RebuildSchedule(n, enabled=rebuild == "auto", min_nodes=MIN_REBUILD_NODES)
     have_basis = False
-    step = 1
-    while step < n:
-        t0 = time.perf_counter()
-        stop = min(step + schedule.chunk, n)
-        new_step = int(
+
+    def walk(step: int, stop: int) -> int:
+        return int(
             torch.ops.tfp_kernels.tfp_walk(
                 emb_host,
                 norms_host,
@@ -1010,45 +1007,34 @@ def _walk_root(
                 metric == "cosine",
             )
         )
-        stats["time_walk_s"] += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(new_step - step)
-        scans = 0
-        step = new_step
-        if step < n and step < stop:  # the list of `last` cannot decide: a sharded exact scan
-            t0 = time.perf_counter()
-            cap_scan = max_rejections is not None and cap_may_fire(
-                max_rejections, n - step, int(num_close[path[step - 1]]), k
-            )
-            if not have_basis:
-                command(_BASIS, step)
-                _projection(comm, sh, emb_host, n, dim)
-                have_basis = True
-            win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
-            command(_SCAN, step, win_rows)
-            node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
-            path[step] = node
-            visited[node] = True
-            step += 1
-            scans = 0 if cap_scan else 1  # (a scan the cap forces is no sign of stale lists)
-            stats["num_fallbacks"] += 1
-            if bar is not None:
-                bar.update(1)
-            stats["time_fallback_s"] += time.perf_counter() - t0
-        schedule.record(scans, n - step)
-        if step < n and schedule.due(n - step):
-            t0 = time.perf_counter()
-            command(_REBUILD, step)
-            gathered, _ = _rebuild(comm, sh, k, block_elements)
-            rows_host = torch.nonzero(~visited).flatten()
-            for table, part in zip(
-                (band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)
-            ):
-                table[rows_host] = part
-            stats["num_rebuilds"] += 1
-            seconds = time.perf_counter() - t0
-            stats["time_band_s"] += seconds
-            schedule.rebuilt()
+
+    def pick(step: int) -> int:  # a sharded exact scan
+        nonlocal have_basis
+        if not have_basis:
+            command(_BASIS, step)
+            _projection(comm, sh, emb_host, n, dim)
+            have_basis = True
+        win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
+        command(_SCAN, step, win_rows)
+        return _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+
+    def rebuild_lists(step: int) -> None:
+        command(_REBUILD, step)
+        gathered, _ = _rebuild(comm, sh, k, block_elements)
+        rows_host = torch.nonzero(~visited).flatten()
+        for table, part in zip((band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)):
+            table[rows_host] = part
+
+    tally = run_walk(
+        n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
+        counter=counter, num_close=num_close, k=k, max_rejections=max_rejections, bar=bar,
+        min_rebuild_nodes=MIN_REBUILD_NODES,
+    )
+    stats["time_walk_s"] += tally.walk_s
+    stats["time_fallback_s"] += tally.fallback_s
+    stats["time_band_s"] += tally.band_s
+    stats["num_fallbacks"] += tally.scans
+    stats["num_rebuilds"] += tally.rebuilds
     if bar is not None:
         bar.close()
     command(_DONE, n)

@@ -28,7 +28,7 @@ from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance
 from .distance import prepare
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
-from .schedule import MIN_REBUILD_NODES, RebuildSchedule, cap_may_fire
+from .schedule import MIN_REBUILD_NODES, run_walk
 
 
 @dataclass
@@ -367,13 +367,9 @@ def fast_tfp_order(
 
     if rebuild not in ("auto", None):
         raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
-    schedule = RebuildSchedule(n, enabled=rebuild == "auto", min_nodes=MIN_REBUILD_NODES)
-    step = 1
-    while step < n:
-        t0 = time.perf_counter()
-        scans_before, cap_scans_before = counter.tolist()
-        stop = min(step + schedule.chunk, n)
-        new_step = int(
+
+    def walk(step: int, stop: int) -> int:
+        return int(
             torch.ops.tfp_kernels.tfp_walk(
                 emb_host,
                 norms_host,
@@ -395,40 +391,27 @@ def fast_tfp_order(
                 *group_args,
             )
         )
-        info.time_walk_s += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(new_step - step)
-        scans, cap_scans = (int(c) - b for c, b in zip(counter.tolist(), (scans_before, cap_scans_before)))
-        step = new_step
-        if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
-            t0 = time.perf_counter()
-            if max_rejections is not None:  # (never with duplicate groups: list rows are nodes here)
-                cap_scans += cap_may_fire(max_rejections, n - step, int(num_close[path[step - 1]]), k)
-            node = pick(step)
-            if node >= 0:
-                path[step] = node
-                visited[node] = True
-                step += 1
-                scans += 1
-                info.num_fallbacks += 1
-                if bar is not None:
-                    bar.update(1)
-            info.time_fallback_s += time.perf_counter() - t0
-        schedule.record(scans - cap_scans, n - step)
-        if step < n and schedule.due(n - step):
-            t0 = time.perf_counter()
-            if groups is not None:  # the groups with an unvisited member
-                alive = torch.zeros(num_lists, dtype=torch.bool)
-                alive[groups.group_of[~visited].long()] = True
-                rows_host = torch.nonzero(alive).flatten()
-            else:
-                rows_host = torch.nonzero(~visited).flatten()
-            for table, part in zip((band_index, band_s2, limit2, num_close), build(rows_host.to(device))):
-                table[rows_host] = part
-            info.num_rebuilds += 1
-            seconds = time.perf_counter() - t0
-            info.time_band_s += seconds
-            schedule.rebuilt()
+
+    def rebuild_lists(step: int) -> None:
+        if groups is not None:  # the groups with an unvisited member
+            alive = torch.zeros(num_lists, dtype=torch.bool)
+            alive[groups.group_of[~visited].long()] = True
+            rows_host = torch.nonzero(alive).flatten()
+        else:
+            rows_host = torch.nonzero(~visited).flatten()
+        for table, part in zip((band_index, band_s2, limit2, num_close), build(rows_host.to(device))):
+            table[rows_host] = part
+
+    tally = run_walk(
+        n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
+        counter=counter, num_close=num_close, k=k, max_rejections=max_rejections, bar=bar,
+        min_rebuild_nodes=MIN_REBUILD_NODES,
+    )
+    info.time_walk_s += tally.walk_s
+    info.time_fallback_s += tally.fallback_s
+    info.time_band_s += tally.band_s
+    info.num_fallbacks += tally.scans
+    info.num_rebuilds += tally.rebuilds
     if bar is not None:
         bar.close()
     info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)

@@ -1,4 +1,5 @@
-"""When the walk recomputes the band lists of the unvisited nodes: a ski-rental rule in units of work.
+"""The walk's driver loop (:func:`run_walk`) and when it recomputes the band lists of the unvisited nodes: a
+ski-rental rule in units of work.
 
 As the walk goes on, the entries of the band lists get visited, and more and more steps find nothing
 certain in the list of ``last``: each such step costs an exact scan of the r unvisited nodes (O(r D),
@@ -25,6 +26,12 @@ check points (N = 30,000 clustered, D = 768: 506 of its 951 scans came in the 50
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
 MIN_REBUILD_NODES = 1024
@@ -75,3 +82,83 @@ def cap_may_fire(max_rejections: int | None, remaining: int, num_close: int, k: 
     """Whether the rejection cap could fire at a step: more unvisited nodes than the cap, and the list row's
     count of nodes closer than ``t`` plus its K entries reaches it (the C++ walk's test; it scans then)."""
     return max_rejections is not None and remaining > max_rejections and num_close + k >= max_rejections
+
+
+@dataclass
+class WalkTally:
+    """What :func:`run_walk` spent: seconds in the C++ walk calls, in the caller's scans and in rebuilds;
+    the caller's scans (not those the C++ walk ran itself) and the rebuilds."""
+
+    walk_s: float = 0.0
+    fallback_s: float = 0.0
+    band_s: float = 0.0
+    scans: int = 0
+    rebuilds: int = 0
+
+
+def run_walk(
+    n: int,
+    *,
+    walk: Callable[[int, int], int],
+    pick: Callable[[int], int],
+    rebuild: Callable[[int], None] | None,
+    path: torch.Tensor,
+    visited: torch.Tensor,
+    counter: torch.Tensor,
+    num_close: torch.Tensor,
+    k: int,
+    max_rejections: int | None,
+    bar=None,
+    min_rebuild_nodes: int = MIN_REBUILD_NODES,
+) -> WalkTally:
+    """The walk's driver loop, shared by the single-process and the sharded orderings.
+
+    From step 1 (``path[0]`` set and visited) to ``n``: ``walk(step, stop)`` runs the C++ walk up to ``stop``
+    (at most :attr:`RebuildSchedule.chunk` steps) and returns where it stopped; short of ``stop`` the list of
+    ``last`` could not decide and ``pick(step)`` scans exactly (returning the node, or -1 when it handed the
+    scans to the C++ walk instead); ``rebuild(step)`` recomputes the lists of the unvisited nodes when
+    :class:`RebuildSchedule` says so (None: never).
+
+    Args:
+        path: (n,) int64 host path, filled in place; visited: (n,) bool host mask, updated in place.
+        counter: (2,) int64, the C++ walk's scan counter (all its scans; those where the cap could fire).
+        num_close, k, max_rejections: the list rows' close counts, the list length and the cap, for
+            :func:`cap_may_fire` at the caller's scans (list rows are nodes whenever a cap is set).
+        bar: a tqdm bar advanced by the steps, or None.
+        min_rebuild_nodes: see :class:`RebuildSchedule` (``min_nodes``).
+    """
+    schedule = RebuildSchedule(n, enabled=rebuild is not None, min_nodes=min_rebuild_nodes)
+    tally = WalkTally()
+    step = 1
+    while step < n:
+        t0 = time.perf_counter()
+        scans_before, cap_scans_before = counter.tolist()
+        stop = min(step + schedule.chunk, n)
+        new_step = walk(step, stop)
+        tally.walk_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(new_step - step)
+        scans, cap_scans = (int(c) - b for c, b in zip(counter.tolist(), (scans_before, cap_scans_before)))
+        step = new_step
+        if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
+            t0 = time.perf_counter()
+            if max_rejections is not None:
+                cap_scans += cap_may_fire(max_rejections, n - step, int(num_close[path[step - 1]]), k)
+            node = pick(step)
+            if node >= 0:
+                path[step] = node
+                visited[node] = True
+                step += 1
+                scans += 1
+                tally.scans += 1
+                if bar is not None:
+                    bar.update(1)
+            tally.fallback_s += time.perf_counter() - t0
+        schedule.record(scans - cap_scans, n - step)  # (a scan the cap forces is no sign of stale lists)
+        if step < n and schedule.due(n - step):
+            t0 = time.perf_counter()
+            rebuild(step)
+            tally.rebuilds += 1
+            tally.band_s += time.perf_counter() - t0
+            schedule.rebuilt()
+    return tally
