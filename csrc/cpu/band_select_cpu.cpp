@@ -75,13 +75,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       // value of the K-th best key once K are held: larger values cannot enter (equal ones may, by column)
       float cutoff = std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
+        if (j == self) continue;
         float x = row[j];
         if (from_dots) {
           x = (-2.0f * x + csq_p[j]) + rsq_p[i];  // -2 x is exact: a fused multiply-add rounds the same
           x = x < 0.0f ? 0.0f : x;                // clamp_(min=0); never -0.0 here (sums of >= +0 terms)
         }
         below += x < upper_i;
-        if (!(x >= lower_i) || x > cutoff || j == self) continue;
+        if (!(x >= lower_i) || x > cutoff) continue;
         int32_t bits;
         std::memcpy(&bits, &x, sizeof(bits));
         const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
@@ -99,14 +100,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
           const int32_t worst = static_cast<int32_t>(heap.front() >> 32);
           std::memcpy(&cutoff, &worst, sizeof(cutoff));
         }
-      }
-      if (self >= 0 && self < n) {  // the row itself was counted above when below upper
-        float x = row[self];
-        if (from_dots) {
-          x = (-2.0f * x + csq_p[self]) + rsq_p[i];
-          x = x < 0.0f ? 0.0f : x;
-        }
-        below -= x < upper_i;
       }
       std::sort_heap(heap.begin(), heap.end());
       close_p[i] = below;
