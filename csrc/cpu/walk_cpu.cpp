@@ -10,8 +10,8 @@
 //     (exact s2 >= band_limit2[last]), or
 //   - the rejection cap could fire (num_close[last] + K >= max_rejections while more than
 //     max_rejections candidates remain).
-// With `projections` (N, r) given, the scan runs here (FallbackScan below) and the walk completes;
-// without them the op returns the step that needs the scan and the caller runs it.
+// With `scan_rows` (the (N, D) float32 prepared rows) given, the scan runs here (FallbackScan below) and
+// the walk completes; without them the op returns the step that needs the scan and the caller runs it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -96,6 +96,9 @@ struct Groups {
 
   int64_t list_row(int64_t node) const { return group_of ? group_of[node] : node; }
 
+  // A node whose row stands for list row `row` (all members of a group have the same row).
+  int64_t representative(int64_t row) const { return group_of ? members[offsets[row]] : row; }
+
   // The node an entry stands for: itself, or its group's first unvisited member (-1 when none is left).
   int64_t resolve(int64_t entry, const bool* seen) const {
     if (!group_of) return seen[entry] ? -1 : entry;
@@ -107,136 +110,287 @@ struct Groups {
   }
 };
 
-// Exact scan of the unvisited nodes for the rule's pick after `last`. Candidates are visited in the
-// order of a lower bound of their squared distance to `last` (the squared distance of their
-// projections on an orthonormal basis, which cannot exceed the true one), in growing batches, and
-// exact distances are computed only until the pick is proven.
+// Float32 dot products of one row with up to kQueryBlock query rows, and the row's squared norm, in one
+// read of the row. Explicit lanes (independent partial sums) let the compiler vectorise the loop without
+// reassociating it; on x86-64 with GCC the function is compiled for AVX-512, AVX2 and baseline x86-64, and
+// the loader picks the best one the CPU has (by feature: "arch=" clones would match the CPU model only, and
+// this Xeon fell back to the SSE version, 1.6x slower). The scan's float32 error bound holds for any
+// summation order and for fused multiply-adds. The pass is memory-bound: measured on this 2-core machine,
+// 16 GB/s over rows in memory order, 10 GB/s in random order (hence FallbackScan's row order).
+constexpr int64_t kQueryBlock = 4;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TFP_CPU_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TFP_CPU_DISPATCH
+#endif
+
+TFP_CPU_DISPATCH
+void row_dots(const float* x, const float* const* q, int64_t w, int64_t dim, float* out, float* x_sq) {
+  constexpr int kL = 16;
+  float acc[kQueryBlock + 1][kL] = {};
+  const float* q0 = q[0];
+  const float* q1 = q[w > 1 ? 1 : 0];
+  const float* q2 = q[w > 2 ? 2 : 0];
+  const float* q3 = q[w > 3 ? 3 : 0];
+  int64_t k = 0;
+  for (; k + kL <= dim; k += kL) {
+    for (int l = 0; l < kL; ++l) {
+      const float v = x[k + l];
+      acc[0][l] += v * q0[k + l];
+      acc[1][l] += v * q1[k + l];
+      acc[2][l] += v * q2[k + l];
+      acc[3][l] += v * q3[k + l];
+      acc[4][l] += v * v;
+    }
+  }
+  for (; k < dim; ++k) {
+    const float v = x[k];
+    acc[0][0] += v * q0[k];
+    acc[1][0] += v * q1[k];
+    acc[2][0] += v * q2[k];
+    acc[3][0] += v * q3[k];
+    acc[4][0] += v * v;
+  }
+  float total[kQueryBlock + 1];
+  for (int j = 0; j <= kQueryBlock; ++j) {
+    float t = 0.0f;
+    for (int l = 0; l < kL; ++l) t += acc[j][l];
+    total[j] = t;
+  }
+  for (int64_t j = 0; j < w && j < kQueryBlock; ++j) out[j] = total[j];
+  if (x_sq) *x_sq = total[kQueryBlock];
+}
+
+// Exact scan of the unvisited nodes for the rule's pick after `last`. One float32 pass of products over
+// the unvisited rows against `last` and the other window nodes (row_dots, each row read once, in place)
+// gives every row approximate squared distances within the error bound `slack` of the exact ones; those
+// bounds leave only a few rows whose exact (double-precision) distances can change the pick, and only
+// those are computed exactly.
+//
+// (It replaced a scan that took candidates in the order of a lower bound from 64-dimensional projections
+// and computed exact distances in growing batches: on isotropic clusters in 768 dimensions the projections
+// bounded nothing, and every scan computed every unvisited row exactly, 1.1 us per row on 2 cores.)
 template <typename scalar_t>
 class FallbackScan {
  public:
-  // With groups, the scan runs over the groups that still have an unvisited member: one distance per
-  // group, standing for its next unvisited member (the one the rule takes among equals).
-  FallbackScan(const ExactDistance<scalar_t>& dist, const double* proj, int64_t rank, int64_t n, const bool* seen,
-               const Groups& groups, int64_t num_rows)
-      : dist_(dist), proj_(proj), rank_(rank), groups_(groups), seen_(seen), position_(num_rows, -1) {
+  // rows32: (N, D) float32 prepared rows (unit rows for cosine) on the host; slack: (N,) bounds of
+  // |s2_float32 - s2_exact| for every pair of each node. With groups, the scan runs over the groups that
+  // still have an unvisited member: one row per group, standing for its next unvisited member (the one
+  // the rule takes among equals).
+  FallbackScan(const ExactDistance<scalar_t>& dist, const at::Tensor& rows32, const double* slack, const bool* seen,
+               const Groups& groups, int64_t num_rows, double t2)
+      : dist_(dist), rows32_(rows32.data_ptr<float>()), dim_(rows32.size(1)), slack_(slack), groups_(groups),
+        seen_(seen), t2_(t2), alive_(num_rows, 0) {
     for (int64_t i = 0; i < num_rows; ++i) {
       if (groups_.resolve(i, seen) >= 0) {
-        position_[i] = static_cast<int64_t>(unvisited_.size());
-        unvisited_.push_back(i);
+        alive_[i] = 1;
+        order_.push_back(i);
       }
+    }
+    num_alive_ = static_cast<int64_t>(order_.size());
+    if (groups_.group_of) {  // rows in memory order, so that the pass streams through them
+      std::sort(order_.begin(), order_.end(),
+                [&](int64_t a, int64_t b) { return groups_.representative(a) < groups_.representative(b); });
     }
   }
 
   // Call after marking `node` visited.
   void remove(int64_t node) {
     const int64_t row = groups_.list_row(node);
-    if (position_[row] < 0 || groups_.resolve(row, seen_) >= 0) return;  // the group still has members
-    const int64_t at = position_[row];
-    const int64_t moved = unvisited_.back();
-    unvisited_[at] = moved;
-    position_[moved] = at;
-    unvisited_.pop_back();
-    position_[row] = -1;
+    if (!alive_[row] || groups_.resolve(row, seen_) >= 0) return;  // the group still has members
+    alive_[row] = 0;
+    --num_alive_;
   }
 
   int64_t pick(const int64_t* path, int64_t step, int64_t window, double threshold, int64_t max_rejections) {
     const int64_t last = path[step - 1];
     const int64_t win_begin = std::max<int64_t>(0, step - window);
-    const int64_t n_u = static_cast<int64_t>(unvisited_.size());
-    const bool capped = max_rejections >= 0 && n_u > max_rejections;
-    constexpr double kSafety = 1.0 - 1e-12;  // the float64 projected distances are exact to ~1e-15
+    const int64_t n_u = num_alive_;
     // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
-    bound_.resize(n_u);
-    const double* yl = proj_ + last * rank_;
-    at::parallel_for(0, n_u, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t node = groups_.resolve(unvisited_[i], seen_);  // a member: identical projections
-        const double* yu = proj_ + node * rank_;
-        double acc = 0.0;
-        for (int64_t r = 0; r < rank_; ++r) {
-          const double diff = yl[r] - yu[r];
-          acc += diff * diff;
+    const bool capped = max_rejections >= 0 && n_u > max_rejections;
+    if (2 * n_u < static_cast<int64_t>(order_.size())) {  // drop the visited rows from the pass, in order
+      order_.erase(std::remove_if(order_.begin(), order_.end(), [&](int64_t row) { return !alive_[row]; }),
+                   order_.end());
+    }
+    approximate(path, last, win_begin, step);
+    const int64_t rows = static_cast<int64_t>(order_.size());
+    const double sl = slack_[last];
+    // a relative margin on every comparison of squared distances: exact values proven apart by it also
+    // differ after the square root of the metric (so that the (distance, index) order is certain)
+    auto margin = [](double value) { return 1e-9 * std::abs(value) + 1e-300; };
+
+    // 1. the first valid node in the order (distance, index): exactly no farther than the nearest surely
+    //    valid row, so only the rows that may be valid and lie within twice the bound of it are candidates
+    double best_sure = std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (status_[i] == kSurelyValid) best_sure = std::min(best_sure, s2_last_[i]);
+    }
+    const double limit = best_sure + 2.0 * sl + margin(best_sure);  // +inf without a surely valid row
+    cand_.clear();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (status_[i] != kInvalid && s2_last_[i] <= limit) cand_.push_back(i);
+    }
+    exact_.resize(cand_.size());
+    at::parallel_for(0, static_cast<int64_t>(cand_.size()), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t node = node_[cand_[c]];
+        const double c_s2 = dist_.s2(last, node);
+        const double c_d = dist_.metric(c_s2);
+        bool valid = c_d >= threshold;
+        for (int64_t q = win_begin; q < step - 1 && valid; ++q) {
+          valid = dist_.metric(dist_.s2(node, path[q])) >= threshold;
         }
-        bound_[i] = {acc * kSafety, node};
+        exact_[c] = {{valid ? c_d : std::numeric_limits<double>::infinity(), node}, c_s2};
       }
     });
-    exact_.clear();
     int64_t best = -1;
     double best_d = std::numeric_limits<double>::infinity(), best_s2 = best_d;
-    int64_t done = 0;
-    int64_t batch = std::min<int64_t>(n_u, 256);
-    while (true) {
-      double outside = std::numeric_limits<double>::infinity();  // lower bound of s2 beyond the batch
-      if (batch < n_u) {
-        std::nth_element(bound_.begin() + done, bound_.begin() + batch, bound_.end());
-        outside = bound_[batch].first;
+    for (const auto& e : exact_) {
+      if (std::isfinite(e.first.first) && (best < 0 || e.first < std::make_pair(best_d, best))) {
+        best = e.first.second;
+        best_d = e.first.first;
+        best_s2 = e.second;
       }
-      // exact distances of the batch to `last` on all threads, then the window test in exact order, only
-      // until the first valid candidate (nothing after it in this batch can be the pick)
-      const int64_t first_new = static_cast<int64_t>(exact_.size());
-      exact_.resize(first_new + (batch - done));
-      at::parallel_for(done, batch, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t c = bound_[i].second;
-          const double c_s2 = dist_.s2(last, c);
-          exact_[first_new + (i - done)] = {{dist_.metric(c_s2), c}, c_s2};
-        }
-      });
-      order_.resize(batch - done);
-      for (int64_t i = 0; i < batch - done; ++i) order_[i] = first_new + i;
-      std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return exact_[a].first < exact_[b].first; });
-      for (const int64_t e : order_) {
-        const double c_d = exact_[e].first.first;
-        const int64_t c = exact_[e].first.second;
-        if (c_d < threshold) continue;
-        if (best >= 0 && (c_d > best_d || (c_d == best_d && c > best))) break;  // sorted: none better follows
-        bool valid = true;
-        for (int64_t q = win_begin; q < step - 1 && valid; ++q) valid = dist_.metric(dist_.s2(c, path[q])) >= threshold;
-        if (valid) {
-          best = c;
-          best_d = c_d;
-          best_s2 = exact_[e].second;
-          break;
-        }
-      }
-      done = batch;
-      if (best >= 0 && best_s2 < outside) {
-        if (!capped) return best;
-        int64_t ahead = 0;
-        for (const auto& e : exact_) ahead += e.first < std::make_pair(best_d, best);
-        if (ahead < max_rejections) return best;
-      }
-      int64_t sure = 0;
-      for (const auto& e : exact_) sure += e.second < outside;
-      if (capped && sure > max_rejections) {
-        // every valid node would rank below M and be proven above: the first M are invalid, take c_M
-        std::nth_element(exact_.begin(), exact_.begin() + max_rejections, exact_.end());
-        return exact_[max_rejections].first.second;
-      }
-      if (!capped && done == n_u) {  // nothing valid anywhere: c_0
-        return std::min_element(exact_.begin(), exact_.end())->first.second;
-      }
-      batch = std::min<int64_t>(n_u, batch * 4);
     }
+    if (best >= 0 && !capped) return best;
+    if (best >= 0) {
+      // 2. with the cap: `best` is the pick if fewer than M nodes precede it (rows surely nearer count
+      //    without exact distances, rows surely farther are skipped)
+      const double m = margin(best_s2);
+      int64_t ahead = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const double a = s2_last_[i];
+        if (node_[i] < 0 || node_[i] == best || a - sl - m > best_s2) continue;
+        if (a + sl + m < best_s2) {
+          ++ahead;
+        } else {
+          const double d = dist_.metric(dist_.s2(last, node_[i]));
+          ahead += std::make_pair(d, node_[i]) < std::make_pair(best_d, best);
+        }
+      }
+      if (ahead < max_rejections) return best;
+    }
+    // 3. no valid node: c_0 (without the cap), or c_M, the node of rank M in the order (distance, index),
+    //    when the first M nodes are all invalid
+    const int64_t rank = capped ? max_rejections : 0;
+    values_.clear();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (node_[i] >= 0) values_.push_back(s2_last_[i]);
+    }
+    TORCH_CHECK(rank < static_cast<int64_t>(values_.size()), "tfp_walk: internal error: no unvisited node to scan");
+    std::nth_element(values_.begin(), values_.begin() + rank, values_.end());
+    const double v = values_[rank];
+    // the rank-M node has its approximate value within 2 bounds of v; rows more than 4 bounds below v precede
+    // every such node, rows more than 4 bounds above follow them: only the rows between need exact values
+    const double lo = v - 4.0 * sl - 4.0 * margin(v), hi = v + 4.0 * sl + 4.0 * margin(v);
+    int64_t before = 0;
+    exact_.clear();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (node_[i] < 0) continue;
+      const double a = s2_last_[i];
+      if (a < lo) {
+        ++before;
+      } else if (a <= hi) {
+        exact_.push_back({{0.0, node_[i]}, 0.0});
+      }
+    }
+    at::parallel_for(0, static_cast<int64_t>(exact_.size()), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        exact_[e].first.first = dist_.metric(dist_.s2(last, exact_[e].first.second));
+      }
+    });
+    const int64_t within = rank - before;
+    TORCH_CHECK(within >= 0 && within < static_cast<int64_t>(exact_.size()),
+                "tfp_walk: internal error: the scan's error bound does not hold (rank ", rank, ", ", before,
+                " rows before the window, ", exact_.size(), " in it)");
+    std::nth_element(exact_.begin(), exact_.begin() + within, exact_.end());
+    return exact_[within].first.second;
   }
 
  private:
+  static constexpr int8_t kInvalid = 0, kUndecided = 1, kSurelyValid = 2;
+
+  // Float32 squared distances of every list row of order_ to `last` (s2_last_), its node (node_, -1 when
+  // none is unvisited) and its status against the window (invalid: surely below t for some window node;
+  // surely valid: surely >= t for all; undecided).
+  void approximate(const int64_t* path, int64_t last, int64_t win_begin, int64_t step) {
+    query_.assign(1, last);
+    for (int64_t q = win_begin; q < step - 1; ++q) query_.push_back(path[q]);
+    const int64_t w = static_cast<int64_t>(query_.size());
+    std::vector<const float*> q_rows(w);
+    query_sq_.resize(w);
+    lower_.resize(w);
+    upper_.resize(w);
+    for (int64_t q = 0; q < w; ++q) {
+      q_rows[q] = rows32_ + query_[q] * dim_;
+      float unused;
+      row_dots(q_rows[q], &q_rows[q], 1, dim_, &unused, &query_sq_[q]);
+      // t^2 -/+ the bound of each window node, widened by the margin
+      const double band = slack_[query_[q]] + 1e-9 * t2_;
+      lower_[q] = t2_ - band;
+      upper_[q] = t2_ + band;
+    }
+    const int64_t rows = static_cast<int64_t>(order_.size());
+    s2_last_.resize(rows);
+    node_.resize(rows);
+    status_.resize(rows);
+    at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
+      std::vector<float> dots(w);
+      for (int64_t i = begin; i < end; ++i) {
+        // (resolve advances group_next[row]: each row is another group, so threads never share one)
+        const int64_t row = order_[i];
+        const int64_t node = alive_[row] ? groups_.resolve(row, seen_) : -1;
+        node_[i] = node;
+        if (node < 0) {
+          s2_last_[i] = std::numeric_limits<double>::infinity();
+          status_[i] = kInvalid;
+          continue;
+        }
+        const float* x = rows32_ + groups_.representative(row) * dim_;
+        float x_sq = 0.0f;
+        for (int64_t q0 = 0; q0 < w; q0 += kQueryBlock) {
+          row_dots(x, q_rows.data() + q0, std::min(kQueryBlock, w - q0), dim_, dots.data() + q0, q0 == 0 ? &x_sq : nullptr);
+        }
+        int8_t status = kSurelyValid;
+        for (int64_t q = 0; q < w; ++q) {
+          // the operations and roundings of the band lists' s2 (band_select_cpu.cpp)
+          float v = (-2.0f * dots[q] + x_sq) + query_sq_[q];
+          v = v < 0.0f ? 0.0f : v;
+          const double a = static_cast<double>(v);
+          if (q == 0) s2_last_[i] = a;
+          if (a < lower_[q]) {
+            status = kInvalid;
+          } else if (a < upper_[q] && status == kSurelyValid) {
+            status = kUndecided;
+          }
+        }
+        status_[i] = status;
+      }
+    });
+  }
+
   const ExactDistance<scalar_t>& dist_;
-  const double* proj_;
-  int64_t rank_;
+  const float* rows32_;
+  int64_t dim_;
+  const double* slack_;
   const Groups& groups_;
   const bool* seen_;
-  std::vector<int64_t> position_;
-  std::vector<int64_t> unvisited_;
-  std::vector<std::pair<double, int64_t>> bound_;
+  double t2_;
+  std::vector<uint8_t> alive_;  // list rows with an unvisited node
+  int64_t num_alive_ = 0;
+  std::vector<int64_t> order_;  // the list rows the pass reads, in memory order: the alive ones and some dead
+  std::vector<int64_t> query_;
+  std::vector<float> query_sq_;
+  std::vector<double> lower_, upper_, s2_last_, values_;
+  std::vector<int64_t> node_, cand_;
+  std::vector<int8_t> status_;
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
-  std::vector<int64_t> order_;
 };
 
 template <typename scalar_t>
 int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
-                  const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path, at::Tensor& visited,
+                  const at::Tensor& num_close, const at::Tensor& scan_rows, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
                   int64_t max_rejections, bool cosine, const Groups& groups) {
   const int64_t n = embeddings.size(0);
@@ -250,11 +404,12 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   const int32_t* close = num_close.data_ptr<int32_t>();
   int64_t* p = path.data_ptr<int64_t>();
   bool* seen = visited.data_ptr<bool>();
-  const bool scan_here = projections.numel() > 0;
+  const bool scan_here = scan_rows.numel() > 0;
   std::unique_ptr<FallbackScan<scalar_t>> scan;
   if (scan_here) {
-    scan = std::make_unique<FallbackScan<scalar_t>>(dist, projections.data_ptr<double>(), projections.size(1), n, seen,
-                                                    groups, groups.group_of ? band_limit2.numel() : n);
+    const double t2 = cosine ? 2.0 * threshold : threshold * threshold;  // the threshold on squared distances
+    scan = std::make_unique<FallbackScan<scalar_t>>(dist, scan_rows, slack, seen, groups,
+                                                    groups.group_of ? band_limit2.numel() : n, t2);
   }
 
   int64_t fallbacks = 0;
@@ -319,13 +474,13 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
 
 int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                      const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
-                     const at::Tensor& num_close, const at::Tensor& projections, at::Tensor& path,
+                     const at::Tensor& num_close, const at::Tensor& scan_rows, at::Tensor& path,
                      at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine,
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &projections, &path,
+           &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows, &path,
            &visited, &num_fallbacks}) {
     TORCH_CHECK(t->device().is_cpu(), "tfp_walk: every tensor must be on the CPU");
     TORCH_CHECK(t->is_contiguous(), "tfp_walk: every tensor must be contiguous");
@@ -372,20 +527,22 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   TORCH_CHECK(band_slack.numel() == n && path.numel() == n && visited.numel() == n,
               "tfp_walk: per-node tensors must have N = ", n, " entries");
   TORCH_CHECK(!cosine || norms.numel() == n, "tfp_walk: cosine needs the (N,) float64 row norms");
-  TORCH_CHECK(projections.numel() == 0 || (projections.dim() == 2 && projections.size(0) == n &&
-                                           projections.scalar_type() == at::kDouble),
-              "tfp_walk: projections must be empty or (N, r) float64");
+  TORCH_CHECK(scan_rows.numel() == 0 || (scan_rows.dim() == 2 && scan_rows.size(0) == n &&
+                                         scan_rows.size(1) == embeddings.size(1) &&
+                                         scan_rows.scalar_type() == at::kFloat),
+              "tfp_walk: scan_rows must be empty or the (N, D) = (", n, ", ", embeddings.size(1),
+              ") float32 prepared rows");
   TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
               "tfp_walk: num_fallbacks must be empty or an int64 counter");
   if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
   if (embeddings.scalar_type() == at::kFloat) {
-    return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
+    return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_rows,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
                             cosine, groups);
   }
-  return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, projections,
+  return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_rows,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
                            cosine, groups);
 }

@@ -148,6 +148,31 @@ def test_larger_n_validated_with_check_path():
     assert res.ok, res.message
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_host_scans_with_caps_and_windows(seed):
+    """The C++ walk's own scans (fallback="host") on inputs where most steps scan (K = 1 or 2): the float32 pass,
+    its bounds and the exact settling equal the reference for caps that fire (0, 2, 7), windows 1 to 6, both
+    metrics; rows with many exact ties (small integers) give a path that check_path accepts."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = int(torch.randint(20, 90, (1,), generator=g)), int(torch.randint(2, 40, (1,), generator=g))
+    metric = "cosine" if seed % 2 else "l2"
+    tie_free = torch.randn(n, d, generator=g)
+    ties = torch.randint(-2, 3, (n, d), generator=g).float()
+    ties[ties.norm(dim=1) == 0] = 1.0
+    for cap, window, k in [(None, 4, 1), (0, 3, 2), (2, 4, 1), (7, 2, 2), (None, 6, 2), (None, 1, 1)]:
+        for emb in (tie_free, ties):
+            t = estimate_threshold(emb, metric=metric, quantile=0.1)
+            path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=0,
+                                        k=k, fallback="host", band_backend="torch", group_duplicates=False)
+            assert info.num_fallbacks > 0
+            if emb is tie_free:
+                ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap)
+                assert torch.equal(path, ref), (cap, window, k)
+            else:
+                res = check_path(emb, path, metric=metric, threshold=t, window=window, max_rejections=cap)
+                assert res.ok, (cap, window, k, res.message)
+
+
 def test_walk_op_rejects_bad_arguments():
     emb = torch.randn(4, 3)
     lists = torch.zeros(4, 2, dtype=torch.int32)

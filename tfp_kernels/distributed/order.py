@@ -959,7 +959,7 @@ def _walk_root(
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
-    projections = torch.empty(0, dtype=torch.float64)  # no projections: the op returns at every scan
+    scan_rows = torch.empty(0, dtype=torch.float32)  # no rows: the op returns at every scan
     counter = torch.zeros(2, dtype=torch.long)  # (stays 0: the op never scans here)
     cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
@@ -995,7 +995,7 @@ def _walk_root(
                 limit2,
                 slack_host,
                 num_close,
-                projections,
+                scan_rows,
                 path,
                 visited,
                 counter,

@@ -163,8 +163,8 @@ def fast_tfp_order(
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
 
-    ``fallback="host"`` runs the exact fallback scans inside the C++ walk (host copies of the
-    rows and their projections); ``"device"`` runs them with torch on the device of the embeddings,
+    ``fallback="host"`` runs the exact fallback scans inside the C++ walk (a float32 product pass over host
+    copies of the unvisited rows, settled in double precision); ``"device"`` runs them with torch on the device of the embeddings,
     returning from the C++ walk at each one; ``"triton"``: like ``"device"`` but each scan is one fused
     Triton pass over the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without the rejection
     cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
@@ -299,9 +299,9 @@ def fast_tfp_order(
     visited_dev = visited.to(device)
     synced = 1  # path[:synced] is marked in visited_dev
     if fallback == "auto":
-        # CUDA: the host scan (C++, projected lower bounds, ~0.3 ms at N = 4,000 on 2 cores) beats the torch
-        # device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a training
-        # loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
+        # CUDA: the host scan (C++, one float32 pass over the unvisited rows, ~0.3 ms at N = 4,000 on 2 cores)
+        # beats the torch device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a
+        # training loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
         fallback = "host" if device.type == "cpu" or n <= _HOST_SCAN_MAX_NODES else "device"
     if fallback not in ("host", "device", "triton"):
         raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
@@ -313,8 +313,11 @@ def fast_tfp_order(
 
         if not triton_available():
             raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-    y64 = None  # projections for the scans' lower bounds, computed at the first fallback
-    projections = torch.empty(0, dtype=torch.float64)
+    y64 = None  # projections for the device scans' lower bounds, computed at the first of them
+    # the host scans' float32 prepared rows (for l2 inputs of float32, the walk's own rows: no copy)
+    scan_rows_host = torch.empty(0, dtype=torch.float32)
+    if fallback == "host":
+        scan_rows_host = emb_host if metric == "l2" and emb_host.dtype == torch.float32 else x32.to(host).contiguous()
     counter = torch.zeros(2, dtype=torch.long)  # scans in the C++ walk; those of them where the cap could fire
     cap = -1 if max_rejections is None else max_rejections
     bar = None
@@ -329,14 +332,10 @@ def fast_tfp_order(
     scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
 
     def pick(step: int) -> int:
-        """The exact scan at ``step`` (on the device, or the first one of the host mode: then -1 after
-        handing the projections to the C++ walk, which scans from there on)."""
-        nonlocal y64, projections, visited_dev, synced, scan_rows, scan_rows_at
+        """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
+        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
-            if fallback == "host":  # from now on the C++ walk runs the scans itself
-                projections = y64.to(host).contiguous()
-                return -1
         if device.type != "cpu":
             visited_dev[path[synced:step].to(device)] = True
         else:
@@ -378,7 +377,7 @@ def fast_tfp_order(
                 limit2,
                 slack_host,
                 num_close,
-                projections,
+                scan_rows_host,
                 path,
                 visited,
                 counter,

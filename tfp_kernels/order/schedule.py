@@ -115,9 +115,8 @@ def run_walk(
 
     From step 1 (``path[0]`` set and visited) to ``n``: ``walk(step, stop)`` runs the C++ walk up to ``stop``
     (at most :attr:`RebuildSchedule.chunk` steps) and returns where it stopped; short of ``stop`` the list of
-    ``last`` could not decide and ``pick(step)`` scans exactly (returning the node, or -1 when it handed the
-    scans to the C++ walk instead); ``rebuild(step)`` recomputes the lists of the unvisited nodes when
-    :class:`RebuildSchedule` says so (None: never).
+    ``last`` could not decide and ``pick(step)`` scans exactly, returning the node; ``rebuild(step)``
+    recomputes the lists of the unvisited nodes when :class:`RebuildSchedule` says so (None: never).
 
     Args:
         path: (n,) int64 host path, filled in place; visited: (n,) bool host mask, updated in place.
@@ -145,14 +144,13 @@ def run_walk(
             if max_rejections is not None:
                 cap_scans += cap_may_fire(max_rejections, n - step, int(num_close[path[step - 1]]), k)
             node = pick(step)
-            if node >= 0:
-                path[step] = node
-                visited[node] = True
-                step += 1
-                scans += 1
-                tally.scans += 1
-                if bar is not None:
-                    bar.update(1)
+            path[step] = node
+            visited[node] = True
+            step += 1
+            scans += 1
+            tally.scans += 1
+            if bar is not None:
+                bar.update(1)
             tally.fallback_s += time.perf_counter() - t0
         schedule.record(scans - cap_scans, n - step)  # (a scan the cap forces is no sign of stale lists)
         if step < n and schedule.due(n - step):
