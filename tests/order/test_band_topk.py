@@ -77,46 +77,6 @@ def test_cpu_select_op_equals_torch_epilogue(n, d, k):
     assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
 
 
-@pytest.mark.parametrize("n, d, k, tile_rows, cols", [(53, 19, 8, 16, 24), (70, 17, 30, 16, 7), (101, 5, 4, 32, 10)])
-def test_cpu_column_tiles_merge_like_one_block(monkeypatch, n, d, k, tile_rows, cols):
-    """Row blocks against column tiles (the C++ selection with few rows per (rows x N) block): each tile's
-    lists merged by key give exactly the lists of the whole rows formed from the same tile products, and the
-    reference's lists within the error bound (K larger than a tile, duplicates, self columns in every tile)."""
-    from tfp_kernels import has_extension
-    from tfp_kernels.order import band_topk as bt
-
-    if not has_extension():
-        pytest.skip("needs tfp_kernels._C")
-    monkeypatch.setattr(bt, "TILE_MIN_ROWS", tile_rows)
-    x = make_rows(n, d, seed=n + 2)
-    x[n - 1] = x[3]  # a duplicate in another tile than its twin
-    sq = x.square().sum(1)
-    lo, hi = bounds(x)
-    tiled = band_topk_torch(x, sq, lo, hi, k, block_elements=tile_rows * cols)  # n > tile_rows > block // n
-    # the same products, assembled into whole rows, selected by the torch epilogue
-    parts = []
-    for r0 in range(0, n, tile_rows):
-        r1 = min(n, r0 + tile_rows)
-        dot = torch.cat([x[r0:r1] @ x[c0 : c0 + cols].T for c0 in range(0, n, cols)], dim=1)
-        s2 = dot.mul_(-2.0).add_(sq[None, :]).add_(sq[r0:r1, None]).clamp_(min=0)
-        parts.append(bt._finish_block(s2, torch.arange(r0, r1), lo[r0:r1], hi[r0:r1], k))
-    index, s2, close = (torch.cat(p) for p in zip(*parts))
-    assert torch.equal(tiled.index, index) and torch.equal(tiled.s2, s2) and torch.equal(tiled.num_close, close)
-    assert_lists_match(tiled, band_topk_reference(x, lo, hi, k), x, squared_distance_error_coef(d, torch.float32))
-
-
-def test_list_keys_round_trip():
-    from tfp_kernels.order.band_topk import MAX_KEY, list_keys, lists_from_keys
-
-    index = torch.tensor([[3, 0, -1], [7, 7, 2]], dtype=torch.int32)
-    s2 = torch.tensor([[0.0, 2.5, torch.inf], [1.0, 1.0, 1e30]])
-    keys = list_keys(index, s2)
-    assert int(keys[0, 2]) == MAX_KEY and bool((keys[:, :2] < MAX_KEY).all())
-    assert keys[1, 0] > keys[0, 0] and keys[1, 1] == keys[1, 0] and keys[1, 2] > keys[1, 1]  # by s2, then index
-    back_index, back_s2 = lists_from_keys(keys)
-    assert torch.equal(back_index, index) and torch.equal(back_s2, s2)
-
-
 def test_cpu_select_op_forms_s2_from_dot_products():
     from tfp_kernels import has_extension
 

@@ -197,52 +197,6 @@ def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tenso
     return BandLists(index, s2, num_close)
 
 
-#: Fewest rows per product of the C++-selected torch band top-k (column tiles below that; see band_topk_torch).
-TILE_MIN_ROWS = 1024
-#: The key of "no entry" in merged lists (larger than every (float32 bits << 32) | column key).
-MAX_KEY = 0x7FFFFFFFFFFFFFFF
-
-
-def list_keys(index: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """(B, K) int64 keys ``(float32 bits of s2 << 32) | index`` of band lists (:data:`MAX_KEY` where
-    ``index`` is -1): they order like (s2, index), s2 being >= 0, so merging lists is a top-k of keys."""
-    keys = (s2.view(torch.int32).to(torch.int64) << 32) | index.to(torch.int64)
-    return keys.masked_fill_(index < 0, MAX_KEY)
-
-
-def lists_from_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`list_keys`: (B, K) int32 index (-1 for no entry) and float32 s2 (+inf there)."""
-    empty = keys == MAX_KEY
-    index = (keys & 0xFFFFFFFF).to(torch.int32).masked_fill_(empty, -1)
-    s2 = (keys >> 32).to(torch.int32).view(torch.float32).masked_fill(empty, torch.inf)
-    return index, s2
-
-
-def _column_tiled_block(x, split, sq_norms, lower, upper, k, r0, r1, cols, select_op):
-    """Lists of rows ``r0:r1`` from (rows x ``cols``) tiles, each selected by the C++ op and merged into the
-    running lists by key (the same lists as one (rows x N) block: a tile's K best keys hold every key of
-    the block's K best that falls in the tile)."""
-    n = x.shape[0]
-    best = torch.full((r1 - r0, k), MAX_KEY, dtype=torch.int64)
-    close = torch.zeros(r1 - r0, dtype=torch.int32)
-    for c0 in range(0, n, cols):
-        c1 = min(n, c0 + cols)
-        if split is None:
-            dot = x[r0:r1] @ x[c0:c1].T
-        else:
-            hi, lo = split
-            dot = hi[r0:r1] @ hi[c0:c1].T + hi[r0:r1] @ lo[c0:c1].T + lo[r0:r1] @ hi[c0:c1].T
-        # row_offset r0 - c0: the tile column of the tile's first row (outside the tile when negative or
-        # >= its width: no column skipped)
-        index, s2, num_close = select_op(dot, r0 - c0, lower[r0:r1], upper[r0:r1], k, sq_norms[r0:r1],
-                                         sq_norms[c0:c1])
-        keys = list_keys(torch.where(index >= 0, index + c0, index), s2)
-        best = torch.topk(torch.cat([best, keys], dim=1), k, dim=1, largest=False, sorted=True).values
-        close += num_close
-    index, s2 = lists_from_keys(best)
-    return index, s2, close
-
-
 def band_topk_torch(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
     *, block_elements: int = 1 << 24, use_extension: bool = True, input_dtype: torch.dtype | None = None,
@@ -255,9 +209,7 @@ def band_topk_torch(
         sq_norms: (N,) float32 squared norms of ``x``.
         lower, upper: (N,) float32 bounds in the squared domain.
         k: K >= 1.
-        block_elements: size of the float32 tile of products computed at once: (rows x N), or (with the
-            C++ selection, when that would leave fewer than :data:`TILE_MIN_ROWS` rows)
-            (TILE_MIN_ROWS x block_elements // TILE_MIN_ROWS) column tiles whose lists are merged.
+        block_elements: size of the (rows x N) tile computed at once.
         use_extension: on CPU tensors, select with the C++ op ``band_select`` (one pass per row,
             parallel over rows) when the extension is built; else with torch ops (same result).
         input_dtype: the products are those of the rows rounded to this dtype (float32 accumulation), as
@@ -278,40 +230,31 @@ def band_topk_torch(
     elif input_dtype not in (None, torch.float32):
         x = x.to(input_dtype).float()
     n = x.shape[0]
+    block = max(1, block_elements // n)
+    parts = []
     select_op = None
     if use_extension and x.device.type == "cpu":
         from .._ext import has_extension
 
         select_op = torch.ops.tfp_kernels.band_select if has_extension() else None
-    block = max(1, block_elements // n)
-    cols = n
-    if select_op is not None and block < TILE_MIN_ROWS < n:
-        # few rows per (rows x N) tile: the matrix product would re-pack all N columns for each handful of
-        # rows (N = 100,000 on 2 cores: 135 GFLOP/s instead of ~320); take TILE_MIN_ROWS rows against
-        # column tiles instead, and merge each tile's lists into the running ones
-        block, cols = TILE_MIN_ROWS, max(1, block_elements // TILE_MIN_ROWS)
-    parts = []
     bar = None
     if progress is not None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=progress, unit="row")
-    sq32, lower32, upper32 = sq_norms.float(), lower.float(), upper.float()  # the C++ op's dtypes
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             if bar is not None:
                 bar.update(r1 - r0)
-            if cols < n:
-                parts.append(_column_tiled_block(x, split, sq32, lower32, upper32, k, r0, r1, cols, select_op))
-                continue
             if split is None:
                 dot = x[r0:r1] @ x.T
             else:  # hi.hi' + hi.lo' + lo.hi', the three tensor-core products
                 hi, lo = split
                 dot = hi[r0:r1] @ hi.T + hi[r0:r1] @ lo.T + lo[r0:r1] @ hi.T
             if select_op is not None:  # the C++ op forms s2 from the dot products as it reads them
-                parts.append(select_op(dot, r0, lower32[r0:r1], upper32[r0:r1], k, sq32[r0:r1], sq32))
+                parts.append(select_op(dot, r0, lower[r0:r1].float(), upper[r0:r1].float(), k,
+                                       sq_norms[r0:r1].float(), sq_norms.float()))
             else:
                 s2 = dot.mul_(-2.0).add_(sq_norms[None, :]).add_(sq_norms[r0:r1, None]).clamp_(min=0)
                 rows = torch.arange(r0, r1, device=x.device)
