@@ -36,8 +36,10 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (N, D) float32 prepared rows (unit rows for cosine), it runs the exact fallback scans itself (a float32
   // product pass bounded by band_slack, settled in double) and returns N; with an empty scan_rows tensor
   // it returns the step at which a fallback scan is needed (N when the path is complete).
-  // num_fallbacks: empty, or an int64 counter incremented by the scans run here ((2,): [1] also counts
-  // those of them at steps where the rejection cap could fire). The walk also
+  // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
+  // those of them at steps where the rejection cap could fire; (3,): [2] also sums, over the steps whose
+  // list could not decide while the cap could not fire (scanned here or returned to the caller), the
+  // list's entries already visited (how much fresher lists could have helped). The walk also
   // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "

@@ -414,6 +414,13 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
 
   int64_t fallbacks = 0;
   int64_t cap_fallbacks = 0;  // scans where the cap could fire (fresh lists avoid few of them)
+  int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
+  auto flush_counters = [&]() {
+    int64_t* counts = num_fallbacks.numel() > 0 ? num_fallbacks.data_ptr<int64_t>() : nullptr;
+    if (counts) counts[0] += fallbacks;
+    if (counts && num_fallbacks.numel() > 1) counts[1] += cap_fallbacks;
+    if (counts && num_fallbacks.numel() > 2) counts[2] += stale_entries;
+  };
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
   for (; step < end; ++step) {
     const int64_t last = p[step - 1];
@@ -455,8 +462,16 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
                               static_cast<int64_t>(close[row]) + k >= max_rejections;
     const bool proven = best >= 0 && best_s2 < limit2[row] && !cap_may_fire;
     if (!proven) {
-      // nothing certain in the list, or the cap might fire: the exact scan decides
-      if (!scan_here) return step;
+      // nothing certain in the list, or the cap might fire: the exact scan decides. How stale the list
+      // is (its entries visited since it was built) tells the caller whether fresh lists would avoid such
+      // scans: a list without visited entries is what a rebuild would give again
+      if (!cap_may_fire) {
+        for (int64_t j = 0; j < k && list[j] >= 0; ++j) stale_entries += groups.resolve(list[j], seen) < 0;
+      }
+      if (!scan_here) {
+        flush_counters();
+        return step;
+      }
       best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
       if (cap_may_fire) ++cap_fallbacks;
@@ -465,8 +480,7 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     seen[best] = true;
     if (scan_here) scan->remove(best);
   }
-  if (num_fallbacks.numel() > 0) num_fallbacks.data_ptr<int64_t>()[0] += fallbacks;
-  if (num_fallbacks.numel() > 1) num_fallbacks.data_ptr<int64_t>()[1] += cap_fallbacks;
+  flush_counters();
   return step;
 }
 

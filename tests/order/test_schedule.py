@@ -10,9 +10,9 @@ def test_rebuild_when_scanned_rows_reach_the_price():
     remaining = 40_000
     price = remaining * remaining // NODES_PER_SCANNED_ROW  # 25,000,000 rows = 625 scans of 40,000 rows
     assert s.price(remaining) == price
-    s.record(624, remaining)
+    s.record(624 * 64, 64, remaining)  # 624 scans with dead lists of 64 entries
     assert not s.due(remaining)
-    s.record(1, remaining)
+    s.record(64, 64, remaining)
     assert s.due(remaining)
     s.rebuilt()
     assert s.rent == 0 and not s.due(remaining)
@@ -20,8 +20,8 @@ def test_rebuild_when_scanned_rows_reach_the_price():
 
 def test_rent_is_counted_against_the_rows_left_at_each_scan():
     s = RebuildSchedule(100_000)
-    s.record(10, 50_000)
-    s.record(10, 10_000)
+    s.record(10 * 64, 64, 50_000)
+    s.record(10 * 64, 64, 10_000)
     assert s.rent == 600_000
     # the price falls with the square of the rows left: the same rent buys a rebuild later in the walk
     assert not s.due(10_000) and s.rent < s.price(10_000)
@@ -31,23 +31,61 @@ def test_rent_is_counted_against_the_rows_left_at_each_scan():
 @pytest.mark.parametrize("n, remaining", [(MIN_REBUILD_NODES - 1, 600), (50_000, MIN_REBUILD_NODES // 2 - 1)])
 def test_no_rebuild_for_small_walks_or_few_rows_left(n, remaining):
     s = RebuildSchedule(n)
-    s.record(10**9, remaining)
+    s.record(10**9, 1, remaining)
     assert not s.due(remaining)
 
 
 def test_disabled_and_chunk():
     s = RebuildSchedule(1_000_000, enabled=False)
-    s.record(10**9, 500_000)
+    s.record(10**9, 1, 500_000)
     assert not s.due(500_000)
     assert RebuildSchedule(1_000_000).chunk == 3906 and RebuildSchedule(1000).chunk == 256
 
 
-def test_cap_may_fire_is_the_walks_test():
-    from tfp_kernels.order.schedule import cap_may_fire
+def test_scans_count_for_the_visited_fraction_of_their_lists():
+    s = RebuildSchedule(100_000)
+    s.record(0, 64, 40_000)  # scans whose lists had no visited entry: a rebuild would give the same lists
+    assert s.rent == 0
+    s.record(16, 64, 40_000)  # e.g. one scan with a quarter of its list visited
+    assert s.rent == 10_000
 
-    assert not cap_may_fire(None, 10**6, 10**6, 64)
-    assert not cap_may_fire(100, 100, 90, 64)  # not more unvisited nodes than the cap
-    assert cap_may_fire(100, 101, 36, 64) and not cap_may_fire(100, 101, 35, 64)
+
+def test_walk_counts_the_visited_entries_of_undecided_lists():
+    import torch
+
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import band_bounds, band_topk_reference
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    g = torch.Generator().manual_seed(3)
+    n, k, threshold = 200, 8, 1.0
+    emb = torch.randn(n, 5, generator=g)
+    slack = torch.full((n,), 1e-4, dtype=torch.float64)
+    lower, upper = band_bounds(threshold**2, slack)
+    lists = band_topk_reference(emb, lower, upper, k)
+    limit2 = lists.s2[:, -1].double() - slack
+    entries = lists.index[0].long()
+    assert bool((entries >= 0).all())
+
+    def run(visited_entries, max_rejections=-1):
+        path = torch.zeros(n, dtype=torch.long)  # path[0] = node 0
+        visited = torch.zeros(n, dtype=torch.bool)
+        visited[0] = True
+        visited[visited_entries] = True
+        counter = torch.zeros(3, dtype=torch.long)
+        step = torch.ops.tfp_kernels.tfp_walk(
+            emb, torch.empty(0, dtype=torch.float64), lists.index, lists.s2, limit2, slack, lists.num_close,
+            torch.empty(0), path, visited, counter, 1, -1, threshold, 4, max_rejections, False,
+        )
+        return step, counter.tolist()
+
+    # every entry visited: the list cannot decide, and all of it is stale
+    assert run(entries) == (1, [0, 0, k])
+    # all but the last entry visited: the last one is not provably nearer than the nodes past the list
+    assert run(entries[:-1]) == (1, [0, 0, k - 1])
+    # a cap that could fire: the scan is the cap's, not the lists' (not counted)
+    assert run(entries, max_rejections=1)[1] == [0, 0, 0]
 
 
 def test_walk_counts_the_scans_where_the_cap_could_fire(monkeypatch):

@@ -960,7 +960,7 @@ def _walk_root(
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
     scan_rows = torch.empty(0, dtype=torch.float32)  # no rows: the op returns at every scan
-    counter = torch.zeros(2, dtype=torch.long)  # (stays 0: the op never scans here)
+    counter = torch.zeros(3, dtype=torch.long)  # [0], [1] stay 0 (the op never scans here); [2]: stale entries
     cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
 
@@ -1027,7 +1027,7 @@ def _walk_root(
 
     tally = run_walk(
         n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
-        counter=counter, num_close=num_close, k=k, max_rejections=max_rejections, bar=bar,
+        counter=counter, k=k, bar=bar,
         min_rebuild_nodes=MIN_REBUILD_NODES,
     )
     stats["time_walk_s"] += tally.walk_s

@@ -318,7 +318,8 @@ def fast_tfp_order(
     scan_rows_host = torch.empty(0, dtype=torch.float32)
     if fallback == "host":
         scan_rows_host = emb_host if metric == "l2" and emb_host.dtype == torch.float32 else x32.to(host).contiguous()
-    counter = torch.zeros(2, dtype=torch.long)  # scans in the C++ walk; those of them where the cap could fire
+    # scans in the C++ walk; those of them where the cap could fire; visited entries of undecided lists
+    counter = torch.zeros(3, dtype=torch.long)
     cap = -1 if max_rejections is None else max_rejections
     bar = None
     if progress:
@@ -403,7 +404,7 @@ def fast_tfp_order(
 
     tally = run_walk(
         n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
-        counter=counter, num_close=num_close, k=k, max_rejections=max_rejections, bar=bar,
+        counter=counter, k=k, bar=bar,
         min_rebuild_nodes=MIN_REBUILD_NODES,
     )
     info.time_walk_s += tally.walk_s

@@ -6,9 +6,12 @@ certain in the list of ``last``: each such step costs an exact scan of the r unv
 memory-bound). Recomputing the lists among the r unvisited nodes (O(r^2 D), compute-bound) makes them fresh
 again. The rule (:class:`RebuildSchedule`):
 
-- *rent*: the rows scanned since the last build (each scan of r unvisited nodes adds r), counting only the
-  scans that fresher lists could have avoided: not those at steps where the rejection cap could fire
-  (:func:`cap_may_fire`; the walk scans there whatever its list holds);
+- *rent*: the rows scanned since the last build that fresher lists could have saved: a scan of r unvisited
+  nodes adds r times the fraction of its list (the list of ``last``) already visited. A fresh list holds the
+  unvisited entries of the stale one and, in place of its visited ones, the next nodes of the band: it can
+  only decide where those new places do, so a scan whose list has no visited entry (every entry too close
+  to a window node, say) is one a rebuild gives again, and a list all visited is the scan a rebuild saves.
+  Steps where the rejection cap could fire are not counted (the walk scans there whatever its list holds);
 - *price* of a rebuild of r nodes, in the same unit: ``r^2 / NODES_PER_SCANNED_ROW``, the rows a scan could
   read in the time the list phase spends on r^2 pairs. Measured: on the 2-core CPU, the list phase takes
   9.2 ns per pair (N = 50,000, D = 768: 23 s) and a host scan 0.68 us per unvisited row (17 ms at ~25,000
@@ -16,6 +19,11 @@ again. The rule (:class:`RebuildSchedule`):
   and a torch device scan ~2 ms at 16k rows, a ratio of ~1,200 there, ~100 for a bandwidth-bound scan of
   a million rows; the constant is 64, rounding toward rebuilding early (fresh lists also shorten the walk);
 - rebuild once the rent reaches the price.
+
+Counting every scan instead (the previous rule) rebuilt for nothing where the window, not the visited
+entries, sends the walk to scans: measured at N = 100,000, D = 768 (the benchmark's clusters, cap 10,000),
+2,100 scans in the first 30% of the walk, none with a dead list, bought 3 early rebuilds of ~80,000 nodes
+(~60 s each on 2 cores) that changed nothing.
 
 This is the classic ski-rental rule: while the scan rate stays steady between rebuilds it never pays more
 than twice what the best rebuild schedule in hindsight would. It counts work, not seconds, so the schedule,
@@ -59,10 +67,10 @@ class RebuildSchedule:
         self.chunk = max(256, n // 256)
         self.rent = 0
 
-    def record(self, scans: int, remaining: int) -> None:
-        """``scans`` exact scans (that fresher lists could have avoided) were made with about ``remaining``
-        unvisited nodes."""
-        self.rent += scans * remaining
+    def record(self, stale_entries: int, k: int, remaining: int) -> None:
+        """Scans were made with about ``remaining`` unvisited nodes, at steps whose lists (of ``k`` entries)
+        held ``stale_entries`` visited entries in all: each scan counts for the fraction of its list visited."""
+        self.rent += stale_entries * remaining // k
 
     @staticmethod
     def price(remaining: int) -> int:
@@ -76,12 +84,6 @@ class RebuildSchedule:
     def rebuilt(self) -> None:
         """The lists were rebuilt: the rent starts over."""
         self.rent = 0
-
-
-def cap_may_fire(max_rejections: int | None, remaining: int, num_close: int, k: int) -> bool:
-    """Whether the rejection cap could fire at a step: more unvisited nodes than the cap, and the list row's
-    count of nodes closer than ``t`` plus its K entries reaches it (the C++ walk's test; it scans then)."""
-    return max_rejections is not None and remaining > max_rejections and num_close + k >= max_rejections
 
 
 @dataclass
@@ -105,9 +107,7 @@ def run_walk(
     path: torch.Tensor,
     visited: torch.Tensor,
     counter: torch.Tensor,
-    num_close: torch.Tensor,
     k: int,
-    max_rejections: int | None,
     bar=None,
     min_rebuild_nodes: int = MIN_REBUILD_NODES,
 ) -> WalkTally:
@@ -120,9 +120,10 @@ def run_walk(
 
     Args:
         path: (n,) int64 host path, filled in place; visited: (n,) bool host mask, updated in place.
-        counter: (2,) int64, the C++ walk's scan counter (all its scans; those where the cap could fire).
-        num_close, k, max_rejections: the list rows' close counts, the list length and the cap, for
-            :func:`cap_may_fire` at the caller's scans (list rows are nodes whenever a cap is set).
+        counter: (3,) int64, the C++ walk's counters: the scans it ran, those of them where the cap could
+            fire, and the visited entries of the lists that could not decide without the cap (at its own
+            scans and at the steps it returned for ``pick``).
+        k: the lists' length.
         bar: a tqdm bar advanced by the steps, or None.
         min_rebuild_nodes: see :class:`RebuildSchedule` (``min_nodes``).
     """
@@ -131,28 +132,24 @@ def run_walk(
     step = 1
     while step < n:
         t0 = time.perf_counter()
-        scans_before, cap_scans_before = counter.tolist()
+        stale_before = int(counter[2])
         stop = min(step + schedule.chunk, n)
         new_step = walk(step, stop)
         tally.walk_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
-        scans, cap_scans = (int(c) - b for c, b in zip(counter.tolist(), (scans_before, cap_scans_before)))
         step = new_step
         if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
             t0 = time.perf_counter()
-            if max_rejections is not None:
-                cap_scans += cap_may_fire(max_rejections, n - step, int(num_close[path[step - 1]]), k)
             node = pick(step)
             path[step] = node
             visited[node] = True
             step += 1
-            scans += 1
             tally.scans += 1
             if bar is not None:
                 bar.update(1)
             tally.fallback_s += time.perf_counter() - t0
-        schedule.record(scans - cap_scans, n - step)  # (a scan the cap forces is no sign of stale lists)
+        schedule.record(int(counter[2]) - stale_before, k, n - step)
         if step < n and schedule.due(n - step):
             t0 = time.perf_counter()
             rebuild(step)
