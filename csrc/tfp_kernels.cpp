@@ -33,9 +33,12 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // --- ordering ---
   // The TFP walk over band lists, from `step` on, with exact double-precision checks; host tensors only
   // (the lists of CUDA runs are copied to the host). Fills path/visited in place. With scan_rows, the
-  // (N, D) float32 prepared rows (unit rows for cosine), it runs the exact fallback scans itself (a float32
-  // product pass bounded by band_slack, settled in double) and returns N; with an empty scan_rows tensor
-  // it returns the step at which a fallback scan is needed (N when the path is complete).
+  // (N, D) float16 prepared rows (unit rows for cosine) divided by scan_scale (N,) float64 (powers of two),
+  // with scan_sq_norms (N,) float64 their squared norms and scan_slack (N,) float64 the bound of the pass's
+  // squared distances (tfp_kernels/order/scan.py: half_scan_rows), it runs the exact fallback scans itself
+  // (a product pass over those rows, settled in double) and returns N; with an empty scan_rows tensor it
+  // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
+  // tensors are then ignored).
   // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
   // those of them at steps where the rejection cap could fire; (3,): [2] also sums, over the steps whose
   // list could not decide while the cap could not fire (scanned here or returned to the caller), the
@@ -43,7 +46,8 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
-      "Tensor band_slack, Tensor num_close, Tensor scan_rows, Tensor(a!) path, Tensor(b!) visited, "
+      "Tensor band_slack, Tensor num_close, Tensor scan_rows, Tensor scan_scale, Tensor scan_sq_norms, "
+      "Tensor scan_slack, Tensor(a!) path, Tensor(b!) visited, "
       "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
       "Tensor(d!)? group_next=None) -> int");

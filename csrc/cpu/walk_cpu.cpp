@@ -10,16 +10,23 @@
 //     (exact s2 >= band_limit2[last]), or
 //   - the rejection cap could fire (num_close[last] + K >= max_rejections while more than
 //     max_rejections candidates remain).
-// With `scan_rows` (the (N, D) float32 prepared rows) given, the scan runs here (FallbackScan below) and
+// With `scan_rows` (float16 copies of the prepared rows, see FallbackScan) given, the scan runs here and
 // the walk completes; without them the op returns the step that needs the scan and the caller runs it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -42,6 +49,14 @@ struct ExactDistance {
     const char* row = reinterpret_cast<const char*>(x + a * dim);
     const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 1);
+  }
+
+  // The prepared row a (unit row for cosine) rounded to float32, into out (dim floats).
+  void prepared_row(int64_t a, float* out) const {
+    const scalar_t* pa = x + a * dim;
+    for (int64_t k = 0; k < dim; ++k) {
+      out[k] = static_cast<float>(cosine ? static_cast<double>(pa[k]) / norms[a] : static_cast<double>(pa[k]));
+    }
   }
 
   // Squared L2 distance of the prepared rows (unit rows for cosine), in double. Eight independent
@@ -110,62 +125,108 @@ struct Groups {
   }
 };
 
-// Float32 dot products of one row with up to kQueryBlock query rows, and the row's squared norm, in one
-// read of the row. Explicit lanes (independent partial sums) let the compiler vectorise the loop without
-// reassociating it; on x86-64 with GCC the function is compiled for AVX-512, AVX2 and baseline x86-64, and
-// the loader picks the best one the CPU has (by feature: "arch=" clones would match the CPU model only, and
-// this Xeon fell back to the SSE version, 1.6x slower). The scan's float32 error bound holds for any
-// summation order and for fused multiply-adds. The pass is memory-bound: measured on this 2-core machine,
-// 16 GB/s over rows in memory order, 10 GB/s in random order (hence FallbackScan's row order).
+// Dot products of one float16 row (the scan's copy of a prepared row, scaled by a power of two) with up to
+// kQueryBlock float32 query rows, accumulated in float32, in one read of the row. The pass over the
+// unvisited rows is memory-bound (measured on this 2-core machine: 16 GB/s over rows in memory order,
+// 10 GB/s in random order, hence FallbackScan's row order), so its rows are read as float16: half the bytes
+// of float32, at an error bound ~6x float32's (see tfp_kernels/order/scan.py: half_scan_slack), which the
+// exact settle absorbs. Versions for AVX-512 and AVX2 (both with F16C and FMA) and a portable one, picked
+// once by CPU feature; the bound holds for any summation order and for fused multiply-adds.
 constexpr int64_t kQueryBlock = 4;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TFP_CPU_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TFP_CPU_DISPATCH
-#endif
+using RowDotsFn = void (*)(const uint16_t* x, const float* const* q, int64_t dim, float* out);
 
-TFP_CPU_DISPATCH
-void row_dots(const float* x, const float* const* q, int64_t w, int64_t dim, float* out, float* x_sq) {
-  constexpr int kL = 16;
-  float acc[kQueryBlock + 1][kL] = {};
-  const float* q0 = q[0];
-  const float* q1 = q[w > 1 ? 1 : 0];
-  const float* q2 = q[w > 2 ? 2 : 0];
-  const float* q3 = q[w > 3 ? 3 : 0];
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+void row_dots_portable(const uint16_t* x, const float* const* q, int64_t dim, float* out) {
+  constexpr int kL = 8;
+  float acc[kQueryBlock][kL] = {};
   int64_t k = 0;
   for (; k + kL <= dim; k += kL) {
     for (int l = 0; l < kL; ++l) {
-      const float v = x[k + l];
-      acc[0][l] += v * q0[k + l];
-      acc[1][l] += v * q1[k + l];
-      acc[2][l] += v * q2[k + l];
-      acc[3][l] += v * q3[k + l];
-      acc[4][l] += v * v;
+      const float v = half_to_float(x[k + l]);
+      for (int j = 0; j < kQueryBlock; ++j) acc[j][l] += v * q[j][k + l];
     }
   }
   for (; k < dim; ++k) {
-    const float v = x[k];
-    acc[0][0] += v * q0[k];
-    acc[1][0] += v * q1[k];
-    acc[2][0] += v * q2[k];
-    acc[3][0] += v * q3[k];
-    acc[4][0] += v * v;
+    const float v = half_to_float(x[k]);
+    for (int j = 0; j < kQueryBlock; ++j) acc[j][0] += v * q[j][k];
   }
-  float total[kQueryBlock + 1];
-  for (int j = 0; j <= kQueryBlock; ++j) {
+  for (int j = 0; j < kQueryBlock; ++j) {
     float t = 0.0f;
     for (int l = 0; l < kL; ++l) t += acc[j][l];
-    total[j] = t;
+    out[j] = t;
   }
-  for (int64_t j = 0; j < w && j < kQueryBlock; ++j) out[j] = total[j];
-  if (x_sq) *x_sq = total[kQueryBlock];
 }
 
-// Exact scan of the unvisited nodes for the rule's pick after `last`. One float32 pass of products over
-// the unvisited rows against `last` and the other window nodes (row_dots, each row read once, in place)
-// gives every row approximate squared distances within the error bound `slack` of the exact ones; those
-// bounds leave only a few rows whose exact (double-precision) distances can change the pick, and only
-// those are computed exactly.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TFP_X86_HALF_KERNELS 1
+__attribute__((target("avx512f,avx2,f16c,fma"))) void row_dots_avx512(const uint16_t* x, const float* const* q,
+                                                                        int64_t dim, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
+    a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[0] + k), a0);
+    a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[1] + k), a1);
+    a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[2] + k), a2);
+    a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[3] + k), a3);
+  }
+  float t[kQueryBlock] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                          _mm512_reduce_add_ps(a3)};
+  for (; k < dim; ++k) {
+    const float v = _cvtsh_ss(x[k]);
+    for (int j = 0; j < kQueryBlock; ++j) t[j] += v * q[j][k];
+  }
+  for (int j = 0; j < kQueryBlock; ++j) out[j] = t[j];
+}
+
+__attribute__((target("avx2,f16c,fma"))) float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+__attribute__((target("avx2,f16c,fma"))) void row_dots_avx2(const uint16_t* x, const float* const* q, int64_t dim,
+                                                             float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+    a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[0] + k), a0);
+    a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[1] + k), a1);
+    a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[2] + k), a2);
+    a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[3] + k), a3);
+  }
+  float t[kQueryBlock] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+  for (; k < dim; ++k) {
+    const float v = _cvtsh_ss(x[k]);
+    for (int j = 0; j < kQueryBlock; ++j) t[j] += v * q[j][k];
+  }
+  for (int j = 0; j < kQueryBlock; ++j) out[j] = t[j];
+}
+#endif
+
+// The best version this CPU runs; the environment variable TFP_KERNELS_SCAN_ISA ("avx512", "avx2" or
+// "portable") caps the choice, so that tests can compare every version on one machine.
+RowDotsFn pick_row_dots() {
+  const char* cap = std::getenv("TFP_KERNELS_SCAN_ISA");
+  const std::string isa = cap ? cap : "avx512";
+  TORCH_CHECK(isa == "avx512" || isa == "avx2" || isa == "portable",
+              "TFP_KERNELS_SCAN_ISA must be avx512, avx2 or portable, got ", isa);
+#ifdef TFP_X86_HALF_KERNELS
+  __builtin_cpu_init();
+  const bool f16c_fma = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  if (isa == "avx512" && f16c_fma && __builtin_cpu_supports("avx512f")) return row_dots_avx512;
+  if (isa != "portable" && f16c_fma && __builtin_cpu_supports("avx2")) return row_dots_avx2;
+#endif
+  return row_dots_portable;
+}
+
+// Exact scan of the unvisited nodes for the rule's pick after `last`. One pass of products over the
+// float16 copies of the unvisited rows against `last` and the other window nodes (row_dots, each row read
+// once, in place) gives every row approximate squared distances within the error bound `slack` of the
+// exact ones; those bounds leave only a few rows whose exact (double-precision) distances can change the
+// pick, and only those are computed exactly.
 //
 // (It replaced a scan that took candidates in the order of a lower bound from 64-dimensional projections
 // and computed exact distances in growing batches: on isotropic clusters in 768 dimensions the projections
@@ -173,14 +234,17 @@ void row_dots(const float* x, const float* const* q, int64_t w, int64_t dim, flo
 template <typename scalar_t>
 class FallbackScan {
  public:
-  // rows32: (N, D) float32 prepared rows (unit rows for cosine) on the host; slack: (N,) bounds of
-  // |s2_float32 - s2_exact| for every pair of each node. With groups, the scan runs over the groups that
-  // still have an unvisited member: one row per group, standing for its next unvisited member (the one
-  // the rule takes among equals).
-  FallbackScan(const ExactDistance<scalar_t>& dist, const at::Tensor& rows32, const double* slack, const bool* seen,
-               const Groups& groups, int64_t num_rows, double t2)
-      : dist_(dist), rows32_(rows32.data_ptr<float>()), dim_(rows32.size(1)), slack_(slack), groups_(groups),
-        seen_(seen), t2_(t2), alive_(num_rows, 0) {
+  // rows16: (N, D) float16 prepared rows (unit rows for cosine) divided by scale (N,) float64 (powers of
+  // two); sq_norms: (N,) float64 squared norms of the prepared rows; slack: (N,) bounds of
+  // |s2_pass - s2_exact| for every pair of each node. With groups, the scan runs over the groups that still
+  // have an unvisited member: one row per group, standing for its next unvisited member (the one the rule
+  // takes among equals).
+  FallbackScan(const ExactDistance<scalar_t>& dist, const at::Tensor& rows16, const double* scale,
+               const double* sq_norms, const double* slack, const bool* seen, const Groups& groups, int64_t num_rows,
+               double t2)
+      : dist_(dist), rows16_(reinterpret_cast<const uint16_t*>(rows16.data_ptr<at::Half>())), dim_(rows16.size(1)),
+        scale_(scale), sq_norms_(sq_norms), slack_(slack), groups_(groups), seen_(seen), t2_(t2),
+        row_dots_(pick_row_dots()), alive_(num_rows, 0) {
     for (int64_t i = 0; i < num_rows; ++i) {
       if (groups_.resolve(i, seen) >= 0) {
         alive_[i] = 1;
@@ -310,32 +374,37 @@ class FallbackScan {
  private:
   static constexpr int8_t kInvalid = 0, kUndecided = 1, kSurelyValid = 2;
 
-  // Float32 squared distances of every list row of order_ to `last` (s2_last_), its node (node_, -1 when
-  // none is unvisited) and its status against the window (invalid: surely below t for some window node;
-  // surely valid: surely >= t for all; undecided).
+  // Approximate squared distances of every list row of order_ to `last` (s2_last_), its node (node_, -1
+  // when none is unvisited) and its status against the window (invalid: surely below t for some window
+  // node; surely valid: surely >= t for all; undecided).
   void approximate(const int64_t* path, int64_t last, int64_t win_begin, int64_t step) {
     query_.assign(1, last);
     for (int64_t q = win_begin; q < step - 1; ++q) query_.push_back(path[q]);
     const int64_t w = static_cast<int64_t>(query_.size());
-    std::vector<const float*> q_rows(w);
-    query_sq_.resize(w);
+    // the query rows in float32, from the embeddings (their rounding is in the bound), in blocks of
+    // kQueryBlock (a short last block repeats its first row)
+    const int64_t blocks = (w + kQueryBlock - 1) / kQueryBlock;
+    query32_.resize(static_cast<size_t>(w * dim_));
+    q_rows_.resize(static_cast<size_t>(blocks * kQueryBlock));
     lower_.resize(w);
     upper_.resize(w);
     for (int64_t q = 0; q < w; ++q) {
-      q_rows[q] = rows32_ + query_[q] * dim_;
-      float unused;
-      row_dots(q_rows[q], &q_rows[q], 1, dim_, &unused, &query_sq_[q]);
+      dist_.prepared_row(query_[q], query32_.data() + q * dim_);
       // t^2 -/+ the bound of each window node, widened by the margin
       const double band = slack_[query_[q]] + 1e-9 * t2_;
       lower_[q] = t2_ - band;
       upper_[q] = t2_ + band;
+    }
+    for (int64_t b = 0; b < blocks * kQueryBlock; ++b) {
+      const int64_t q = b < w ? b : (b / kQueryBlock) * kQueryBlock;
+      q_rows_[b] = query32_.data() + q * dim_;
     }
     const int64_t rows = static_cast<int64_t>(order_.size());
     s2_last_.resize(rows);
     node_.resize(rows);
     status_.resize(rows);
     at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
-      std::vector<float> dots(w);
+      std::vector<float> dots(blocks * kQueryBlock);
       for (int64_t i = begin; i < end; ++i) {
         // (resolve advances group_next[row]: each row is another group, so threads never share one)
         const int64_t row = order_[i];
@@ -346,17 +415,14 @@ class FallbackScan {
           status_[i] = kInvalid;
           continue;
         }
-        const float* x = rows32_ + groups_.representative(row) * dim_;
-        float x_sq = 0.0f;
-        for (int64_t q0 = 0; q0 < w; q0 += kQueryBlock) {
-          row_dots(x, q_rows.data() + q0, std::min(kQueryBlock, w - q0), dim_, dots.data() + q0, q0 == 0 ? &x_sq : nullptr);
+        const int64_t rep = groups_.representative(row);
+        for (int64_t b = 0; b < blocks; ++b) {
+          row_dots_(rows16_ + rep * dim_, q_rows_.data() + b * kQueryBlock, dim_, dots.data() + b * kQueryBlock);
         }
         int8_t status = kSurelyValid;
         for (int64_t q = 0; q < w; ++q) {
-          // the operations and roundings of the band lists' s2 (band_select_cpu.cpp)
-          float v = (-2.0f * dots[q] + x_sq) + query_sq_[q];
-          v = v < 0.0f ? 0.0f : v;
-          const double a = static_cast<double>(v);
+          double a = sq_norms_[rep] + sq_norms_[query_[q]] - 2.0 * scale_[rep] * static_cast<double>(dots[q]);
+          a = a < 0.0 ? 0.0 : a;
           if (q == 0) s2_last_[i] = a;
           if (a < lower_[q]) {
             status = kInvalid;
@@ -370,27 +436,39 @@ class FallbackScan {
   }
 
   const ExactDistance<scalar_t>& dist_;
-  const float* rows32_;
+  const uint16_t* rows16_;
   int64_t dim_;
+  const double* scale_;
+  const double* sq_norms_;
   const double* slack_;
   const Groups& groups_;
   const bool* seen_;
   double t2_;
+  RowDotsFn row_dots_;
   std::vector<uint8_t> alive_;  // list rows with an unvisited node
   int64_t num_alive_ = 0;
   std::vector<int64_t> order_;  // the list rows the pass reads, in memory order: the alive ones and some dead
   std::vector<int64_t> query_;
-  std::vector<float> query_sq_;
+  std::vector<float> query32_;
+  std::vector<const float*> q_rows_;
   std::vector<double> lower_, upper_, s2_last_, values_;
   std::vector<int64_t> node_, cand_;
   std::vector<int8_t> status_;
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
 };
 
+// The host scan's inputs (FallbackScan): rows empty when the caller runs the scans.
+struct ScanRows {
+  const at::Tensor& rows;      // (N, D) float16, prepared rows / scale
+  const at::Tensor& scale;     // (N,) float64, powers of two
+  const at::Tensor& sq_norms;  // (N,) float64
+  const at::Tensor& slack;     // (N,) float64, bounds of |s2_pass - s2_exact|
+};
+
 template <typename scalar_t>
 int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
-                  const at::Tensor& num_close, const at::Tensor& scan_rows, at::Tensor& path, at::Tensor& visited,
+                  const at::Tensor& num_close, const ScanRows& scan_in, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
                   int64_t max_rejections, bool cosine, const Groups& groups) {
   const int64_t n = embeddings.size(0);
@@ -404,12 +482,13 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   const int32_t* close = num_close.data_ptr<int32_t>();
   int64_t* p = path.data_ptr<int64_t>();
   bool* seen = visited.data_ptr<bool>();
-  const bool scan_here = scan_rows.numel() > 0;
+  const bool scan_here = scan_in.rows.numel() > 0;
   std::unique_ptr<FallbackScan<scalar_t>> scan;
   if (scan_here) {
     const double t2 = cosine ? 2.0 * threshold : threshold * threshold;  // the threshold on squared distances
-    scan = std::make_unique<FallbackScan<scalar_t>>(dist, scan_rows, slack, seen, groups,
-                                                    groups.group_of ? band_limit2.numel() : n, t2);
+    scan = std::make_unique<FallbackScan<scalar_t>>(
+        dist, scan_in.rows, scan_in.scale.data_ptr<double>(), scan_in.sq_norms.data_ptr<double>(),
+        scan_in.slack.data_ptr<double>(), seen, groups, groups.group_of ? band_limit2.numel() : n, t2);
   }
 
   int64_t fallbacks = 0;
@@ -488,14 +567,15 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
 
 int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                      const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
-                     const at::Tensor& num_close, const at::Tensor& scan_rows, at::Tensor& path,
+                     const at::Tensor& num_close, const at::Tensor& scan_rows, const at::Tensor& scan_scale,
+                     const at::Tensor& scan_sq_norms, const at::Tensor& scan_slack, at::Tensor& path,
                      at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine,
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows, &path,
-           &visited, &num_fallbacks}) {
+           &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
+           &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
     TORCH_CHECK(t->device().is_cpu(), "tfp_walk: every tensor must be on the CPU");
     TORCH_CHECK(t->is_contiguous(), "tfp_walk: every tensor must be contiguous");
   }
@@ -543,20 +623,27 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   TORCH_CHECK(!cosine || norms.numel() == n, "tfp_walk: cosine needs the (N,) float64 row norms");
   TORCH_CHECK(scan_rows.numel() == 0 || (scan_rows.dim() == 2 && scan_rows.size(0) == n &&
                                          scan_rows.size(1) == embeddings.size(1) &&
-                                         scan_rows.scalar_type() == at::kFloat),
+                                         scan_rows.scalar_type() == at::kHalf),
               "tfp_walk: scan_rows must be empty or the (N, D) = (", n, ", ", embeddings.size(1),
-              ") float32 prepared rows");
+              ") float16 scaled prepared rows");
+  if (scan_rows.numel() > 0) {
+    for (const at::Tensor* t : {&scan_scale, &scan_sq_norms, &scan_slack}) {
+      TORCH_CHECK(t->scalar_type() == at::kDouble && t->numel() == n,
+                  "tfp_walk: scan_scale, scan_sq_norms and scan_slack must be (N,) = (", n, ",) float64");
+    }
+  }
   TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
               "tfp_walk: num_fallbacks must be empty or an int64 counter");
   if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
+  const ScanRows scan_in{scan_rows, scan_scale, scan_sq_norms, scan_slack};
   if (embeddings.scalar_type() == at::kFloat) {
-    return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_rows,
+    return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
                             cosine, groups);
   }
-  return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_rows,
+  return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
                            cosine, groups);
 }

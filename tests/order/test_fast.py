@@ -150,7 +150,7 @@ def test_larger_n_validated_with_check_path():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_host_scans_with_caps_and_windows(seed):
-    """The C++ walk's own scans (fallback="host") on inputs where most steps scan (K = 1 or 2): the float32 pass,
+    """The C++ walk's own scans (fallback="host") on inputs where most steps scan (K = 1 or 2): the float16 pass,
     its bounds and the exact settling equal the reference for caps that fire (0, 2, 7), windows 1 to 6, both
     metrics; rows with many exact ties (small integers) give a path that check_path accepts."""
     g = torch.Generator().manual_seed(seed)
@@ -179,11 +179,19 @@ def test_walk_op_rejects_bad_arguments():
     args = [emb, torch.empty(0, dtype=torch.float64), lists, torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64),
             torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32), torch.empty(0, dtype=torch.float64),
             torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), torch.zeros(1, dtype=torch.long)]
+    args[8:8] = [torch.empty(0, dtype=torch.float64)] * 3  # scan_scale, scan_sq_norms, scan_slack
     with pytest.raises(RuntimeError, match="step must lie in"):
         torch.ops.tfp_kernels.tfp_walk(*args, 0, -1, 1.0, 4, -1, False)
     bad = list(args)
     bad[2] = lists.long()
     with pytest.raises(RuntimeError, match="band_index must have dtype Int"):
+        torch.ops.tfp_kernels.tfp_walk(*bad, 1, -1, 1.0, 4, -1, False)
+    bad = list(args)
+    bad[7] = emb.clone()  # float32 rows: the scan reads float16 copies
+    with pytest.raises(RuntimeError, match="float16 scaled prepared rows"):
+        torch.ops.tfp_kernels.tfp_walk(*bad, 1, -1, 1.0, 4, -1, False)
+    bad[7] = emb.half()
+    with pytest.raises(RuntimeError, match="scan_scale, scan_sq_norms and scan_slack must be"):
         torch.ops.tfp_kernels.tfp_walk(*bad, 1, -1, 1.0, 4, -1, False)
 
 
@@ -259,6 +267,7 @@ def test_walk_op_rejects_partial_group_arguments():
             torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32),
             torch.empty(0, dtype=torch.float64), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool),
             torch.zeros(1, dtype=torch.long)]
+    args[8:8] = [torch.empty(0, dtype=torch.float64)] * 3  # scan_scale, scan_sq_norms, scan_slack
     with pytest.raises(RuntimeError, match="pass all of group_of"):
         torch.ops.tfp_kernels.tfp_walk(*args, 1, -1, 1.0, 4, -1, False, torch.zeros(4, dtype=torch.int32))
     group_args = (torch.zeros(4, dtype=torch.int32), torch.tensor([0, 4]), torch.arange(4), torch.zeros(1, dtype=torch.long))

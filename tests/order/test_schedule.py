@@ -76,7 +76,8 @@ def test_walk_counts_the_visited_entries_of_undecided_lists():
         counter = torch.zeros(3, dtype=torch.long)
         step = torch.ops.tfp_kernels.tfp_walk(
             emb, torch.empty(0, dtype=torch.float64), lists.index, lists.s2, limit2, slack, lists.num_close,
-            torch.empty(0), path, visited, counter, 1, -1, threshold, 4, max_rejections, False,
+            torch.empty(0, dtype=torch.float16), *[torch.empty(0, dtype=torch.float64)] * 3, path, visited, counter,
+            1, -1, threshold, 4, max_rejections, False,
         )
         return step, counter.tolist()
 
@@ -105,7 +106,7 @@ def test_walk_counts_the_scans_where_the_cap_could_fire(monkeypatch):
 
         @staticmethod
         def tfp_walk(*args):
-            counters.append(args[10])
+            counters.append(args[13])
             return ops.tfp_walk(*args)
 
     monkeypatch.setattr(torch.ops, "tfp_kernels", Spy())

@@ -959,7 +959,8 @@ def _walk_root(
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
-    scan_rows = torch.empty(0, dtype=torch.float32)  # no rows: the op returns at every scan
+    # no rows: the op returns at every scan
+    scan_inputs = (torch.empty(0, dtype=torch.float16),) + (torch.empty(0, dtype=torch.float64),) * 3
     counter = torch.zeros(3, dtype=torch.long)  # [0], [1] stay 0 (the op never scans here); [2]: stale entries
     cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
@@ -995,7 +996,7 @@ def _walk_root(
                 limit2,
                 slack_host,
                 num_close,
-                scan_rows,
+                *scan_inputs,
                 path,
                 visited,
                 counter,

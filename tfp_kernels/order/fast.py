@@ -26,6 +26,7 @@ import torch
 
 from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
+from .host_scan import HalfScanRows, half_scan_rows
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, run_walk
@@ -163,8 +164,8 @@ def fast_tfp_order(
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
 
-    ``fallback="host"`` runs the exact fallback scans inside the C++ walk (a float32 product pass over host
-    copies of the unvisited rows, settled in double precision); ``"device"`` runs them with torch on the device of the embeddings,
+    ``fallback="host"`` runs the exact fallback scans inside the C++ walk (a product pass over float16 host
+    copies of the unvisited rows, settled in double precision: :mod:`~tfp_kernels.order.host_scan`); ``"device"`` runs them with torch on the device of the embeddings,
     returning from the C++ walk at each one; ``"triton"``: like ``"device"`` but each scan is one fused
     Triton pass over the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without the rejection
     cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
@@ -299,7 +300,7 @@ def fast_tfp_order(
     visited_dev = visited.to(device)
     synced = 1  # path[:synced] is marked in visited_dev
     if fallback == "auto":
-        # CUDA: the host scan (C++, one float32 pass over the unvisited rows, ~0.3 ms at N = 4,000 on 2 cores)
+        # CUDA: the host scan (C++, one float16 pass over the unvisited rows, ~0.3 ms at N = 4,000 on 2 cores)
         # beats the torch device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a
         # training loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
         fallback = "host" if device.type == "cpu" or n <= _HOST_SCAN_MAX_NODES else "device"
@@ -314,10 +315,11 @@ def fast_tfp_order(
         if not triton_available():
             raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     y64 = None  # projections for the device scans' lower bounds, computed at the first of them
-    # the host scans' float32 prepared rows (for l2 inputs of float32, the walk's own rows: no copy)
-    scan_rows_host = torch.empty(0, dtype=torch.float32)
+    # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
+    empty = torch.empty(0, dtype=torch.float64)
+    host_scan = HalfScanRows(torch.empty(0, dtype=torch.float16), empty, empty, empty)
     if fallback == "host":
-        scan_rows_host = emb_host if metric == "l2" and emb_host.dtype == torch.float32 else x32.to(host).contiguous()
+        host_scan = half_scan_rows(x32)
     # scans in the C++ walk; those of them where the cap could fire; visited entries of undecided lists
     counter = torch.zeros(3, dtype=torch.long)
     cap = -1 if max_rejections is None else max_rejections
@@ -378,7 +380,7 @@ def fast_tfp_order(
                 limit2,
                 slack_host,
                 num_close,
-                scan_rows_host,
+                *host_scan,
                 path,
                 visited,
                 counter,

@@ -1,0 +1,81 @@
+"""Inputs of the C++ walk's host fallback scan (``FallbackScan`` in ``csrc/cpu/walk_cpu.cpp``).
+
+The scan makes one pass of dot products over the unvisited rows against ``last`` and the other window
+nodes, then settles the few rows its error bound leaves open with exact double-precision distances. The
+pass is memory-bound (16 GB/s over float32 rows on the 2-core CI machine), so it reads a float16 copy of
+the prepared rows: half the bytes. Each row is divided by a power of two (``scale``) that brings its largest
+entry to [2^14, 2^15), inside float16's normal range, so every entry keeps float16's relative precision
+(2^-11) whatever the magnitude of the embeddings; the query rows stay in float32.
+
+Error bound (:func:`half_scan_error_coef`): with ``x`` an exact prepared row, ``xh = scale * float16(x32 /
+scale)`` its copy and ``q = float32(y)`` a query row,
+
+- ``|xh_k - x_k| <= e |x_k| + a`` with ``e = u16 (1 + u) + u`` (``u = 2^-24``: the float32 rows; ``u16 =
+  2^-11``) and ``a <= 2^-25 scale``, the half-ulp of float16's subnormals, for entries below 2^-14 scale;
+  since ``scale <= 2^-14 max|x32_k|`` (or ``2^-114`` for rows below ``2^-100``), ``a <= 2^-39 |x|`` (or
+  ``2^-139``);
+- the float32 accumulation of the D products (any order, fused or not) adds ``gamma_D sum |xh_k q_k|``;
+- ``s2 = |x32|^2 + |y32|^2 - 2 scale dot`` in double, with the squared norms of the float32 rows in double.
+
+With ``2 |x| |y| <= |x|^2 + |y|^2`` this gives ``|s2_pass - s2| <= c (|x|^2 + |y|^2) + abs`` with
+``c = e (1 + u) + u + gamma_D (1 + e)(1 + u) + 2^-39 sqrt(D) (1 + u) + 2.01 u + (D + 8) 2^-53`` (the last two:
+the norms of the float32 rows and the double arithmetic) and ``abs = 2^-138 sqrt(D) max|y|`` (also covering float32 subnormals). At D = 768,
+``c = 5.4e-4``, 5.8x the float32 pass's bound; the walk's settle computes the rows within a few bounds of
+the answer exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+_U32 = 2.0**-24
+_U16 = 2.0**-11
+#: Rows whose largest entry is below 2^MIN_EXPONENT keep the scale of that bound (float32 multipliers
+#: stay finite); their entries may fall in float16's subnormal range (covered by the absolute term).
+_MIN_EXPONENT = -100
+
+
+class HalfScanRows(NamedTuple):
+    """The host scan's copy of the prepared rows (host tensors, the ``scan_*`` arguments of ``tfp_walk``).
+
+    rows: (N, D) float16, the float32 prepared rows divided by ``scale``; scale: (N,) float64 powers of two;
+    sq_norms: (N,) float64 squared norms of the float32 prepared rows; slack: (N,) float64, bound of
+    ``|s2_pass - s2_exact|`` for every pair of each row.
+    """
+
+    rows: torch.Tensor
+    scale: torch.Tensor
+    sq_norms: torch.Tensor
+    slack: torch.Tensor
+
+
+def half_scan_error_coef(dim: int) -> float:
+    """The coefficient ``c`` of the module docstring's bound, for rows of ``dim`` entries."""
+    u = _U32
+    gamma = dim * u / (1.0 - dim * u)
+    e = _U16 * (1.0 + u) + u
+    return (
+        e * (1.0 + u) + u + gamma * (1.0 + e) * (1.0 + u) + 2.0**-39 * math.sqrt(dim) * (1.0 + u) + 2.01 * u
+        + (dim + 8) * 2.0**-53
+    )
+
+
+def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
+    """The host scan's inputs for ``x32`` (N, D) float32 prepared rows (any device; returned on the host).
+
+    Empty rows (all zeros) get ``scale = 2^-15`` and zero entries.
+    """
+    host = torch.device("cpu")
+    n, dim = x32.shape
+    amax = x32.abs().amax(dim=1) if dim else x32.new_zeros(n)
+    exponent = torch.frexp(amax).exponent.clamp(min=_MIN_EXPONENT + 1)  # 2^(e-1) <= amax < 2^e
+    shift = 15 - exponent  # entries * 2^shift: largest in [2^14, 2^15)
+    rows = (x32 * torch.pow(2.0, shift.float())[:, None]).to(torch.float16)
+    scale = torch.pow(2.0, -shift.to(torch.float64))
+    sq_norms = x32.double().square().sum(dim=1)
+    max_sq = float(sq_norms.max()) if n else 0.0
+    slack = half_scan_error_coef(dim) * (sq_norms + max_sq) * (1.0 + 1e-6) + 2.0**-138 * math.sqrt(dim * max_sq)
+    return HalfScanRows(*(t.to(host).contiguous() for t in (rows, scale, sq_norms, slack)))
