@@ -4,7 +4,8 @@
 // row_offset .. row_offset + B - 1, so the row's own column is skipped): count the entries below
 // upper[i], and keep the K smallest entries >= lower[i] ordered by (value, column). Values are packed
 // with their column into int64 keys (non-negative float bits order like the values) and kept in a
-// bounded max-heap, one pass over the row. Rows are processed in parallel.
+// bounded max-heap, one pass over the row (vectorised by chunks of columns, select_row). Rows are
+// processed in parallel.
 //
 // With row_sq (B,) and col_sq (N,) the block holds dot products instead, and each squared distance is
 // formed on the fly as max((-2 dot + col_sq[j]) + row_sq[i], 0) in float32, the very operations (and
@@ -25,6 +26,81 @@
 #include "ops.h"
 
 namespace tfp {
+
+namespace {
+
+// The squared distance of column j as the torch epilogue forms it (from a dot product when FromDots).
+template <bool FromDots>
+inline float entry_s2(const float* row, const float* col_sq, float row_sq, int64_t j) {
+  float x = row[j];
+  if (FromDots) {
+    x = (-2.0f * x + col_sq[j]) + row_sq;  // -2 x is exact: a fused multiply-add rounds the same
+    x = x < 0.0f ? 0.0f : x;               // clamp_(min=0); never -0.0 here (sums of >= +0 terms)
+  }
+  return x;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TFP_SELECT_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TFP_SELECT_DISPATCH
+#endif
+
+// One row: the count of columns (self excluded) below `upper`, and the K smallest keys (value bits, column)
+// of the columns >= `lower` in a max-heap. Columns go by chunks of 16: the chunk's values, its count below
+// `upper` and whether any value may enter the heap are computed branch-free (vectorised); only chunks with
+// a candidate (rare once the heap is full) are walked one by one.
+template <bool FromDots>
+TFP_SELECT_DISPATCH int32_t select_row(const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
+                                       float lower, float upper, int64_t k, std::vector<int64_t>& heap) {
+  constexpr int kChunk = 16;
+  int32_t below = 0;
+  // value of the K-th best key once K are held: larger values cannot enter (equal ones may, by column)
+  float cutoff = std::numeric_limits<float>::infinity();
+  auto offer = [&](float x, int64_t j) {
+    if (j == self || !(x >= lower) || x > cutoff) return;
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push_back(key);
+      std::push_heap(heap.begin(), heap.end());
+    } else if (key < heap.front()) {
+      std::pop_heap(heap.begin(), heap.end());
+      heap.back() = key;
+      std::push_heap(heap.begin(), heap.end());
+    } else {
+      return;
+    }
+    if (static_cast<int64_t>(heap.size()) == k) {
+      const int32_t worst = static_cast<int32_t>(heap.front() >> 32);
+      std::memcpy(&cutoff, &worst, sizeof(cutoff));
+    }
+  };
+  float xs[kChunk];
+  int64_t j0 = 0;
+  for (; j0 + kChunk <= n; j0 += kChunk) {
+    int32_t count = 0, any = 0;
+    for (int l = 0; l < kChunk; ++l) {
+      const float x = entry_s2<FromDots>(row, col_sq, row_sq, j0 + l);
+      xs[l] = x;
+      count += x < upper;
+      any |= (x >= lower) & (x <= cutoff);
+    }
+    below += count;
+    if (!any) continue;
+    for (int l = 0; l < kChunk; ++l) offer(xs[l], j0 + l);
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    const float x = entry_s2<FromDots>(row, col_sq, row_sq, j);
+    below += x < upper;
+    offer(x, j);
+  }
+  if (self >= 0 && self < n) below -= entry_s2<FromDots>(row, col_sq, row_sq, self) < upper;  // not itself
+  return below;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
                                                                const at::Tensor& lower, const at::Tensor& upper,
@@ -67,40 +143,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
     std::vector<int64_t> heap;
     heap.reserve(k + 1);
     for (int64_t i = begin; i < end; ++i) {
+      heap.clear();
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
-      const float lower_i = lo_p[i], upper_i = hi_p[i];
-      int32_t below = 0;
-      heap.clear();
-      // value of the K-th best key once K are held: larger values cannot enter (equal ones may, by column)
-      float cutoff = std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        if (j == self) continue;
-        float x = row[j];
-        if (from_dots) {
-          x = (-2.0f * x + csq_p[j]) + rsq_p[i];  // -2 x is exact: a fused multiply-add rounds the same
-          x = x < 0.0f ? 0.0f : x;                // clamp_(min=0); never -0.0 here (sums of >= +0 terms)
-        }
-        below += x < upper_i;
-        if (!(x >= lower_i) || x > cutoff) continue;
-        int32_t bits;
-        std::memcpy(&bits, &x, sizeof(bits));
-        const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
-        if (static_cast<int64_t>(heap.size()) < k) {
-          heap.push_back(key);
-          std::push_heap(heap.begin(), heap.end());
-        } else if (key < heap.front()) {
-          std::pop_heap(heap.begin(), heap.end());
-          heap.back() = key;
-          std::push_heap(heap.begin(), heap.end());
-        } else {
-          continue;
-        }
-        if (static_cast<int64_t>(heap.size()) == k) {
-          const int32_t worst = static_cast<int32_t>(heap.front() >> 32);
-          std::memcpy(&cutoff, &worst, sizeof(cutoff));
-        }
-      }
+      const int32_t below = from_dots ? select_row<true>(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], k, heap)
+                                      : select_row<false>(row, nullptr, 0.0f, n, self, lo_p[i], hi_p[i], k, heap);
       std::sort_heap(heap.begin(), heap.end());
       close_p[i] = below;
       for (int64_t j = 0; j < k; ++j) {

