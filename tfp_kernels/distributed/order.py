@@ -60,8 +60,9 @@ from ..order.api import OrderStats
 from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
 from ..order.distance import pair_distances, prepare
 from ..order.fast import squared_threshold
+from ..order.host_scan import no_host_scan
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.schedule import MIN_REBUILD_NODES, run_walk
+from ..order.schedule import MIN_REBUILD_NODES, bind_walk, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
@@ -959,10 +960,7 @@ def _walk_root(
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
-    # no rows: the op returns at every scan
-    scan_inputs = (torch.empty(0, dtype=torch.float16),) + (torch.empty(0, dtype=torch.float64),) * 3
     counter = torch.zeros(3, dtype=torch.long)  # [0], [1] stay 0 (the op never scans here); [2]: stale entries
-    cap = -1 if max_rejections is None else max_rejections
     synced = 0  # path[:synced] has been sent to the other ranks
 
     def command(cmd: int, step: int, win_rows: torch.Tensor | None = None) -> None:
@@ -986,28 +984,12 @@ def _walk_root(
             bar = None
     have_basis = False
 
-    def walk(step: int, stop: int) -> int:
-        return int(
-            torch.ops.tfp_kernels.tfp_walk(
-                emb_host,
-                norms_host,
-                band_index,
-                band_s2,
-                limit2,
-                slack_host,
-                num_close,
-                *scan_inputs,
-                path,
-                visited,
-                counter,
-                step,
-                stop,
-                threshold,
-                window,
-                cap,
-                metric == "cosine",
-            )
-        )
+    walk = bind_walk(
+        embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
+        slack=slack_host, num_close=num_close, host_scan=no_host_scan(), path=path, visited=visited,
+        counter=counter, threshold=threshold, window=window, max_rejections=max_rejections,
+        cosine=metric == "cosine",
+    )
 
     def pick(step: int) -> int:  # a sharded exact scan
         nonlocal have_basis

@@ -26,10 +26,10 @@ import torch
 
 from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
-from .host_scan import HalfScanRows, half_scan_rows
+from .host_scan import half_scan_rows, no_host_scan
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
-from .schedule import MIN_REBUILD_NODES, run_walk
+from .schedule import MIN_REBUILD_NODES, bind_walk, run_walk
 
 
 @dataclass
@@ -316,13 +316,9 @@ def fast_tfp_order(
             raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     y64 = None  # projections for the device scans' lower bounds, computed at the first of them
     # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
-    empty = torch.empty(0, dtype=torch.float64)
-    host_scan = HalfScanRows(torch.empty(0, dtype=torch.float16), empty, empty, empty)
-    if fallback == "host":
-        host_scan = half_scan_rows(x32)
+    host_scan = half_scan_rows(x32) if fallback == "host" else no_host_scan()
     # scans in the C++ walk; those of them where the cap could fire; visited entries of undecided lists
     counter = torch.zeros(3, dtype=torch.long)
-    cap = -1 if max_rejections is None else max_rejections
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -370,29 +366,12 @@ def fast_tfp_order(
     if rebuild not in ("auto", None):
         raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
 
-    def walk(step: int, stop: int) -> int:
-        return int(
-            torch.ops.tfp_kernels.tfp_walk(
-                emb_host,
-                norms_host,
-                band_index,
-                band_s2,
-                limit2,
-                slack_host,
-                num_close,
-                *host_scan,
-                path,
-                visited,
-                counter,
-                step,
-                stop,
-                threshold,
-                window,
-                cap,
-                metric == "cosine",
-                *group_args,
-            )
-        )
+    walk = bind_walk(
+        embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
+        slack=slack_host, num_close=num_close, host_scan=host_scan, path=path, visited=visited, counter=counter,
+        threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
+        group_args=group_args,
+    )
 
     def rebuild_lists(step: int) -> None:
         if groups is not None:  # the groups with an unvisited member

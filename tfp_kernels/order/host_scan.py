@@ -79,3 +79,9 @@ def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
     max_sq = float(sq_norms.max()) if n else 0.0
     slack = half_scan_error_coef(dim) * (sq_norms + max_sq) * (1.0 + 1e-6) + 2.0**-138 * math.sqrt(dim * max_sq)
     return HalfScanRows(*(t.to(host).contiguous() for t in (rows, scale, sq_norms, slack)))
+
+
+def no_host_scan() -> HalfScanRows:
+    """Empty inputs: the C++ walk then returns at each step that needs a scan, for the caller to run it."""
+    empty = torch.empty(0, dtype=torch.float64)
+    return HalfScanRows(torch.empty(0, dtype=torch.float16), empty, empty, empty)

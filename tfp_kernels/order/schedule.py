@@ -88,6 +88,41 @@ class RebuildSchedule:
         self.rent = 0
 
 
+def bind_walk(
+    *,
+    embeddings: torch.Tensor,
+    norms: torch.Tensor,
+    band_index: torch.Tensor,
+    band_s2: torch.Tensor,
+    limit2: torch.Tensor,
+    slack: torch.Tensor,
+    num_close: torch.Tensor,
+    host_scan: tuple[torch.Tensor, ...],
+    path: torch.Tensor,
+    visited: torch.Tensor,
+    counter: torch.Tensor,
+    threshold: float,
+    window: int,
+    max_rejections: int | None,
+    cosine: bool,
+    group_args: tuple[torch.Tensor, ...] = (),
+) -> Callable[[int, int], int]:
+    """The C++ op ``tfp_walk`` bound to its tables, as :func:`run_walk`'s ``walk(step, stop)``.
+
+    The tensors are the op's (host, contiguous; see ``csrc/tfp_kernels.cpp``); rebuilds write into the band
+    tables in place, so the bound walk always reads the current lists. ``host_scan``: a
+    :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
+    :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them).
+    """
+    cap = -1 if max_rejections is None else max_rejections
+    tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
+
+    def walk(step: int, stop: int) -> int:
+        return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *group_args))
+
+    return walk
+
+
 @dataclass
 class WalkTally:
     """What :func:`run_walk` spent: seconds in the C++ walk calls, in the caller's scans and in rebuilds;
