@@ -158,6 +158,16 @@ void row_dots_portable(const uint16_t* x, const float* const* q, int64_t dim, fl
   }
 }
 
+// The vector versions' last (dim mod width) columns, added to their lane sums.
+inline void finish_row_dots(const uint16_t* x, const float* const* q, int64_t k, int64_t dim,
+                            const float* sums, float* out) {
+  for (int j = 0; j < kQueryBlock; ++j) out[j] = sums[j];
+  for (; k < dim; ++k) {
+    const float v = half_to_float(x[k]);
+    for (int j = 0; j < kQueryBlock; ++j) out[j] += v * q[j][k];
+  }
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TFP_X86_HALF_KERNELS 1
 __attribute__((target("avx512f,avx2,f16c,fma"))) void row_dots_avx512(const uint16_t* x, const float* const* q,
@@ -171,13 +181,9 @@ __attribute__((target("avx512f,avx2,f16c,fma"))) void row_dots_avx512(const uint
     a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[2] + k), a2);
     a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[3] + k), a3);
   }
-  float t[kQueryBlock] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                          _mm512_reduce_add_ps(a3)};
-  for (; k < dim; ++k) {
-    const float v = _cvtsh_ss(x[k]);
-    for (int j = 0; j < kQueryBlock; ++j) t[j] += v * q[j][k];
-  }
-  for (int j = 0; j < kQueryBlock; ++j) out[j] = t[j];
+  const float sums[kQueryBlock] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                   _mm512_reduce_add_ps(a3)};
+  finish_row_dots(x, q, k, dim, sums, out);
 }
 
 __attribute__((target("avx2,f16c,fma"))) float hsum256(__m256 v) {
@@ -197,12 +203,8 @@ __attribute__((target("avx2,f16c,fma"))) void row_dots_avx2(const uint16_t* x, c
     a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[2] + k), a2);
     a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q[3] + k), a3);
   }
-  float t[kQueryBlock] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
-  for (; k < dim; ++k) {
-    const float v = _cvtsh_ss(x[k]);
-    for (int j = 0; j < kQueryBlock; ++j) t[j] += v * q[j][k];
-  }
-  for (int j = 0; j < kQueryBlock; ++j) out[j] = t[j];
+  const float sums[kQueryBlock] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+  finish_row_dots(x, q, k, dim, sums, out);
 }
 #endif
 
