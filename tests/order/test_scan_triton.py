@@ -7,6 +7,7 @@ from tfp_kernels.order.band_topk import squared_distance_error_coef
 from tfp_kernels.order.band_topk_triton import triton_available
 from tfp_kernels.order.distance import distances_from, prepare
 from tfp_kernels.order.fast import squared_threshold
+from tfp_kernels.order.host_scan import half_rows, half_scan_slack
 from tfp_kernels.order.scan import exact_pick, projection_basis
 from tfp_kernels.order.scan_triton import masked_scan_torch, masked_scan_triton, triton_exact_pick
 from tfp_kernels.order.threshold import estimate_threshold
@@ -18,7 +19,8 @@ SCANS = [
 ]
 
 
-def _data(n, d, seed, duplicates=0, metric="l2"):
+def _data(n, d, seed, duplicates=0, metric="l2", half=False):
+    """Rows in 5 clusters; with ``half``, also the float16 rows the scan reads and their (wider) bound."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(5, d, generator=g) * 2
     emb = centers[torch.randint(0, 5, (n,), generator=g)] + 0.6 * torch.randn(n, d, generator=g)
@@ -27,14 +29,17 @@ def _data(n, d, seed, duplicates=0, metric="l2"):
     x64 = prepare(emb, metric)
     x32 = x64.float()
     sq = x32.square().sum(dim=1)
+    if half:
+        return emb, x64, x32, sq, half_scan_slack(sq, d, float32_norms=True), half_rows(x32)
     slack = squared_distance_error_coef(d, torch.float32) * (sq.double() + sq.max().double())
-    return emb, x64, x32, sq, slack
+    return emb, x64, x32, sq, slack, None
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32-rows", "float16-rows"])
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("n, d", [(1, 3), (7, 5), (130, 37), (300, 100)])
-def test_status_agrees_with_exact_distances(scan, n, d):
-    emb, x64, x32, sq, slack = _data(n, d, seed=n)
+def test_status_agrees_with_exact_distances(scan, n, d, half):
+    emb, x64, x32, sq, slack, rows16 = _data(n, d, seed=n, half=half)
     t = estimate_threshold(emb, quantile=0.2) if n > 1 else 1.0
     t2 = squared_threshold(t, "l2")
     g = torch.Generator().manual_seed(1)
@@ -42,7 +47,7 @@ def test_status_agrees_with_exact_distances(scan, n, d):
     queries = torch.randint(0, n, (min(5, n),), generator=g)
     lower = (t2 - slack[queries]).float()
     upper = (t2 + slack[queries]).float()
-    s2_last, status = scan(x32, sq, rows, queries, lower, upper)
+    s2_last, status = scan(x32, sq, rows, queries, lower, upper, None, rows16)
     exact = distances_from(x64, rows, queries, "l2") ** 2  # (U, W) exact squared distances
     assert s2_last.dtype == torch.float32 and status.dtype == torch.int8
     assert torch.all((s2_last.double() - exact[:, 0]).abs() <= slack[queries[0]] * 1.0001)
@@ -51,13 +56,15 @@ def test_status_agrees_with_exact_distances(scan, n, d):
     assert not torch.any(valid[status == 0]), "a row marked surely invalid is exactly far from every query"
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32-rows", "float16-rows"])
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("window", [1, 2, 4, 7])
 @pytest.mark.parametrize("quantile", [0.02, 0.3, 0.9])
-def test_pick_equals_exact_pick(scan, metric, window, quantile):
+def test_pick_equals_exact_pick(scan, metric, window, quantile, half):
     n, d = 157, 23
-    emb, x64, x32, sq, slack = _data(n, d, seed=window + int(quantile * 100), duplicates=12, metric=metric)
+    emb, x64, x32, sq, slack, rows16 = _data(n, d, seed=window + int(quantile * 100), duplicates=12, metric=metric,
+                                             half=half)
     t = estimate_threshold(emb, metric=metric, quantile=quantile)
     y64 = x64 @ projection_basis(x64)
     g = torch.Generator().manual_seed(window)
@@ -71,13 +78,13 @@ def test_pick_equals_exact_pick(scan, metric, window, quantile):
             x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
         )
         got = triton_exact_pick(
-            x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan
+            x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan, half=rows16
         )
         assert got == expected, (trial, got, expected)
         # a stale list (every node) with the visited mask: the same pick
         stale = triton_exact_pick(
             x64, x32, sq, slack, torch.arange(n), last, window_nodes, threshold=t, metric=metric, scan=scan,
-            visited=~mask,
+            visited=~mask, half=rows16,
         )
         assert stale == expected, (trial, stale, expected)
 
@@ -117,3 +124,22 @@ def test_window_limit():
             torch.zeros(65),
             torch.zeros(65),
         )
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_float16_rows_bound_where_the_rounding_errors_add_up(scan):
+    """Entries just below the midpoint between 1 and the next float16 all round down by ~2^-11 relative: a row's
+    scanned distance to itself is off by ~94% of the float16 bound (which must hold: a bound 4x smaller fails)."""
+    d = 250
+    value = 1.0 + 2.0**-11 - 2.0**-20
+    x32 = torch.full((2, d), value)
+    x32[1, ::2] = -value
+    sq = x32.square().sum(dim=1)
+    slack = half_scan_slack(sq, d, float32_norms=True)
+    rows = torch.arange(2)
+    for i in range(2):
+        queries = torch.tensor([i])
+        s2_last, _ = scan(x32, sq, rows, queries, torch.zeros(1), torch.zeros(1), None, half_rows(x32))
+        err = float(s2_last[i])  # exactly 0
+        assert err <= float(slack[i])
+        assert err > 0.8 * float(slack[i])

@@ -26,7 +26,7 @@ import torch
 
 from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
-from .host_scan import half_scan_rows, no_host_scan
+from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, bind_walk, run_walk
@@ -167,8 +167,8 @@ def fast_tfp_order(
     ``fallback="host"`` runs the exact fallback scans inside the C++ walk (a product pass over float16 host
     copies of the unvisited rows, settled in double precision: :mod:`~tfp_kernels.order.host_scan`); ``"device"`` runs them with torch on the device of the embeddings,
     returning from the C++ walk at each one; ``"triton"``: like ``"device"`` but each scan is one fused
-    Triton pass over the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without the rejection
-    cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
+    Triton pass over float16 copies of the unvisited rows (:mod:`~tfp_kernels.order.scan_triton`; without
+    the rejection cap, else as ``"device"``); ``"auto"``: host for CPU tensors and for CUDA tensors up to
     ``_HOST_SCAN_MAX_NODES`` (16,384) nodes, device beyond.
 
     ``rebuild``: ``"auto"``: the lists of the unvisited nodes are recomputed among the unvisited nodes only
@@ -203,8 +203,7 @@ def fast_tfp_order(
     band_backend = resolve_band_backend(band_backend, device)
     band_dtype = resolve_band_dtype(band_dtype, band_backend)
     norm_sum = sq_norms.double() + sq_norms.max().double()
-    # (N,) bounds of |s2_fast - s2_exact| per row: of the float32 scans, and of the band lists' products
-    slack = squared_distance_error_coef(dim, torch.float32) * norm_sum
+    # (N,) bounds of |s2_fast - s2_exact| per row of the band lists' products (the scans have their own)
     band_slack = squared_distance_error_coef(dim, band_dtype) * norm_sum
     t2 = squared_threshold(threshold, metric)
     lower, upper = band_bounds(t2, band_slack)
@@ -329,10 +328,11 @@ def fast_tfp_order(
     info.time_setup_s += time.perf_counter() - t0
 
     scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
+    fused_half = None
 
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
-        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at
+        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
         if device.type != "cpu":
@@ -346,9 +346,11 @@ def fast_tfp_order(
             # rebuilt once half of it is stale, not at every scan (a pass over N and a host sync each)
             if scan_rows is None or 2 * (step - scan_rows_at) > scan_rows.numel():
                 scan_rows, scan_rows_at = torch.nonzero(~visited_dev).flatten(), step
+            if fused_half is None:  # the float16 rows the fused scans read (half the bytes) and their bound
+                fused_half = (half_rows(x32), half_scan_slack(sq_norms, dim, float32_norms=True))
             node = triton_exact_pick(
-                x64, x32, sq_norms, slack, scan_rows, last, window_nodes, threshold=threshold, metric=metric,
-                visited=visited_dev,
+                x64, x32, sq_norms, fused_half[1], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
+                visited=visited_dev, half=fused_half[0],
             )
         else:
             node = exact_pick(

@@ -52,33 +52,51 @@ class HalfScanRows(NamedTuple):
     slack: torch.Tensor
 
 
-def half_scan_error_coef(dim: int) -> float:
-    """The coefficient ``c`` of the module docstring's bound, for rows of ``dim`` entries."""
+def half_scan_error_coef(dim: int, *, float32_norms: bool = False) -> float:
+    """The coefficient ``c`` of the module docstring's bound, for rows of ``dim`` entries.
+
+    ``float32_norms``: the bound of the Triton scan (:mod:`~tfp_kernels.order.scan_triton` with float16 rows),
+    which forms ``s2`` in float32 from float32 squared norms: plus ``gamma_D + 6 u`` (the norms' accumulation
+    and the final operations, as in the float32 bound).
+    """
     u = _U32
     gamma = dim * u / (1.0 - dim * u)
     e = _U16 * (1.0 + u) + u
-    return (
+    coef = (
         e * (1.0 + u) + u + gamma * (1.0 + e) * (1.0 + u) + 2.0**-39 * math.sqrt(dim) * (1.0 + u) + 2.01 * u
         + (dim + 8) * 2.0**-53
     )
+    return coef + gamma + 6.0 * u if float32_norms else coef
 
 
-def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
-    """The host scan's inputs for ``x32`` (N, D) float32 prepared rows (any device; returned on the host).
+def half_scan_slack(sq_norms: torch.Tensor, dim: int, *, float32_norms: bool = False) -> torch.Tensor:
+    """(N,) float64 bound of the scan's ``|s2_pass - s2_exact|`` for every pair of each row, from the (N,)
+    squared norms of the float32 prepared rows (any float dtype and device)."""
+    sq = sq_norms.double()
+    max_sq = float(sq.max()) if sq.numel() else 0.0
+    slack = half_scan_error_coef(dim, float32_norms=float32_norms) * (sq + max_sq) * (1.0 + 1e-6)
+    slack = slack + 2.0**-138 * math.sqrt(dim * max_sq)
+    return slack + 2.0**-120 if float32_norms else slack  # (float32 underflow of the scaled products)
 
-    Empty rows (all zeros) get ``scale = 2^-15`` and zero entries.
-    """
-    host = torch.device("cpu")
+
+def half_rows(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, scale)``: (N, D) float16 ``x32 / scale`` and (N,) float32 powers of two ``scale``, on the
+    device of ``x32`` (N, D) float32. Empty rows (all zeros) get ``scale = 2^-15`` and zero entries."""
     n, dim = x32.shape
     amax = x32.abs().amax(dim=1) if dim else x32.new_zeros(n)
     exponent = torch.frexp(amax).exponent.clamp(min=_MIN_EXPONENT + 1)  # 2^(e-1) <= amax < 2^e
-    shift = 15 - exponent  # entries * 2^shift: largest in [2^14, 2^15)
-    rows = (x32 * torch.pow(2.0, shift.float())[:, None]).to(torch.float16)
-    scale = torch.pow(2.0, -shift.to(torch.float64))
+    shift = (15 - exponent).float()  # entries * 2^shift: largest in [2^14, 2^15)
+    return (x32 * torch.pow(2.0, shift)[:, None]).to(torch.float16), torch.pow(2.0, -shift)
+
+
+def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
+    """The host scan's inputs for ``x32`` (N, D) float32 prepared rows (any device; returned on the host)."""
+    host = torch.device("cpu")
+    dim = x32.shape[1]
+    rows, scale = half_rows(x32)
     sq_norms = x32.double().square().sum(dim=1)
-    max_sq = float(sq_norms.max()) if n else 0.0
-    slack = half_scan_error_coef(dim) * (sq_norms + max_sq) * (1.0 + 1e-6) + 2.0**-138 * math.sqrt(dim * max_sq)
-    return HalfScanRows(*(t.to(host).contiguous() for t in (rows, scale, sq_norms, slack)))
+    slack = half_scan_slack(sq_norms, dim)
+    return HalfScanRows(*(t.to(host).contiguous() for t in (rows, scale.double(), sq_norms, slack)))
 
 
 def no_host_scan() -> HalfScanRows:

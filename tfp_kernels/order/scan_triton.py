@@ -15,6 +15,10 @@ window nodes): ``s2 = |x_u|^2 + |q|^2 - 2 x_u.q``. It writes ``s2`` to ``last`` 
 only rows whose float32 distance to ``last`` is within twice the error bound of it are recomputed in float64
 (few rows), with the rule of the reference. Without the rejection cap only (with a cap, the caller uses
 :func:`~tfp_kernels.order.scan.exact_pick`).
+
+The pass is bandwidth-bound; the ordering runs it over float16 copies of the rows (``half``: each row
+divided by a power of two into float16's normal range, :func:`~tfp_kernels.order.host_scan.half_rows`),
+half the bytes of float32, with the wider bound of :func:`~tfp_kernels.order.host_scan.half_scan_slack`.
 """
 
 from __future__ import annotations
@@ -45,10 +49,15 @@ if _HAVE_TRITON:
         upper_ptr,
         n_query,
         dim,
+        xh_ptr,
+        stride_hn,
+        stride_hd,
+        scale_ptr,
         BLOCK_U: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HAS_VISITED: tl.constexpr,
+        HALF_ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -64,17 +73,26 @@ if _HAVE_TRITON:
         acc = tl.zeros((BLOCK_U, BLOCK_W), tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d_ok = (d0 + offs_d) < dim
-            a = tl.load(
-                x_ptr + rows[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            if HALF_ROWS:  # the scanned rows as float16 / scale (half the bytes), exact in float32
+                a = tl.load(
+                    xh_ptr + rows[:, None] * stride_hn + (d0 + offs_d)[None, :] * stride_hd,
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            else:
+                a = tl.load(
+                    x_ptr + rows[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd,
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
             b = tl.load(
                 x_ptr + queries[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd,
                 mask=w_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        if HALF_ROWS:
+            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=1.0)[:, None]
         row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
         query_norm = tl.load(sq_norms_ptr + queries, mask=w_ok, other=0.0)
         s2 = tl.maximum(row_norm[:, None] + query_norm[None, :] - 2.0 * acc, 0.0)
@@ -100,6 +118,7 @@ def masked_scan_triton(
     lower: torch.Tensor,
     upper: torch.Tensor,
     visited: torch.Tensor | None = None,
+    half: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared float32 distances of ``rows`` to ``queries[0]`` and their status against all queries.
 
@@ -111,6 +130,10 @@ def masked_scan_triton(
         lower, upper: (W,) float32 squared-domain bounds ``t^2 -/+ slack`` of each query.
         visited: None, or (N,) bool: listed rows marked visited are skipped (status 0, ``s2_last`` +inf), so
             that a list of unvisited nodes can serve several scans.
+        half: None, or ``(rows16, scale)`` of :func:`~tfp_kernels.order.host_scan.half_rows` (same device):
+            the scanned rows are read as float16 (half the bytes of this bandwidth-bound pass) against the
+            float32 query rows; ``lower``/``upper`` must then come from
+            :func:`~tfp_kernels.order.host_scan.half_scan_slack` with ``float32_norms=True``.
 
     Returns:
         ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
@@ -144,10 +167,15 @@ def masked_scan_triton(
         upper.float().contiguous(),
         n_query,
         x32.shape[1],
+        x32 if half is None else half[0],
+        x32.stride(0) if half is None else half[0].stride(0),
+        x32.stride(1) if half is None else half[0].stride(1),
+        sq_norms if half is None else half[1].float().contiguous(),
         BLOCK_U=block_u,
         BLOCK_W=block_w,
         BLOCK_D=block_d,
         HAS_VISITED=visited is not None,
+        HALF_ROWS=half is not None,
     )
     return out_s2, out_status
 
@@ -160,11 +188,17 @@ def masked_scan_torch(
     lower: torch.Tensor,
     upper: torch.Tensor,
     visited: torch.Tensor | None = None,
+    half: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
     may sum in another order, so values near a bound can get another status — both are within the bound)."""
     with _ieee_fp32_matmul():
-        dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
+        if half is None:
+            dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
+        else:
+            rows16, scale = half
+            dots = rows16.index_select(0, rows).float() @ x32.index_select(0, queries).T
+            dots = dots * scale.float().index_select(0, rows)[:, None]
     s2 = sq_norms.index_select(0, rows)[:, None] + sq_norms.index_select(0, queries)[None, :] - 2.0 * dots
     s2 = s2.clamp_(min=0)
     below = (s2 < lower.float()[None, :]).any(dim=1)
@@ -196,18 +230,21 @@ def triton_exact_pick(
     metric: str,
     scan=masked_scan_triton,
     visited: torch.Tensor | None = None,
+    half: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
     Args:
         x64: (N, D) float64 prepared rows; x32: the same in float32; sq_norms: (N,) float32 ``|x32_i|^2``.
-        slack: (N,) float64, ``slack[i]`` bounds ``|s2_fp32 - s2_exact|`` for every pair (i, j).
+        slack: (N,) float64, ``slack[i]`` bounds ``|s2_fp32 - s2_exact|`` for every pair (i, j) (with ``half``:
+            the bound of the float16 pass, :func:`~tfp_kernels.order.host_scan.half_scan_slack`).
         unvisited: (U,) int64 nodes in ascending order, same device: the unvisited nodes, or a superset of
             them when ``visited`` (N,) bool is given (listed nodes marked there are skipped).
         last, window_nodes: the newest path node and the other window nodes (older first or any order).
         threshold, metric: the TFP rule.
         scan: the scan implementation (:func:`masked_scan_triton` or :func:`masked_scan_torch`).
         visited: see ``unvisited``.
+        half: None, or the float16 rows and scales read by the scan (see :func:`masked_scan_triton`).
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -220,7 +257,7 @@ def triton_exact_pick(
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
-    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited)
+    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half)
     # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
     # they, not the arithmetic, set the cost of a scan)
     two_slack = 2.0 * q_slack[0]
