@@ -23,6 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
                                                                const at::Tensor& lower, const at::Tensor& upper,
                                                                int64_t k, const std::optional<at::Tensor>& row_sq,
                                                                const std::optional<at::Tensor>& col_sq);
+void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, const at::Tensor& sq_norms,
+                           const at::Tensor& lower, const at::Tensor& upper, at::Tensor& heap_keys,
+                           at::Tensor& heap_sizes, at::Tensor& num_close);
 
 // --- bin packing (best fit) and packed-batch assembly (tfp_kernels/packing, tfp_kernels/assembly) ---
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_fit_decreasing_cpu(const at::Tensor& lengths,

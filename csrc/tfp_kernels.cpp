@@ -65,6 +65,16 @@ TORCH_LIBRARY(tfp_kernels, m) {
   m.def(
       "band_select(Tensor s2, int row_offset, Tensor lower, Tensor upper, int k, Tensor? row_sq=None, "
       "Tensor? col_sq=None) -> (Tensor, Tensor, Tensor)");
+  // The same selection over the pairs of a block of dot products, each pair computed once: dot (B, C)
+  // float32 holds the products of rows row0.. with rows col0.. (a diagonal block, row0 == col0, or one
+  // off the diagonal, whose products also serve rows col0.. as the columns' side). Every row's K smallest
+  // keys (s2 float bits << 32 | column) so far are kept in heap_keys (N, K) int64 (a max-heap of
+  // heap_sizes[r] entries, int32) and its count below upper added to num_close (N,) int32; sq_norms,
+  // lower, upper: (N,) float32. s2 of pair (r, c) is max((-2 dot + sq[c]) + sq[r], 0), as band_select forms
+  // it for row r.
+  m.def(
+      "band_select_pairs(Tensor dot, int row0, int col0, Tensor sq_norms, Tensor lower, Tensor upper, "
+      "Tensor(a!) heap_keys, Tensor(b!) heap_sizes, Tensor(c!) num_close) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
@@ -74,6 +84,7 @@ TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
   m.impl("assemble", &tfp::assemble_cpu);  // packing/assembly block
   m.impl("tfp_walk", &tfp::tfp_walk_cpu);
   m.impl("band_select", &tfp::band_select_cpu);
+  m.impl("band_select_pairs", &tfp::band_select_pairs_cpu);
 }
 
 #ifdef WITH_CUDA

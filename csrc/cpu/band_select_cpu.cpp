@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -50,37 +51,53 @@ inline float entry_s2(const float* row, const float* col_sq, float row_sq, int64
 // of the columns >= `lower` in a max-heap. Columns go by chunks of 16: the chunk's values, its count below
 // `upper` and whether any value may enter the heap are computed branch-free (vectorised); only chunks with
 // a candidate (rare once the heap is full) are walked one by one.
-template <bool FromDots>
-TFP_SELECT_DISPATCH int32_t select_row(const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
-                                       float lower, float upper, int64_t k, std::vector<int64_t>& heap) {
-  constexpr int kChunk = 16;
-  int32_t below = 0;
-  // value of the K-th best key once K are held: larger values cannot enter (equal ones may, by column)
+// A row's selection held in a std::vector (band_select: one call covers the whole row).
+struct VectorHeap {
+  std::vector<int64_t>& keys;
+  int64_t k;
   float cutoff = std::numeric_limits<float>::infinity();
-  auto offer = [&](float x, int64_t j) {
-    if (j == self || !(x >= lower) || x > cutoff) return;
+
+  void offer(float x, int64_t col) {
     int32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
-    const int64_t key = (static_cast<int64_t>(bits) << 32) | j;
-    if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push_back(key);
-      std::push_heap(heap.begin(), heap.end());
-    } else if (key < heap.front()) {
-      std::pop_heap(heap.begin(), heap.end());
-      heap.back() = key;
-      std::push_heap(heap.begin(), heap.end());
+    const int64_t key = (static_cast<int64_t>(bits) << 32) | col;
+    if (static_cast<int64_t>(keys.size()) < k) {
+      keys.push_back(key);
+      std::push_heap(keys.begin(), keys.end());
+    } else if (key < keys.front()) {
+      std::pop_heap(keys.begin(), keys.end());
+      keys.back() = key;
+      std::push_heap(keys.begin(), keys.end());
     } else {
       return;
     }
-    if (static_cast<int64_t>(heap.size()) == k) {
-      const int32_t worst = static_cast<int32_t>(heap.front() >> 32);
+    if (static_cast<int64_t>(keys.size()) == k) {
+      const int32_t worst = static_cast<int32_t>(keys.front() >> 32);
       std::memcpy(&cutoff, &worst, sizeof(cutoff));
     }
+  }
+};
+
+// One row: the count of columns (self excluded) below `upper`; the columns >= `lower` are offered to `heap`
+// (which keeps the K smallest keys (value bits, column) and its cutoff: the value of its K-th best key once
+// K are held, larger values cannot enter, equal ones may by column). Columns go by chunks of 16: the chunk's
+// values, its count below `upper` and whether any value may enter the heap are computed branch-free
+// (vectorised); only chunks with a candidate (rare once the heap is full) are walked one by one. Column j
+// is reported to the heap as col_base + j.
+template <bool FromDots, typename Heap>
+inline int32_t select_row(const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
+                          float lower, float upper, Heap& heap, int64_t col_base = 0) {
+  constexpr int kChunk = 16;
+  int32_t below = 0;
+  auto offer = [&](float x, int64_t j) {
+    if (j == self || !(x >= lower) || x > heap.cutoff) return;
+    heap.offer(x, col_base + j);
   };
   float xs[kChunk];
   int64_t j0 = 0;
   for (; j0 + kChunk <= n; j0 += kChunk) {
     int32_t count = 0, any = 0;
+    const float cutoff = heap.cutoff;
     for (int l = 0; l < kChunk; ++l) {
       const float x = entry_s2<FromDots>(row, col_sq, row_sq, j0 + l);
       xs[l] = x;
@@ -98,6 +115,16 @@ TFP_SELECT_DISPATCH int32_t select_row(const float* row, const float* col_sq, fl
   }
   if (self >= 0 && self < n) below -= entry_s2<FromDots>(row, col_sq, row_sq, self) < upper;  // not itself
   return below;
+}
+
+TFP_SELECT_DISPATCH int32_t select_row_dots(const float* row, const float* col_sq, float row_sq, int64_t n,
+                                            int64_t self, float lower, float upper, VectorHeap& heap) {
+  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap);
+}
+
+TFP_SELECT_DISPATCH int32_t select_row_s2(const float* row, int64_t n, int64_t self, float lower, float upper,
+                                          VectorHeap& heap) {
+  return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
 }
 
 }  // namespace
@@ -146,8 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       heap.clear();
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
-      const int32_t below = from_dots ? select_row<true>(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], k, heap)
-                                      : select_row<false>(row, nullptr, 0.0f, n, self, lo_p[i], hi_p[i], k, heap);
+      VectorHeap selection{heap, k};
+      const int32_t below = from_dots ? select_row_dots(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], selection)
+                                      : select_row_s2(row, n, self, lo_p[i], hi_p[i], selection);
       std::sort_heap(heap.begin(), heap.end());
       close_p[i] = below;
       for (int64_t j = 0; j < k; ++j) {
@@ -166,6 +194,148 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
     }
   });
   return {index, out, close};
+}
+
+
+namespace {
+
+// A row's running selection in the (N, K) heap tables of band_select_pairs: keys in a max-heap of `size`
+// entries, the row's cutoff (the value of its K-th best key once K are held; +inf before).
+struct HeapRow {
+  int64_t* keys;
+  int32_t* size;
+  float cutoff;
+  int64_t k;
+
+  HeapRow(int64_t* keys_, int32_t* size_, int64_t k_) : keys(keys_), size(size_), cutoff(0.0f), k(k_) {
+    cutoff = std::numeric_limits<float>::infinity();
+    if (*size == k) {
+      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
+      std::memcpy(&cutoff, &worst, sizeof(cutoff));
+    }
+  }
+
+  void offer(float x, int64_t col) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const int64_t key = (static_cast<int64_t>(bits) << 32) | col;
+    int64_t* end = keys + *size;
+    if (*size < k) {
+      *end = key;
+      std::push_heap(keys, end + 1);
+      ++*size;
+    } else if (key < keys[0]) {
+      std::pop_heap(keys, end);
+      end[-1] = key;
+      std::push_heap(keys, end);
+    } else {
+      return;
+    }
+    if (*size == k) {
+      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
+      std::memcpy(&cutoff, &worst, sizeof(cutoff));
+    }
+  }
+};
+
+TFP_SELECT_DISPATCH int32_t select_row_pairs(const float* row, const float* col_sq, float row_sq, int64_t n,
+                                             int64_t self, float lower, float upper, HeapRow& heap, int64_t col_base) {
+  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+}
+
+// Column side of an off-diagonal block for columns j0 .. j0 + width - 1 (width <= 16; global rows col0 + j)
+// against the block's b rows, read row by row (each column with its own bounds and cutoff), so that the
+// block is read in memory order.
+TFP_SELECT_DISPATCH void select_column_chunk(const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0,
+                                             int64_t j0, int width, const float* sq, const float* lower,
+                                             const float* upper, int64_t* keys, int32_t* sizes, int32_t* close,
+                                             int64_t k) {
+  constexpr int kChunk = 16;
+  HeapRow* heaps[kChunk];
+  alignas(64) unsigned char storage[kChunk * sizeof(HeapRow)];
+  float lo[kChunk], hi[kChunk], c_sq[kChunk], cut[kChunk];
+  int32_t below[kChunk] = {};
+  for (int l = 0; l < kChunk; ++l) {
+    const int64_t g = col0 + j0 + std::min(l, width - 1);
+    heaps[l] = l < width ? new (storage + l * sizeof(HeapRow)) HeapRow(keys + g * k, sizes + g, k) : nullptr;
+    lo[l] = l < width ? lower[g] : std::numeric_limits<float>::infinity();  // (padding lanes never qualify)
+    hi[l] = l < width ? upper[g] : -std::numeric_limits<float>::infinity();
+    c_sq[l] = sq[g];
+    cut[l] = l < width ? heaps[l]->cutoff : -std::numeric_limits<float>::infinity();
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    const float* row = dot + i * c + j0;
+    const float r_sq = sq[row0 + i];
+    float xs[kChunk];
+    int32_t any = 0;
+    for (int l = 0; l < kChunk; ++l) {
+      // the s2 of pair (col0 + j0 + l, row0 + i) as that row's epilogue forms it: (-2 dot + sq[col]) + sq[row]
+      float x = (-2.0f * row[l < width ? l : 0] + r_sq) + c_sq[l];
+      x = x < 0.0f ? 0.0f : x;
+      xs[l] = x;
+      below[l] += x < hi[l];
+      any |= (x >= lo[l]) & (x <= cut[l]);
+    }
+    if (!any) continue;
+    for (int l = 0; l < width; ++l) {
+      if (xs[l] >= lo[l] && xs[l] <= cut[l]) {
+        heaps[l]->offer(xs[l], row0 + i);
+        cut[l] = heaps[l]->cutoff;
+      }
+    }
+  }
+  for (int l = 0; l < width; ++l) close[col0 + j0 + l] += below[l];
+}
+
+}  // namespace
+
+void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, const at::Tensor& sq_norms,
+                           const at::Tensor& lower, const at::Tensor& upper, at::Tensor& heap_keys,
+                           at::Tensor& heap_sizes, at::Tensor& num_close) {
+  TFP_CHECK_CPU(dot);
+  TFP_CHECK_DIM(dot, 2);
+  TFP_CHECK_DTYPE(dot, at::kFloat);
+  for (const at::Tensor* t : {&sq_norms, &lower, &upper}) TFP_CHECK_DTYPE((*t), at::kFloat);
+  TFP_CHECK_DTYPE(heap_keys, at::kLong);
+  TFP_CHECK_DTYPE(heap_sizes, at::kInt);
+  TFP_CHECK_DTYPE(num_close, at::kInt);
+  TORCH_CHECK(dot.is_contiguous() && heap_keys.is_contiguous() && heap_sizes.is_contiguous() &&
+                  num_close.is_contiguous() && sq_norms.is_contiguous() && lower.is_contiguous() &&
+                  upper.is_contiguous(),
+              "band_select_pairs: every tensor must be contiguous");
+  const int64_t n = sq_norms.numel(), b = dot.size(0), c = dot.size(1);
+  TORCH_CHECK(heap_keys.dim() == 2 && heap_keys.size(0) == n && heap_sizes.numel() == n && num_close.numel() == n &&
+                  lower.numel() == n && upper.numel() == n,
+              "band_select_pairs: sq_norms, lower, upper, heap_sizes, num_close need N entries and heap_keys N rows");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "band_select_pairs: N must be < 2^31");
+  TORCH_CHECK(row0 >= 0 && col0 >= 0 && row0 + b <= n && col0 + c <= n, "band_select_pairs: block outside 0..N");
+  TORCH_CHECK(row0 == col0 ? b == c : (row0 + b <= col0 || col0 + c <= row0),
+              "band_select_pairs: a block is either diagonal (row0 == col0, square) or off the diagonal");
+  const int64_t k = heap_keys.size(1);
+  const float* d = dot.data_ptr<float>();
+  const float* sq = sq_norms.data_ptr<float>();
+  const float* lo = lower.data_ptr<float>();
+  const float* hi = upper.data_ptr<float>();
+  int64_t* keys = heap_keys.data_ptr<int64_t>();
+  int32_t* sizes = heap_sizes.data_ptr<int32_t>();
+  int32_t* close = num_close.data_ptr<int32_t>();
+  at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = row0 + i;
+      HeapRow heap(keys + r * k, sizes + r, k);
+      // the row's own column, when this (diagonal) block holds it
+      close[r] += select_row_pairs(d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
+    }
+  });
+  if (row0 != col0) {  // the same products for the block's columns, as rows
+    constexpr int64_t kChunk = 16;
+    at::parallel_for(0, (c + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int width = static_cast<int>(std::min<int64_t>(kChunk, c - chunk * kChunk));
+        select_column_chunk(d, b, c, row0, col0, chunk * kChunk, width, sq, lo, hi, keys, sizes, close, k);
+      }
+    });
+  }
 }
 
 }  // namespace tfp

@@ -94,6 +94,41 @@ def test_cpu_select_op_equals_torch_epilogue_with_exact_ties(n, k):
     assert int((a.s2[:, -1] == a.s2[:, 0]).sum()) > 0  # lists made of ties
 
 
+@pytest.mark.parametrize("block_rows", [1, 5, 16, 23, 200])
+@pytest.mark.parametrize("n, d, k", [(1, 3, 4), (37, 19, 8), (130, 33, 20), (70, 17, 100)])
+def test_cpu_pair_blocks_match_reference(n, d, k, block_rows):
+    """Each pair's product once (diagonal and off-diagonal blocks, the column side of the latter, blocks of 1
+    row, N not a multiple of the block) against the float64 reference, within the float32 bound."""
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    x = make_rows(n, d, seed=n + 2)
+    lo, hi = bounds(x) if n > 2 else (torch.zeros(n), torch.ones(n))
+    fast = _band_topk_pairs(x, x.square().sum(1), lo, hi, k, block_rows=block_rows)
+    ref = band_topk_reference(x, lo, hi, k)
+    assert_lists_match(fast, ref, x, squared_distance_error_coef(d, torch.float32))
+
+
+@pytest.mark.parametrize("block_rows", [3, 16, 50])
+def test_cpu_pair_blocks_equal_row_blocks_on_exact_ties(block_rows):
+    """Small-integer rows (exact products, many equal distances): the pair blocks give exactly the lists of the
+    whole-row selection, ties at the K-th place going to the lower column across blocks and sides."""
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    n, k = 161, 12
+    x = torch.randint(-1, 2, (n, 3), generator=torch.Generator().manual_seed(4)).float()
+    sq = x.square().sum(1)
+    lo, hi = torch.full((n,), 1.5), torch.full((n,), 2.5)
+    a = _band_topk_pairs(x, sq, lo, hi, k, block_rows=block_rows)
+    b = band_topk_torch(x, sq, lo, hi, k, use_extension=False)
+    assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
+
+
 def test_cpu_select_op_forms_s2_from_dot_products():
     from tfp_kernels import has_extension
 
