@@ -14,9 +14,9 @@ For every row ``i`` the result holds
 - ``num_close[i]``: int32, the number of rows ``j != i`` with ``s2[i, j] < upper[i]``.
 
 Implementations: :func:`band_topk_reference` (float64, one block of rows at a time, the test
-oracle), :func:`band_topk_torch` (blockwise matrix products in float32 + ``torch.topk``; CPU and CUDA)
-and the fused Triton kernel in :mod:`tfp_kernels.order.band_topk_triton` (CUDA). Memory: O(N * K)
-plus one (block x N) tile.
+oracle), :func:`band_topk_torch` (blockwise matrix products in float32 + ``torch.topk``; CPU and CUDA; on
+the CPU with the extension, each pair's product once, :func:`_band_topk_pairs`) and the fused Triton kernel
+in :mod:`tfp_kernels.order.band_topk_triton` (CUDA). Memory: O(N * K) plus one (block x N) tile.
 """
 
 from __future__ import annotations
@@ -251,9 +251,11 @@ def band_topk_torch(
         sq_norms: (N,) float32 squared norms of ``x``.
         lower, upper: (N,) float32 bounds in the squared domain.
         k: K >= 1.
-        block_elements: size of the (rows x N) tile computed at once.
-        use_extension: on CPU tensors, select with the C++ op ``band_select`` (one pass per row,
-            parallel over rows) when the extension is built; else with torch ops (same result).
+        block_elements: size of the (rows x N) tile computed at once (not with the pair blocks below).
+        use_extension: on CPU tensors, when the extension is built: float32 products of each pair once,
+            selected by the C++ op ``band_select_pairs`` (:func:`_band_topk_pairs`), or, for split
+            products, row blocks selected by ``band_select``; else torch ops on row blocks (the same lists,
+            up to the rounding of each pair's product).
         input_dtype: the products are those of the rows rounded to this dtype (float32 accumulation), as
             the Triton kernel's tensor-core products are, or of a split (``"bfloat16x3"``: three float32
             products of :func:`split_rows`' parts); None or float32: the float32 rows. For tests and for
