@@ -47,32 +47,42 @@ inline float entry_s2(const float* row, const float* col_sq, float row_sq, int64
 #define TFP_SELECT_DISPATCH
 #endif
 
-// One row: the count of columns (self excluded) below `upper`, and the K smallest keys (value bits, column)
-// of the columns >= `lower` in a max-heap. Columns go by chunks of 16: the chunk's values, its count below
-// `upper` and whether any value may enter the heap are computed branch-free (vectorised); only chunks with
-// a candidate (rare once the heap is full) are walked one by one.
-// A row's selection held in a std::vector (band_select: one call covers the whole row).
-struct VectorHeap {
-  std::vector<int64_t>& keys;
+// A row's running selection: its keys (value bits << 32 | column) in a max-heap of `size` entries (at most
+// k), and its cutoff, the value of its K-th best key once K are held (+inf before): larger values cannot
+// enter, equal ones may (by column). band_select keeps one per thread; band_select_pairs one per row in
+// its (N, K) tables.
+struct HeapRow {
+  int64_t* keys;
+  int32_t* size;
+  float cutoff;
   int64_t k;
-  float cutoff = std::numeric_limits<float>::infinity();
+
+  HeapRow(int64_t* keys_, int32_t* size_, int64_t k_) : keys(keys_), size(size_), cutoff(0.0f), k(k_) {
+    cutoff = std::numeric_limits<float>::infinity();
+    if (*size == k) {
+      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
+      std::memcpy(&cutoff, &worst, sizeof(cutoff));
+    }
+  }
 
   void offer(float x, int64_t col) {
     int32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
     const int64_t key = (static_cast<int64_t>(bits) << 32) | col;
-    if (static_cast<int64_t>(keys.size()) < k) {
-      keys.push_back(key);
-      std::push_heap(keys.begin(), keys.end());
-    } else if (key < keys.front()) {
-      std::pop_heap(keys.begin(), keys.end());
-      keys.back() = key;
-      std::push_heap(keys.begin(), keys.end());
+    int64_t* end = keys + *size;
+    if (*size < k) {
+      *end = key;
+      std::push_heap(keys, end + 1);
+      ++*size;
+    } else if (key < keys[0]) {
+      std::pop_heap(keys, end);
+      end[-1] = key;
+      std::push_heap(keys, end);
     } else {
       return;
     }
-    if (static_cast<int64_t>(keys.size()) == k) {
-      const int32_t worst = static_cast<int32_t>(keys.front() >> 32);
+    if (*size == k) {
+      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
       std::memcpy(&cutoff, &worst, sizeof(cutoff));
     }
   }
@@ -118,12 +128,12 @@ inline int32_t select_row(const float* row, const float* col_sq, float row_sq, i
 }
 
 TFP_SELECT_DISPATCH int32_t select_row_dots(const float* row, const float* col_sq, float row_sq, int64_t n,
-                                            int64_t self, float lower, float upper, VectorHeap& heap) {
+                                            int64_t self, float lower, float upper, HeapRow& heap) {
   return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap);
 }
 
 TFP_SELECT_DISPATCH int32_t select_row_s2(const float* row, int64_t n, int64_t self, float lower, float upper,
-                                          VectorHeap& heap) {
+                                          HeapRow& heap) {
   return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
 }
 
@@ -167,19 +177,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
   float* out_p = out.data_ptr<float>();
   int32_t* close_p = close.data_ptr<int32_t>();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> heap;
-    heap.reserve(k + 1);
+    std::vector<int64_t> heap(k);
+    int32_t held = 0;
     for (int64_t i = begin; i < end; ++i) {
-      heap.clear();
+      held = 0;
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
-      VectorHeap selection{heap, k};
+      HeapRow selection(heap.data(), &held, k);
       const int32_t below = from_dots ? select_row_dots(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], selection)
                                       : select_row_s2(row, n, self, lo_p[i], hi_p[i], selection);
-      std::sort_heap(heap.begin(), heap.end());
+      std::sort_heap(heap.begin(), heap.begin() + held);
       close_p[i] = below;
       for (int64_t j = 0; j < k; ++j) {
-        if (j < static_cast<int64_t>(heap.size())) {
+        if (j < held) {
           const int64_t key = heap[j];
           const int32_t bits = static_cast<int32_t>(key >> 32);
           float x;
@@ -199,44 +209,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
 
 namespace {
 
-// A row's running selection in the (N, K) heap tables of band_select_pairs: keys in a max-heap of `size`
-// entries, the row's cutoff (the value of its K-th best key once K are held; +inf before).
-struct HeapRow {
-  int64_t* keys;
-  int32_t* size;
-  float cutoff;
-  int64_t k;
-
-  HeapRow(int64_t* keys_, int32_t* size_, int64_t k_) : keys(keys_), size(size_), cutoff(0.0f), k(k_) {
-    cutoff = std::numeric_limits<float>::infinity();
-    if (*size == k) {
-      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
-      std::memcpy(&cutoff, &worst, sizeof(cutoff));
-    }
-  }
-
-  void offer(float x, int64_t col) {
-    int32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    const int64_t key = (static_cast<int64_t>(bits) << 32) | col;
-    int64_t* end = keys + *size;
-    if (*size < k) {
-      *end = key;
-      std::push_heap(keys, end + 1);
-      ++*size;
-    } else if (key < keys[0]) {
-      std::pop_heap(keys, end);
-      end[-1] = key;
-      std::push_heap(keys, end);
-    } else {
-      return;
-    }
-    if (*size == k) {
-      const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
-      std::memcpy(&cutoff, &worst, sizeof(cutoff));
-    }
-  }
-};
 
 TFP_SELECT_DISPATCH int32_t select_row_pairs(const float* row, const float* col_sq, float row_sq, int64_t n,
                                              int64_t self, float lower, float upper, HeapRow& heap, int64_t col_base) {
