@@ -92,3 +92,14 @@ def test_unknown_scan_isa_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="TFP_KERNELS_SCAN_ISA must be"):
         fast_tfp_order(torch.randn(30, 4), metric="l2", threshold=0.5, window=4, max_rejections=None, start=0, k=1,
                        fallback="host", group_duplicates=False)
+
+
+def test_rows_converted_by_chunks_equal_one_pass(monkeypatch):
+    import tfp_kernels.order.host_scan as host_scan
+
+    x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(2)) * torch.logspace(-5, 5, 1000)[:, None]
+    whole = host_scan.half_scan_rows(x)
+    monkeypatch.setattr(host_scan, "_CHUNK_ROWS", 33)
+    chunked = host_scan.half_scan_rows(x)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    assert host_scan.half_scan_rows(torch.zeros(0, 4)).rows.shape == (0, 4)

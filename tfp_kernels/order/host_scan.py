@@ -36,6 +36,8 @@ _U16 = 2.0**-11
 #: Rows whose largest entry is below 2^MIN_EXPONENT keep the scale of that bound (float32 multipliers
 #: stay finite); their entries may fall in float16's subnormal range (covered by the absolute term).
 _MIN_EXPONENT = -100
+#: Rows converted at a time (bounds the temporaries to ~100 MB at D = 768).
+_CHUNK_ROWS = 32_768
 
 
 class HalfScanRows(NamedTuple):
@@ -86,7 +88,17 @@ def half_rows(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x32.abs().amax(dim=1) if dim else x32.new_zeros(n)
     exponent = torch.frexp(amax).exponent.clamp(min=_MIN_EXPONENT + 1)  # 2^(e-1) <= amax < 2^e
     shift = (15 - exponent).float()  # entries * 2^shift: largest in [2^14, 2^15)
-    return (x32 * torch.pow(2.0, shift)[:, None]).to(torch.float16), torch.pow(2.0, -shift)
+    multiplier = torch.pow(2.0, shift)
+    rows = torch.empty(n, dim, dtype=torch.float16, device=x32.device)
+    for r0 in range(0, n, _CHUNK_ROWS):  # (no (N, D) float32 temporary)
+        rows[r0 : r0 + _CHUNK_ROWS] = x32[r0 : r0 + _CHUNK_ROWS] * multiplier[r0 : r0 + _CHUNK_ROWS, None]
+    return rows, torch.pow(2.0, -shift)
+
+
+def _squared_norms64(x32: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 squared norms of the float32 rows, by chunks of rows (no (N, D) float64 temporary)."""
+    return torch.cat([x32[r0 : r0 + _CHUNK_ROWS].double().square().sum(dim=1)
+                      for r0 in range(0, x32.shape[0], _CHUNK_ROWS)] or [x32.new_zeros(0, dtype=torch.float64)])
 
 
 def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
@@ -94,7 +106,7 @@ def half_scan_rows(x32: torch.Tensor) -> HalfScanRows:
     host = torch.device("cpu")
     dim = x32.shape[1]
     rows, scale = half_rows(x32)
-    sq_norms = x32.double().square().sum(dim=1)
+    sq_norms = _squared_norms64(x32)
     slack = half_scan_slack(sq_norms, dim)
     return HalfScanRows(*(t.to(host).contiguous() for t in (rows, scale.double(), sq_norms, slack)))
 
