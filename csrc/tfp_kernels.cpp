@@ -35,7 +35,7 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (the lists of CUDA runs are copied to the host). Fills path/visited in place. With scan_rows, the
   // (N, D) float16 prepared rows (unit rows for cosine) divided by scan_scale (N,) float64 (powers of two),
   // with scan_sq_norms (N,) float64 their squared norms and scan_slack (N,) float64 the bound of the pass's
-  // squared distances (tfp_kernels/order/scan.py: half_scan_rows), it runs the exact fallback scans itself
+  // squared distances (tfp_kernels/order/host_scan.py: half_scan_rows), it runs the exact fallback scans itself
   // (a product pass over those rows, settled in double) and returns N; with an empty scan_rows tensor it
   // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
   // tensors are then ignored).

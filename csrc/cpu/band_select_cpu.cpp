@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <new>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -52,13 +51,13 @@ inline float entry_s2(const float* row, const float* col_sq, float row_sq, int64
 // enter, equal ones may (by column). band_select keeps one per thread; band_select_pairs one per row in
 // its (N, K) tables.
 struct HeapRow {
-  int64_t* keys;
-  int32_t* size;
-  float cutoff;
-  int64_t k;
+  int64_t* keys = nullptr;
+  int32_t* size = nullptr;
+  float cutoff = std::numeric_limits<float>::infinity();
+  int64_t k = 0;
 
-  HeapRow(int64_t* keys_, int32_t* size_, int64_t k_) : keys(keys_), size(size_), cutoff(0.0f), k(k_) {
-    cutoff = std::numeric_limits<float>::infinity();
+  HeapRow() = default;
+  HeapRow(int64_t* keys_, int32_t* size_, int64_t k_) : keys(keys_), size(size_), k(k_) {
     if (*size == k) {
       const int32_t worst = static_cast<int32_t>(keys[0] >> 32);
       std::memcpy(&cutoff, &worst, sizeof(cutoff));
@@ -127,14 +126,60 @@ inline int32_t select_row(const float* row, const float* col_sq, float row_sq, i
   return below;
 }
 
+// select_row's two instances, compiled for AVX-512, AVX2 and baseline x86-64 (picked by CPU feature).
 TFP_SELECT_DISPATCH int32_t select_row_dots(const float* row, const float* col_sq, float row_sq, int64_t n,
-                                            int64_t self, float lower, float upper, HeapRow& heap) {
-  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap);
+                                            int64_t self, float lower, float upper, HeapRow& heap,
+                                            int64_t col_base) {
+  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
 }
 
 TFP_SELECT_DISPATCH int32_t select_row_s2(const float* row, int64_t n, int64_t self, float lower, float upper,
                                           HeapRow& heap) {
   return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
+}
+
+// Column side of an off-diagonal block for columns j0 .. j0 + width - 1 (width <= 16; global rows col0 + j)
+// against the block's b rows, read row by row (each column with its own bounds and cutoff), so that the
+// block is read in memory order.
+TFP_SELECT_DISPATCH void select_column_chunk(const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0,
+                                             int64_t j0, int width, const float* sq, const float* lower,
+                                             const float* upper, int64_t* keys, int32_t* sizes, int32_t* close,
+                                             int64_t k) {
+  constexpr int kChunk = 16;
+  HeapRow heaps[kChunk];
+  // the lanes' bounds and cutoffs as arrays, for the branch-free loop below (cut[l] mirrors heaps[l].cutoff)
+  float lo[kChunk], hi[kChunk], c_sq[kChunk], cut[kChunk];
+  int32_t below[kChunk] = {};
+  for (int l = 0; l < kChunk; ++l) {
+    const int64_t g = col0 + j0 + std::min(l, width - 1);
+    if (l < width) heaps[l] = HeapRow(keys + g * k, sizes + g, k);
+    lo[l] = l < width ? lower[g] : std::numeric_limits<float>::infinity();  // (padding lanes never qualify)
+    hi[l] = l < width ? upper[g] : -std::numeric_limits<float>::infinity();
+    c_sq[l] = sq[g];
+    cut[l] = l < width ? heaps[l].cutoff : -std::numeric_limits<float>::infinity();
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    const float* row = dot + i * c + j0;
+    const float r_sq = sq[row0 + i];
+    float xs[kChunk];
+    int32_t any = 0;
+    for (int l = 0; l < kChunk; ++l) {
+      // the s2 of pair (col0 + j0 + l, row0 + i) as that row's epilogue forms it: (-2 dot + sq[col]) + sq[row]
+      float x = (-2.0f * row[l < width ? l : 0] + r_sq) + c_sq[l];
+      x = x < 0.0f ? 0.0f : x;
+      xs[l] = x;
+      below[l] += x < hi[l];
+      any |= (x >= lo[l]) & (x <= cut[l]);
+    }
+    if (!any) continue;
+    for (int l = 0; l < width; ++l) {
+      if (xs[l] >= lo[l] && xs[l] <= cut[l]) {
+        heaps[l].offer(xs[l], row0 + i);
+        cut[l] = heaps[l].cutoff;
+      }
+    }
+  }
+  for (int l = 0; l < width; ++l) close[col0 + j0 + l] += below[l];
 }
 
 }  // namespace
@@ -184,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
       HeapRow selection(heap.data(), &held, k);
-      const int32_t below = from_dots ? select_row_dots(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], selection)
+      const int32_t below = from_dots ? select_row_dots(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], selection, 0)
                                       : select_row_s2(row, n, self, lo_p[i], hi_p[i], selection);
       std::sort_heap(heap.begin(), heap.begin() + held);
       close_p[i] = below;
@@ -206,60 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
   return {index, out, close};
 }
 
-
-namespace {
-
-
-TFP_SELECT_DISPATCH int32_t select_row_pairs(const float* row, const float* col_sq, float row_sq, int64_t n,
-                                             int64_t self, float lower, float upper, HeapRow& heap, int64_t col_base) {
-  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
-}
-
-// Column side of an off-diagonal block for columns j0 .. j0 + width - 1 (width <= 16; global rows col0 + j)
-// against the block's b rows, read row by row (each column with its own bounds and cutoff), so that the
-// block is read in memory order.
-TFP_SELECT_DISPATCH void select_column_chunk(const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0,
-                                             int64_t j0, int width, const float* sq, const float* lower,
-                                             const float* upper, int64_t* keys, int32_t* sizes, int32_t* close,
-                                             int64_t k) {
-  constexpr int kChunk = 16;
-  HeapRow* heaps[kChunk];
-  alignas(64) unsigned char storage[kChunk * sizeof(HeapRow)];
-  float lo[kChunk], hi[kChunk], c_sq[kChunk], cut[kChunk];
-  int32_t below[kChunk] = {};
-  for (int l = 0; l < kChunk; ++l) {
-    const int64_t g = col0 + j0 + std::min(l, width - 1);
-    heaps[l] = l < width ? new (storage + l * sizeof(HeapRow)) HeapRow(keys + g * k, sizes + g, k) : nullptr;
-    lo[l] = l < width ? lower[g] : std::numeric_limits<float>::infinity();  // (padding lanes never qualify)
-    hi[l] = l < width ? upper[g] : -std::numeric_limits<float>::infinity();
-    c_sq[l] = sq[g];
-    cut[l] = l < width ? heaps[l]->cutoff : -std::numeric_limits<float>::infinity();
-  }
-  for (int64_t i = 0; i < b; ++i) {
-    const float* row = dot + i * c + j0;
-    const float r_sq = sq[row0 + i];
-    float xs[kChunk];
-    int32_t any = 0;
-    for (int l = 0; l < kChunk; ++l) {
-      // the s2 of pair (col0 + j0 + l, row0 + i) as that row's epilogue forms it: (-2 dot + sq[col]) + sq[row]
-      float x = (-2.0f * row[l < width ? l : 0] + r_sq) + c_sq[l];
-      x = x < 0.0f ? 0.0f : x;
-      xs[l] = x;
-      below[l] += x < hi[l];
-      any |= (x >= lo[l]) & (x <= cut[l]);
-    }
-    if (!any) continue;
-    for (int l = 0; l < width; ++l) {
-      if (xs[l] >= lo[l] && xs[l] <= cut[l]) {
-        heaps[l]->offer(xs[l], row0 + i);
-        cut[l] = heaps[l]->cutoff;
-      }
-    }
-  }
-  for (int l = 0; l < width; ++l) close[col0 + j0 + l] += below[l];
-}
-
-}  // namespace
 
 void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, const at::Tensor& sq_norms,
                            const at::Tensor& lower, const at::Tensor& upper, at::Tensor& heap_keys,
@@ -296,7 +287,7 @@ void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, co
       const int64_t r = row0 + i;
       HeapRow heap(keys + r * k, sizes + r, k);
       // the row's own column, when this (diagonal) block holds it
-      close[r] += select_row_pairs(d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
+      close[r] += select_row_dots(d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
     }
   });
   if (row0 != col0) {  // the same products for the block's columns, as rows

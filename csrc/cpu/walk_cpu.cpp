@@ -129,7 +129,7 @@ struct Groups {
 // kQueryBlock float32 query rows, accumulated in float32, in one read of the row. The pass over the
 // unvisited rows is memory-bound (measured on this 2-core machine: 16 GB/s over rows in memory order,
 // 10 GB/s in random order, hence FallbackScan's row order), so its rows are read as float16: half the bytes
-// of float32, at an error bound ~6x float32's (see tfp_kernels/order/scan.py: half_scan_slack), which the
+// of float32, at an error bound ~6x float32's (see tfp_kernels/order/host_scan.py: half_scan_slack), which the
 // exact settle absorbs. Versions for AVX-512 and AVX2 (both with F16C and FMA) and a portable one, picked
 // once by CPU feature; the bound holds for any summation order and for fused multiply-adds.
 constexpr int64_t kQueryBlock = 4;
