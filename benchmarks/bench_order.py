@@ -49,7 +49,8 @@ def _timed(fn, device: str):
 
 
 def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k: int = 64,
-               check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP) -> dict:
+               check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP,
+               progress: bool = False) -> dict:
     emb = clustered_embeddings(n, d, device=device)
     row: dict = {"n": n, "dim": d, "max_rejections": cap, "fallback": fallback}
     threshold = None
@@ -84,7 +85,7 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
         tfp_order(emb[: min(n, 32768)], threshold=threshold, max_rejections=cap, k=k, fallback=fallback)
     (paths["tfp_order"], stats), dt = _timed(
         lambda: tfp_order(emb, threshold=threshold, max_rejections=cap, k=k, fallback=fallback,
-                          return_stats=True), device)
+                          return_stats=True, progress=progress), device)
     row["tfp_order"] = {
         "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend,
         "band_dtype": stats.band_dtype, "k": stats.k, "threshold_s": stats.time_threshold_s,
@@ -132,6 +133,7 @@ def main(argv=None) -> None:
                    help="above N = 20,000 the path is checked on this many sampled steps (each an O(N D) float64 pass)")
     p.add_argument("--cap", default=str(PAPER_CAP),
                    help="max_rejections of every implementation: an integer, or 'none' (tfp_order's default)")
+    p.add_argument("--progress", action="store_true", help="progress bars of the timed tfp_order run (stderr)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
     cap = None if args.cap.lower() == "none" else int(args.cap)
@@ -141,7 +143,7 @@ def main(argv=None) -> None:
     for n in args.sizes:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
                          reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap,
-                         check_steps=args.check_steps)
+                         check_steps=args.check_steps, progress=args.progress)
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]

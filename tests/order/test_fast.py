@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tfp_kernels import check_path, estimate_threshold, has_extension, tfp_order, tfp_order_reference
+from tfp_kernels.order.band_topk_triton import triton_runs_on
 from tfp_kernels.order.fast import fast_tfp_order
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="the fast path needs tfp_kernels._C")
@@ -26,6 +27,11 @@ def anisotropic(n, d, seed=0):
     return lat @ torch.randn(8, d, generator=g) + 0.05 * torch.randn(n, d, generator=g)
 
 
+#: fallbacks for CPU tensors: the fused Triton scan takes them only under the interpreter (on a GPU machine the
+#: CUDA tests run it)
+CPU_FALLBACKS = ["host", "device", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_runs_on("cpu"), reason="CPU tensors in Triton need TRITON_INTERPRET=1"))]
+
 CASES = [
     pytest.param(clustered(300, 24), "l2", 4, None, 0, 16, id="clustered-l2"),
     pytest.param(clustered(300, 24), "cosine", 4, None, 5, 16, id="clustered-cosine-start5"),
@@ -41,7 +47,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("emb, metric, window, cap, start, k", CASES)
-@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
+@pytest.mark.parametrize("fallback", CPU_FALLBACKS)
 def test_fast_equals_reference(emb, metric, window, cap, start, k, fallback):
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start)
@@ -67,10 +73,8 @@ def test_low_precision_lists_give_the_same_path(case, band_dtype):
 def test_triton_band_lists_in_the_walk():
     # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 products there, as
     # the interpreter's bf16 tl.dot is wrong): the same path as the reference
-    from tfp_kernels.order.band_topk_triton import triton_available
-
-    if not triton_available():
-        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    if not triton_runs_on("cpu"):
+        pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1 (on a GPU: test_cuda_fast_equals_reference)")
     emb = clustered(48, 10, clusters=4, seed=21)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
@@ -208,7 +212,7 @@ def _with_duplicate_groups(n_distinct: int, d: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("window", [1, 4])
-@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
+@pytest.mark.parametrize("fallback", CPU_FALLBACKS)
 def test_duplicate_groups_keep_the_path_exact(metric, window, fallback):
     emb = _with_duplicate_groups(160, 12, seed=window)
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
@@ -298,3 +302,17 @@ def test_cuda_large_n_check_path():
     steps = torch.randperm(100_000 - 1, generator=torch.Generator().manual_seed(0))[:3000] + 1
     res = check_path(emb, path, threshold=t, steps=steps)
     assert res.ok, res.message
+
+
+def test_triton_fallback_refuses_cpu_tensors_when_compiled(monkeypatch):
+    # compiled Triton cannot read host memory: a clear error at the entry, not a failure inside a launch
+    from tfp_kernels.order import band_topk_triton
+
+    if not band_topk_triton._HAVE_TRITON:
+        pytest.skip("needs triton")
+    monkeypatch.setattr(band_topk_triton, "_interpreted", lambda: False)
+    emb = clustered(40, 6, seed=1)
+    t = estimate_threshold(emb, quantile=0.05)
+    with pytest.raises(ValueError, match="fallback='triton' needs Triton and CUDA embeddings"):
+        fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                       fallback="triton", band_backend="torch")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tfp_kernels.order.band_topk import squared_distance_error_coef
-from tfp_kernels.order.band_topk_triton import triton_available
+from tfp_kernels.order.band_topk_triton import triton_available, triton_runs_on
 from tfp_kernels.order.distance import distances_from, prepare
 from tfp_kernels.order.fast import squared_threshold
 from tfp_kernels.order.host_scan import half_rows, half_scan_slack
@@ -13,9 +13,24 @@ from tfp_kernels.order.scan_triton import masked_scan_torch, masked_scan_triton,
 from tfp_kernels.order.threshold import estimate_threshold
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+
+
+def _masked_scan_triton_here(*args):
+    """``masked_scan_triton`` on the test's CPU tensors: as they are under the interpreter, else on the GPU (its
+    results brought back), so that the same tests check the compiled kernel on a GPU machine."""
+    if triton_runs_on("cpu"):
+        return masked_scan_triton(*args)
+    def to_cuda(a):
+        if isinstance(a, tuple):  # the float16 rows and their scales
+            return tuple(to_cuda(b) for b in a)
+        return a.cuda() if isinstance(a, torch.Tensor) else a
+
+    return tuple(out.cpu() for out in masked_scan_triton(*map(to_cuda, args)))
+
+
 SCANS = [
     pytest.param(masked_scan_torch, id="torch"),
-    pytest.param(masked_scan_triton, id="triton", marks=needs_triton),
+    pytest.param(_masked_scan_triton_here, id="triton", marks=needs_triton),
 ]
 
 

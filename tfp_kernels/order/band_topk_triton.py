@@ -63,6 +63,16 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can take tensors of ``device``: CUDA tensors when compiled, CPU tensors only
+    under the interpreter (``TRITON_INTERPRET=1``)."""
+    if not _HAVE_TRITON:
+        return False
+    if _interpreted():
+        return True
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
 if _HAVE_TRITON:
 
     @triton.jit

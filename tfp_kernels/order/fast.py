@@ -309,10 +309,13 @@ def fast_tfp_order(
     # unvisited nodes than the cap), else the torch scan
     fused_scan = fallback == "triton" and window <= MAX_SCAN_WINDOW
     if fallback == "triton":
-        from .band_topk_triton import triton_available
+        from .band_topk_triton import triton_runs_on
 
-        if not triton_available():
-            raise RuntimeError("fallback='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        if not triton_runs_on(device):
+            raise ValueError(
+                f"fallback='triton' needs Triton and CUDA embeddings (CPU ones only under TRITON_INTERPRET=1), "
+                f"got embeddings on {device}"
+            )
     y64 = None  # projections for the device scans' lower bounds, computed at the first of them
     # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
     host_scan = half_scan_rows(x32) if fallback == "host" else no_host_scan()
