@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_band_topk --sizes 16384 65536 --dim 768 --k 64
 
-For each N: the Triton kernel with split bf16 x 3 products (what ``tfp_order`` uses on CUDA: about float32
-accuracy, three tensor-core products per tile), with IEEE float32 products (CUDA cores) and with plain bf16
+For each N: the Triton kernel with split products, float16 x 3 (what ``tfp_order`` uses on CUDA: rows scaled
+per row, three tensor-core products per tile summed by chunks, better than float32 accuracy) and bf16 x 3,
+with IEEE float32 products (CUDA cores) and with plain bf16
 products (tensor cores; too coarse for the ordering), the torch implementation (float32 GEMM + topk), and a
 plain bf16 matrix product ``x @ x.T`` over the same (N, N, D) problem in row blocks (the ceiling).
 ``tflops`` counts the problem's 2 N^2 D; ``tensor_core_tflops`` the products the kernel actually issues
@@ -41,6 +42,7 @@ def bench(n: int, dim: int, k: int, device: str) -> dict:
     row = {"n": n, "dim": dim, "k": k}
     ref = band_topk_torch(x, sq, lower, upper, k)
     cases = {
+        "triton_fp16x3": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype="float16x3"), 3),
         "triton_bf16x3": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype="bfloat16x3"), 3),
         "triton_fp32_ieee": (lambda: band_topk_triton(x, sq, lower, upper, k), 1),
         "triton_bf16": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=torch.bfloat16), 1),
@@ -59,7 +61,7 @@ def bench(n: int, dim: int, k: int, device: str) -> dict:
     xf = x.float()
     timing = time_call(lambda: _gemm_blocks(xf), device=device, warmup=1, repeat=3)
     row["torch_fp32_gemm"] = {**timing, "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12}
-    for name in ("triton_bf16x3", "triton_fp32_ieee", "triton_bf16"):
+    for name in ("triton_fp16x3", "triton_bf16x3", "triton_fp32_ieee", "triton_bf16"):
         row[name]["fraction_of_bf16_gemm"] = row[name]["tflops"] / row["torch_bf16_gemm"]["tflops"]
         row[name]["tensor_core_fraction_of_bf16_gemm"] = (
             row[name]["tensor_core_tflops"] / row["torch_bf16_gemm"]["tflops"])
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"N={n}: " + "  ".join(
             f"{name} {row[name]['median_ms']:.1f} ms ({row[name]['tflops']:.1f} TFLOP/s)"
-            for name in ("triton_bf16x3", "triton_fp32_ieee", "triton_bf16", "torch_fp32", "torch_bf16_gemm",
+            for name in ("triton_fp16x3", "triton_bf16x3", "triton_fp32_ieee", "triton_bf16", "torch_fp32",
+                         "torch_bf16_gemm",
                          "torch_fp32_gemm")),
             flush=True)
     path = write_results("band_topk", args.device, {"rows": rows}, out_dir=args.out_dir)

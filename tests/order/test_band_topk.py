@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from tfp_kernels.order.band_topk import (
+    MIN_ACC_CHUNK,
     band_topk_reference,
     band_topk_torch,
+    split_rows,
     squared_distance_error_coef,
 )
-from tfp_kernels.order.band_topk_triton import band_topk_triton, triton_available
+from tfp_kernels.order.band_topk_triton import ACC_CHUNK, band_topk_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton (GPU or TRITON_INTERPRET=1) not available")
@@ -214,13 +216,14 @@ def test_triton_merge_schedule_does_not_change_lists(n, d, k, extra):
                        squared_distance_error_coef(d, torch.float32))
 
 
-def test_split_products_match_float32_within_the_split_bound():
+@pytest.mark.parametrize("dtype", ["bfloat16x3", "float16x3"])
+def test_split_products_match_float32_within_the_split_bound(dtype):
     x = make_rows(97, 50, seed=5) * torch.logspace(-3, 3, 50)  # components over six decades
     sq = x.square().sum(1)
     lo, hi = bounds(x)
     ref = band_topk_reference(x, lo, hi, 12)
-    split = band_topk_torch(x, sq, lo, hi, 12, input_dtype="bfloat16x3")
-    assert_lists_within_bound(split, x, lo, hi, squared_distance_error_coef(50, "bfloat16x3"))
+    split = band_topk_torch(x, sq, lo, hi, 12, input_dtype=dtype)
+    assert_lists_within_bound(split, x, lo, hi, squared_distance_error_coef(50, dtype))
     assert (split.index == ref.index).float().mean() > 0.95  # ~float32 accuracy: mostly the exact lists
     plain = band_topk_torch(x, sq, lo, hi, 12, input_dtype=torch.bfloat16)
     assert (plain.index == ref.index).float().mean() < (split.index == ref.index).float().mean()
@@ -258,8 +261,9 @@ def test_triton_low_precision_within_its_error_bound(dtype):
     # of the torch version of the same products, which differ only in float32 summation order
     same = band_topk_torch(x, sq, lo.to(DEVICE), hi.to(DEVICE), k, input_dtype=dtype)
     assert (tri.index == same.index).float().mean() > 0.9
+    chunk = ACC_CHUNK if isinstance(dtype, str) else None  # split products: summed by chunks in the kernel
     assert_lists_within_bound(type(tri)(*(t.cpu() for t in (tri.index, tri.s2, tri.num_close))), x.cpu(), lo, hi,
-                              squared_distance_error_coef(d, dtype))
+                              squared_distance_error_coef(d, dtype, acc_chunk=chunk))
 
 
 def assert_lists_within_bound(fast, x, lower, upper, coef):
@@ -288,3 +292,99 @@ def assert_lists_within_bound(fast, x, lower, upper, coef):
         surely_close = int((e < float(upper[i]) - tol).sum())
         maybe_close = int((e < float(upper[i]) + tol).sum())
         assert surely_close <= int(fast.num_close[i]) <= maybe_close
+
+
+def _rows_of_every_magnitude(n=40, d=37, seed=2):
+    """Rows scaled by 1e-30 .. 1e30, with entries over six decades, a zero row and a row of one entry."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
+    x *= torch.logspace(-30, 30, n)[:, None]
+    x[3] = 0.0
+    x[5] = 0.0
+    x[5, 7] = 3.0
+    return x
+
+
+@pytest.mark.parametrize("dtype, u", [("float16x3", 2.0**-11), ("bfloat16x3", 2.0**-8)])
+def test_split_rows_residual_bound(dtype, u):
+    x = _rows_of_every_magnitude()
+    hi, lo, scale = split_rows(x, dtype)
+    if dtype == "bfloat16x3":
+        assert scale is None and hi.dtype == torch.bfloat16
+        scale = torch.ones(x.shape[0])
+    else:  # powers of two that bring each row's largest entry to [2^14, 2^15) (zero rows: any)
+        assert hi.dtype == lo.dtype == torch.float16 and scale.dtype == torch.float32
+        assert torch.equal(torch.frexp(scale).mantissa, torch.full_like(scale, 0.5))
+        amax = (x.abs().amax(1) / scale)[x.abs().amax(1) > 0]
+        assert torch.all((amax >= 2**14) & (amax < 2**15))
+    scaled = x.double() / scale.double()[:, None]
+    residual = (scaled - hi.double() - lo.double()).abs()
+    assert torch.all(residual <= u * u * scaled.abs() + 2.0**-24)
+
+
+def test_chunked_accumulation_bound():
+    # chunked sums (the Triton kernel) are bounded far tighter than one long chain (the torch simulation)
+    for dtype in ("bfloat16x3", "float16x3"):
+        chain = squared_distance_error_coef(768, dtype)
+        chunked = squared_distance_error_coef(768, dtype, acc_chunk=ACC_CHUNK)
+        assert chunked < chain / 3
+        assert squared_distance_error_coef(768, dtype, acc_chunk=ACC_CHUNK, rounded_norms=True) < chunked
+        # longer chunks, larger bound; chunks longer than D are chains of D
+        assert squared_distance_error_coef(768, dtype, acc_chunk=32) < chunked
+        assert squared_distance_error_coef(40, dtype, acc_chunk=64) == squared_distance_error_coef(40, dtype,
+                                                                                                   acc_chunk=40)
+    # float16 splits with rounded norms: 5x better than float32 products at D = 768 (the point of the scaled split)
+    assert squared_distance_error_coef(768, "float16x3", acc_chunk=ACC_CHUNK, rounded_norms=True) < (
+        squared_distance_error_coef(768, torch.float32) / 5)
+    with pytest.raises(ValueError, match="acc_chunk must be at least"):
+        squared_distance_error_coef(768, "float16x3", acc_chunk=MIN_ACC_CHUNK - 1)
+
+
+@needs_triton
+def test_triton_split_refuses_chunks_beyond_its_bound():
+    x = make_rows(20, 8).to(DEVICE)
+    zero = torch.zeros(20, device=DEVICE)
+    with pytest.raises(ValueError, match="BLOCK_D"):
+        band_topk_triton(x, x.square().sum(1), zero, zero, 4, input_dtype="float16x3",
+                         config=_interp_config(BLOCK_D=2 * ACC_CHUNK))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["float16x3", "bfloat16x3"])
+def test_triton_split_within_chunked_bound_at_every_magnitude(dtype):
+    if dtype == "bfloat16x3" and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 is checked on the GPU")
+    # rows from 1e-30 to 1e30 (float16 splits are scaled per row), d not a multiple of the chunk
+    x = _rows_of_every_magnitude(n=40, d=37)
+    x = x[(x.abs().amax(1) > 1e-6) & (x.abs().amax(1) < 1e6)]  # (times 1e-8..1e8: s2 within float32's range)
+    rows = [x * 10.0**e for e in (-8, 0, 8)]
+    for x in rows:
+        sq = x.double().square().sum(1).float()  # rounded float64 norms, as the fast order passes them
+        lo, hi = bounds(x)
+        tri = band_topk_triton(x.to(DEVICE), sq.to(DEVICE), lo.to(DEVICE), hi.to(DEVICE), 6, input_dtype=dtype)
+        coef = squared_distance_error_coef(x.shape[1], dtype, acc_chunk=ACC_CHUNK, rounded_norms=True)
+        assert_lists_within_bound(type(tri)(*(t.cpu() for t in (tri.index, tri.s2, tri.num_close))), x, lo, hi,
+                                  coef)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16x3", "bfloat16x3"])
+def test_triton_split_chunked_bound_on_coherent_sums(dtype):
+    # positive entries: every product adds with the same sign, so the accumulators' rounding (truncation on
+    # tensor cores) piles up along each chain; one chain of 3 D products would exceed the chunked bound's
+    # accumulation term by ~D / 64. The listed s2 must stay within the chunked bound of the exact ones.
+    g = torch.Generator().manual_seed(4)
+    n, d = 256, 2048
+    x = 1.0 + torch.rand(n, d, generator=g) * 1e-3
+    x[1::2] += 1e-2 * torch.rand(n // 2, d, generator=g)
+    sq = x.double().square().sum(1).float()
+    lo = torch.zeros(n)
+    hi = torch.zeros(n)
+    tri = band_topk_triton(x.cuda(), sq.cuda(), lo.cuda(), hi.cuda(), 32, input_dtype=dtype)
+    x64 = x.double()
+    exact = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
+    listed = tri.index.cpu().long()
+    err = (tri.s2.cpu().double() - exact.gather(1, listed)).abs()
+    coef = squared_distance_error_coef(d, dtype, acc_chunk=ACC_CHUNK, rounded_norms=True)
+    tol = coef * (sq.double()[:, None] + sq.double()[listed])
+    assert torch.all(err <= tol), float((err / tol).max())

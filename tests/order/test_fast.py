@@ -57,7 +57,7 @@ def test_fast_equals_reference(emb, metric, window, cap, start, k, fallback):
     assert info.num_fallbacks >= 0
 
 
-@pytest.mark.parametrize("band_dtype", ["bfloat16x3", "bfloat16"])
+@pytest.mark.parametrize("band_dtype", ["float16x3", "bfloat16x3", "bfloat16"])
 @pytest.mark.parametrize("case", [0, 1, 3, 4, 7])
 def test_low_precision_lists_give_the_same_path(case, band_dtype):
     # lists from split (bf16 hi + lo) or plain bf16 products, simulated with float32 GEMMs on the CPU: their
@@ -70,17 +70,18 @@ def test_low_precision_lists_give_the_same_path(case, band_dtype):
     assert torch.equal(path, ref) and info.band_dtype == band_dtype
 
 
-def test_triton_band_lists_in_the_walk():
-    # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 products there, as
-    # the interpreter's bf16 tl.dot is wrong): the same path as the reference
+@pytest.mark.parametrize("band_dtype", ["float32", "float16x3"])
+def test_triton_band_lists_in_the_walk(band_dtype):
+    # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 or split float16
+    # products there, as the interpreter's bf16 tl.dot is wrong): the same path as the reference
     if not triton_runs_on("cpu"):
         pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1 (on a GPU: test_cuda_fast_equals_reference)")
-    emb = clustered(48, 10, clusters=4, seed=21)
+    emb = clustered(48, 10, clusters=4, seed=21) * 1e-3  # (small rows: the float16 split scales them)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
     path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
-                                band_backend="triton", band_dtype="float32")
-    assert info.band_backend == "triton" and torch.equal(path, ref)
+                                band_backend="triton", band_dtype=band_dtype)
+    assert info.band_backend == "triton" and info.band_dtype == band_dtype and torch.equal(path, ref)
 
 
 def test_band_dtype_choice_and_bad_value():
@@ -281,7 +282,8 @@ def test_walk_op_rejects_partial_group_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("band_backend, band_dtype", [("triton", "bfloat16x3"), ("triton", "float32"),
+@pytest.mark.parametrize("band_backend, band_dtype", [("triton", "float16x3"), ("triton", "bfloat16x3"),
+                                                      ("triton", "float32"),
                                                       ("triton", "bfloat16"), ("torch", "float32")])
 def test_cuda_fast_equals_reference(metric, band_backend, band_dtype):
     emb = clustered(3000, 64, clusters=30, seed=10).cuda()

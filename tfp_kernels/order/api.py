@@ -27,8 +27,8 @@ class OrderStats:
         time_threshold_s: seconds spent estimating the threshold (0 when given).
         time_order_s: seconds spent computing the path (all phases).
         band_backend: ``"triton"`` or ``"torch"`` (fast backend only).
-        band_dtype: what the band lists multiply: ``"float32"``, ``"bfloat16x3"`` or ``"bfloat16"`` (fast
-            backend only).
+        band_dtype: what the band lists multiply: ``"float32"``, ``"float16x3"``, ``"bfloat16x3"`` or
+            ``"bfloat16"`` (fast backend only).
         k: length K of the band lists (fast backend only).
         num_fallbacks: steps the band lists could not decide, settled by an exact scan.
         num_rebuilds: times the lists of the unvisited nodes were recomputed among the unvisited.
@@ -106,11 +106,13 @@ def tfp_order(
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
             pass per scan, CUDA) or ``"auto"`` (host for CPU tensors and for up to 16,384 CUDA rows,
             device beyond). Same path in all.
-        band_dtype: what the band lists multiply (fast backend): ``"auto"`` (``"bfloat16x3"`` with the
-            Triton kernel on CUDA: rows split as bf16 hi + lo, three tensor-core products, an error bound
-            ~4x float32's; float32 on the CPU), ``"float32"``, ``"bfloat16x3"`` or ``"bfloat16"`` (one bf16
-            product; its error bound makes many more fallback scans at D in the hundreds). Same path in all:
-            every decision is taken on exact distances; the bound only sets how much the lists can prove.
+        band_dtype: what the band lists multiply (fast backend): ``"auto"`` (``"float16x3"`` with the
+            Triton kernel on CUDA: rows scaled per row and split as float16 hi + lo, three tensor-core
+            products summed by chunks, an error bound 4x below float32 products'; float32 on the CPU),
+            ``"float32"``, ``"float16x3"``, ``"bfloat16x3"`` (unscaled bf16 split, a 5x wider bound) or
+            ``"bfloat16"`` (one bf16 product; its error bound makes many more fallback scans at D in the
+            hundreds). Same path in all: every decision is taken on exact distances; the bound only sets how
+            much the lists can prove (at N = 10^6 it decides whether K = 64 lists can prove anything).
             Ignored with ``group`` (the sharded lists are float32).
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.

@@ -22,7 +22,9 @@ in :mod:`tfp_kernels.order.band_topk_triton` (CUDA). Memory: O(N * K) plus one (
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -65,53 +67,114 @@ SPLIT_DTYPES = {"bfloat16x3": torch.bfloat16, "float16x3": torch.float16}
 TENSOR_CORE_ACC_ROUNDOFF = 2.0**-23
 
 
-def split_rows(x: torch.Tensor, input_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)`` with ``hi = x`` rounded to the split's 16-bit dtype and ``lo = (x - hi)`` rounded to it.
+class SplitRows(NamedTuple):
+    """Rows as ``scale * (hi + lo)`` (:func:`split_rows`).
+
+    hi, lo: (N, D) contiguous tensors of the split's 16-bit dtype; scale: (N,) float32 powers of two (float16
+    split), or None (bfloat16 split: the rows themselves, bf16 having float32's exponent range).
+    """
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    scale: torch.Tensor | None
+
+
+#: Rows split at a time (bounds the float32 temporaries to ~100 MB at D = 768).
+_SPLIT_CHUNK_ROWS = 32_768
+
+
+def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
+    """``x = scale * (hi + lo) + r``: ``hi`` the (scaled) rows rounded to the split's 16-bit dtype, ``lo`` the
+    rest rounded to it.
+
+    ``"float16x3"``: each row is first multiplied by the power of two that brings its largest entry to
+    [2^14, 2^15) (:func:`~tfp_kernels.order.host_scan.half_row_scales`), so that the split keeps float16's
+    precision whatever the magnitude of the rows: ``|x' - hi - lo| <= u^2 |x'| + 2^-24`` elementwise for the
+    scaled row ``x' = x / scale`` (``u = 2^-11``; the 2^-24: float16's subnormals, below 2^-38 of the row's
+    largest entry). ``"bfloat16x3"``: unscaled (``scale`` None), ``|x - hi - lo| <= u^2 |x|`` (``u = 2^-8``).
 
     Args:
         x: (N, D) float32 rows, any device; input_dtype: a key of :data:`SPLIT_DTYPES`.
 
     Returns:
-        two (N, D) contiguous tensors of that dtype; ``|x - hi - lo| <= u^2 |x|`` elementwise
-        (``u`` its unit roundoff), as long as ``lo`` stays in the dtype's normal range (always for bf16,
-        which has float32's exponent range; float16 needs ``|x|`` well inside [2^-3, 2^15]).
+        :class:`SplitRows` on the device of ``x``.
     """
     dtype = SPLIT_DTYPES[input_dtype]
-    hi = x.to(dtype)
-    lo = (x - hi.float()).to(dtype)  # x - hi is exact in float32
-    return hi.contiguous(), lo.contiguous()
+    if dtype == torch.bfloat16:
+        hi = x.to(dtype)
+        lo = (x - hi.float()).to(dtype)  # x - hi is exact in float32
+        return SplitRows(hi.contiguous(), lo.contiguous(), None)
+    from .host_scan import half_row_scales
+
+    multiplier, scale = half_row_scales(x)
+    hi = torch.empty(x.shape, dtype=dtype, device=x.device)
+    lo = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for r0 in range(0, x.shape[0], _SPLIT_CHUNK_ROWS):
+        scaled = x[r0 : r0 + _SPLIT_CHUNK_ROWS] * multiplier[r0 : r0 + _SPLIT_CHUNK_ROWS, None]  # exact
+        hi[r0 : r0 + _SPLIT_CHUNK_ROWS] = scaled
+        lo[r0 : r0 + _SPLIT_CHUNK_ROWS] = scaled - hi[r0 : r0 + _SPLIT_CHUNK_ROWS].float()  # exact, then rounded
+    return SplitRows(hi, lo, scale)
 
 
-def squared_distance_error_coef(dim: int, input_dtype) -> float:
+#: Shortest products a tensor-core chunk can hold: Triton's ``tl.dot`` needs an inner dimension of 16 or more,
+#: so a kernel that sums its chunks in float32 adds at most ``ceil(D / 16)`` of them.
+MIN_ACC_CHUNK = 16
+
+
+def squared_distance_error_coef(dim: int, input_dtype, *, acc_chunk: int | None = None,
+                                rounded_norms: bool = False) -> float:
     """Bound ``c`` with ``|s2_fast - s2_exact| <= c * (|x_i|^2 + |x_j|^2)`` for the fast paths.
 
-    ``s2_fast = |x_i|^2 + |x_j|^2 - 2 <x_i', x_j'>`` with the norms in float32 from the float32 rows and
+    ``s2_fast = |x_i|^2 + |x_j|^2 - 2 <x_i', x_j'>`` with float32 squared norms of the float32 rows and
     float32 accumulation of the products over ``dim`` terms. ``input_dtype``:
 
-    - ``torch.float32``: IEEE float32 products; bound ``2 gamma_D + 6 u`` (``gamma_D = D u / (1 - D u)``,
-      ``u = 2^-24``: the norms' and the product's accumulation, and the final additions);
+    - ``torch.float32``: IEEE float32 products; bound ``gamma_D + gamma_D + 6 u`` (``gamma_D = D u / (1 -
+      D u)``, ``u = 2^-24``: the norms' and the product's accumulation, and the final additions);
     - a 16-bit dtype (or ``"tf32"``): the rows rounded to it (``u_in``), accumulated on tensor cores
       (:data:`TENSOR_CORE_ACC_ROUNDOFF`): ``gamma_D + gamma'_D + 2.01 u_in + 6 u``;
     - ``"bfloat16x3"`` / ``"float16x3"`` (:func:`split_rows`): the three products of the split leave out
-      terms of at most ``3.1 u_in^2 |x_i,k x_j,k|`` and accumulate ``3 D`` terms on tensor cores:
-      ``gamma_D + 1.02 gamma'_{3D} + 3.1 u_in^2 + 6 u`` (about 4x the float32 bound at D = 768, 70x below
-      bf16's).
+      terms of at most ``3.1 u_in^2 |x_i,k x_j,k|`` (plus float16's subnormals, ``2^-35 sqrt(D)``) and
+      accumulate ``3 D`` terms on tensor cores: ``gamma_D + 1.02 gamma'_{3D} + 3.1 u_in^2 + 6 u``.
+
+    ``acc_chunk`` (split dtypes): the products are summed in chunks of at most ``acc_chunk`` entries, each chunk
+    in a fresh tensor-core accumulator that takes the two cross products ``hi.lo' + lo.hi'`` first and the
+    main product ``hi.hi'`` last, and the chunks are added in float32 (the Triton kernel). Then each
+    addition's error is relative to a partial sum that is at most about the chunk's ``sum |x_k y_k|``
+    (the cross terms are ``2 u_in`` of it): ``(1 + 8.1 u_in) gamma'_m`` for the chunk, ``m = min(acc_chunk,
+    D)``, plus ``gamma_{ceil(D / 16)}`` for the float32 sum of the chunks (:data:`MIN_ACC_CHUNK`), instead of
+    ``gamma'_{3D}``: at D = 768, chunks of 64 and float16 splits, 1.0e-5 instead of 3.4e-4.
+
+    ``rounded_norms``: the squared norms are those of the float32 rows computed in float64 and rounded to
+    float32 (error ``u`` each) rather than float32 sums (``gamma_D``).
 
     Worst-case (not statistical) bounds, using ``sum_k |a_k b_k| <= (|a|^2 + |b|^2) / 2``; plus the float32
-    rounding of the rows themselves (``2 u``) when the embeddings came in float64.
+    rounding of the rows themselves (``2 u``) when the embeddings came in float64; for norms above float32's
+    subnormal range.
     """
     u = UNIT_ROUNDOFF[torch.float32]
 
     def gamma(n, unit):
         return n * unit / (1.0 - n * unit)
 
+    norms = 2.0 * u if rounded_norms else gamma(dim, u)
     if input_dtype == torch.float32:
-        return 2.0 * gamma(dim, u) + 6.0 * u
+        return norms + gamma(dim, u) + 6.0 * u
     u_acc = TENSOR_CORE_ACC_ROUNDOFF
     if input_dtype in SPLIT_DTYPES:
         u_in = UNIT_ROUNDOFF[SPLIT_DTYPES[input_dtype]]
-        return gamma(dim, u) + 1.02 * gamma(3 * dim, u_acc) + 3.1 * u_in * u_in + 6.0 * u
-    return gamma(dim, u) + gamma(dim, u_acc) + 2.01 * UNIT_ROUNDOFF[input_dtype] + 6.0 * u
+        dropped = 3.1 * u_in * u_in
+        if SPLIT_DTYPES[input_dtype] == torch.float16:
+            dropped += 2.0**-35 * math.sqrt(dim)  # float16 subnormals of the scaled rows (split_rows)
+        if acc_chunk is None:
+            accumulation = 1.02 * gamma(3 * dim, u_acc)
+        else:
+            if acc_chunk < MIN_ACC_CHUNK:
+                raise ValueError(f"acc_chunk must be at least {MIN_ACC_CHUNK}, got {acc_chunk}")
+            chunk = gamma(min(acc_chunk, dim), u_acc)
+            sums = gamma(-(-dim // MIN_ACC_CHUNK), u)
+            accumulation = (1.0 + 8.1 * u_in) * chunk + (1.0 + 4.1 * u_in) * (1.0 + chunk) * sums
+        return norms + accumulation + dropped + 6.0 * u
+    return norms + gamma(dim, u_acc) + 2.01 * UNIT_ROUNDOFF[input_dtype] + 6.0 * u
 
 
 def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +333,8 @@ def band_topk_torch(
     x = x.float()
     split = None
     if input_dtype in SPLIT_DTYPES:
-        split = [p.float() for p in split_rows(x, input_dtype)]
+        pieces = split_rows(x, input_dtype)  # (scaled back: products by powers of two are exact)
+        split = [p.float() if pieces.scale is None else p.float() * pieces.scale[:, None] for p in pieces[:2]]
     elif input_dtype not in (None, torch.float32):
         x = x.to(input_dtype).float()
     n = x.shape[0]

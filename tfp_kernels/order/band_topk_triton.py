@@ -4,7 +4,9 @@ Each program is persistent: it takes row blocks of ``BLOCK_M`` rows in turn (``p
 and streams every column block of ``x`` (``BLOCK_N`` columns at a time) past them. Per tile it
 
 1. computes the (BLOCK_M, BLOCK_N) squared distances ``|a|^2 + |b|^2 - 2 a.b`` with ``tl.dot``
-   (tensor cores for bf16/fp16 rows, IEEE float32 products for float32 rows; float32 accumulation);
+   (tensor cores for bf16/fp16 rows, IEEE float32 products for float32 rows; float32 accumulation; split
+   rows: three products per BLOCK_D chunk in a fresh accumulator, the chunks added in float32, float16
+   rows scaled per row by powers of two, undone in the epilogue);
 2. counts the entries below ``upper`` (``num_close``; the row itself is taken out in the diagonal tiles
    only);
 3. keeps the *candidates*: entries at or above ``lower`` (the band) and strictly below the row's
@@ -39,7 +41,7 @@ import warnings
 
 import torch
 
-from .band_topk import SPLIT_DTYPES, BandLists, split_rows
+from .band_topk import MIN_ACC_CHUNK, SPLIT_DTYPES, BandLists, split_rows
 
 try:  # Triton is optional at import time (CPU-only torch builds do not ship it)
     import triton
@@ -50,6 +52,10 @@ except ImportError:  # pragma: no cover - exercised only without triton
     _HAVE_TRITON = False
 
 _MAX_KEY = 0x7FFFFFFFFFFFFFFF
+
+#: Longest chunk of products summed in one tensor-core accumulator with split inputs (BLOCK_D of every launch
+#: setting): the ``acc_chunk`` of their error bound, :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`.
+ACC_CHUNK = 64
 
 
 def triton_available() -> bool:
@@ -99,12 +105,12 @@ if _HAVE_TRITON:
     @triton.jit
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
-        x_ptr, x_lo_ptr, stride_xn, stride_xd,
+        x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
         sq_norms_ptr, lower_ptr, upper_ptr, best_ptr, cand_s2_ptr, cand_col_ptr,
         n_rows, dim,
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
@@ -119,6 +125,8 @@ if _HAVE_TRITON:
             row_ok = rows < n_rows
             rows64 = rows.to(tl.int64)
             row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
+            if SCALED:  # rows stored as x / scale (powers of two)
+                row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
             lower = tl.load(lower_ptr + rows, mask=row_ok, other=float("inf"))  # padding rows keep nothing
             upper = tl.load(upper_ptr + rows, mask=row_ok, other=0.0)
             tl.debug_barrier()
@@ -147,13 +155,24 @@ if _HAVE_TRITON:
                     b_ok = col_ok[None, :] & d_ok[:, None]
                     a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
                     b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                    if SPLIT:  # rows as hi + lo: add hi.lo' + lo.hi' (lo.lo' is below the error bound)
-                        acc = tl.dot(a, tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0), acc)
-                        acc = tl.dot(tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0), b, acc)
+                    if SPLIT:
+                        # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a
+                        # fresh accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the
+                        # accumulation error grows with BLOCK_D, not with D (squared_distance_error_coef's
+                        # acc_chunk). (acc is added to a dot whose accumulator is not a zero tile: Triton folds
+                        # `dot(a, b, 0) + acc` back into one accumulator.)
+                        part = tl.dot(a, tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0))
+                        part = tl.dot(tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0), b, part)
+                        part = tl.dot(a, b, part)
+                        acc += part
+                    else:
+                        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
                 # padding columns get an infinite norm: never close, never in the band
                 col_norm = tl.load(sq_norms_ptr + cols, mask=col_ok, other=float("inf"))
-                s2 = tl.maximum(row_norm[:, None] + col_norm[None, :] - 2.0 * acc, 0.0)
+                dot = acc
+                if SCALED:  # two exact products by powers of two
+                    dot = acc * row_scale[:, None] * tl.load(scale_ptr + cols, mask=col_ok, other=1.0)[None, :]
+                s2 = tl.maximum(row_norm[:, None] + col_norm[None, :] - 2.0 * dot, 0.0)
                 below = s2 < upper[:, None]
                 close += tl.sum(below.to(tl.int32), axis=1)
                 if (col0 < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N):  # a diagonal tile: the row itself
@@ -197,13 +216,16 @@ _TUNED: dict[tuple, dict] = {}
 _TUNE_ROWS = 32768
 
 
-def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
+def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
     """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
     between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K) and
     ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU)."""
     config = dict(config)
     n, dim = x.shape
     block_m = config["BLOCK_M"]
+    if x_lo is not None and not MIN_ACC_CHUNK <= config["BLOCK_D"] <= ACC_CHUNK:
+        raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
+                         f"accumulation chunk), got {config['BLOCK_D']}")
     cap = config.pop("CAP", None) or triton.cdiv(max(4 * config["BLOCK_N"], k_pad), k_pad) * k_pad
     if cap % k_pad or cap < config["BLOCK_N"]:
         raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least BLOCK_N, got {cap}")
@@ -217,14 +239,14 @@ def _launch(config, x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms):
     cand_s2 = torch.empty(grid * block_m, cap, dtype=torch.float32, device=x.device)
     cand_col = torch.empty(grid * block_m, cap, dtype=torch.int32, device=x.device)
     _band_topk_kernel[(grid,)](
-        index, s2, close, x, x if x_lo is None else x_lo, x.stride(0), x.stride(1), sq_norms, lower, upper,
-        best, cand_s2, cand_col, n, dim,
-        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, **config,
+        index, s2, close, x, x if x_lo is None else x_lo, sq_norms if scale is None else scale, x.stride(0),
+        x.stride(1), sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
+        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None, **config,
     )
     return index, s2, close
 
 
-def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) -> dict:
+def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms) -> dict:
     """The fastest of :func:`_configs` for this (device, dim, K, dtype, size class), timed on the first
     ``min(N, _TUNE_ROWS)`` rows of the first call of the class (size classes: powers of two of that count;
     timing whole million-row calls per candidate would cost minutes)."""
@@ -238,8 +260,8 @@ def _tuned_config(x, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms) ->
         triton.next_power_of_2(m),
     )
     if key not in _TUNED:
-        args = (x[:m], None if x_lo is None else x_lo[:m], sq_norms[:m], lower[:m], upper[:m], k_pad, precision,
-                num_sms)
+        args = (x[:m], None if x_lo is None else x_lo[:m], None if scale is None else scale[:m], sq_norms[:m],
+                lower[:m], upper[:m], k_pad, precision, num_sms)
         timings = []
         for config in configs:
             try:
@@ -270,10 +292,12 @@ def band_topk_triton(
         k: K in [1, 1024]; the kernel works with the next power of two >= 16 and returns K columns.
         input_dtype: what ``tl.dot`` multiplies: float32 (IEEE float32 products on the CUDA cores, the
             default), ``torch.bfloat16`` or ``torch.float16`` (the rows rounded; tensor cores), or
-            ``"bfloat16x3"`` / ``"float16x3"`` (rows split as hi + lo, three tensor-core products per tile:
-            about float32 accuracy at the 16-bit rate; :func:`~tfp_kernels.order.band_topk.split_rows`).
+            ``"bfloat16x3"`` / ``"float16x3"`` (rows split as hi + lo, float16 ones scaled per row, three
+            tensor-core products per tile summed by chunks of BLOCK_D <= :data:`ACC_CHUNK`: better than float32
+            accuracy for float16, at the 16-bit rate; :func:`~tfp_kernels.order.band_topk.split_rows`).
             The caller's error bound must match:
-            :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef` ``(D, input_dtype)``.
+            :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef` ``(D, input_dtype)``, with
+            ``acc_chunk=ACC_CHUNK`` for the split dtypes.
         config: launch settings (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); default: the fastest
             of a few candidates, timed once per (GPU, D, K, dtype) on the first call's leading rows.
 
@@ -288,8 +312,9 @@ def band_topk_triton(
     if not 1 <= k <= 1024:
         raise ValueError(f"k must lie in [1, 1024], got {k}")
     input_dtype = input_dtype or torch.float32
+    scale = None
     if input_dtype in SPLIT_DTYPES:
-        xin, x_lo = split_rows(x.float(), input_dtype)
+        xin, x_lo, scale = split_rows(x.float(), input_dtype)
     elif input_dtype in (torch.float32, torch.bfloat16, torch.float16):
         xin, x_lo = x.to(input_dtype).contiguous(), None
     else:
@@ -303,6 +328,6 @@ def band_topk_triton(
     if x.device.type == "cuda" and not _interpreted():
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if config is None:
-        config = _tuned_config(xin, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms)
-    index, s2, close = _launch(config, xin, x_lo, sq_norms, lower, upper, k_pad, precision, num_sms)
+        config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
+    index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
     return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)

@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from .band_topk import BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
+from .band_topk import SPLIT_DTYPES, BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
 from .distance import prepare
-from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan
+from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, bind_walk, run_walk
@@ -125,25 +125,45 @@ def band_lists(
 
 
 #: Precisions of the band lists' products (``band_dtype``): see :func:`resolve_band_dtype`.
-BAND_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16x3": "bfloat16x3"}
+BAND_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16x3": "bfloat16x3",
+               "float16x3": "float16x3"}
+
+
+def band_error_coef(dim: int, band_dtype, band_backend: str) -> float:
+    """The band lists' error coefficient (:func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`) for
+    rows whose squared norms were rounded once from float64: split products are summed by chunks of
+    :data:`~tfp_kernels.order.band_topk_triton.ACC_CHUNK` in the Triton kernel, in one chain by the torch
+    version."""
+    chunk = None
+    if band_backend == "triton" and band_dtype in SPLIT_DTYPES:
+        from .band_topk_triton import ACC_CHUNK
+
+        chunk = ACC_CHUNK
+    return squared_distance_error_coef(dim, band_dtype, acc_chunk=chunk, rounded_norms=True)
 
 
 def resolve_band_dtype(band_dtype, band_backend: str):
     """What the band lists multiply (an ``input_dtype`` of the band top-k functions).
 
-    ``"auto"``: ``"bfloat16x3"`` with the Triton kernel (rows split as bf16 hi + lo, three tensor-core
-    products: an error bound ~4x float32's, at the bf16 rate), float32 with the torch backend (the split
-    would cost three float32 products there). ``"bfloat16"`` (one bf16 product) is allowed but its error
-    bound (~0.8% of the squared norms) exceeds the spread of typical neighbour distances in high dimension:
-    measured on the CPU, 10-190x more fallback scans than float32 at N = 16,000, D = 768.
+    ``"auto"``: ``"float16x3"`` with the Triton kernel (rows scaled per row by powers of two and split as
+    float16 hi + lo, three tensor-core products summed by chunks: an error bound 1.2e-5 of the squared norms
+    at D = 768, 4x below float32 products' and 32x below the unchunked bf16 split's, at the 16-bit rate),
+    float32 with the torch backend (the split would cost three float32 products there). The bound is what
+    the lists can decide: at N = 10^6 (the benchmark's clustered data, D = 768) about 240 nodes per row lie
+    within the bf16 split's bound (3.7e-4) of the threshold, which filled every K = 64 list with nodes the
+    exact distances then reject, against ~7 within the float16 split's. ``"bfloat16x3"`` (unscaled bf16
+    split, bound 5.9e-5 chunked) and ``"bfloat16"`` (one bf16 product, bound ~0.8% of the squared norms:
+    measured on the CPU, 10-190x more fallback scans than float32 at N = 16,000, D = 768) are allowed.
     """
     if band_dtype == "auto":
-        return "bfloat16x3" if band_backend == "triton" else torch.float32
+        return "float16x3" if band_backend == "triton" else torch.float32
     if isinstance(band_dtype, torch.dtype) and band_dtype in (torch.float32, torch.bfloat16):
         return band_dtype
     if isinstance(band_dtype, str) and band_dtype in BAND_DTYPES:
         return BAND_DTYPES[band_dtype]
-    raise ValueError(f"band_dtype must be 'auto', 'float32', 'bfloat16' or 'bfloat16x3', got {band_dtype!r}")
+    raise ValueError(
+        f"band_dtype must be 'auto', 'float32', 'bfloat16', 'bfloat16x3' or 'float16x3', got {band_dtype!r}"
+    )
 
 
 def fast_tfp_order(
@@ -198,14 +218,14 @@ def fast_tfp_order(
     t0 = time.perf_counter()
     x64 = prepare(embeddings, metric, torch.float64)
     x32 = x64.float()
-    sq_norms = x32.square().sum(dim=1)
+    sq_norms = squared_norms64(x32).float()  # the float32 rows' norms, rounded once (rounded_norms below)
     auto_backend = band_backend == "auto"
     band_backend = resolve_band_backend(band_backend, device)
     band_dtype = resolve_band_dtype(band_dtype, band_backend)
     norm_sum = sq_norms.double() + sq_norms.max().double()
-    # (N,) bounds of |s2_fast - s2_exact| per row of the band lists' products (the scans have their own)
-    band_slack = squared_distance_error_coef(dim, band_dtype) * norm_sum
     t2 = squared_threshold(threshold, metric)
+    # (N,) bounds of |s2_fast - s2_exact| per row of the band lists' products (the scans have their own)
+    band_slack = band_error_coef(dim, band_dtype, band_backend) * norm_sum
     lower, upper = band_bounds(t2, band_slack)
     host = torch.device("cpu")
     host_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
@@ -215,17 +235,19 @@ def fast_tfp_order(
     groups = None
     if group_duplicates and max_rejections is None and threshold > 0 and n > 2:
         groups = duplicate_groups(embeddings)  # (on the GPU for CUDA inputs: ~4 s of host sort at N = 1e6)
+    reps = None if groups is None else groups.representatives.to(device)
     if groups is not None:
-        reps = groups.representatives.to(device)
-        list_x32, list_sq, list_lower, list_upper, list_slack = (
-            t.index_select(0, reps) for t in (x32, sq_norms, lower, upper, band_slack)
-        )
         group_args = (groups.group_of, groups.offsets, groups.members, groups.offsets[:-1].clone())
         info.num_groups = groups.offsets.numel() - 1
     else:
-        list_x32, list_sq, list_lower, list_upper, list_slack = x32, sq_norms, lower, upper, band_slack
         group_args = ()
         info.num_groups = n
+
+    def list_rows(*tables):
+        """The tables' rows of the list rows (nodes, or duplicate groups' representatives)."""
+        return tables if reps is None else tuple(t.index_select(0, reps) for t in tables)
+
+    list_x32, list_sq, list_lower, list_upper, list_slack = list_rows(x32, sq_norms, lower, upper, band_slack)
     num_lists = list_x32.shape[0]
     k = min(k, max(num_lists - 1, 1))
     info.time_setup_s = time.perf_counter() - t0
@@ -280,7 +302,10 @@ def fast_tfp_order(
             RuntimeWarning,
             stacklevel=3,
         )
-        band_backend, band_dtype = "torch", torch.float32  # the wider split bound stays valid for float32
+        band_backend, band_dtype = "torch", torch.float32
+        band_slack = band_error_coef(dim, band_dtype, band_backend) * norm_sum  # (wider than the split's)
+        lower, upper = band_bounds(t2, band_slack)
+        list_lower, list_upper, list_slack = list_rows(lower, upper, band_slack)
         band_index, band_s2, limit2, num_close = build(None)
     info.band_dtype = str(band_dtype).replace("torch.", "")
     info.time_band_s = time.perf_counter() - t0
