@@ -309,6 +309,11 @@ def fast_tfp_order(
         band_index, band_s2, limit2, num_close = build(None)
     info.band_dtype = str(band_dtype).replace("torch.", "")
     info.time_band_s = time.perf_counter() - t0
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"tfp band lists: {num_lists} rows, K = {k}, {info.band_backend} {info.band_dtype}, "
+                   f"{info.time_band_s:.2f} s (setup {info.time_setup_s:.2f} s)")
 
     t0 = time.perf_counter()
     norms_host = (

@@ -167,7 +167,13 @@ def run_walk(
     schedule = RebuildSchedule(n, enabled=rebuild is not None, min_nodes=min_rebuild_nodes)
     tally = WalkTally()
     step = 1
+    shown = time.perf_counter()
     while step < n:
+        if bar is not None and time.perf_counter() - shown > 1.0:  # the scans and rebuilds so far, each second
+            shown = time.perf_counter()
+            scans = tally.scans + int(counter[0])
+            bar.set_postfix_str(f"scans {scans} ({tally.fallback_s / max(tally.scans, 1) * 1e3:.2f} ms each), "
+                                f"rebuilds {tally.rebuilds} ({tally.band_s:.1f} s)", refresh=False)
         t0 = time.perf_counter()
         stale_before = int(counter[2])
         stop = min(step + schedule.chunk, n)
