@@ -1,5 +1,6 @@
 """Band top-k lists: blockwise torch and the fused Triton kernel against the float64 reference."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -388,3 +389,51 @@ def test_triton_split_chunked_bound_on_coherent_sums(dtype):
     coef = squared_distance_error_coef(d, dtype, acc_chunk=ACC_CHUNK, rounded_norms=True)
     tol = coef * (sq.double()[:, None] + sq.double()[listed])
     assert torch.all(err <= tol), float((err / tol).max())
+
+
+def _truncate_to_float32(v):
+    """float64 -> float32 rounded toward zero (tensor-core accumulators truncate)."""
+    r = v.astype(np.float32)
+    over = np.abs(r.astype(np.float64)) > np.abs(v)
+    r[over] = np.nextafter(r[over], np.float32(0))
+    return r
+
+
+def _emulated_split_dot(x_parts, y_parts, chunk, chained):
+    """The Triton kernel's sum of a split's three products, one pair per row: per chunk of ``chunk`` entries a
+    fresh float32 accumulator (``chained``: one accumulator throughout) taking hi.lo', lo.hi', then hi.hi', every
+    addition truncated; the chunks added in float32 with rounding to nearest."""
+    (xh, xl), (yh, yl) = x_parts, y_parts
+    n, d = xh.shape
+    total = np.zeros(n, np.float32)
+    part = np.zeros(n, np.float32)
+    for c0 in range(0, d, chunk):
+        if not chained:
+            part = np.zeros(n, np.float32)
+        for a, b in ((xh, yl), (xl, yh), (xh, yh)):
+            for k in range(c0, min(d, c0 + chunk)):
+                part = _truncate_to_float32(part.astype(np.float64) + a[:, k] * b[:, k])  # (exact products)
+        if not chained:
+            total = (total.astype(np.float64) + part.astype(np.float64)).astype(np.float32)
+    return part if chained else total
+
+
+@pytest.mark.parametrize("dtype", ["float16x3", "bfloat16x3"])
+def test_chunked_bound_holds_for_truncating_accumulators_and_needs_the_chunks(dtype):
+    # coherent sums (positive entries) with truncating adds: the chunked sum stays within the chunked bound; one
+    # chain through all 3 D products does not (for float16 splits, where accumulation dominates the bound)
+    g = np.random.default_rng(0)
+    n, d = 16, 768
+    x = torch.tensor(1.0 + g.random((n, d)) * 1e-3, dtype=torch.float32)
+    y = torch.tensor(1.0 + g.random((n, d)) * 1e-2, dtype=torch.float32)
+    sx, sy = split_rows(x, dtype), split_rows(y, dtype)
+    scale = np.ones(n) if sx.scale is None else (sx.scale.double() * sy.scale.double()).numpy()
+    x_parts, y_parts = ([p.double().numpy() for p in s[:2]] for s in (sx, sy))
+    exact = (x.double() * y.double()).sum(1).numpy()
+    norms = (x.double().square().sum(1) + y.double().square().sum(1)).numpy()
+    bound = squared_distance_error_coef(d, dtype, acc_chunk=ACC_CHUNK, rounded_norms=True) * norms
+    chunked = _emulated_split_dot(x_parts, y_parts, ACC_CHUNK, chained=False) * scale
+    assert np.all(2.0 * np.abs(chunked - exact) <= bound)
+    if dtype == "float16x3":
+        chained = _emulated_split_dot(x_parts, y_parts, ACC_CHUNK, chained=True) * scale
+        assert np.any(2.0 * np.abs(chained - exact) > bound)
