@@ -58,6 +58,7 @@ from .. import _ext
 from ..order import _checks
 from ..order.api import OrderStats
 from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
+from ..order.host_scan import squared_norms64
 from ..order.distance import pair_distances, prepare
 from ..order.fast import squared_threshold
 from ..order.host_scan import no_host_scan
@@ -421,7 +422,7 @@ def _ring_band_lists(
     dev = x32.device
     best = torch.full((m, k), _MAX_KEY, dtype=torch.int64, device=dev)
     close = torch.zeros(m, dtype=torch.int32, device=dev)
-    sq = x32.square().sum(dim=1)
+    sq = squared_norms64(x32).float()  # rounded once: the bound's rounded_norms
     select_op = None
     if use_extension and dev.type == "cpu" and _ext.has_extension():
         select_op = torch.ops.tfp_kernels.band_select
@@ -452,7 +453,7 @@ def _ring_band_lists(
         c = counts[owner]
         if c > 0 and m > 0:
             cols_x, cols_ids = cur_x.to(dev), cur_ids.to(dev)
-            cols_sq = cols_x.square().sum(dim=1)
+            cols_sq = squared_norms64(cols_x).float()
             rows_per_tile = max(1, block_elements // c)
             with _ieee_fp32_matmul():
                 for r0 in range(0, m, rows_per_tile):
@@ -858,10 +859,10 @@ def tfp_order_sharded(
         sh = _Shard(shard, offset, sizes, metric)
         # the band of every row: the single-process bounds (global max of the squared norms)
         x32 = _prepared32(shard, metric)
-        sq_norms = x32.square().sum(dim=1)
+        sq_norms = squared_norms64(x32).float()
         del x32
         max_sq = comm.all_max(float(sq_norms.max()) if sh.m else 0.0)
-        coef = squared_distance_error_coef(dim, torch.float32)
+        coef = squared_distance_error_coef(dim, torch.float32, rounded_norms=True)  # (as _ring_band_lists forms s2)
         sh.slack = coef * (sq_norms.double() + max_sq)
         t2 = squared_threshold(threshold, metric)
         sh.lower, sh.upper = band_bounds(t2, sh.slack)
