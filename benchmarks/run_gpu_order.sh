@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Issue 3's GPU checks in one short call (a lent machine gives ~15 minutes of device time per session, start-up
-# included, and at most 10 minutes per call), most wanted first: build offline, the band top-k kernel against
-# torch's bf16 GEMM, tfp_order on N = 131,072 and 1,000,000 (no cap, fused Triton scans) with the path checked on
-# sampled steps, the GPU tests of the ordering, naive vs tfp_order at N = 4096 (the 100x target; the paper's
-# cap), the kernels' tests, each stage cut to the time left.
-#   usage: [K=64] [BUDGET=570] bash benchmarks/run_gpu_order.sh [all|tests|bench|large] [N of the large run, default 1000000]
-#   K: band list length of the large run (on the 2-core CPU, K = 128 took 119 s at N = 100,000 vs 193 s with 64).
-#   BUDGET: seconds the whole script may take (each stage is cut to what is left).
-# $OUT gets at most 8 files (the device tool's limit): run.log, pytest_order_gpu.log, two progress logs and the
-# JSON results written by this run (also left under benchmarks/results/); build.log only if the build fails.
+# Issue 3's GPU checks, in named stages run in the order given, each cut to the time left of BUDGET seconds (a
+# lent machine gives ~15 minutes of device time per session, start-up included, at most 10 minutes per call;
+# a second call within 30 s finds the machine warm, built and with Triton's cache):
+#   band     the band top-k kernel (float16 x 3, bf16 x 3, float32, bf16) against torch's bf16 GEMM, N = 65,536
+#   large    tfp_order on N = 131,072 then $N (default 10^6), no cap, fused Triton scans, paths checked on
+#            500 sampled steps; the walk's progress (scans, ms each, rebuilds) in order_<n>_progress.log
+#   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
+#   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
+#   n4096    naive vs reference vs tfp_order at N = 4096 (the 100x target; the paper's cap)
+#   all      = band large tests profile n4096
+# usage: [K=64] [N=1000000] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
+#   e.g. first call: BUDGET=575 bash benchmarks/run_gpu_order.sh band large; at once after: BUDGET=190 bash
+#   benchmarks/run_gpu_order.sh tests profile
+# $OUT gets at most 8 files (the device tool's limit): run.log, pytest_order_gpu.log, the progress logs and the
+# JSON results written by this call (also left under benchmarks/results/); build.log only if the build fails.
 set -uo pipefail
 OUT="${OUT:-/tmp/tfp_gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGE="${1:-all}"
-N="${2:-1000000}"
+N="${N:-1000000}"
 K="${K:-64}"
 BUDGET="${BUDGET:-575}"
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
+[ "${STAGES[*]}" = all ] && STAGES=(band large tests profile n4096)
 start=$SECONDS
 left() { local l=$((BUDGET - (SECONDS - start))); [ "$l" -gt "$1" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
 marker=$(mktemp); touch "$marker"
@@ -33,35 +39,34 @@ pytests() {  # pytest "$@" in at most $1 seconds (cut to the time left), appende
   timeout "$(left "$cap")" python3 -m pytest -q -rs --maxfail=10 -p no:cacheprovider "$@" >> "$OUT/pytest_order_gpu.log" 2>&1
   tail -4 "$OUT/pytest_order_gpu.log"; echo "tests: $((SECONDS - start)) s"
 }
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
-  timeout "$(left 130)" python3 -m benchmarks.bench_band_topk --sizes 65536
-  echo "band top-k: $((SECONDS - start)) s"
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = large ]; then
-  # N = 131,072 first (a finished JSON with every counter), then 10^6; the walk's tqdm bar (carriage returns,
-  # scans and rebuilds in its postfix) goes to a file of its own, its last states to the log
-  for n in 131072 "$N"; do
-    cap=$([ "$n" = 131072 ] && echo 90 || echo 250)
-    timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
-        --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
-        2> "$OUT/order_${n}_progress.log"
-    for f in benchmarks/results/order_triton_nocap_*.json; do  # one JSON per size
-      [ -e "$f" ] && [ "$f" -nt "$marker" ] && mv "$f" "${f/order_triton_nocap_/order_n${n}_triton_nocap_}"
-    done
-    tr '\r' '\n' < "$OUT/order_${n}_progress.log" | grep -v '^\s*$' | tail -3
-    echo "N = $n: $((SECONDS - start)) s"
-  done
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
-  pytests 120 -m gpu tests/order  # the GPU equalities with the reference (every fallback, band dtype, metric)
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
-  timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096
-  echo "naive vs tfp_order at 4096: $((SECONDS - start)) s"
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then  # the kernels' tests (their CPU cases run on the GPU here)
-  pytests 200 tests/order/test_band_topk.py
-  pytests 200 tests/order/test_scan_triton.py
-fi
-find benchmarks/results -name '*.json' -newer "$marker" -exec cp {} "$OUT/" \;
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    band)
+      timeout "$(left 150)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
+    large)
+      for n in 131072 "$N"; do
+        cap=$([ "$n" = 131072 ] && echo 90 || echo 300)
+        timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
+            --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
+            2> "$OUT/order_${n}_progress.log"
+        for f in benchmarks/results/order_triton_nocap_*.json; do  # one JSON per size
+          [ -e "$f" ] && [ "$f" -nt "$marker" ] && mv "$f" "${f/order_triton_nocap_/order_n${n}_triton_nocap_}"
+        done
+        tr '\r' '\n' < "$OUT/order_${n}_progress.log" | grep -v '^\s*$' | tail -3
+        echo "N = $n: $((SECONDS - start)) s"
+      done ;;
+    profile)
+      timeout "$(left 90)" python3 -m benchmarks.profile_order --device cuda --n 131072 --fallback triton ;;
+    tests)
+      pytests 120 -m gpu tests/order  # the GPU equalities with the reference (every fallback, band dtype, metric)
+      pytests 150 tests/order/test_band_topk.py
+      pytests 100 tests/order/test_scan_triton.py ;;
+    n4096)
+      timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "$stage: $((SECONDS - start)) s"
+done
+# (the profile's tables are in run.log; its JSON stays behind: at most 8 files come back)
+find benchmarks/results -name '*.json' ! -name 'profile_order_*' -newer "$marker" -exec cp {} "$OUT/" \;
 ls "$OUT"

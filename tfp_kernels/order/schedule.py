@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
 MIN_REBUILD_NODES = 1024
@@ -177,14 +178,16 @@ def run_walk(
         t0 = time.perf_counter()
         stale_before = int(counter[2])
         stop = min(step + schedule.chunk, n)
-        new_step = walk(step, stop)
+        with record_function("tfp_walk"):  # (labels for torch.profiler: benchmarks/profile_order.py)
+            new_step = walk(step, stop)
         tally.walk_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(new_step - step)
         step = new_step
         if step < n and step < stop:  # the list of `last` cannot decide: an exact scan here
             t0 = time.perf_counter()
-            node = pick(step)
+            with record_function("tfp_scan"):
+                node = pick(step)
             path[step] = node
             visited[node] = True
             step += 1
@@ -195,7 +198,8 @@ def run_walk(
         schedule.record(int(counter[2]) - stale_before, k, n - step)
         if step < n and schedule.due(n - step):
             t0 = time.perf_counter()
-            rebuild(step)
+            with record_function("tfp_rebuild"):
+                rebuild(step)
             tally.rebuilds += 1
             tally.band_s += time.perf_counter() - t0
             schedule.rebuilt()
