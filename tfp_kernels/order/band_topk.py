@@ -184,8 +184,11 @@ def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     Args:
         t2: the squared threshold; slack: (R,) float64 error bounds of the fast squared distances, any device.
     """
-    lower = torch.nextafter((t2 - slack).float(), torch.tensor(-torch.inf, device=slack.device))
-    upper = torch.nextafter((t2 + slack).float(), torch.tensor(torch.inf, device=slack.device))
+    lower = (t2 - slack).float()
+    upper = (t2 + slack).float()
+    # (the limits made on the device: a tensor copied from the host would wait for the device's queue)
+    lower = torch.nextafter(lower, lower.new_full((), -torch.inf))
+    upper = torch.nextafter(upper, upper.new_full((), torch.inf))
     return lower, upper
 
 

@@ -369,7 +369,7 @@ def fast_tfp_order(
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
         if device.type != "cpu":
-            visited_dev[path[synced:step].to(device)] = True
+            visited_dev[path[synced:step].to(device, non_blocking=True)] = True  # (no wait for the queue)
         else:
             visited_dev = visited
         synced = step

@@ -253,7 +253,9 @@ def triton_exact_pick(
     from .fast import squared_threshold
 
     device = x64.device
-    queries = torch.tensor([last, *window_nodes], dtype=torch.int64, device=device)
+    # (non-blocking from the host: a blocking copy would wait for the device's queue; one sync per scan is
+    # enough, where the candidates are read)
+    queries = torch.tensor([last, *window_nodes], dtype=torch.int64).to(device, non_blocking=True)
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
