@@ -437,3 +437,14 @@ def test_chunked_bound_holds_for_truncating_accumulators_and_needs_the_chunks(dt
     if dtype == "float16x3":
         chained = _emulated_split_dot(x_parts, y_parts, ACC_CHUNK, chained=True) * scale
         assert np.any(2.0 * np.abs(chained - exact) > bound)
+
+
+def test_split_rows_by_chunks_equals_one_pass(monkeypatch):
+    from tfp_kernels.order import band_topk
+
+    x = _rows_of_every_magnitude(n=40, d=37)
+    whole = split_rows(x, "float16x3")
+    monkeypatch.setattr(band_topk, "_SPLIT_CHUNK_ROWS", 7)  # 40 rows: 5 full chunks and a partial one
+    chunked = split_rows(x, "float16x3")
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
