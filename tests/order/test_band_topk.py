@@ -247,7 +247,7 @@ def test_triton_every_tile_improves():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16x3", "float16x3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "tf32", "bfloat16x3", "float16x3"])
 def test_triton_low_precision_within_its_error_bound(dtype):
     if dtype in (torch.bfloat16, "bfloat16x3") and not torch.cuda.is_available():
         # measured with Triton 3.x: the interpreter's tl.dot of two bf16 tiles returns values ~1e10 (it
@@ -260,9 +260,10 @@ def test_triton_low_precision_within_its_error_bound(dtype):
     tri = band_topk_triton(x, sq, lo.to(DEVICE), hi.to(DEVICE), k, input_dtype=dtype)
     # the kernel's products are those of the rows rounded to `dtype` (or of their split): mostly the lists
     # of the torch version of the same products, which differ only in float32 summation order
-    same = band_topk_torch(x, sq, lo.to(DEVICE), hi.to(DEVICE), k, input_dtype=dtype)
-    assert (tri.index == same.index).float().mean() > 0.9
-    chunk = ACC_CHUNK if isinstance(dtype, str) else None  # split products: summed by chunks in the kernel
+    if dtype != "tf32":  # (no torch version of tf32 products; the interpreter multiplies in float32)
+        same = band_topk_torch(x, sq, lo.to(DEVICE), hi.to(DEVICE), k, input_dtype=dtype)
+        assert (tri.index == same.index).float().mean() > 0.9
+    chunk = ACC_CHUNK if dtype in ("bfloat16x3", "float16x3") else None  # split products: summed by chunks
     assert_lists_within_bound(type(tri)(*(t.cpu() for t in (tri.index, tri.s2, tri.num_close))), x.cpu(), lo, hi,
                               squared_distance_error_coef(d, dtype, acc_chunk=chunk))
 

@@ -33,7 +33,7 @@ from .distance import BLOCK_ELEMENTS
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
     torch.float32: 2.0**-24,
-    "tf32": 2.0**-11,
+    "tf32": 2.0**-10,  # (the tensor cores may truncate float32 operands to tf32: 2^-10, not 2^-11)
     torch.float16: 2.0**-11,
     torch.bfloat16: 2.0**-8,
 }

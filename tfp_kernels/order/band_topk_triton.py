@@ -291,7 +291,8 @@ def band_topk_triton(
         lower, upper: (N,) float32 bounds in the squared domain.
         k: K in [1, 1024]; the kernel works with the next power of two >= 16 and returns K columns.
         input_dtype: what ``tl.dot`` multiplies: float32 (IEEE float32 products on the CUDA cores, the
-            default), ``torch.bfloat16`` or ``torch.float16`` (the rows rounded; tensor cores), or
+            default), ``"tf32"`` (float32 rows, tensor-core products of their tf32 parts), ``torch.bfloat16``
+            or ``torch.float16`` (the rows rounded; tensor cores), or
             ``"bfloat16x3"`` / ``"float16x3"`` (rows split as hi + lo, float16 ones scaled per row, three
             tensor-core products per tile summed by chunks of BLOCK_D <= :data:`ACC_CHUNK`: better than float32
             accuracy for float16, at the 16-bit rate; :func:`~tfp_kernels.order.band_topk.split_rows`).
@@ -317,9 +318,12 @@ def band_topk_triton(
         xin, x_lo, scale = split_rows(x.float(), input_dtype)
     elif input_dtype in (torch.float32, torch.bfloat16, torch.float16):
         xin, x_lo = x.to(input_dtype).contiguous(), None
+    elif input_dtype == "tf32":  # float32 rows, tensor-core products of their tf32 parts
+        xin, x_lo = x.float().contiguous(), None
     else:
         raise ValueError(
-            f"input_dtype must be float32, bfloat16, float16, 'bfloat16x3' or 'float16x3', got {input_dtype!r}"
+            f"input_dtype must be float32, 'tf32', bfloat16, float16, 'bfloat16x3' or 'float16x3', "
+            f"got {input_dtype!r}"
         )
     sq_norms, lower, upper = (t.float().contiguous() for t in (sq_norms, lower, upper))
     k_pad = max(16, triton.next_power_of_2(k))
