@@ -142,7 +142,7 @@ def squared_distance_error_coef(dim: int, input_dtype, *, acc_chunk: int | None 
     addition's error is relative to a partial sum that is at most about the chunk's ``sum |x_k y_k|``
     (the cross terms are ``2 u_in`` of it): ``(1 + 8.1 u_in) gamma'_m`` for the chunk, ``m = min(acc_chunk,
     D)``, plus ``gamma_{ceil(D / 16)}`` for the float32 sum of the chunks (:data:`MIN_ACC_CHUNK`), instead of
-    ``gamma'_{3D}``: at D = 768, chunks of 64 and float16 splits, 1.0e-5 instead of 3.4e-4.
+    ``gamma'_{3D}``: at D = 768, chunks of 64 and float16 splits, 1.05e-5 instead of 2.8e-4.
 
     ``rounded_norms``: the squared norms are those of the float32 rows computed in float64 and rounded to
     float32 (error ``u`` each) rather than float32 sums (``gamma_D``).
