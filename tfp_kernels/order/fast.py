@@ -215,6 +215,24 @@ def fast_tfp_order(
     info = FastOrderInfo(k=k)
     device = embeddings.device
     n, dim = embeddings.shape
+    # the arguments' checks first, before any of the work
+    if fallback == "auto":
+        # CUDA: the host scan (C++, one float16 pass over the unvisited rows, ~0.3 ms at N = 4,000 on 2 cores)
+        # beats the torch device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a
+        # training loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
+        fallback = "host" if device.type == "cpu" or n <= _HOST_SCAN_MAX_NODES else "device"
+    if fallback not in ("host", "device", "triton"):
+        raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
+    if fallback == "triton":
+        from .band_topk_triton import triton_runs_on
+
+        if not triton_runs_on(device):
+            raise ValueError(
+                f"fallback='triton' needs Triton and CUDA embeddings (CPU ones only under TRITON_INTERPRET=1), "
+                f"got embeddings on {device}"
+            )
+    if rebuild not in ("auto", None):
+        raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
     t0 = time.perf_counter()
     x64 = prepare(embeddings, metric, torch.float64)
     x32 = x64.float()
@@ -328,24 +346,9 @@ def fast_tfp_order(
     visited[start] = True
     visited_dev = visited.to(device)
     synced = 1  # path[:synced] is marked in visited_dev
-    if fallback == "auto":
-        # CUDA: the host scan (C++, one float16 pass over the unvisited rows, ~0.3 ms at N = 4,000 on 2 cores)
-        # beats the torch device scan (~2 ms at N = 16,384 on an H200, launch- and sync-bound) on the buffers of a
-        # training loop; beyond _HOST_SCAN_MAX_NODES the device's bandwidth wins
-        fallback = "host" if device.type == "cpu" or n <= _HOST_SCAN_MAX_NODES else "device"
-    if fallback not in ("host", "device", "triton"):
-        raise ValueError(f"fallback must be 'auto', 'host', 'device' or 'triton', got {fallback!r}")
     # the fused scan applies the rule without the cap: used while the cap cannot fire (no cap, or fewer
     # unvisited nodes than the cap), else the torch scan
     fused_scan = fallback == "triton" and window <= MAX_SCAN_WINDOW
-    if fallback == "triton":
-        from .band_topk_triton import triton_runs_on
-
-        if not triton_runs_on(device):
-            raise ValueError(
-                f"fallback='triton' needs Triton and CUDA embeddings (CPU ones only under TRITON_INTERPRET=1), "
-                f"got embeddings on {device}"
-            )
     y64 = None  # projections for the device scans' lower bounds, computed at the first of them
     # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
     host_scan = half_scan_rows(x32) if fallback == "host" else no_host_scan()
@@ -397,9 +400,6 @@ def fast_tfp_order(
                 metric=metric,
             )
         return node
-
-    if rebuild not in ("auto", None):
-        raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
 
     walk = bind_walk(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
