@@ -449,3 +449,29 @@ def test_split_rows_by_chunks_equals_one_pass(monkeypatch):
     chunked = split_rows(x, "float16x3")
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, block_rows", [(1, 4), (37, 5), (1000, 7)])
+def test_pair_blocks_progress_counts_every_row_once(n, block_rows):
+    # the bar advances by whole rows in proportion to each block's pairs and ends at exactly N
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("the pair blocks need the C++ extension")
+
+    class Bar:
+        n = 0
+        steps = []
+
+        def update(self, v):
+            assert isinstance(v, int) and v >= 0
+            self.n += v
+            self.steps.append(v)
+
+    x = make_rows(n, 8, seed=n)
+    bar = Bar()
+    _band_topk_pairs(x, x.square().sum(1), torch.zeros(n), torch.zeros(n), 4, bar, block_rows=block_rows)
+    assert bar.n == n
+    if n == 1000:  # the first row block (143 blocks of pairs) no longer counts as 7 rows: ~1.4% of them
+        assert sum(bar.steps[:143]) > 10

@@ -289,6 +289,9 @@ def _band_topk_pairs(
     block_rows = max(1, min(block_rows, n))
     buffer = torch.empty(block_rows * block_rows, dtype=torch.float32)  # reused: no page faults per block
     op = torch.ops.tfp_kernels.band_select_pairs
+    # the bar counts rows, advanced by the share of the pairs each block holds (the row blocks' work shrinks
+    # from the first to the last: per row block, the ETA would be off by up to 2x)
+    rows_per_pair, done = n / (n * (n + 1) / 2), 0.0
     with _ieee_fp32_matmul():
         for r0 in range(0, n, block_rows):
             r1 = min(n, r0 + block_rows)
@@ -296,8 +299,10 @@ def _band_topk_pairs(
                 c1 = min(n, c0 + block_rows)
                 dot = torch.matmul(x[r0:r1], x[c0:c1].T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
                 op(dot, r0, c0, sq, lo, hi, keys, sizes, num_close)
-            if bar is not None:
-                bar.update(r1 - r0)
+                if bar is not None:  # the block's pairs (the diagonal block: its upper triangle), in whole rows
+                    pairs = (r1 - r0) * (r1 - r0 + 1) / 2 if c0 == r0 else (r1 - r0) * (c1 - c0)
+                    bar.update(round(done + pairs * rows_per_pair) - round(done))
+                    done += pairs * rows_per_pair
     keys = torch.sort(keys, dim=1).values  # unfilled places (the largest key) go last
     pad = keys == _KEY_PAD
     index = (keys & 0xFFFFFFFF).to(torch.int32).masked_fill_(pad, -1)
