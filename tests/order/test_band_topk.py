@@ -461,8 +461,8 @@ def test_pair_blocks_progress_counts_every_row_once(n, block_rows):
         pytest.skip("the pair blocks need the C++ extension")
 
     class Bar:
-        n = 0
-        steps = []
+        def __init__(self):
+            self.n, self.steps = 0, []
 
         def update(self, v):
             assert isinstance(v, int) and v >= 0

@@ -58,10 +58,9 @@ from .. import _ext
 from ..order import _checks
 from ..order.api import OrderStats
 from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
-from ..order.host_scan import squared_norms64
 from ..order.distance import pair_distances, prepare
 from ..order.fast import squared_threshold
-from ..order.host_scan import no_host_scan
+from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, bind_walk, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
