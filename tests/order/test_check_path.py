@@ -96,3 +96,22 @@ def test_float_ties_are_tolerated_but_not_with_zero_tolerance():
     res = check_path(emb, tie, threshold=0.5, window=1)
     assert res.ok and res.num_tolerated == 1
     assert not check_path(emb, tie, threshold=0.5, window=1, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("block_elements", [1, 240 * 5 * 3, 1 << 23])
+def test_blocks_of_steps_do_not_change_the_verdict(monkeypatch, block_elements):
+    # blocks of 1 step, of 3 steps and of all steps (the CPU's and the GPU's budgets differ): the same outcome
+    from tfp_kernels.order import check
+
+    monkeypatch.setitem(check._BLOCK_ELEMENTS, "cpu", block_elements)
+    emb = clustered(seed=1)
+    t = estimate_threshold(emb, quantile=0.05)
+    for cap in (None, 5):
+        path = tfp_order_reference(emb, threshold=t, max_rejections=cap)
+        assert check_path(emb, path, threshold=t, max_rejections=cap).ok
+        bad = path.clone()
+        bad[[50, 120]] = bad[[120, 50]]
+        res = check_path(emb, bad, threshold=t, max_rejections=cap)
+        assert not res.ok and res.first_bad_step == 50 and res.num_steps_checked == 50
+        sampled = check_path(emb, bad, threshold=t, max_rejections=cap, steps=torch.tensor([7, 120, 30, 200]))
+        assert not sampled.ok and sampled.first_bad_step == 120
