@@ -475,3 +475,20 @@ def test_pair_blocks_progress_counts_every_row_once(n, block_rows):
     assert bar.n == n
     if n == 1000:  # the first row block (143 blocks of pairs) no longer counts as 7 rows: ~1.4% of them
         assert sum(bar.steps[:143]) > 10
+
+
+@needs_triton
+def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
+    # a training loop's first small call compiles one kernel, not every candidate
+    from tfp_kernels.order import band_topk_triton as btk
+
+    first, second = _interp_config(), _interp_config(BLOCK_N=32)
+    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type: [first, second])
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("tuned a small input")
+
+    monkeypatch.setattr(btk.triton.testing, "do_bench", no_timing)
+    x = make_rows(btk._MIN_TUNE_ROWS - 1, 4)
+    zero = torch.zeros(x.shape[0])
+    assert btk._tuned_config(x, None, None, x.square().sum(1), zero, zero, 16, "ieee", 0) is first

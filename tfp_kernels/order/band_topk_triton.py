@@ -214,6 +214,10 @@ _TUNED: dict[tuple, dict] = {}
 #: Rows used to time the candidate settings (the first call of a key tunes on a prefix of its rows): 256 row
 #: blocks of 128, enough to fill two waves of an H100's 132 SMs so that no tile shape wins by occupancy alone.
 _TUNE_ROWS = 32768
+#: Below this many rows no tuning: the first candidate (the fastest for every precision at 32,768 rows on an
+#: H200), so that a training loop's first small call compiles one kernel, not three (seconds each), for a
+#: kernel that runs in milliseconds there.
+_MIN_TUNE_ROWS = 16384
 
 
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
@@ -251,7 +255,7 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
     ``min(N, _TUNE_ROWS)`` rows of the first call of the class (size classes: powers of two of that count;
     timing whole million-row calls per candidate would cost minutes)."""
     configs = _configs(k_pad, x.device.type)
-    if len(configs) == 1:
+    if len(configs) == 1 or x.shape[0] < _MIN_TUNE_ROWS:
         return configs[0]
     m = min(x.shape[0], _TUNE_ROWS)
     # by size class too: a setting timed on a 700-row warm-up call must not be the one of a 10^6-row call
@@ -300,7 +304,8 @@ def band_topk_triton(
             :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef` ``(D, input_dtype)``, with
             ``acc_chunk=ACC_CHUNK`` for the split dtypes.
         config: launch settings (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); default: the fastest
-            of a few candidates, timed once per (GPU, D, K, dtype) on the first call's leading rows.
+            of a few candidates, timed once per (GPU, D, K, dtype, size class) on the first call's leading
+            rows (below 16,384 rows: the first candidate, untimed).
 
     Returns:
         :class:`~tfp_kernels.order.band_topk.BandLists` on the device of ``x``.
