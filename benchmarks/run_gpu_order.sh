@@ -49,14 +49,15 @@ for stage in "${STAGES[@]}"; do
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
             --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
             2> "$OUT/order_${n}_progress.log"
-        for f in benchmarks/results/order_triton_nocap_*.json; do  # one JSON per size
-          [ -e "$f" ] && [ "$f" -nt "$marker" ] && mv "$f" "${f/order_triton_nocap_/order_n${n}_triton_nocap_}"
+        for f in benchmarks/results/order*_triton_nocap_*.json; do  # one JSON per size (and per K)
+          case "$(basename "$f")" in order_n*) continue ;; esac
+          [ -e "$f" ] && [ "$f" -nt "$marker" ] && mv "$f" "${f/results\/order_/results/order_n${n}_}"
         done
         tr '\r' '\n' < "$OUT/order_${n}_progress.log" | grep -v '^\s*$' | tail -3
         echo "N = $n: $((SECONDS - start)) s"
         # the 10^6 run only with the Triton lists at N = 131,072 (a failed kernel falls back to torch lists,
         # minutes at 10^6)
-        if [ "$n" = 131072 ] && ! python3 -c "import glob, json, sys; f = glob.glob('benchmarks/results/order_n131072_*.json')
+        if [ "$n" = 131072 ] && ! python3 -c "import glob, json, sys; f = glob.glob('benchmarks/results/order_n131072_*nocap_*.json')
 sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'] == 'triton' else 1)"; then
           echo "N = 131072 did not finish with the Triton band lists: no 10^6 run"; break
         fi
