@@ -8,6 +8,7 @@
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
 #   n4096    naive vs reference vs tfp_order at N = 4096 (the 100x target; the paper's cap)
+#   device-scans  N = 131,072 with the torch device scans (the auto rule beyond 16,384 rows), vs `large`
 #   all      = band large tests profile n4096
 # usage: [K=64] [N=1000000] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
 #   e.g. first call: BUDGET=575 bash benchmarks/run_gpu_order.sh band large; at once after: BUDGET=190 bash
@@ -62,6 +63,10 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
           echo "N = 131072 did not finish with the Triton band lists: no 10^6 run"; break
         fi
       done ;;
+    device-scans)  # N = 131,072 with the torch device scans (fallback="auto" beyond 16,384 CUDA rows), to set
+                   # the auto rule against the large stage's fused Triton scans on the same data
+      timeout "$(left 120)" python3 -m benchmarks.bench_order --device cuda --cap none --fallback device \
+          --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes 131072 ;;
     profile)
       timeout "$(left 90)" python3 -m benchmarks.profile_order --device cuda --n 131072 --fallback triton ;;
     tests)
