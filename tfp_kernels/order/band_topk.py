@@ -87,9 +87,9 @@ def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
     """``x = scale * (hi + lo) + r``: ``hi`` the (scaled) rows rounded to the split's 16-bit dtype, ``lo`` the
     rest rounded to it.
 
-    ``"float16x3"``: each row is first multiplied by the power of two that brings its largest entry to
-    [2^14, 2^15) (:func:`~tfp_kernels.order.host_scan.half_row_scales`), so that the split keeps float16's
-    precision whatever the magnitude of the rows: ``|x' - hi - lo| <= u^2 |x'| + 2^-24`` elementwise for the
+    ``"float16x3"``: ``hi`` is the host scan's float16 copy (:func:`~tfp_kernels.order.host_scan.half_rows`:
+    each row divided by the power of two that brings its largest entry to [2^14, 2^15)), so that the split
+    keeps float16's precision whatever the magnitude of the rows: ``|x' - hi - lo| <= u^2 |x'| + 2^-24`` elementwise for the
     scaled row ``x' = x / scale`` (``u = 2^-11``; the 2^-24: float16's subnormals, below 2^-38 of the row's
     largest entry). ``"bfloat16x3"``: unscaled (``scale`` None), ``|x - hi - lo| <= u^2 |x|`` (``u = 2^-8``).
 
@@ -104,14 +104,13 @@ def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
         hi = x.to(dtype)
         lo = (x - hi.float()).to(dtype)  # x - hi is exact in float32
         return SplitRows(hi.contiguous(), lo.contiguous(), None)
-    from .host_scan import half_row_scales
+    from .host_scan import half_rows
 
-    multiplier, scale = half_row_scales(x)
-    hi = torch.empty(x.shape, dtype=dtype, device=x.device)
-    lo = torch.empty(x.shape, dtype=dtype, device=x.device)
+    hi, scale = half_rows(x)  # the host scan's float16 rows: fp16(x / scale)
+    multiplier = scale.reciprocal()  # (exact: powers of two)
+    lo = torch.empty_like(hi)
     for r0 in range(0, x.shape[0], _SPLIT_CHUNK_ROWS):
         scaled = x[r0 : r0 + _SPLIT_CHUNK_ROWS] * multiplier[r0 : r0 + _SPLIT_CHUNK_ROWS, None]  # exact
-        hi[r0 : r0 + _SPLIT_CHUNK_ROWS] = scaled
         lo[r0 : r0 + _SPLIT_CHUNK_ROWS] = scaled - hi[r0 : r0 + _SPLIT_CHUNK_ROWS].float()  # exact, then rounded
     return SplitRows(hi, lo, scale)
 

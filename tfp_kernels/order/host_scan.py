@@ -81,26 +81,19 @@ def half_scan_slack(sq_norms: torch.Tensor, dim: int, *, float32_norms: bool = F
     return slack + 2.0**-120 if float32_norms else slack  # (float32 underflow of the scaled products)
 
 
-def half_row_scales(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(multiplier, scale)``: (N,) float32 powers of two, ``multiplier = 1 / scale``, that bring the largest
-    entry of each row of ``x32`` (N, D) float32 to [2^14, 2^15) (rows below 2^_MIN_EXPONENT: to less); empty
-    rows (all zeros) get ``scale = 2^-15``."""
+def half_rows(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, scale)``: (N, D) float16 ``x32 / scale`` and (N,) float32 powers of two ``scale`` (each row's
+    largest entry brought to [2^14, 2^15)), on the device of ``x32`` (N, D) float32. Empty rows (all zeros)
+    get ``scale = 2^-15`` and zero entries."""
     n, dim = x32.shape
     amax = x32.abs().amax(dim=1) if dim else x32.new_zeros(n)
     exponent = torch.frexp(amax).exponent.clamp(min=_MIN_EXPONENT + 1)  # 2^(e-1) <= amax < 2^e
     shift = (15 - exponent).float()  # entries * 2^shift: largest in [2^14, 2^15)
-    return torch.pow(2.0, shift), torch.pow(2.0, -shift)
-
-
-def half_rows(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, scale)``: (N, D) float16 ``x32 / scale`` and (N,) float32 powers of two ``scale``
-    (:func:`half_row_scales`), on the device of ``x32`` (N, D) float32."""
-    n, dim = x32.shape
-    multiplier, scale = half_row_scales(x32)
+    multiplier = torch.pow(2.0, shift)
     rows = torch.empty(n, dim, dtype=torch.float16, device=x32.device)
     for r0 in range(0, n, _CHUNK_ROWS):  # (no (N, D) float32 temporary)
         rows[r0 : r0 + _CHUNK_ROWS] = x32[r0 : r0 + _CHUNK_ROWS] * multiplier[r0 : r0 + _CHUNK_ROWS, None]
-    return rows, scale
+    return rows, torch.pow(2.0, -shift)
 
 
 def squared_norms64(x32: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,10 @@ def run_walk(
     while step < n:
         if bar is not None and time.perf_counter() - shown > 1.0:  # the scans and rebuilds so far, each second
             shown = time.perf_counter()
-            scans = tally.scans + int(counter[0])
-            bar.set_postfix_str(f"scans {scans} ({tally.fallback_s / max(tally.scans, 1) * 1e3:.2f} ms each), "
-                                f"rebuilds {tally.rebuilds} ({tally.band_s:.1f} s)", refresh=False)
+            scans = f"scans {tally.scans + int(counter[0])}"
+            if tally.scans:  # (the C++ walk's own scans are timed with the walk)
+                scans += f" ({tally.fallback_s / tally.scans * 1e3:.2f} ms each)"
+            bar.set_postfix_str(f"{scans}, rebuilds {tally.rebuilds} ({tally.band_s:.1f} s)", refresh=False)
         t0 = time.perf_counter()
         stale_before = int(counter[2])
         stop = min(step + schedule.chunk, n)
