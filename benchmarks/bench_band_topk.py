@@ -36,7 +36,7 @@ def _gemm_blocks(xb: torch.Tensor, block: int = 8192) -> None:
 FIXED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
 
 
-def bench(n: int, dim: int, k: int, device: str) -> dict:
+def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) -> dict:
     x = clustered_embeddings(n, dim, device=device)
     sq = x.square().sum(dim=1)
     t = estimate_threshold(x)
@@ -48,18 +48,33 @@ def bench(n: int, dim: int, k: int, device: str) -> dict:
     # the production precision (float16 x 3) with its tuned launch setting; the others, for comparison, with the
     # setting the tuning picked for every precision on an H200 (one compile each instead of three)
     fixed = None if device != "cuda" else FIXED_CONFIG
+    tiles = None if fixed is None else {**fixed, "DESCRIPTORS": True}  # the same tiles through tensor descriptors
+
+    def kernel(dtype, config):
+        return lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=dtype, config=config)
+
     cases = {
-        "triton_fp16x3": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype="float16x3"), 3),
-        "triton_bf16x3": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype="bfloat16x3",
-                                                   config=fixed), 3),
-        "triton_tf32": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype="tf32", config=fixed), 1),
-        "triton_fp32_ieee": (lambda: band_topk_triton(x, sq, lower, upper, k, config=fixed), 1),
-        "triton_bf16": (lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=torch.bfloat16,
-                                                 config=fixed), 1),
+        "triton_fp16x3": (kernel("float16x3", None), 3),
+        "triton_fp16x3_pointer": (kernel("float16x3", fixed), 3),
+        "triton_fp16x3_descriptors": (kernel("float16x3", tiles), 3),
+        "triton_bf16x3": (kernel("bfloat16x3", fixed), 3),
+        "triton_tf32": (kernel("tf32", fixed), 1),
+        "triton_fp32_ieee": (kernel(torch.float32, fixed), 1),
+        "triton_bf16": (kernel(torch.bfloat16, fixed), 1),
+        "triton_bf16_descriptors": (kernel(torch.bfloat16, tiles), 1),
         "torch_fp32": (lambda: band_topk_torch(x, sq, lower, upper, k), 1),
     }
+    if device != "cuda":  # (tensor descriptors: the same kernel path as the pointer tiles off the GPU)
+        cases = {name: case for name, case in cases.items() if "descriptors" not in name}
+    if only:
+        cases = {name: case for name, case in cases.items() if name in only or name == "torch_fp32"}
     for name, (fn, products) in cases.items():
-        out = fn()  # (the first Triton call of a precision also tunes its launch setting)
+        try:
+            out = fn()  # (the first Triton call of a precision also tunes its launch setting)
+        except Exception as err:  # noqa: BLE001 - e.g. a launch setting that does not compile on this Triton
+            row[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+            print(f"{name}: {row[name]['error']}", flush=True)
+            continue
         timing = time_call(fn, device=device, warmup=1, repeat=3, max_seconds=60)
         tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
         row[name] = {**timing, "tflops": tflops, "tensor_core_tflops": tflops * products,
@@ -71,7 +86,9 @@ def bench(n: int, dim: int, k: int, device: str) -> dict:
     xf = x.float()
     timing = time_call(lambda: _gemm_blocks(xf), device=device, warmup=1, repeat=3)
     row["torch_fp32_gemm"] = {**timing, "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12}
-    for name in ("triton_fp16x3", "triton_bf16x3", "triton_tf32", "triton_fp32_ieee", "triton_bf16"):
+    for name in cases:
+        if name.startswith("torch") or "tflops" not in row[name]:
+            continue
         row[name]["fraction_of_bf16_gemm"] = row[name]["tflops"] / row["torch_bf16_gemm"]["tflops"]
         row[name]["tensor_core_fraction_of_bf16_gemm"] = (
             row[name]["tensor_core_tflops"] / row["torch_bf16_gemm"]["tflops"])
@@ -84,17 +101,17 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="only these kernels (names as in the JSON, e.g. triton_fp16x3 triton_bf16); torch_fp32 always")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     rows = []
     for n in args.sizes:
-        row = bench(n, args.dim, args.k, args.device)
+        row = bench(n, args.dim, args.k, args.device, args.cases)
         rows.append(row)
         print(f"N={n}: " + "  ".join(
-            f"{name} {row[name]['median_ms']:.1f} ms ({row[name]['tflops']:.1f} TFLOP/s)"
-            for name in ("triton_fp16x3", "triton_bf16x3", "triton_tf32", "triton_fp32_ieee", "triton_bf16", "torch_fp32",
-                         "torch_bf16_gemm",
-                         "torch_fp32_gemm")),
+            f"{name} {value['median_ms']:.1f} ms ({value['tflops']:.1f} TFLOP/s)"
+            for name, value in row.items() if isinstance(value, dict) and "tflops" in value),
             flush=True)
     path = write_results("band_topk", args.device, {"rows": rows}, out_dir=args.out_dir)
     print(f"wrote {path}")

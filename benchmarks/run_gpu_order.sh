@@ -2,7 +2,8 @@
 # Issue 3's GPU checks, in named stages run in the order given, each cut to the time left of BUDGET seconds (a
 # lent machine gives ~15 minutes of device time per session, start-up included, at most 10 minutes per call;
 # a second call within 30 s finds the machine warm, built and with Triton's cache):
-#   band     the band top-k kernel (float16 x 3, bf16 x 3, float32, bf16) against torch's bf16 GEMM, N = 65,536
+#   band     the band top-k kernel (float16 x 3 tuned, then pointer vs tensor-descriptor tiles; bf16 x 3, tf32,
+#            float32, bf16) against torch's bf16 GEMM, N = 65,536
 #   large    tfp_order on N = 131,072 then $N (default 10^6), no cap, fused Triton scans, paths checked on
 #            500 sampled steps; the walk's progress (scans, ms each, rebuilds) in order_<n>_progress.log
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
@@ -11,8 +12,8 @@
 #   device-scans  N = 131,072 with the torch device scans (the auto rule beyond 16,384 rows), vs `large`
 #   all      = band large tests profile n4096
 # usage: [K=64] [N=1000000] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
-#   e.g. first call: BUDGET=575 bash benchmarks/run_gpu_order.sh band large; at once after: BUDGET=190 bash
-#   benchmarks/run_gpu_order.sh tests profile
+#   e.g. first call: BUDGET=540 bash benchmarks/run_gpu_order.sh large; at once after: BUDGET=240 bash
+#   benchmarks/run_gpu_order.sh band tests
 # $OUT gets at most 8 files (the device tool's limit): run.log, pytest_order_gpu.log, the progress logs and the
 # JSON results written by this call (also left under benchmarks/results/); build.log only if the build fails.
 set -uo pipefail
@@ -43,10 +44,10 @@ pytests() {  # pytest "$@" in at most $1 seconds (cut to the time left), appende
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     band)
-      timeout "$(left 150)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
+      timeout "$(left 200)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
     large)
       for n in 131072 "$N"; do
-        cap=$([ "$n" = 131072 ] && echo 90 || echo 300)
+        cap=$([ "$n" = 131072 ] && echo 90 || echo 420)
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
             --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
             2> "$OUT/order_${n}_progress.log"

@@ -268,6 +268,41 @@ def test_triton_low_precision_within_its_error_bound(dtype):
                               squared_distance_error_coef(d, dtype, acc_chunk=chunk))
 
 
+@needs_triton
+@pytest.mark.parametrize("n, d, k, dtype", [
+    (53, 19, 8, torch.float16),  # D not a multiple of 8: rows copied to a 16-byte row stride
+    (70, 33, 16, "float16x3"),  # split rows: four descriptors
+    (40, 16, 40, torch.float16),  # K > N
+    (1, 5, 4, "float16x3"),  # N = 1: one row block past the end
+    (37, 24, 12, torch.bfloat16),
+])
+def test_triton_descriptor_tiles_equal_pointer_tiles(n, d, k, dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 is checked on the GPU")
+    # tiles read through tensor descriptors (out-of-range rows and entries as zeros) instead of masked loads
+    x = make_rows(n, d, seed=11 * n).to(DEVICE)
+    lo, hi = bounds(x.cpu()) if n > 2 else (torch.zeros(n), torch.ones(n))
+    sq = x.square().sum(1)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2}
+    args = (x, sq, lo.to(DEVICE), hi.to(DEVICE), k)
+    pointer = band_topk_triton(*args, input_dtype=dtype, config=config)
+    tiles = band_topk_triton(*args, input_dtype=dtype, config={**config, "DESCRIPTORS": True})
+    if not torch.cuda.is_available():  # the interpreter multiplies the same tiles the same way
+        assert torch.equal(pointer.index, tiles.index) and torch.equal(pointer.s2, tiles.s2)
+        assert torch.equal(pointer.num_close, tiles.num_close)
+    chunk = ACC_CHUNK if dtype == "float16x3" else None
+    assert_lists_within_bound(type(tiles)(*(t.cpu() for t in (tiles.index, tiles.s2, tiles.num_close))), x.cpu(),
+                              lo, hi, squared_distance_error_coef(d, dtype, acc_chunk=chunk))
+
+
+@needs_triton
+def test_triton_descriptors_refuse_float32_rows():
+    x = make_rows(20, 8).to(DEVICE)
+    zero = torch.zeros(20, device=DEVICE)
+    with pytest.raises(ValueError, match="16-bit rows"):
+        band_topk_triton(x, x.square().sum(1), zero, zero, 4, config={**_interp_config(), "DESCRIPTORS": True})
+
+
 def assert_lists_within_bound(fast, x, lower, upper, coef):
     """What the walk relies on, for lists computed with error at most ``coef * (|x_i|^2 + max |x|^2)``:
     listed s2 within the bound of the exact value, no listed node surely below ``lower``, no unlisted node
@@ -483,7 +518,7 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
     from tfp_kernels.order import band_topk_triton as btk
 
     first, second = _interp_config(), _interp_config(BLOCK_N=32)
-    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type: [first, second])
+    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, sixteen_bit=False: [first, second])
 
     def no_timing(*args, **kwargs):
         raise AssertionError("tuned a small input")

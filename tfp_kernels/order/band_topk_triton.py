@@ -6,7 +6,9 @@ and streams every column block of ``x`` (``BLOCK_N`` columns at a time) past the
 1. computes the (BLOCK_M, BLOCK_N) squared distances ``|a|^2 + |b|^2 - 2 a.b`` with ``tl.dot``
    (tensor cores for bf16/fp16 rows, IEEE float32 products for float32 rows; float32 accumulation; split
    rows: three products per BLOCK_D chunk in a fresh accumulator, the chunks added in float32, float16
-   rows scaled per row by powers of two, undone in the epilogue);
+   rows scaled per row by powers of two, undone in the epilogue); the tiles come from masked pointer loads
+   or, with ``DESCRIPTORS`` (16-bit rows), through tensor descriptors (Hopper's tensor memory accelerator:
+   no per-element address or mask in the product loop, rows and entries past the end read as zeros);
 2. counts the entries below ``upper`` (``num_close``; the row itself is taken out in the diagonal tiles
    only);
 3. keeps the *candidates*: entries at or above ``lower`` (the band) and strictly below the row's
@@ -106,11 +108,12 @@ if _HAVE_TRITON:
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
         x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
+        a_desc, b_desc, a_lo_desc, b_lo_desc,
         sq_norms_ptr, lower_ptr, upper_ptr, best_ptr, cand_s2_ptr, cand_col_ptr,
         n_rows, dim,
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
@@ -135,34 +138,35 @@ if _HAVE_TRITON:
             count = tl.zeros((BLOCK_M,), tl.int32)
             close = tl.zeros((BLOCK_M,), tl.int32)
             for col0 in range(0, n_rows, BLOCK_N):
-                if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for a full tile of candidates: merge
-                    best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-                    worst = tl.max(best, axis=1)
-                    cutoff = tl.where(
-                        worst == 0x7FFFFFFFFFFFFFFF,
-                        float("inf"),
-                        (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True),
-                    )
-                    count = tl.zeros((BLOCK_M,), tl.int32)
                 cols = col0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < n_rows
                 acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for d0 in range(0, dim, BLOCK_D):
-                    d_ok = (d0 + offs_d) < dim
-                    a_off = rows64[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd
-                    b_off = cols.to(tl.int64)[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd
-                    a_ok = row_ok[:, None] & d_ok[None, :]
-                    b_ok = col_ok[None, :] & d_ok[:, None]
-                    a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-                    b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+                    if DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
+                        a = a_desc.load([row0, d0])
+                        b = tl.trans(b_desc.load([col0, d0]))
+                        if SPLIT:
+                            a_lo = a_lo_desc.load([row0, d0])
+                            b_lo = tl.trans(b_lo_desc.load([col0, d0]))
+                    else:
+                        d_ok = (d0 + offs_d) < dim
+                        a_off = rows64[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd
+                        b_off = cols.to(tl.int64)[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd
+                        a_ok = row_ok[:, None] & d_ok[None, :]
+                        b_ok = col_ok[None, :] & d_ok[:, None]
+                        a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+                        b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+                        if SPLIT:
+                            a_lo = tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0)
+                            b_lo = tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0)
                     if SPLIT:
                         # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a
                         # fresh accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the
                         # accumulation error grows with BLOCK_D, not with D (squared_distance_error_coef's
                         # acc_chunk). (acc is added to a dot whose accumulator is not a zero tile: Triton folds
                         # `dot(a, b, 0) + acc` back into one accumulator.)
-                        part = tl.dot(a, tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0))
-                        part = tl.dot(tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0), b, part)
+                        part = tl.dot(a, b_lo)
+                        part = tl.dot(a_lo, b, part)
                         part = tl.dot(a, b, part)
                         acc += part
                     else:
@@ -179,12 +183,22 @@ if _HAVE_TRITON:
                     close -= tl.sum((below & (cols[None, :] == rows[:, None])).to(tl.int32), axis=1)
                 keep = ((s2 >= lower[:, None]) & (s2 < cutoff[:, None])).to(tl.int32)
                 num_keep = tl.sum(keep, axis=1)
+                # one reduction over the program's rows per tile where nothing is kept (almost every tile)
                 if tl.max(num_keep, axis=0) > 0:  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
                     slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
                     tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
                     col_tile = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N))
                     tl.store(cand_col_buf + slot, col_tile, mask=keep != 0)
                     count += num_keep
+                    if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for another tile's candidates: merge
+                        best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
+                        worst = tl.max(best, axis=1)
+                        cutoff = tl.where(
+                            worst == 0x7FFFFFFFFFFFFFFF,
+                            float("inf"),
+                            (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True),
+                        )
+                        count = tl.zeros((BLOCK_M,), tl.int32)
             best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
             found = best != 0x7FFFFFFFFFFFFFFF
             index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
@@ -195,15 +209,23 @@ if _HAVE_TRITON:
             tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
-def _configs(k_pad: int, device_type: str) -> list[dict]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for K = k_pad list columns."""
+def _configs(k_pad: int, device_type: str, sixteen_bit: bool = False) -> list[dict]:
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, DESCRIPTORS]) for K = k_pad list columns;
+    ``sixteen_bit``: 16-bit (or split) rows, which may also be read through tensor descriptors."""
     if device_type != "cuda":  # interpreter: one small tile shape
         return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}]
-    configs = [  # three candidates: each costs a compile (seconds) on the first call of a (K, dtype)
+    configs = [  # each candidate costs a compile (seconds) on the first tuned call of a (K, dtype)
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
     ]
+    if sixteen_bit and torch.cuda.get_device_capability()[0] >= 9:
+        # the tensor memory accelerator's tiles (no per-element addresses or masks in the product loop); not
+        # timed on a GPU yet, so not the untuned default
+        configs += [
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "DESCRIPTORS": True},
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4, "DESCRIPTORS": True},
+        ]
     if k_pad > 128:  # the merge's (BLOCK_M, K) int64 sorts: keep them within the registers
         configs = [c for c in configs if c["BLOCK_M"] == 64]
     return configs
@@ -220,13 +242,39 @@ _TUNE_ROWS = 32768
 _MIN_TUNE_ROWS = 16384
 
 
+def _descriptor_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, D) with a row stride of a multiple of 16 bytes (a tensor descriptor's requirement): ``t`` itself,
+    or a copy into rows padded to it (the view's columns are those of ``t``)."""
+    per_16_bytes = 16 // t.element_size()
+    if t.stride(1) == 1 and t.stride(0) % per_16_bytes == 0 and t.data_ptr() % 16 == 0:
+        return t
+    n, dim = t.shape
+    padded = t.new_zeros(n, triton.cdiv(max(dim, 1), per_16_bytes) * per_16_bytes)
+    padded[:, :dim] = t
+    return padded[:, :dim]
+
+
+def _descriptors(t: torch.Tensor, block_m: int, block_n: int, block_d: int):
+    """Tensor descriptors of ``t`` (N, D) for the kernel's (BLOCK_M, BLOCK_D) row tiles and (BLOCK_N, BLOCK_D)
+    column tiles (out-of-range rows and entries read as zeros)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t = _descriptor_rows(t)
+    return (TensorDescriptor.from_tensor(t, [block_m, block_d]), TensorDescriptor.from_tensor(t, [block_n, block_d]))
+
+
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
     """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
-    between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K) and
-    ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU)."""
+    between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
+    ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU) and
+    ``DESCRIPTORS`` (tiles read through tensor descriptors, the tensor memory accelerator on Hopper, instead of
+    masked pointer loads; 16-bit rows only)."""
     config = dict(config)
     n, dim = x.shape
     block_m = config["BLOCK_M"]
+    descriptors = bool(config.pop("DESCRIPTORS", False))
+    if descriptors and x.element_size() != 2:
+        raise ValueError(f"DESCRIPTORS needs 16-bit rows (float16, bfloat16 or a split), got {x.dtype}")
     if x_lo is not None and not MIN_ACC_CHUNK <= config["BLOCK_D"] <= ACC_CHUNK:
         raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
                          f"accumulation chunk), got {config['BLOCK_D']}")
@@ -242,10 +290,17 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
     best = torch.empty(grid * block_m, k_pad, dtype=torch.int64, device=x.device)
     cand_s2 = torch.empty(grid * block_m, cap, dtype=torch.float32, device=x.device)
     cand_col = torch.empty(grid * block_m, cap, dtype=torch.int32, device=x.device)
+    if descriptors:
+        a_desc, b_desc = _descriptors(x, block_m, config["BLOCK_N"], config["BLOCK_D"])
+        a_lo_desc, b_lo_desc = (a_desc, b_desc) if x_lo is None else _descriptors(
+            x_lo, block_m, config["BLOCK_N"], config["BLOCK_D"])
+    else:  # (unused)
+        a_desc = b_desc = a_lo_desc = b_lo_desc = x
     _band_topk_kernel[(grid,)](
         index, s2, close, x, x if x_lo is None else x_lo, sq_norms if scale is None else scale, x.stride(0),
-        x.stride(1), sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
-        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None, **config,
+        x.stride(1), a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
+        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None,
+        DESCRIPTORS=descriptors, **config,
     )
     return index, s2, close
 
@@ -254,7 +309,7 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
     """The fastest of :func:`_configs` for this (device, dim, K, dtype, size class), timed on the first
     ``min(N, _TUNE_ROWS)`` rows of the first call of the class (size classes: powers of two of that count;
     timing whole million-row calls per candidate would cost minutes)."""
-    configs = _configs(k_pad, x.device.type)
+    configs = _configs(k_pad, x.device.type, x.element_size() == 2)
     if len(configs) == 1 or x.shape[0] < _MIN_TUNE_ROWS:
         return configs[0]
     m = min(x.shape[0], _TUNE_ROWS)
@@ -303,9 +358,10 @@ def band_topk_triton(
             The caller's error bound must match:
             :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef` ``(D, input_dtype)``, with
             ``acc_chunk=ACC_CHUNK`` for the split dtypes.
-        config: launch settings (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); default: the fastest
-            of a few candidates, timed once per (GPU, D, K, dtype, size class) on the first call's leading
-            rows (below 16,384 rows: the first candidate, untimed).
+        config: launch settings (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages; optional CAP, programs,
+            DESCRIPTORS: see ``_launch``); default: the fastest of a few candidates (with 16-bit or split rows
+            on Hopper, also tensor-descriptor tiles), timed once per (GPU, D, K, dtype, size class) on the first
+            call's leading rows (below 16,384 rows: the first candidate, untimed).
 
     Returns:
         :class:`~tfp_kernels.order.band_topk.BandLists` on the device of ``x``.
