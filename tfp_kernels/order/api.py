@@ -35,6 +35,8 @@ class OrderStats:
         time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend.
         num_groups: distinct rows (exact duplicates share one band list); N when all rows are distinct or
             duplicates are not grouped (with a cap, or t = 0).
+        scan_candidates: rows the fused Triton scans (``fallback="triton"``) settled with float64 distances,
+            summed over their scans: the rows their float16 pass left within its error bound of the answer.
     """
 
     threshold: float
@@ -52,6 +54,7 @@ class OrderStats:
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
     num_groups: int = 0
+    scan_candidates: int = 0
 
     @property
     def fallback_rate(self) -> float:

@@ -46,6 +46,7 @@ class FastOrderInfo:
     time_fallback_s: float = 0.0
     time_setup_s: float = 0.0
     num_groups: int = 0
+    scan_candidates: int = 0
 
 
 class DuplicateGroups(NamedTuple):
@@ -365,6 +366,7 @@ def fast_tfp_order(
 
     scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
     fused_half = None
+    candidates = [0]  # rows the fused scans settled in float64
 
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
@@ -386,7 +388,7 @@ def fast_tfp_order(
                 fused_half = (half_rows(x32), half_scan_slack(sq_norms, dim, float32_norms=True))
             node = triton_exact_pick(
                 x64, x32, sq_norms, fused_half[1], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
-                visited=visited_dev, half=fused_half[0],
+                visited=visited_dev, half=fused_half[0], tally=candidates,
             )
         else:
             node = exact_pick(
@@ -428,6 +430,7 @@ def fast_tfp_order(
     info.time_band_s += tally.band_s
     info.num_fallbacks += tally.scans
     info.num_rebuilds += tally.rebuilds
+    info.scan_candidates = candidates[0]
     if bar is not None:
         bar.close()
     info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)

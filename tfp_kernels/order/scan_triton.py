@@ -231,6 +231,7 @@ def triton_exact_pick(
     scan=masked_scan_triton,
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tally: list[int] | None = None,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
@@ -245,6 +246,8 @@ def triton_exact_pick(
         scan: the scan implementation (:func:`masked_scan_triton` or :func:`masked_scan_torch`).
         visited: see ``unvisited``.
         half: None, or the float16 rows and scales read by the scan (see :func:`masked_scan_triton`).
+        tally: None, or a one-element list: the rows settled in float64 (those the pass could not decide near
+            the answer) are added to ``tally[0]`` (no extra device sync: their count is read anyway).
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -268,6 +271,8 @@ def triton_exact_pick(
     # row is surely valid)
     limit = torch.where(torch.isfinite(best_sure), best_sure + two_slack, torch.inf)
     cand = unvisited[(status >= 1) & (s2_last <= limit)]
+    if tally is not None:
+        tally[0] += cand.numel()
     if cand.numel():
         w = queries.numel()
         # exact distances of every candidate to last and the window nodes, in one batch of pairs
