@@ -199,6 +199,8 @@ def test_one_rank_in_process(tmp_path):
             assert stats.bytes_ring == 0 and stats.bytes_to_root == 0 and stats.world_size == 1
         with pytest.raises(ValueError, match="backend must be 'auto' or 'fast'"):
             tfp_order_sharded(emb, backend="reference")
+        with pytest.raises(ValueError, match="rebuild must be 'auto' or None, got 'always'"):
+            tfp_order_sharded(emb, rebuild="always")  # (was: taken as None, no rebuilds)
         with pytest.raises(ValueError, match="bad input on rank 0: .*NaN"):
             tfp_order_sharded(torch.full((4, 2), float("nan")))
         with pytest.raises(ValueError, match="every rank's embedding shard is empty"):

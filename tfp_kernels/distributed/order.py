@@ -208,7 +208,8 @@ def _local_errors(embeddings, *, metric, args: dict) -> tuple[dict, torch.Tensor
 
 
 def _validate(
-    comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend
+    comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend,
+    rebuild="auto",
 ):
     """Collective validation: every rank raises the same error when any rank's input is bad."""
     arg_error = None
@@ -223,6 +224,8 @@ def _validate(
             raise ValueError(f"start must be an integer in [0, N), got {start!r}")  # noqa: TRY004 (as tfp_order)
         if backend not in ("auto", "fast"):
             raise ValueError(f"backend must be 'auto' or 'fast' with a process group, got {backend!r}")
+        if rebuild not in ("auto", None):
+            raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
     except (TypeError, ValueError) as err:
         arg_error = (type(err).__name__, str(err))
     args = {
@@ -233,6 +236,7 @@ def _validate(
         "max_rejections": max_rejections,
         "start": start,
         "k": k,
+        "rebuild": rebuild,
     }
     info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
     if arg_error is not None:
@@ -825,6 +829,7 @@ def tfp_order_sharded(
         start=start,
         k=k,
         backend=backend,
+        rebuild=rebuild,
     )
     n, dim = sum(sizes), shard.shape[1]
     offset = sum(sizes[: comm.rank])
