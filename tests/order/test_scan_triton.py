@@ -9,7 +9,7 @@ from tfp_kernels.order.distance import distances_from, prepare
 from tfp_kernels.order.fast import squared_threshold
 from tfp_kernels.order.host_scan import half_rows, half_scan_slack
 from tfp_kernels.order.scan import exact_pick, projection_basis
-from tfp_kernels.order.scan_triton import masked_scan_torch, masked_scan_triton, triton_exact_pick
+from tfp_kernels.order.scan_triton import SCAN_CHUNK, masked_scan_torch, masked_scan_triton, triton_exact_pick
 from tfp_kernels.order.threshold import estimate_threshold
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
@@ -34,8 +34,15 @@ SCANS = [
 ]
 
 
+#: What the scan reads and multiplies: float32 rows; float16 rows (float32 products); float16 rows with the
+#: tensor-core products (query rows split as float16 hi + lo)
+ROWS = [pytest.param(False, id="float32-rows"), pytest.param(True, id="float16-rows"),
+        pytest.param("tensor_cores", id="float16-rows-tensor-cores")]
+
+
 def _data(n, d, seed, duplicates=0, metric="l2", half=False):
-    """Rows in 5 clusters; with ``half``, also the float16 rows the scan reads and their (wider) bound."""
+    """Rows in 5 clusters; with ``half``, also the float16 rows the scan reads and their (wider) bound
+    (``half="tensor_cores"``: the bound of the tensor-core products)."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(5, d, generator=g) * 2
     emb = centers[torch.randint(0, 5, (n,), generator=g)] + 0.6 * torch.randn(n, d, generator=g)
@@ -45,12 +52,13 @@ def _data(n, d, seed, duplicates=0, metric="l2", half=False):
     x32 = x64.float()
     sq = x32.square().sum(dim=1)
     if half:
-        return emb, x64, x32, sq, half_scan_slack(sq, d, float32_norms=True), half_rows(x32)
+        chunk = SCAN_CHUNK if half == "tensor_cores" else None
+        return emb, x64, x32, sq, half_scan_slack(sq, d, float32_norms=True, tensor_core_chunk=chunk), half_rows(x32)
     slack = squared_distance_error_coef(d, torch.float32) * (sq.double() + sq.max().double())
     return emb, x64, x32, sq, slack, None
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["float32-rows", "float16-rows"])
+@pytest.mark.parametrize("half", ROWS)
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("n, d", [(1, 3), (7, 5), (130, 37), (300, 100)])
 def test_status_agrees_with_exact_distances(scan, n, d, half):
@@ -62,7 +70,7 @@ def test_status_agrees_with_exact_distances(scan, n, d, half):
     queries = torch.randint(0, n, (min(5, n),), generator=g)
     lower = (t2 - slack[queries]).float()
     upper = (t2 + slack[queries]).float()
-    s2_last, status = scan(x32, sq, rows, queries, lower, upper, None, rows16)
+    s2_last, status = scan(x32, sq, rows, queries, lower, upper, None, rows16, half == "tensor_cores")
     exact = distances_from(x64, rows, queries, "l2") ** 2  # (U, W) exact squared distances
     assert s2_last.dtype == torch.float32 and status.dtype == torch.int8
     assert torch.all((s2_last.double() - exact[:, 0]).abs() <= slack[queries[0]] * 1.0001)
@@ -71,7 +79,7 @@ def test_status_agrees_with_exact_distances(scan, n, d, half):
     assert not torch.any(valid[status == 0]), "a row marked surely invalid is exactly far from every query"
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["float32-rows", "float16-rows"])
+@pytest.mark.parametrize("half", ROWS)
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("window", [1, 2, 4, 7])
@@ -93,13 +101,14 @@ def test_pick_equals_exact_pick(scan, metric, window, quantile, half):
             x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
         )
         got = triton_exact_pick(
-            x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan, half=rows16
+            x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan, half=rows16,
+            tensor_cores=half == "tensor_cores",
         )
         assert got == expected, (trial, got, expected)
         # a stale list (every node) with the visited mask: the same pick
         stale = triton_exact_pick(
             x64, x32, sq, slack, torch.arange(n), last, window_nodes, threshold=t, metric=metric, scan=scan,
-            visited=~mask, half=rows16,
+            visited=~mask, half=rows16, tensor_cores=half == "tensor_cores",
         )
         assert stale == expected, (trial, stale, expected)
 
@@ -141,8 +150,9 @@ def test_window_limit():
         )
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True])
 @pytest.mark.parametrize("scan", SCANS)
-def test_float16_rows_bound_where_the_rounding_errors_add_up(scan):
+def test_float16_rows_bound_where_the_rounding_errors_add_up(scan, tensor_cores):
     """Entries just below the midpoint between 1 and the next float16 all round down by ~2^-11 relative: a row's
     scanned distance to itself is off by ~94% of the float16 bound (which must hold: a bound 4x smaller fails)."""
     d = 250
@@ -150,11 +160,52 @@ def test_float16_rows_bound_where_the_rounding_errors_add_up(scan):
     x32 = torch.full((2, d), value)
     x32[1, ::2] = -value
     sq = x32.square().sum(dim=1)
-    slack = half_scan_slack(sq, d, float32_norms=True)
+    slack = half_scan_slack(sq, d, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
     rows = torch.arange(2)
     for i in range(2):
         queries = torch.tensor([i])
-        s2_last, _ = scan(x32, sq, rows, queries, torch.zeros(1), torch.zeros(1), None, half_rows(x32))
+        s2_last, _ = scan(x32, sq, rows, queries, torch.zeros(1), torch.zeros(1), None, half_rows(x32), tensor_cores)
         err = float(s2_last[i])  # exactly 0
         assert err <= float(slack[i])
         assert err > 0.8 * float(slack[i])
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+@pytest.mark.parametrize("scan", SCANS)
+def test_float16_rows_within_the_bound_at_every_magnitude(scan, tensor_cores):
+    """Rows scaled by 1e-14 .. 1e14 (entries over six decades, a zero row, a row of one entry; squared norms
+    within float32's range, as the scan needs), each row as a
+    query: the scanned squared distances stay within the bound (a query row left unscaled, or scaled twice, by
+    the tensor-core path's float16 split breaks it by orders of magnitude)."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 24, 45
+    x = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
+    x = x * torch.logspace(-14, 14, n)[:, None]
+    x[5] = 0.0
+    x[7] = 0.0
+    x[7, 3] = 2.5e-20
+    x64 = x.double()
+    x32 = x64.float()
+    sq = x32.double().square().sum(dim=1).float()
+    slack = half_scan_slack(sq, d, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
+    rows = torch.arange(n)
+    exact = distances_from(x64, rows, rows, "l2") ** 2
+    for i in range(n):
+        queries = torch.tensor([i, (i + 1) % n])
+        s2_last, _ = scan(x32, sq, rows, queries, torch.zeros(2), torch.zeros(2), None, half_rows(x32), tensor_cores)
+        err = (s2_last.double() - exact[:, i]).abs()
+        assert torch.all(err <= slack[i]), (i, int(err.argmax()), float(err.max()), float(slack[i]))
+
+
+def test_tensor_core_products_need_the_float16_rows_and_their_bound():
+    x32 = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="tensor_cores needs the float16 rows"):
+        masked_scan_triton(x32, torch.zeros(3), torch.arange(3), torch.zeros(1, dtype=torch.int64), torch.zeros(1),
+                           torch.zeros(1), None, None, True)
+    from tfp_kernels.order.host_scan import half_scan_error_coef
+
+    with pytest.raises(ValueError, match="float32_norms"):
+        half_scan_error_coef(768, tensor_core_chunk=SCAN_CHUNK)
+    # the chunked tensor-core sum replaces the float32 accumulation's gamma_D: below it for long rows
+    assert half_scan_error_coef(768, float32_norms=True, tensor_core_chunk=SCAN_CHUNK) < half_scan_error_coef(
+        768, float32_norms=True)

@@ -120,6 +120,27 @@ def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
 MIN_ACC_CHUNK = 16
 
 
+def _gamma(n: int, unit: float) -> float:
+    return n * unit / (1.0 - n * unit)
+
+
+def chunked_accumulation_coef(dim: int, acc_chunk: int, u_in: float) -> float:
+    """Relative error (of ``sum_k |x_k y_k|``) of ``dim`` exact products of split rows summed on tensor cores by
+    chunks of at most ``acc_chunk``: each chunk in a fresh accumulator that takes the small cross products
+    (at most ``2 u_in`` of the main one, ``u_in`` the unit roundoff of the split's 16-bit dtype) first and the
+    main product last, the chunks added in float32.
+
+    Each tensor-core addition errs by at most :data:`TENSOR_CORE_ACC_ROUNDOFF` of a partial sum bounded by
+    about the chunk's ``sum |x_k y_k|``: ``(1 + 8.1 u_in) gamma'_m`` for a chunk of ``m = min(acc_chunk, D)``
+    products, plus ``gamma_{ceil(D / 16)}`` for the float32 sum of the chunks (:data:`MIN_ACC_CHUNK`).
+    """
+    if acc_chunk < MIN_ACC_CHUNK:
+        raise ValueError(f"acc_chunk must be at least {MIN_ACC_CHUNK}, got {acc_chunk}")
+    chunk = _gamma(min(acc_chunk, dim), TENSOR_CORE_ACC_ROUNDOFF)
+    sums = _gamma(-(-dim // MIN_ACC_CHUNK), UNIT_ROUNDOFF[torch.float32])
+    return (1.0 + 8.1 * u_in) * chunk + (1.0 + 4.1 * u_in) * (1.0 + chunk) * sums
+
+
 def squared_distance_error_coef(dim: int, input_dtype, *, acc_chunk: int | None = None,
                                 rounded_norms: bool = False) -> float:
     """Bound ``c`` with ``|s2_fast - s2_exact| <= c * (|x_i|^2 + |x_j|^2)`` for the fast paths.
@@ -151,10 +172,7 @@ def squared_distance_error_coef(dim: int, input_dtype, *, acc_chunk: int | None 
     subnormal range.
     """
     u = UNIT_ROUNDOFF[torch.float32]
-
-    def gamma(n, unit):
-        return n * unit / (1.0 - n * unit)
-
+    gamma = _gamma
     norms = 2.0 * u if rounded_norms else gamma(dim, u)
     if input_dtype == torch.float32:
         return norms + gamma(dim, u) + 6.0 * u
@@ -167,11 +185,7 @@ def squared_distance_error_coef(dim: int, input_dtype, *, acc_chunk: int | None 
         if acc_chunk is None:
             accumulation = 1.02 * gamma(3 * dim, u_acc)
         else:
-            if acc_chunk < MIN_ACC_CHUNK:
-                raise ValueError(f"acc_chunk must be at least {MIN_ACC_CHUNK}, got {acc_chunk}")
-            chunk = gamma(min(acc_chunk, dim), u_acc)
-            sums = gamma(-(-dim // MIN_ACC_CHUNK), u)
-            accumulation = (1.0 + 8.1 * u_in) * chunk + (1.0 + 4.1 * u_in) * (1.0 + chunk) * sums
+            accumulation = chunked_accumulation_coef(dim, acc_chunk, u_in)
         return norms + accumulation + dropped + 6.0 * u
     return norms + gamma(dim, u_acc) + 2.01 * UNIT_ROUNDOFF[input_dtype] + 6.0 * u
 

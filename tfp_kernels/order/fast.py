@@ -28,7 +28,7 @@ from .band_topk import SPLIT_DTYPES, BandLists, band_bounds, band_topk_torch, sq
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
-from .scan_triton import MAX_SCAN_WINDOW, triton_exact_pick
+from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, bind_walk, run_walk
 
 
@@ -385,10 +385,11 @@ def fast_tfp_order(
             if scan_rows is None or 2 * (step - scan_rows_at) > scan_rows.numel():
                 scan_rows, scan_rows_at = torch.nonzero(~visited_dev).flatten(), step
             if fused_half is None:  # the float16 rows the fused scans read (half the bytes) and their bound
-                fused_half = (half_rows(x32), half_scan_slack(sq_norms, dim, float32_norms=True))
+                fused_half = (half_rows(x32), half_scan_slack(sq_norms, dim, float32_norms=True,
+                                                              tensor_core_chunk=SCAN_CHUNK))
             node = triton_exact_pick(
                 x64, x32, sq_norms, fused_half[1], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
-                visited=visited_dev, half=fused_half[0], tally=candidates,
+                visited=visited_dev, half=fused_half[0], tally=candidates, tensor_cores=True,
             )
         else:
             node = exact_pick(

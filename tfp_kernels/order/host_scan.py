@@ -54,29 +54,49 @@ class HalfScanRows(NamedTuple):
     slack: torch.Tensor
 
 
-def half_scan_error_coef(dim: int, *, float32_norms: bool = False) -> float:
+def half_scan_error_coef(dim: int, *, float32_norms: bool = False, tensor_core_chunk: int | None = None) -> float:
     """The coefficient ``c`` of the module docstring's bound, for rows of ``dim`` entries.
 
     ``float32_norms``: the bound of the Triton scan (:mod:`~tfp_kernels.order.scan_triton` with float16 rows),
     which forms ``s2`` in float32 from float32 squared norms: plus ``gamma_D + 6 u`` (the norms' accumulation
     and the final operations, as in the float32 bound).
+
+    ``tensor_core_chunk`` (with ``float32_norms``): the Triton scan's tensor-core products. The query rows are
+    scaled like the scanned ones and split as float16 ``hi + lo`` (as
+    :func:`~tfp_kernels.order.band_topk.split_rows`: residual ``u16^2 |q'| + 2^-24`` in scaled units, at most
+    ``u16^2 |q_k| + 2^-38 |q|`` unscaled), the products ``row16 . lo`` and ``row16 . hi`` are exact in float32
+    and summed on tensor cores by chunks of at most ``tensor_core_chunk`` entries, each in a fresh accumulator,
+    the chunks added in float32 (:func:`~tfp_kernels.order.band_topk.chunked_accumulation_coef`), in place of
+    the float32 accumulation's ``gamma_D``: plus ``u16^2 + 2^-38 sqrt(D)`` for the split.
     """
     u = _U32
     gamma = dim * u / (1.0 - dim * u)
     e = _U16 * (1.0 + u) + u
+    if tensor_core_chunk is None:
+        products = gamma * (1.0 + e) * (1.0 + u)
+    else:
+        if not float32_norms:
+            raise ValueError("tensor_core_chunk is the Triton scan's (float32_norms=True)")
+        from .band_topk import chunked_accumulation_coef
+
+        accumulation = chunked_accumulation_coef(dim, tensor_core_chunk, _U16)
+        products = (accumulation + _U16 * _U16 + 2.0**-38 * math.sqrt(dim)) * (1.0 + e) * (1.0 + u)
     coef = (
-        e * (1.0 + u) + u + gamma * (1.0 + e) * (1.0 + u) + 2.0**-39 * math.sqrt(dim) * (1.0 + u) + 2.01 * u
+        e * (1.0 + u) + u + products + 2.0**-39 * math.sqrt(dim) * (1.0 + u) + 2.01 * u
         + (dim + 8) * 2.0**-53
     )
     return coef + gamma + 6.0 * u if float32_norms else coef
 
 
-def half_scan_slack(sq_norms: torch.Tensor, dim: int, *, float32_norms: bool = False) -> torch.Tensor:
+def half_scan_slack(sq_norms: torch.Tensor, dim: int, *, float32_norms: bool = False,
+                    tensor_core_chunk: int | None = None) -> torch.Tensor:
     """(N,) float64 bound of the scan's ``|s2_pass - s2_exact|`` for every pair of each row, from the (N,)
-    squared norms of the float32 prepared rows (any float dtype and device)."""
+    squared norms of the float32 prepared rows (any float dtype and device); ``float32_norms`` and
+    ``tensor_core_chunk``: as in :func:`half_scan_error_coef`."""
     sq = sq_norms.double()
     max_sq = float(sq.max()) if sq.numel() else 0.0
-    slack = half_scan_error_coef(dim, float32_norms=float32_norms) * (sq + max_sq) * (1.0 + 1e-6)
+    coef = half_scan_error_coef(dim, float32_norms=float32_norms, tensor_core_chunk=tensor_core_chunk)
+    slack = coef * (sq + max_sq) * (1.0 + 1e-6)
     slack = slack + 2.0**-138 * math.sqrt(dim * max_sq)
     return slack + 2.0**-120 if float32_norms else slack  # (float32 underflow of the scaled products)
 

@@ -58,6 +58,7 @@ if _HAVE_TRITON:
         BLOCK_D: tl.constexpr,
         HAS_VISITED: tl.constexpr,
         HALF_ROWS: tl.constexpr,
+        TENSOR_CORES: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -71,9 +72,32 @@ if _HAVE_TRITON:
         queries = tl.load(query_ptr + w, mask=w_ok, other=0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_U, BLOCK_W), tl.float32)
+        if TENSOR_CORES:  # the query rows get the scanned rows' scaling (powers of two)
+            query_scale = tl.load(scale_ptr + queries, mask=w_ok, other=1.0)
+            query_multiplier = 1.0 / query_scale  # (exact)
         for d0 in range(0, dim, BLOCK_D):
             d_ok = (d0 + offs_d) < dim
-            if HALF_ROWS:  # the scanned rows as float16 / scale (half the bytes), exact in float32
+            if TENSOR_CORES:
+                # float16 rows times the query rows split as float16 hi + lo (scaled: x / scale): two exact
+                # products per chunk on tensor cores, lo first, in a fresh accumulator added to acc in float32
+                # (half_scan_error_coef's tensor_core_chunk = BLOCK_D). (acc is added to a dot whose
+                # accumulator is not a zero tile: Triton folds `dot(a, b, 0) + acc` into one accumulator.)
+                a = tl.load(
+                    xh_ptr + rows[:, None] * stride_hn + (d0 + offs_d)[None, :] * stride_hd,
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                q = tl.load(
+                    x_ptr + queries[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd,
+                    mask=w_ok[None, :] & d_ok[:, None],
+                    other=0.0,
+                ) * query_multiplier[None, :]
+                q_hi = q.to(tl.float16)
+                q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
+                part = tl.dot(a, q_lo)
+                part = tl.dot(a, q_hi, part)
+                acc += part
+            elif HALF_ROWS:  # the scanned rows as float16 / scale (half the bytes), exact in float32
                 a = tl.load(
                     xh_ptr + rows[:, None] * stride_hn + (d0 + offs_d)[None, :] * stride_hd,
                     mask=row_ok[:, None] & d_ok[None, :],
@@ -85,14 +109,17 @@ if _HAVE_TRITON:
                     mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )
-            b = tl.load(
-                x_ptr + queries[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd,
-                mask=w_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            if not TENSOR_CORES:
+                b = tl.load(
+                    x_ptr + queries[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd,
+                    mask=w_ok[None, :] & d_ok[:, None],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision="ieee")
         if HALF_ROWS:
             acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        if TENSOR_CORES:
+            acc = acc * query_scale[None, :]
         row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
         query_norm = tl.load(sq_norms_ptr + queries, mask=w_ok, other=0.0)
         s2 = tl.maximum(row_norm[:, None] + query_norm[None, :] - 2.0 * acc, 0.0)
@@ -108,6 +135,9 @@ if _HAVE_TRITON:
 
 #: Largest window the kernel takes (query rows padded to a power of two >= 16 for ``tl.dot``).
 MAX_SCAN_WINDOW = 64
+#: Entries per chunk of the scan (BLOCK_D): with ``tensor_cores``, the chunk of its error bound
+#: (:func:`~tfp_kernels.order.host_scan.half_scan_error_coef`'s ``tensor_core_chunk``).
+SCAN_CHUNK = 32
 
 
 def masked_scan_triton(
@@ -119,6 +149,7 @@ def masked_scan_triton(
     upper: torch.Tensor,
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tensor_cores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared float32 distances of ``rows`` to ``queries[0]`` and their status against all queries.
 
@@ -134,6 +165,11 @@ def masked_scan_triton(
             the scanned rows are read as float16 (half the bytes of this bandwidth-bound pass) against the
             float32 query rows; ``lower``/``upper`` must then come from
             :func:`~tfp_kernels.order.host_scan.half_scan_slack` with ``float32_norms=True``.
+        tensor_cores: with ``half``: the products on tensor cores, the query rows split as float16 hi + lo
+            (scaled as the rows), two exact products per chunk of :data:`SCAN_CHUNK` entries summed in a fresh
+            accumulator; the bounds then from ``half_scan_slack(..., float32_norms=True,
+            tensor_core_chunk=SCAN_CHUNK)``. Without it, IEEE float32 products on the CUDA cores, the query
+            rows padded to 16 columns (``tl.dot``'s least): 4x the multiply-adds of a window of 4.
 
     Returns:
         ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
@@ -144,13 +180,15 @@ def masked_scan_triton(
     n_rows, n_query = rows.numel(), queries.numel()
     if not 1 <= n_query <= MAX_SCAN_WINDOW:
         raise ValueError(f"masked_scan_triton: 1 <= W <= {MAX_SCAN_WINDOW} query rows, got {n_query}")
+    if tensor_cores and half is None:
+        raise ValueError("masked_scan_triton: tensor_cores needs the float16 rows (half)")
     out_s2 = torch.empty(n_rows, dtype=torch.float32, device=x32.device)
     out_status = torch.empty(n_rows, dtype=torch.int8, device=x32.device)
     if n_rows == 0:
         return out_s2, out_status
     block_w = max(16, triton.next_power_of_2(n_query))
     block_u = 128
-    block_d = 32
+    block_d = SCAN_CHUNK
     grid = (triton.cdiv(n_rows, block_u),)
     _masked_scan_kernel[grid](
         out_s2,
@@ -176,6 +214,7 @@ def masked_scan_triton(
         BLOCK_D=block_d,
         HAS_VISITED=visited is not None,
         HALF_ROWS=half is not None,
+        TENSOR_CORES=bool(tensor_cores),
     )
     return out_s2, out_status
 
@@ -189,15 +228,27 @@ def masked_scan_torch(
     upper: torch.Tensor,
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tensor_cores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
-    may sum in another order, so values near a bound can get another status — both are within the bound)."""
+    may sum in another order, so values near a bound can get another status — both are within the bound).
+    ``tensor_cores``: the products of the Triton kernel's tensor-core path, the query rows split as float16
+    hi + lo, each part's product summed in float32 here."""
     with _ieee_fp32_matmul():
         if half is None:
             dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
         else:
             rows16, scale = half
-            dots = rows16.index_select(0, rows).float() @ x32.index_select(0, queries).T
+            q = x32.index_select(0, queries)
+            if tensor_cores:
+                q_scale = scale.float().index_select(0, queries)
+                q = q / q_scale[:, None]  # (exact: powers of two)
+                q_hi = q.half().float()
+                q_lo = (q - q_hi).half().float()
+                a = rows16.index_select(0, rows).float()
+                dots = (a @ q_lo.T + a @ q_hi.T) * q_scale[None, :]
+            else:
+                dots = rows16.index_select(0, rows).float() @ q.T
             dots = dots * scale.float().index_select(0, rows)[:, None]
     s2 = sq_norms.index_select(0, rows)[:, None] + sq_norms.index_select(0, queries)[None, :] - 2.0 * dots
     s2 = s2.clamp_(min=0)
@@ -232,6 +283,7 @@ def triton_exact_pick(
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
     tally: list[int] | None = None,
+    tensor_cores: bool = False,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
@@ -248,6 +300,7 @@ def triton_exact_pick(
         half: None, or the float16 rows and scales read by the scan (see :func:`masked_scan_triton`).
         tally: None, or a one-element list: the rows settled in float64 (those the pass could not decide near
             the answer) are added to ``tally[0]`` (no extra device sync: their count is read anyway).
+        tensor_cores: the scan's products (see :func:`masked_scan_triton`; ``slack`` must match).
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -262,7 +315,7 @@ def triton_exact_pick(
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
-    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half)
+    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores)
     # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
     # they, not the arithmetic, set the cost of a scan)
     two_slack = 2.0 * q_slack[0]
