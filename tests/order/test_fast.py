@@ -1,5 +1,7 @@
 """The fast exact ordering (band lists + C++ walk + exact fallback scans) equals the reference."""
 
+import functools
+
 import pytest
 import torch
 
@@ -322,3 +324,29 @@ def test_triton_fallback_refuses_cpu_tensors_when_compiled(monkeypatch):
     with pytest.raises(ValueError, match="fallback='triton' needs Triton and CUDA embeddings"):
         fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                        fallback="triton", band_backend="torch")
+
+
+def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_fails(monkeypatch):
+    from tfp_kernels.order import fast, scan_triton
+
+    if not triton_runs_on("cpu"):
+        pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1")
+    real = scan_triton.masked_scan_triton
+    calls = []
+
+    def no_tensor_cores(*args):
+        calls.append(args[-1])
+        if args[-1]:  # (tensor_cores, the last positional argument triton_exact_pick passes)
+            raise RuntimeError("PassManager::run failed")
+        return real(*args)
+
+    monkeypatch.setattr(fast, "triton_exact_pick", functools.partial(scan_triton.triton_exact_pick,
+                                                                     scan=no_tensor_cores))
+    emb, metric, window, cap, start, k = CASES[0].values
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=start)
+    with pytest.warns(RuntimeWarning, match="tensor-core kernel failed"):
+        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None,
+                                    start=start, k=k, fallback="triton", band_backend="torch")
+    assert torch.equal(path, ref) and info.num_fallbacks > 1
+    assert calls[0] is True and not any(calls[1:])  # tried once, then float32 products for every scan

@@ -366,11 +366,13 @@ def fast_tfp_order(
 
     scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
     fused_half = None
+    fused_tensor_cores = None  # whether the fused scans multiply on tensor cores (None: not tried yet)
+    fused_slack = {}  # their bounds, by tensor_cores
     candidates = [0]  # rows the fused scans settled in float64
 
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
-        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half
+        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_tensor_cores
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
         if device.type != "cpu":
@@ -384,13 +386,36 @@ def fast_tfp_order(
             # rebuilt once half of it is stale, not at every scan (a pass over N and a host sync each)
             if scan_rows is None or 2 * (step - scan_rows_at) > scan_rows.numel():
                 scan_rows, scan_rows_at = torch.nonzero(~visited_dev).flatten(), step
-            if fused_half is None:  # the float16 rows the fused scans read (half the bytes) and their bound
-                fused_half = (half_rows(x32), half_scan_slack(sq_norms, dim, float32_norms=True,
-                                                              tensor_core_chunk=SCAN_CHUNK))
-            node = triton_exact_pick(
-                x64, x32, sq_norms, fused_half[1], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
-                visited=visited_dev, half=fused_half[0], tally=candidates, tensor_cores=True,
-            )
+            if fused_half is None:  # the float16 rows the fused scans read (half the bytes)
+                fused_half = half_rows(x32)
+
+            def fused_pick(tensor_cores: bool) -> int:
+                if tensor_cores not in fused_slack:  # (computed once: a pass over N and a host sync)
+                    fused_slack[tensor_cores] = half_scan_slack(
+                        sq_norms, dim, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
+                return triton_exact_pick(
+                    x64, x32, sq_norms, fused_slack[tensor_cores], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
+                    visited=visited_dev, half=fused_half, tally=candidates, tensor_cores=tensor_cores,
+                )
+
+            if fused_tensor_cores is None:  # the first fused scan: the tensor-core kernel, if it compiles here
+                try:
+                    node = fused_pick(True)
+                    fused_tensor_cores = True
+                except Exception as err:  # noqa: BLE001 - a Triton compile failure on an untested GPU or Triton version
+                    import warnings
+
+                    warnings.warn(
+                        f"tfp_order: the fused scan's tensor-core kernel failed ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); its float32 products are used "
+                        "instead (same path, slower scans)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    fused_tensor_cores = False
+                    node = fused_pick(False)
+            else:
+                node = fused_pick(fused_tensor_cores)
         else:
             node = exact_pick(
                 x64,
