@@ -518,7 +518,7 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
     from tfp_kernels.order import band_topk_triton as btk
 
     first, second = _interp_config(), _interp_config(BLOCK_N=32)
-    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, sixteen_bit=False: [first, second])
+    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, descriptors=False: [first, second])
 
     def no_timing(*args, **kwargs):
         raise AssertionError("tuned a small input")

@@ -209,9 +209,9 @@ if _HAVE_TRITON:
             tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
-def _configs(k_pad: int, device_type: str, sixteen_bit: bool = False) -> list[dict]:
+def _configs(k_pad: int, device_type: str, descriptors: bool = False) -> list[dict]:
     """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, DESCRIPTORS]) for K = k_pad list columns;
-    ``sixteen_bit``: 16-bit (or split) rows, which may also be read through tensor descriptors."""
+    ``descriptors``: also tiles read through tensor descriptors (16-bit or split rows on a Hopper or newer GPU)."""
     if device_type != "cuda":  # interpreter: one small tile shape
         return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}]
     configs = [  # each candidate costs a compile (seconds) on the first tuned call of a (K, dtype)
@@ -219,7 +219,7 @@ def _configs(k_pad: int, device_type: str, sixteen_bit: bool = False) -> list[di
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
     ]
-    if sixteen_bit and torch.cuda.get_device_capability()[0] >= 9:
+    if descriptors:
         # the tensor memory accelerator's tiles (no per-element addresses or masks in the product loop); not
         # timed on a GPU yet, so not the untuned default
         configs += [
@@ -309,7 +309,9 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
     """The fastest of :func:`_configs` for this (device, dim, K, dtype, size class), timed on the first
     ``min(N, _TUNE_ROWS)`` rows of the first call of the class (size classes: powers of two of that count;
     timing whole million-row calls per candidate would cost minutes)."""
-    configs = _configs(k_pad, x.device.type, x.element_size() == 2)
+    descriptors = (x.device.type == "cuda" and x.element_size() == 2
+                   and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    configs = _configs(k_pad, x.device.type, descriptors)
     if len(configs) == 1 or x.shape[0] < _MIN_TUNE_ROWS:
         return configs[0]
     m = min(x.shape[0], _TUNE_ROWS)
