@@ -47,7 +47,7 @@ for stage in "${STAGES[@]}"; do
       timeout "$(left 200)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
     large)
       for n in 131072 "$N"; do
-        cap=$([ "$n" = 131072 ] && echo 90 || echo 420)
+        cap=$([ "$n" = 131072 ] && echo 150 || echo 420)  # (131,072: the first tuned call compiles 5 band settings)
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
             --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
             2> "$OUT/order_${n}_progress.log"
