@@ -18,7 +18,9 @@ only rows whose float32 distance to ``last`` is within twice the error bound of 
 
 The pass is bandwidth-bound; the ordering runs it over float16 copies of the rows (``half``: each row
 divided by a power of two into float16's normal range, :func:`~tfp_kernels.order.host_scan.half_rows`),
-half the bytes of float32, with the wider bound of :func:`~tfp_kernels.order.host_scan.half_scan_slack`.
+half the bytes of float32, with the wider bound of :func:`~tfp_kernels.order.host_scan.half_scan_slack`,
+and with ``tensor_cores``: the query rows scaled alike and split as float16 hi + lo, two exact products per
+chunk on tensor cores instead of IEEE float32 multiply-adds over query rows padded to 16.
 """
 
 from __future__ import annotations
