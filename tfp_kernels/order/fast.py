@@ -82,6 +82,12 @@ def duplicate_groups(rows: torch.Tensor) -> DuplicateGroups | None:
     )
 
 
+def _kernel_failure(err: Exception) -> str:
+    """``"Type: first line of the message"`` (at most 200 characters of it) for a warning."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
 #: Up to this many nodes, CUDA inputs run their fallback scans on the host (fallback="auto").
 _HOST_SCAN_MAX_NODES = 16_384
 
@@ -315,7 +321,7 @@ def fast_tfp_order(
         import warnings
 
         warnings.warn(
-            f"tfp_order: the Triton band kernel failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"tfp_order: the Triton band kernel failed ({_kernel_failure(err)}); "
             "using the blockwise torch band lists instead (same path, slower). Pass band_backend='triton' to "
             "see the error.",
             RuntimeWarning,
@@ -370,6 +376,16 @@ def fast_tfp_order(
     fused_slack = {}  # their bounds, by tensor_cores
     candidates = [0]  # rows the fused scans settled in float64
 
+    def fused_pick(tensor_cores: bool, last: int, window_nodes: list[int]) -> int:
+        """One fused Triton scan over ``scan_rows`` (see :func:`pick`)."""
+        if tensor_cores not in fused_slack:  # (computed once: a pass over N and a host sync)
+            fused_slack[tensor_cores] = half_scan_slack(
+                sq_norms, dim, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
+        return triton_exact_pick(
+            x64, x32, sq_norms, fused_slack[tensor_cores], scan_rows, last, window_nodes, threshold=threshold,
+            metric=metric, visited=visited_dev, half=fused_half, tally=candidates, tensor_cores=tensor_cores,
+        )
+
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
         nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_tensor_cores
@@ -389,33 +405,23 @@ def fast_tfp_order(
             if fused_half is None:  # the float16 rows the fused scans read (half the bytes)
                 fused_half = half_rows(x32)
 
-            def fused_pick(tensor_cores: bool) -> int:
-                if tensor_cores not in fused_slack:  # (computed once: a pass over N and a host sync)
-                    fused_slack[tensor_cores] = half_scan_slack(
-                        sq_norms, dim, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
-                return triton_exact_pick(
-                    x64, x32, sq_norms, fused_slack[tensor_cores], scan_rows, last, window_nodes, threshold=threshold, metric=metric,
-                    visited=visited_dev, half=fused_half, tally=candidates, tensor_cores=tensor_cores,
-                )
-
             if fused_tensor_cores is None:  # the first fused scan: the tensor-core kernel, if it compiles here
                 try:
-                    node = fused_pick(True)
+                    node = fused_pick(True, last, window_nodes)
                     fused_tensor_cores = True
-                except Exception as err:  # noqa: BLE001 - a Triton compile failure on an untested GPU or Triton version
+                except Exception as err:  # noqa: BLE001 - a compile failure on an untested GPU or Triton
                     import warnings
 
                     warnings.warn(
-                        f"tfp_order: the fused scan's tensor-core kernel failed ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); its float32 products are used "
-                        "instead (same path, slower scans)",
+                        f"tfp_order: the fused scan's tensor-core kernel failed ({_kernel_failure(err)}); its "
+                        "float32 products are used instead (same path, slower scans)",
                         RuntimeWarning,
                         stacklevel=2,
                     )
                     fused_tensor_cores = False
-                    node = fused_pick(False)
+                    node = fused_pick(False, last, window_nodes)
             else:
-                node = fused_pick(fused_tensor_cores)
+                node = fused_pick(fused_tensor_cores, last, window_nodes)
         else:
             node = exact_pick(
                 x64,
