@@ -113,7 +113,8 @@ def main(argv=None) -> None:
             f"{name} {value['median_ms']:.1f} ms ({value['tflops']:.1f} TFLOP/s)"
             for name, value in row.items() if isinstance(value, dict) and "tflops" in value),
             flush=True)
-    path = write_results("band_topk", args.device, {"rows": rows}, out_dir=args.out_dir)
+    stage = "band_topk" if args.k == 64 else f"band_topk_k{args.k}"
+    path = write_results(stage, args.device, {"rows": rows}, out_dir=args.out_dir)
     print(f"wrote {path}")
 
 

@@ -48,7 +48,7 @@ def _timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
-def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k: int = 64,
+def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k="auto",
                check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP,
                progress: bool = False) -> dict:
     emb = clustered_embeddings(n, d, device=device)
@@ -81,8 +81,11 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
         row["reference"] = {"seconds": dt}
     else:
         row["reference"] = {"ran": False, "why": f"skipped above N={reference_max_n} (O(N^2 D) Python-driven walk)"}
-    if device == "cuda":  # compile and tune the Triton kernels for this size class outside the timing
-        tfp_order(emb[: min(n, 32768)], threshold=threshold, max_rejections=cap, k=k, fallback=fallback)
+    if device == "cuda":  # compile and tune the Triton kernels for this size class and K outside the timing
+        from tfp_kernels.order.fast import list_length
+
+        tfp_order(emb[: min(n, 32768)], threshold=threshold, max_rejections=cap, fallback=fallback,
+                  k=list_length(emb, threshold, k=k))
     (paths["tfp_order"], stats), dt = _timed(
         lambda: tfp_order(emb, threshold=threshold, max_rejections=cap, k=k, fallback=fallback,
                           return_stats=True, progress=progress), device)
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--naive-max-n", type=int, default=20000)
     p.add_argument("--reference-max-n", type=int, default=20000)
-    p.add_argument("--k", type=int, default=64, help="band list length of tfp_order")
+    p.add_argument("--k", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="band list length of tfp_order: an integer or 'auto' (its default)")
     p.add_argument("--fallback", default="auto", choices=["auto", "host", "device", "triton"],
                    help="where tfp_order runs its exact fallback scans (tfp_order(fallback=...))")
     p.add_argument("--check-steps", type=int, default=2000,
@@ -157,7 +161,7 @@ def main(argv=None) -> None:
             + ("" if naive.get("ran") else f" naive: {naive['why'][:80]}"),
             flush=True,
         )
-    stage = "order" if args.k == 64 else f"order_k{args.k}"
+    stage = "order" if args.k == "auto" else f"order_k{args.k}"
     if args.fallback != "auto":
         stage += f"_{args.fallback}"
     if cap != PAPER_CAP:

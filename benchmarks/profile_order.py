@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--k", type=lambda v: v if v == "auto" else int(v), default="auto")
     p.add_argument("--fallback", default="auto", choices=["auto", "host", "device", "triton"])
     p.add_argument("--rows", type=int, default=25, help="operators per table")
     p.add_argument("--out-dir", default=None)

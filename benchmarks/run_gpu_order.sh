@@ -4,14 +4,17 @@
 # a second call within 30 s finds the machine warm, built and with Triton's cache):
 #   band     the band top-k kernel (float16 x 3 tuned, then pointer vs tensor-descriptor tiles; bf16 x 3, tf32,
 #            float32, bf16) against torch's bf16 GEMM, N = 65,536
-#   large    tfp_order on N = 131,072 then $N (default 10^6), no cap, fused Triton scans, paths checked on
-#            500 sampled steps; the walk's progress (scans, ms each, rebuilds) in order_<n>_progress.log
+#   large    tfp_order on N = 131,072 then $N (default 10^6; LARGE_SIZES="n ..." for others), no cap, fused Triton
+#            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 256 band kernel check
+#            (K falls back to 128 if it fails); the walk's progress (scans, ms each, rebuilds) in
+#            order_<n>_progress.log
+#   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
 #   n4096    naive vs reference vs tfp_order at N = 4096 (the 100x target; the paper's cap)
 #   device-scans  N = 131,072 with the torch device scans (the auto rule beyond 16,384 rows), vs `large`
 #   all      = band large tests profile n4096
-# usage: [K=64] [N=1000000] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
+# usage: [K=auto] [N=1000000] [LARGE_SIZES="131072 $N"] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
 #   e.g. first call: BUDGET=540 bash benchmarks/run_gpu_order.sh large; at once after: BUDGET=240 bash
 #   benchmarks/run_gpu_order.sh band tests
 # $OUT gets at most 8 files (the device tool's limit): run.log, pytest_order_gpu.log, the progress logs and the
@@ -20,7 +23,8 @@ set -uo pipefail
 OUT="${OUT:-/tmp/tfp_gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 N="${N:-1000000}"
-K="${K:-64}"
+K="${K:-auto}"
+LARGE_SIZES="${LARGE_SIZES:-131072 $N}"
 BUDGET="${BUDGET:-575}"
 STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
 [ "${STAGES[*]}" = all ] && STAGES=(band large tests profile n4096)
@@ -46,7 +50,22 @@ for stage in "${STAGES[@]}"; do
     band)
       timeout "$(left 200)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
     large)
-      for n in 131072 "$N"; do
+      # K = 256 (k="auto" at 10^6) has not run on a GPU before this stage was written: a small check first
+      if [ "$K" = auto ] && ! timeout "$(left 60)" python3 - <<'PY'
+import torch
+from benchmarks.bench_order import clustered_embeddings
+from tfp_kernels.order.band_topk import band_topk_torch
+from tfp_kernels.order.band_topk_triton import band_topk_triton
+x = clustered_embeddings(3000, 768, device="cuda"); sq = x.square().sum(1)
+lo = torch.full((3000,), 2000.0, device="cuda"); hi = torch.full((3000,), 2100.0, device="cuda")
+out = band_topk_triton(x, sq, lo, hi, 256, input_dtype="float16x3"); ref = band_topk_torch(x, sq, lo, hi, 256)
+err = float((out.s2 - ref.s2).nan_to_num(posinf=0.0).abs().max())  # (sorted values: robust to swapped near-ties)
+same = float((out.index == ref.index).all(1).float().mean())
+print(f"K = 256 band kernel: |s2 - torch s2| <= {err:.2e}, rows with the same indices {same:.3f}")
+raise SystemExit(0 if err < 0.1 and torch.equal(out.s2.isinf(), ref.s2.isinf()) else 1)
+PY
+      then echo "K = 256 band kernel check failed: K = 128"; K=128; fi
+      for n in $LARGE_SIZES; do
         cap=$([ "$n" = 131072 ] && echo 150 || echo 420)  # (131,072: the first tuned call compiles 5 band settings)
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
             --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
@@ -64,6 +83,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
           echo "N = 131072 did not finish with the Triton band lists: no 10^6 run"; break
         fi
       done ;;
+    band-k)
+      for kk in 128 256; do timeout "$(left 70)" python3 -m benchmarks.bench_band_topk --sizes 65536 --k $kk \
+          --cases triton_fp16x3; done ;;
     device-scans)  # N = 131,072 with the torch device scans (fallback="auto" beyond 16,384 CUDA rows), to set
                    # the auto rule against the large stage's fused Triton scans on the same data
       timeout "$(left 120)" python3 -m benchmarks.bench_order --device cuda --cap none --fallback device \

@@ -182,7 +182,7 @@ def pack_gpu(
     threshold: float | None = None,
     window: int = 4,
     max_rejections: int | None = None,
-    k: int = 64,
+    k: int | str = "auto",
     seed: int = 0,
     embedder=None,
     overlong: str = "error",

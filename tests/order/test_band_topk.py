@@ -180,6 +180,21 @@ def test_triton_matches_torch(n, d, k):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("k", [200, 256])
+def test_triton_256_column_lists_match_torch(k):
+    # K > 128: the lists of k="auto" at N ~ 10^6, with the launch settings of 256 columns (too slow for the
+    # interpreter at N > K)
+    x = make_rows(1000, 77, seed=3).cuda()
+    lo, hi = bounds(x.cpu())
+    lo, hi = lo.cuda(), hi.cuda()
+    tri = band_topk_triton(x, x.square().sum(1), lo, hi, k)
+    ref = band_topk_reference(x.cpu(), lo.cpu(), hi.cpu(), k)
+    assert_lists_match(type(tri)(tri.index.cpu(), tri.s2.cpu(), tri.num_close.cpu()), ref, x.cpu(),
+                       squared_distance_error_coef(77, torch.float32))
+
+
 @needs_triton
 def test_triton_exact_ties_by_index():
     # four copies of one point and one other: every copy's band (s2 >= 0) lists its copies first, by index

@@ -350,3 +350,50 @@ def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_f
                                     start=start, k=k, fallback="triton", band_backend="torch")
     assert torch.equal(path, ref) and info.num_fallbacks > 1
     assert calls[0] is True and not any(calls[1:])  # tried once, then float32 products for every scan
+
+
+def _shell(rows, scale=1.0):
+    """Scaled basis vectors: every pair at squared distance exactly 2 scale^2."""
+    return torch.eye(rows, rows + 3) * scale
+
+
+def test_auto_list_length_counts_the_rows_near_the_threshold():
+    from tfp_kernels.order.fast import auto_list_length
+
+    x = _shell(100, 3.0)
+    sq = (x * x).sum(1)
+    slack = torch.full((100,), 0.5, dtype=torch.float64)
+    # every other row lies within the bound of t^2 = 18: c_90 = 99, 2 c_90 + 32 = 230 -> 256
+    assert auto_list_length(x, sq, 18.0, slack, min_rows=1) == 256
+    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, max_k=128) == 128
+    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, base=512) == 512  # never below the base
+    # none within the bound (t^2 = 18 +- 1 with a bound of 0.5): 32 needed, the base stays
+    assert auto_list_length(x, sq, 19.0, slack, min_rows=1) == 64
+    assert auto_list_length(x, sq, 17.0, slack, min_rows=1) == 64
+    # too few rows to estimate, or t = 0: the base
+    assert auto_list_length(x, sq, 18.0, slack) == 64
+    assert auto_list_length(x, sq, 0.0, slack, min_rows=1) == 64
+    # 31 rows with 30 others near t^2, 69 rows with none: c_90 = 30, 2 c_90 + 32 = 92 -> 128
+    y = _shell(100) * torch.cat([torch.full((31, 1), 3.0), torch.full((69, 1), 30.0)])
+    y_sq = (y * y).sum(1)
+    assert auto_list_length(y, y_sq, 18.0, slack, min_rows=1) == 128
+
+
+def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
+    import tfp_kernels.order.fast as fast
+
+    emb = clustered(600, 24, clusters=6, seed=5)
+    t = estimate_threshold(emb, quantile=0.05)
+    ref = tfp_order_reference(emb, threshold=t)
+    _, stats = tfp_order(emb, threshold=t, return_stats=True)  # "auto" below AUTO_K_MIN_ROWS: the base
+    assert stats.k == 64
+    monkeypatch.setattr(fast, "AUTO_K_MIN_ROWS", 1)
+    monkeypatch.setattr(fast, "AUTO_K_BASE", 8)  # so that the clustered rows' band raises it
+    path, stats = tfp_order(emb, threshold=t, k="auto", return_stats=True)
+    assert stats.k > 8 and stats.k & (stats.k - 1) == 0
+    assert check_path(emb, path, threshold=t).ok
+    assert torch.equal(path, ref) or check_path(emb, path, threshold=t).tolerated_ties > 0
+    with pytest.raises(ValueError, match="k must be 'auto' or a positive integer"):
+        tfp_order(emb, k="big")
+    with pytest.raises(ValueError, match="k must be 'auto' or a positive integer"):
+        tfp_order(emb, k=0)

@@ -219,7 +219,11 @@ def _validate(
         threshold = _checks.check_threshold(threshold)
         window = _checks.check_window(window)
         max_rejections = _checks.check_max_rejections(max_rejections)
-        k = _checks.check_positive_int(k, "k")
+        k = _checks.check_list_length(k)
+        if k == "auto":  # (the sharded lists do not estimate the band's density yet)
+            from ..order.fast import AUTO_K_BASE
+
+            k = AUTO_K_BASE
         if not (isinstance(start, int) and not isinstance(start, bool)):
             raise ValueError(f"start must be an integer in [0, N), got {start!r}")  # noqa: TRY004 (as tfp_order)
         if backend not in ("auto", "fast"):
@@ -778,7 +782,7 @@ def tfp_order_sharded(
     window: int = 4,
     max_rejections: int | None = None,
     start: int = 0,
-    k: int = 64,
+    k: int | str = "auto",
     backend: str = "auto",
     progress: bool = False,
     return_stats: bool = False,
@@ -800,6 +804,7 @@ def tfp_order_sharded(
         group: the process group (None: the default group). Must be initialised.
         metric, quantile, threshold, window, max_rejections, start, k, progress, return_stats: as in
             :func:`~tfp_kernels.tfp_order`, the same on every rank (checked). ``start`` is a global index.
+            ``k="auto"`` is 64 here (the ring lists do not estimate the band's density).
         backend: ``"auto"`` or ``"fast"`` (the only sharded implementation: ring band lists, C++ walk on
             rank 0, sharded exact scans). The compiled extension is needed on rank 0.
         rebuild: as in the single-process fast path: ``"auto"`` recomputes the lists of the unvisited nodes

@@ -110,6 +110,15 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_list_length(value) -> int | str:
+    """``k`` of the orderings: ``"auto"`` or a positive integer."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"k must be 'auto' or a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_tolerance(value, name: str) -> float:
     if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -71,7 +71,7 @@ def tfp_order(
     window: int = 4,
     max_rejections: int | None = None,
     start: int = 0,
-    k: int = 64,
+    k: int | str = "auto",
     backend: str = "auto",
     fallback: str = "auto",
     band_dtype: str = "auto",
@@ -103,7 +103,11 @@ def tfp_order(
             unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
             nearest node"; see DESIGN.md 1.1.
         start: the first node of the path (paper: 0).
-        k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory.
+        k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
+            (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128 or 256
+            where the rows' distances crowd around ``t`` so densely that K = 64 lists could seldom prove an
+            answer (large N; estimated from 256 sampled rows, see
+            :func:`~tfp_kernels.order.fast.auto_list_length`); 64 with ``group``. Same path for every K.
         backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
         fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
@@ -152,7 +156,7 @@ def tfp_order(
     threshold = _checks.check_threshold(threshold)
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
-    k = _checks.check_positive_int(k, "k")
+    k = _checks.check_list_length(k)
     n = embeddings.shape[0]
     start = _checks.check_start(start, n)
     t0 = time.perf_counter()

@@ -92,6 +92,90 @@ def _kernel_failure(err: Exception) -> str:
 _HOST_SCAN_MAX_NODES = 16_384
 
 
+#: ``k="auto"``: the band lists' length at small N, and the most it is raised to (memory: N x K x 8 bytes on the
+#: device and again on the host, 2 GB at N = 10^6).
+AUTO_K_BASE = 64
+AUTO_K_MAX = 256
+#: ``k="auto"`` estimates the band's density only from this many list rows up (below, K = AUTO_K_BASE).
+AUTO_K_MIN_ROWS = 65536
+#: Rows sampled for the estimate.
+AUTO_K_SAMPLE_ROWS = 256
+
+
+def auto_list_length(x32: torch.Tensor, sq_norms: torch.Tensor, t2: float, slack: torch.Tensor, *,
+                     base: int | None = None, max_k: int | None = None, min_rows: int | None = None,
+                     sample_rows: int | None = None, seed: int = 0) -> int:
+    """The band lists' length K of ``k="auto"``: ``base``, raised where the threshold band is dense.
+
+    A list proves its answer only if the answer's fast squared distance is below its last entry's by the
+    lists' error bound, and the entries within the bound below ``t^2`` (listed because they may be at
+    ``>= t``) take slots too: a row whose list holds ~``K`` nodes within ``slack`` of ``t^2`` decides almost
+    nothing. That count grows with N (~``q N`` nodes are closer than ``t``, and the distances of
+    high-dimensional data crowd around ``t``): on the benchmark's clustered data (D = 768, float16 x 3
+    lists, bound ~0.03 in squared distance, ``t^2`` ~2,050) a sampled row has a median of 14 and a 90th
+    percentile of 63 nodes within the bound of ``t^2`` at N = 10^6 (2 and 9 at N = 131,072), and a walk over
+    K = 64 lists could not decide 31% of its first 300 steps (6.4% with K = 128, 0.3% with K = 256; exact
+    walk, simulated on the CPU), the scans taking 125 of 178 s at N = 10^6 on an H200.
+
+    K = the smallest power of two that is at least ``base`` and ``2 c_90 + 32`` (``c_90``: the 90th percentile
+    over ``sample_rows`` seeded random rows of the number of nodes ``j`` with ``|s2_fast(i, j) - t^2| <
+    slack_i``), at most ``max_k`` (unless ``base`` is more). Lists of fewer than ``min_rows`` rows keep ``base`` (the estimate's
+    ``sample_rows x N`` products would cost more than the scans they save).
+
+    Args:
+        x32: (R, D) float32 list rows (prepared), any device; sq_norms: (R,) float32 their squared norms;
+        t2: the squared threshold; slack: (R,) float64 bounds of the lists' fast squared distances.
+        base, max_k, min_rows, sample_rows: None for :data:`AUTO_K_BASE`, :data:`AUTO_K_MAX`,
+            :data:`AUTO_K_MIN_ROWS`, :data:`AUTO_K_SAMPLE_ROWS` (read at the call).
+
+    Returns:
+        K (Python int; not capped by R: the caller clamps it to R - 1).
+    """
+    base = AUTO_K_BASE if base is None else base
+    max_k = AUTO_K_MAX if max_k is None else max_k
+    min_rows = AUTO_K_MIN_ROWS if min_rows is None else min_rows
+    sample_rows = AUTO_K_SAMPLE_ROWS if sample_rows is None else sample_rows
+    rows = x32.shape[0]
+    if rows < min_rows or t2 <= 0:
+        return base
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(rows, generator=gen)[:sample_rows].to(x32.device)
+    q = x32.index_select(0, pick)
+    q_sq = sq_norms.index_select(0, pick)[:, None]
+    q_slack = slack.index_select(0, pick).float()[:, None]
+    counts = torch.zeros(pick.numel(), dtype=torch.int64, device=x32.device)
+    block = max(1, (1 << 26) // max(1, pick.numel()))  # (sample_rows x block) float32 per block: 256 MB
+    for c0 in range(0, rows, block):
+        s2 = q_sq + sq_norms[None, c0 : c0 + block] - 2.0 * (q @ x32[c0 : c0 + block].T)
+        counts += ((s2 - t2).abs_() < q_slack).sum(dim=1)
+    c90 = float(torch.quantile(counts.double(), 0.9))
+    need = 2.0 * c90 + 32.0
+    k = base
+    while k < need and k < max_k:
+        k *= 2
+    return max(base, min(k, max_k))
+
+
+def list_length(embeddings: torch.Tensor, threshold: float, *, metric: str = "l2", k="auto",
+                band_dtype="auto", band_backend: str = "auto") -> int:
+    """The band lists' length K that :func:`fast_tfp_order` takes for these arguments (``k="auto"``:
+    :func:`auto_list_length`), e.g. to compile its kernels ahead of a timed run. Estimated on every row
+    (the ordering lists one row per group of exact duplicates: its K can differ where they are many).
+
+    Args:
+        embeddings: (N, D) validated embeddings, any device.
+    """
+    n, dim = embeddings.shape
+    if k != "auto":
+        return min(int(k), max(n - 1, 1))
+    x32 = prepare(embeddings, metric, torch.float32)
+    sq = squared_norms64(x32).float()
+    backend = resolve_band_backend(band_backend, embeddings.device)
+    slack = band_error_coef(dim, resolve_band_dtype(band_dtype, backend), backend) * (
+        sq.double() + sq.max().double())
+    return min(auto_list_length(x32, sq, squared_threshold(threshold, metric), slack), max(n - 1, 1))
+
+
 def squared_threshold(threshold: float, metric: str) -> float:
     """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
     return threshold * threshold if metric == "l2" else 2.0 * threshold
@@ -181,7 +265,7 @@ def fast_tfp_order(
     window: int,
     max_rejections: int | None,
     start: int,
-    k: int,
+    k: int | str,
     band_backend: str = "auto",
     band_dtype="auto",
     fallback: str = "auto",
@@ -204,6 +288,8 @@ def fast_tfp_order(
     (:class:`~tfp_kernels.order.schedule.RebuildSchedule`); None disables it. Walks of fewer than
     ``MIN_REBUILD_NODES`` nodes never rebuild.
 
+    ``k``: the band lists' length, or ``"auto"`` (:func:`auto_list_length`).
+
     ``band_dtype``: precision of the band lists' products (:func:`resolve_band_dtype`; default bf16 x 3 on
     tensor cores with the Triton kernel). The lists' error bound (hence the band edges and the walk's
     certificates) matches it, so the path is the same, decided by the same exact distances; only how often
@@ -219,7 +305,7 @@ def fast_tfp_order(
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
     """
-    info = FastOrderInfo(k=k)
+    info = FastOrderInfo()
     device = embeddings.device
     n, dim = embeddings.shape
     # the arguments' checks first, before any of the work
@@ -274,7 +360,10 @@ def fast_tfp_order(
 
     list_x32, list_sq, list_lower, list_upper, list_slack = list_rows(x32, sq_norms, lower, upper, band_slack)
     num_lists = list_x32.shape[0]
+    if k == "auto":
+        k = auto_list_length(list_x32, list_sq, t2, list_slack)
     k = min(k, max(num_lists - 1, 1))
+    info.k = k
     info.time_setup_s = time.perf_counter() - t0
 
     def build(rows: torch.Tensor | None):
