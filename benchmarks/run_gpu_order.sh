@@ -8,6 +8,7 @@
 #            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 256 band kernel check
 #            (K falls back to 128 if it fails); the walk's progress (scans, ms each, rebuilds) in
 #            order_<n>_progress.log
+#   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, 256-column lists)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -96,6 +97,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 120 -m gpu tests/order  # the GPU equalities with the reference (every fallback, band dtype, metric)
       pytests 150 tests/order/test_band_topk.py
       pytests 100 tests/order/test_scan_triton.py ;;
+    new-tests)  # the kernels added since the last GPU run: the settle kernels, the 256-column band lists
+      pytests 60 tests/order/test_scan_triton.py -k settle
+      pytests 40 tests/order/test_band_topk.py -k 256 ;;
     n4096)
       timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

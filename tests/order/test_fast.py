@@ -334,22 +334,48 @@ def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_f
     real = scan_triton.masked_scan_triton
     calls = []
 
-    def no_tensor_cores(*args):
+    def no_tensor_cores(*args, **kwargs):
         calls.append(args[-1])
         if args[-1]:  # (tensor_cores, the last positional argument triton_exact_pick passes)
             raise RuntimeError("PassManager::run failed")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(fast, "triton_exact_pick", functools.partial(scan_triton.triton_exact_pick,
                                                                      scan=no_tensor_cores))
     emb, metric, window, cap, start, k = CASES[0].values
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=start)
-    with pytest.warns(RuntimeWarning, match="tensor-core kernel failed"):
+    with pytest.warns(RuntimeWarning) as record:
         path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None,
                                     start=start, k=k, fallback="triton", band_backend="torch")
+    messages = [str(w.message) for w in record]
+    assert any("float64 settle kernel failed" in m for m in messages)
+    assert any("tensor-core products failed" in m for m in messages)
     assert torch.equal(path, ref) and info.num_fallbacks > 1
-    assert calls[0] is True and not any(calls[1:])  # tried once, then float32 products for every scan
+    # tried with the settle kernel, then without, then float32 products for every scan
+    assert calls[:2] == [True, True] and not any(calls[2:]) and len(calls) == info.num_fallbacks + 2
+
+
+def test_fused_scan_falls_back_to_the_torch_settle_when_the_settle_kernel_fails(monkeypatch):
+    from tfp_kernels.order import fast, scan_triton
+
+    if not triton_runs_on("cpu"):
+        pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(scan_triton, "settle_pick", broken)
+    emb, metric, window, cap, start, k = CASES[0].values
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=start)
+    with pytest.warns(RuntimeWarning, match="float64 settle kernel failed") as record:
+        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None,
+                                    start=start, k=k, fallback="triton", band_backend="torch")
+    assert not any("tensor-core" in str(w.message) for w in record)
+    assert torch.equal(path, ref) and info.num_fallbacks > 1 and calls == [1]  # tried once
 
 
 def _shell(rows, scale=1.0):

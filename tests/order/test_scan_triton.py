@@ -137,6 +137,84 @@ def test_pick_with_no_valid_node_takes_the_nearest(scan):
                              visited=visited) == 1  # node 4 (0.707 away) would be the nearest valid one
 
 
+#: Where the settle kernel's tests run: the GPU, or the CPU under the interpreter
+SETTLE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_settle = pytest.mark.skipif(not triton_available() or not triton_runs_on(torch.device(SETTLE_DEVICE)),
+                                  reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+
+
+def _on(device, *tensors):
+    return [None if t is None else tuple(u.to(device) for u in t) if isinstance(t, tuple) else t.to(device)
+            for t in tensors]
+
+
+@needs_settle
+@pytest.mark.parametrize("half", ROWS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("window", [1, 4, 7])
+@pytest.mark.parametrize("quantile", [0.02, 0.3, 0.9])
+def test_settle_kernel_pick_equals_exact_pick(metric, window, quantile, half):
+    # the settle kernels (the candidates' float64 distances and the (distance, node) minimum on the device)
+    # against exact_pick, and against the torch settling of the same scan: same node, same rows settled
+    n, d = 157, 23
+    emb, x64, x32, sq, slack, rows16 = _data(n, d, seed=window + int(quantile * 100), duplicates=12, metric=metric,
+                                             half=half)
+    t = estimate_threshold(emb, metric=metric, quantile=quantile)
+    y64 = x64 @ projection_basis(x64)
+    dx64, dx32, dsq, dslack, drows16 = _on(SETTLE_DEVICE, x64, x32, sq, slack, rows16)
+    g = torch.Generator().manual_seed(window)
+    for trial in range(4):
+        visited = torch.randperm(n, generator=g)[: int(torch.randint(window, n - 1, (1,), generator=g))]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[visited] = False
+        unvisited = torch.nonzero(mask).flatten()
+        last, window_nodes = int(visited[0]), visited[1:window].tolist()
+        expected = exact_pick(
+            x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
+        )
+        tallies = []
+        for fused_settle in (True, False):
+            tally = [0]
+            got = triton_exact_pick(
+                dx64, dx32, dsq, dslack, unvisited.to(SETTLE_DEVICE), last, window_nodes, threshold=t,
+                metric=metric, scan=masked_scan_triton, half=drows16, tensor_cores=half == "tensor_cores",
+                tally=tally, fused_settle=fused_settle,
+            )
+            assert got == expected, (trial, fused_settle, got, expected)
+            tallies.append(tally[0])
+        assert tallies[0] == tallies[1]
+        # a stale list (every node) with the visited mask: the same pick
+        stale = triton_exact_pick(
+            dx64, dx32, dsq, dslack, torch.arange(n, device=SETTLE_DEVICE), last, window_nodes, threshold=t,
+            metric=metric, scan=masked_scan_triton, visited=(~mask).to(SETTLE_DEVICE), half=drows16,
+            tensor_cores=half == "tensor_cores", fused_settle=True,
+        )
+        assert stale == expected, (trial, stale, expected)
+
+
+@needs_settle
+def test_settle_kernel_with_no_valid_node_and_ties():
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    x64 = prepare(emb, "l2")
+    x32 = x64.float()
+    sq = x32.square().sum(dim=1)
+    slack = squared_distance_error_coef(2, torch.float32) * (sq.double() + sq.max().double())
+    x64, x32, sq, slack = _on(SETTLE_DEVICE, x64, x32, sq, slack)
+    unvisited = torch.tensor([1, 2, 3], device=SETTLE_DEVICE)
+
+    def pick(rows, last, window_nodes, threshold, visited=None):
+        return triton_exact_pick(x64, x32, sq, slack, rows, last, window_nodes, threshold=threshold, metric="l2",
+                                 scan=masked_scan_triton, visited=visited, fused_settle=True)
+
+    assert pick(unvisited, 0, [], 10.0) == 1  # none valid: c_0, nodes 1 and 2 tie -> the lower index
+    assert pick(unvisited, 4, [0], 0.9) == 1
+    assert pick(unvisited, 0, [], 1.2) == 3  # only node 3 is valid
+    assert pick(unvisited, 0, [], 0.5) == 1  # all valid, 1 and 2 tie at distance 1 -> the lower index
+    visited = torch.tensor([True, False, False, False, True], device=SETTLE_DEVICE)
+    rows = torch.arange(5, device=SETTLE_DEVICE)
+    assert pick(rows, 0, [], 0.6, visited) == 1  # node 4 (0.707 away) listed but visited
+
+
 def test_window_limit():
     x32 = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="query rows"):

@@ -461,23 +461,29 @@ def fast_tfp_order(
 
     scan_rows, scan_rows_at = None, 0  # the fused scans' list of unvisited nodes, and the step it was made at
     fused_half = None
-    fused_tensor_cores = None  # whether the fused scans multiply on tensor cores (None: not tried yet)
+    # the fused scans' (tensor_cores, fused_settle) modes, fastest first: the first scan tries them in turn
+    # (a compile failure on an untested GPU or Triton warns and takes the next), later scans keep the one
+    # that worked
+    fused_modes = [(True, True), (True, False), (False, False)]
+    fused_mode = None
     fused_slack = {}  # their bounds, by tensor_cores
     candidates = [0]  # rows the fused scans settled in float64
 
-    def fused_pick(tensor_cores: bool, last: int, window_nodes: list[int]) -> int:
+    def fused_pick(mode: tuple[bool, bool], last: int, window_nodes: list[int]) -> int:
         """One fused Triton scan over ``scan_rows`` (see :func:`pick`)."""
+        tensor_cores, fused_settle = mode
         if tensor_cores not in fused_slack:  # (computed once: a pass over N and a host sync)
             fused_slack[tensor_cores] = half_scan_slack(
                 sq_norms, dim, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
         return triton_exact_pick(
             x64, x32, sq_norms, fused_slack[tensor_cores], scan_rows, last, window_nodes, threshold=threshold,
             metric=metric, visited=visited_dev, half=fused_half, tally=candidates, tensor_cores=tensor_cores,
+            fused_settle=fused_settle,
         )
 
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
-        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_tensor_cores
+        nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_mode
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
             y64 = x64 @ projection_basis(x64)
         if device.type != "cpu":
@@ -492,25 +498,30 @@ def fast_tfp_order(
             if scan_rows is None or 2 * (step - scan_rows_at) > scan_rows.numel():
                 scan_rows, scan_rows_at = torch.nonzero(~visited_dev).flatten(), step
             if fused_half is None:  # the float16 rows the fused scans read (half the bytes)
-                fused_half = half_rows(x32)
+                rows16, scale = half_rows(x32)
+                fused_half = (rows16, scale.float())  # (the kernel's scales: converted once, not per scan)
 
-            if fused_tensor_cores is None:  # the first fused scan: the tensor-core kernel, if it compiles here
-                try:
-                    node = fused_pick(True, last, window_nodes)
-                    fused_tensor_cores = True
-                except Exception as err:  # noqa: BLE001 - a compile failure on an untested GPU or Triton
-                    import warnings
+            if fused_mode is None:  # the first fused scan: the fastest kernels that compile here
+                for mode in fused_modes:
+                    try:
+                        node = fused_pick(mode, last, window_nodes)
+                        fused_mode = mode
+                        break
+                    except Exception as err:  # noqa: BLE001 - a compile failure on an untested GPU or Triton
+                        if mode == fused_modes[-1]:
+                            raise
+                        import warnings
 
-                    warnings.warn(
-                        f"tfp_order: the fused scan's tensor-core kernel failed ({_kernel_failure(err)}); its "
-                        "float32 products are used instead (same path, slower scans)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    fused_tensor_cores = False
-                    node = fused_pick(False, last, window_nodes)
+                        what = "tensor-core products" if not mode[1] else "float64 settle kernel"
+                        warnings.warn(
+                            f"tfp_order: the fused scan's {what} failed ({_kernel_failure(err)}); trying "
+                            f"{'float32 products' if not mode[1] else 'the torch settle'} instead (same path, "
+                            "slower scans)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
             else:
-                node = fused_pick(fused_tensor_cores, last, window_nodes)
+                node = fused_pick(fused_mode, last, window_nodes)
         else:
             node = exact_pick(
                 x64,

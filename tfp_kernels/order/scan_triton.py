@@ -61,6 +61,8 @@ if _HAVE_TRITON:
         HAS_VISITED: tl.constexpr,
         HALF_ROWS: tl.constexpr,
         TENSOR_CORES: tl.constexpr,
+        best_ptr,
+        HAS_BEST: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -133,6 +135,96 @@ if _HAVE_TRITON:
         s2_last = tl.where(row_ok, tl.sum(tl.where(w[None, :] == 0, s2, 0.0), axis=1), float("inf"))
         tl.store(out_s2_ptr + offs, s2_last, mask=in_range)
         tl.store(out_status_ptr + offs, status, mask=in_range)
+        if HAS_BEST:  # the least s2_last of a surely valid row (>= 0: its float32 bits order like its value)
+            sure_min = tl.min(tl.where(status == 2, s2_last, float("inf")), axis=0)
+            tl.atomic_min(best_ptr, sure_min.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _settle_kernel(
+        prog_d_ptr,
+        prog_node_ptr,
+        count_ptr,
+        s2_ptr,
+        status_ptr,
+        rows_ptr,
+        n_rows,
+        best_ptr,
+        params_ptr,
+        x_ptr,
+        stride_xn,
+        stride_xd,
+        query_ptr,
+        n_query,
+        dim,
+        COSINE: tl.constexpr,
+        BLOCK_U: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # the rows a fused scan could not decide near its answer (undecided or surely valid, s2_last within
+        # twice the bound of the best surely valid row), settled with float64 distances to the W queries; per
+        # program the nearest valid one (ties: lowest node)
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+        in_range = offs < n_rows
+        s2 = tl.load(s2_ptr + offs, mask=in_range, other=float("inf")).to(tl.float64)
+        status = tl.load(status_ptr + offs, mask=in_range, other=0)
+        best = tl.load(best_ptr).to(tl.float32, bitcast=True).to(tl.float64)
+        threshold = tl.load(params_ptr)
+        two_slack = tl.load(params_ptr + 1)
+        limit = tl.where(best < float("inf"), best + two_slack, float("inf"))
+        cand = in_range & (status >= 1) & (s2 <= limit)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0)
+        d_best = tl.full((), float("inf"), tl.float64)
+        node_best = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
+        if n_cand > 0:
+            tl.atomic_add(count_ptr, n_cand.to(tl.int64))
+            rows = tl.load(rows_ptr + offs, mask=cand, other=0).to(tl.int64)
+            w = tl.arange(0, BLOCK_W)
+            w_ok = w < n_query
+            queries = tl.load(query_ptr + w, mask=w_ok, other=0).to(tl.int64)
+            offs_d = tl.arange(0, BLOCK_D)
+            acc = tl.zeros((BLOCK_U, BLOCK_W), tl.float64)
+            for d0 in range(0, dim, BLOCK_D):
+                d_ok = (d0 + offs_d) < dim
+                a = tl.load(x_ptr + rows[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd,
+                            mask=cand[:, None] & d_ok[None, :], other=0.0)
+                q = tl.load(x_ptr + queries[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd,
+                            mask=w_ok[:, None] & d_ok[None, :], other=0.0)
+                diff = a[:, None, :] - q[None, :, :]
+                acc += tl.sum(diff * diff, axis=2)
+            d = tl.sqrt(acc)  # the l2 distance (float64: the correctly rounded sqrt.rn.f64, as torch.cdist's)
+            if COSINE:
+                d = 0.5 * (d * d)  # 1 - cos of unit rows, as distance._finish
+            too_close = tl.sum((w_ok[None, :] & (d < threshold)).to(tl.int32), axis=1)
+            valid = cand & (too_close == 0)
+            d_last = tl.sum(tl.where(w[None, :] == 0, d, 0.0), axis=1)
+            key = tl.where(valid, d_last, float("inf"))
+            d_best = tl.min(key, axis=0)
+            node_best = tl.min(tl.where(valid & (key == d_best), rows, 0x7FFFFFFFFFFFFFFF), axis=0)
+        tl.store(prog_d_ptr + pid, d_best)
+        tl.store(prog_node_ptr + pid, node_best)
+
+    @triton.jit
+    def _settle_reduce_kernel(out_ptr, prog_d_ptr, prog_node_ptr, n_prog, count_ptr, BLOCK: tl.constexpr):
+        # one program: the nearest valid node over the settle programs' answers (ties: lowest node) ->
+        # out = [found, node, settled rows]
+        offs = tl.arange(0, BLOCK)
+        d_best = tl.full((BLOCK,), float("inf"), tl.float64)
+        node_best = tl.full((BLOCK,), 0x7FFFFFFFFFFFFFFF, tl.int64)
+        for p0 in range(0, n_prog, BLOCK):
+            ok = (p0 + offs) < n_prog
+            d = tl.load(prog_d_ptr + p0 + offs, mask=ok, other=float("inf"))
+            node = tl.load(prog_node_ptr + p0 + offs, mask=ok, other=0x7FFFFFFFFFFFFFFF)
+            better = (d < d_best) | ((d == d_best) & (node < node_best))
+            d_best = tl.where(better, d, d_best)
+            node_best = tl.where(better, node, node_best)
+        d_min = tl.min(d_best, axis=0)
+        node_min = tl.min(tl.where(d_best == d_min, node_best, 0x7FFFFFFFFFFFFFFF), axis=0)
+        found = d_min < float("inf")
+        tl.store(out_ptr, found.to(tl.int64))
+        tl.store(out_ptr + 1, tl.where(found, node_min, -1))
+        tl.store(out_ptr + 2, tl.load(count_ptr))
 
 
 #: Largest window the kernel takes (query rows padded to a power of two >= 16 for ``tl.dot``).
@@ -152,6 +244,7 @@ def masked_scan_triton(
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
     tensor_cores: bool = False,
+    best: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared float32 distances of ``rows`` to ``queries[0]`` and their status against all queries.
 
@@ -172,6 +265,8 @@ def masked_scan_triton(
             accumulator; the bounds then from ``half_scan_slack(..., float32_norms=True,
             tensor_core_chunk=SCAN_CHUNK)``. Without it, IEEE float32 products on the CUDA cores, the query
             rows padded to 16 columns (``tl.dot``'s least): 4x the multiply-adds of a window of 4.
+        best: None, or a (1,) int32 tensor on the device holding the bits of a float32 (``+inf`` to start):
+            lowered (atomically) to the least ``s2_last`` of a surely valid row, for :func:`settle_pick`.
 
     Returns:
         ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
@@ -217,6 +312,8 @@ def masked_scan_triton(
         HAS_VISITED=visited is not None,
         HALF_ROWS=half is not None,
         TENSOR_CORES=bool(tensor_cores),
+        best_ptr=out_s2 if best is None else best,
+        HAS_BEST=best is not None,
     )
     return out_s2, out_status
 
@@ -231,11 +328,12 @@ def masked_scan_torch(
     visited: torch.Tensor | None = None,
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
     tensor_cores: bool = False,
+    best: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch version of :func:`masked_scan_triton` (same arguments and results; float32 matrix products
     may sum in another order, so values near a bound can get another status — both are within the bound).
     ``tensor_cores``: the products of the Triton kernel's tensor-core path, the query rows split as float16
-    hi + lo, each part's product summed in float32 here."""
+    hi + lo, each part's product summed in float32 here. ``best``: lowered as the kernel does."""
     with _ieee_fp32_matmul():
         if half is None:
             dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
@@ -262,7 +360,61 @@ def masked_scan_torch(
         skip = visited.index_select(0, rows)
         status.masked_fill_(skip, 0)
         s2_last.masked_fill_(skip, torch.inf)
+    if best is not None:
+        sure = torch.where(status == 2, s2_last, torch.inf).min() if s2_last.numel() else s2_last.new_tensor(torch.inf)
+        best.copy_(torch.minimum(best, sure.view(1).view(torch.int32)))
     return s2_last, status
+
+
+#: float32 +inf as int32 bits: the start of :func:`masked_scan_triton`'s ``best``.
+_INF_BITS = 0x7F800000
+#: Rows per program of the settle kernel (each a (rows, W, chunk) float64 block of differences).
+_SETTLE_ROWS = 32
+
+
+def settle_pick(
+    x64: torch.Tensor,
+    s2_last: torch.Tensor,
+    status: torch.Tensor,
+    unvisited: torch.Tensor,
+    queries: torch.Tensor,
+    best: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    metric: str,
+) -> tuple[bool, int, int]:
+    """The exact pick of a fused scan, settled on the device in two Triton launches and one host read.
+
+    The rows that can be the answer (undecided or surely valid, ``s2_last`` within twice the bound of the best
+    surely valid row; all undecided rows when none is surely valid) get float64 distances to every query row
+    (``|x_u - x_q|`` summed in float64 and rounded once by the square root, as ``torch.cdist``; ``1 - cos`` as
+    :func:`~tfp_kernels.order.distance.pair_distances`), and the nearest valid one by (distance, node) is
+    returned. The same rows and the same rule as :func:`triton_exact_pick`'s torch settling, which gathers
+    every candidate row once per query and takes a dozen launches and two host syncs.
+
+    Args:
+        x64: (N, D) float64 prepared rows; s2_last, status: (U,) of :func:`masked_scan_triton` for
+            ``unvisited`` (U,) int64 and ``queries`` (W,) int64 (``last`` first); best: its (1,) int32 ``best``.
+        params: (2,) float64 on the device: the threshold (in the metric) and twice ``last``'s scan bound.
+
+    Returns:
+        ``(found, node, settled)``: whether a valid row exists, the node (-1 if not), the rows settled.
+    """
+    n_rows, n_query = unvisited.numel(), queries.numel()
+    block_w = triton.next_power_of_2(n_query)
+    block_d = max(1, min(32, 2048 // (_SETTLE_ROWS * block_w)))
+    grid = triton.cdiv(n_rows, _SETTLE_ROWS)
+    prog_d = torch.empty(grid, dtype=torch.float64, device=x64.device)
+    prog_node = torch.empty(grid, dtype=torch.int64, device=x64.device)
+    out = torch.zeros(4, dtype=torch.int64, device=x64.device)  # found, node, settled rows; [3] the count
+    _settle_kernel[(grid,)](
+        prog_d, prog_node, out[3:], s2_last, status, unvisited, n_rows, best, params, x64, x64.stride(0),
+        x64.stride(1), queries, n_query, x64.shape[1], COSINE=metric == "cosine", BLOCK_U=_SETTLE_ROWS,
+        BLOCK_W=block_w, BLOCK_D=block_d,
+    )
+    _settle_reduce_kernel[(1,)](out, prog_d, prog_node, grid, out[3:], BLOCK=1024)
+    found, node, settled, _ = out.tolist()
+    return bool(found), int(node), int(settled)
 
 
 def _exact_metric(x64: torch.Tensor, rows: torch.Tensor, node: int, metric: str) -> torch.Tensor:
@@ -286,6 +438,7 @@ def triton_exact_pick(
     half: tuple[torch.Tensor, torch.Tensor] | None = None,
     tally: list[int] | None = None,
     tensor_cores: bool = False,
+    fused_settle: bool = False,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
@@ -303,6 +456,8 @@ def triton_exact_pick(
         tally: None, or a one-element list: the rows settled in float64 (those the pass could not decide near
             the answer) are added to ``tally[0]`` (no extra device sync: their count is read anyway).
         tensor_cores: the scan's products (see :func:`masked_scan_triton`; ``slack`` must match).
+        fused_settle: settle the candidates with :func:`settle_pick` (Triton kernels) instead of torch
+            gathers.
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -317,6 +472,20 @@ def triton_exact_pick(
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
     lower, upper = band_bounds(t2, q_slack)
+    if fused_settle:
+        best = torch.full((1,), _INF_BITS, dtype=torch.int32, device=device)
+        s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores,
+                               best=best)
+        params = torch.stack([q_slack.new_tensor(threshold), 2.0 * q_slack[0]])
+        found, node, settled = settle_pick(x64, s2_last, status, unvisited, queries, best, params, metric=metric)
+        if tally is not None:
+            tally[0] += settled
+        if found:
+            return node
+        two_slack = 2.0 * q_slack[0]
+        cand = unvisited[s2_last <= s2_last.min() + two_slack]  # no valid node: c_0, as below
+        d_last = _exact_metric(x64, cand, last, metric)
+        return int(cand[d_last.argmin()])
     s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores)
     # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
     # they, not the arithmetic, set the cost of a scan)
