@@ -5,8 +5,8 @@
 #   band     the band top-k kernel (float16 x 3 tuned, then pointer vs tensor-descriptor tiles; bf16 x 3, tf32,
 #            float32, bf16) against torch's bf16 GEMM, N = 65,536
 #   large    tfp_order on N = 131,072 then $N (default 10^6; LARGE_SIZES="n ..." for others), no cap, fused Triton
-#            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 256 band kernel check
-#            (K falls back to 128 if it fails); the walk's progress (scans, ms each, rebuilds) in
+#            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 128 band kernel check
+#            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
 #            order_<n>_progress.log
 #   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, 256-column lists)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
@@ -51,21 +51,22 @@ for stage in "${STAGES[@]}"; do
     band)
       timeout "$(left 200)" python3 -m benchmarks.bench_band_topk --sizes 65536 ;;
     large)
-      # K = 256 (k="auto" at 10^6) has not run on a GPU before this stage was written: a small check first
-      if [ "$K" = auto ] && ! timeout "$(left 60)" python3 - <<'PY'
-import torch
+      # K = 128 (k="auto" at 10^6): its band kernel's first compile, timed, before the large runs
+      if [ "$K" = auto ] && ! timeout "$(left 90)" python3 - <<'PY'
+import time, torch
 from benchmarks.bench_order import clustered_embeddings
 from tfp_kernels.order.band_topk import band_topk_torch
 from tfp_kernels.order.band_topk_triton import band_topk_triton
 x = clustered_embeddings(3000, 768, device="cuda"); sq = x.square().sum(1)
 lo = torch.full((3000,), 2000.0, device="cuda"); hi = torch.full((3000,), 2100.0, device="cuda")
-out = band_topk_triton(x, sq, lo, hi, 256, input_dtype="float16x3"); ref = band_topk_torch(x, sq, lo, hi, 256)
+t0 = time.perf_counter(); out = band_topk_triton(x, sq, lo, hi, 128, input_dtype="float16x3"); torch.cuda.synchronize()
+print(f"K = 128 band kernel: first call (compile) {time.perf_counter() - t0:.1f} s", flush=True)
+ref = band_topk_torch(x, sq, lo, hi, 128)
 err = float((out.s2 - ref.s2).nan_to_num(posinf=0.0).abs().max())  # (sorted values: robust to swapped near-ties)
-same = float((out.index == ref.index).all(1).float().mean())
-print(f"K = 256 band kernel: |s2 - torch s2| <= {err:.2e}, rows with the same indices {same:.3f}")
+print(f"K = 128 band kernel: |s2 - torch s2| <= {err:.2e}", flush=True)
 raise SystemExit(0 if err < 0.1 and torch.equal(out.s2.isinf(), ref.s2.isinf()) else 1)
 PY
-      then echo "K = 256 band kernel check failed: K = 128"; K=128; fi
+      then echo "K = 128 band kernel check failed or timed out: K = 64"; K=64; fi
       for n in $LARGE_SIZES; do
         cap=$([ "$n" = 131072 ] && echo 150 || echo 420)  # (131,072: the first tuned call compiles 5 band settings)
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \

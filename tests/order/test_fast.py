@@ -389,9 +389,10 @@ def test_auto_list_length_counts_the_rows_near_the_threshold():
     x = _shell(100, 3.0)
     sq = (x * x).sum(1)
     slack = torch.full((100,), 0.5, dtype=torch.float64)
-    # every other row lies within the bound of t^2 = 18: c_90 = 99, 2 c_90 + 32 = 230 -> 256
-    assert auto_list_length(x, sq, 18.0, slack, min_rows=1) == 256
+    # every other row lies within the bound of t^2 = 18: c_90 = 99, 2 c_90 + 32 = 230 -> 256, capped
+    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, max_k=1024) == 256
     assert auto_list_length(x, sq, 18.0, slack, min_rows=1, max_k=128) == 128
+    assert auto_list_length(x, sq, 18.0, slack, min_rows=1) == 128  # AUTO_K_MAX
     assert auto_list_length(x, sq, 18.0, slack, min_rows=1, base=512) == 512  # never below the base
     # none within the bound (t^2 = 18 +- 1 with a bound of 0.5): 32 needed, the base stays
     assert auto_list_length(x, sq, 19.0, slack, min_rows=1) == 64

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tfp_kernels.order.band_topk import squared_distance_error_coef
+from tfp_kernels.order.band_topk import band_bounds, squared_distance_error_coef
 from tfp_kernels.order.band_topk_triton import triton_available, triton_runs_on
 from tfp_kernels.order.distance import distances_from, prepare
 from tfp_kernels.order.fast import squared_threshold
@@ -183,11 +183,12 @@ def test_settle_kernel_pick_equals_exact_pick(metric, window, quantile, half):
             assert got == expected, (trial, fused_settle, got, expected)
             tallies.append(tally[0])
         assert tallies[0] == tallies[1]
-        # a stale list (every node) with the visited mask: the same pick
+        # a stale list (every node) with the visited mask, and every node's bounds computed once: the same pick
         stale = triton_exact_pick(
             dx64, dx32, dsq, dslack, torch.arange(n, device=SETTLE_DEVICE), last, window_nodes, threshold=t,
             metric=metric, scan=masked_scan_triton, visited=(~mask).to(SETTLE_DEVICE), half=drows16,
             tensor_cores=half == "tensor_cores", fused_settle=True,
+            bounds=band_bounds(squared_threshold(t, metric), dslack),
         )
         assert stale == expected, (trial, stale, expected)
 

@@ -104,7 +104,7 @@ def tfp_order(
             nearest node"; see DESIGN.md 1.1.
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
-            (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128 or 256
+            (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128
             where the rows' distances crowd around ``t`` so densely that K = 64 lists could seldom prove an
             answer (large N; estimated from 256 sampled rows, see
             :func:`~tfp_kernels.order.fast.auto_list_length`); 64 with ``group``. Same path for every K.

@@ -226,8 +226,15 @@ def _configs(k_pad: int, device_type: str, descriptors: bool = False) -> list[di
             {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "DESCRIPTORS": True},
             {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4, "DESCRIPTORS": True},
         ]
-    if k_pad > 128:  # the merge's (BLOCK_M, K) int64 sorts: keep them within the registers
-        configs = [c for c in configs if c["BLOCK_M"] == 64]
+    if k_pad > 64:
+        # the merge sorts (BLOCK_M, K) int64 keys twice; their code grows with the keys per thread, and so
+        # does the compile: for sm_90 on a 2-core host (Triton 3.8), K = 128 took 61 s with BLOCK_M = 128 and 8
+        # warps, 58 s with 64 rows and 4 warps, 23 s with 64 rows and 8 warps; K = 256 263 s with 64 rows and
+        # 4 warps (an H200 run did not finish its first band call in 60 s), 84 s with 8 warps, 34 s with 32
+        # rows and 8 warps (K = 64, BLOCK_M = 128, 8 warps: 17 s). One setting each, 32 keys per thread, no
+        # tuning (each candidate would cost such a compile); their speed is not measured on a GPU yet.
+        block_m = 64 if k_pad <= 128 else 32
+        configs = [{"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}]
     return configs
 
 

@@ -95,7 +95,7 @@ _HOST_SCAN_MAX_NODES = 16_384
 #: ``k="auto"``: the band lists' length at small N, and the most it is raised to (memory: N x K x 8 bytes on the
 #: device and again on the host, 2 GB at N = 10^6).
 AUTO_K_BASE = 64
-AUTO_K_MAX = 256
+AUTO_K_MAX = 128
 #: ``k="auto"`` estimates the band's density only from this many list rows up (below, K = AUTO_K_BASE).
 AUTO_K_MIN_ROWS = 65536
 #: Rows sampled for the estimate.
@@ -119,7 +119,9 @@ def auto_list_length(x32: torch.Tensor, sq_norms: torch.Tensor, t2: float, slack
 
     K = the smallest power of two that is at least ``base`` and ``2 c_90 + 32`` (``c_90``: the 90th percentile
     over ``sample_rows`` seeded random rows of the number of nodes ``j`` with ``|s2_fast(i, j) - t^2| <
-    slack_i``), at most ``max_k`` (unless ``base`` is more). Lists of fewer than ``min_rows`` rows keep ``base`` (the estimate's
+    slack_i``), at most ``max_k`` (unless ``base`` is more). :data:`AUTO_K_MAX` is 128: the Triton kernel's
+    256-column lists compile for half a minute to minutes (see ``band_topk_triton._configs``) and neither
+    list length beyond 64 has been timed on a GPU yet. Lists of fewer than ``min_rows`` rows keep ``base`` (the estimate's
     ``sample_rows x N`` products would cost more than the scans they save).
 
     Args:
@@ -466,19 +468,21 @@ def fast_tfp_order(
     # that worked
     fused_modes = [(True, True), (True, False), (False, False)]
     fused_mode = None
-    fused_slack = {}  # their bounds, by tensor_cores
+    fused_slack = {}  # their bounds, by tensor_cores: (slack, band_bounds(t2, slack)) of every node
     candidates = [0]  # rows the fused scans settled in float64
 
     def fused_pick(mode: tuple[bool, bool], last: int, window_nodes: list[int]) -> int:
         """One fused Triton scan over ``scan_rows`` (see :func:`pick`)."""
         tensor_cores, fused_settle = mode
         if tensor_cores not in fused_slack:  # (computed once: a pass over N and a host sync)
-            fused_slack[tensor_cores] = half_scan_slack(
+            slack = half_scan_slack(
                 sq_norms, dim, float32_norms=True, tensor_core_chunk=SCAN_CHUNK if tensor_cores else None)
+            fused_slack[tensor_cores] = slack, band_bounds(t2, slack)
+        slack, bounds = fused_slack[tensor_cores]
         return triton_exact_pick(
-            x64, x32, sq_norms, fused_slack[tensor_cores], scan_rows, last, window_nodes, threshold=threshold,
+            x64, x32, sq_norms, slack, scan_rows, last, window_nodes, threshold=threshold,
             metric=metric, visited=visited_dev, half=fused_half, tally=candidates, tensor_cores=tensor_cores,
-            fused_settle=fused_settle,
+            fused_settle=fused_settle, bounds=bounds,
         )
 
     def pick(step: int) -> int:

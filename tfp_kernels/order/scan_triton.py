@@ -149,7 +149,8 @@ if _HAVE_TRITON:
         rows_ptr,
         n_rows,
         best_ptr,
-        params_ptr,
+        threshold_ptr,
+        slack_ptr,
         x_ptr,
         stride_xn,
         stride_xd,
@@ -170,8 +171,8 @@ if _HAVE_TRITON:
         s2 = tl.load(s2_ptr + offs, mask=in_range, other=float("inf")).to(tl.float64)
         status = tl.load(status_ptr + offs, mask=in_range, other=0)
         best = tl.load(best_ptr).to(tl.float32, bitcast=True).to(tl.float64)
-        threshold = tl.load(params_ptr)
-        two_slack = tl.load(params_ptr + 1)
+        threshold = tl.load(threshold_ptr)
+        two_slack = 2.0 * tl.load(slack_ptr + tl.load(query_ptr))  # last's bound, twice
         limit = tl.where(best < float("inf"), best + two_slack, float("inf"))
         cand = in_range & (status >= 1) & (s2 <= limit)
         n_cand = tl.sum(cand.to(tl.int32), axis=0)
@@ -379,7 +380,8 @@ def settle_pick(
     unvisited: torch.Tensor,
     queries: torch.Tensor,
     best: torch.Tensor,
-    params: torch.Tensor,
+    slack: torch.Tensor,
+    threshold: torch.Tensor,
     *,
     metric: str,
 ) -> tuple[bool, int, int]:
@@ -395,7 +397,8 @@ def settle_pick(
     Args:
         x64: (N, D) float64 prepared rows; s2_last, status: (U,) of :func:`masked_scan_triton` for
             ``unvisited`` (U,) int64 and ``queries`` (W,) int64 (``last`` first); best: its (1,) int32 ``best``.
-        params: (2,) float64 on the device: the threshold (in the metric) and twice ``last``'s scan bound.
+        slack: (N,) float64 the scan's bounds (``last``'s, doubled, sets how far from the best surely valid row
+            a row can be the answer); threshold: (1,) float64 on the device, the threshold in the metric.
 
     Returns:
         ``(found, node, settled)``: whether a valid row exists, the node (-1 if not), the rows settled.
@@ -408,7 +411,7 @@ def settle_pick(
     prog_node = torch.empty(grid, dtype=torch.int64, device=x64.device)
     out = torch.zeros(4, dtype=torch.int64, device=x64.device)  # found, node, settled rows; [3] the count
     _settle_kernel[(grid,)](
-        prog_d, prog_node, out[3:], s2_last, status, unvisited, n_rows, best, params, x64, x64.stride(0),
+        prog_d, prog_node, out[3:], s2_last, status, unvisited, n_rows, best, threshold, slack, x64, x64.stride(0),
         x64.stride(1), queries, n_query, x64.shape[1], COSINE=metric == "cosine", BLOCK_U=_SETTLE_ROWS,
         BLOCK_W=block_w, BLOCK_D=block_d,
     )
@@ -439,6 +442,7 @@ def triton_exact_pick(
     tally: list[int] | None = None,
     tensor_cores: bool = False,
     fused_settle: bool = False,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> int:
     """The node the TFP rule (without the rejection cap) takes after ``last``, exactly, from one fused scan.
 
@@ -458,6 +462,8 @@ def triton_exact_pick(
         tensor_cores: the scan's products (see :func:`masked_scan_triton`; ``slack`` must match).
         fused_settle: settle the candidates with :func:`settle_pick` (Triton kernels) instead of torch
             gathers.
+        bounds: None, or ``band_bounds(t^2, slack)`` of every node, computed once by the caller (each scan
+            then selects its queries' instead of rounding them anew).
 
     Returns:
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
@@ -471,13 +477,16 @@ def triton_exact_pick(
     queries = torch.tensor([last, *window_nodes], dtype=torch.int64).to(device, non_blocking=True)
     t2 = squared_threshold(threshold, metric)
     q_slack = slack.index_select(0, queries)
-    lower, upper = band_bounds(t2, q_slack)
+    if bounds is None:
+        lower, upper = band_bounds(t2, q_slack)
+    else:
+        lower, upper = (b.index_select(0, queries) for b in bounds)
     if fused_settle:
         best = torch.full((1,), _INF_BITS, dtype=torch.int32, device=device)
         s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores,
                                best=best)
-        params = torch.stack([q_slack.new_tensor(threshold), 2.0 * q_slack[0]])
-        found, node, settled = settle_pick(x64, s2_last, status, unvisited, queries, best, params, metric=metric)
+        found, node, settled = settle_pick(x64, s2_last, status, unvisited, queries, best, slack,
+                                           x64.new_full((1,), threshold), metric=metric)
         if tally is not None:
             tally[0] += settled
         if found:
