@@ -57,6 +57,9 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) 
         "triton_fp16x3": (kernel("float16x3", None), 3),
         "triton_fp16x3_pointer": (kernel("float16x3", fixed), 3),
         "triton_fp16x3_descriptors": (kernel("float16x3", tiles), 3),
+        # the chunk's four products as one tensor-core product (one wait per chunk instead of three)
+        "triton_fp16x3_stacked": (kernel("float16x3", None if fixed is None else {**fixed, "BLOCK_D": 32,
+                                                                                  "STACKED": True}), 3),
         "triton_bf16x3": (kernel("bfloat16x3", fixed), 3),
         "triton_tf32": (kernel("tf32", fixed), 1),
         "triton_fp32_ieee": (kernel(torch.float32, fixed), 1),

@@ -310,6 +310,52 @@ def test_triton_descriptor_tiles_equal_pointer_tiles(n, d, k, dtype):
                               lo, hi, squared_distance_error_coef(d, dtype, acc_chunk=chunk))
 
 
+#: The stacked products under the interpreter: chunks of 16 entries, four products each in one tl.dot
+_STACKED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2, "STACKED": True}
+
+
+@needs_triton
+@pytest.mark.parametrize("n, d, k, dtype", [
+    (70, 33, 16, "float16x3"),  # D not a multiple of the chunk: zero padding
+    (1, 5, 4, "float16x3"),  # N = 1
+    (40, 16, 40, "float16x3"),  # K > N
+    (53, 19, 8, "bfloat16x3"),
+])
+def test_triton_stacked_products_within_the_bound(n, d, k, dtype):
+    if dtype == "bfloat16x3" and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 is checked on the GPU")
+    # the chunk's four products as one tensor-core product over [lo, lo, hi, hi] x [lo; hi; lo; hi]
+    x = make_rows(n, d, seed=13 * n).to(DEVICE)
+    lo, hi = bounds(x.cpu()) if n > 2 else (torch.zeros(n), torch.ones(n))
+    sq = x.square().sum(1)
+    args = (x, sq, lo.to(DEVICE), hi.to(DEVICE), k)
+    config = _STACKED if not torch.cuda.is_available() else {**_STACKED, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}
+    stacked = band_topk_triton(*args, input_dtype=dtype, config=config)
+    plain = band_topk_triton(*args, input_dtype=dtype)
+    lists = type(stacked)(*(t.cpu() for t in (stacked.index, stacked.s2, stacked.num_close)))
+    assert_lists_within_bound(lists, x.cpu(), lo, hi, squared_distance_error_coef(d, dtype, acc_chunk=ACC_CHUNK))
+    assert (stacked.index == plain.index).float().mean() > 0.9  # (near-ties may swap within the bound)
+    assert torch.allclose(stacked.s2, plain.s2, rtol=0, atol=1e-3 * float(sq.max()))
+
+
+def test_stacked_rows_layout():
+    from tfp_kernels.order.band_topk_triton import _stacked_rows
+
+    hi = torch.arange(10.0).view(2, 5)
+    lo = -torch.arange(10.0).view(2, 5)
+    z = _stacked_rows(hi, lo, 4)  # D = 5 padded to 8: chunks [lo 0..3 | hi 0..3], [lo 4, 0, 0, 0 | hi 4, 0, 0, 0]
+    assert z.tolist()[0] == [0, -1, -2, -3, 0, 1, 2, 3, -4, 0, 0, 0, 4, 0, 0, 0]
+    assert z.tolist()[1] == [-5, -6, -7, -8, 5, 6, 7, 8, -9, 0, 0, 0, 9, 0, 0, 0]
+
+
+@needs_triton
+def test_triton_stacked_products_need_split_rows():
+    x = make_rows(20, 8).to(DEVICE)
+    zero = torch.zeros(20, device=DEVICE)
+    with pytest.raises(ValueError, match="STACKED needs split rows"):
+        band_topk_triton(x, x.square().sum(1), zero, zero, 4, config=_STACKED)
+
+
 @needs_triton
 def test_triton_descriptors_refuse_float32_rows():
     x = make_rows(20, 8).to(DEVICE)
@@ -413,15 +459,18 @@ def test_triton_split_within_chunked_bound_at_every_magnitude(dtype):
     for x in rows:
         sq = x.double().square().sum(1).float()  # rounded float64 norms, as the fast order passes them
         lo, hi = bounds(x)
-        tri = band_topk_triton(x.to(DEVICE), sq.to(DEVICE), lo.to(DEVICE), hi.to(DEVICE), 6, input_dtype=dtype)
         coef = squared_distance_error_coef(x.shape[1], dtype, acc_chunk=ACC_CHUNK, rounded_norms=True)
-        assert_lists_within_bound(type(tri)(*(t.cpu() for t in (tri.index, tri.s2, tri.num_close))), x, lo, hi,
-                                  coef)
+        for config in (None, _STACKED if not torch.cuda.is_available() else {**_STACKED, "BLOCK_D": 32}):
+            tri = band_topk_triton(x.to(DEVICE), sq.to(DEVICE), lo.to(DEVICE), hi.to(DEVICE), 6, input_dtype=dtype,
+                                   config=config)
+            assert_lists_within_bound(type(tri)(*(t.cpu() for t in (tri.index, tri.s2, tri.num_close))), x, lo,
+                                      hi, coef)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("dtype", ["float16x3", "bfloat16x3"])
-def test_triton_split_chunked_bound_on_coherent_sums(dtype):
+def test_triton_split_chunked_bound_on_coherent_sums(dtype, stacked):
     # positive entries: every product adds with the same sign, so the accumulators' rounding (truncation on
     # tensor cores) piles up along each chain; one chain of 3 D products would exceed the chunked bound's
     # accumulation term by ~D / 64. The listed s2 must stay within the chunked bound of the exact ones.
@@ -432,7 +481,10 @@ def test_triton_split_chunked_bound_on_coherent_sums(dtype):
     sq = x.double().square().sum(1).float()
     lo = torch.zeros(n)
     hi = torch.zeros(n)
-    tri = band_topk_triton(x.cuda(), sq.cuda(), lo.cuda(), hi.cuda(), 32, input_dtype=dtype)
+    # (stacked: one product per chunk; if Triton folded the chunks' sum into its accumulator, this would fail)
+    config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3, "STACKED": True}
+    tri = band_topk_triton(x.cuda(), sq.cuda(), lo.cuda(), hi.cuda(), 32, input_dtype=dtype,
+                           config=config if stacked else None)
     x64 = x.double()
     exact = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
     listed = tri.index.cpu().long()
@@ -533,7 +585,7 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
     from tfp_kernels.order import band_topk_triton as btk
 
     first, second = _interp_config(), _interp_config(BLOCK_N=32)
-    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, descriptors=False: [first, second])
+    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, descriptors=False, split=False: [first, second])
 
     def no_timing(*args, **kwargs):
         raise AssertionError("tuned a small input")
@@ -542,3 +594,17 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
     x = make_rows(btk._MIN_TUNE_ROWS - 1, 4)
     zero = torch.zeros(x.shape[0])
     assert btk._tuned_config(x, None, None, x.square().sum(1), zero, zero, 16, "ieee", 0) is first
+
+
+def test_launch_setting_candidates():
+    from tfp_kernels.order import band_topk_triton as btk
+
+    split = btk._configs(64, "cuda", descriptors=True, split=True)
+    assert sum(bool(c.get("STACKED")) for c in split) == 2 and not any(c.get("DESCRIPTORS") for c in split)
+    assert all(c["BLOCK_D"] <= btk.ACC_CHUNK for c in split)  # within the split's error bound
+    plain = btk._configs(64, "cuda", descriptors=True)
+    assert sum(bool(c.get("DESCRIPTORS")) for c in plain) == 2 and not any(c.get("STACKED") for c in plain)
+    assert not any(c.get("STACKED") or c.get("DESCRIPTORS") for c in btk._configs(64, "cuda", split=True))
+    for k_pad in (128, 256):  # one setting of 32 merge keys per thread: no tuning compiles
+        (config,) = btk._configs(k_pad, "cuda", descriptors=True, split=True)
+        assert config["BLOCK_M"] * k_pad // (32 * config["num_warps"]) == 32

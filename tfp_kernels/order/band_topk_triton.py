@@ -114,10 +114,18 @@ if _HAVE_TRITON:
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr,
+        STACKED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
         offs_k = tl.arange(0, K)
+        if STACKED:  # x holds, per BLOCK_D chunk, [lo | hi] (_stacked_rows): one product of 4 BLOCK_D entries
+            offs_s = tl.arange(0, 4 * BLOCK_D)
+            a_cols = (offs_s // (2 * BLOCK_D)) * BLOCK_D + offs_s % BLOCK_D  # the row tile [lo, lo, hi, hi]
+            b_cols = offs_s % (2 * BLOCK_D)  # the column tile [lo; hi; lo; hi]
+            # a zero Triton cannot prove constant: `dot(a, b, 0) + acc` would be folded into one accumulator
+            # across the chunks, and the error bound needs a fresh one per chunk
+            opaque_zero = n_rows.to(tl.float32) * 0.0
         offs_d = tl.arange(0, BLOCK_D)
         local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's scratch rows
         best_buf = best_ptr + local[:, None] * K
@@ -142,7 +150,17 @@ if _HAVE_TRITON:
                 col_ok = cols < n_rows
                 acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for d0 in range(0, dim, BLOCK_D):
-                    if DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
+                    if STACKED:
+                        # the products lo.lo' + lo.hi' + hi.lo' + hi.hi' of the chunk, in that order (small terms
+                        # first, the main one last, as the three dots below), as one tensor-core product: one
+                        # wait per chunk instead of one per product; chunks padded with zeros past D
+                        a = tl.load(x_ptr + rows64[:, None] * stride_xn + (2 * d0 + a_cols)[None, :] * stride_xd,
+                                    mask=row_ok[:, None], other=0.0)
+                        b = tl.load(
+                            x_ptr + cols.to(tl.int64)[None, :] * stride_xn + (2 * d0 + b_cols)[:, None] * stride_xd,
+                            mask=col_ok[None, :], other=0.0)
+                        acc += tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + opaque_zero)
+                    elif DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
                         a = a_desc.load([row0, d0])
                         b = tl.trans(b_desc.load([col0, d0]))
                         if SPLIT:
@@ -159,7 +177,7 @@ if _HAVE_TRITON:
                         if SPLIT:
                             a_lo = tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0)
                             b_lo = tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0)
-                    if SPLIT:
+                    if SPLIT and not STACKED:
                         # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a
                         # fresh accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the
                         # accumulation error grows with BLOCK_D, not with D (squared_distance_error_coef's
@@ -169,7 +187,7 @@ if _HAVE_TRITON:
                         part = tl.dot(a_lo, b, part)
                         part = tl.dot(a, b, part)
                         acc += part
-                    else:
+                    elif not STACKED:
                         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
                 # padding columns get an infinite norm: never close, never in the band
                 col_norm = tl.load(sq_norms_ptr + cols, mask=col_ok, other=float("inf"))
@@ -209,9 +227,10 @@ if _HAVE_TRITON:
             tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
-def _configs(k_pad: int, device_type: str, descriptors: bool = False) -> list[dict]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, DESCRIPTORS]) for K = k_pad list columns;
-    ``descriptors``: also tiles read through tensor descriptors (16-bit or split rows on a Hopper or newer GPU)."""
+def _configs(k_pad: int, device_type: str, descriptors: bool = False, split: bool = False) -> list[dict]:
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, DESCRIPTORS | STACKED]) for K = k_pad list
+    columns; ``descriptors``: 16-bit or split rows on a Hopper or newer GPU: also tiles read through tensor
+    descriptors (one-product rows) or stacked products (split rows, see ``_launch``)."""
     if device_type != "cuda":  # interpreter: one small tile shape
         return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}]
     configs = [  # each candidate costs a compile (seconds) on the first tuned call of a (K, dtype)
@@ -219,7 +238,15 @@ def _configs(k_pad: int, device_type: str, descriptors: bool = False) -> list[di
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4},
     ]
-    if descriptors:
+    if descriptors and split:
+        # split rows: the three products of a chunk waited for one by one (Triton waits for each tensor-core
+        # product whose result feeds the next); stacked, one product of 4 x 32 entries and one wait per chunk
+        # (the descriptor tiles were slower than the pointer ones for the split on an H200: 79.4 vs 76.6 ms)
+        configs += [
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3, "STACKED": True},
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 4, "STACKED": True},
+        ]
+    elif descriptors:
         # the tensor memory accelerator's tiles (no per-element addresses or masks in the product loop); not
         # timed on a GPU yet, so not the untuned default
         configs += [
@@ -270,18 +297,33 @@ def _descriptors(t: torch.Tensor, block_m: int, block_n: int, block_d: int):
     return (TensorDescriptor.from_tensor(t, [block_m, block_d]), TensorDescriptor.from_tensor(t, [block_n, block_d]))
 
 
+def _stacked_rows(hi: torch.Tensor, lo: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(N, 2 Dp) rows of ``STACKED`` launches: for each chunk of ``chunk`` entries, the ``lo`` part then the
+    ``hi`` part; D padded with zeros to ``Dp``, a multiple of ``chunk``."""
+    n, dim = hi.shape
+    padded = triton.cdiv(max(dim, 1), chunk) * chunk
+    parts = [torch.nn.functional.pad(t, (0, padded - dim)).view(n, padded // chunk, 1, chunk) for t in (lo, hi)]
+    return torch.cat(parts, dim=2).reshape(n, 2 * padded)
+
+
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
     """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
     between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
     ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU) and
     ``DESCRIPTORS`` (tiles read through tensor descriptors, the tensor memory accelerator on Hopper, instead of
-    masked pointer loads; 16-bit rows only)."""
+    masked pointer loads; 16-bit rows only) or ``STACKED`` (split rows: the chunk's four products lo.lo',
+    lo.hi', hi.lo', hi.hi' as one tensor-core product over 4 x BLOCK_D entries of an (N, 2 D) copy of the
+    rows holding [lo | hi] per chunk; the same order of additions as the three products, plus the smallest
+    term, in a fresh accumulator per chunk)."""
     config = dict(config)
     n, dim = x.shape
     block_m = config["BLOCK_M"]
     descriptors = bool(config.pop("DESCRIPTORS", False))
+    stacked = bool(config.pop("STACKED", False))
     if descriptors and x.element_size() != 2:
         raise ValueError(f"DESCRIPTORS needs 16-bit rows (float16, bfloat16 or a split), got {x.dtype}")
+    if stacked and (x_lo is None or descriptors):
+        raise ValueError("STACKED needs split rows (float16x3 or bfloat16x3) and no DESCRIPTORS")
     if x_lo is not None and not MIN_ACC_CHUNK <= config["BLOCK_D"] <= ACC_CHUNK:
         raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
                          f"accumulation chunk), got {config['BLOCK_D']}")
@@ -303,11 +345,13 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
             x_lo, block_m, config["BLOCK_N"], config["BLOCK_D"])
     else:  # (unused)
         a_desc = b_desc = a_lo_desc = b_lo_desc = x
+    if stacked:  # the kernel reads [lo | hi] per chunk from one array
+        x = _stacked_rows(x, x_lo, config["BLOCK_D"])
     _band_topk_kernel[(grid,)](
         index, s2, close, x, x if x_lo is None else x_lo, sq_norms if scale is None else scale, x.stride(0),
         x.stride(1), a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
         K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None,
-        DESCRIPTORS=descriptors, **config,
+        DESCRIPTORS=descriptors, STACKED=stacked, **config,
     )
     return index, s2, close
 
@@ -318,7 +362,7 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
     timing whole million-row calls per candidate would cost minutes)."""
     descriptors = (x.device.type == "cuda" and x.element_size() == 2
                    and torch.cuda.get_device_capability(x.device)[0] >= 9)
-    configs = _configs(k_pad, x.device.type, descriptors)
+    configs = _configs(k_pad, x.device.type, descriptors, split=x_lo is not None)
     if len(configs) == 1 or x.shape[0] < _MIN_TUNE_ROWS:
         return configs[0]
     m = min(x.shape[0], _TUNE_ROWS)
