@@ -8,7 +8,8 @@
 #            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 128 band kernel check
 #            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
 #            order_<n>_progress.log
-#   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, 256-column lists)
+#   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, stacked products,
+#            longer lists)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -16,8 +17,10 @@
 #   device-scans  N = 131,072 with the torch device scans (the auto rule beyond 16,384 rows), vs `large`
 #   all      = band large tests profile n4096
 # usage: [K=auto] [N=1000000] [LARGE_SIZES="131072 $N"] [BUDGET=575] bash benchmarks/run_gpu_order.sh STAGE...
-#   e.g. first call: BUDGET=540 bash benchmarks/run_gpu_order.sh large; at once after: BUDGET=240 bash
-#   benchmarks/run_gpu_order.sh band tests
+#   e.g. first call: BUDGET=300 bash benchmarks/run_gpu_order.sh new-tests band; at once after (warm):
+#   LARGE_SIZES=1000000 BUDGET=400 bash benchmarks/run_gpu_order.sh large
+#   (a session has ~15 minutes of device time, the machine's start included; first calls of a new list length
+#   or launch setting compile for tens of seconds: benchmarks/compile_times.py measures them without a GPU)
 # $OUT gets at most 8 files (the device tool's limit): run.log, pytest_order_gpu.log, the progress logs and the
 # JSON results written by this call (also left under benchmarks/results/); build.log only if the build fails.
 set -uo pipefail
@@ -98,9 +101,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 120 -m gpu tests/order  # the GPU equalities with the reference (every fallback, band dtype, metric)
       pytests 150 tests/order/test_band_topk.py
       pytests 100 tests/order/test_scan_triton.py ;;
-    new-tests)  # the kernels added since the last GPU run: the settle kernels, the 256-column band lists
+    new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists
       pytests 60 tests/order/test_scan_triton.py -k settle
-      pytests 40 tests/order/test_band_topk.py -k 256 ;;
+      pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates" ;;
     n4096)
       timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

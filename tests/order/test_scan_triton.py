@@ -79,6 +79,19 @@ def test_status_agrees_with_exact_distances(scan, n, d, half):
     assert not torch.any(valid[status == 0]), "a row marked surely invalid is exactly far from every query"
 
 
+def _random_step(x64, y64, t, metric, window, g):
+    """A random set of visited nodes (the last of them first): the unvisited mask and list, ``last``, the other
+    window nodes and :func:`exact_pick`'s answer."""
+    n = x64.shape[0]
+    visited = torch.randperm(n, generator=g)[: int(torch.randint(window, n - 1, (1,), generator=g))]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[visited] = False
+    unvisited = torch.nonzero(mask).flatten()
+    last, window_nodes = int(visited[0]), visited[1:window].tolist()
+    expected = exact_pick(x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric)
+    return mask, unvisited, last, window_nodes, expected
+
+
 @pytest.mark.parametrize("half", ROWS)
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -92,14 +105,7 @@ def test_pick_equals_exact_pick(scan, metric, window, quantile, half):
     y64 = x64 @ projection_basis(x64)
     g = torch.Generator().manual_seed(window)
     for trial in range(6):
-        visited = torch.randperm(n, generator=g)[: int(torch.randint(window, n - 1, (1,), generator=g))]
-        mask = torch.ones(n, dtype=torch.bool)
-        mask[visited] = False
-        unvisited = torch.nonzero(mask).flatten()
-        last, window_nodes = int(visited[0]), visited[1:window].tolist()
-        expected = exact_pick(
-            x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
-        )
+        mask, unvisited, last, window_nodes, expected = _random_step(x64, y64, t, metric, window, g)
         got = triton_exact_pick(
             x64, x32, sq, slack, unvisited, last, window_nodes, threshold=t, metric=metric, scan=scan, half=rows16,
             tensor_cores=half == "tensor_cores",
@@ -164,14 +170,7 @@ def test_settle_kernel_pick_equals_exact_pick(metric, window, quantile, half):
     dx64, dx32, dsq, dslack, drows16 = _on(SETTLE_DEVICE, x64, x32, sq, slack, rows16)
     g = torch.Generator().manual_seed(window)
     for trial in range(4):
-        visited = torch.randperm(n, generator=g)[: int(torch.randint(window, n - 1, (1,), generator=g))]
-        mask = torch.ones(n, dtype=torch.bool)
-        mask[visited] = False
-        unvisited = torch.nonzero(mask).flatten()
-        last, window_nodes = int(visited[0]), visited[1:window].tolist()
-        expected = exact_pick(
-            x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=None, metric=metric
-        )
+        mask, unvisited, last, window_nodes, expected = _random_step(x64, y64, t, metric, window, g)
         tallies = []
         for fused_settle in (True, False):
             tally = [0]
