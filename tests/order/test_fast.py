@@ -424,3 +424,42 @@ def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
         tfp_order(emb, k="big")
     with pytest.raises(ValueError, match="k must be 'auto' or a positive integer"):
         tfp_order(emb, k=0)
+
+
+def test_host_table_copies_into_huge_page_memory_when_a_copy_is_made(monkeypatch):
+    import tfp_kernels.order.fast as fast
+
+    x = torch.randn(300, 7, dtype=torch.float64)
+    assert fast.host_table(x).data_ptr() == x.data_ptr()  # host, same dtype: no copy
+    small = fast.host_table(x, torch.float32)  # a copy below the size limit: an ordinary one
+    assert small.dtype == torch.float32 and torch.equal(small, x.float())
+    monkeypatch.setattr(fast, "HUGE_PAGE_MIN_BYTES", 1024)
+    big = fast.host_table(x, torch.float32)
+    assert big.dtype == torch.float32 and big.is_contiguous() and big.shape == x.shape
+    assert torch.equal(big, x.float()) and big.data_ptr() != x.data_ptr()
+    big[0, 0] = 5.0  # writable, and its own memory
+    assert x[0, 0] != 5.0
+    forced = fast.host_table(x[:, 1:4], huge_pages=True)  # a non-contiguous view, same dtype
+    assert torch.equal(forced, x[:, 1:4]) and forced.is_contiguous()
+    flags = fast.host_table(torch.arange(10) % 3 == 0, huge_pages=True)
+    assert flags.dtype == torch.bool and flags.tolist() == [i % 3 == 0 for i in range(10)]
+    assert fast.host_table(torch.empty(0, 4), torch.float64, huge_pages=True).shape == (0, 4)
+
+
+def test_fast_path_with_huge_page_tables_matches(monkeypatch):
+    import tfp_kernels.order.fast as fast
+
+    emb = clustered(700, 20, seed=9).double()
+    t = estimate_threshold(emb, quantile=0.05)
+    ref = tfp_order_reference(emb, threshold=t)
+    monkeypatch.setattr(fast, "HUGE_PAGE_MIN_BYTES", 1)
+    orig = fast.host_table
+    calls = []
+
+    def every_table(t, dtype=None, huge_pages=None):
+        calls.append(t.shape)
+        return orig(t, dtype, huge_pages=True)
+
+    monkeypatch.setattr(fast, "host_table", every_table)
+    path = tfp_order(emb, threshold=t)
+    assert torch.equal(path, ref) and len(calls) >= 5  # the rows and the four list tables

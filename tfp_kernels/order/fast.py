@@ -178,6 +178,35 @@ def list_length(embeddings: torch.Tensor, threshold: float, *, metric: str = "l2
     return min(auto_list_length(x32, sq, squared_threshold(threshold, metric), slack), max(n - 1, 1))
 
 
+#: Host tables of at least this many bytes that the walk reads at random (the rows, the band lists) are copied
+#: into memory backed by transparent huge pages, where a host copy is made anyway (from the GPU, or another
+#: dtype): with 4 KB pages nearly every row fetch of a random walk over GBs also misses the TLB. The walk over
+#: the rows of N = 100,000 (300 MB) took 5.0-5.3 instead of 5.6-5.8 us per step on the 2-core CPU.
+HUGE_PAGE_MIN_BYTES = 1 << 26
+
+
+def host_table(t: torch.Tensor, dtype: torch.dtype | None = None, *, huge_pages: bool | None = None) -> torch.Tensor:
+    """``t`` as a contiguous host tensor of ``dtype`` (default: its own); a new copy in memory advised for
+    transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)``) when ``huge_pages`` (default: when a copy is
+    needed anyway and it takes at least :data:`HUGE_PAGE_MIN_BYTES`), else ``t.to("cpu", dtype)``."""
+    import mmap
+
+    dtype = t.dtype if dtype is None else dtype
+    nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+    if huge_pages is None:
+        huge_pages = (t.device.type != "cpu" or t.dtype != dtype) and nbytes >= HUGE_PAGE_MIN_BYTES
+    if not huge_pages or nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t.to("cpu", dtype).contiguous()
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the copy faults in huge pages
+    except OSError:  # (a kernel without transparent huge pages: ordinary pages)
+        pass
+    out = torch.frombuffer(buf, dtype=dtype, count=t.numel()).view(t.shape)  # (the tensor keeps buf alive)
+    out.copy_(t)
+    return out
+
+
 def squared_threshold(threshold: float, metric: str) -> float:
     """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
     return threshold * threshold if metric == "l2" else 2.0 * threshold
@@ -342,7 +371,7 @@ def fast_tfp_order(
     lower, upper = band_bounds(t2, band_slack)
     host = torch.device("cpu")
     host_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    emb_host = embeddings.to(host, host_dtype).contiguous()
+    emb_host = host_table(embeddings, host_dtype)
     # exact duplicates share one band list (their rows, hence all their distances, are identical); not with
     # the cap (its proof counts nodes) nor with t = 0 (duplicates would then be valid neighbours)
     groups = None
@@ -401,7 +430,7 @@ def fast_tfp_order(
         # exact s2 of any node outside a full list (among the nodes listed from) >= last entry's s2 - slack
         full = index[:, -1] >= 0
         limit2 = torch.where(full, out.s2[:, -1].double() - row_slack, torch.full_like(row_slack, torch.inf))
-        return [t.to(host).contiguous() for t in (index, out.s2, limit2, out.num_close)]
+        return [host_table(t) for t in (index, out.s2, limit2, out.num_close)]
 
     t0 = time.perf_counter()
     try:
