@@ -258,10 +258,13 @@ def _configs(k_pad: int, device_type: str, descriptors: bool = False, split: boo
         # does the compile: for sm_90 on a 2-core host (Triton 3.8), K = 128 took 61 s with BLOCK_M = 128 and 8
         # warps, 58 s with 64 rows and 4 warps, 23 s with 64 rows and 8 warps; K = 256 263 s with 64 rows and
         # 4 warps (an H200 run did not finish its first band call in 60 s), 84 s with 8 warps, 34 s with 32
-        # rows and 8 warps (K = 64, BLOCK_M = 128, 8 warps: 17 s). One setting each, 32 keys per thread, no
-        # tuning (each candidate would cost such a compile); their speed is not measured on a GPU yet.
+        # rows and 8 warps (K = 64, BLOCK_M = 128, 8 warps: 17 s). One setting each, 32 keys per thread (and
+        # for split rows at K = 128 its stacked-products twin); their speed is not measured on a GPU yet.
         block_m = 64 if k_pad <= 128 else 32
         configs = [{"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}]
+        if descriptors and split and k_pad <= 128:  # (K = 128 is what k="auto" takes at N ~ 10^6)
+            configs.append({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3,
+                            "STACKED": True})
     return configs
 
 
