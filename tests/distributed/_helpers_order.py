@@ -31,13 +31,18 @@ def make_embeddings(n: int, d: int, *, seed: int, clusters: int = 0, dtype=torch
 
 
 def case_embeddings(case: dict) -> torch.Tensor:
-    return make_embeddings(
+    x = make_embeddings(
         case["n"],
         case["d"],
         seed=case.get("seed", 0),
         clusters=case.get("clusters", 0),
         dtype=case.get("dtype", torch.float32),
     )
+    if case.get("shell"):  # `shell` rows spread evenly over all rows: 3 e_i, all pairwise at squared distance 18
+        x = 10.0 * x
+        step = case["n"] // case["shell"]
+        x[: step * case["shell"] : step] = 3.0 * torch.eye(case["shell"], case["d"], dtype=x.dtype)
+    return x
 
 
 def start(world_size: int, cases: list[dict], tmp_dir: Path) -> dict:
@@ -127,14 +132,35 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     kwargs = dict(case.get("kwargs", {}))
     if "kwargs_on_rank" in case and rank in case["kwargs_on_rank"]:
         kwargs.update(case["kwargs_on_rank"][rank])
-    try:
-        if case.get("direct"):
-            path, stats = tfp_order_sharded(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
-        else:
-            path, stats = tfp_order(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
-    except (TypeError, ValueError) as err:
-        return {"error": (type(err).__name__, str(err))}
+    with fast_attrs(case.get("fast_attrs", {})):
+        try:
+            if case.get("direct"):
+                path, stats = tfp_order_sharded(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
+            else:
+                path, stats = tfp_order(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
+        except (TypeError, ValueError) as err:
+            return {"error": (type(err).__name__, str(err))}
     return {"path": path, "stats": stats}
+
+
+class fast_attrs:
+    """Context manager: module constants of ``tfp_kernels.order.fast`` (e.g. ``AUTO_K_MIN_ROWS``) set for a case."""
+
+    def __init__(self, attrs: dict):
+        self.attrs, self.saved = attrs, {}
+
+    def __enter__(self):
+        from tfp_kernels.order import fast
+
+        for name, value in self.attrs.items():
+            self.saved[name] = getattr(fast, name)
+            setattr(fast, name, value)
+
+    def __exit__(self, *exc):
+        from tfp_kernels.order import fast
+
+        for name, value in self.saved.items():
+            setattr(fast, name, value)
 
 
 def _worker(rank: int, world: int, store_file: str, cases_file: str, out_dir: str) -> None:

@@ -47,6 +47,11 @@ GOOD = {
         "dtype": torch.float64,
         "kwargs": {"metric": "cosine", "k": 4, "max_rejections": 30, "start": 7},
     },
+    # k="auto" with the estimate on (from 1 row up, base 4, up to 1024): 150 rows spread over the ranks at
+    # squared distance 18 from each other (the 2% quantile): each has 149 nodes within the bound of t^2, counted
+    # by every rank together (each rank alone sees a part of them): the same K (512) and path as one process
+    "auto_k": {"n": 600, "d": 160, "shell": 150, "kwargs": {"k": "auto"},
+               "fast_attrs": {"AUTO_K_MIN_ROWS": 1, "AUTO_K_BASE": 4, "AUTO_K_MAX": 1024}},
 }
 SAMPLED = {"n": 150, "d": 6, "direct": True, "kwargs": {"sample_pairs": 300, "seed": 3}}
 BAD = {
@@ -56,7 +61,7 @@ BAD = {
 }
 CASES = {**GOOD, "sampled": SAMPLED, **BAD}
 # the 4-process run: fewer cases (four processes share the 2 CI cores)
-CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "bad_d"]
+CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "bad_d"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,8 @@ def expected(runs):
 def _single(case: dict):
     emb = helpers.case_embeddings(case)
     kwargs = case.get("kwargs", {})
-    path, stats = tfp_order(emb, return_stats=True, **kwargs)
+    with helpers.fast_attrs(case.get("fast_attrs", {})):
+        path, stats = tfp_order(emb, return_stats=True, **kwargs)
     ref = tfp_order_reference(emb, **{k: v for k, v in kwargs.items() if k != "k"})
     assert torch.equal(path, ref), "single-process fast and reference paths differ: the test data has ties"
     return path, stats
@@ -108,6 +114,8 @@ def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
         assert got.threshold == stats.threshold and got.threshold_source == stats.threshold_source
         assert got.world_size == len(per_rank) and got.rank == r
         assert got.num_fallbacks == per_rank[0]["stats"].num_fallbacks
+        if case.get("kwargs", {}).get("k") == "auto":
+            assert got.k == stats.k == 512, (got.k, stats.k)
 
 
 @pytest.mark.parametrize("name", list(GOOD))

@@ -220,10 +220,6 @@ def _validate(
         window = _checks.check_window(window)
         max_rejections = _checks.check_max_rejections(max_rejections)
         k = _checks.check_list_length(k)
-        if k == "auto":  # (the sharded lists do not estimate the band's density yet)
-            from ..order.fast import AUTO_K_BASE
-
-            k = AUTO_K_BASE
         if not (isinstance(start, int) and not isinstance(start, bool)):
             raise ValueError(f"start must be an integer in [0, N), got {start!r}")  # noqa: TRY004 (as tfp_order)
         if backend not in ("auto", "fast"):
@@ -367,6 +363,30 @@ def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
         out.append((s, s + m))
         s += m
     return out
+
+
+def _auto_list_length(comm: _Comm, sh: _Shard, n: int, dim: int, t2: float) -> int:
+    """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.fast.auto_list_length`'s sampled global
+    rows, sent by their owners to every rank, counted by each rank against its own rows, the counts summed:
+    the single-process counts (up to float32 rounding at the bounds' edges), the same K on every rank."""
+    from ..order import fast
+
+    if n < fast.AUTO_K_MIN_ROWS or t2 <= 0:
+        return fast.AUTO_K_BASE
+    pick = fast.auto_sample_rows(n, fast.AUTO_K_SAMPLE_ROWS).to(sh.x.device)
+    mine = (pick >= sh.offset) & (pick < sh.offset + sh.m)
+    local = (pick - sh.offset)[mine]
+    x32 = _prepared32(sh.x, sh.metric)
+    sq = squared_norms64(x32).float()
+    q = torch.zeros(pick.numel(), dim, dtype=torch.float32, device=x32.device)
+    q_sq = torch.zeros(pick.numel(), dtype=torch.float32, device=x32.device)
+    q_slack = torch.zeros(pick.numel(), dtype=torch.float64, device=x32.device)
+    q[mine], q_sq[mine], q_slack[mine] = x32[local], sq[local], sh.slack[local]
+    # every sampled row from its owner (the other ranks add zeros: exact)
+    q, q_sq, q_slack = (comm.all_gather(t).sum(dim=0) for t in (q, q_sq, q_slack))
+    counts = fast.band_counts(q, q_sq, q_slack, x32, sq, t2)
+    k = fast.list_length_for_counts(comm.all_gather(counts).sum(dim=0))
+    return int(comm.all_max(float(k)))  # (the same on every rank by construction; the ring needs it to be)
 
 
 def _prepared32(shard: torch.Tensor, metric: str, rows: torch.Tensor | None = None, step: int = 1 << 16):
@@ -804,7 +824,7 @@ def tfp_order_sharded(
         group: the process group (None: the default group). Must be initialised.
         metric, quantile, threshold, window, max_rejections, start, k, progress, return_stats: as in
             :func:`~tfp_kernels.tfp_order`, the same on every rank (checked). ``start`` is a global index.
-            ``k="auto"`` is 64 here (the ring lists do not estimate the band's density).
+            ``k="auto"``: the single-process rule, its sampled rows counted against every rank's rows.
         backend: ``"auto"`` or ``"fast"`` (the only sharded implementation: ring band lists, C++ walk on
             rank 0, sharded exact scans). The compiled extension is needed on rank 0.
         rebuild: as in the single-process fast path: ``"auto"`` recomputes the lists of the unvisited nodes
@@ -851,6 +871,10 @@ def tfp_order_sharded(
         )
         bytes_root += sent
     t1 = time.perf_counter()
+    if k == "auto" and n == 1:
+        from ..order.fast import AUTO_K_BASE
+
+        k = AUTO_K_BASE
     stats = {
         "band_backend": "torch-ring",
         "band_dtype": "float32",
@@ -875,6 +899,9 @@ def tfp_order_sharded(
         sh.slack = coef * (sq_norms.double() + max_sq)
         t2 = squared_threshold(threshold, metric)
         sh.lower, sh.upper = band_bounds(t2, sh.slack)
+        if k == "auto":
+            k = _auto_list_length(comm, sh, n, dim, t2)
+            stats["k"] = k
         tb = time.perf_counter()
         packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
         stats["time_band_s"] = time_lists = time.perf_counter() - tb

@@ -107,7 +107,8 @@ def tfp_order(
             (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128
             where the rows' distances crowd around ``t`` so densely that K = 64 lists could seldom prove an
             answer (large N; estimated from 256 sampled rows, see
-            :func:`~tfp_kernels.order.fast.auto_list_length`); 64 with ``group``. Same path for every K.
+            :func:`~tfp_kernels.order.fast.auto_list_length`; with ``group`` counted over every rank's
+            rows). Same path for every K.
         backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
         fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton

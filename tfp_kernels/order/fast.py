@@ -135,25 +135,40 @@ def auto_list_length(x32: torch.Tensor, sq_norms: torch.Tensor, t2: float, slack
     Returns:
         K (Python int; not capped by R: the caller clamps it to R - 1).
     """
-    base = AUTO_K_BASE if base is None else base
-    max_k = AUTO_K_MAX if max_k is None else max_k
     min_rows = AUTO_K_MIN_ROWS if min_rows is None else min_rows
     sample_rows = AUTO_K_SAMPLE_ROWS if sample_rows is None else sample_rows
     rows = x32.shape[0]
     if rows < min_rows or t2 <= 0:
-        return base
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(rows, generator=gen)[:sample_rows].to(x32.device)
-    q = x32.index_select(0, pick)
-    q_sq = sq_norms.index_select(0, pick)[:, None]
-    q_slack = slack.index_select(0, pick).float()[:, None]
-    counts = torch.zeros(pick.numel(), dtype=torch.int64, device=x32.device)
-    block = max(1, (1 << 26) // max(1, pick.numel()))  # (sample_rows x block) float32 per block: 256 MB
-    for c0 in range(0, rows, block):
+        return AUTO_K_BASE if base is None else base
+    pick = auto_sample_rows(rows, sample_rows, seed).to(x32.device)
+    counts = band_counts(x32.index_select(0, pick), sq_norms.index_select(0, pick), slack.index_select(0, pick),
+                         x32, sq_norms, t2)
+    return list_length_for_counts(counts, base=base, max_k=max_k)
+
+
+def auto_sample_rows(rows: int, sample_rows: int, seed: int = 0) -> torch.Tensor:
+    """The (min(rows, sample_rows),) int64 rows :func:`auto_list_length` samples (seeded, host)."""
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:sample_rows]
+
+
+def band_counts(q: torch.Tensor, q_sq: torch.Tensor, q_slack: torch.Tensor, x32: torch.Tensor,
+                sq_norms: torch.Tensor, t2: float) -> torch.Tensor:
+    """(S,) int64: for each of the S rows ``q`` (float32, their squared norms ``q_sq`` and bounds ``q_slack``), the
+    rows of ``x32`` (R, D) whose fast squared distance lies within ``q_slack`` of ``t2``; same device."""
+    counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    q_sq, q_slack = q_sq.float()[:, None], q_slack.float()[:, None]
+    block = max(1, (1 << 26) // max(1, q.shape[0]))  # (S x block) float32 per block: 256 MB
+    for c0 in range(0, x32.shape[0], block):
         s2 = q_sq + sq_norms[None, c0 : c0 + block] - 2.0 * (q @ x32[c0 : c0 + block].T)
         counts += ((s2 - t2).abs_() < q_slack).sum(dim=1)
-    c90 = float(torch.quantile(counts.double(), 0.9))
-    need = 2.0 * c90 + 32.0
+    return counts
+
+
+def list_length_for_counts(counts: torch.Tensor, *, base: int | None = None, max_k: int | None = None) -> int:
+    """K of :func:`auto_list_length` from the sampled rows' :func:`band_counts`."""
+    base = AUTO_K_BASE if base is None else base
+    max_k = AUTO_K_MAX if max_k is None else max_k
+    need = 2.0 * float(torch.quantile(counts.double().cpu(), 0.9)) + 32.0
     k = base
     while k < need and k < max_k:
         k *= 2
