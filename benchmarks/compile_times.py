@@ -25,13 +25,13 @@ import time
 # milliseconds (set before Triton is imported)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfp_compile_times_")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from benchmarks._harness import write_results  # noqa: E402
-from tfp_kernels.order import band_topk_triton as btk  # noqa: E402
-from tfp_kernels.order import scan_triton as st  # noqa: E402
+from benchmarks._harness import write_results
+from tfp_kernels.order import band_topk_triton as btk
+from tfp_kernels.order import scan_triton as st
 
 _BAND_TYPES = {
     "out_index_ptr": "*i32", "out_s2_ptr": "*fp32", "out_close_ptr": "*i32", "x_ptr": "*fp16", "x_lo_ptr": "*fp16",

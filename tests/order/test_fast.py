@@ -357,7 +357,7 @@ def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_f
 
 
 def test_fused_scan_falls_back_to_the_torch_settle_when_the_settle_kernel_fails(monkeypatch):
-    from tfp_kernels.order import fast, scan_triton
+    from tfp_kernels.order import scan_triton
 
     if not triton_runs_on("cpu"):
         pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1")
@@ -368,7 +368,7 @@ def test_fused_scan_falls_back_to_the_torch_settle_when_the_settle_kernel_fails(
         raise RuntimeError("PassManager::run failed")
 
     monkeypatch.setattr(scan_triton, "settle_pick", broken)
-    emb, metric, window, cap, start, k = CASES[0].values
+    emb, metric, window, _, start, k = CASES[0].values
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=start)
     with pytest.warns(RuntimeWarning, match="float64 settle kernel failed") as record:
@@ -407,7 +407,7 @@ def test_auto_list_length_counts_the_rows_near_the_threshold():
 
 
 def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
-    import tfp_kernels.order.fast as fast
+    from tfp_kernels.order import fast
 
     emb = clustered(600, 24, clusters=6, seed=5)
     t = estimate_threshold(emb, quantile=0.05)
@@ -427,7 +427,7 @@ def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
 
 
 def test_host_table_copies_into_huge_page_memory_when_a_copy_is_made(monkeypatch):
-    import tfp_kernels.order.fast as fast
+    from tfp_kernels.order import fast
 
     x = torch.randn(300, 7, dtype=torch.float64)
     assert fast.host_table(x).data_ptr() == x.data_ptr()  # host, same dtype: no copy
@@ -447,7 +447,7 @@ def test_host_table_copies_into_huge_page_memory_when_a_copy_is_made(monkeypatch
 
 
 def test_fast_path_with_huge_page_tables_matches(monkeypatch):
-    import tfp_kernels.order.fast as fast
+    from tfp_kernels.order import fast
 
     emb = clustered(700, 20, seed=9).double()
     t = estimate_threshold(emb, quantile=0.05)

@@ -557,7 +557,7 @@ def fast_tfp_order(
                         node = fused_pick(mode, last, window_nodes)
                         fused_mode = mode
                         break
-                    except Exception as err:  # noqa: BLE001 - a compile failure on an untested GPU or Triton
+                    except Exception as err:  # (a compile failure on an untested GPU or Triton)
                         if mode == fused_modes[-1]:
                             raise
                         import warnings
