@@ -24,7 +24,14 @@ from typing import NamedTuple
 
 import torch
 
-from .band_topk import SPLIT_DTYPES, BandLists, band_bounds, band_topk_torch, squared_distance_error_coef
+from .band_topk import (
+    SPLIT_DTYPES,
+    BandLists,
+    _ieee_fp32_matmul,
+    band_bounds,
+    band_topk_torch,
+    squared_distance_error_coef,
+)
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
@@ -158,9 +165,10 @@ def band_counts(q: torch.Tensor, q_sq: torch.Tensor, q_slack: torch.Tensor, x32:
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     q_sq, q_slack = q_sq.float()[:, None], q_slack.float()[:, None]
     block = max(1, (1 << 26) // max(1, q.shape[0]))  # (S x block) float32 per block: 256 MB
-    for c0 in range(0, x32.shape[0], block):
-        s2 = q_sq + sq_norms[None, c0 : c0 + block] - 2.0 * (q @ x32[c0 : c0 + block].T)
-        counts += ((s2 - t2).abs_() < q_slack).sum(dim=1)
+    with _ieee_fp32_matmul():  # (not TF32, even where the caller allowed it: the counts are of float32 s2)
+        for c0 in range(0, x32.shape[0], block):
+            s2 = q_sq + sq_norms[None, c0 : c0 + block] - 2.0 * (q @ x32[c0 : c0 + block].T)
+            counts += ((s2 - t2).abs_() < q_slack).sum(dim=1)
     return counts
 
 
