@@ -585,7 +585,7 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
     from tfp_kernels.order import band_topk_triton as btk
 
     first, second = _interp_config(), _interp_config(BLOCK_N=32)
-    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, descriptors=False, split=False: [first, second])
+    monkeypatch.setattr(btk, "_configs", lambda k_pad, device_type, hopper=False, split=False: [first, second])
 
     def no_timing(*args, **kwargs):
         raise AssertionError("tuned a small input")
@@ -599,13 +599,13 @@ def test_small_inputs_take_the_first_launch_setting_without_tuning(monkeypatch):
 def test_launch_setting_candidates():
     from tfp_kernels.order import band_topk_triton as btk
 
-    split = btk._configs(64, "cuda", descriptors=True, split=True)
+    split = btk._configs(64, "cuda", hopper=True, split=True)
     assert sum(bool(c.get("STACKED")) for c in split) == 2 and not any(c.get("DESCRIPTORS") for c in split)
     assert all(c["BLOCK_D"] <= btk.ACC_CHUNK for c in split)  # within the split's error bound
-    plain = btk._configs(64, "cuda", descriptors=True)
+    plain = btk._configs(64, "cuda", hopper=True)
     assert sum(bool(c.get("DESCRIPTORS")) for c in plain) == 2 and not any(c.get("STACKED") for c in plain)
     assert not any(c.get("STACKED") or c.get("DESCRIPTORS") for c in btk._configs(64, "cuda", split=True))
     for k_pad in (128, 256):  # settings of 32 merge keys per thread (few tuning compiles)
-        configs = btk._configs(k_pad, "cuda", descriptors=True, split=True)
+        configs = btk._configs(k_pad, "cuda", hopper=True, split=True)
         assert all(c["BLOCK_M"] * k_pad // (32 * c["num_warps"]) == 32 for c in configs)
         assert len(configs) == (2 if k_pad == 128 else 1) and len(btk._configs(k_pad, "cuda")) == 1

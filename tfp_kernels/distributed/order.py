@@ -365,20 +365,19 @@ def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _auto_list_length(comm: _Comm, sh: _Shard, n: int, dim: int, t2: float) -> int:
+def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tensor, n: int, t2: float) -> int:
     """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.fast.auto_list_length`'s sampled global
-    rows, sent by their owners to every rank, counted by each rank against its own rows, the counts summed:
-    the single-process counts (up to float32 rounding at the bounds' edges), the same K on every rank."""
+    rows, sent by their owners to every rank, counted by each rank against its own rows (``x32`` (m, D) float32
+    prepared, ``sq`` their squared norms), the counts summed: the single-process counts (up to float32 rounding
+    at the bounds' edges), the same K on every rank."""
     from ..order import fast
 
     if n < fast.AUTO_K_MIN_ROWS or t2 <= 0:
         return fast.AUTO_K_BASE
-    pick = fast.auto_sample_rows(n, fast.AUTO_K_SAMPLE_ROWS).to(sh.x.device)
+    pick = fast.auto_sample_rows(n, fast.AUTO_K_SAMPLE_ROWS).to(x32.device)
     mine = (pick >= sh.offset) & (pick < sh.offset + sh.m)
     local = (pick - sh.offset)[mine]
-    x32 = _prepared32(sh.x, sh.metric)
-    sq = squared_norms64(x32).float()
-    q = torch.zeros(pick.numel(), dim, dtype=torch.float32, device=x32.device)
+    q = torch.zeros(pick.numel(), x32.shape[1], dtype=torch.float32, device=x32.device)
     q_sq = torch.zeros(pick.numel(), dtype=torch.float32, device=x32.device)
     q_slack = torch.zeros(pick.numel(), dtype=torch.float64, device=x32.device)
     q[mine], q_sq[mine], q_slack[mine] = x32[local], sq[local], sh.slack[local]
@@ -893,15 +892,15 @@ def tfp_order_sharded(
         # the band of every row: the single-process bounds (global max of the squared norms)
         x32 = _prepared32(shard, metric)
         sq_norms = squared_norms64(x32).float()
-        del x32
         max_sq = comm.all_max(float(sq_norms.max()) if sh.m else 0.0)
         coef = squared_distance_error_coef(dim, torch.float32, rounded_norms=True)  # (as _ring_band_lists forms s2)
         sh.slack = coef * (sq_norms.double() + max_sq)
         t2 = squared_threshold(threshold, metric)
         sh.lower, sh.upper = band_bounds(t2, sh.slack)
         if k == "auto":
-            k = _auto_list_length(comm, sh, n, dim, t2)
+            k = _auto_list_length(comm, sh, x32, sq_norms, n, t2)
             stats["k"] = k
+        del x32
         tb = time.perf_counter()
         packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
         stats["time_band_s"] = time_lists = time.perf_counter() - tb

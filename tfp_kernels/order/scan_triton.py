@@ -481,6 +481,7 @@ def triton_exact_pick(
         lower, upper = band_bounds(t2, q_slack)
     else:
         lower, upper = (b.index_select(0, queries) for b in bounds)
+    two_slack = 2.0 * q_slack[0]
     if fused_settle:
         best = torch.full((1,), _INF_BITS, dtype=torch.int32, device=device)
         s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores,
@@ -491,31 +492,27 @@ def triton_exact_pick(
             tally[0] += settled
         if found:
             return node
-        two_slack = 2.0 * q_slack[0]
-        cand = unvisited[s2_last <= s2_last.min() + two_slack]  # no valid node: c_0, as below
-        d_last = _exact_metric(x64, cand, last, metric)
-        return int(cand[d_last.argmin()])
-    s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores)
-    # everything below stays on the device up to one nonzero and one final read (each a host sync: on a GPU
-    # they, not the arithmetic, set the cost of a scan)
-    two_slack = 2.0 * q_slack[0]
-    best_sure = torch.where(status == 2, s2_last, torch.inf).min()
-    # the answer is valid and exactly no farther than the best surely valid row (all undecided rows when no
-    # row is surely valid)
-    limit = torch.where(torch.isfinite(best_sure), best_sure + two_slack, torch.inf)
-    cand = unvisited[(status >= 1) & (s2_last <= limit)]
-    if tally is not None:
-        tally[0] += cand.numel()
-    if cand.numel():
-        w = queries.numel()
-        # exact distances of every candidate to last and the window nodes, in one batch of pairs
-        d = pair_distances(x64, cand.repeat_interleave(w), queries.repeat(cand.numel()), metric).view(-1, w)
-        valid = (d >= threshold).all(dim=1)
-        # first valid in the order (distance, index): cand is ascending, argmin takes the first minimum
-        node = cand[torch.where(valid, d[:, 0], torch.inf).argmin()]
-        found, node = torch.stack([valid.any().long(), node]).tolist()
-        if found:
-            return int(node)
+    else:
+        s2_last, status = scan(x32, sq_norms, unvisited, queries, lower, upper, visited, half, tensor_cores)
+        # everything below stays on the device up to one nonzero and one final read (each a host sync: on a
+        # GPU they, not the arithmetic, set the cost of a scan)
+        best_sure = torch.where(status == 2, s2_last, torch.inf).min()
+        # the answer is valid and exactly no farther than the best surely valid row (all undecided rows when
+        # no row is surely valid)
+        limit = torch.where(torch.isfinite(best_sure), best_sure + two_slack, torch.inf)
+        cand = unvisited[(status >= 1) & (s2_last <= limit)]
+        if tally is not None:
+            tally[0] += cand.numel()
+        if cand.numel():
+            w = queries.numel()
+            # exact distances of every candidate to last and the window nodes, in one batch of pairs
+            d = pair_distances(x64, cand.repeat_interleave(w), queries.repeat(cand.numel()), metric).view(-1, w)
+            valid = (d >= threshold).all(dim=1)
+            # first valid in the order (distance, index): cand is ascending, argmin takes the first minimum
+            node = cand[torch.where(valid, d[:, 0], torch.inf).argmin()]
+            found, node = torch.stack([valid.any().long(), node]).tolist()
+            if found:
+                return int(node)
     # no valid node anywhere: c_0, the nearest unvisited node (ties by index)
     cand = unvisited[s2_last <= s2_last.min() + two_slack]
     d_last = _exact_metric(x64, cand, last, metric)
