@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         "n": args.n, "k": stats.k, "fallback": args.fallback, "band_dtype": stats.band_dtype,
         "scans": stats.num_fallbacks, "rebuilds": stats.num_rebuilds, "band_s": stats.time_band_s,
         "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
-        "scan_candidates": stats.scan_candidates,
+        "scan_candidates": stats.scan_candidates, "long_lists": stats.num_long_lists, "long_k": stats.long_k,
     }
     print(counters, flush=True)
     events = prof.key_averages()

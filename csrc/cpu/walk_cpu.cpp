@@ -12,6 +12,8 @@
 //     max_rejections candidates remain).
 // With `scan_rows` (float16 copies of the prepared rows, see FallbackScan) given, the scan runs here and
 // the walk completes; without them the op returns the step that needs the scan and the caller runs it.
+// Long lists (optional): a list row r with long_row[r] >= 0 reads its list from row long_row[r] of
+// long_index / long_s2 (L, K_long) instead of the band tables (band_limit2[r] is then that list's limit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -459,6 +461,14 @@ class FallbackScan {
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
 };
 
+// Long lists of some list rows (see the header): long_row null when there are none.
+struct LongLists {
+  const int32_t* long_row = nullptr;  // (rows,) row of the long tables, or -1
+  const int32_t* index = nullptr;     // (L, k) int32, -1 padded
+  const float* s2 = nullptr;          // (L, k) float32
+  int64_t k = 0;
+};
+
 // The host scan's inputs (FallbackScan): rows empty when the caller runs the scans.
 struct ScanRows {
   const at::Tensor& rows;      // (N, D) float16, prepared rows / scale
@@ -472,9 +482,9 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                   const at::Tensor& num_close, const ScanRows& scan_in, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
-                  int64_t max_rejections, bool cosine, const Groups& groups) {
+                  int64_t max_rejections, bool cosine, const Groups& groups, const LongLists& long_lists) {
   const int64_t n = embeddings.size(0);
-  const int64_t k = band_index.size(1);
+  const int64_t band_k = band_index.size(1);
   const ExactDistance<scalar_t> dist{embeddings.data_ptr<scalar_t>(), cosine ? norms.data_ptr<double>() : nullptr,
                                      embeddings.size(1), cosine};
   const int32_t* index = band_index.data_ptr<int32_t>();
@@ -508,8 +518,15 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     const int64_t remaining = n - step;
     const int64_t win_begin = std::max<int64_t>(0, step - window);
     const int64_t row = groups.list_row(last);
-    const int32_t* list = index + row * k;
-    const float* list_s2 = s2_approx + row * k;
+    const int32_t* list = index + row * band_k;
+    const float* list_s2 = s2_approx + row * band_k;
+    int64_t k = band_k;
+    if (long_lists.long_row && long_lists.long_row[row] >= 0) {
+      const int64_t at = long_lists.long_row[row];
+      k = long_lists.k;
+      list = long_lists.index + at * k;
+      list_s2 = long_lists.s2 + at * k;
+    }
     int64_t best = -1;
     double best_d = std::numeric_limits<double>::infinity();
     double best_s2 = std::numeric_limits<double>::infinity();
@@ -574,7 +591,9 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine,
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
-                     const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next) {
+                     const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
+                     const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
+                     const std::optional<at::Tensor>& long_s2) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
            &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
@@ -637,17 +656,35 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
               "tfp_walk: num_fallbacks must be empty or an int64 counter");
   if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
+  const int long_given = long_row.has_value() + long_index.has_value() + long_s2.has_value();
+  TORCH_CHECK(long_given == 0 || long_given == 3, "tfp_walk: pass all of long_row, long_index, long_s2, or none");
+  LongLists long_lists;
+  if (long_given) {
+    for (const at::Tensor* t : {&*long_row, &*long_index, &*long_s2}) {
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tfp_walk: long-list tensors must be contiguous CPU tensors");
+    }
+    TFP_CHECK_DTYPE((*long_row), at::kInt);
+    TFP_CHECK_DTYPE((*long_index), at::kInt);
+    TFP_CHECK_DTYPE((*long_s2), at::kFloat);
+    TORCH_CHECK(long_row->numel() == rows, "tfp_walk: long_row must have ", rows, " entries (one per list)");
+    TORCH_CHECK(long_index->dim() == 2 && long_s2->sizes() == long_index->sizes(),
+                "tfp_walk: long_index and long_s2 must have the same shape (L, K_long)");
+    // (long_row's entries, in [-1, L), are checked where the tables are made: a pass over them per call would
+    // cost O(N) per scan)
+    long_lists = LongLists{long_row->data_ptr<int32_t>(), long_index->data_ptr<int32_t>(), long_s2->data_ptr<float>(),
+                           long_index->size(1)};
+  }
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
   const ScanRows scan_in{scan_rows, scan_scale, scan_sq_norms, scan_slack};
   if (embeddings.scalar_type() == at::kFloat) {
     return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                            cosine, groups);
+                            cosine, groups, long_lists);
   }
   return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                           cosine, groups);
+                           cosine, groups, long_lists);
 }
 
 }  // namespace tfp

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from tfp_kernels.order.band_topk import (
+    BandLists,
     MIN_ACC_CHUNK,
     band_topk_reference,
+    band_topk_rows,
     band_topk_torch,
+    float64_error_coef,
     split_rows,
     squared_distance_error_coef,
 )
@@ -609,3 +612,73 @@ def test_launch_setting_candidates():
         configs = btk._configs(k_pad, "cuda", hopper=True, split=True)
         assert all(c["BLOCK_M"] * k_pad // (32 * c["num_warps"]) == 32 for c in configs)
         assert len(configs) == (2 if k_pad == 128 else 1) and len(btk._configs(k_pad, "cuda")) == 1
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 3, 4), (2, 5, 1), (37, 19, 8), (70, 17, 100), (130, 33, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_elements", [None, 200])
+def test_row_lists_within_their_bound(n, d, k, dtype, block_elements):
+    # lists of some rows (odd ones, out of order, a duplicated row among them) against all rows: what the walk
+    # relies on, within each precision's bound; the float32 ones equal the torch row blocks' lists
+    x = make_rows(n, d, seed=n)
+    lower, upper = bounds(x) if n > 2 else (torch.zeros(n), torch.full((n,), 1e9))
+    rows = torch.arange(n).flip(0)[::2].contiguous()
+    xs = x.to(dtype)
+    sq = xs.double().square().sum(1).to(dtype) if dtype == torch.float64 else x.square().sum(1)
+    got = band_topk_rows(xs, sq, rows, lower[rows], upper[rows], k, block_elements=block_elements)
+    assert got.index.shape == (rows.numel(), k) and got.index.dtype == torch.int32 and got.s2.dtype == torch.float32
+    coef = squared_distance_error_coef(d, torch.float32) if dtype == torch.float32 else float64_error_coef(d)
+    full = BandLists(torch.full((n, k), -1, dtype=torch.int32), torch.full((n, k), torch.inf),
+                     torch.zeros(n, dtype=torch.int32))
+    full.index[rows], full.s2[rows], full.num_close[rows] = got.index, got.s2, got.num_close
+    assert_lists_within_bound_rows(full, x, lower, upper, coef, rows)
+    keys = got.s2.double() * 2**40 + got.index.double()  # sorted by (s2, index)
+    assert torch.all(torch.where(got.index[:, 1:] >= 0, keys[:, 1:] > keys[:, :-1], True))
+    if dtype == torch.float32:
+        rowwise = band_topk_torch(x, sq, lower, upper, k, use_extension=False)
+        assert torch.equal(got.index, rowwise.index[rows])
+
+
+def assert_lists_within_bound_rows(fast, x, lower, upper, coef, rows):
+    sub = BandLists(fast.index, fast.s2, fast.num_close)
+    x = x.double()
+    sq = x.square().sum(1)
+    exact = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
+    for i in rows.tolist():
+        tol = coef * float(sq[i] + sq.max()) * 1.0001
+        e = exact[i].clone()
+        e[i] = torch.nan
+        listed = sub.index[i][sub.index[i] >= 0].long()
+        assert i not in listed.tolist()
+        assert torch.all((sub.s2[i][: listed.numel()].double() - e[listed]).abs() <= tol)
+        assert torch.all(e[listed] >= float(lower[i]) - tol)
+        out = torch.ones_like(e, dtype=torch.bool)
+        out[listed] = False
+        out[i] = False
+        sure_band = out & (e >= float(lower[i]) + tol)
+        if listed.numel() == sub.index.shape[1]:
+            assert torch.all(e[sure_band] >= float(sub.s2[i][-1]) - tol)
+        else:
+            assert not sure_band.any()
+        assert int((e < float(upper[i]) - tol).sum()) <= int(sub.num_close[i]) <= int((e < float(upper[i]) + tol).sum())
+
+
+def test_row_lists_float64_ties_by_index():
+    # exact copies of one row: equal float64 distances, listed by index (torch.topk leaves their order open)
+    x = torch.zeros(12, 3, dtype=torch.float64)
+    x[1:] = 1.0
+    x[0] = 0.0
+    sq = x.square().sum(1)
+    got = band_topk_rows(x, sq, torch.tensor([0]), torch.tensor([0.5]), torch.tensor([0.5]), 6)
+    assert got.index[0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert torch.all(got.s2[0] == 3.0) and int(got.num_close[0]) == 0
+
+
+def test_row_lists_refuse_bad_arguments():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        band_topk_rows(x.half(), x.square().sum(1), torch.tensor([0]), torch.zeros(1), torch.ones(1), 2)
+    with pytest.raises(ValueError, match=r"must be \(Q,\)"):
+        band_topk_rows(x, x.square().sum(1), torch.tensor([0, 1]), torch.zeros(1), torch.ones(2), 2)
+    with pytest.raises(ValueError, match="positive integer"):
+        band_topk_rows(x, x.square().sum(1), torch.tensor([0]), torch.zeros(1), torch.ones(1), 0)

@@ -303,6 +303,20 @@ def test_cuda_fast_equals_reference(metric, band_backend, band_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("band_dtype", ["float16x3", "bfloat16"])
+def test_cuda_long_lists_equal_reference(band_dtype):
+    # long lists in float64 on the GPU (band_topk_rows) beside the Triton kernel's lists; bf16 lists crowd
+    emb = clustered(3000, 64, clusters=30, seed=10).cuda()
+    t = estimate_threshold(emb)
+    ref = tfp_order_reference(emb, threshold=t)
+    for fallback in ("device", "triton"):
+        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=16,
+                                    fallback=fallback, band_backend="triton", band_dtype=band_dtype, long_lists=True)
+        assert torch.equal(path, ref) and info.long_k == 64
+        assert info.num_long_lists > 0 or band_dtype != "bfloat16"
+
+
+@pytest.mark.gpu
 def test_cuda_large_n_check_path():
     emb = anisotropic(100_000, 64, seed=11).cuda()
     t = estimate_threshold(emb)
@@ -463,3 +477,117 @@ def test_fast_path_with_huge_page_tables_matches(monkeypatch):
     monkeypatch.setattr(fast, "host_table", every_table)
     path = tfp_order(emb, threshold=t)
     assert torch.equal(path, ref) and len(calls) >= 5  # the rows and the four list tables
+
+
+def test_crowded_lists_by_hand():
+    from tfp_kernels.order.fast import crowded_lists
+
+    # t^2 = 10, slack 1: an entry decides if s2 >= 11 (surely >= t) and s2 < s2_K - 2 (surely closer than the rest)
+    s2 = torch.tensor([[9.5, 10.2, 10.8, 11.0],  # all within the bound of t^2: nothing decides
+                       [12.0, 15.0, 20.0, 30.0],  # three entries decide
+                       [9.5, 10.2, float("inf"), float("inf")],  # not full: complete, decides by itself
+                       [11.0, 11.5, 12.0, 13.5]])  # 11.0 decides (< 13.5 - 2), 11.5 does not: one
+    index = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, -1, -1], [0, 1, 2, 3]], dtype=torch.int32)
+    slack = torch.ones(4, dtype=torch.float64)
+    assert crowded_lists(index, s2, slack, 10.0, room=1).tolist() == [True, False, False, False]
+    assert crowded_lists(index, s2, slack, 10.0, room=2).tolist() == [True, False, False, True]
+    assert crowded_lists(index, s2, slack, 10.0, room=4).tolist() == [True, True, False, True]
+
+
+LONG_LIST_CASES = [0, 1, 2, 3, 7, 8, 9]  # the CASES without a cap
+
+
+@pytest.mark.parametrize("case", LONG_LIST_CASES)
+@pytest.mark.parametrize("band_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fallback", ["host", "device"])
+def test_long_lists_keep_the_path_exact(case, band_dtype, fallback):
+    emb, metric, window, cap, start, k = CASES[case].values
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start)
+    path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=cap, start=start,
+                                k=k, fallback=fallback, band_backend="torch", band_dtype=band_dtype, long_lists=True)
+    assert torch.equal(path, ref)
+    n_lists = info.num_groups
+    assert info.long_k == (min(4 * info.k, n_lists - 1) if min(4 * info.k, n_lists - 1) > info.k else 0)
+
+
+@pytest.mark.parametrize("band_dtype", ["bfloat16", "float32"])
+def test_long_lists_replace_crowded_lists_with_rebuilds(monkeypatch, band_dtype):
+    # bf16 lists (error bound ~1% of the squared norms) crowd around t everywhere: the long float64 lists decide
+    # most of the steps their lists could not, through the rebuilds (which lengthen the rebuilt lists again)
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
+    t = estimate_threshold(emb)
+    ref = tfp_order_reference(emb, threshold=t)
+    runs = {}
+    for long_lists in (False, True):
+        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                                    band_backend="torch", band_dtype=band_dtype, long_lists=long_lists)
+        assert torch.equal(path, ref)
+        runs[long_lists] = info
+    assert runs[False].num_long_lists == 0 and runs[False].long_k == 0
+    assert runs[True].long_k == 32
+    if band_dtype == "bfloat16":
+        assert runs[True].num_long_lists > 1500  # every list at the first build, more at the rebuilds
+        assert runs[True].num_fallbacks < runs[False].num_fallbacks / 2
+        assert runs[True].num_rebuilds > 0
+
+
+def test_long_lists_auto_and_off_with_a_cap_or_zero_threshold(monkeypatch):
+    from tfp_kernels.order import fast
+
+    emb = clustered(300, 24)
+    t = estimate_threshold(emb)
+    calls = []
+    real = fast.band_topk_rows
+    monkeypatch.setattr(fast, "band_topk_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for kwargs in ({"threshold": t, "max_rejections": 5}, {"threshold": 0.0, "max_rejections": None}):
+        ref = tfp_order_reference(emb, window=4, **kwargs)
+        path, info = fast_tfp_order(emb, metric="l2", window=4, start=0, k=8, band_dtype="bfloat16",
+                                    band_backend="torch", long_lists=True, **kwargs)
+        assert torch.equal(path, ref) and info.long_k == 0 and not calls
+    # "auto": only from LONG_LIST_MIN_ROWS list rows
+    _, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                             band_dtype="bfloat16", band_backend="torch")
+    assert info.long_k == 0 and not calls
+    monkeypatch.setattr(fast, "LONG_LIST_MIN_ROWS", 100)
+    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                                band_dtype="bfloat16", band_backend="torch")
+    assert info.long_k == 32 and info.num_long_lists > 0 and calls
+    assert torch.equal(path, tfp_order_reference(emb, threshold=t))
+    with pytest.raises(ValueError, match="long_lists must be"):
+        fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8, long_lists="yes")
+
+
+def test_walk_op_reads_long_lists_and_rejects_partial_ones():
+    # one list row with a long list: the walk must take its entries (the band table's list is empty) and its
+    # limit; without the long tables it cannot decide and returns for a scan at step 1
+    emb = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 5.0], [9.0, 9.0]], dtype=torch.float64)
+    n = 4
+    band_index = torch.full((n, 1), -1, dtype=torch.int32)
+    band_s2 = torch.full((n, 1), float("inf"))
+    limit2 = torch.zeros(n, dtype=torch.float64)  # the band lists prove nothing
+    limit2[0] = float("inf")  # row 0's long list is complete
+    args = [emb, torch.empty(0, dtype=torch.float64), band_index, band_s2, limit2, torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.int32), torch.empty(0, dtype=torch.float16)]
+    args += [torch.empty(0, dtype=torch.float64)] * 3
+    long_row = torch.tensor([0, -1, -1, -1], dtype=torch.int32)
+    long_index = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    long_s2 = torch.tensor([[9.0, 25.0, 162.0]])
+
+    def walk(*extra):
+        path = torch.tensor([0, 0, 0, 0])
+        visited = torch.tensor([True, False, False, False])
+        step = torch.ops.tfp_kernels.tfp_walk(*args, path, visited, torch.zeros(3, dtype=torch.long), 1, -1, 2.0, 4,
+                                              -1, False, None, None, None, None, *extra)
+        return step, path
+
+    step, path = walk(long_row, long_index, long_s2)
+    assert step == 2 and path[1] == 1  # took node 1 from the long list, then row 1 could not decide
+    assert walk()[0] == 1
+    with pytest.raises(RuntimeError, match="pass all of long_row"):
+        walk(long_row, long_index, None)
+    with pytest.raises(RuntimeError, match="long_row must have 4 entries"):
+        walk(long_row[:2].contiguous(), long_index, long_s2)

@@ -37,6 +37,8 @@ class OrderStats:
             duplicates are not grouped (with a cap, or t = 0).
         scan_candidates: rows the fused Triton scans (``fallback="triton"``) settled with float64 distances,
             summed over their scans: the rows their float16 pass left within its error bound of the answer.
+        num_long_lists: band lists replaced by long lists (crowded near the threshold), over all builds;
+        long_k: their length (0 when not used).
     """
 
     threshold: float
@@ -55,6 +57,8 @@ class OrderStats:
     time_fallback_s: float = 0.0
     num_groups: int = 0
     scan_candidates: int = 0
+    num_long_lists: int = 0
+    long_k: int = 0
 
     @property
     def fallback_rate(self) -> float:

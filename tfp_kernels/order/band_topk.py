@@ -403,3 +403,84 @@ def band_topk_torch(
         bar.close()
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
+
+
+def float64_error_coef(dim: int) -> float:
+    """Bound ``c`` with ``|s2 - s2_exact| <= c * (|x_i|^2 + |x_j|^2)`` for :func:`band_topk_rows`' float64
+    distances of float64 rows, *as stored in float32* (the lists' ``s2``): ``2 gamma_D + 6 u`` in float64
+    (norms, product, final additions; ``u = 2^-53``) plus the rounding to float32 of a value at most
+    ``2 (|x_i|^2 + |x_j|^2)`` (``2^-23``)."""
+    u = UNIT_ROUNDOFF[torch.float64]
+    return 2.0 * _gamma(dim, u) + 6.0 * u + 2.0**-23
+
+
+def band_topk_rows(
+    x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
+    *, block_elements: int | None = None,
+) -> BandLists:
+    """Band top-k lists of some rows of ``x`` against all of its rows, with torch matrix products in the
+    precision of ``x`` (float32: IEEE products, the bound of :func:`squared_distance_error_coef` ``(D,
+    float32)``, as :func:`band_topk_torch`; float64: :func:`float64_error_coef`). For the long lists of the
+    rows whose band list is crowded near the threshold (:mod:`~tfp_kernels.order.fast`).
+
+    Args:
+        x: (N, D) float32 or float64 prepared rows, CPU or CUDA.
+        sq_norms: (N,) squared norms of ``x`` (float32 ones for float32 rows, as the band lists use them).
+        rows: (Q,) int64 row ids (distinct), same device.
+        lower, upper: (Q,) bounds of those rows in the squared domain.
+        k: K >= 1.
+        block_elements: size of a (rows x N) block of products (default 2^24 on the CPU, 2^27 on a GPU).
+
+    Returns:
+        :class:`BandLists` of the Q rows, sorted by (s2, index) (ties at the K-th place go to the lower
+        index), on the device of ``x``.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"band_topk_rows: x must be float32 or float64, got {x.dtype}")
+    if rows.dim() != 1 or lower.shape != rows.shape or upper.shape != rows.shape:
+        raise ValueError(f"band_topk_rows: rows, lower and upper must be (Q,), got {tuple(rows.shape)}, "
+                         f"{tuple(lower.shape)}, {tuple(upper.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    n = x.shape[0]
+    if block_elements is None:
+        block_elements = 1 << (27 if x.device.type == "cuda" else 24)
+    block = max(1, block_elements // max(n, 1))
+    sq = sq_norms.to(x.dtype)
+    kk = min(k, n)
+    parts = []
+    with _ieee_fp32_matmul():
+        for q0 in range(0, rows.numel(), block):
+            r = rows[q0 : q0 + block].long()
+            b = r.numel()
+            lo, hi = lower[q0 : q0 + b].to(x.dtype), upper[q0 : q0 + b].to(x.dtype)
+            s2 = torch.matmul(x[r], x.T).mul_(-2.0).add_(sq[None, :]).add_(sq[r, None]).clamp_(min=0)
+            if x.dtype == torch.float32:  # (value, column) keys: ties at the K-th place to the lower column
+                parts.append(_finish_block(s2, r, lo, hi, k))
+                continue
+            s2[torch.arange(b, device=x.device), r] = torch.inf  # self
+            num_close = (s2 < hi[:, None]).sum(dim=1, dtype=torch.int32)
+            s2.masked_fill_(s2 < lo[:, None], torch.inf)
+            # the kk smallest by (value, column): all below the kk-th value, then the lowest columns equal to it
+            # (torch.topk leaves ties open; +inf entries fill rows with fewer band entries, then read as -1)
+            kth = torch.topk(s2, kk, dim=1, largest=False, sorted=True).values[:, -1:]
+            below = s2 < kth
+            tied = s2 == kth
+            wanted = kk - below.sum(dim=1, keepdim=True)
+            chosen = below | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= wanted))
+            idx = torch.nonzero(chosen)[:, 1].view(b, kk)  # (row-major: each row's columns, increasing)
+            vals = s2.gather(1, idx)
+            by_value = torch.sort(vals, dim=1, stable=True).indices  # (value, column) order
+            vals, idx = vals.gather(1, by_value), idx.gather(1, by_value)
+            idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
+            vals = vals.float()
+            if kk < k:
+                vals = torch.cat([vals, vals.new_full((b, k - kk), torch.inf)], dim=1)
+                idx = torch.cat([idx, idx.new_full((b, k - kk), -1)], dim=1)
+            parts.append((idx, vals, num_close))
+    if not parts:
+        return BandLists(torch.empty(0, k, dtype=torch.int32, device=x.device),
+                         torch.empty(0, k, dtype=torch.float32, device=x.device),
+                         torch.empty(0, dtype=torch.int32, device=x.device))
+    index, s2, num_close = (torch.cat(p) for p in zip(*parts))
+    return BandLists(index, s2, num_close)

@@ -6,7 +6,9 @@ Pipeline (DESIGN.md 2.1), for validated embeddings and a known threshold ``t``:
    distances (:func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`);
 2. band top-k lists: per node the K nearest nodes whose *approximate* squared distance is at least
    ``t`` minus the error bound (so no node at exact distance ``>= t`` is left out), plus an upper
-   bound of the number of nodes closer than ``t``;
+   bound of the number of nodes closer than ``t``; the lists that sit within their error bound of ``t``
+   (crowded: they could decide almost nothing) are replaced by longer ones, in float64 beside 16-bit lists
+   (:func:`crowded_lists`, ``long_lists``);
 3. the walk (C++ op ``tfp_walk``, on host copies) takes each next node from the list of ``last``,
    deciding with exact double-precision distances, and stops where the list cannot prove the answer;
 4. there, :func:`~tfp_kernels.order.scan.exact_pick` scans the unvisited nodes exactly (on the device of
@@ -29,7 +31,9 @@ from .band_topk import (
     BandLists,
     _ieee_fp32_matmul,
     band_bounds,
+    band_topk_rows,
     band_topk_torch,
+    float64_error_coef,
     squared_distance_error_coef,
 )
 from .distance import prepare
@@ -54,6 +58,8 @@ class FastOrderInfo:
     time_setup_s: float = 0.0
     num_groups: int = 0
     scan_candidates: int = 0
+    num_long_lists: int = 0
+    long_k: int = 0
 
 
 class DuplicateGroups(NamedTuple):
@@ -313,6 +319,36 @@ def resolve_band_dtype(band_dtype, band_backend: str):
     )
 
 
+#: Long lists (:func:`crowded_lists`): a band list with fewer than this many entries that could decide gets one.
+LONG_LIST_ROOM = 4
+#: Their length, in band lists' lengths.
+LONG_LIST_FACTOR = 4
+#: ``long_lists="auto"``: only for walks over this many list rows or more (below, the scans they save are cheap).
+LONG_LIST_MIN_ROWS = 65536
+
+
+def crowded_lists(index: torch.Tensor, s2: torch.Tensor, slack: torch.Tensor, t2: float,
+                  room: int | None = None) -> torch.Tensor:
+    """(R,) bool: the full band lists with fewer than ``room`` (default :data:`LONG_LIST_ROOM`) entries that
+    could decide a step: surely at ``>= t`` (``s2 >= t^2 + slack``) and surely closer than everything outside
+    the list (``s2 < s2_K - 2 slack``).
+
+    Such a list sits within the lists' error bound of ``t^2``: its entries are the nodes whose exact distance
+    may fall on either side of ``t``, and where they are at least K (the distances of large sets of
+    high-dimensional rows crowd around ``t``) the list proves nothing, whatever is visited: on the CPU at N =
+    100,000 (K = 64, float32 lists), every step of the first 30,000 that the lists could not decide came from
+    such a list (7% of the rows).
+
+    Args:
+        index: (R, K) int32 band lists; s2: (R, K) float32 their squared distances; slack: (R,) float64 the
+            lists' error bounds; same device.
+    """
+    room = LONG_LIST_ROOM if room is None else room
+    s = s2.double()
+    sure = (s >= t2 + slack[:, None]) & (s < s[:, -1:] - 2.0 * slack[:, None])
+    return (index[:, -1] >= 0) & (sure.sum(dim=1) < room)
+
+
 def fast_tfp_order(
     embeddings: torch.Tensor,
     *,
@@ -328,6 +364,7 @@ def fast_tfp_order(
     rebuild: str | None = "auto",
     progress: bool = False,
     group_duplicates: bool = True,
+    long_lists: bool | str = "auto",
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
 
@@ -358,10 +395,20 @@ def fast_tfp_order(
     all at once, and the walk falls back to scans (measured on the synthetic SFT data, 20k records of
     6.8k distinct instructions: 55% of steps scanned). Not used with a cap or with ``t = 0``.
 
+    ``long_lists``: the band lists that sit within their error bound of ``t^2`` (:func:`crowded_lists`) are
+    replaced by lists :data:`LONG_LIST_FACTOR` times longer, computed for those rows with torch products
+    (:func:`~tfp_kernels.order.band_topk.band_topk_rows`): in float64 (an error bound ~1e-7 of the squared
+    norms instead of ~1e-5: their band edge holds almost no node of either side) unless the band lists are
+    float32 (then float32, as on the CPU: float64 products cost twice as much there), at each build and
+    rebuild. ``"auto"``: for walks over :data:`LONG_LIST_MIN_ROWS` list rows or more; True: always; False:
+    never. Not with a cap, nor with ``t = 0``.
+
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
     """
     info = FastOrderInfo()
+    if long_lists not in ("auto", True, False):
+        raise ValueError(f"long_lists must be 'auto', True or False, got {long_lists!r}")
     device = embeddings.device
     n, dim = embeddings.shape
     # the arguments' checks first, before any of the work
@@ -420,7 +467,44 @@ def fast_tfp_order(
         k = auto_list_length(list_x32, list_sq, t2, list_slack)
     k = min(k, max(num_lists - 1, 1))
     info.k = k
+    long_k = min(LONG_LIST_FACTOR * k, num_lists - 1)
+    if long_lists == "auto":
+        long_lists = num_lists >= LONG_LIST_MIN_ROWS
+    long_lists = bool(long_lists) and max_rejections is None and t2 > 0 and long_k > k
+    long_x = long_sq = long_slack = None
+    if long_lists:
+        info.long_k = long_k
+        if band_dtype == torch.float32:  # the band lists' own products and bound
+            long_x, long_sq, long_slack = list_x32, list_sq, list_slack
+        else:
+            (long_x,) = list_rows(x64)
+            long_sq = long_x.square().sum(dim=1)
+            long_slack = float64_error_coef(dim) * (long_sq + long_sq.max())
     info.time_setup_s = time.perf_counter() - t0
+
+    def lengthen(rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor):
+        """Long lists of the crowded lists among ``rows`` (all list rows when None), among ``rows``: the host
+        tensors (positions in ``rows`` (Q,) int64, index (Q, long_k) int32 global list-row ids, s2 (Q,
+        long_k) float32, limit2 (Q,) float64), or None when no list is crowded."""
+        row_slack = list_slack if rows is None else list_slack[rows]
+        crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
+        if crowded.numel() == 0:
+            return None
+        x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
+            long_x[rows], long_sq[rows], long_slack[rows])
+        q_slack = slack[crowded]
+        q_lower, q_upper = band_bounds(t2, q_slack)
+        kk = min(long_k, max(x.shape[0] - 1, 1))
+        out = band_topk_rows(x, sq, crowded, q_lower, q_upper, kk)
+        index = out.index if rows is None else torch.where(
+            out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
+        s2 = out.s2
+        if kk < long_k:
+            index = torch.cat([index, index.new_full((index.shape[0], long_k - kk), -1)], dim=1)
+            s2 = torch.cat([s2, s2.new_full((s2.shape[0], long_k - kk), torch.inf)], dim=1)
+        full = index[:, -1] >= 0
+        limit2 = torch.where(full, s2[:, -1].double() - q_slack, torch.full_like(q_slack, torch.inf))
+        return [host_table(t) for t in (crowded, index, s2, limit2)]
 
     def build(rows: torch.Tensor | None):
         """Lists of ``rows`` (all list rows — nodes, or duplicate groups — when None) among ``rows``, with
@@ -455,11 +539,29 @@ def fast_tfp_order(
         # exact s2 of any node outside a full list (among the nodes listed from) >= last entry's s2 - slack
         full = index[:, -1] >= 0
         limit2 = torch.where(full, out.s2[:, -1].double() - row_slack, torch.full_like(row_slack, torch.inf))
-        return [host_table(t) for t in (index, out.s2, limit2, out.num_close)]
+        long = lengthen(rows, out.index, out.s2) if long_lists else None
+        return [host_table(t) for t in (index, out.s2, limit2, out.num_close)], long
+
+    # the long lists' tables, as the walk reads them (rebuilds append to them)
+    long_tables = [torch.full((num_lists,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
+                   torch.empty(0, long_k, dtype=torch.float32)]
+
+    def add_long_lists(rows_host: torch.Tensor | None, long) -> None:
+        """Point the rows of ``long`` (:func:`lengthen`) at their new long lists; their limits into limit2."""
+        if long is None:
+            return
+        where, index, s2, limit = long
+        rows = where if rows_host is None else rows_host[where]
+        long_tables[0][rows] = torch.arange(long_tables[1].shape[0], long_tables[1].shape[0] + rows.numel(),
+                                            dtype=torch.int32)
+        long_tables[1] = torch.cat([long_tables[1], index]) if long_tables[1].shape[0] else index
+        long_tables[2] = torch.cat([long_tables[2], s2]) if long_tables[2].shape[0] else s2
+        limit2[rows] = limit
+        info.num_long_lists += rows.numel()
 
     t0 = time.perf_counter()
     try:
-        band_index, band_s2, limit2, num_close = build(None)
+        (band_index, band_s2, limit2, num_close), long = build(None)
     except Exception as err:  # a Triton compile/launch failure on an untested GPU or Triton version
         if not (auto_backend and band_backend == "triton"):
             raise
@@ -476,7 +578,10 @@ def fast_tfp_order(
         band_slack = band_error_coef(dim, band_dtype, band_backend) * norm_sum  # (wider than the split's)
         lower, upper = band_bounds(t2, band_slack)
         list_lower, list_upper, list_slack = list_rows(lower, upper, band_slack)
-        band_index, band_s2, limit2, num_close = build(None)
+        if long_lists and long_x is list_x32:  # (their bound was the float32 lists')
+            long_slack = list_slack
+        (band_index, band_s2, limit2, num_close), long = build(None)
+    add_long_lists(None, long)
     info.band_dtype = str(band_dtype).replace("torch.", "")
     info.time_band_s = time.perf_counter() - t0
     if progress:
@@ -597,7 +702,7 @@ def fast_tfp_order(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
         slack=slack_host, num_close=num_close, host_scan=host_scan, path=path, visited=visited, counter=counter,
         threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
-        group_args=group_args,
+        group_args=group_args, long_lists=long_tables if long_lists else None,
     )
 
     def rebuild_lists(step: int) -> None:
@@ -607,8 +712,12 @@ def fast_tfp_order(
             rows_host = torch.nonzero(alive).flatten()
         else:
             rows_host = torch.nonzero(~visited).flatten()
-        for table, part in zip((band_index, band_s2, limit2, num_close), build(rows_host.to(device))):
+        tables, long = build(rows_host.to(device))
+        for table, part in zip((band_index, band_s2, limit2, num_close), tables):
             table[rows_host] = part
+        if long_lists:
+            long_tables[0][rows_host] = -1
+            add_long_lists(rows_host, long)
 
     tally = run_walk(
         n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,

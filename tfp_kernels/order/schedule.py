@@ -107,19 +107,27 @@ def bind_walk(
     max_rejections: int | None,
     cosine: bool,
     group_args: tuple[torch.Tensor, ...] = (),
+    long_lists: list[torch.Tensor] | None = None,
 ) -> Callable[[int, int], int]:
     """The C++ op ``tfp_walk`` bound to its tables, as :func:`run_walk`'s ``walk(step, stop)``.
 
     The tensors are the op's (host, contiguous; see ``csrc/tfp_kernels.cpp``); rebuilds write into the band
     tables in place, so the bound walk always reads the current lists. ``host_scan``: a
     :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
-    :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them).
+    :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or a
+    list ``[long_row, long_index, long_s2]`` (see the op) read at each call, so that the caller may replace its
+    tensors (rebuilds append long lists); long_row's entries must lie in [-1, L).
     """
     cap = -1 if max_rejections is None else max_rejections
     tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
 
     def walk(step: int, stop: int) -> int:
-        return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *group_args))
+        if long_lists is None:
+            return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine,
+                                                      *group_args))
+        groups = group_args or (None, None, None, None)
+        return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *groups,
+                                                  *long_lists))
 
     return walk
 
