@@ -632,8 +632,11 @@ def test_row_lists_within_their_bound(n, d, k, dtype, block_elements):
                      torch.zeros(n, dtype=torch.int32))
     full.index[rows], full.s2[rows], full.num_close[rows] = got.index, got.s2, got.num_close
     assert_lists_within_bound_rows(full, x, lower, upper, coef, rows)
-    keys = got.s2.double() * 2**40 + got.index.double()  # sorted by (s2, index)
-    assert torch.all(torch.where(got.index[:, 1:] >= 0, keys[:, 1:] > keys[:, :-1], True))
+    listed = got.index[:, 1:] >= 0
+    assert torch.all(torch.where(listed, got.s2[:, 1:] >= got.s2[:, :-1], True))  # sorted by s2
+    if dtype == torch.float32:  # and by index among equal ones (float64 values rounded to float32 may tie)
+        keys = got.s2.double() * 2**40 + got.index.double()
+        assert torch.all(torch.where(listed, keys[:, 1:] > keys[:, :-1], True))
     if dtype == torch.float32:
         rowwise = band_topk_torch(x, sq, lower, upper, k, use_extension=False)
         assert torch.equal(got.index, rowwise.index[rows])
@@ -672,6 +675,12 @@ def test_row_lists_float64_ties_by_index():
     got = band_topk_rows(x, sq, torch.tensor([0]), torch.tensor([0.5]), torch.tensor([0.5]), 6)
     assert got.index[0].tolist() == [1, 2, 3, 4, 5, 6]
     assert torch.all(got.s2[0] == 3.0) and int(got.num_close[0]) == 0
+    # ties inside the list only, and fewer band entries than K (the rest -1), in the same block
+    x2 = torch.cat([x, torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64)])
+    rows = torch.tensor([12, 0])
+    got = band_topk_rows(x2, x2.square().sum(1), rows, torch.tensor([0.0, 2.9]), torch.tensor([0.0, 2.9]), 13)
+    assert got.index[1].tolist() == list(range(1, 12)) + [-1, -1]  # node 12 (s2 0.25) is below the band
+    assert got.index[0, 0] == 0 and got.index[0, 1:12].tolist() == list(range(1, 12)) and got.index[0, 12] == -1
 
 
 def test_row_lists_refuse_bad_arguments():

@@ -482,16 +482,18 @@ def test_fast_path_with_huge_page_tables_matches(monkeypatch):
 def test_crowded_lists_by_hand():
     from tfp_kernels.order.fast import crowded_lists
 
-    # t^2 = 10, slack 1: an entry decides if s2 >= 11 (surely >= t) and s2 < s2_K - 2 (surely closer than the rest)
-    s2 = torch.tensor([[9.5, 10.2, 10.8, 11.0],  # all within the bound of t^2: nothing decides
-                       [12.0, 15.0, 20.0, 30.0],  # three entries decide
+    # slack 1 (lists of t^2 = 10 hold s2 >= 9): an entry could decide if s2 < s2_K - 2 (surely closer than the rest)
+    s2 = torch.tensor([[9.5, 10.2, 10.8, 11.0],  # all within twice the bound of the last: nothing decides
+                       [12.0, 15.0, 20.0, 30.0],  # three entries could decide
                        [9.5, 10.2, float("inf"), float("inf")],  # not full: complete, decides by itself
-                       [11.0, 11.5, 12.0, 13.5]])  # 11.0 decides (< 13.5 - 2), 11.5 does not: one
-    index = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, -1, -1], [0, 1, 2, 3]], dtype=torch.int32)
-    slack = torch.ones(4, dtype=torch.float64)
-    assert crowded_lists(index, s2, slack, 10.0, room=1).tolist() == [True, False, False, False]
-    assert crowded_lists(index, s2, slack, 10.0, room=2).tolist() == [True, False, False, True]
-    assert crowded_lists(index, s2, slack, 10.0, room=4).tolist() == [True, True, False, True]
+                       [11.0, 11.5, 12.0, 13.5],  # 11.0 (< 13.5 - 2), not 11.5: one
+                       [9.2, 9.8, 12.0, 13.0]])  # two (below t maybe, but they may be at >= t exactly)
+    index = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, -1, -1], [0, 1, 2, 3], [0, 1, 2, 3]], dtype=torch.int32)
+    slack = torch.ones(5, dtype=torch.float64)
+    assert crowded_lists(index, s2, slack, 10.0, room=1).tolist() == [True, False, False, False, False]
+    assert crowded_lists(index, s2, slack, 10.0, room=2).tolist() == [True, False, False, True, False]
+    assert crowded_lists(index, s2, slack, 10.0, room=3).tolist() == [True, False, False, True, True]
+    assert crowded_lists(index, s2, slack, 10.0, room=4).tolist() == [True, True, False, True, True]
 
 
 LONG_LIST_CASES = [0, 1, 2, 3, 7, 8, 9]  # the CASES without a cap
@@ -557,6 +559,9 @@ def test_long_lists_auto_and_off_with_a_cap_or_zero_threshold(monkeypatch):
                                 band_dtype="bfloat16", band_backend="torch")
     assert info.long_k == 32 and info.num_long_lists > 0 and calls
     assert torch.equal(path, tfp_order_reference(emb, threshold=t))
+    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                                band_dtype="float32", band_backend="torch")
+    assert info.long_k == 32 and torch.equal(path, tfp_order_reference(emb, threshold=t))
     with pytest.raises(ValueError, match="long_lists must be"):
         fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8, long_lists="yes")
 

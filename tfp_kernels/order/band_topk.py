@@ -461,16 +461,23 @@ def band_topk_rows(
             s2[torch.arange(b, device=x.device), r] = torch.inf  # self
             num_close = (s2 < hi[:, None]).sum(dim=1, dtype=torch.int32)
             s2.masked_fill_(s2 < lo[:, None], torch.inf)
-            # the kk smallest by (value, column): all below the kk-th value, then the lowest columns equal to it
-            # (torch.topk leaves ties open; +inf entries fill rows with fewer band entries, then read as -1)
-            kth = torch.topk(s2, kk, dim=1, largest=False, sorted=True).values[:, -1:]
-            below = s2 < kth
-            tied = s2 == kth
-            wanted = kk - below.sum(dim=1, keepdim=True)
-            chosen = below | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= wanted))
-            idx = torch.nonzero(chosen)[:, 1].view(b, kk)  # (row-major: each row's columns, increasing)
-            vals = s2.gather(1, idx)
-            by_value = torch.sort(vals, dim=1, stable=True).indices  # (value, column) order
+            # the kk smallest by (value, column). torch.topk leaves ties open, so its set is taken where it is
+            # {s2 <= kk-th value} (no tie at the K-th place left out: the usual case, one pass to check) or
+            # where that value is +inf (fewer band entries: the rest read as -1); other rows select the columns
+            # below the K-th value and then the lowest ones equal to it
+            vals, idx = torch.topk(s2, kk, dim=1, largest=False, sorted=True)
+            kth = vals[:, -1:]
+            tie_rows = torch.nonzero(((s2 <= kth).sum(dim=1) != kk) & torch.isfinite(kth[:, 0])).flatten()
+            if tie_rows.numel():
+                sub, sub_kth = s2[tie_rows], kth[tie_rows]
+                tied = sub == sub_kth
+                wanted = kk - (sub < sub_kth).sum(dim=1, keepdim=True)
+                chosen = (sub < sub_kth) | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= wanted))
+                idx[tie_rows] = torch.nonzero(chosen)[:, 1].view(-1, kk)  # (row-major: increasing columns)
+                vals[tie_rows] = sub.gather(1, idx[tie_rows])
+            by_index = torch.argsort(idx, dim=1)  # (value, column) order: by column, then stably by value
+            vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+            by_value = torch.sort(vals, dim=1, stable=True).indices
             vals, idx = vals.gather(1, by_value), idx.gather(1, by_value)
             idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
             vals = vals.float()
