@@ -9,7 +9,7 @@
 #            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
 #            order_<n>_progress.log
 #   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, stacked products,
-#            longer lists)
+#            longer lists, float64 long lists)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -101,7 +101,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 120 -m gpu tests/order  # the GPU equalities with the reference (every fallback, band dtype, metric)
       pytests 150 tests/order/test_band_topk.py
       pytests 100 tests/order/test_scan_triton.py ;;
-    new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists
+    new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists,
+                # float64 long lists beside the Triton lists
+      pytests 60 tests/order/test_fast.py -k "cuda_long_lists"
       pytests 60 tests/order/test_scan_triton.py -k settle
       pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates" ;;
     n4096)

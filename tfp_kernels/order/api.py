@@ -38,7 +38,7 @@ class OrderStats:
         scan_candidates: rows the fused Triton scans (``fallback="triton"``) settled with float64 distances,
             summed over their scans: the rows their float16 pass left within its error bound of the answer.
         num_long_lists: band lists replaced by long lists (crowded near the threshold), over all builds;
-        long_k: their length (0 when not used).
+        long_k: their length (0 when not used); time_long_s: seconds spent on them (within time_band_s).
     """
 
     threshold: float
@@ -59,6 +59,7 @@ class OrderStats:
     scan_candidates: int = 0
     num_long_lists: int = 0
     long_k: int = 0
+    time_long_s: float = 0.0
 
     @property
     def fallback_rate(self) -> float:

@@ -60,6 +60,7 @@ class FastOrderInfo:
     scan_candidates: int = 0
     num_long_lists: int = 0
     long_k: int = 0
+    time_long_s: float = 0.0
 
 
 class DuplicateGroups(NamedTuple):
@@ -488,9 +489,11 @@ def fast_tfp_order(
         """Long lists of the crowded lists among ``rows`` (all list rows when None), among ``rows``: the host
         tensors (positions in ``rows`` (Q,) int64, index (Q, long_k) int32 global list-row ids, s2 (Q,
         long_k) float32, limit2 (Q,) float64), or None when no list is crowded."""
+        t_start = time.perf_counter()
         row_slack = list_slack if rows is None else list_slack[rows]
         crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
         if crowded.numel() == 0:
+            info.time_long_s += time.perf_counter() - t_start
             return None
         x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
             long_x[rows], long_sq[rows], long_slack[rows])
@@ -506,7 +509,9 @@ def fast_tfp_order(
             s2 = torch.cat([s2, s2.new_full((s2.shape[0], long_k - kk), torch.inf)], dim=1)
         full = index[:, -1] >= 0
         limit2 = torch.where(full, s2[:, -1].double() - q_slack, torch.full_like(q_slack, torch.inf))
-        return [host_table(t) for t in (crowded, index, s2, limit2)]
+        tables = [host_table(t) for t in (crowded, index, s2, limit2)]
+        info.time_long_s += time.perf_counter() - t_start
+        return tables
 
     def build(rows: torch.Tensor | None):
         """Lists of ``rows`` (all list rows — nodes, or duplicate groups — when None) among ``rows``, with
