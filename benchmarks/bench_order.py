@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks._harness import write_results
-from benchmarks.naive_tfp import naive_distance_matrix, naive_threshold, naive_tfp_order
+from benchmarks.naive_tfp import naive_distance_matrix, naive_tfp_order, naive_threshold
 from tfp_kernels import check_path, estimate_threshold, tfp_order, tfp_order_reference
 
 PAPER_CAP = 10000
@@ -50,7 +50,7 @@ def _timed(fn, device: str):
 
 def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k="auto",
                check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP,
-               progress: bool = False) -> dict:
+               progress: bool = False, long_lists="auto") -> dict:
     emb = clustered_embeddings(n, d, device=device)
     row: dict = {"n": n, "dim": d, "max_rejections": cap, "fallback": fallback}
     threshold = None
@@ -88,7 +88,7 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
                   k=list_length(emb, threshold, k=k))
     (paths["tfp_order"], stats), dt = _timed(
         lambda: tfp_order(emb, threshold=threshold, max_rejections=cap, k=k, fallback=fallback,
-                          return_stats=True, progress=progress), device)
+                          return_stats=True, progress=progress, long_lists=long_lists), device)
     row["tfp_order"] = {
         "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend,
         "band_dtype": stats.band_dtype, "k": stats.k, "threshold_s": stats.time_threshold_s,
@@ -140,6 +140,8 @@ def main(argv=None) -> None:
     p.add_argument("--cap", default=str(PAPER_CAP),
                    help="max_rejections of every implementation: an integer, or 'none' (tfp_order's default)")
     p.add_argument("--progress", action="store_true", help="progress bars of the timed tfp_order run (stderr)")
+    p.add_argument("--long-lists", default="auto", choices=["auto", "on", "off"],
+                   help="tfp_order(long_lists=...): long lists of the crowded band lists (auto: from 65,536 rows)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
     cap = None if args.cap.lower() == "none" else int(args.cap)
@@ -149,7 +151,8 @@ def main(argv=None) -> None:
     for n in args.sizes:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
                          reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap,
-                         check_steps=args.check_steps, progress=args.progress)
+                         check_steps=args.check_steps, progress=args.progress,
+                         long_lists={"auto": "auto", "on": True, "off": False}[args.long_lists])
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]
@@ -167,7 +170,10 @@ def main(argv=None) -> None:
         stage += f"_{args.fallback}"
     if cap != PAPER_CAP:
         stage += f"_cap{cap}" if cap is not None else "_nocap"
-    path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "max_rejections": cap, "rows": rows},
+    if args.long_lists != "auto":
+        stage += f"_long{args.long_lists}"
+    path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "max_rejections": cap,
+                                              "long_lists": args.long_lists, "rows": rows},
                          out_dir=args.out_dir)
     print(f"wrote {path}")
 

@@ -50,16 +50,18 @@ TORCH_LIBRARY(tfp_kernels, m) {
       "Tensor scan_slack, Tensor(a!) path, Tensor(b!) visited, "
       "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
-      "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None) -> int");
+      "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
+      "Tensor? long_slack=None) -> int");
   // Exact-duplicate groups (optional, all four or none): the band lists are then per group (U, K) and
   // hold group ids; group_of (N,) int32 is each node's group, group_members (N,) int64 the nodes of
   // group g in increasing order at group_offsets[g]..group_offsets[g + 1] (int64, U + 1), group_next
   // (U,) int64 the position of each group's first possibly-unvisited member (advanced by the walk). A
   // group's members have identical rows, so one distance stands for all and its next member is the
   // one the rule takes (ties by index).
-  // Long lists (optional, all three or none): long_row (U,) int32 gives, per list row, a row of
+  // Long lists (optional, all four or none): long_row (U,) int32 gives, per list row, a row of
   // long_index (L, K_long) int32 / long_s2 (L, K_long) float32 to read instead of the band tables (-1:
-  // none); they are sorted band lists of the same meaning (band_limit2 holds their limit).
+  // none); they are sorted band lists of the same meaning, long_slack (L,) float64 the error bound of
+  // their s2 (band_limit2 holds their limit).
   // Epilogue of the blockwise band top-k on the CPU: per row of a (B, N) float32 block of squared
   // distances (global rows row_offset..), the K smallest entries >= lower (by value, then column) and
   // the count of entries < upper, the row's own column skipped. Returns (index (B, K) int32, -1 padded;

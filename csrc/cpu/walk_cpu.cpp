@@ -13,7 +13,8 @@
 // With `scan_rows` (float16 copies of the prepared rows, see FallbackScan) given, the scan runs here and
 // the walk completes; without them the op returns the step that needs the scan and the caller runs it.
 // Long lists (optional): a list row r with long_row[r] >= 0 reads its list from row long_row[r] of
-// long_index / long_s2 (L, K_long) instead of the band tables (band_limit2[r] is then that list's limit).
+// long_index / long_s2 (L, K_long) instead of the band tables, with the error bound long_slack[long_row[r]]
+// of its s2 (band_limit2[r] is then that list's limit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -466,6 +467,7 @@ struct LongLists {
   const int32_t* long_row = nullptr;  // (rows,) row of the long tables, or -1
   const int32_t* index = nullptr;     // (L, k) int32, -1 padded
   const float* s2 = nullptr;          // (L, k) float32
+  const double* slack = nullptr;      // (L,) float64, bounds of |s2 - exact s2|
   int64_t k = 0;
 };
 
@@ -521,11 +523,13 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     const int32_t* list = index + row * band_k;
     const float* list_s2 = s2_approx + row * band_k;
     int64_t k = band_k;
+    double list_slack = slack[last];
     if (long_lists.long_row && long_lists.long_row[row] >= 0) {
       const int64_t at = long_lists.long_row[row];
       k = long_lists.k;
       list = long_lists.index + at * k;
       list_s2 = long_lists.s2 + at * k;
+      list_slack = long_lists.slack[at];  // (float64 lists: the walk stops at the entries a hair past the best)
     }
     int64_t best = -1;
     double best_d = std::numeric_limits<double>::infinity();
@@ -533,8 +537,8 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     for (int64_t j = 0; j < k; ++j) {
       const int64_t entry = list[j];
       if (entry < 0) break;
-      // entries are sorted by approximate s2; their exact s2 is at least list_s2[j] - slack[last]
-      if (best >= 0 && static_cast<double>(list_s2[j]) - slack[last] > best_s2) break;
+      // entries are sorted by approximate s2; their exact s2 is at least list_s2[j] - list_slack
+      if (best >= 0 && static_cast<double>(list_s2[j]) - list_slack > best_s2) break;
       const int64_t c = groups.resolve(entry, seen);
       if (c < 0) continue;
       // start fetching the row of the next unvisited entry while this one is computed (rows are KBs
@@ -593,7 +597,7 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
                      const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
-                     const std::optional<at::Tensor>& long_s2) {
+                     const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
            &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
@@ -656,23 +660,27 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
               "tfp_walk: num_fallbacks must be empty or an int64 counter");
   if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
-  const int long_given = long_row.has_value() + long_index.has_value() + long_s2.has_value();
-  TORCH_CHECK(long_given == 0 || long_given == 3, "tfp_walk: pass all of long_row, long_index, long_s2, or none");
+  const int long_given = long_row.has_value() + long_index.has_value() + long_s2.has_value() + long_slack.has_value();
+  TORCH_CHECK(long_given == 0 || long_given == 4,
+              "tfp_walk: pass all of long_row, long_index, long_s2, long_slack, or none");
   LongLists long_lists;
   if (long_given) {
-    for (const at::Tensor* t : {&*long_row, &*long_index, &*long_s2}) {
+    for (const at::Tensor* t : {&*long_row, &*long_index, &*long_s2, &*long_slack}) {
       TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tfp_walk: long-list tensors must be contiguous CPU tensors");
     }
     TFP_CHECK_DTYPE((*long_row), at::kInt);
     TFP_CHECK_DTYPE((*long_index), at::kInt);
     TFP_CHECK_DTYPE((*long_s2), at::kFloat);
+    TFP_CHECK_DTYPE((*long_slack), at::kDouble);
     TORCH_CHECK(long_row->numel() == rows, "tfp_walk: long_row must have ", rows, " entries (one per list)");
     TORCH_CHECK(long_index->dim() == 2 && long_s2->sizes() == long_index->sizes(),
                 "tfp_walk: long_index and long_s2 must have the same shape (L, K_long)");
+    TORCH_CHECK(long_slack->numel() == long_index->size(0), "tfp_walk: long_slack must have L = ",
+                long_index->size(0), " entries (one per long list)");
     // (long_row's entries, in [-1, L), are checked where the tables are made: a pass over them per call would
     // cost O(N) per scan)
     long_lists = LongLists{long_row->data_ptr<int32_t>(), long_index->data_ptr<int32_t>(), long_s2->data_ptr<float>(),
-                           long_index->size(1)};
+                           long_slack->data_ptr<double>(), long_index->size(1)};
   }
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);

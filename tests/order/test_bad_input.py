@@ -88,3 +88,11 @@ def test_check_path_bad_arguments():
         check_path(emb, torch.arange(5.0), threshold=1.0)
     with pytest.raises(ValueError, match="atol must be"):
         check_path(emb, torch.arange(5), threshold=1.0, atol=-1)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_long_lists(value):
+    from tfp_kernels import tfp_order
+
+    with pytest.raises(ValueError, match="long_lists must be 'auto', True or False"):
+        tfp_order(torch.randn(10, 4), long_lists=value)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tfp_kernels.order.band_topk import (
-    BandLists,
     MIN_ACC_CHUNK,
+    BandLists,
     band_topk_reference,
     band_topk_rows,
     band_topk_torch,

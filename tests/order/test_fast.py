@@ -581,6 +581,7 @@ def test_walk_op_reads_long_lists_and_rejects_partial_ones():
     long_row = torch.tensor([0, -1, -1, -1], dtype=torch.int32)
     long_index = torch.tensor([[1, 2, 3]], dtype=torch.int32)
     long_s2 = torch.tensor([[9.0, 25.0, 162.0]])
+    long_slack = torch.zeros(1, dtype=torch.float64)
 
     def walk(*extra):
         path = torch.tensor([0, 0, 0, 0])
@@ -589,10 +590,34 @@ def test_walk_op_reads_long_lists_and_rejects_partial_ones():
                                               -1, False, None, None, None, None, *extra)
         return step, path
 
-    step, path = walk(long_row, long_index, long_s2)
+    step, path = walk(long_row, long_index, long_s2, long_slack)
     assert step == 2 and path[1] == 1  # took node 1 from the long list, then row 1 could not decide
     assert walk()[0] == 1
     with pytest.raises(RuntimeError, match="pass all of long_row"):
-        walk(long_row, long_index, None)
+        walk(long_row, long_index, long_s2, None)
     with pytest.raises(RuntimeError, match="long_row must have 4 entries"):
-        walk(long_row[:2].contiguous(), long_index, long_s2)
+        walk(long_row[:2].contiguous(), long_index, long_s2, long_slack)
+    with pytest.raises(RuntimeError, match="long_slack must have L = 1 entries"):
+        walk(long_row, long_index, long_s2, torch.zeros(2, dtype=torch.float64))
+
+
+def test_walk_op_stops_a_long_list_by_its_own_error_bound():
+    # node 2 (exact s2 4) is listed after node 1 (9) with a stored s2 of 9.5: the walk looks at it only if the
+    # list's bound allows an exact s2 below 9 (9.5 - slack < 9); the band tables' bound (slack[last]) is huge
+    emb = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    n = 3
+    limit2 = torch.full((n,), float("inf"), dtype=torch.float64)
+    args = [emb, torch.empty(0, dtype=torch.float64), torch.full((n, 1), -1, dtype=torch.int32),
+            torch.full((n, 1), float("inf")), limit2, torch.full((n,), 100.0, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.int32), torch.empty(0, dtype=torch.float16)]
+    args += [torch.empty(0, dtype=torch.float64)] * 3
+    tables = [torch.tensor([0, -1, -1], dtype=torch.int32), torch.tensor([[1, 2]], dtype=torch.int32),
+              torch.tensor([[9.0, 9.5]])]
+    picks = {}
+    for slack in (1.0, 0.0):
+        path = torch.zeros(n, dtype=torch.long)
+        visited = torch.tensor([True, False, False])
+        torch.ops.tfp_kernels.tfp_walk(*args, path, visited, torch.zeros(3, dtype=torch.long), 1, 2, 2.0, 4, -1, False,
+                                       None, None, None, None, *tables, torch.tensor([slack], dtype=torch.float64))
+        picks[slack] = int(path[1])
+    assert picks == {1.0: 2, 0.0: 1}

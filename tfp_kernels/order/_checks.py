@@ -119,6 +119,13 @@ def check_list_length(value) -> int | str:
     return int(value)
 
 
+def check_long_lists(value) -> bool | str:
+    """``long_lists`` of the orderings: ``"auto"``, True or False."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"long_lists must be 'auto', True or False, got {value!r}")
+    return value
+
+
 def check_tolerance(value, name: str) -> float:
     if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -80,6 +80,7 @@ def tfp_order(
     backend: str = "auto",
     fallback: str = "auto",
     band_dtype: str = "auto",
+    long_lists: bool | str = "auto",
     progress: bool = False,
     return_stats: bool = False,
     group=None,
@@ -127,6 +128,10 @@ def tfp_order(
             hundreds). Same path in all: every decision is taken on exact distances; the bound only sets how
             much the lists can prove (at N = 10^6 it decides whether K = 64 lists can prove anything).
             Ignored with ``group`` (the sharded lists are float32).
+        long_lists: ``"auto"`` (default), True or False: the band lists that sit within their error bound of
+            ``t`` (they could prove almost nothing) replaced by 4K-entry lists of those rows, computed in
+            float64 beside 16-bit lists (fast backend; :func:`~tfp_kernels.order.fast.crowded_lists`). "auto":
+            from 65,536 list rows; never with a cap or ``t = 0``. Same path either way. Ignored with ``group``.
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
         group: None (default: this process orders all of ``embeddings``) or an initialised
@@ -163,6 +168,7 @@ def tfp_order(
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
     k = _checks.check_list_length(k)
+    long_lists = _checks.check_long_lists(long_lists)
     n = embeddings.shape[0]
     start = _checks.check_start(start, n)
     t0 = time.perf_counter()
@@ -187,7 +193,7 @@ def tfp_order(
 
         path, info = fast_tfp_order(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
-            start=start, k=k, progress=progress, fallback=fallback, band_dtype=band_dtype,
+            start=start, k=k, progress=progress, fallback=fallback, band_dtype=band_dtype, long_lists=long_lists,
         )
         extra = dataclasses.asdict(info)
         del extra["time_setup_s"]  # counted in time_order_s

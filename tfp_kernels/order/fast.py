@@ -488,7 +488,8 @@ def fast_tfp_order(
     def lengthen(rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor):
         """Long lists of the crowded lists among ``rows`` (all list rows when None), among ``rows``: the host
         tensors (positions in ``rows`` (Q,) int64, index (Q, long_k) int32 global list-row ids, s2 (Q,
-        long_k) float32, limit2 (Q,) float64), or None when no list is crowded."""
+        long_k) float32, limit2 (Q,) float64, slack (Q,) float64 the bound of their s2), or None when no list
+        is crowded."""
         t_start = time.perf_counter()
         row_slack = list_slack if rows is None else list_slack[rows]
         crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
@@ -509,7 +510,7 @@ def fast_tfp_order(
             s2 = torch.cat([s2, s2.new_full((s2.shape[0], long_k - kk), torch.inf)], dim=1)
         full = index[:, -1] >= 0
         limit2 = torch.where(full, s2[:, -1].double() - q_slack, torch.full_like(q_slack, torch.inf))
-        tables = [host_table(t) for t in (crowded, index, s2, limit2)]
+        tables = [host_table(t) for t in (crowded, index, s2, limit2, q_slack)]
         info.time_long_s += time.perf_counter() - t_start
         return tables
 
@@ -551,18 +552,18 @@ def fast_tfp_order(
 
     # the long lists' tables, as the walk reads them (rebuilds append to them)
     long_tables = [torch.full((num_lists,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
-                   torch.empty(0, long_k, dtype=torch.float32)]
+                   torch.empty(0, long_k, dtype=torch.float32), torch.empty(0, dtype=torch.float64)]
 
     def add_long_lists(rows_host: torch.Tensor | None, long) -> None:
         """Point the rows of ``long`` (:func:`lengthen`) at their new long lists; their limits into limit2."""
         if long is None:
             return
-        where, index, s2, limit = long
+        where, index, s2, limit, slack = long
         rows = where if rows_host is None else rows_host[where]
         long_tables[0][rows] = torch.arange(long_tables[1].shape[0], long_tables[1].shape[0] + rows.numel(),
                                             dtype=torch.int32)
-        long_tables[1] = torch.cat([long_tables[1], index]) if long_tables[1].shape[0] else index
-        long_tables[2] = torch.cat([long_tables[2], s2]) if long_tables[2].shape[0] else s2
+        for i, part in ((1, index), (2, s2), (3, slack)):
+            long_tables[i] = torch.cat([long_tables[i], part]) if long_tables[i].shape[0] else part
         limit2[rows] = limit
         info.num_long_lists += rows.numel()
 

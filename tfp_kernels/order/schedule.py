@@ -115,8 +115,8 @@ def bind_walk(
     tables in place, so the bound walk always reads the current lists. ``host_scan``: a
     :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
     :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or a
-    list ``[long_row, long_index, long_s2]`` (see the op) read at each call, so that the caller may replace its
-    tensors (rebuilds append long lists); long_row's entries must lie in [-1, L).
+    list ``[long_row, long_index, long_s2, long_slack]`` (see the op) read at each call, so that the caller may
+    replace its tensors (rebuilds append long lists); long_row's entries must lie in [-1, L).
     """
     cap = -1 if max_rejections is None else max_rejections
     tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
