@@ -621,3 +621,19 @@ def test_walk_op_stops_a_long_list_by_its_own_error_bound():
                                        None, None, None, None, *tables, torch.tensor([slack], dtype=torch.float64))
         picks[slack] = int(path[1])
     assert picks == {1.0: 2, 0.0: 1}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_long_lists_with_duplicate_groups(monkeypatch, metric):
+    # the long lists hold group ids like the band lists (one list per group, of the groups' representatives),
+    # through rebuilds
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    emb = _with_duplicate_groups(500, 12, seed=5)
+    t = estimate_threshold(emb, metric=metric)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, start=3)
+    path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=3, k=8,
+                                band_backend="torch", band_dtype="bfloat16", long_lists=True)
+    assert info.num_groups < emb.shape[0] and info.num_long_lists > 0
+    assert torch.equal(path, ref)
