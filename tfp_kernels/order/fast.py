@@ -36,6 +36,7 @@ from .band_topk import (
     float64_error_coef,
     squared_distance_error_coef,
 )
+from ._checks import check_long_lists
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
@@ -403,15 +404,14 @@ def fast_tfp_order(
     ~1e-7 of the squared norms instead of ~1e-5: their band edge holds almost no node of either side) unless
     the band lists are float32 (then float32: as on the CPU, where float64 products cost twice as much).
     ``"auto"``: for walks over :data:`LONG_LIST_MIN_ROWS` list rows or more; True: always; False: never. Not
-    with a cap, nor with ``t = 0``. (2-core CPU, N = 100,000, no cap, float32 lists, one session: K = 64 72.6 s
-    with 1,274 scans, 62.8 s with 617 long lists and 998 scans; K = 128 no list was crowded, 60.7 s.)
+    with a cap, nor with ``t = 0``. (2-core CPU, N = 100,000, no cap, float32 lists, one session: K = 64 76.3 s
+    with 1,274 scans, 69.0 s with 617 long lists and 998 scans; with K = 128 no list was crowded.)
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
     """
     info = FastOrderInfo()
-    if long_lists not in ("auto", True, False):
-        raise ValueError(f"long_lists must be 'auto', True or False, got {long_lists!r}")
+    long_lists = check_long_lists(long_lists)
     device = embeddings.device
     n, dim = embeddings.shape
     # the arguments' checks first, before any of the work
