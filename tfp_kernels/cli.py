@@ -437,6 +437,7 @@ def run(args: argparse.Namespace) -> dict:
             "fallbacks": stats.num_fallbacks,
             "fallback_rate": round(stats.fallback_rate, 6),
             "rebuilds": stats.num_rebuilds,
+            "long_lists": stats.num_long_lists,
         }
         if not args.no_check:
             with timer("check"):
