@@ -52,6 +52,10 @@ GOOD = {
     # by every rank together (each rank alone sees a part of them): the same K (512) and path as one process
     "auto_k": {"n": 600, "d": 160, "shell": 150, "kwargs": {"k": "auto"},
                "fast_attrs": {"AUTO_K_MIN_ROWS": 1, "AUTO_K_BASE": 4, "AUTO_K_MAX": 1024}},
+    # long lists for every full list (4 entries, all "crowded" with LONG_LIST_ROOM = 5): 16-entry float64 lists
+    # of every rank's rows merged on rank 0, at the first build and at each rebuild (among the unvisited)
+    "long_lists": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4, "long_lists": True},
+                   "fast_attrs": {"LONG_LIST_ROOM": 5}},
 }
 SAMPLED = {"n": 150, "d": 6, "direct": True, "kwargs": {"sample_pairs": 300, "seed": 3}}
 BAD = {
@@ -61,7 +65,7 @@ BAD = {
 }
 CASES = {**GOOD, "sampled": SAMPLED, **BAD}
 # the 4-process run: fewer cases (four processes share the 2 CI cores)
-CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "bad_d"]
+CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "long_lists", "bad_d"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,7 @@ def _single(case: dict):
     kwargs = case.get("kwargs", {})
     with helpers.fast_attrs(case.get("fast_attrs", {})):
         path, stats = tfp_order(emb, return_stats=True, **kwargs)
-    ref = tfp_order_reference(emb, **{k: v for k, v in kwargs.items() if k != "k"})
+    ref = tfp_order_reference(emb, **{k: v for k, v in kwargs.items() if k not in ("k", "long_lists")})
     assert torch.equal(path, ref), "single-process fast and reference paths differ: the test data has ties"
     return path, stats
 
@@ -116,6 +120,9 @@ def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
         assert got.num_fallbacks == per_rank[0]["stats"].num_fallbacks
         if case.get("kwargs", {}).get("k") == "auto":
             assert got.k == stats.k == 512, (got.k, stats.k)
+        if case.get("kwargs", {}).get("long_lists"):
+            assert got.long_k == stats.long_k == 16 and got.num_long_lists == per_rank[0]["stats"].num_long_lists
+            assert got.num_long_lists > case["n"] and got.num_rebuilds > 0  # (first build and rebuilds)
 
 
 @pytest.mark.parametrize("name", list(GOOD))

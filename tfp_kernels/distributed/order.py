@@ -30,7 +30,10 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    ``all_gather`` of per-rank summaries settles the global pick with ties broken by global index (more
    rounds only when a rank must look further, and for the rejection cap a count and, when the cap fires,
    a gather of each rank's M + 1 nearest). *rebuild*: the lists of the unvisited nodes recomputed among
-   the unvisited, with the same ring. *done*: rank 0 broadcasts the path.
+   the unvisited, with the same ring. *long*: long lists for the crowded lists (``long_lists``, see
+   :func:`~tfp_kernels.order.fast.crowded_lists`; after the first build and each rebuild): rank 0 broadcasts
+   those rows in float64, each rank lists its own (unvisited) rows for them in float64 and rank 0 merges the
+   ranks' best by (distance, index). *done*: rank 0 broadcasts the path.
 
 Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = ``block_elements``):
 
@@ -57,9 +60,15 @@ import torch.distributed as dist
 from .. import _ext
 from ..order import _checks
 from ..order.api import OrderStats
-from ..order.band_topk import _ieee_fp32_matmul, band_bounds, squared_distance_error_coef
+from ..order.band_topk import (
+    _ieee_fp32_matmul,
+    band_bounds,
+    float64_error_coef,
+    select_smallest,
+    squared_distance_error_coef,
+)
 from ..order.distance import pair_distances, prepare
-from ..order.fast import squared_threshold
+from ..order.fast import LONG_LIST_FACTOR, LONG_LIST_MIN_ROWS, crowded_lists, squared_threshold
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, bind_walk, run_walk
@@ -70,7 +79,7 @@ __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded
 _MAX_KEY = 0x7FFFFFFFFFFFFFFF
 _ROOT = 0  # group rank of the walking rank
 # commands broadcast by the walking rank
-_DONE, _SCAN, _REBUILD, _BASIS = 0, 1, 2, 3
+_DONE, _SCAN, _REBUILD, _BASIS, _LONG = 0, 1, 2, 3, 4
 # bytes per message when rows are gathered to rank 0
 _CHUNK_BYTES = 1 << 28
 
@@ -209,7 +218,7 @@ def _local_errors(embeddings, *, metric, args: dict) -> tuple[dict, torch.Tensor
 
 def _validate(
     comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend,
-    rebuild="auto",
+    rebuild="auto", long_lists="auto",
 ):
     """Collective validation: every rank raises the same error when any rank's input is bad."""
     arg_error = None
@@ -226,6 +235,7 @@ def _validate(
             raise ValueError(f"backend must be 'auto' or 'fast' with a process group, got {backend!r}")
         if rebuild not in ("auto", None):
             raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
+        long_lists = _checks.check_long_lists(long_lists)
     except (TypeError, ValueError) as err:
         arg_error = (type(err).__name__, str(err))
     args = {
@@ -237,6 +247,7 @@ def _validate(
         "start": start,
         "k": k,
         "rebuild": rebuild,
+        "long_lists": long_lists,
     }
     info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
     if arg_error is not None:
@@ -768,6 +779,75 @@ def _rebuild(comm, sh: _Shard, k: int, block_elements: int):
     return gathered, sent
 
 
+def _local_long_lists(sh: _Shard, q64: torch.Tensor, q_ids: torch.Tensor, q_lower: torch.Tensor, k: int,
+                      unvisited_only: bool, block_elements: int) -> torch.Tensor:
+    """This rank's part of the long lists: per float64 query row (global ids ``q_ids``, band lower bounds
+    ``q_lower``), the ``k`` smallest float64 squared distances ``>= q_lower`` to this rank's rows (the unvisited
+    ones when ``unvisited_only``; the query row itself excluded), by (value, global id). Returns (Q, 2 k)
+    float64: values (+inf padding), then global ids (-1 padding), as one tensor to gather."""
+    x64 = prepare(sh.x, sh.metric, torch.float64)
+    ids = torch.arange(sh.m, device=x64.device) + sh.offset
+    if unvisited_only:
+        x64, ids = x64[~sh.visited], ids[~sh.visited]
+    q = q64.shape[0]
+    out = torch.cat([torch.full((q, k), torch.inf, dtype=torch.float64, device=x64.device),
+                     torch.full((q, k), -1.0, dtype=torch.float64, device=x64.device)], dim=1)
+    kk = min(k, x64.shape[0])
+    if kk == 0 or q == 0:
+        return out
+    sq, q_sq = x64.square().sum(dim=1), q64.square().sum(dim=1)
+    block = max(1, block_elements // x64.shape[0])
+    for q0 in range(0, q, block):
+        q1 = min(q, q0 + block)
+        s2 = (q_sq[q0:q1, None] + sq[None, :]) - 2.0 * (q64[q0:q1] @ x64.T)
+        s2.clamp_(min=0).masked_fill_(q_ids[q0:q1, None] == ids[None, :], torch.inf)  # self
+        s2.masked_fill_(s2 < q_lower[q0:q1, None], torch.inf)
+        vals, cols = select_smallest(s2, kk)  # (local columns in increasing global id)
+        out[q0:q1, :kk] = vals
+        out[q0:q1, k : k + kk] = torch.where(torch.isinf(vals), -1, ids[cols]).double()
+    return out
+
+
+def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, payload=None) -> torch.Tensor | None:
+    """Every rank's side of a long-list round (:func:`_long_lists_root` broadcasts ``payload`` on rank 0): this
+    rank's part, gathered to rank 0 (returned there, (W Q, 2 k) in rank order; None elsewhere)."""
+    q, k, unvisited_only = comm.bcast(
+        payload[0] if payload is not None else torch.zeros(3, dtype=torch.int64)).tolist()
+    data = comm.bcast(payload[1] if payload is not None else
+                      torch.empty(q * (dim + 2), dtype=torch.float64, device=sh.x.device)).to(sh.x.device)
+    q64 = data[: q * dim].view(q, dim)
+    q_ids, q_lower = data[q * dim : q * dim + q].long(), data[q * dim + q :]
+    part = _local_long_lists(sh, q64, q_ids, q_lower, k, bool(unvisited_only), block_elements)
+    gathered, _ = _gather_rows(comm, part.cpu(), [q] * comm.world, out_device=torch.device("cpu"))
+    return gathered
+
+
+def _long_lists_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, rows: torch.Tensor, *, t2: float,
+                     k: int, unvisited_only: bool, max_sq: float, block_elements: int):
+    """Rank 0: the long lists of the list rows ``rows`` (global ids, host int64), over every rank's rows (the
+    unvisited ones when ``unvisited_only``), in float64: the query rows broadcast, each rank's best ``k``
+    gathered and merged by (value, id) (the global best k are among the ranks' best k). Returns host tensors
+    (index (Q, k) int32, s2 (Q, k) float32, limit2 (Q,) float64, slack (Q,) float64) as the single-process
+    long lists."""
+    dim = emb_host.shape[1]
+    q64 = prepare(emb_host.index_select(0, rows), sh.metric, torch.float64)
+    slack = float64_error_coef(dim) * (q64.square().sum(dim=1) + max_sq)
+    lower, _ = band_bounds(t2, slack)
+    q = rows.numel()
+    payload = (torch.tensor([q, k, int(unvisited_only)], dtype=torch.int64),
+               torch.cat([q64.flatten(), rows.double(), lower.double()]))
+    gathered = _serve_long_lists(comm, sh, dim, block_elements, payload)
+    parts = gathered.view(comm.world, q, 2 * k)
+    values = parts[:, :, :k].permute(1, 0, 2).reshape(q, comm.world * k)
+    ids = parts[:, :, k:].permute(1, 0, 2).reshape(q, comm.world * k)
+    # (among equal values the columns go by rank, then by id within a rank: by global id)
+    vals, cols = select_smallest(values, k)
+    index = torch.where(torch.isinf(vals), -1.0, ids.gather(1, cols)).to(torch.int32)
+    s2 = vals.float()
+    limit2 = torch.where(index[:, -1] >= 0, s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
+    return index.contiguous(), s2.contiguous(), limit2, slack
+
+
 def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):
     """The loop of the ranks other than 0 during the walk: run the broadcast commands until done."""
     while True:
@@ -787,6 +867,8 @@ def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejectio
             sh.mark(torch.tensor([node]))
         elif cmd == _REBUILD:
             _rebuild(comm, sh, k, block_elements)
+        elif cmd == _LONG:
+            _serve_long_lists(comm, sh, dim, block_elements)
         else:  # pragma: no cover - protocol error
             raise RuntimeError(f"tfp_order(group=...): unknown command {cmd} from rank 0")
 
@@ -809,6 +891,7 @@ def tfp_order_sharded(
     sample_pairs: int | None = None,
     seed: int = 0,
     block_elements: int = 1 << 24,
+    long_lists: bool | str = "auto",
 ):
     """TFP order of rows sharded over the ranks of a process group (collective: every rank calls it).
 
@@ -832,6 +915,8 @@ def tfp_order_sharded(
         sample_pairs, seed: of the threshold sample, as in :func:`~tfp_kernels.estimate_threshold`
             (tfp_order uses the defaults None and 0).
         block_elements: elements of the (rows x columns) float32 tile of the list phase.
+        long_lists: as in :func:`~tfp_kernels.tfp_order`: the crowded lists (gathered on rank 0) get 4K-entry
+            float64 lists, each rank listing its own rows for them and rank 0 merging the ranks' best.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1`` (global indices), the
@@ -854,6 +939,7 @@ def tfp_order_sharded(
         k=k,
         backend=backend,
         rebuild=rebuild,
+        long_lists=long_lists,
     )
     n, dim = sum(sizes), shard.shape[1]
     offset = sum(sizes[: comm.rank])
@@ -883,6 +969,9 @@ def tfp_order_sharded(
         "time_band_s": 0.0,
         "time_walk_s": 0.0,
         "time_fallback_s": 0.0,
+        "num_long_lists": 0,
+        "long_k": 0,
+        "time_long_s": 0.0,
     }
     time_gather = time_lists = 0.0
     if n == 1:
@@ -901,6 +990,14 @@ def tfp_order_sharded(
             k = _auto_list_length(comm, sh, x32, sq_norms, n, t2)
             stats["k"] = k
         del x32
+        long_k = min(LONG_LIST_FACTOR * min(k, n - 1), n - 1)
+        use_long = (long_lists is True or (long_lists == "auto" and n >= LONG_LIST_MIN_ROWS)) and (
+            max_rejections is None and t2 > 0 and long_k > min(k, n - 1))
+        max_sq64 = 0.0
+        if use_long:  # (the float64 lists' bound: the global max of the float64 rows' squared norms)
+            local = prepare(shard, metric, torch.float64).square().sum(dim=1)
+            max_sq64 = comm.all_max(float(local.max()) if sh.m else 0.0)
+            stats["long_k"] = long_k
         tb = time.perf_counter()
         packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
         stats["time_band_s"] = time_lists = time.perf_counter() - tb
@@ -920,6 +1017,7 @@ def tfp_order_sharded(
             "k": k,
             "block_elements": block_elements,
         }
+        long_args = {"long_k": long_k if use_long else 0, "t2": t2, "max_sq": max_sq64}
         if comm.rank == _ROOT:
             path = _walk_root(
                 comm,
@@ -933,6 +1031,7 @@ def tfp_order_sharded(
                 rebuild=rebuild,
                 progress=progress,
                 stats=stats,
+                **long_args,
                 **common,
             )
         else:
@@ -940,9 +1039,9 @@ def tfp_order_sharded(
             path = torch.empty(n, dtype=torch.int64)
         path = comm.bcast(path)
         counters = comm.bcast(
-            torch.tensor([stats["num_fallbacks"], stats["num_rebuilds"]], dtype=torch.int64)
+            torch.tensor([stats["num_fallbacks"], stats["num_rebuilds"], stats["num_long_lists"]], dtype=torch.int64)
         )
-        stats["num_fallbacks"], stats["num_rebuilds"] = (int(v) for v in counters)
+        stats["num_fallbacks"], stats["num_rebuilds"], stats["num_long_lists"] = (int(v) for v in counters)
         path = path.to(device)
     t3 = time.perf_counter()
     if not return_stats:
@@ -982,8 +1081,12 @@ def _walk_root(
     rebuild,
     progress,
     stats,
+    long_k=0,
+    t2=0.0,
+    max_sq=0.0,
 ) -> torch.Tensor:
-    """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans and rebuilds."""
+    """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans, rebuilds and long lists
+    (``long_k`` > 0: the crowded lists get long ones, see :func:`_long_lists_root`)."""
     band_index, band_s2, limit2, num_close, slack_host = _unpack_lists(lists, k)
     del lists
     metric = sh.metric
@@ -1011,6 +1114,29 @@ def _walk_root(
         sh.mark(new)
         synced = step
 
+    # the long lists' tables, as the walk reads them (rebuilds append to them), as in the single-process path
+    long_tables = [torch.full((n,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
+                   torch.empty(0, long_k, dtype=torch.float32), torch.empty(0, dtype=torch.float64)]
+
+    def lengthen(rows: torch.Tensor, step: int, unvisited_only: bool) -> None:
+        """Long lists for the crowded lists among ``rows`` (host int64 node ids), among all nodes or the
+        unvisited ones."""
+        t_start = time.perf_counter()
+        crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2)]
+        if crowded.numel():
+            command(_LONG, step)
+            parts = _long_lists_root(comm, sh, emb_host, crowded, t2=t2, k=long_k, unvisited_only=unvisited_only,
+                                     max_sq=max_sq, block_elements=block_elements)
+            long_tables[0][crowded] = torch.arange(long_tables[1].shape[0], long_tables[1].shape[0] + crowded.numel(),
+                                                   dtype=torch.int32)
+            for i, part in ((1, parts[0]), (2, parts[1]), (3, parts[3])):
+                long_tables[i] = torch.cat([long_tables[i], part])
+            limit2[crowded] = parts[2]
+            stats["num_long_lists"] += crowded.numel()
+        stats["time_long_s"] += time.perf_counter() - t_start
+
+    if long_k:
+        lengthen(torch.arange(n), 1, False)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -1024,7 +1150,7 @@ def _walk_root(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
         slack=slack_host, num_close=num_close, host_scan=no_host_scan(), path=path, visited=visited,
         counter=counter, threshold=threshold, window=window, max_rejections=max_rejections,
-        cosine=metric == "cosine",
+        cosine=metric == "cosine", long_lists=long_tables if long_k else None,
     )
 
     def pick(step: int) -> int:  # a sharded exact scan
@@ -1043,6 +1169,9 @@ def _walk_root(
         rows_host = torch.nonzero(~visited).flatten()
         for table, part in zip((band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)):
             table[rows_host] = part
+        if long_k:
+            long_tables[0][rows_host] = -1
+            lengthen(rows_host, step, True)
 
     tally = run_walk(
         n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,

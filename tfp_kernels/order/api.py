@@ -131,7 +131,8 @@ def tfp_order(
         long_lists: ``"auto"`` (default), True or False: the band lists that sit within their error bound of
             ``t`` (they could prove almost nothing) replaced by 4K-entry lists of those rows, computed in
             float64 beside 16-bit lists (fast backend; :func:`~tfp_kernels.order.fast.crowded_lists`). "auto":
-            from 65,536 list rows; never with a cap or ``t = 0``. Same path either way. Ignored with ``group``.
+            from 65,536 list rows; never with a cap or ``t = 0``. Same path either way. With ``group``, every
+            rank lists its own rows for them and rank 0 merges.
         progress: show a progress bar (tqdm) of the walk.
         return_stats: also return an :class:`OrderStats`.
         group: None (default: this process orders all of ``embeddings``) or an initialised
@@ -159,7 +160,7 @@ def tfp_order(
         return tfp_order_sharded(
             embeddings, group=group, metric=metric, quantile=quantile, threshold=threshold, window=window,
             max_rejections=max_rejections, start=start, k=k, backend=backend, progress=progress,
-            return_stats=return_stats,
+            return_stats=return_stats, long_lists=long_lists,
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)

@@ -414,6 +414,35 @@ def float64_error_coef(dim: int) -> float:
     return 2.0 * _gamma(dim, u) + 6.0 * u + 2.0**-23
 
 
+def select_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``k`` smallest entries by (value, column), sorted that way.
+
+    ``torch.topk`` leaves ties open, so its set is taken where it is {values <= the k-th value} (no tie at the
+    k-th place left out: the usual case, one pass to check) or where that value is +inf (the rest of such a row
+    is +inf: padding); other rows take the columns below the k-th value, then the lowest ones equal to it.
+
+    Args:
+        values: (B, C) float tensor (+inf: absent), any device; k: 1 <= k <= C.
+
+    Returns:
+        (values (B, k), columns (B, k) int64).
+    """
+    vals, idx = torch.topk(values, k, dim=1, largest=False, sorted=True)
+    kth = vals[:, -1:]
+    tie_rows = torch.nonzero(((values <= kth).sum(dim=1) != k) & torch.isfinite(kth[:, 0])).flatten()
+    if tie_rows.numel():
+        sub, sub_kth = values[tie_rows], kth[tie_rows]
+        tied = sub == sub_kth
+        wanted = k - (sub < sub_kth).sum(dim=1, keepdim=True)
+        chosen = (sub < sub_kth) | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= wanted))
+        idx[tie_rows] = torch.nonzero(chosen)[:, 1].view(-1, k)  # (row-major: increasing columns)
+        vals[tie_rows] = sub.gather(1, idx[tie_rows])
+    by_index = torch.argsort(idx, dim=1)  # (value, column) order: by column, then stably by value
+    vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+    by_value = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, by_value), idx.gather(1, by_value)
+
+
 def band_topk_rows(
     x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
     *, block_elements: int | None = None,
@@ -461,24 +490,7 @@ def band_topk_rows(
             s2[torch.arange(b, device=x.device), r] = torch.inf  # self
             num_close = (s2 < hi[:, None]).sum(dim=1, dtype=torch.int32)
             s2.masked_fill_(s2 < lo[:, None], torch.inf)
-            # the kk smallest by (value, column). torch.topk leaves ties open, so its set is taken where it is
-            # {s2 <= kk-th value} (no tie at the K-th place left out: the usual case, one pass to check) or
-            # where that value is +inf (fewer band entries: the rest read as -1); other rows select the columns
-            # below the K-th value and then the lowest ones equal to it
-            vals, idx = torch.topk(s2, kk, dim=1, largest=False, sorted=True)
-            kth = vals[:, -1:]
-            tie_rows = torch.nonzero(((s2 <= kth).sum(dim=1) != kk) & torch.isfinite(kth[:, 0])).flatten()
-            if tie_rows.numel():
-                sub, sub_kth = s2[tie_rows], kth[tie_rows]
-                tied = sub == sub_kth
-                wanted = kk - (sub < sub_kth).sum(dim=1, keepdim=True)
-                chosen = (sub < sub_kth) | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= wanted))
-                idx[tie_rows] = torch.nonzero(chosen)[:, 1].view(-1, kk)  # (row-major: increasing columns)
-                vals[tie_rows] = sub.gather(1, idx[tie_rows])
-            by_index = torch.argsort(idx, dim=1)  # (value, column) order: by column, then stably by value
-            vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
-            by_value = torch.sort(vals, dim=1, stable=True).indices
-            vals, idx = vals.gather(1, by_value), idx.gather(1, by_value)
+            vals, idx = select_smallest(s2, kk)
             idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
             vals = vals.float()
             if kk < k:
