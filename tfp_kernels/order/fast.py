@@ -129,8 +129,9 @@ def auto_list_length(x32: torch.Tensor, sq_norms: torch.Tensor, t2: float, slack
     high-dimensional data crowd around ``t``): on the benchmark's clustered data (D = 768, float16 x 3
     lists, bound ~0.03 in squared distance, ``t^2`` ~2,050) a sampled row has a median of 14 and a 90th
     percentile of 63 nodes within the bound of ``t^2`` at N = 10^6 (2 and 9 at N = 131,072), and a walk over
-    K = 64 lists could not decide 31% of its first 300 steps (6.4% with K = 128, 0.3% with K = 256; exact
-    walk, simulated on the CPU), the scans taking 125 of 178 s at N = 10^6 on an H200.
+    K = 64 lists could not decide 37% of its first 300 steps (4.7% with K = 128, none with K = 256; exact
+    walk, simulated on the CPU: ``benchmarks/simulate_crowding.py``), the scans taking 125 of 178 s at N =
+    10^6 on an H200.
 
     K = the smallest power of two that is at least ``base`` and ``2 c_90 + 32`` (``c_90``: the 90th percentile
     over ``sample_rows`` seeded random rows of the number of nodes ``j`` with ``|s2_fast(i, j) - t^2| <
@@ -338,9 +339,10 @@ def crowded_lists(index: torch.Tensor, s2: torch.Tensor, slack: torch.Tensor, t2
     ``t^2 - slack``) the list sits at the band's edge: the nodes whose exact distance may fall on either
     side of ``t`` fill it, and where they are K or more (the distances of large sets of high-dimensional rows
     crowd around ``t``) it proves nothing, whatever is visited. An exact TFP walk over the benchmark's clustered
-    data at N = 10^6 (first 300 steps, simulated on the CPU with float16 x 3 lists' bound): every step a K = 128
-    list could not decide (4.3%) had such a list, and only those (K = 64: 27.4% of the steps, 29.1% flagged);
-    the rule's pick then lay within the first 12 nodes at ``>= t`` in exact order.
+    data at N = 10^6 (first 300 steps in float64, with the float16 x 3 lists' bound;
+    ``benchmarks/simulate_crowding.py``): every step a K = 128 list could not decide (4.7%) had such a list
+    (5.7% of the steps' lists were crowded; K = 64: 36.8% undecided, 38.8% crowded), and float64 lists of 4K
+    entries for the crowded ones decide every step: the rule's pick lay within the first 7 valid nodes.
 
     Args:
         index: (R, K) int32 band lists; s2: (R, K) float32 their squared distances; slack: (R,) float64 the
