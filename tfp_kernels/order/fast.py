@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_long_lists
 from .band_topk import (
     SPLIT_DTYPES,
     BandLists,
@@ -36,7 +37,6 @@ from .band_topk import (
     float64_error_coef,
     squared_distance_error_coef,
 )
-from ._checks import check_long_lists
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
