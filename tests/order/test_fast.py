@@ -637,3 +637,24 @@ def test_long_lists_with_duplicate_groups(monkeypatch, metric):
                                 band_backend="torch", band_dtype="bfloat16", long_lists=True)
     assert info.num_groups < emb.shape[0] and info.num_long_lists > 0
     assert torch.equal(path, ref)
+
+
+def test_long_lists_failure_warns_and_goes_on_without_them(monkeypatch):
+    # the long lists only save scans: a failure (say, out of device memory) warns once and turns them off
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(fast, "band_topk_rows", fail)
+    emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
+    t = estimate_threshold(emb)
+    with pytest.warns(RuntimeWarning, match="long lists failed .*out of memory"):
+        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+                                    band_backend="torch", band_dtype="bfloat16", long_lists=True)
+    assert torch.equal(path, tfp_order_reference(emb, threshold=t))
+    assert len(calls) == 1 and info.num_long_lists == 0 and info.num_rebuilds > 0

@@ -487,6 +487,8 @@ def fast_tfp_order(
             long_slack = float64_error_coef(dim) * (long_sq + long_sq.max())
     info.time_setup_s = time.perf_counter() - t0
 
+    long_failed = []  # a failure of the long lists turns them off for the rest of the run
+
     def lengthen(rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor):
         """Long lists of the crowded lists among ``rows`` (all list rows when None), among ``rows``: the host
         tensors (positions in ``rows`` (Q,) int64, index (Q, long_k) int32 global list-row ids, s2 (Q,
@@ -498,12 +500,21 @@ def fast_tfp_order(
         if crowded.numel() == 0:
             info.time_long_s += time.perf_counter() - t_start
             return None
-        x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
-            long_x[rows], long_sq[rows], long_slack[rows])
-        q_slack = slack[crowded]
-        q_lower, q_upper = band_bounds(t2, q_slack)
-        kk = min(long_k, max(x.shape[0] - 1, 1))
-        out = band_topk_rows(x, sq, crowded, q_lower, q_upper, kk)
+        try:
+            x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
+                long_x[rows], long_sq[rows], long_slack[rows])
+            q_slack = slack[crowded]
+            q_lower, q_upper = band_bounds(t2, q_slack)
+            kk = min(long_k, max(x.shape[0] - 1, 1))
+            out = band_topk_rows(x, sq, crowded, q_lower, q_upper, kk)
+        except Exception as err:  # (e.g. out of device memory: the long lists only save scans)
+            import warnings
+
+            warnings.warn(f"tfp_order: the long lists failed ({_kernel_failure(err)}); going on without them "
+                          "(same path, more scans)", RuntimeWarning, stacklevel=4)
+            long_failed.append(err)
+            info.time_long_s += time.perf_counter() - t_start
+            return None
         index = out.index if rows is None else torch.where(
             out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
         s2 = out.s2
@@ -549,7 +560,7 @@ def fast_tfp_order(
         # exact s2 of any node outside a full list (among the nodes listed from) >= last entry's s2 - slack
         full = index[:, -1] >= 0
         limit2 = torch.where(full, out.s2[:, -1].double() - row_slack, torch.full_like(row_slack, torch.inf))
-        long = lengthen(rows, out.index, out.s2) if long_lists else None
+        long = lengthen(rows, out.index, out.s2) if long_lists and not long_failed else None
         return [host_table(t) for t in (index, out.s2, limit2, out.num_close)], long
 
     # the long lists' tables, as the walk reads them (rebuilds append to them)
