@@ -507,7 +507,7 @@ def fast_tfp_order(
             q_lower, q_upper = band_bounds(t2, q_slack)
             kk = min(long_k, max(x.shape[0] - 1, 1))
             out = band_topk_rows(x, sq, crowded, q_lower, q_upper, kk)
-        except Exception as err:  # (e.g. out of device memory: the long lists only save scans)
+        except Exception as err:  # noqa: BLE001 - (e.g. out of device memory: the long lists only save scans)
             import warnings
 
             warnings.warn(f"tfp_order: the long lists failed ({_kernel_failure(err)}); going on without them "
