@@ -677,8 +677,8 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                 "tfp_walk: long_index and long_s2 must have the same shape (L, K_long)");
     TORCH_CHECK(long_slack->numel() == long_index->size(0), "tfp_walk: long_slack must have L = ",
                 long_index->size(0), " entries (one per long list)");
-    // (long_row's entries, in [-1, L), are checked where the tables are made: a pass over them per call would
-    // cost O(N) per scan)
+    // (long_row's entries must lie in [-1, L): its callers make them so (fast.py and the sharded walk point each
+    // row at a row they append); checking them here would cost a pass over N rows per call, i.e. per scan)
     long_lists = LongLists{long_row->data_ptr<int32_t>(), long_index->data_ptr<int32_t>(), long_s2->data_ptr<float>(),
                            long_slack->data_ptr<double>(), long_index->size(1)};
   }
