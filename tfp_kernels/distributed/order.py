@@ -71,7 +71,7 @@ from ..order.distance import pair_distances, prepare
 from ..order.fast import LONG_LIST_FACTOR, LONG_LIST_MIN_ROWS, crowded_lists, squared_threshold
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.schedule import MIN_REBUILD_NODES, bind_walk, run_walk
+from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
@@ -1114,9 +1114,7 @@ def _walk_root(
         sh.mark(new)
         synced = step
 
-    # the long lists' tables, as the walk reads them (rebuilds append to them), as in the single-process path
-    long_tables = [torch.full((n,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
-                   torch.empty(0, long_k, dtype=torch.float32), torch.empty(0, dtype=torch.float64)]
+    long_tables = LongListTables(n, long_k)
 
     def lengthen(rows: torch.Tensor, step: int, unvisited_only: bool) -> None:
         """Long lists for the crowded lists among ``rows`` (host int64 node ids), among all nodes or the
@@ -1127,11 +1125,9 @@ def _walk_root(
             command(_LONG, step)
             parts = _long_lists_root(comm, sh, emb_host, crowded, t2=t2, k=long_k, unvisited_only=unvisited_only,
                                      max_sq=max_sq, block_elements=block_elements)
-            long_tables[0][crowded] = torch.arange(long_tables[1].shape[0], long_tables[1].shape[0] + crowded.numel(),
-                                                   dtype=torch.int32)
-            for i, part in ((1, parts[0]), (2, parts[1]), (3, parts[3])):
-                long_tables[i] = torch.cat([long_tables[i], part])
-            limit2[crowded] = parts[2]
+            index, s2, limit, slack = parts
+            long_tables.append(crowded, index, s2, slack)
+            limit2[crowded] = limit
             stats["num_long_lists"] += crowded.numel()
         stats["time_long_s"] += time.perf_counter() - t_start
 
@@ -1171,7 +1167,7 @@ def _walk_root(
         for table, part in zip((band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)):
             table[rows_host] = part
         if long_k:
-            long_tables[0][rows_host] = -1
+            long_tables.clear(rows_host)
             lengthen(rows_host, step, True)
 
     tally = run_walk(

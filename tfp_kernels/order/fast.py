@@ -41,7 +41,7 @@ from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .scan import exact_pick, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
-from .schedule import MIN_REBUILD_NODES, bind_walk, run_walk
+from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
 
 
 @dataclass
@@ -476,15 +476,15 @@ def fast_tfp_order(
     if long_lists == "auto":
         long_lists = num_lists >= LONG_LIST_MIN_ROWS
     long_lists = bool(long_lists) and max_rejections is None and t2 > 0 and long_k > k
-    long_x = long_sq = long_slack = None
+    long_x = long_sq = long_slack64 = None  # (long_slack64 None: float32 long lists, the band lists' bound)
     if long_lists:
         info.long_k = long_k
         if band_dtype == torch.float32:  # the band lists' own products and bound
-            long_x, long_sq, long_slack = list_x32, list_sq, list_slack
+            long_x, long_sq = list_x32, list_sq
         else:
             (long_x,) = list_rows(x64)
             long_sq = long_x.square().sum(dim=1)
-            long_slack = float64_error_coef(dim) * (long_sq + long_sq.max())
+            long_slack64 = float64_error_coef(dim) * (long_sq + long_sq.max())
     info.time_setup_s = time.perf_counter() - t0
 
     long_failed = []  # a failure of the long lists turns them off for the rest of the run
@@ -501,12 +501,12 @@ def fast_tfp_order(
             info.time_long_s += time.perf_counter() - t_start
             return None
         try:
+            long_slack = list_slack if long_slack64 is None else long_slack64
             x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
                 long_x[rows], long_sq[rows], long_slack[rows])
             q_slack = slack[crowded]
             q_lower, q_upper = band_bounds(t2, q_slack)
-            kk = min(long_k, max(x.shape[0] - 1, 1))
-            out = band_topk_rows(x, sq, crowded, q_lower, q_upper, kk)
+            out = band_topk_rows(x, sq, crowded, q_lower, q_upper, long_k)  # (-1 padded past the rows' count)
         except Exception as err:  # noqa: BLE001 - (e.g. out of device memory: the long lists only save scans)
             import warnings
 
@@ -518,9 +518,6 @@ def fast_tfp_order(
         index = out.index if rows is None else torch.where(
             out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
         s2 = out.s2
-        if kk < long_k:
-            index = torch.cat([index, index.new_full((index.shape[0], long_k - kk), -1)], dim=1)
-            s2 = torch.cat([s2, s2.new_full((s2.shape[0], long_k - kk), torch.inf)], dim=1)
         full = index[:, -1] >= 0
         limit2 = torch.where(full, s2[:, -1].double() - q_slack, torch.full_like(q_slack, torch.inf))
         tables = [host_table(t) for t in (crowded, index, s2, limit2, q_slack)]
@@ -563,9 +560,7 @@ def fast_tfp_order(
         long = lengthen(rows, out.index, out.s2) if long_lists and not long_failed else None
         return [host_table(t) for t in (index, out.s2, limit2, out.num_close)], long
 
-    # the long lists' tables, as the walk reads them (rebuilds append to them)
-    long_tables = [torch.full((num_lists,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
-                   torch.empty(0, long_k, dtype=torch.float32), torch.empty(0, dtype=torch.float64)]
+    long_tables = LongListTables(num_lists, long_k)
 
     def add_long_lists(rows_host: torch.Tensor | None, long) -> None:
         """Point the rows of ``long`` (:func:`lengthen`) at their new long lists; their limits into limit2."""
@@ -573,10 +568,7 @@ def fast_tfp_order(
             return
         where, index, s2, limit, slack = long
         rows = where if rows_host is None else rows_host[where]
-        long_tables[0][rows] = torch.arange(long_tables[1].shape[0], long_tables[1].shape[0] + rows.numel(),
-                                            dtype=torch.int32)
-        for i, part in ((1, index), (2, s2), (3, slack)):
-            long_tables[i] = torch.cat([long_tables[i], part]) if long_tables[i].shape[0] else part
+        long_tables.append(rows, index, s2, slack)
         limit2[rows] = limit
         info.num_long_lists += rows.numel()
 
@@ -599,8 +591,6 @@ def fast_tfp_order(
         band_slack = band_error_coef(dim, band_dtype, band_backend) * norm_sum  # (wider than the split's)
         lower, upper = band_bounds(t2, band_slack)
         list_lower, list_upper, list_slack = list_rows(lower, upper, band_slack)
-        if long_lists and long_x is list_x32:  # (their bound was the float32 lists')
-            long_slack = list_slack
         (band_index, band_s2, limit2, num_close), long = build(None)
     add_long_lists(None, long)
     info.band_dtype = str(band_dtype).replace("torch.", "")
@@ -737,7 +727,7 @@ def fast_tfp_order(
         for table, part in zip((band_index, band_s2, limit2, num_close), tables):
             table[rows_host] = part
         if long_lists:
-            long_tables[0][rows_host] = -1
+            long_tables.clear(rows_host)
             add_long_lists(rows_host, long)
 
     tally = run_walk(

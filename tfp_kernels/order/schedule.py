@@ -89,6 +89,28 @@ class RebuildSchedule:
         self.rent = 0
 
 
+class LongListTables:
+    """The walk's long lists (see the op ``tfp_walk``): ``tables`` = [long_row (R,) int32 (-1: none), long_index
+    (L, K_long) int32, long_s2 (L, K_long) float32, long_slack (L,) float64], host tensors. Builds append to
+    them (the rows of lists no longer used stay, unreferenced); :func:`bind_walk` reads them at each call."""
+
+    def __init__(self, num_rows: int, long_k: int):
+        self.tables = [torch.full((num_rows,), -1, dtype=torch.int32), torch.empty(0, long_k, dtype=torch.int32),
+                       torch.empty(0, long_k, dtype=torch.float32), torch.empty(0, dtype=torch.float64)]
+
+    def clear(self, rows: torch.Tensor) -> None:
+        """The list rows ``rows`` (host int64) read their band lists again."""
+        self.tables[0][rows] = -1
+
+    def append(self, rows: torch.Tensor, index: torch.Tensor, s2: torch.Tensor, slack: torch.Tensor) -> None:
+        """Point the list rows ``rows`` (host int64, (Q,)) at new long lists (host: index (Q, K_long) int32, s2
+        (Q, K_long) float32, slack (Q,) float64); their limits go to the caller's band_limit2."""
+        first = self.tables[1].shape[0]
+        self.tables[0][rows] = torch.arange(first, first + rows.numel(), dtype=torch.int32)
+        for i, part in ((1, index), (2, s2), (3, slack)):
+            self.tables[i] = torch.cat([self.tables[i], part])
+
+
 def bind_walk(
     *,
     embeddings: torch.Tensor,
@@ -107,16 +129,15 @@ def bind_walk(
     max_rejections: int | None,
     cosine: bool,
     group_args: tuple[torch.Tensor, ...] = (),
-    long_lists: list[torch.Tensor] | None = None,
+    long_lists: LongListTables | None = None,
 ) -> Callable[[int, int], int]:
     """The C++ op ``tfp_walk`` bound to its tables, as :func:`run_walk`'s ``walk(step, stop)``.
 
     The tensors are the op's (host, contiguous; see ``csrc/tfp_kernels.cpp``); rebuilds write into the band
     tables in place, so the bound walk always reads the current lists. ``host_scan``: a
     :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
-    :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or a
-    list ``[long_row, long_index, long_s2, long_slack]`` (see the op) read at each call, so that the caller may
-    replace its tensors (rebuilds append long lists); long_row's entries must lie in [-1, L).
+    :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or the
+    :class:`LongListTables`, read at each call (rebuilds append to them).
     """
     cap = -1 if max_rejections is None else max_rejections
     tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
@@ -127,7 +148,7 @@ def bind_walk(
                                                       *group_args))
         groups = group_args or (None, None, None, None)
         return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *groups,
-                                                  *long_lists))
+                                                  *long_lists.tables))
 
     return walk
 
