@@ -64,6 +64,7 @@ from ..order.band_topk import (
     _ieee_fp32_matmul,
     band_bounds,
     float64_error_coef,
+    list_limits,
     select_smallest,
     squared_distance_error_coef,
 )
@@ -577,8 +578,7 @@ def _lists(comm, sh: _Shard, rows: torch.Tensor | None, counts, k, block_element
     if kk < k:  # fewer rows than K: pad the lists
         index = torch.cat([index, index.new_full((index.shape[0], k - kk), -1)], dim=1)
         s2 = torch.cat([s2, s2.new_full((s2.shape[0], k - kk), torch.inf)], dim=1)
-    full = index[:, -1] >= 0
-    limit2 = torch.where(full, s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
+    limit2 = list_limits(index, s2, slack)
     return _pack_lists(index, s2, limit2, close, slack), sent
 
 
@@ -844,8 +844,7 @@ def _long_lists_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, rows: torc
     vals, cols = select_smallest(values, k)
     index = torch.where(torch.isinf(vals), -1.0, ids.gather(1, cols)).to(torch.int32)
     s2 = vals.float()
-    limit2 = torch.where(index[:, -1] >= 0, s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
-    return index.contiguous(), s2.contiguous(), limit2, slack
+    return index.contiguous(), s2.contiguous(), list_limits(index, s2, slack), slack
 
 
 def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):

@@ -58,6 +58,18 @@ class BandLists:
         return self.index.shape[1]
 
 
+def list_limits(index: torch.Tensor, s2: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 limits of band lists, the walk's ``band_limit2``: the exact s2 of any node outside a full list
+    (among the nodes listed from) is at least its last entry's s2 minus the lists' bound; +inf for a list that
+    is not full (it holds every node of the band).
+
+    Args:
+        index: (R, K) int32 lists (-1 padded); s2: (R, K) float32 their squared distances; slack: (R,) float64
+            the bound of those s2; same device.
+    """
+    return torch.where(index[:, -1] >= 0, s2[:, -1].double() - slack, torch.full_like(slack, torch.inf))
+
+
 #: Split precisions: rows as ``hi + lo`` in a 16-bit dtype, products ``hi.hi' + hi.lo' + lo.hi'`` on tensor
 #: cores (three MMAs): about float32 accuracy (see :func:`squared_distance_error_coef`) at the 16-bit rate.
 SPLIT_DTYPES = {"bfloat16x3": torch.bfloat16, "float16x3": torch.float16}

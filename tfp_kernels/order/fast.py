@@ -35,6 +35,7 @@ from .band_topk import (
     band_topk_rows,
     band_topk_torch,
     float64_error_coef,
+    list_limits,
     squared_distance_error_coef,
 )
 from .distance import prepare
@@ -489,13 +490,13 @@ def fast_tfp_order(
 
     long_failed = []  # a failure of the long lists turns them off for the rest of the run
 
-    def lengthen(rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor):
-        """Long lists of the crowded lists among ``rows`` (all list rows when None), among ``rows``: the host
+    def lengthen(rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor, row_slack: torch.Tensor):
+        """Long lists of the crowded lists among ``rows`` (all list rows when None; their band lists ``index``,
+        ``s2`` and bounds ``row_slack``), among ``rows``: the host
         tensors (positions in ``rows`` (Q,) int64, index (Q, long_k) int32 global list-row ids, s2 (Q,
         long_k) float32, limit2 (Q,) float64, slack (Q,) float64 the bound of their s2), or None when no list
         is crowded."""
         t_start = time.perf_counter()
-        row_slack = list_slack if rows is None else list_slack[rows]
         crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
         if crowded.numel() == 0:
             info.time_long_s += time.perf_counter() - t_start
@@ -517,10 +518,7 @@ def fast_tfp_order(
             return None
         index = out.index if rows is None else torch.where(
             out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
-        s2 = out.s2
-        full = index[:, -1] >= 0
-        limit2 = torch.where(full, s2[:, -1].double() - q_slack, torch.full_like(q_slack, torch.inf))
-        tables = [host_table(t) for t in (crowded, index, s2, limit2, q_slack)]
+        tables = [host_table(t) for t in (crowded, index, out.s2, list_limits(index, out.s2, q_slack), q_slack)]
         info.time_long_s += time.perf_counter() - t_start
         return tables
 
@@ -554,10 +552,8 @@ def fast_tfp_order(
                     out.num_close,
                 )
         row_slack = list_slack if rows is None else list_slack[rows]
-        # exact s2 of any node outside a full list (among the nodes listed from) >= last entry's s2 - slack
-        full = index[:, -1] >= 0
-        limit2 = torch.where(full, out.s2[:, -1].double() - row_slack, torch.full_like(row_slack, torch.inf))
-        long = lengthen(rows, out.index, out.s2) if long_lists and not long_failed else None
+        limit2 = list_limits(index, out.s2, row_slack)
+        long = lengthen(rows, out.index, out.s2, row_slack) if long_lists and not long_failed else None
         return [host_table(t) for t in (index, out.s2, limit2, out.num_close)], long
 
     long_tables = LongListTables(num_lists, long_k)
