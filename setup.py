@@ -46,13 +46,34 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
-def _torch_parallel_openmp() -> bool:
-    """Whether torch's ATen parallel backend is OpenMP on a compiler that takes ``-fopenmp`` (not macOS's clang)."""
+def _openmp_flags() -> bool:
+    """Whether to build with ``-fopenmp``: torch's ATen parallel backend is OpenMP (not on macOS's clang) and
+    the C++ compiler compiles and links a small OpenMP program with it (else the build goes on without)."""
+    import tempfile
+
     import torch
 
     if sys.platform == "darwin" or _flag("TFP_KERNELS_NO_OPENMP"):
         return False
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        print("tfp_kernels: torch's parallel backend is not OpenMP; the CPU ops' parallel loops use its own",
+              file=sys.stderr)
+        return False
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            done = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True,
+                                  text=True, timeout=120)
+            ok = done.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    if not ok:
+        print(f"tfp_kernels: warning: CXX={cxx} cannot build with -fopenmp; the CPU ops' parallel loops will run "
+              "on one thread", file=sys.stderr)
+    return ok
 
 
 def _has_shared_libstdcxx(cxx: str) -> bool:
@@ -120,12 +141,9 @@ def _extensions():
     # OpenMP (ATen/ParallelOpenMP.h is guarded by _OPENMP): without -fopenmp every parallel_for of the
     # extension ran on one thread (measured: the band selection took as long on 2 threads as on 1). The
     # OpenMP runtime is torch's own (libgomp.so.1, loaded by torch before the extension).
-    if _torch_parallel_openmp():
+    if _openmp_flags():
         extra_compile_args["cxx"].append("-fopenmp")
         extra_link_args.append("-fopenmp")
-    else:
-        print("tfp_kernels: torch's parallel backend is not OpenMP; the CPU ops' parallel loops use its own "
-              "backend", file=sys.stderr)
 
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

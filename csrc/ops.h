@@ -8,6 +8,7 @@
 namespace tfp {
 
 int64_t cuda_version();
+int64_t parallel_threads();
 
 at::Tensor next_fit_pack_ids_cpu(const at::Tensor& lengths, int64_t max_len);
 // --- ordering (the TFP walk over band lists) ---

@@ -10,6 +10,7 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // Version of the CUDA toolkit the extension was compiled with (e.g. 13000 for 13.0), or -1 when it
   // was compiled without CUDA. Checked against torch.version.cuda at import.
   m.def("cuda_version() -> int", &tfp::cuda_version);
+  m.def("parallel_threads() -> int", &tfp::parallel_threads);
   // Ordered next-fit bin packing: lengths (N,) int64 -> pack id of every item (N,) int64.
   m.def("next_fit_pack_ids(Tensor lengths, int max_len) -> Tensor");
   // --- bin packing (best fit) and packed-batch assembly (tfp_kernels/packing, tfp_kernels/assembly) ---

@@ -6,6 +6,9 @@ are tested in the op test modules then.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -44,6 +47,24 @@ def test_ops_registered_for_cuda_when_built(op):
 @pytest.mark.parametrize("op", CPU_ONLY_OPS)
 def test_cpu_only_ops_registered(op):
     assert has_kernel(op, "CPU") and not has_kernel(op, "CUDA")
+
+
+@pytest.mark.skipif(sys.platform == "darwin" or (os.cpu_count() or 1) < 2
+                    or os.environ.get("TFP_KERNELS_NO_OPENMP", "0") not in ("", "0"),
+                    reason="needs 2 cores and a Linux build with OpenMP")
+def test_parallel_loops_run_on_torch_threads():
+    # the CPU ops' at::parallel_for loops run on torch's intra-op threads only when the extension was built
+    # with -fopenmp under torch's OpenMP backend; without it they ran on one thread, silently
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert int(torch.ops.tfp_kernels.parallel_threads()) == 2
+        torch.set_num_threads(1)
+        assert int(torch.ops.tfp_kernels.parallel_threads()) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_schema():
