@@ -16,11 +16,17 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "checks.h"
 #include "ops.h"
@@ -136,73 +142,217 @@ TFP_INLINE int32_t select_row(const float* row, const float* col_sq, float row_s
   return below;
 }
 
-// select_row's two instances, compiled for AVX-512, AVX2 and baseline x86-64 (picked by CPU feature).
-TFP_SELECT_DISPATCH int32_t select_row_dots(const float* row, const float* col_sq, float row_sq, int64_t n,
-                                            int64_t self, float lower, float upper, HeapRow& heap,
-                                            int64_t col_base) {
-  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+// The s2 of pair (col0 + j, row0 + i) as the list row col0 + j's own epilogue forms it, from the product `dot`
+// of the pair: (-2 dot + sq[row0 + i]) + sq[col0 + j], clamped at 0.
+TFP_INLINE float column_entry_s2(float dot, float r_sq, float c_sq) {
+  const float x = (-2.0f * dot + r_sq) + c_sq;
+  return x < 0.0f ? 0.0f : x;
 }
 
-TFP_SELECT_DISPATCH int32_t select_row_s2(const float* row, int64_t n, int64_t self, float lower, float upper,
-                                          HeapRow& heap) {
-  return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
-}
+// The column side's state for the block's columns j_begin .. j_end - 1 (global rows col0 + j): each column's
+// heap and, in arrays beside the block's rows so that a chunk of 16 columns reads them as vectors, its bounds,
+// cutoff (cut[j] mirrors heaps[j].cutoff) and count below its upper bound.
+struct ColumnStates {
+  int64_t row0, first, width;
+  std::vector<HeapRow> heaps;
+  std::vector<float> lo, hi, c_sq, cut;
+  std::vector<int32_t> below;
 
-// Column side of an off-diagonal block for its columns j_begin .. j_end - 1 (global rows col0 + j) against the
-// block's b rows. The block is read row by row, in memory order (a walk down each column, 4 KB apart at 1,024
-// columns, missed the caches and the prefetchers on every row: 5x the row side's time), with each column's
-// bounds, cutoff and count in arrays beside the row, so that a row's chunk of 16 columns is branch-free.
-TFP_SELECT_DISPATCH void select_columns(const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0,
-                                        int64_t j_begin, int64_t j_end, const float* sq, const float* lower,
-                                        const float* upper, int64_t* keys, int32_t* sizes, int32_t* close,
-                                        int64_t k) {
-  constexpr int64_t kChunk = 16;
-  const int64_t width = j_end - j_begin;
-  std::vector<HeapRow> heaps(width);
-  // (cut[j] mirrors heaps[j].cutoff)
-  std::vector<float> lo(width), hi(width), c_sq(width), cut(width);
-  std::vector<int32_t> below(width, 0);
-  for (int64_t j = 0; j < width; ++j) {
-    const int64_t g = col0 + j_begin + j;
-    heaps[j] = HeapRow(keys + g * k, sizes + g, k);
-    lo[j] = lower[g];
-    hi[j] = upper[g];
-    c_sq[j] = sq[g];
-    cut[j] = heaps[j].cutoff;
+  ColumnStates(int64_t row0_, int64_t first_, int64_t width_, const float* sq, const float* lower,
+               const float* upper, int64_t* keys, int32_t* sizes, int64_t k)
+      : row0(row0_), first(first_), width(width_), heaps(width_), lo(width_), hi(width_), c_sq(width_),
+        cut(width_), below(width_, 0) {
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t g = first + j;
+      heaps[j] = HeapRow(keys + g * k, sizes + g, k);
+      lo[j] = lower[g];
+      hi[j] = upper[g];
+      c_sq[j] = sq[g];
+      cut[j] = heaps[j].cutoff;
+    }
   }
-  auto offer = [&](int64_t j, float x, int64_t i) {
+
+  void offer(int64_t j, float x, int64_t i) {
     if (x >= lo[j] && x <= cut[j]) {
       heaps[j].offer(x, row0 + i);
       cut[j] = heaps[j].cutoff;
     }
-  };
-  for (int64_t i = 0; i < b; ++i) {
-    const float* row = dot + i * c + j_begin;
-    const float r_sq = sq[row0 + i];
-    int64_t j0 = 0;
-    for (; j0 + kChunk <= width; j0 += kChunk) {
-      float xs[kChunk];
-      int32_t any = 0;
-      for (int64_t l = 0; l < kChunk; ++l) {
-        // the s2 of pair (col0 + j, row0 + i) as that column's own row epilogue forms it: (-2 dot + sq[row0 + i])
-        // + sq[col0 + j]
-        float x = (-2.0f * row[j0 + l] + r_sq) + c_sq[j0 + l];
-        x = x < 0.0f ? 0.0f : x;
-        xs[l] = x;
-        below[j0 + l] += x < hi[j0 + l];
-        any |= (x >= lo[j0 + l]) & (x <= cut[j0 + l]);
-      }
-      if (!any) continue;
-      for (int64_t l = 0; l < kChunk; ++l) offer(j0 + l, xs[l], i);
-    }
-    for (int64_t j = j0; j < width; ++j) {
-      float x = (-2.0f * row[j] + r_sq) + c_sq[j];
-      x = x < 0.0f ? 0.0f : x;
+  }
+
+  // Columns from .. width - 1 of the block's row i (`row`: its first column, j_begin), one by one.
+  void columns_one_by_one(const float* row, float r_sq, int64_t i, int64_t from) {
+    for (int64_t j = from; j < width; ++j) {
+      const float x = column_entry_s2(row[j], r_sq, c_sq[j]);
       below[j] += x < hi[j];
       offer(j, x, i);
     }
   }
-  for (int64_t j = 0; j < width; ++j) close[col0 + j_begin + j] += below[j];
+
+  void finish(int32_t* close) {
+    for (int64_t j = 0; j < width; ++j) close[first + j] += below[j];
+  }
+};
+
+// select_row's two instances and the column side, in portable C++ compiled for AVX-512, AVX2 and baseline
+// x86-64 (picked by CPU feature at load; GCC vectorises only part of their chunk loops, see the AVX-512
+// versions below).
+TFP_SELECT_DISPATCH int32_t select_row_dots_portable(const float* row, const float* col_sq, float row_sq, int64_t n,
+                                                     int64_t self, float lower, float upper, HeapRow& heap,
+                                                     int64_t col_base) {
+  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+}
+
+TFP_SELECT_DISPATCH int32_t select_row_s2_portable(const float* row, int64_t n, int64_t self, float lower,
+                                                   float upper, HeapRow& heap) {
+  return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
+}
+
+// Column side of an off-diagonal block for its columns j_begin .. j_end - 1 against the block's b rows. The
+// block is read row by row, in memory order (a walk down each column, 4 KB apart at 1,024 columns, missed the
+// caches and the prefetchers on every row: 5x the row side's time).
+TFP_SELECT_DISPATCH void select_columns_portable(const float* dot, int64_t b, int64_t c, int64_t j_begin,
+                                                 ColumnStates& cols, const float* sq) {
+  constexpr int64_t kChunk = 16;
+  for (int64_t i = 0; i < b; ++i) {
+    const float* row = dot + i * c + j_begin;
+    const float r_sq = sq[cols.row0 + i];
+    int64_t j0 = 0;
+    for (; j0 + kChunk <= cols.width; j0 += kChunk) {
+      float xs[kChunk];
+      int32_t any = 0;
+      for (int64_t l = 0; l < kChunk; ++l) {
+        const float x = column_entry_s2(row[j0 + l], r_sq, cols.c_sq[j0 + l]);
+        xs[l] = x;
+        cols.below[j0 + l] += x < cols.hi[j0 + l];
+        any |= (x >= cols.lo[j0 + l]) & (x <= cols.cut[j0 + l]);
+      }
+      if (!any) continue;
+      for (int64_t l = 0; l < kChunk; ++l) cols.offer(j0 + l, xs[l], i);
+    }
+    cols.columns_one_by_one(row, r_sq, i, j0);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TFP_X86_SELECT_KERNELS 1
+// AVX-512 versions: a chunk of 16 columns is one vector, the same operations in the same order as the
+// portable code (a product by -2, exact; two float32 additions; the clamp as a maximum with +0, which gives
+// the same value: the sums are never -0), so the lists are bit for bit the same. Measured on this project's
+// 2-core CPU (1,024 x 1,024 blocks, K = 64): see the commit adding them.
+
+
+template <bool FromDots>
+__attribute__((target("avx512f,popcnt"))) int32_t select_row_avx512(const float* row, const float* col_sq,
+                                                                     float row_sq, int64_t n, int64_t self,
+                                                                     float lower, float upper, HeapRow& heap,
+                                                                     int64_t col_base) {
+  int32_t below = 0;
+  const __m512 minus2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps(), v_row = _mm512_set1_ps(row_sq);
+  const __m512 v_lo = _mm512_set1_ps(lower), v_hi = _mm512_set1_ps(upper);
+  alignas(64) float xs[16];
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) {
+    __m512 x = _mm512_loadu_ps(row + j0);
+    if (FromDots) {
+      x = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(minus2, x), _mm512_loadu_ps(col_sq + j0)), v_row);
+      x = _mm512_max_ps(x, zero);
+    }
+    below += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(x, v_hi, _CMP_LT_OQ)));
+    unsigned cand = _mm512_cmp_ps_mask(x, v_lo, _CMP_GE_OQ) &
+                    _mm512_cmp_ps_mask(x, _mm512_set1_ps(heap.cutoff), _CMP_LE_OQ);
+    if (!cand) continue;
+    _mm512_store_ps(xs, x);
+    for (; cand; cand &= cand - 1) {  // (lanes outside the mask are rejected by any later cutoff too)
+      const int l = __builtin_ctz(cand);
+      const int64_t j = j0 + l;
+      if (j != self && xs[l] <= heap.cutoff) heap.offer(xs[l], col_base + j);
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    const float x = entry_s2<FromDots>(row, col_sq, row_sq, j);
+    below += x < upper;
+    if (j != self && x >= lower && x <= heap.cutoff) heap.offer(x, col_base + j);
+  }
+  if (self >= 0 && self < n) below -= entry_s2<FromDots>(row, col_sq, row_sq, self) < upper;  // not itself
+  return below;
+}
+
+__attribute__((target("avx512f"))) void select_columns_avx512(const float* dot, int64_t b, int64_t c,
+                                                               int64_t j_begin, ColumnStates& cols,
+                                                               const float* sq) {
+  const __m512 minus2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  alignas(64) float xs[16];
+  for (int64_t i = 0; i < b; ++i) {
+    const float* row = dot + i * c + j_begin;
+    const float r_sq = sq[cols.row0 + i];
+    const __m512 v_r = _mm512_set1_ps(r_sq);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= cols.width; j0 += 16) {
+      __m512 x = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(minus2, _mm512_loadu_ps(row + j0)), v_r),
+                               _mm512_loadu_ps(cols.c_sq.data() + j0));
+      x = _mm512_max_ps(x, zero);
+      const __mmask16 lt = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(cols.hi.data() + j0), _CMP_LT_OQ);
+      int32_t* below = cols.below.data() + j0;
+      const __m512i counts = _mm512_loadu_si512(below);
+      _mm512_storeu_si512(below, _mm512_mask_add_epi32(counts, lt, counts, one));
+      unsigned cand = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(cols.lo.data() + j0), _CMP_GE_OQ) &
+                      _mm512_cmp_ps_mask(x, _mm512_loadu_ps(cols.cut.data() + j0), _CMP_LE_OQ);
+      if (!cand) continue;
+      _mm512_store_ps(xs, x);
+      for (; cand; cand &= cand - 1) {
+        const int l = __builtin_ctz(cand);
+        cols.offer(j0 + l, xs[l], i);
+      }
+    }
+    cols.columns_one_by_one(row, r_sq, i, j0);
+  }
+}
+#endif
+
+// Whether the op calls use the AVX-512 versions: where the CPU has AVX-512 and TFP_KERNELS_SELECT_ISA (read
+// at each op call, for the tests) is unset or "avx512"; "portable" takes the portable versions.
+bool select_avx512() {
+  const char* cap = std::getenv("TFP_KERNELS_SELECT_ISA");
+  const std::string isa = cap ? cap : "avx512";
+  TORCH_CHECK(isa == "avx512" || isa == "portable", "TFP_KERNELS_SELECT_ISA must be avx512 or portable, got ", isa);
+#ifdef TFP_X86_SELECT_KERNELS
+  static const bool cpu_has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+  return isa == "avx512" && cpu_has;
+#else
+  return false;
+#endif
+}
+
+int32_t select_row_dots(bool avx512, const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
+                        float lower, float upper, HeapRow& heap, int64_t col_base) {
+#ifdef TFP_X86_SELECT_KERNELS
+  if (avx512) return select_row_avx512<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+#endif
+  return select_row_dots_portable(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+}
+
+int32_t select_row_s2(bool avx512, const float* row, int64_t n, int64_t self, float lower, float upper,
+                      HeapRow& heap) {
+#ifdef TFP_X86_SELECT_KERNELS
+  if (avx512) return select_row_avx512<false>(row, nullptr, 0.0f, n, self, lower, upper, heap, 0);
+#endif
+  return select_row_s2_portable(row, n, self, lower, upper, heap);
+}
+
+void select_columns(bool avx512, const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0, int64_t j_begin,
+                    int64_t j_end, const float* sq, const float* lower, const float* upper, int64_t* keys,
+                    int32_t* sizes, int32_t* close, int64_t k) {
+  ColumnStates cols(row0, col0 + j_begin, j_end - j_begin, sq, lower, upper, keys, sizes, k);
+#ifdef TFP_X86_SELECT_KERNELS
+  if (avx512) {
+    select_columns_avx512(dot, b, c, j_begin, cols, sq);
+    cols.finish(close);
+    return;
+  }
+#endif
+  select_columns_portable(dot, b, c, j_begin, cols, sq);
+  cols.finish(close);
 }
 
 }  // namespace
@@ -244,6 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
   int32_t* index_p = index.data_ptr<int32_t>();
   float* out_p = out.data_ptr<float>();
   int32_t* close_p = close.data_ptr<int32_t>();
+  const bool avx512 = select_avx512();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> heap(k);
     int32_t held = 0;
@@ -252,8 +403,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
       HeapRow selection(heap.data(), &held, k);
-      const int32_t below = from_dots ? select_row_dots(row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i], selection, 0)
-                                      : select_row_s2(row, n, self, lo_p[i], hi_p[i], selection);
+      const int32_t below = from_dots ? select_row_dots(avx512, row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i],
+                                                        selection, 0)
+                                      : select_row_s2(avx512, row, n, self, lo_p[i], hi_p[i], selection);
       std::sort_heap(heap.begin(), heap.begin() + held);
       close_p[i] = below;
       for (int64_t j = 0; j < k; ++j) {
@@ -305,17 +457,18 @@ void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, co
   int64_t* keys = heap_keys.data_ptr<int64_t>();
   int32_t* sizes = heap_sizes.data_ptr<int32_t>();
   int32_t* close = num_close.data_ptr<int32_t>();
+  const bool avx512 = select_avx512();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = row0 + i;
       HeapRow heap(keys + r * k, sizes + r, k);
       // the row's own column, when this (diagonal) block holds it
-      close[r] += select_row_dots(d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
+      close[r] += select_row_dots(avx512, d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
     }
   });
   if (row0 != col0) {  // the same products for the block's columns, as rows; each thread a range of columns
     at::parallel_for(0, c, 64, [&](int64_t begin, int64_t end) {
-      select_columns(d, b, c, row0, col0, begin, end, sq, lo, hi, keys, sizes, close, k);
+      select_columns(avx512, d, b, c, row0, col0, begin, end, sq, lo, hi, keys, sizes, close, k);
     });
   }
 }

@@ -135,6 +135,56 @@ def test_cpu_pair_blocks_equal_row_blocks_on_exact_ties(block_rows):
     assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_cpu_selection_versions_give_the_same_lists(isa, monkeypatch):
+    """The selection's AVX-512 and portable versions (TFP_KERNELS_SELECT_ISA caps the choice; a CPU without
+    AVX-512 runs the portable one): bit for bit the lists of torch ops on exact ties (pair blocks: row and
+    column sides; row blocks from s2 and from dot products), and the same lists as the default version on
+    random rows (N and the blocks' widths not multiples of the 16-column chunks, K > N, duplicates)."""
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    n, k = 161, 12
+    x = torch.randint(-1, 2, (n, 3), generator=torch.Generator().manual_seed(4)).float()
+    sq = x.square().sum(1)
+    lo, hi = torch.full((n,), 1.5), torch.full((n,), 2.5)
+    expected = band_topk_torch(x, sq, lo, hi, k, use_extension=False)
+    default = {}
+    for rows in (make_rows(203, 19, seed=8), make_rows(70, 17, seed=9)):
+        r_lo, r_hi = bounds(rows)
+        for kk, block_rows in ((8, 23), (100, 200), (8, 37)):
+            default[rows.shape[0], kk, block_rows] = _band_topk_pairs(rows, rows.square().sum(1), r_lo, r_hi, kk,
+                                                                     block_rows=block_rows)
+    monkeypatch.setenv("TFP_KERNELS_SELECT_ISA", isa)
+    for got in (_band_topk_pairs(x, sq, lo, hi, k, block_rows=50),
+                band_topk_torch(x, sq, lo, hi, k, block_elements=n * 20, use_extension=True)):
+        assert torch.equal(got.index, expected.index) and torch.equal(got.s2, expected.s2)
+        assert torch.equal(got.num_close, expected.num_close)
+    s2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_(min=0)
+    index, s2_out, close = torch.ops.tfp_kernels.band_select(s2[40:90].contiguous(), 40, lo[40:90], hi[40:90], k)
+    assert torch.equal(index, expected.index[40:90]) and torch.equal(close, expected.num_close[40:90])
+    for (m, kk, block_rows), want in default.items():
+        rows = make_rows(m, 19 if m == 203 else 17, seed=8 if m == 203 else 9)
+        r_lo, r_hi = bounds(rows)
+        got = _band_topk_pairs(rows, rows.square().sum(1), r_lo, r_hi, kk, block_rows=block_rows)
+        assert torch.equal(got.index, want.index) and torch.equal(got.s2, want.s2)
+        assert torch.equal(got.num_close, want.num_close)
+
+
+def test_cpu_selection_refuses_an_unknown_isa(monkeypatch):
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    monkeypatch.setenv("TFP_KERNELS_SELECT_ISA", "sse9")
+    x = make_rows(20, 5)
+    with pytest.raises(RuntimeError, match="TFP_KERNELS_SELECT_ISA must be avx512 or portable"):
+        _band_topk_pairs(x, x.square().sum(1), torch.zeros(20), torch.ones(20), 4)
+
+
 def test_cpu_select_op_forms_s2_from_dot_products():
     from tfp_kernels import has_extension
 
