@@ -65,7 +65,8 @@ def _openmp_flags() -> bool:
         with open(src, "w") as f:
             f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
         try:
-            done = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True,
+            done = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], check=False,
+                                  capture_output=True,
                                   text=True, timeout=120)
             ok = done.returncode == 0
         except (OSError, subprocess.SubprocessError):
