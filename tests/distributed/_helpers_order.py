@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -132,7 +133,9 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     kwargs = dict(case.get("kwargs", {}))
     if "kwargs_on_rank" in case and rank in case["kwargs_on_rank"]:
         kwargs.update(case["kwargs_on_rank"][rank])
-    with fast_attrs(case.get("fast_attrs", {})):
+    with fast_attrs(case.get("fast_attrs", {})), failing_long_lists(case.get("long_fail_on_rank", {}).get(rank)), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             if case.get("direct"):
                 path, stats = tfp_order_sharded(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
@@ -140,7 +143,36 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
                 path, stats = tfp_order(shard, group=dist.group.WORLD, return_stats=True, **kwargs)
         except (TypeError, ValueError) as err:
             return {"error": (type(err).__name__, str(err))}
-    return {"path": path, "stats": stats}
+    return {"path": path, "stats": stats, "warnings": [str(w.message) for w in caught]}
+
+
+class failing_long_lists:
+    """Context manager: this rank's part of the long lists (``_local_long_lists``) raises at its call number
+    ``at`` (0: the first build's round), as an out-of-memory error on one rank would; None: no failure."""
+
+    def __init__(self, at: int | None):
+        self.at, self.saved = at, None
+
+    def __enter__(self):
+        from tfp_kernels.distributed import order
+
+        if self.at is None:
+            return
+        self.saved, calls = order._local_long_lists, [0]
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] - 1 == self.at:
+                raise RuntimeError("injected failure of this rank's long lists")
+            return self.saved(*args, **kwargs)
+
+        order._local_long_lists = failing
+
+    def __exit__(self, *exc):
+        from tfp_kernels.distributed import order
+
+        if self.saved is not None:
+            order._local_long_lists = self.saved
 
 
 class fast_attrs:

@@ -57,13 +57,19 @@ GOOD = {
     "long_lists": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4, "long_lists": True},
                    "fast_attrs": {"LONG_LIST_ROOM": 5}},
 }
+# a long-list round failing on one rank (as out of memory would): every rank leaves it together, the long lists
+# go off, the walk goes on (same path); on rank 1 at its second round (a rebuild's), on rank 0 at the first
+FAILING = {
+    "long_lists_fail_rank1": {**GOOD["long_lists"], "long_fail_on_rank": {1: 1}},
+    "long_lists_fail_rank0": {**GOOD["long_lists"], "long_fail_on_rank": {0: 0}},
+}
 SAMPLED = {"n": 150, "d": 6, "direct": True, "kwargs": {"sample_pairs": 300, "seed": 3}}
 BAD = {
     "bad_d": {"n": 30, "d": 8, "d_on_rank": {1: 9}},
     "bad_nan": {"n": 30, "d": 8, "nan_on_rank": 1},
     "bad_args": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"window": 3}}},
 }
-CASES = {**GOOD, "sampled": SAMPLED, **BAD}
+CASES = {**GOOD, **FAILING, "sampled": SAMPLED, **BAD}
 # the 4-process run: fewer cases (four processes share the 2 CI cores)
 CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "long_lists", "bad_d"]
 
@@ -128,6 +134,30 @@ def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
 @pytest.mark.parametrize("name", list(GOOD))
 def test_two_ranks_match_single_process(world2, expected, name):
     _check_good(world2[name], name, expected)
+
+
+@pytest.mark.parametrize("name", list(FAILING))
+def test_a_failed_long_list_round_turns_them_off_on_every_rank(world2, expected, name):
+    per_rank = world2[name]
+    failing_rank, at = next(iter(CASES[name]["long_fail_on_rank"].items()))
+    path, _ = expected["long_lists"]
+    normal = world2["long_lists"][0]["stats"]
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {r}: {res.get('error')}"
+        assert torch.equal(res["path"], path), f"rank {r}'s path differs from single-process tfp_order"
+    stats = per_rank[0]["stats"]
+    # the rounds before the failure counted, none after it; more scans than with every round
+    assert 0 <= stats.num_long_lists < normal.num_long_lists and (stats.num_long_lists > 0) == (at > 0)
+    assert stats.num_fallbacks > normal.num_fallbacks
+    root_warnings = [w for w in per_rank[0]["warnings"] if "long lists failed" in w]
+    assert len(root_warnings) == 1 and f"on rank {failing_rank}" in root_warnings[0], per_rank[0]["warnings"]
+    if failing_rank != 0:  # the failing rank says what failed; the others stay quiet
+        own = [w for w in per_rank[failing_rank]["warnings"] if "long lists failed" in w]
+        assert len(own) == 1 and "injected failure" in own[0], own
+    assert "injected failure" in " ".join(per_rank[failing_rank]["warnings"])
+    for r, res in enumerate(per_rank):
+        if r not in (0, failing_rank):
+            assert not [w for w in res["warnings"] if "long lists failed" in w]
 
 
 @pytest.mark.parametrize("name", [n for n in CASES4 if n in GOOD])

@@ -69,7 +69,13 @@ from ..order.band_topk import (
     squared_distance_error_coef,
 )
 from ..order.distance import pair_distances, prepare
-from ..order.fast import LONG_LIST_FACTOR, LONG_LIST_MIN_ROWS, crowded_lists, squared_threshold
+from ..order.fast import (
+    LONG_LIST_FACTOR,
+    LONG_LIST_MIN_ROWS,
+    _kernel_failure,
+    crowded_lists,
+    squared_threshold,
+)
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
@@ -808,34 +814,70 @@ def _local_long_lists(sh: _Shard, q64: torch.Tensor, q_ids: torch.Tensor, q_lowe
     return out
 
 
+class _LongListsFailed(Exception):
+    """A long-list round failed on some rank (every rank agreed to go on without): ``rank``, and the failure
+    (``"Type: message"``) where it is known (on that rank)."""
+
+    def __init__(self, rank: int, failure: str):
+        super().__init__(f"on rank {rank}" + (f" ({failure})" if failure else ""))
+        self.rank = rank
+
+
+def _agree_on_failure(comm: _Comm, err: Exception | None) -> None:
+    """A collective: every rank says whether its part of a long-list round failed (``err``); raises
+    :class:`_LongListsFailed` on every rank when one did (the lowest such rank named), so that all ranks skip
+    the rest of the round together instead of one leaving the others waiting in a collective."""
+    failed = comm.all_max(float(comm.world - comm.rank) if err is not None else 0.0)
+    if failed > 0:
+        rank = comm.world - int(failed)
+        raise _LongListsFailed(rank, _kernel_failure(err) if rank == comm.rank and err is not None else "")
+
+
 def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, payload=None) -> torch.Tensor | None:
     """Every rank's side of a long-list round (:func:`_long_lists_root` broadcasts ``payload`` on rank 0): this
-    rank's part, gathered to rank 0 (returned there, (W Q, 2 k) in rank order; None elsewhere)."""
+    rank's part, gathered to rank 0 (returned there, (W Q, 2 k) in rank order; None elsewhere). A failure on
+    any rank (say, out of memory) ends the round on every rank with :class:`_LongListsFailed`."""
     q, k, unvisited_only = comm.bcast(
         payload[0] if payload is not None else torch.zeros(3, dtype=torch.int64)).tolist()
-    data = comm.bcast(payload[1] if payload is not None else
-                      torch.empty(q * (dim + 2), dtype=torch.float64, device=sh.x.device)).to(sh.x.device)
+    buf, err = None, None
+    try:  # (the query rows' buffer: Q x D float64, as large as the rank's part)
+        buf = payload[1] if payload is not None else torch.empty(q * (dim + 2), dtype=torch.float64,
+                                                                 device=sh.x.device)
+    except Exception as e:  # noqa: BLE001 - agreed on below, reported by the caller
+        err = e
+    _agree_on_failure(comm, err)
+    data = comm.bcast(buf).to(sh.x.device)
     q64 = data[: q * dim].view(q, dim)
     q_ids, q_lower = data[q * dim : q * dim + q].long(), data[q * dim + q :]
-    part = _local_long_lists(sh, q64, q_ids, q_lower, k, bool(unvisited_only), block_elements)
-    gathered, _ = _gather_rows(comm, part.cpu(), [q] * comm.world, out_device=torch.device("cpu"))
+    part = None
+    try:
+        part = _local_long_lists(sh, q64, q_ids, q_lower, k, bool(unvisited_only), block_elements).cpu()
+    except Exception as e:  # noqa: BLE001
+        err = e
+    _agree_on_failure(comm, err)
+    gathered, _ = _gather_rows(comm, part, [q] * comm.world, out_device=torch.device("cpu"))
     return gathered
 
 
-def _long_lists_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, rows: torch.Tensor, *, t2: float,
-                     k: int, unvisited_only: bool, max_sq: float, block_elements: int):
-    """Rank 0: the long lists of the list rows ``rows`` (global ids, host int64), over every rank's rows (the
-    unvisited ones when ``unvisited_only``), in float64: the query rows broadcast, each rank's best ``k``
-    gathered and merged by (value, id) (the global best k are among the ranks' best k). Returns host tensors
-    (index (Q, k) int32, s2 (Q, k) float32, limit2 (Q,) float64, slack (Q,) float64) as the single-process
-    long lists."""
-    dim = emb_host.shape[1]
+def _long_query(sh: _Shard, emb_host: torch.Tensor, rows: torch.Tensor, *, t2: float, k: int,
+                unvisited_only: bool, max_sq: float):
+    """Rank 0, before a long-list round: the payload of the list rows ``rows`` (global ids, host int64) for
+    :func:`_serve_long_lists` (their float64 rows, ids and band lower bounds) and their bound (Q,) float64."""
     q64 = prepare(emb_host.index_select(0, rows), sh.metric, torch.float64)
-    slack = float64_error_coef(dim) * (q64.square().sum(dim=1) + max_sq)
+    slack = float64_error_coef(emb_host.shape[1]) * (q64.square().sum(dim=1) + max_sq)
     lower, _ = band_bounds(t2, slack)
-    q = rows.numel()
-    payload = (torch.tensor([q, k, int(unvisited_only)], dtype=torch.int64),
+    payload = (torch.tensor([rows.numel(), k, int(unvisited_only)], dtype=torch.int64),
                torch.cat([q64.flatten(), rows.double(), lower.double()]))
+    return payload, slack
+
+
+def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, *, dim: int, block_elements: int):
+    """Rank 0: the long lists of the rows of ``payload`` (:func:`_long_query`), over every rank's rows (the
+    unvisited ones when asked), in float64: the query rows broadcast, each rank's best ``k`` gathered and merged
+    by (value, id) (the global best k are among the ranks' best k). Returns host tensors (index (Q, k) int32,
+    s2 (Q, k) float32, limit2 (Q,) float64, slack (Q,) float64) as the single-process long lists; raises
+    :class:`_LongListsFailed` when a rank failed its part (every rank then left the round)."""
+    q, k, _ = payload[0].tolist()
     gathered = _serve_long_lists(comm, sh, dim, block_elements, payload)
     parts = gathered.view(comm.world, q, 2 * k)
     values = parts[:, :, :k].permute(1, 0, 2).reshape(q, comm.world * k)
@@ -867,7 +909,12 @@ def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejectio
         elif cmd == _REBUILD:
             _rebuild(comm, sh, k, block_elements)
         elif cmd == _LONG:
-            _serve_long_lists(comm, sh, dim, block_elements)
+            try:
+                _serve_long_lists(comm, sh, dim, block_elements)
+            except _LongListsFailed as err:  # (every rank left the round; rank 0 turns the long lists off)
+                if err.rank == comm.rank:
+                    warnings.warn(f"tfp_order(group=...): this rank's part of the long lists failed {err}; the ranks "
+                                  "go on without them (same path, more scans)", RuntimeWarning, stacklevel=2)
         else:  # pragma: no cover - protocol error
             raise RuntimeError(f"tfp_order(group=...): unknown command {cmd} from rank 0")
 
@@ -1115,19 +1162,30 @@ def _walk_root(
 
     long_tables = LongListTables(n, long_k)
 
+    long_failed = []  # a failed long-list round turns them off for the rest of the walk, on every rank
+
     def lengthen(rows: torch.Tensor, step: int, unvisited_only: bool) -> None:
         """Long lists for the crowded lists among ``rows`` (host int64 node ids), among all nodes or the
         unvisited ones."""
+        if long_failed:
+            return
         t_start = time.perf_counter()
         crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2)]
-        if crowded.numel():
-            command(_LONG, step)
-            parts = _long_lists_root(comm, sh, emb_host, crowded, t2=t2, k=long_k, unvisited_only=unvisited_only,
-                                     max_sq=max_sq, block_elements=block_elements)
-            index, s2, limit, slack = parts
-            long_tables.append(crowded, index, s2, slack)
-            limit2[crowded] = limit
-            stats["num_long_lists"] += crowded.numel()
+        try:
+            if crowded.numel():
+                payload, slack = _long_query(sh, emb_host, crowded, t2=t2, k=long_k, unvisited_only=unvisited_only,
+                                             max_sq=max_sq)  # (before the command: a failure here is rank 0's own)
+                command(_LONG, step)
+                index, s2, limit, slack = _long_lists_root(comm, sh, payload, slack, dim=dim,
+                                                           block_elements=block_elements)
+                long_tables.append(crowded, index, s2, slack)
+                limit2[crowded] = limit
+                stats["num_long_lists"] += crowded.numel()
+        except Exception as err:  # noqa: BLE001 - (e.g. out of memory on some rank: the long lists only save scans)
+            failure = str(err) if isinstance(err, _LongListsFailed) else f"on rank 0 ({_kernel_failure(err)})"
+            warnings.warn(f"tfp_order(group=...): the long lists failed {failure}; going on without them (same "
+                          "path, more scans)", RuntimeWarning, stacklevel=4)
+            long_failed.append(err)
         stats["time_long_s"] += time.perf_counter() - t_start
 
     if long_k:
