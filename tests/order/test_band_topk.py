@@ -117,60 +117,49 @@ def test_cpu_pair_blocks_match_reference(n, d, k, block_rows):
     assert_lists_match(fast, ref, x, squared_distance_error_coef(d, torch.float32))
 
 
-@pytest.mark.parametrize("block_rows", [3, 16, 50])
-def test_cpu_pair_blocks_equal_row_blocks_on_exact_ties(block_rows):
-    """Small-integer rows (exact products, many equal distances): the pair blocks give exactly the lists of the
-    whole-row selection, ties at the K-th place going to the lower column across blocks and sides."""
-    from tfp_kernels import has_extension
-    from tfp_kernels.order.band_topk import _band_topk_pairs
-
-    if not has_extension():
-        pytest.skip("needs tfp_kernels._C")
-    n, k = 161, 12
-    x = torch.randint(-1, 2, (n, 3), generator=torch.Generator().manual_seed(4)).float()
-    sq = x.square().sum(1)
-    lo, hi = torch.full((n,), 1.5), torch.full((n,), 2.5)
-    a = _band_topk_pairs(x, sq, lo, hi, k, block_rows=block_rows)
-    b = band_topk_torch(x, sq, lo, hi, k, use_extension=False)
-    assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
-
-
 @pytest.mark.parametrize("isa", ["avx512", "portable"])
-def test_cpu_selection_versions_give_the_same_lists(isa, monkeypatch):
-    """The selection's AVX-512 and portable versions (TFP_KERNELS_SELECT_ISA caps the choice; a CPU without
-    AVX-512 runs the portable one): bit for bit the lists of torch ops on exact ties (pair blocks: row and
-    column sides; row blocks from s2 and from dot products), and the same lists as the default version on
-    random rows (N and the blocks' widths not multiples of the 16-column chunks, K > N, duplicates)."""
+@pytest.mark.parametrize("block_rows", [3, 16, 50])
+def test_cpu_pair_blocks_equal_row_blocks_on_exact_ties(block_rows, isa, monkeypatch):
+    """Small-integer rows (exact products, many equal distances): the pair blocks give exactly the lists of the
+    whole-row selection of torch ops, ties at the K-th place going to the lower column across blocks and sides;
+    so do the C++ row blocks (from dot products and from s2). Both versions of the selection
+    (TFP_KERNELS_SELECT_ISA caps the choice; a CPU without AVX-512 runs the portable one)."""
     from tfp_kernels import has_extension
     from tfp_kernels.order.band_topk import _band_topk_pairs
 
     if not has_extension():
         pytest.skip("needs tfp_kernels._C")
+    monkeypatch.setenv("TFP_KERNELS_SELECT_ISA", isa)
     n, k = 161, 12
     x = torch.randint(-1, 2, (n, 3), generator=torch.Generator().manual_seed(4)).float()
     sq = x.square().sum(1)
     lo, hi = torch.full((n,), 1.5), torch.full((n,), 2.5)
-    expected = band_topk_torch(x, sq, lo, hi, k, use_extension=False)
-    default = {}
-    for rows in (make_rows(203, 19, seed=8), make_rows(70, 17, seed=9)):
-        r_lo, r_hi = bounds(rows)
-        for kk, block_rows in ((8, 23), (100, 200), (8, 37)):
-            default[rows.shape[0], kk, block_rows] = _band_topk_pairs(rows, rows.square().sum(1), r_lo, r_hi, kk,
-                                                                     block_rows=block_rows)
-    monkeypatch.setenv("TFP_KERNELS_SELECT_ISA", isa)
-    for got in (_band_topk_pairs(x, sq, lo, hi, k, block_rows=50),
-                band_topk_torch(x, sq, lo, hi, k, block_elements=n * 20, use_extension=True)):
-        assert torch.equal(got.index, expected.index) and torch.equal(got.s2, expected.s2)
-        assert torch.equal(got.num_close, expected.num_close)
+    b = band_topk_torch(x, sq, lo, hi, k, use_extension=False)
+    for a in (_band_topk_pairs(x, sq, lo, hi, k, block_rows=block_rows),
+              band_topk_torch(x, sq, lo, hi, k, block_elements=n * block_rows, use_extension=True)):
+        assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
     s2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_(min=0)
-    index, s2_out, close = torch.ops.tfp_kernels.band_select(s2[40:90].contiguous(), 40, lo[40:90], hi[40:90], k)
-    assert torch.equal(index, expected.index[40:90]) and torch.equal(close, expected.num_close[40:90])
-    for (m, kk, block_rows), want in default.items():
-        rows = make_rows(m, 19 if m == 203 else 17, seed=8 if m == 203 else 9)
-        r_lo, r_hi = bounds(rows)
-        got = _band_topk_pairs(rows, rows.square().sum(1), r_lo, r_hi, kk, block_rows=block_rows)
-        assert torch.equal(got.index, want.index) and torch.equal(got.s2, want.s2)
-        assert torch.equal(got.num_close, want.num_close)
+    index, _, close = torch.ops.tfp_kernels.band_select(s2[40:90].contiguous(), 40, lo[40:90], hi[40:90], k)
+    assert torch.equal(index, b.index[40:90]) and torch.equal(close, b.num_close[40:90])
+
+
+def test_cpu_selection_versions_give_the_same_lists(monkeypatch):
+    """The selection's AVX-512 and portable versions: the same lists, bit for bit, on random rows (pair blocks:
+    row and column sides; N and the blocks' widths not multiples of the 16-column chunks, K > N, duplicates)."""
+    from tfp_kernels import has_extension
+    from tfp_kernels.order.band_topk import _band_topk_pairs
+
+    if not has_extension():
+        pytest.skip("needs tfp_kernels._C")
+    for rows in (make_rows(203, 19, seed=8), make_rows(70, 17, seed=9)):
+        r_lo, r_hi, sq = *bounds(rows), rows.square().sum(1)
+        for k, block_rows in ((8, 23), (100, 200), (8, 37)):
+            got = {}
+            for isa in ("avx512", "portable"):
+                monkeypatch.setenv("TFP_KERNELS_SELECT_ISA", isa)
+                got[isa] = _band_topk_pairs(rows, sq, r_lo, r_hi, k, block_rows=block_rows)
+            a, b = got.values()
+            assert torch.equal(a.index, b.index) and torch.equal(a.s2, b.s2) and torch.equal(a.num_close, b.num_close)
 
 
 def test_cpu_selection_refuses_an_unknown_isa(monkeypatch):
