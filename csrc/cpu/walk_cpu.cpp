@@ -44,7 +44,7 @@ namespace {
 // width (the extension is built with -ffp-contract=off, so no fused multiply-adds either), so a path does
 // not depend on the CPU it was computed on. Compiled for AVX-512, AVX2 and baseline x86-64, picked by CPU
 // feature at load: the walk computes it for every entry it examines (at the baseline's two doubles per
-// instruction it was most of the walk's time).
+// instruction: 6.5 us per step at N = 100,000, K = 64, against 5.7 with the clones).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TFP_WALK_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -147,32 +147,34 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
 
 
 class failing_long_lists:
-    """Context manager: this rank's part of the long lists (``_local_long_lists``) raises at its call number
-    ``at`` (0: the first build's round), as an out-of-memory error on one rank would; None: no failure."""
+    """Context manager: ``spec`` = (name, at): the function ``name`` of ``tfp_kernels.distributed.order`` (this
+    rank's part of the long lists, ``_local_long_lists``, or rank 0's preparation of a round, ``_long_query``)
+    raises at its call number ``at`` (0: the first build's round), as out of memory would; None: no failure."""
 
-    def __init__(self, at: int | None):
-        self.at, self.saved = at, None
+    def __init__(self, spec: tuple[str, int] | None):
+        self.spec, self.saved = spec, None
 
     def __enter__(self):
         from tfp_kernels.distributed import order
 
-        if self.at is None:
+        if self.spec is None:
             return
-        self.saved, calls = order._local_long_lists, [0]
+        name, at = self.spec
+        self.saved, calls = getattr(order, name), [0]
 
         def failing(*args, **kwargs):
             calls[0] += 1
-            if calls[0] - 1 == self.at:
-                raise RuntimeError("injected failure of this rank's long lists")
+            if calls[0] - 1 == at:
+                raise RuntimeError(f"injected failure of {name}")
             return self.saved(*args, **kwargs)
 
-        order._local_long_lists = failing
+        setattr(order, name, failing)
 
     def __exit__(self, *exc):
         from tfp_kernels.distributed import order
 
         if self.saved is not None:
-            order._local_long_lists = self.saved
+            setattr(order, self.spec[0], self.saved)
 
 
 class fast_attrs:

@@ -60,8 +60,10 @@ GOOD = {
 # a long-list round failing on one rank (as out of memory would): every rank leaves it together, the long lists
 # go off, the walk goes on (same path); on rank 1 at its second round (a rebuild's), on rank 0 at the first
 FAILING = {
-    "long_lists_fail_rank1": {**GOOD["long_lists"], "long_fail_on_rank": {1: 1}},
-    "long_lists_fail_rank0": {**GOOD["long_lists"], "long_fail_on_rank": {0: 0}},
+    "long_lists_fail_rank1": {**GOOD["long_lists"], "long_fail_on_rank": {1: ("_local_long_lists", 1)}},
+    "long_lists_fail_rank0": {**GOOD["long_lists"], "long_fail_on_rank": {0: ("_local_long_lists", 0)}},
+    # rank 0's preparation of a round (before it commands one: the other ranks never enter it)
+    "long_lists_fail_query": {**GOOD["long_lists"], "long_fail_on_rank": {0: ("_long_query", 1)}},
 }
 SAMPLED = {"n": 150, "d": 6, "direct": True, "kwargs": {"sample_pairs": 300, "seed": 3}}
 BAD = {
@@ -139,7 +141,7 @@ def test_two_ranks_match_single_process(world2, expected, name):
 @pytest.mark.parametrize("name", list(FAILING))
 def test_a_failed_long_list_round_turns_them_off_on_every_rank(world2, expected, name):
     per_rank = world2[name]
-    failing_rank, at = next(iter(CASES[name]["long_fail_on_rank"].items()))
+    failing_rank, (_, at) = next(iter(CASES[name]["long_fail_on_rank"].items()))
     path, _ = expected["long_lists"]
     normal = world2["long_lists"][0]["stats"]
     for r, res in enumerate(per_rank):

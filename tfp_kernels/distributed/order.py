@@ -879,14 +879,17 @@ def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, *, d
     :class:`_LongListsFailed` when a rank failed its part (every rank then left the round)."""
     q, k, _ = payload[0].tolist()
     gathered = _serve_long_lists(comm, sh, dim, block_elements, payload)
-    parts = gathered.view(comm.world, q, 2 * k)
-    values = parts[:, :, :k].permute(1, 0, 2).reshape(q, comm.world * k)
-    ids = parts[:, :, k:].permute(1, 0, 2).reshape(q, comm.world * k)
-    # (among equal values the columns go by rank, then by id within a rank: by global id)
-    vals, cols = select_smallest(values, k)
-    index = torch.where(torch.isinf(vals), -1.0, ids.gather(1, cols)).to(torch.int32)
-    s2 = vals.float()
-    return index.contiguous(), s2.contiguous(), list_limits(index, s2, slack), slack
+    try:  # (rank 0 alone from here: the other ranks are done with the round)
+        parts = gathered.view(comm.world, q, 2 * k)
+        values = parts[:, :, :k].permute(1, 0, 2).reshape(q, comm.world * k)
+        ids = parts[:, :, k:].permute(1, 0, 2).reshape(q, comm.world * k)
+        # (among equal values the columns go by rank, then by id within a rank: by global id)
+        vals, cols = select_smallest(values, k)
+        index = torch.where(torch.isinf(vals), -1.0, ids.gather(1, cols)).to(torch.int32)
+        s2 = vals.float()
+        return index.contiguous(), s2.contiguous(), list_limits(index, s2, slack), slack
+    except Exception as err:  # (e.g. out of host memory merging the ranks' parts)
+        raise _LongListsFailed(0, _kernel_failure(err)) from err
 
 
 def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):
@@ -1171,21 +1174,24 @@ def _walk_root(
             return
         t_start = time.perf_counter()
         crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2)]
-        try:
-            if crowded.numel():
-                payload, slack = _long_query(sh, emb_host, crowded, t2=t2, k=long_k, unvisited_only=unvisited_only,
-                                             max_sq=max_sq)  # (before the command: a failure here is rank 0's own)
+        if crowded.numel():
+            try:
+                try:  # (rank 0's own preparation, before the command: nothing collective to agree on yet)
+                    payload, slack = _long_query(sh, emb_host, crowded, t2=t2, k=long_k,
+                                                 unvisited_only=unvisited_only, max_sq=max_sq)
+                except Exception as err:  # (e.g. out of memory: the long lists only save scans)
+                    raise _LongListsFailed(0, _kernel_failure(err)) from err
                 command(_LONG, step)
                 index, s2, limit, slack = _long_lists_root(comm, sh, payload, slack, dim=dim,
                                                            block_elements=block_elements)
+            except _LongListsFailed as err:  # (every rank left the round together, or none entered it)
+                warnings.warn(f"tfp_order(group=...): the long lists failed {err}; going on without them (same "
+                              "path, more scans)", RuntimeWarning, stacklevel=4)
+                long_failed.append(err)
+            else:
                 long_tables.append(crowded, index, s2, slack)
                 limit2[crowded] = limit
                 stats["num_long_lists"] += crowded.numel()
-        except Exception as err:  # noqa: BLE001 - (e.g. out of memory on some rank: the long lists only save scans)
-            failure = str(err) if isinstance(err, _LongListsFailed) else f"on rank 0 ({_kernel_failure(err)})"
-            warnings.warn(f"tfp_order(group=...): the long lists failed {failure}; going on without them (same "
-                          "path, more scans)", RuntimeWarning, stacklevel=4)
-            long_failed.append(err)
         stats["time_long_s"] += time.perf_counter() - t_start
 
     if long_k:
