@@ -43,6 +43,8 @@ if ! python3 -c "import tfp_kernels, sys; sys.exit(0 if tfp_kernels.has_cuda_ops
     { cp /tmp/build.log "$OUT/"; tail -40 /tmp/build.log; exit 1; }
 fi
 echo "build: $((SECONDS - start)) s"
+# the extension's parallel loops on torch's threads (built with -fopenmp; 1 here means they run serially)
+python3 -c "import torch, tfp_kernels; torch.set_num_threads(4); print('extension parallel threads (of 4):', torch.ops.tfp_kernels.parallel_threads())"
 pytests() {  # pytest "$@" in at most $1 seconds (cut to the time left), appended to pytest_order_gpu.log
   local cap=$1; shift
   echo "== pytest $*" >> "$OUT/pytest_order_gpu.log"
@@ -104,6 +106,7 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
     new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists,
                 # float64 long lists beside the Triton lists
       pytests 60 tests/order/test_fast.py -k "cuda_long_lists"
+      pytests 30 tests/test_extension.py -k parallel_loops  # (the OpenMP build against this machine's torch)
       pytests 60 tests/order/test_scan_triton.py -k settle
       pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates" ;;
     n4096)
