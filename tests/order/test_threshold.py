@@ -81,6 +81,34 @@ def test_sampled_is_seeded_and_close_to_exact():
     assert abs(level - 0.05) < 5 * math.sqrt(0.05 * 0.95 / 20_000)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sampled_l2_equals_the_prepared_rows_bit_for_bit(dtype):
+    """The sampled l2 estimate gathers the embeddings' rows and converts them block by block: the value of the
+    pairs' distances over the float64 copy (prepare), bit for bit, in every input dtype and across blocks."""
+    from tfp_kernels.order import distance, threshold
+
+    g = torch.Generator().manual_seed(7)
+    emb = (torch.randn(300, 37, generator=g) * 3).to(dtype)
+    emb[5] = emb[9]  # a duplicate pair (distance 0, left out)
+    est = threshold_estimate(emb, quantile=0.05, sample_pairs=5_000, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    i = torch.randint(0, 300, (5_000,), generator=gen)
+    j = torch.randint(0, 299, (5_000,), generator=gen)
+    j += (j >= i).long()
+    d = distance.pair_distances(distance.prepare(emb, "l2"), i, j, "l2")
+    assert not est.exact and est.value == threshold.quantile_linear(d[d > 0], 0.05)
+    blocks = distance.pair_distances(emb, i, j, "l2", dtype=torch.float64)
+    small = distance.BLOCK_ELEMENTS
+    try:  # blocks of 3 pairs: the conversion per block changes nothing
+        distance.BLOCK_ELEMENTS = 3 * 37
+        assert torch.equal(distance.pair_distances(emb, i, j, "l2", dtype=torch.float64), blocks)
+    finally:
+        distance.BLOCK_ELEMENTS = small
+    assert torch.equal(blocks, d)
+    with pytest.raises(ValueError, match="metric='l2' only"):
+        distance.pair_distances(emb, i, j, "cosine", dtype=torch.float64)
+
+
 def test_sample_pairs_at_least_all_pairs_is_exact():
     emb = torch.randn(20, 4)
     est = threshold_estimate(emb, sample_pairs=190)

@@ -63,22 +63,30 @@ def distances_from(
     return _finish(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), metric)
 
 
-def pair_distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: str) -> torch.Tensor:
+def pair_distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: str,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Exact distances ``D[i[k], j[k]]`` for a list of pairs, computed in blocks.
 
     Args:
-        x: (N, D) prepared embeddings.
+        x: (N, D) prepared embeddings; or, with ``dtype`` and ``metric="l2"``, the embeddings themselves
+            (any floating dtype: each block's rows are converted to ``dtype`` after the gather, the values
+            :func:`prepare` would give, at a fraction of the memory traffic for 16- or 32-bit rows).
         i, j: (P,) int64 indices, same device as ``x``.
+        dtype: see ``x``; None: the dtype of ``x``.
 
     Returns:
-        (P,) distances in the dtype of ``x``, bit for bit the entries :func:`distances_from` gives for the
-        same pairs (the same ``torch.cdist`` kernel, batched over the pairs).
+        (P,) distances in ``dtype`` (default: that of ``x``), bit for bit the entries :func:`distances_from`
+        gives for the same pairs of the prepared rows (the same ``torch.cdist`` kernel, batched over the pairs).
     """
-    out = torch.empty(i.numel(), dtype=x.dtype, device=x.device)
+    if dtype is not None and metric != "l2":
+        raise ValueError("pair_distances: dtype= converts the rows after the gather, for metric='l2' only (cosine "
+                         "rows are normalised by prepare first)")
+    dtype = x.dtype if dtype is None else dtype
+    out = torch.empty(i.numel(), dtype=dtype, device=x.device)
     step = max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
     for s in range(0, i.numel(), step):
-        a = x.index_select(0, i[s : s + step]).unsqueeze(1)
-        b = x.index_select(0, j[s : s + step]).unsqueeze(1)
+        a = x.index_select(0, i[s : s + step]).to(dtype).unsqueeze(1)
+        b = x.index_select(0, j[s : s + step]).to(dtype).unsqueeze(1)
         l2 = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").reshape(-1)
         out[s : s + step] = _finish(l2, metric)
     return out

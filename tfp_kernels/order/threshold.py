@@ -188,13 +188,15 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float) -> tuple[f
     return v_lo + (level - lo) * (v_hi - v_lo), total, num_positive
 
 
-def _sampled_positive_pair_distances(x: torch.Tensor, metric: str, num: int, seed: int) -> torch.Tensor:
+def _sampled_positive_pair_distances(x: torch.Tensor, metric: str, num: int, seed: int,
+                                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dtype``: see :func:`~tfp_kernels.order.distance.pair_distances` (``x`` the embeddings themselves)."""
     n = x.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     i = torch.randint(0, n, (num,), generator=gen)
     j = torch.randint(0, n - 1, (num,), generator=gen)
     j += (j >= i).long()  # uniform over ordered pairs with i != j, i.e. over unordered pairs
-    d = pair_distances(x, i.to(x.device), j.to(x.device), metric)
+    d = pair_distances(x, i.to(x.device), j.to(x.device), metric, dtype=dtype)
     return d[d > 0]
 
 
@@ -236,6 +238,16 @@ def threshold_estimate(
         raise ValueError(f"estimate_threshold needs at least 2 rows in embeddings, got N = {n}")
     total = n * (n - 1) // 2
     exact = total <= (MAX_EXACT_PAIRS if sample_pairs is None else sample_pairs)
+    if not exact and metric == "l2":
+        # the sampled pairs' rows are gathered from the embeddings and converted block by block: the same values
+        # as from their float64 copy (prepare), without making one (measured at N = 100,000, D = 768 float32,
+        # 2^20 pairs on 2 cores: the gathers took 1.2 s of the estimate's 2.3-3.9 s)
+        looked = DEFAULT_SAMPLE_PAIRS if sample_pairs is None else sample_pairs
+        positive = _sampled_positive_pair_distances(embeddings, metric, looked, seed, dtype=torch.float64)
+        if positive.numel() == 0:
+            _warn_all_zero(looked, exact)
+            return ThresholdEstimate(0.0, exact, looked, 0)
+        return ThresholdEstimate(quantile_linear(positive, quantile), exact, looked, positive.numel())
     x = prepare(embeddings, metric)
     if exact:
         fast = _exact_quantile_by_bounds(x, metric, quantile) if exact_method == "bounds" else None
