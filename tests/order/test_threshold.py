@@ -167,6 +167,20 @@ def test_bounds_equal_all_pairs_with_ties_and_dtypes(dtype):
         assert fast.value == slow.value and fast.num_positive == slow.num_positive < fast.num_pairs
 
 
+@pytest.mark.parametrize("n", [2, 3, 200])
+def test_bounds_block_layouts_agree(n, monkeypatch):
+    """The pairs of a block laid out by one copy per row (CPU default) or one boolean gather per block (GPU
+    default): the same value, across blocks of a few rows (N not a multiple of the block)."""
+    from tfp_kernels.order import threshold
+    from tfp_kernels.order.distance import prepare
+
+    x = prepare(torch.randn(n, 9, generator=torch.Generator().manual_seed(n)), "l2")
+    monkeypatch.setattr(threshold, "BLOCK_ELEMENTS", 7 * n)
+    got = [threshold._exact_quantile_by_bounds(x, "l2", 0.3, row_copies=rows) for rows in (True, False)]
+    assert got[0] is not None and got[0] == got[1]
+    assert got[0][0] == threshold_estimate(x, quantile=0.3, exact_method="all").value
+
+
 def test_bounds_fall_back_to_all_pairs_when_the_window_is_crowded(monkeypatch):
     from tfp_kernels.order import threshold as threshold_module
 
