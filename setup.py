@@ -46,7 +46,7 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
-def _openmp_flags() -> bool:
+def _build_with_openmp() -> bool:
     """Whether to build with ``-fopenmp``: torch's ATen parallel backend is OpenMP (not on macOS's clang) and
     the C++ compiler compiles and links a small OpenMP program with it (else the build goes on without)."""
     import tempfile
@@ -66,8 +66,7 @@ def _openmp_flags() -> bool:
             f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
         try:
             done = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], check=False,
-                                  capture_output=True,
-                                  text=True, timeout=120)
+                                  capture_output=True, text=True, timeout=120)
             ok = done.returncode == 0
         except (OSError, subprocess.SubprocessError):
             ok = False
@@ -142,7 +141,7 @@ def _extensions():
     # OpenMP (ATen/ParallelOpenMP.h is guarded by _OPENMP): without -fopenmp every parallel_for of the
     # extension ran on one thread (measured: the band selection took as long on 2 threads as on 1). The
     # OpenMP runtime is torch's own (libgomp.so.1, loaded by torch before the extension).
-    if _openmp_flags():
+    if _build_with_openmp():
         extra_compile_args["cxx"].append("-fopenmp")
         extra_link_args.append("-fopenmp")
 
