@@ -497,30 +497,29 @@ def fast_tfp_order(
         long_k) float32, limit2 (Q,) float64, slack (Q,) float64 the bound of their s2), or None when no list
         is crowded."""
         t_start = time.perf_counter()
-        crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
-        if crowded.numel() == 0:
-            info.time_long_s += time.perf_counter() - t_start
-            return None
         try:
-            long_slack = list_slack if long_slack64 is None else long_slack64
-            x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
-                long_x[rows], long_sq[rows], long_slack[rows])
-            q_slack = slack[crowded]
-            q_lower, q_upper = band_bounds(t2, q_slack)
-            out = band_topk_rows(x, sq, crowded, q_lower, q_upper, long_k)  # (-1 padded past the rows' count)
-        except Exception as err:  # noqa: BLE001 - (e.g. out of device memory: the long lists only save scans)
-            import warnings
+            crowded = torch.nonzero(crowded_lists(index, s2, row_slack, t2)).flatten()
+            if crowded.numel() == 0:
+                return None
+            try:
+                long_slack = list_slack if long_slack64 is None else long_slack64
+                x, sq, slack = (long_x, long_sq, long_slack) if rows is None else (
+                    long_x[rows], long_sq[rows], long_slack[rows])
+                q_slack = slack[crowded]
+                q_lower, q_upper = band_bounds(t2, q_slack)
+                out = band_topk_rows(x, sq, crowded, q_lower, q_upper, long_k)  # (-1 padded past the rows' count)
+            except Exception as err:  # noqa: BLE001 - (e.g. out of device memory: the long lists only save scans)
+                import warnings
 
-            warnings.warn(f"tfp_order: the long lists failed ({_kernel_failure(err)}); going on without them "
-                          "(same path, more scans)", RuntimeWarning, stacklevel=4)
-            long_failed.append(err)
+                warnings.warn(f"tfp_order: the long lists failed ({_kernel_failure(err)}); going on without them "
+                              "(same path, more scans)", RuntimeWarning, stacklevel=4)
+                long_failed.append(err)
+                return None
+            index = out.index if rows is None else torch.where(
+                out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
+            return [host_table(t) for t in (crowded, index, out.s2, list_limits(index, out.s2, q_slack), q_slack)]
+        finally:
             info.time_long_s += time.perf_counter() - t_start
-            return None
-        index = out.index if rows is None else torch.where(
-            out.index >= 0, rows.to(torch.int32)[out.index.clamp(min=0).long()], -1)
-        tables = [host_table(t) for t in (crowded, index, out.s2, list_limits(index, out.s2, q_slack), q_slack)]
-        info.time_long_s += time.perf_counter() - t_start
-        return tables
 
     def build(rows: torch.Tensor | None):
         """Lists of ``rows`` (all list rows — nodes, or duplicate groups — when None) among ``rows``, with
