@@ -21,7 +21,9 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
                      const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
-                     const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack);
+                     const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack,
+                     const std::optional<at::Tensor>& close_offsets,
+                     const std::optional<at::Tensor>& close_members);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
                                                                const at::Tensor& lower, const at::Tensor& upper,
                                                                int64_t k, const std::optional<at::Tensor>& row_sq,

@@ -41,7 +41,7 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
   // tensors are then ignored).
   // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
-  // those of them at steps where the rejection cap could fire; (3,): [2] also sums, over the steps whose
+  // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire; (3,): [2] also sums, over the steps whose
   // list could not decide while the cap could not fire (scanned here or returned to the caller), the
   // list's entries already visited (how much fresher lists could have helped). The walk also
   // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
@@ -52,7 +52,7 @@ TORCH_LIBRARY(tfp_kernels, m) {
       "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
       "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
-      "Tensor? long_slack=None) -> int");
+      "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None) -> int");
   // Exact-duplicate groups (optional, all four or none): the band lists are then per group (U, K) and
   // hold group ids; group_of (N,) int32 is each node's group, group_members (N,) int64 the nodes of
   // group g in increasing order at group_offsets[g]..group_offsets[g + 1] (int64, U + 1), group_next
@@ -63,6 +63,11 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // long_index (L, K_long) int32 / long_s2 (L, K_long) float32 to read instead of the band tables (-1:
   // none); they are sorted band lists of the same meaning, long_slack (L,) float64 the error bound of
   // their s2 (band_limit2 holds their limit).
+  // Close sets (optional, both or none; with the cap): close_members int32 holds, at
+  // close_offsets[r]..close_offsets[r + 1] (int64, U + 1), nodes (visited or not) among which lie all nodes
+  // closer than t to node r (empty: no set). Where the cap could fire by num_close, the walk counts the
+  // set's unvisited members instead: a tighter bound on the unvisited nodes closer than t, so that fewer
+  // steps need a scan.
   // Epilogue of the blockwise band top-k on the CPU: per row of a (B, N) float32 block of squared
   // distances (global rows row_offset..), the K smallest entries >= lower (by value, then column) and
   // the count of entries < upper, the row's own column skipped. Returns (index (B, K) int32, -1 padded;

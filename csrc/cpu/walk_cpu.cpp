@@ -500,6 +500,21 @@ struct LongLists {
   int64_t k = 0;
 };
 
+// Close sets (optional): nodes among which lie all nodes closer than t to a node, for the rows where the cap
+// could fire by their counts alone (see the op's comment in tfp_kernels.cpp).
+struct CloseSets {
+  const int64_t* offsets = nullptr;  // (rows + 1,)
+  const int32_t* members = nullptr;
+
+  // A bound on the unvisited nodes closer than t to node `row`: `count` (num_close), or fewer by its set.
+  int64_t unvisited_close(int64_t row, int64_t count, const bool* seen) const {
+    if (!offsets || offsets[row + 1] == offsets[row]) return count;
+    int64_t alive = 0;
+    for (int64_t i = offsets[row]; i < offsets[row + 1]; ++i) alive += !seen[members[i]];
+    return std::min(count, alive);
+  }
+};
+
 // The host scan's inputs (FallbackScan): rows empty when the caller runs the scans.
 struct ScanRows {
   const at::Tensor& rows;      // (N, D) float16, prepared rows / scale
@@ -513,7 +528,8 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                   const at::Tensor& num_close, const ScanRows& scan_in, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
-                  int64_t max_rejections, bool cosine, const Groups& groups, const LongLists& long_lists) {
+                  int64_t max_rejections, bool cosine, const Groups& groups, const LongLists& long_lists,
+                  const CloseSets& close_sets) {
   const int64_t n = embeddings.size(0);
   const int64_t band_k = band_index.size(1);
   const ExactDistance<scalar_t> dist{embeddings.data_ptr<scalar_t>(), cosine ? norms.data_ptr<double>() : nullptr,
@@ -535,7 +551,7 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   }
 
   int64_t fallbacks = 0;
-  int64_t cap_fallbacks = 0;  // scans where the cap could fire (fresh lists avoid few of them)
+  int64_t cap_fallbacks = 0;  // scans (here or returned) where the cap could fire (fresh lists avoid few)
   int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
   auto flush_counters = [&]() {
     int64_t* counts = num_fallbacks.numel() > 0 ? num_fallbacks.data_ptr<int64_t>() : nullptr;
@@ -594,8 +610,11 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       best_d = c_d;
       best_s2 = c_s2;
     }
-    const bool cap_may_fire = max_rejections >= 0 && remaining > max_rejections &&
-                              static_cast<int64_t>(close[row]) + k >= max_rejections;
+    // (the list's best has at most k - 1 unvisited nodes >= t ahead of it, all in the list, and those closer
+    // than t: the cap cannot fire before it while their count + k < max_rejections)
+    bool cap_may_fire = max_rejections >= 0 && remaining > max_rejections &&
+                        static_cast<int64_t>(close[row]) + k >= max_rejections;
+    if (cap_may_fire) cap_may_fire = close_sets.unvisited_close(row, close[row], seen) + k >= max_rejections;
     const bool proven = best >= 0 && best_s2 < limit2[row] && !cap_may_fire;
     if (!proven) {
       // nothing certain in the list, or the cap might fire: the exact scan decides. How stale the list
@@ -603,6 +622,8 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       // scans: a list without visited entries is what a rebuild would give again
       if (!cap_may_fire) {
         for (int64_t j = 0; j < k && list[j] >= 0; ++j) stale_entries += groups.resolve(list[j], seen) < 0;
+      } else {
+        ++cap_fallbacks;
       }
       if (!scan_here) {
         flush_counters();
@@ -610,7 +631,6 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       }
       best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
-      if (cap_may_fire) ++cap_fallbacks;
     }
     p[step] = best;
     seen[best] = true;
@@ -631,7 +651,9 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
                      const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
-                     const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack) {
+                     const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack,
+                     const std::optional<at::Tensor>& close_offsets,
+                     const std::optional<at::Tensor>& close_members) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
            &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
@@ -716,17 +738,36 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
     long_lists = LongLists{long_row->data_ptr<int32_t>(), long_index->data_ptr<int32_t>(), long_s2->data_ptr<float>(),
                            long_slack->data_ptr<double>(), long_index->size(1)};
   }
+  TORCH_CHECK(close_offsets.has_value() == close_members.has_value(),
+              "tfp_walk: pass both close_offsets and close_members, or neither");
+  CloseSets close_sets;
+  if (close_offsets.has_value()) {
+    const auto& off = *close_offsets;
+    const auto& mem = *close_members;
+    for (const at::Tensor* t : {&off, &mem}) {
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tfp_walk: close sets must be contiguous CPU tensors");
+    }
+    TORCH_CHECK(off.scalar_type() == at::kLong, "tfp_walk: close_offsets must have dtype Long, got ", off.scalar_type());
+    TORCH_CHECK(mem.scalar_type() == at::kInt, "tfp_walk: close_members must have dtype Int, got ", mem.scalar_type());
+    TORCH_CHECK(off.dim() == 1 && off.numel() == rows + 1, "tfp_walk: close_offsets must have U + 1 = ", rows + 1,
+                " entries");
+    const int64_t* o = off.data_ptr<int64_t>();
+    TORCH_CHECK(o[0] == 0 && o[rows] == mem.numel(), "tfp_walk: close_offsets must run from 0 to close_members' ",
+                mem.numel(), " entries");
+    // (members are not range-checked here: a pass over them per call; fast.py makes them from row ids)
+    close_sets = CloseSets{o, mem.data_ptr<int32_t>()};
+  }
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
   const ScanRows scan_in{scan_rows, scan_scale, scan_sq_norms, scan_slack};
   if (embeddings.scalar_type() == at::kFloat) {
     return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                            cosine, groups, long_lists);
+                            cosine, groups, long_lists, close_sets);
   }
   return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                           cosine, groups, long_lists);
+                           cosine, groups, long_lists, close_sets);
 }
 
 }  // namespace tfp

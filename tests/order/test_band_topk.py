@@ -10,6 +10,7 @@ from tfp_kernels.order.band_topk import (
     band_topk_reference,
     band_topk_rows,
     band_topk_torch,
+    close_sets,
     float64_error_coef,
     split_rows,
     squared_distance_error_coef,
@@ -708,3 +709,47 @@ def test_row_lists_refuse_bad_arguments():
         band_topk_rows(x, x.square().sum(1), torch.tensor([0, 1]), torch.zeros(1), torch.ones(2), 2)
     with pytest.raises(ValueError, match="positive integer"):
         band_topk_rows(x, x.square().sum(1), torch.tensor([0]), torch.zeros(1), torch.ones(1), 0)
+
+
+@pytest.mark.parametrize("n, d", [(1, 3), (2, 5), (37, 19), (130, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_elements", [None, 200])
+def test_close_sets_hold_every_close_node(n, d, dtype, block_elements):
+    # sets of some rows (odd ones, out of order, a duplicated row among them): every node closer than the
+    # threshold in float64 is in its row's set, nothing past the bound is, never the row itself; sizes are the
+    # row lists' num_close (same products), members increasing
+    x = make_rows(n, d, seed=n + 7)
+    xs = x.to(dtype)
+    sq = xs.double().square().sum(1).to(dtype) if dtype == torch.float64 else x.square().sum(1)
+    exact = torch.cdist(x.double(), x.double()).square()
+    off_diagonal = exact[~torch.eye(n, dtype=torch.bool)]
+    t2 = float(off_diagonal.quantile(0.3)) if n > 1 else 1.0
+    coef = squared_distance_error_coef(d, torch.float32) if dtype == torch.float32 else float64_error_coef(d)
+    slack = coef * (x.double().square().sum(1) + x.double().square().sum(1).max())
+    upper = (t2 + slack).float()
+    rows = torch.arange(n).flip(0)[::2].contiguous()
+    offsets, members = close_sets(xs, sq, rows, upper[rows], block_elements=block_elements)
+    assert offsets.dtype == torch.int64 and members.dtype == torch.int32 and offsets.shape == (rows.numel() + 1,)
+    assert offsets[0] == 0 and offsets[-1] == members.numel()
+    lists = band_topk_rows(xs, sq, rows, upper[rows], upper[rows], 4, block_elements=block_elements)
+    assert torch.equal(offsets.diff(), lists.num_close.long())
+    for q, r in enumerate(rows.tolist()):
+        got = members[offsets[q] : offsets[q + 1]].long()
+        assert torch.all(got.diff() > 0) and r not in got.tolist()
+        surely = torch.nonzero(exact[r] < t2 - 2 * slack[r]).flatten()
+        surely = surely[surely != r]
+        assert set(surely.tolist()) <= set(got.tolist())
+        assert torch.all(exact[r, got] < t2 + 2 * slack[r])
+    assert int(offsets[-1]) > 0 or n <= 2  # (the test is not empty)
+
+
+def test_close_sets_of_no_rows_and_bad_arguments():
+    x = torch.randn(5, 3)
+    sq = x.square().sum(1)
+    offsets, members = close_sets(x, sq, torch.empty(0, dtype=torch.int64), torch.empty(0))
+    assert offsets.tolist() == [0] and members.numel() == 0
+    with pytest.raises(ValueError, match="float32 or float64"):
+        close_sets(x.half(), sq, torch.tensor([0]), torch.ones(1))
+    with pytest.raises(ValueError, match=r"must be \(Q,\)"):
+        close_sets(x, sq, torch.tensor([0, 1]), torch.ones(1))
+

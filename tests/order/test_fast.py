@@ -624,6 +624,94 @@ def test_walk_op_stops_a_long_list_by_its_own_error_bound():
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("fallback", ["host", "device"])
+def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
+    """With a cap that the lists' counts say could fire at many steps, the walk counts the unvisited members of
+    those nodes' close sets instead: the same path as the reference (and as without the sets), fewer scans."""
+    emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3)
+    t = estimate_threshold(emb, metric=metric, quantile=0.05)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t, max_rejections=60)
+    runs = {}
+    for use in (True, False):
+        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=60, start=0, k=8,
+                                    fallback=fallback, band_backend="torch", use_close_sets=use)
+        assert torch.equal(path, ref)
+        runs[use] = info
+    assert runs[False].num_close_sets == 0 and runs[True].num_close_sets > 0
+    assert 0 < runs[False].num_cap_fallbacks <= runs[False].num_fallbacks
+    assert runs[True].num_cap_fallbacks < runs[False].num_cap_fallbacks
+    assert runs[True].num_fallbacks < runs[False].num_fallbacks
+
+
+def test_close_sets_within_their_budget(monkeypatch):
+    from tfp_kernels.order import fast
+
+    emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3)
+    t = estimate_threshold(emb, quantile=0.05)
+    ref = tfp_order_reference(emb, threshold=t, max_rejections=60)
+    sets = {}
+    real = fast.cap_close_sets
+    monkeypatch.setattr(fast, "cap_close_sets", lambda *a: sets.setdefault("out", real(*a)))
+    for budget in (2, 0.05, 0):  # entries per list entry: all the nodes the cap concerns, some, none
+        monkeypatch.setattr(fast, "CLOSE_SET_BUDGET", budget)
+        sets.clear()
+        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=60, start=0, k=8,
+                                    band_backend="torch")
+        assert torch.equal(path, ref)
+        if budget == 0:
+            assert sets["out"] is None and info.num_close_sets == 0
+            continue
+        offsets, members = sets["out"]
+        assert int(offsets[-1]) <= budget * 1200 * 8 and members.numel() == int(offsets[-1])
+        assert info.num_close_sets == int((offsets.diff() > 0).sum()) > 0
+        if budget < 1:
+            assert info.num_close_sets < runs_all
+        else:
+            runs_all = info.num_close_sets
+    # no cap, or a cap no step can reach: no sets
+    for cap in (None, 5000):
+        sets.clear()
+        fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=cap, start=0, k=8, band_backend="torch")
+        assert not sets
+
+
+def test_walk_op_counts_unvisited_close_nodes_and_rejects_partial_close_sets():
+    # node 0's count says 2 nodes lie closer than t: with K = 1 the cap of 2 could fire, so the walk returns for a
+    # scan at step 1; its close set (nodes 1 and 2, both visited) shows none is left, and the list decides
+    emb = torch.tensor([[0.0], [0.1], [0.2], [5.0], [9.0]], dtype=torch.float64)
+    n = 5
+    band_index = torch.tensor([[3], [-1], [-1], [-1], [-1]], dtype=torch.int32)
+    band_s2 = torch.tensor([[25.0], [torch.inf], [torch.inf], [torch.inf], [torch.inf]])
+    limit2 = torch.tensor([torch.inf, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    num_close = torch.tensor([2, 0, 0, 0, 0], dtype=torch.int32)
+    args = [emb, torch.empty(0, dtype=torch.float64), band_index, band_s2, limit2, torch.zeros(n, dtype=torch.float64),
+            num_close, torch.empty(0, dtype=torch.float16)]
+    args += [torch.empty(0, dtype=torch.float64)] * 3
+
+    def walk(*close):
+        path = torch.zeros(n, dtype=torch.long)
+        visited = torch.tensor([True, True, True, False, False])
+        counter = torch.zeros(3, dtype=torch.long)
+        step = torch.ops.tfp_kernels.tfp_walk(*args, path, visited, counter, 1, -1, 1.0, 4, 2, False,
+                                              None, None, None, None, None, None, None, None, *close)
+        return step, int(path[1]), counter.tolist()
+
+    offsets = torch.tensor([0, 2, 2, 2, 2, 2])
+    assert walk() == (1, 0, [0, 1, 0])  # returned at step 1, counted as a step where the cap could fire
+    assert walk(offsets, torch.tensor([1, 2], dtype=torch.int32)) == (2, 3, [0, 0, 0])
+    # a set with an unvisited member leaves the count at 1: 1 + K = 2, the cap could still fire
+    assert walk(offsets, torch.tensor([1, 4], dtype=torch.int32))[0] == 1
+    with pytest.raises(RuntimeError, match="pass both close_offsets and close_members"):
+        walk(offsets, None)
+    with pytest.raises(RuntimeError, match="close_offsets must have U \\+ 1 = 6 entries"):
+        walk(offsets[:5].contiguous(), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must run from 0 to close_members' 3 entries"):
+        walk(offsets, torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="close_members must have dtype Int"):
+        walk(offsets, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_long_lists_with_duplicate_groups(monkeypatch, metric):
     # the long lists hold group ids like the band lists (one list per group, of the groups' representatives),
     # through rebuilds

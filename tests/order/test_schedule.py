@@ -85,8 +85,9 @@ def test_walk_counts_the_visited_entries_of_undecided_lists():
     assert run(entries) == (1, [0, 0, k])
     # all but the last entry visited: the last one is not provably nearer than the nodes past the list
     assert run(entries[:-1]) == (1, [0, 0, k - 1])
-    # a cap that could fire: the scan is the cap's, not the lists' (not counted)
-    assert run(entries, max_rejections=1)[1] == [0, 0, 0]
+    # a cap that could fire: the scan is the cap's, not the lists' (no stale entries counted; a step where the cap
+    # could fire, returned to the caller)
+    assert run(entries, max_rejections=1)[1] == [0, 1, 0]
 
 
 def test_walk_counts_the_scans_where_the_cap_could_fire(monkeypatch):

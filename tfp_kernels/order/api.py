@@ -39,6 +39,9 @@ class OrderStats:
             summed over their scans: the rows their float16 pass left within its error bound of the answer.
         num_long_lists: band lists replaced by long lists (crowded near the threshold), over all builds;
         long_k: their length (0 when not used); time_long_s: seconds spent on them (within time_band_s).
+        num_close_sets: nodes whose close set the walk counts (with a cap: where the cap could fire by the
+            lists' counts; their time is in time_band_s); num_cap_fallbacks: the scans (among
+            ``num_fallbacks``) at steps where the cap could fire.
     """
 
     threshold: float
@@ -60,6 +63,8 @@ class OrderStats:
     num_long_lists: int = 0
     long_k: int = 0
     time_long_s: float = 0.0
+    num_close_sets: int = 0
+    num_cap_fallbacks: int = 0
 
     @property
     def fallback_rate(self) -> float:

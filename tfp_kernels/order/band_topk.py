@@ -455,6 +455,22 @@ def select_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return vals.gather(1, by_value), idx.gather(1, by_value)
 
 
+def _row_blocks(x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, block_elements: int | None):
+    """Blocks ``(q0, r, s2)`` of the (Q, N) squared distances of ``x[rows]`` to every row of ``x``: ``r``
+    = ``rows[q0 : q0 + B]`` (int64), ``s2`` (B, N) in the dtype of ``x``, ``max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j,
+    0)`` with IEEE float32 products for float32 rows (``block_elements``: see :func:`band_topk_rows`)."""
+    n = x.shape[0]
+    if block_elements is None:
+        block_elements = 1 << (27 if x.device.type == "cuda" else 24)
+    block = max(1, block_elements // max(n, 1))
+    sq = sq_norms.to(x.dtype)
+    for q0 in range(0, rows.numel(), block):
+        r = rows[q0 : q0 + block].long()
+        with _ieee_fp32_matmul():
+            dots = torch.matmul(x[r], x.T)
+        yield q0, r, dots.mul_(-2.0).add_(sq[None, :]).add_(sq[r, None]).clamp_(min=0)
+
+
 def band_topk_rows(
     x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
     *, block_elements: int | None = None,
@@ -484,34 +500,63 @@ def band_topk_rows(
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     n = x.shape[0]
-    if block_elements is None:
-        block_elements = 1 << (27 if x.device.type == "cuda" else 24)
-    block = max(1, block_elements // max(n, 1))
-    sq = sq_norms.to(x.dtype)
     kk = min(k, n)
     parts = []
-    with _ieee_fp32_matmul():
-        for q0 in range(0, rows.numel(), block):
-            r = rows[q0 : q0 + block].long()
-            b = r.numel()
-            lo, hi = lower[q0 : q0 + b].to(x.dtype), upper[q0 : q0 + b].to(x.dtype)
-            s2 = torch.matmul(x[r], x.T).mul_(-2.0).add_(sq[None, :]).add_(sq[r, None]).clamp_(min=0)
-            if x.dtype == torch.float32:  # (value, column) keys: ties at the K-th place to the lower column
-                parts.append(_finish_block(s2, r, lo, hi, k))
-                continue
-            s2[torch.arange(b, device=x.device), r] = torch.inf  # self
-            num_close = (s2 < hi[:, None]).sum(dim=1, dtype=torch.int32)
-            s2.masked_fill_(s2 < lo[:, None], torch.inf)
-            vals, idx = select_smallest(s2, kk)
-            idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
-            vals = vals.float()
-            if kk < k:
-                vals = torch.cat([vals, vals.new_full((b, k - kk), torch.inf)], dim=1)
-                idx = torch.cat([idx, idx.new_full((b, k - kk), -1)], dim=1)
-            parts.append((idx, vals, num_close))
+    for q0, r, s2 in _row_blocks(x, sq_norms, rows, block_elements):
+        b = r.numel()
+        lo, hi = lower[q0 : q0 + b].to(x.dtype), upper[q0 : q0 + b].to(x.dtype)
+        if x.dtype == torch.float32:  # (value, column) keys: ties at the K-th place to the lower column
+            parts.append(_finish_block(s2, r, lo, hi, k))
+            continue
+        s2[torch.arange(b, device=x.device), r] = torch.inf  # self
+        num_close = (s2 < hi[:, None]).sum(dim=1, dtype=torch.int32)
+        s2.masked_fill_(s2 < lo[:, None], torch.inf)
+        vals, idx = select_smallest(s2, kk)
+        idx = idx.to(torch.int32).masked_fill_(torch.isinf(vals), -1)
+        vals = vals.float()
+        if kk < k:
+            vals = torch.cat([vals, vals.new_full((b, k - kk), torch.inf)], dim=1)
+            idx = torch.cat([idx, idx.new_full((b, k - kk), -1)], dim=1)
+        parts.append((idx, vals, num_close))
     if not parts:
         return BandLists(torch.empty(0, k, dtype=torch.int32, device=x.device),
                          torch.empty(0, k, dtype=torch.float32, device=x.device),
                          torch.empty(0, dtype=torch.int32, device=x.device))
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
+
+
+def close_sets(
+    x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, upper: torch.Tensor,
+    *, block_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nodes whose fast squared distance to each of some rows lies below the row's ``upper`` (the row
+    itself left out): with ``upper = t^2 +`` the products' error bound, a superset of the nodes closer than
+    ``t``. The walk counts their unvisited members where the rejection cap could fire
+    (:mod:`~tfp_kernels.order.fast`). Same products as :func:`band_topk_rows` (its ``num_close`` are the sets'
+    sizes).
+
+    Args:
+        x: (N, D) float32 or float64 prepared rows, CPU or CUDA; sq_norms: (N,) their squared norms.
+        rows: (Q,) int64 row ids, same device; upper: (Q,) bounds in the squared domain.
+        block_elements: as :func:`band_topk_rows`.
+
+    Returns:
+        ``(offsets (Q + 1,) int64, members (S,) int32)`` on the device of ``x``: the set of ``rows[q]`` is
+        ``members[offsets[q] : offsets[q + 1]]``, in increasing order.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"close_sets: x must be float32 or float64, got {x.dtype}")
+    if rows.dim() != 1 or upper.shape != rows.shape:
+        raise ValueError(f"close_sets: rows and upper must be (Q,), got {tuple(rows.shape)}, {tuple(upper.shape)}")
+    sizes, members = [], []
+    for q0, r, s2 in _row_blocks(x, sq_norms, rows, block_elements):
+        close = s2 < upper[q0 : q0 + r.numel(), None].to(x.dtype)
+        close[torch.arange(r.numel(), device=x.device), r] = False  # self
+        sizes.append(close.sum(dim=1))
+        members.append(torch.nonzero(close)[:, 1].to(torch.int32))  # (row-major: by row, then column)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=x.device)
+    if sizes:
+        torch.cumsum(torch.cat(sizes), dim=0, out=offsets[1:])
+    members = torch.cat(members) if members else torch.empty(0, dtype=torch.int32, device=x.device)
+    return offsets, members

@@ -133,6 +133,7 @@ def bind_walk(
     cosine: bool,
     group_args: tuple[torch.Tensor, ...] = (),
     long_lists: LongListTables | None = None,
+    close_sets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Callable[[int, int], int]:
     """The C++ op ``tfp_walk`` bound to its tables, as :func:`run_walk`'s ``walk(step, stop)``.
 
@@ -140,18 +141,19 @@ def bind_walk(
     tables in place, so the bound walk always reads the current lists. ``host_scan``: a
     :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
     :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or the
-    :class:`LongListTables`, read at each call (rebuilds append to them).
+    :class:`LongListTables`, read at each call (rebuilds append to them). ``close_sets``: None, or the op's
+    ``(close_offsets, close_members)`` (:func:`~tfp_kernels.order.fast.cap_close_sets`).
     """
     cap = -1 if max_rejections is None else max_rejections
     tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
 
+    groups = group_args or (None, None, None, None)
+    close = close_sets or (None, None)
+
     def walk(step: int, stop: int) -> int:
-        if long_lists is None:
-            return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine,
-                                                      *group_args))
-        groups = group_args or (None, None, None, None)
+        longs = (None, None, None, None) if long_lists is None else long_lists.tables
         return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *groups,
-                                                  *long_lists.tables))
+                                                  *longs, *close))
 
     return walk
 
