@@ -97,6 +97,7 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
         "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
         "scan_candidates": stats.scan_candidates, "long_lists": stats.num_long_lists, "long_k": stats.long_k,
         "long_s": stats.time_long_s, "close_sets": stats.num_close_sets, "cap_scans": stats.num_cap_fallbacks,
+        "close_set_scans": stats.num_close_set_scans,
     }
 
     # validate our path: every step up to N = 20000, else a seeded sample of steps

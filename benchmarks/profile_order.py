@@ -59,6 +59,7 @@ def main(argv=None) -> None:
         "walk_s": stats.time_walk_s, "fallback_s": stats.time_fallback_s,
         "scan_candidates": stats.scan_candidates, "long_lists": stats.num_long_lists, "long_k": stats.long_k,
         "long_s": stats.time_long_s, "close_sets": stats.num_close_sets, "cap_scans": stats.num_cap_fallbacks,
+        "close_set_scans": stats.num_close_set_scans,
     }
     print(counters, flush=True)
     events = prof.key_averages()

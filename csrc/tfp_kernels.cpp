@@ -43,7 +43,8 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
   // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire; (3,): [2] also sums, over the steps whose
   // list could not decide while the cap could not fire (scanned here or returned to the caller), the
-  // list's entries already visited (how much fresher lists could have helped). The walk also
+  // list's entries already visited (how much fresher lists could have helped); (4,): [3] also counts the
+  // scans run here over a close set and its list only (see below). The walk also
   // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
@@ -67,7 +68,8 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // close_offsets[r]..close_offsets[r + 1] (int64, U + 1), nodes (visited or not) among which lie all nodes
   // closer than t to node r (empty: no set). Where the cap could fire by num_close, the walk counts the
   // set's unvisited members instead: a tighter bound on the unvisited nodes closer than t, so that fewer
-  // steps need a scan.
+  // steps need a scan; the scans run here at such steps pass over the set and the list of `last` only
+  // (every node that may precede a pick nearer than the list's limit) when that decides.
   // Epilogue of the blockwise band top-k on the CPU: per row of a (B, N) float32 block of squared
   // distances (global rows row_offset..), the K smallest entries >= lower (by value, then column) and
   // the count of entries < upper, the row's own column skipped. Returns (index (B, K) int32, -1 padded;

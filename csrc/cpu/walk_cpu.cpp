@@ -301,17 +301,34 @@ class FallbackScan {
   }
 
   int64_t pick(const int64_t* path, int64_t step, int64_t window, double threshold, int64_t max_rejections) {
-    const int64_t last = path[step - 1];
-    const int64_t win_begin = std::max<int64_t>(0, step - window);
-    const int64_t n_u = num_alive_;
-    // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
-    const bool capped = max_rejections >= 0 && n_u > max_rejections;
-    if (2 * n_u < static_cast<int64_t>(order_.size())) {  // drop the visited rows from the pass, in order
+    if (2 * num_alive_ < static_cast<int64_t>(order_.size())) {  // drop the visited rows from the pass, in order
       order_.erase(std::remove_if(order_.begin(), order_.end(), [&](int64_t row) { return !alive_[row]; }),
                    order_.end());
     }
-    approximate(path, last, win_begin, step);
-    const int64_t rows = static_cast<int64_t>(order_.size());
+    return pick_over(order_, std::numeric_limits<double>::infinity(), path, step, window, threshold,
+                     max_rejections);
+  }
+
+  // The same pick with the pass over `rows` only (list rows in increasing order, among them every unvisited
+  // node that may precede the pick), given that every node outside them lies at an exact squared distance
+  // >= limit2 from `last`: the pick when it lies nearer than limit2 (no node outside can then precede it),
+  // else -1 (the caller runs the full pick). With the cap, `rows` = the close set and the band list of `last`.
+  int64_t pick_among(const std::vector<int64_t>& rows, double limit2, const int64_t* path, int64_t step,
+                     int64_t window, double threshold, int64_t max_rejections) {
+    return pick_over(rows, limit2, path, step, window, threshold, max_rejections);
+  }
+
+ private:
+  int64_t pick_over(const std::vector<int64_t>& pass, double limit2, const int64_t* path, int64_t step,
+                    int64_t window, double threshold, int64_t max_rejections) {
+    const int64_t last = path[step - 1];
+    const int64_t win_begin = std::max<int64_t>(0, step - window);
+    const int64_t n_u = num_alive_;
+    const bool whole = std::isinf(limit2);  // the pass holds every unvisited row
+    // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
+    const bool capped = max_rejections >= 0 && n_u > max_rejections;
+    approximate(pass, path, last, win_begin, step);
+    const int64_t rows = static_cast<int64_t>(pass.size());
     const double sl = slack_[last];
     // a relative margin on every comparison of squared distances: exact values proven apart by it also
     // differ after the square root of the metric (so that the (distance, index) order is certain)
@@ -350,6 +367,7 @@ class FallbackScan {
         best_s2 = e.second;
       }
     }
+    if (best >= 0 && best_s2 >= limit2) return -1;  // a node outside the pass may precede it
     if (best >= 0 && !capped) return best;
     if (best >= 0) {
       // 2. with the cap: `best` is the pick if fewer than M nodes precede it (rows surely nearer count
@@ -375,6 +393,7 @@ class FallbackScan {
     for (int64_t i = 0; i < rows; ++i) {
       if (node_[i] >= 0) values_.push_back(s2_last_[i]);
     }
+    if (!whole && rank >= static_cast<int64_t>(values_.size())) return -1;
     TORCH_CHECK(rank < static_cast<int64_t>(values_.size()), "tfp_walk: internal error: no unvisited node to scan");
     std::nth_element(values_.begin(), values_.begin() + rank, values_.end());
     const double v = values_[rank];
@@ -402,16 +421,17 @@ class FallbackScan {
                 "tfp_walk: internal error: the scan's error bound does not hold (rank ", rank, ", ", before,
                 " rows before the window, ", exact_.size(), " in it)");
     std::nth_element(exact_.begin(), exact_.begin() + within, exact_.end());
-    return exact_[within].first.second;
+    const int64_t node = exact_[within].first.second;
+    return whole || dist_.s2(last, node) < limit2 ? node : -1;
   }
 
- private:
   static constexpr int8_t kInvalid = 0, kUndecided = 1, kSurelyValid = 2;
 
-  // Approximate squared distances of every list row of order_ to `last` (s2_last_), its node (node_, -1
+  // Approximate squared distances of every list row of `pass` to `last` (s2_last_), its node (node_, -1
   // when none is unvisited) and its status against the window (invalid: surely below t for some window
   // node; surely valid: surely >= t for all; undecided).
-  void approximate(const int64_t* path, int64_t last, int64_t win_begin, int64_t step) {
+  void approximate(const std::vector<int64_t>& pass, const int64_t* path, int64_t last, int64_t win_begin,
+                   int64_t step) {
     query_.assign(1, last);
     for (int64_t q = win_begin; q < step - 1; ++q) query_.push_back(path[q]);
     const int64_t w = static_cast<int64_t>(query_.size());
@@ -433,7 +453,7 @@ class FallbackScan {
       const int64_t q = b < w ? b : (b / kQueryBlock) * kQueryBlock;
       q_rows_[b] = query32_.data() + q * dim_;
     }
-    const int64_t rows = static_cast<int64_t>(order_.size());
+    const int64_t rows = static_cast<int64_t>(pass.size());
     s2_last_.resize(rows);
     node_.resize(rows);
     status_.resize(rows);
@@ -441,7 +461,7 @@ class FallbackScan {
       std::vector<float> dots(blocks * kQueryBlock);
       for (int64_t i = begin; i < end; ++i) {
         // (resolve advances group_next[row]: each row is another group, so threads never share one)
-        const int64_t row = order_[i];
+        const int64_t row = pass[i];
         const int64_t node = alive_[row] ? groups_.resolve(row, seen_) : -1;
         node_[i] = node;
         if (node < 0) {
@@ -506,12 +526,31 @@ struct CloseSets {
   const int64_t* offsets = nullptr;  // (rows + 1,)
   const int32_t* members = nullptr;
 
+  bool has(int64_t row) const { return offsets && offsets[row + 1] > offsets[row]; }
+
   // A bound on the unvisited nodes closer than t to node `row`: `count` (num_close), or fewer by its set.
   int64_t unvisited_close(int64_t row, int64_t count, const bool* seen) const {
-    if (!offsets || offsets[row + 1] == offsets[row]) return count;
+    if (!has(row)) return count;
     int64_t alive = 0;
     for (int64_t i = offsets[row]; i < offsets[row + 1]; ++i) alive += !seen[members[i]];
     return std::min(count, alive);
+  }
+
+  // The unvisited members of the set of `row` and the unvisited entries of its list (k entries, -1 padded),
+  // in increasing order, into `out`: every node that may precede a pick nearer than the list's limit.
+  void unvisited_with_list(int64_t row, const int32_t* list, int64_t k, const bool* seen,
+                           std::vector<int64_t>& out) const {
+    out.clear();
+    for (int64_t i = offsets[row]; i < offsets[row + 1]; ++i) {
+      if (!seen[members[i]]) out.push_back(members[i]);
+    }
+    const auto set_end = static_cast<std::ptrdiff_t>(out.size());
+    for (int64_t j = 0; j < k && list[j] >= 0; ++j) {
+      if (!seen[list[j]]) out.push_back(list[j]);
+    }
+    std::sort(out.begin() + set_end, out.end());
+    std::inplace_merge(out.begin(), out.begin() + set_end, out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
   }
 };
 
@@ -551,6 +590,8 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   }
 
   int64_t fallbacks = 0;
+  int64_t set_scans = 0;  // scans settled over a close set and a list instead of every unvisited row
+  std::vector<int64_t> set_pass;
   int64_t cap_fallbacks = 0;  // scans (here or returned) where the cap could fire (fresh lists avoid few)
   int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
   auto flush_counters = [&]() {
@@ -558,6 +599,7 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     if (counts) counts[0] += fallbacks;
     if (counts && num_fallbacks.numel() > 1) counts[1] += cap_fallbacks;
     if (counts && num_fallbacks.numel() > 2) counts[2] += stale_entries;
+    if (counts && num_fallbacks.numel() > 3) counts[3] += set_scans;
   };
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
   for (; step < end; ++step) {
@@ -629,7 +671,15 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
         flush_counters();
         return step;
       }
-      best = scan->pick(p, step, window, threshold, max_rejections);
+      best = -1;
+      if (cap_may_fire && close_sets.has(row) && !groups.group_of) {
+        // the nodes that may precede a pick nearer than the list's limit: the unvisited ones closer than t (in
+        // the set) and those of the list; a pass over them instead of every unvisited row when it decides
+        close_sets.unvisited_with_list(row, list, k, seen, set_pass);
+        best = scan->pick_among(set_pass, limit2[row], p, step, window, threshold, max_rejections);
+        set_scans += best >= 0;
+      }
+      if (best < 0) best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
     }
     p[step] = best;

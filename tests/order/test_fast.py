@@ -627,7 +627,8 @@ def test_walk_op_stops_a_long_list_by_its_own_error_bound():
 @pytest.mark.parametrize("fallback", ["host", "device"])
 def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
     """With a cap that the lists' counts say could fire at many steps, the walk counts the unvisited members of
-    those nodes' close sets instead: the same path as the reference (and as without the sets), fewer scans."""
+    those nodes' close sets instead: the same path as the reference (and as without the sets), fewer scans; the
+    host scans that remain at such steps, over the set and the list only where that decides, too."""
     emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3)
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, max_rejections=60)
@@ -641,6 +642,12 @@ def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
     assert 0 < runs[False].num_cap_fallbacks <= runs[False].num_fallbacks
     assert runs[True].num_cap_fallbacks < runs[False].num_cap_fallbacks
     assert runs[True].num_fallbacks < runs[False].num_fallbacks
+    # the host scans at such steps pass over the set and the list where that decides (the device scans do not)
+    assert runs[False].num_close_set_scans == 0
+    if fallback == "host":
+        assert 0 < runs[True].num_close_set_scans <= runs[True].num_cap_fallbacks
+    else:
+        assert runs[True].num_close_set_scans == 0
 
 
 def test_close_sets_within_their_budget(monkeypatch):
