@@ -9,7 +9,7 @@
 #            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
 #            order_<n>_progress.log
 #   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, stacked products,
-#            longer lists, float64 long lists)
+#            longer lists, float64 long lists, close sets with a cap)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -105,7 +105,7 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 100 tests/order/test_scan_triton.py ;;
     new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists,
                 # float64 long lists beside the Triton lists
-      pytests 60 tests/order/test_fast.py -k "cuda_long_lists"
+      pytests 60 tests/order/test_fast.py -k "cuda_long_lists or cuda_close_sets"
       pytests 30 tests/test_extension.py -k parallel_loops  # (the OpenMP build against this machine's torch)
       pytests 60 tests/order/test_scan_triton.py -k settle
       pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates" ;;

@@ -317,6 +317,25 @@ def test_cuda_long_lists_equal_reference(band_dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_close_sets_equal_reference():
+    # close sets from CUDA products (IEEE float32 ones even where the caller allows TF32: their bound assumes it),
+    # with the host scans (N <= 16,384 on CUDA: over set and list where that decides) and the device scans
+    emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3).cuda()
+    t = estimate_threshold(emb, quantile=0.05)
+    ref = tfp_order_reference(emb, threshold=t, max_rejections=60)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for fallback in ("host", "device"):
+            path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=60, start=0, k=8,
+                                        fallback=fallback, band_backend="triton")
+            assert torch.equal(path, ref) and info.num_close_sets > 0
+            assert (info.num_close_set_scans > 0) == (fallback == "host")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+@pytest.mark.gpu
 def test_cuda_large_n_check_path():
     emb = anisotropic(100_000, 64, seed=11).cuda()
     t = estimate_threshold(emb)
