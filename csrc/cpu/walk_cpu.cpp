@@ -305,7 +305,7 @@ class FallbackScan {
       order_.erase(std::remove_if(order_.begin(), order_.end(), [&](int64_t row) { return !alive_[row]; }),
                    order_.end());
     }
-    return pick_over(order_, std::numeric_limits<double>::infinity(), path, step, window, threshold,
+    return pick_over(order_, true, std::numeric_limits<double>::infinity(), path, step, window, threshold,
                      max_rejections);
   }
 
@@ -315,16 +315,16 @@ class FallbackScan {
   // else -1 (the caller runs the full pick). With the cap, `rows` = the close set and the band list of `last`.
   int64_t pick_among(const std::vector<int64_t>& rows, double limit2, const int64_t* path, int64_t step,
                      int64_t window, double threshold, int64_t max_rejections) {
-    return pick_over(rows, limit2, path, step, window, threshold, max_rejections);
+    return pick_over(rows, false, limit2, path, step, window, threshold, max_rejections);
   }
 
  private:
-  int64_t pick_over(const std::vector<int64_t>& pass, double limit2, const int64_t* path, int64_t step,
+  // `whole`: the pass holds every unvisited row (limit2 +inf); else a pick at or past limit2 gives -1.
+  int64_t pick_over(const std::vector<int64_t>& pass, bool whole, double limit2, const int64_t* path, int64_t step,
                     int64_t window, double threshold, int64_t max_rejections) {
     const int64_t last = path[step - 1];
     const int64_t win_begin = std::max<int64_t>(0, step - window);
     const int64_t n_u = num_alive_;
-    const bool whole = std::isinf(limit2);  // the pass holds every unvisited row
     // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
     const bool capped = max_rejections >= 0 && n_u > max_rejections;
     approximate(pass, path, last, win_begin, step);

@@ -699,6 +699,52 @@ def test_close_sets_within_their_budget(monkeypatch):
         assert not sets
 
 
+@pytest.mark.parametrize("case", ["first-valid-past-the-limit", "cap-rank-past-the-limit"])
+def test_walk_op_scan_over_a_close_set_falls_back_past_the_list_limit(case):
+    """The host scan over a close set and a list decides only picks nearer than the list's limit: node 4 lies
+    outside both (legitimately: its squared distance 2.25 is past the limit 2.0) and is the rule's pick; the
+    pass over set and list alone would take node 3 (its first valid node, past the limit) or node 6 (its node
+    of rank M), so the walk must run the full scan."""
+    from tfp_kernels.order.host_scan import half_scan_rows
+
+    # 1-D nodes; last = node 0 at 0; t = 1
+    pos = {0: 0.0, 1: 2.5, 2: 0.5, 3: 2.0, 4: -1.5, 5: 9.0, 6: 2.2, 7: -0.6}
+    emb = torch.tensor([[pos[i]] for i in range(8)])
+    n = emb.shape[0]
+    if case == "first-valid-past-the-limit":  # window 1; nodes 2 and 7 closer than t; M = 3
+        window, cap, first, members, close = 1, 3, [0], [2, 7], 2
+        visited_nodes = [0, 1, 6]  # (node 1, 6 out of the way)
+    else:  # window 2 (node 1 at 2.5 before last): nodes 3 and 6 invalid by it; M = 2
+        window, cap, first, members, close = 2, 2, [1, 0], [2], 1
+        visited_nodes = [0, 1, 7]
+    band_index = torch.full((n, 2), -1, dtype=torch.int32)
+    band_index[0] = torch.tensor([3, 6], dtype=torch.int32)
+    band_s2 = torch.full((n, 2), float("inf"))
+    band_s2[0] = torch.tensor([4.0, 4.84])
+    limit2 = torch.zeros(n, dtype=torch.float64)
+    limit2[0] = 2.0
+    num_close = torch.zeros(n, dtype=torch.int32)
+    num_close[0] = close
+    offsets = torch.zeros(n + 1, dtype=torch.long)
+    offsets[1:] = len(members)
+    scan = half_scan_rows(emb)
+    picks = {}
+    for with_sets in (True, False):
+        path = torch.zeros(n, dtype=torch.long)
+        path[: len(first)] = torch.tensor(first)
+        visited = torch.zeros(n, dtype=torch.bool)
+        visited[visited_nodes] = True
+        counter = torch.zeros(4, dtype=torch.long)
+        sets = (offsets, torch.tensor(members, dtype=torch.int32)) if with_sets else (None, None)
+        torch.ops.tfp_kernels.tfp_walk(
+            emb, torch.empty(0, dtype=torch.float64), band_index, band_s2, limit2,
+            torch.zeros(n, dtype=torch.float64), num_close, *scan, path, visited, counter, len(first),
+            len(first) + 1, 1.0, window, cap, False, None, None, None, None, None, None, None, None, *sets)
+        picks[with_sets] = int(path[len(first)])
+        assert counter[3] == 0 and counter[1] == 1  # a step where the cap could fire, not settled by set + list
+    assert picks == {True: 4, False: 4}
+
+
 def test_walk_op_counts_unvisited_close_nodes_and_rejects_partial_close_sets():
     # node 0's count says 2 nodes lie closer than t: with K = 1 the cap of 2 could fire, so the walk returns for a
     # scan at step 1; its close set (nodes 1 and 2, both visited) shows none is left, and the list decides
