@@ -438,6 +438,8 @@ def run(args: argparse.Namespace) -> dict:
             "fallback_rate": round(stats.fallback_rate, 6),
             "rebuilds": stats.num_rebuilds,
             "long_lists": stats.num_long_lists,
+            "close_sets": stats.num_close_sets,
+            "cap_scans": stats.num_cap_fallbacks,
         }
         if not args.no_check:
             with timer("check"):

@@ -140,6 +140,24 @@ def test_split_and_sample_attention_and_options(tmp_path):
     assert report["packing"]["strategy"] == "window_best_fit" and report["order"]["metric"] == "cosine"
 
 
+def test_cap_reports_its_close_sets_and_scans(tmp_path):
+    # the paper's cap, small enough to fire on 48 records: the report counts the close sets and the scans at
+    # steps where the cap could fire (none without the cap)
+    records = _records("alpaca")
+    path = _write(tmp_path / "d.jsonl", records)
+    reports = {}
+    for cap in ("2", None):
+        rc, out = _run([path, "--quantile", "0.2", "--max-len", "512", "--no-plots"]
+                       + (["--max-rejections", cap] if cap else []),
+                       tmp_path, name=f"out{cap}")
+        assert rc == 0
+        reports[cap] = _check_outputs(out, records, "alpaca", 512)["order"]
+    capped = reports["2"]
+    assert capped["max_rejections"] == 2 and 0 < capped["cap_scans"] <= capped["fallbacks"]
+    assert capped["close_sets"] > 0
+    assert reports[None]["close_sets"] == 0 and reports[None]["cap_scans"] == 0
+
+
 def test_overlong_drop_leaves_out_records(tmp_path):
     records = _records("text")
     path = _write(tmp_path / "d.jsonl", records)

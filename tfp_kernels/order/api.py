@@ -114,7 +114,9 @@ def tfp_order(
         max_rejections: None (default: no cap, the threshold is always honoured when it can be) or the
             paper's cap ``M`` (paper: 10000): after ``M`` rejected candidates the next one is taken
             unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
-            nearest node"; see DESIGN.md 1.1.
+            nearest node"; see DESIGN.md 1.1. (Fast backend: the nodes where the lists' counts of close
+            nodes let the cap fire get close sets, at most 4 N K int32 entries, so that the walk counts the
+            still unvisited ones: :func:`~tfp_kernels.order.fast.cap_close_sets`.)
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
             (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128
