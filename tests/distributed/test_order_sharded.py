@@ -175,6 +175,12 @@ def test_fallbacks_and_rebuilds_exercised(world2, world4):
     assert world4["clustered_l2"][0]["stats"].num_rebuilds >= 1
     # cap cases: the cap can fire at every step, so every step is a scan
     assert world2["l2_cap_k4"][0]["stats"].num_fallbacks > 0
+    # rank 0 gives the nodes where the counts let the cap fire close sets (from its host copy of the rows), and
+    # the walk counts their unvisited members: the same path (_check_good), every rank told the counts
+    for res in world2["clustered_cosine_cap"]:
+        stats = res["stats"]
+        assert 0 < stats.num_close_sets <= 1100 and 0 < stats.num_cap_fallbacks <= stats.num_fallbacks
+    assert world2["clustered_l2"][0]["stats"].num_close_sets == 0  # (no cap)
 
 
 def test_empty_shards_when_fewer_rows_than_ranks(world4):

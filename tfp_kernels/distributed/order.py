@@ -73,6 +73,7 @@ from ..order.fast import (
     LONG_LIST_FACTOR,
     LONG_LIST_MIN_ROWS,
     _kernel_failure,
+    cap_close_sets,
     crowded_lists,
     squared_threshold,
 )
@@ -1021,6 +1022,8 @@ def tfp_order_sharded(
         "num_long_lists": 0,
         "long_k": 0,
         "time_long_s": 0.0,
+        "num_close_sets": 0,
+        "num_cap_fallbacks": 0,
     }
     time_gather = time_lists = 0.0
     if n == 1:
@@ -1087,10 +1090,10 @@ def tfp_order_sharded(
             _serve(comm, sh, n, dim, **common)
             path = torch.empty(n, dtype=torch.int64)
         path = comm.bcast(path)
-        counters = comm.bcast(
-            torch.tensor([stats["num_fallbacks"], stats["num_rebuilds"], stats["num_long_lists"]], dtype=torch.int64)
-        )
-        stats["num_fallbacks"], stats["num_rebuilds"], stats["num_long_lists"] = (int(v) for v in counters)
+        counted = ("num_fallbacks", "num_rebuilds", "num_long_lists", "num_close_sets", "num_cap_fallbacks")
+        counters = comm.bcast(torch.tensor([stats[key] for key in counted], dtype=torch.int64))
+        for key, value in zip(counted, counters.tolist()):
+            stats[key] = int(value)
         path = path.to(device)
     t3 = time.perf_counter()
     if not return_stats:
@@ -1148,7 +1151,8 @@ def _walk_root(
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
-    counter = torch.zeros(3, dtype=torch.long)  # [0], [1] stay 0 (the op never scans here); [2]: stale entries
+    # [0] stays 0 (the op never scans here); [1]: returned steps where the cap could fire; [2]: stale entries
+    counter = torch.zeros(3, dtype=torch.long)
     synced = 0  # path[:synced] has been sent to the other ranks
 
     def command(cmd: int, step: int, win_rows: torch.Tensor | None = None) -> None:
@@ -1197,6 +1201,16 @@ def _walk_root(
     if long_k:
         lengthen(torch.arange(n), 1, False)
         stats["time_band_s"] += stats["time_long_s"]  # (as in one process: the lists' time holds theirs)
+    close = None  # close sets of the nodes where the cap could fire, from rank 0's host copy of the rows
+    if max_rejections is not None and n - 1 > max_rejections:
+        t_start = time.perf_counter()
+        x32 = torch.cat([prepare(emb_host[r0 : r0 + 4096], metric, torch.float64).float() for r0 in range(0, n, 4096)])
+        sq = squared_norms64(x32).float()  # (rounded once from float64, as the single-process lists do)
+        close = cap_close_sets(x32, sq, num_close, t2, sq.double() + sq.max().double(), band_index.shape[1],
+                               max_rejections)
+        del x32
+        stats["num_close_sets"] = 0 if close is None else int((close[0].diff() > 0).sum())
+        stats["time_band_s"] += time.perf_counter() - t_start
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -1210,7 +1224,7 @@ def _walk_root(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
         slack=slack_host, num_close=num_close, host_scan=no_host_scan(), path=path, visited=visited,
         counter=counter, threshold=threshold, window=window, max_rejections=max_rejections,
-        cosine=metric == "cosine", long_lists=long_tables if long_k else None,
+        cosine=metric == "cosine", long_lists=long_tables if long_k else None, close_sets=close,
     )
 
     def pick(step: int) -> int:  # a sharded exact scan
@@ -1243,6 +1257,7 @@ def _walk_root(
     stats["time_band_s"] += tally.band_s
     stats["num_fallbacks"] += tally.scans
     stats["num_rebuilds"] += tally.rebuilds
+    stats["num_cap_fallbacks"] = int(counter[1])
     if bar is not None:
         bar.close()
     command(_DONE, n)
