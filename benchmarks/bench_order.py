@@ -143,8 +143,15 @@ def main(argv=None) -> None:
     p.add_argument("--progress", action="store_true", help="progress bars of the timed tfp_order run (stderr)")
     p.add_argument("--long-lists", default="auto", choices=["auto", "on", "off"],
                    help="tfp_order(long_lists=...): long lists of the crowded band lists (auto: from 65,536 rows)")
+    p.add_argument("--close-sets", default="on", choices=["on", "off"],
+                   help="with a cap: close sets for the nodes where the lists' counts let the cap fire (off: a "
+                        "budget of 0 sets, tfp_kernels.order.fast.CLOSE_SET_BUDGET; same path, more scans)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
+    if args.close_sets == "off":
+        from tfp_kernels.order import fast
+
+        fast.CLOSE_SET_BUDGET = 0
     cap = None if args.cap.lower() == "none" else int(args.cap)
     if args.device == "cuda":  # CUDA context, cuBLAS and first compiles before any timing (the baselines included)
         tfp_order(clustered_embeddings(700, args.dim, device="cuda"), k=args.k, fallback=args.fallback)
@@ -173,8 +180,11 @@ def main(argv=None) -> None:
         stage += f"_cap{cap}" if cap is not None else "_nocap"
     if args.long_lists != "auto":
         stage += f"_long{args.long_lists}"
+    if args.close_sets == "off":
+        stage += "_nosets"
     path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "max_rejections": cap,
-                                              "long_lists": args.long_lists, "rows": rows},
+                                              "long_lists": args.long_lists, "close_sets": args.close_sets,
+                                              "rows": rows},
                          out_dir=args.out_dir)
     print(f"wrote {path}")
 
