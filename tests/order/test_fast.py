@@ -319,7 +319,7 @@ def test_cuda_long_lists_equal_reference(band_dtype):
 @pytest.mark.gpu
 def test_cuda_close_sets_equal_reference():
     # close sets from CUDA products (IEEE float32 ones even where the caller allows TF32: their bound assumes it),
-    # with the host scans (N <= 16,384 on CUDA: over set and list where that decides) and the device scans
+    # with the host scans (N <= 16,384 on CUDA) and the device scans (both over set and list where that decides)
     emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3).cuda()
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t, max_rejections=60)
@@ -329,8 +329,7 @@ def test_cuda_close_sets_equal_reference():
         for fallback in ("host", "device"):
             path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=60, start=0, k=8,
                                         fallback=fallback, band_backend="triton")
-            assert torch.equal(path, ref) and info.num_close_sets > 0
-            assert (info.num_close_set_scans > 0) == (fallback == "host")
+            assert torch.equal(path, ref) and info.num_close_sets > 0 and info.num_close_set_scans > 0
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
@@ -647,7 +646,7 @@ def test_walk_op_stops_a_long_list_by_its_own_error_bound():
 def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
     """With a cap that the lists' counts say could fire at many steps, the walk counts the unvisited members of
     those nodes' close sets instead: the same path as the reference (and as without the sets), fewer scans; the
-    host scans that remain at such steps, over the set and the list only where that decides, too."""
+    scans that remain at such steps, over the set and the list only where that decides, too."""
     emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3)
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, max_rejections=60)
@@ -661,12 +660,9 @@ def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
     assert 0 < runs[False].num_cap_fallbacks <= runs[False].num_fallbacks
     assert runs[True].num_cap_fallbacks < runs[False].num_cap_fallbacks
     assert runs[True].num_fallbacks < runs[False].num_fallbacks
-    # the host scans at such steps pass over the set and the list where that decides (the device scans do not)
+    # the scans at such steps pass over the set and the list where that decides (in the C++ walk, or from Python)
     assert runs[False].num_close_set_scans == 0
-    if fallback == "host":
-        assert 0 < runs[True].num_close_set_scans <= runs[True].num_cap_fallbacks
-    else:
-        assert runs[True].num_close_set_scans == 0
+    assert 0 < runs[True].num_close_set_scans <= runs[True].num_fallbacks
 
 
 def test_close_sets_within_their_budget(monkeypatch):
@@ -697,6 +693,48 @@ def test_close_sets_within_their_budget(monkeypatch):
         sets.clear()
         fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=cap, start=0, k=8, band_backend="torch")
         assert not sets
+
+
+@pytest.mark.parametrize("cap", [None, 3, 12])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_pick_among_candidates_and_a_bound(metric, cap):
+    """scan.pick_among over part of the unvisited nodes with the bound of the others: exact_pick's node where it
+    decides (always when the candidates are the nearest ones below the bound), None only where the pick might
+    lie past the bound."""
+    from tfp_kernels.order.distance import prepare
+    from tfp_kernels.order.scan import exact_pick, pick_among, projection_basis
+
+    g = torch.Generator().manual_seed(5)
+    x64 = prepare(clustered(90, 6, clusters=3, seed=6).double(), metric, torch.float64)
+    y64 = x64 @ projection_basis(x64)
+    t = float(estimate_threshold(x64, metric=metric, quantile=0.2))
+    decided = 0
+    for trial in range(40):
+        unvisited = torch.randperm(90, generator=g)[: int(torch.randint(20, 90, (1,), generator=g))].sort().values
+        last, window_nodes = int(unvisited[0]), [int(v) for v in unvisited[1:3]]
+        unvisited = unvisited[3:]
+        capped = cap if cap is not None and unvisited.numel() > cap else None
+        expected = exact_pick(x64, y64, unvisited, last, window_nodes, threshold=t, max_rejections=cap, metric=metric)
+        s2 = (x64[unvisited] - x64[last]).square().sum(dim=1)
+        keep = int(torch.randint(1, unvisited.numel() + 1, (1,), generator=g))
+        # some candidates: the nearest ones and a few farther (so that nodes outside lie between them); the
+        # bound: the nearest outside node's s2
+        chosen = torch.argsort(s2)[:keep]
+        chosen = torch.cat([chosen[: max(1, keep // 2)], chosen[keep // 2 :][torch.rand(keep - keep // 2,
+                                                                                        generator=g) < 0.5]])
+        outside = torch.ones(unvisited.numel(), dtype=torch.bool)
+        outside[chosen] = False
+        near = unvisited[chosen]
+        bound = float(s2[outside].min()) if outside.any() else float("inf")
+        got = pick_among(x64, near, bound, last, window_nodes, threshold=t, max_rejections=capped, metric=metric)
+        if got is not None:
+            decided += 1
+            assert got == expected, trial
+        if not outside.any() and (capped is not None or got is not None):
+            assert got == expected  # every node a candidate: decided (c_0 aside, which needs nearest_if_none)
+        assert pick_among(x64, unvisited, float("inf"), last, window_nodes, threshold=t, max_rejections=capped,
+                          metric=metric, nearest_if_none=capped is None) == expected
+    assert decided > 5
 
 
 @pytest.mark.parametrize("case", ["first-valid-past-the-limit", "cap-rank-past-the-limit"])

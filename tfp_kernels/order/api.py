@@ -41,8 +41,8 @@ class OrderStats:
         long_k: their length (0 when not used); time_long_s: seconds spent on them (within time_band_s).
         num_close_sets: nodes whose close set the walk counts (with a cap: where the cap could fire by the
             lists' counts; their time is in time_band_s); num_cap_fallbacks: the scans (among
-            ``num_fallbacks``) at steps where the cap could fire; num_close_set_scans: those of them that the
-            host scans settled over the node's close set and band list instead of every unvisited node.
+            ``num_fallbacks``) at steps where the cap could fire; num_close_set_scans: the scans settled over
+            the node's close set and band list instead of every unvisited node.
     """
 
     threshold: float

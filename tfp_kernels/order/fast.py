@@ -41,7 +41,7 @@ from .band_topk import (
 )
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
-from .scan import exact_pick, projection_basis
+from .scan import exact_pick, pick_among, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
 
@@ -350,8 +350,8 @@ def cap_close_sets(x32: torch.Tensor, sq_norms: torch.Tensor, num_close: torch.T
     The walk must scan at every such node (a list cannot prove that fewer than ``max_rejections`` unvisited
     nodes precede its pick while the count of nodes closer than ``t``, visited ones included, allows it); with
     a set it counts the set's unvisited members instead, and most such nodes come up after many of their close
-    nodes were visited; the host scans that remain at such steps pass over the set and the node's band list
-    only, where that decides. (2-core CPU, clustered N = 100,000, K = 128, the paper's cap: 2,684 of the 3,287
+    nodes were visited; the scans that remain at such steps pass over the set and the node's band list only,
+    where that decides (in the C++ walk's host scans, and from Python before a device scan). (2-core CPU, clustered N = 100,000, K = 128, the paper's cap: 2,684 of the 3,287
     scans were of this kind; with the sets 1,070 remain, all settled over set and list: walk 33.0 -> 6.5 s, for
     ~2.7 s of products for the sets.)
 
@@ -713,6 +713,24 @@ def fast_tfp_order(
             fused_settle=fused_settle, bounds=bounds,
         )
 
+    set_scans = [0]  # the device scans settled over a close set and a band list
+
+    def close_set_pick(last: int, window_nodes: list[int]) -> int | None:
+        """With the cap: the scan over the unvisited members of the close set of ``last`` and of its band list
+        (every node that may precede a pick nearer than the list's limit), as the C++ walk's host scans do;
+        None when ``last`` has no set or that does not decide."""
+        begin, end = int(close[0][last]), int(close[0][last + 1])
+        if begin == end:
+            return None
+        members = close[1][begin:end].long()
+        listed = band_index[last].long()
+        listed = listed[listed >= 0]
+        cand = torch.cat([members[~visited[members]], listed[~visited[listed]]]).unique()
+        node = pick_among(x64, cand.to(device), float(limit2[last]), last, window_nodes, threshold=threshold,
+                          max_rejections=max_rejections, metric=metric)
+        set_scans[0] += node is not None
+        return node
+
     def pick(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
         nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_mode
@@ -724,6 +742,10 @@ def fast_tfp_order(
             visited_dev = visited
         synced = step
         last, window_nodes = int(path[step - 1]), path[max(0, step - window) : step - 1].tolist()
+        if close is not None and n - step > max_rejections:
+            node = close_set_pick(last, window_nodes)
+            if node is not None:
+                return node
         if fused_scan and (max_rejections is None or n - step <= max_rejections):
             # one list of the unvisited nodes serves several fused scans (they skip the nodes visited since):
             # rebuilt once half of it is stale, not at every scan (a pass over N and a host sync each)
@@ -803,6 +825,6 @@ def fast_tfp_order(
         bar.close()
     info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)
     info.num_cap_fallbacks = int(counter[1])
-    info.num_close_set_scans = int(counter[3])
+    info.num_close_set_scans = int(counter[3]) + set_scans[0]
     return path.to(device), info
 

@@ -105,24 +105,57 @@ def exact_pick(
             vals, pos = torch.topk(lb2, batch + 1, largest=False, sorted=True)
             bound = float(vals[batch])  # lower bound of s2 for every node outside the batch
             cand = unvisited.index_select(0, pos[:batch])
-        cand = cand.sort().values  # index order first, so that the stable sort below breaks ties by index
-        rows = x64.index_select(0, cand)
-        s2 = (rows - x64[last]).square_().sum(dim=1)
-        order = torch.argsort(_metric(s2, metric), stable=True)
-        cand, s2 = cand[order], s2[order]
-        rows = rows.index_select(0, order)
-        valid = _metric(s2, metric) >= threshold
-        for p in window_nodes:
-            valid &= _metric((rows - x64[p]).square_().sum(dim=1), metric) >= threshold
-        # candidates in exact order whose distance is certainly below every outside node's: a prefix
-        n_sure = int((s2 < bound).sum())
-        valid_pos = torch.nonzero(valid).flatten()
-        first_valid = int(valid_pos[0]) if valid_pos.numel() else None
-        limit = min(n_sure, max_rejections) if capped else n_sure
-        if first_valid is not None and first_valid < limit:
-            return int(cand[first_valid])
-        if capped and n_sure > max_rejections:
-            return int(cand[max_rejections])  # the first M candidates are all invalid: c_M
-        if not capped and batch >= n_u:
-            return int(cand[0])  # nothing valid anywhere: c_0
+        node = pick_among(x64, cand, bound, last, window_nodes, threshold=threshold,
+                          max_rejections=max_rejections if capped else None, metric=metric,
+                          nearest_if_none=not capped and batch >= n_u)
+        if node is not None:
+            return node
         batch = min(n_u, batch * 4)
+
+
+def pick_among(
+    x64: torch.Tensor,
+    cand: torch.Tensor,
+    bound: float,
+    last: int,
+    window_nodes: list[int],
+    *,
+    threshold: float,
+    max_rejections: int | None,
+    metric: str,
+    nearest_if_none: bool = False,
+) -> int | None:
+    """The rule's pick after ``last`` when the candidates decide it, else None.
+
+    Args:
+        x64: (N, D) float64 prepared rows; cand: (C,) int64 unvisited nodes, among them every unvisited node
+            whose squared distance to ``last`` lies below ``bound`` (a lower bound of the others' exact squared
+            distances; ``inf``: every unvisited node), same device.
+        max_rejections: the cap where it applies (more unvisited nodes than it), else None.
+        nearest_if_none: the candidates are every unvisited node and no cap applies: with no valid one, ``c_0``.
+
+    Returns:
+        The first valid candidate in exact (distance, index) order, or with the cap ``c_M`` when the first M
+        are all invalid, where that lies below ``bound`` (no node outside can precede it); else ``c_0`` with
+        ``nearest_if_none``, None otherwise.
+    """
+    cand = cand.sort().values  # index order first, so that the stable sort below breaks ties by index
+    rows = x64.index_select(0, cand)
+    s2 = (rows - x64[last]).square_().sum(dim=1)
+    order = torch.argsort(_metric(s2, metric), stable=True)
+    cand, s2 = cand[order], s2[order]
+    rows = rows.index_select(0, order)
+    valid = _metric(s2, metric) >= threshold
+    for p in window_nodes:
+        valid &= _metric((rows - x64[p]).square_().sum(dim=1), metric) >= threshold
+    # candidates in exact order whose distance is certainly below every outside node's: a prefix
+    n_sure = int((s2 < bound).sum())
+    valid_pos = torch.nonzero(valid).flatten()
+    first_valid = int(valid_pos[0]) if valid_pos.numel() else None
+    capped = max_rejections is not None
+    limit = min(n_sure, max_rejections) if capped else n_sure
+    if first_valid is not None and first_valid < limit:
+        return int(cand[first_valid])
+    if capped and n_sure > max_rejections:
+        return int(cand[max_rejections])  # the first M candidates are all invalid: c_M
+    return int(cand[0]) if nearest_if_none else None  # (nothing valid anywhere: c_0)
