@@ -41,11 +41,11 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
   // tensors are then ignored).
   // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
-  // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire; (3,): [2] also sums, over the steps whose
-  // list could not decide while the cap could not fire (scanned here or returned to the caller), the
-  // list's entries already visited (how much fresher lists could have helped); (4,): [3] also counts the
-  // scans run here over a close set and its list only (see below). The walk also
-  // returns when it reaches stop_step (-1: no stop), so that callers can report progress.
+  // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire;
+  // (3,): [2] also sums, over the steps whose list could not decide while the cap could not fire (scanned
+  // here or returned to the caller), the list's entries already visited (how much fresher lists could have
+  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below). The
+  // walk also returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
       "Tensor band_slack, Tensor num_close, Tensor scan_rows, Tensor scan_scale, Tensor scan_sq_norms, "

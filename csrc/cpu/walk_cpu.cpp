@@ -528,22 +528,17 @@ struct CloseSets {
 
   bool has(int64_t row) const { return offsets && offsets[row + 1] > offsets[row]; }
 
-  // A bound on the unvisited nodes closer than t to node `row`: `count` (num_close), or fewer by its set.
-  int64_t unvisited_close(int64_t row, int64_t count, const bool* seen) const {
-    if (!has(row)) return count;
-    int64_t alive = 0;
-    for (int64_t i = offsets[row]; i < offsets[row + 1]; ++i) alive += !seen[members[i]];
-    return std::min(count, alive);
-  }
-
-  // The unvisited members of the set of `row` and the unvisited entries of its list (k entries, -1 padded),
-  // in increasing order, into `out`: every node that may precede a pick nearer than the list's limit.
-  void unvisited_with_list(int64_t row, const int32_t* list, int64_t k, const bool* seen,
-                           std::vector<int64_t>& out) const {
+  // The unvisited members of the set of `row`, in increasing order, into `out` (their number bounds the
+  // unvisited nodes closer than t).
+  void unvisited_members(int64_t row, const bool* seen, std::vector<int64_t>& out) const {
     out.clear();
     for (int64_t i = offsets[row]; i < offsets[row + 1]; ++i) {
       if (!seen[members[i]]) out.push_back(members[i]);
     }
+  }
+
+  // `out` (increasing) merged with the unvisited entries of a list (k entries, -1 padded), without repeats.
+  static void add_unvisited(const int32_t* list, int64_t k, const bool* seen, std::vector<int64_t>& out) {
     const auto set_end = static_cast<std::ptrdiff_t>(out.size());
     for (int64_t j = 0; j < k && list[j] >= 0; ++j) {
       if (!seen[list[j]]) out.push_back(list[j]);
@@ -656,7 +651,12 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     // than t: the cap cannot fire before it while their count + k < max_rejections)
     bool cap_may_fire = max_rejections >= 0 && remaining > max_rejections &&
                         static_cast<int64_t>(close[row]) + k >= max_rejections;
-    if (cap_may_fire) cap_may_fire = close_sets.unvisited_close(row, close[row], seen) + k >= max_rejections;
+    const bool with_set = cap_may_fire && close_sets.has(row);
+    if (with_set) {  // fewer by the set: its unvisited members (kept for the scan below)
+      close_sets.unvisited_members(row, seen, set_pass);
+      const int64_t alive = std::min<int64_t>(close[row], static_cast<int64_t>(set_pass.size()));
+      cap_may_fire = alive + k >= max_rejections;
+    }
     const bool proven = best >= 0 && best_s2 < limit2[row] && !cap_may_fire;
     if (!proven) {
       // nothing certain in the list, or the cap might fire: the exact scan decides. How stale the list
@@ -672,10 +672,10 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
         return step;
       }
       best = -1;
-      if (cap_may_fire && close_sets.has(row) && !groups.group_of) {
+      if (cap_may_fire && with_set && !groups.group_of) {
         // the nodes that may precede a pick nearer than the list's limit: the unvisited ones closer than t (in
         // the set) and those of the list; a pass over them instead of every unvisited row when it decides
-        close_sets.unvisited_with_list(row, list, k, seen, set_pass);
+        CloseSets::add_unvisited(list, k, seen, set_pass);
         best = scan->pick_among(set_pass, limit2[row], p, step, window, threshold, max_rejections);
         set_scans += best >= 0;
       }
@@ -797,8 +797,10 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
     for (const at::Tensor* t : {&off, &mem}) {
       TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tfp_walk: close sets must be contiguous CPU tensors");
     }
-    TORCH_CHECK(off.scalar_type() == at::kLong, "tfp_walk: close_offsets must have dtype Long, got ", off.scalar_type());
-    TORCH_CHECK(mem.scalar_type() == at::kInt, "tfp_walk: close_members must have dtype Int, got ", mem.scalar_type());
+    TORCH_CHECK(off.scalar_type() == at::kLong, "tfp_walk: close_offsets must have dtype Long, got ",
+                off.scalar_type());
+    TORCH_CHECK(mem.scalar_type() == at::kInt, "tfp_walk: close_members must have dtype Int, got ",
+                mem.scalar_type());
     TORCH_CHECK(off.dim() == 1 && off.numel() == rows + 1, "tfp_walk: close_offsets must have U + 1 = ", rows + 1,
                 " entries");
     const int64_t* o = off.data_ptr<int64_t>();

@@ -351,9 +351,9 @@ def cap_close_sets(x32: torch.Tensor, sq_norms: torch.Tensor, num_close: torch.T
     nodes precede its pick while the count of nodes closer than ``t``, visited ones included, allows it); with
     a set it counts the set's unvisited members instead, and most such nodes come up after many of their close
     nodes were visited; the scans that remain at such steps pass over the set and the node's band list only,
-    where that decides (in the C++ walk's host scans, and from Python before a device scan). (2-core CPU, clustered N = 100,000, K = 128, the paper's cap: 2,684 of the 3,287
-    scans were of this kind; with the sets 1,070 remain, all settled over set and list: walk 33.0 -> 6.5 s, for
-    ~2.7 s of products for the sets.)
+    where that decides (in the C++ walk's host scans, and from Python before a device scan). (2-core CPU,
+    clustered N = 100,000, K = 128, the paper's cap: 2,684 of the 3,287 scans were of this kind; with the sets
+    1,070 remain, all settled over set and list: walk 33.0 -> 6.5 s, for ~2.7 s of products for the sets.)
 
     Args:
         x32: (N, D) float32 prepared rows; sq_norms: (N,) float32 their squared norms; norm_sum: (N,) float64
