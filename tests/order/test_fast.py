@@ -76,12 +76,16 @@ def test_low_precision_lists_give_the_same_path(case, band_dtype):
     assert torch.equal(path, ref) and info.band_dtype == band_dtype
 
 
-@pytest.mark.parametrize("band_dtype", ["float32", "float16x3"])
-def test_triton_band_lists_in_the_walk(band_dtype):
+@pytest.mark.parametrize("band_dtype, schedule", [("float32", "rows"), ("float16x3", "rows"), ("float16x3", "pairs")])
+def test_triton_band_lists_in_the_walk(band_dtype, schedule, monkeypatch):
     # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 or split float16
-    # products there, as the interpreter's bf16 tl.dot is wrong): the same path as the reference
+    # products there, as the interpreter's bf16 tl.dot is wrong), by row blocks or by pairs of blocks: the
+    # same path as the reference
     if not triton_runs_on("cpu"):
         pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1 (on a GPU: test_cuda_fast_equals_reference)")
+    from tfp_kernels.order import fast
+
+    monkeypatch.setattr(fast, "BAND_SCHEDULE", schedule)
     emb = clustered(48, 10, clusters=4, seed=21) * 1e-3  # (small rows: the float16 split scales them)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
@@ -300,6 +304,23 @@ def test_cuda_fast_equals_reference(metric, band_backend, band_dtype):
                                     fallback=fallback, band_backend=band_backend, band_dtype=band_dtype)
         assert path.device == emb.device and info.band_backend == band_backend
         assert torch.equal(path, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cuda_pairs_schedule_equals_reference(metric, monkeypatch):
+    # the band lists of the pairs kernel (each unordered pair's product once, rounds of super-block pairs; its
+    # compiled launch setting, 128-row tiles) in the walk, beside long lists: the reference's path
+    from tfp_kernels.order import fast
+
+    emb = clustered(5000, 96, clusters=40, seed=12).cuda()
+    t = estimate_threshold(emb, metric=metric)
+    ref = tfp_order_reference(emb, metric=metric, threshold=t)
+    monkeypatch.setattr(fast, "BAND_SCHEDULE", "pairs")
+    for fallback in ("host", "triton"):
+        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0,
+                                    k=32, fallback=fallback, band_backend="triton", long_lists=True)
+        assert info.band_backend == "triton" and torch.equal(path, ref)
 
 
 @pytest.mark.gpu

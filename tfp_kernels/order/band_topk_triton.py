@@ -84,6 +84,72 @@ def triton_runs_on(device: torch.device | str) -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _tile_s2(
+        x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms_ptr,
+        rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr, STACKED: tl.constexpr,
+    ):
+        """(BLOCK_M, BLOCK_N) float32 squared distances ``max(|a|^2 + |b|^2 - 2 a.b, 0)`` of the rows ``rows64``
+        (int64, valid where ``row_ok``; squared norms ``row_norm``, scales ``row_scale`` when ``SCALED``) against
+        the columns ``cols`` (int32, valid where ``col_ok``; padding columns get an infinite norm: never close,
+        never in the band). ``row0`` / ``col0``: the tiles' first row and column (``DESCRIPTORS`` loads);
+        ``opaque_zero``: a float32 zero that Triton cannot prove constant (``STACKED``)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        if STACKED:  # x holds, per BLOCK_D chunk, [lo | hi] (_stacked_rows): one product of 4 BLOCK_D entries
+            offs_s = tl.arange(0, 4 * BLOCK_D)
+            a_cols = (offs_s // (2 * BLOCK_D)) * BLOCK_D + offs_s % BLOCK_D  # the row tile [lo, lo, hi, hi]
+            b_cols = offs_s % (2 * BLOCK_D)  # the column tile [lo; hi; lo; hi]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            if STACKED:
+                # the products lo.lo' + lo.hi' + hi.lo' + hi.hi' of the chunk, in that order (small terms first,
+                # the main one last, as the three dots below), as one tensor-core product: one wait per chunk
+                # instead of one per product; chunks padded with zeros past D. (The zero is opaque: `dot(a, b, 0)
+                # + acc` would be folded into one accumulator across the chunks, and the error bound needs a
+                # fresh one per chunk.)
+                a = tl.load(x_ptr + rows64[:, None] * stride_xn + (2 * d0 + a_cols)[None, :] * stride_xd,
+                            mask=row_ok[:, None], other=0.0)
+                b = tl.load(
+                    x_ptr + cols.to(tl.int64)[None, :] * stride_xn + (2 * d0 + b_cols)[:, None] * stride_xd,
+                    mask=col_ok[None, :], other=0.0)
+                acc += tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + opaque_zero)
+            elif DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
+                a = a_desc.load([row0, d0])
+                b = tl.trans(b_desc.load([col0, d0]))
+                if SPLIT:
+                    a_lo = a_lo_desc.load([row0, d0])
+                    b_lo = tl.trans(b_lo_desc.load([col0, d0]))
+            else:
+                d_ok = (d0 + offs_d) < dim
+                a_off = rows64[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd
+                b_off = cols.to(tl.int64)[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd
+                a_ok = row_ok[:, None] & d_ok[None, :]
+                b_ok = col_ok[None, :] & d_ok[:, None]
+                a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+                b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+                if SPLIT:
+                    a_lo = tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0)
+                    b_lo = tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0)
+            if SPLIT and not STACKED:
+                # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a fresh
+                # accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the accumulation
+                # error grows with BLOCK_D, not with D (squared_distance_error_coef's acc_chunk). (acc is added to
+                # a dot whose accumulator is not a zero tile: Triton folds `dot(a, b, 0) + acc` back into one
+                # accumulator.)
+                part = tl.dot(a, b_lo)
+                part = tl.dot(a_lo, b, part)
+                part = tl.dot(a, b, part)
+                acc += part
+            elif not STACKED:
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        col_norm = tl.load(sq_norms_ptr + cols, mask=col_ok, other=float("inf"))
+        dot = acc
+        if SCALED:  # two exact products by powers of two
+            dot = acc * row_scale[:, None] * tl.load(scale_ptr + cols, mask=col_ok, other=1.0)[None, :]
+        return tl.maximum(row_norm[:, None] + col_norm[None, :] - 2.0 * dot, 0.0)
+
+    @triton.jit
     def _merge_candidates(
         best_buf, cand_s2_buf, cand_col_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr
     ):
@@ -119,14 +185,7 @@ if _HAVE_TRITON:
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
         offs_k = tl.arange(0, K)
-        if STACKED:  # x holds, per BLOCK_D chunk, [lo | hi] (_stacked_rows): one product of 4 BLOCK_D entries
-            offs_s = tl.arange(0, 4 * BLOCK_D)
-            a_cols = (offs_s // (2 * BLOCK_D)) * BLOCK_D + offs_s % BLOCK_D  # the row tile [lo, lo, hi, hi]
-            b_cols = offs_s % (2 * BLOCK_D)  # the column tile [lo; hi; lo; hi]
-            # a zero Triton cannot prove constant: `dot(a, b, 0) + acc` would be folded into one accumulator
-            # across the chunks, and the error bound needs a fresh one per chunk
-            opaque_zero = n_rows.to(tl.float32) * 0.0
-        offs_d = tl.arange(0, BLOCK_D)
+        opaque_zero = n_rows.to(tl.float32) * 0.0  # (see _tile_s2)
         local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's scratch rows
         best_buf = best_ptr + local[:, None] * K
         cand_s2_buf = cand_s2_ptr + local[:, None] * CAP
@@ -136,6 +195,7 @@ if _HAVE_TRITON:
             row_ok = rows < n_rows
             rows64 = rows.to(tl.int64)
             row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
+            row_scale = row_norm  # (unused unless SCALED)
             if SCALED:  # rows stored as x / scale (powers of two)
                 row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
             lower = tl.load(lower_ptr + rows, mask=row_ok, other=float("inf"))  # padding rows keep nothing
@@ -148,53 +208,11 @@ if _HAVE_TRITON:
             for col0 in range(0, n_rows, BLOCK_N):
                 cols = col0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < n_rows
-                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for d0 in range(0, dim, BLOCK_D):
-                    if STACKED:
-                        # the products lo.lo' + lo.hi' + hi.lo' + hi.hi' of the chunk, in that order (small terms
-                        # first, the main one last, as the three dots below), as one tensor-core product: one
-                        # wait per chunk instead of one per product; chunks padded with zeros past D
-                        a = tl.load(x_ptr + rows64[:, None] * stride_xn + (2 * d0 + a_cols)[None, :] * stride_xd,
-                                    mask=row_ok[:, None], other=0.0)
-                        b = tl.load(
-                            x_ptr + cols.to(tl.int64)[None, :] * stride_xn + (2 * d0 + b_cols)[:, None] * stride_xd,
-                            mask=col_ok[None, :], other=0.0)
-                        acc += tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + opaque_zero)
-                    elif DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
-                        a = a_desc.load([row0, d0])
-                        b = tl.trans(b_desc.load([col0, d0]))
-                        if SPLIT:
-                            a_lo = a_lo_desc.load([row0, d0])
-                            b_lo = tl.trans(b_lo_desc.load([col0, d0]))
-                    else:
-                        d_ok = (d0 + offs_d) < dim
-                        a_off = rows64[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd
-                        b_off = cols.to(tl.int64)[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd
-                        a_ok = row_ok[:, None] & d_ok[None, :]
-                        b_ok = col_ok[None, :] & d_ok[:, None]
-                        a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-                        b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
-                        if SPLIT:
-                            a_lo = tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0)
-                            b_lo = tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0)
-                    if SPLIT and not STACKED:
-                        # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a
-                        # fresh accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the
-                        # accumulation error grows with BLOCK_D, not with D (squared_distance_error_coef's
-                        # acc_chunk). (acc is added to a dot whose accumulator is not a zero tile: Triton folds
-                        # `dot(a, b, 0) + acc` back into one accumulator.)
-                        part = tl.dot(a, b_lo)
-                        part = tl.dot(a_lo, b, part)
-                        part = tl.dot(a, b, part)
-                        acc += part
-                    elif not STACKED:
-                        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                # padding columns get an infinite norm: never close, never in the band
-                col_norm = tl.load(sq_norms_ptr + cols, mask=col_ok, other=float("inf"))
-                dot = acc
-                if SCALED:  # two exact products by powers of two
-                    dot = acc * row_scale[:, None] * tl.load(scale_ptr + cols, mask=col_ok, other=1.0)[None, :]
-                s2 = tl.maximum(row_norm[:, None] + col_norm[None, :] - 2.0 * dot, 0.0)
+                s2 = _tile_s2(
+                    x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, a_desc, b_desc, a_lo_desc, b_lo_desc,
+                    sq_norms_ptr, rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
+                    BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, SPLIT, SCALED, DESCRIPTORS, STACKED,
+                )
                 below = s2 < upper[:, None]
                 close += tl.sum(below.to(tl.int32), axis=1)
                 if (col0 < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N):  # a diagonal tile: the row itself
@@ -266,6 +284,16 @@ def _configs(k_pad: int, device_type: str, hopper: bool = False, split: bool = F
             configs.append({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3,
                             "STACKED": True})
     return configs
+
+
+def pairs_config(k_pad: int, device_type: str) -> dict:
+    """Launch setting of the pairs kernel (:mod:`~tfp_kernels.order.band_pairs_triton`) for K = k_pad list
+    columns: the row-block kernel's first setting with square tiles (BLOCK_M rows a side; 64 at K = 128 and 32 at
+    K = 256, for the merge's compile, as there). Not tuned: its speed is not measured on a GPU yet."""
+    if device_type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
+    block = 128 if k_pad <= 64 else 64 if k_pad <= 128 else 32
+    return {"BLOCK_M": block, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
 
 
 #: Tuned launch settings, keyed by (device name, dim, K, input dtype).
@@ -396,7 +424,7 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
 
 def band_topk_triton(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
-    *, input_dtype: torch.dtype | None = None, config: dict | None = None,
+    *, input_dtype: torch.dtype | None = None, config: dict | None = None, schedule: str = "rows",
 ) -> BandLists:
     """Band top-k lists with the fused Triton kernel.
 
@@ -418,6 +446,10 @@ def band_topk_triton(
             DESCRIPTORS: see ``_launch``); default: the fastest of a few candidates (with 16-bit or split rows
             on Hopper, also tensor-descriptor tiles), timed once per (GPU, D, K, dtype, size class) on the first
             call's leading rows (below 16,384 rows: the first candidate, untimed).
+        schedule: ``"rows"``: every row block against all columns (N^2 D products); ``"pairs"``: each unordered
+            pair's product once (N^2 D / 2), in rounds of disjoint pairs of super blocks
+            (:mod:`~tfp_kernels.order.band_pairs_triton`; pointer tiles, untuned: ``config`` from
+            :func:`pairs_config` unless given). Same lists up to each product's rounding (same error bound).
 
     Returns:
         :class:`~tfp_kernels.order.band_topk.BandLists` on the device of ``x``.
@@ -427,6 +459,8 @@ def band_topk_triton(
     n = x.shape[0]
     if n >= 2**31:
         raise ValueError(f"band_topk_triton supports N < 2^31 rows, got {n}")
+    if schedule not in ("rows", "pairs"):
+        raise ValueError(f"schedule must be 'rows' or 'pairs', got {schedule!r}")
     if not 1 <= k <= 1024:
         raise ValueError(f"k must lie in [1, 1024], got {k}")
     input_dtype = input_dtype or torch.float32
@@ -448,6 +482,12 @@ def band_topk_triton(
     num_sms = 0
     if x.device.type == "cuda" and not _interpreted():
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if schedule == "pairs":
+        from .band_pairs_triton import launch_pairs
+
+        index, s2, close = launch_pairs(config or pairs_config(k_pad, x.device.type), xin, x_lo, scale, sq_norms,
+                                        lower, upper, k_pad, precision, num_sms)
+        return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)
     if config is None:
         config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
     index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)

@@ -264,6 +264,13 @@ def resolve_band_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+#: The Triton band lists' schedule (``band_topk_triton``'s ``schedule``): ``"rows"``, every row block against all
+#: columns; ``"pairs"``, each unordered pair's product once (half the products, in rounds of block pairs:
+#: :mod:`~tfp_kernels.order.band_pairs_triton`). "rows" until the pairs kernel's speed is measured on a GPU
+#: (``bench_order --band-schedule pairs``, ``bench_band_topk``'s ``*_pairs`` cases).
+BAND_SCHEDULE = "rows"
+
+
 def band_lists(
     x32: torch.Tensor,
     sq_norms: torch.Tensor,
@@ -274,14 +281,16 @@ def band_lists(
     input_dtype=torch.float32,
     progress: str | None = None,
 ) -> tuple[BandLists, str]:
-    """Dispatch the band top-k to the Triton kernel (CUDA) or the blockwise torch version; the products are
-    those of ``input_dtype`` (error bound: ``squared_distance_error_coef(D, input_dtype)``). ``progress``: the
-    label of a progress bar over the row blocks of the torch version (the Triton kernel is one launch)."""
+    """Dispatch the band top-k to the Triton kernel (CUDA; :data:`BAND_SCHEDULE`) or the blockwise torch
+    version; the products are those of ``input_dtype`` (error bound: ``squared_distance_error_coef(D,
+    input_dtype)``). ``progress``: the label of a progress bar over the row blocks of the torch version (the
+    Triton kernel runs without one)."""
     backend = resolve_band_backend(backend, x32.device)
     if backend == "triton":
         from .band_topk_triton import band_topk_triton
 
-        return band_topk_triton(x32, sq_norms, lower, upper, k, input_dtype=input_dtype), "triton"
+        return band_topk_triton(x32, sq_norms, lower, upper, k, input_dtype=input_dtype,
+                                schedule=BAND_SCHEDULE), "triton"
     return band_topk_torch(x32, sq_norms, lower, upper, k, input_dtype=input_dtype, progress=progress), "torch"
 
 
