@@ -5,12 +5,13 @@
 For each N: the Triton kernel with split products, float16 x 3 (what ``tfp_order`` uses on CUDA: rows scaled
 per row, three tensor-core products per tile summed by chunks, better than float32 accuracy) and bf16 x 3,
 with tf32 products of the float32 rows, with IEEE float32 products (CUDA cores) and with plain bf16
-products (tensor cores; too coarse for the ordering), the torch implementation (float32 GEMM + topk), and a
-plain bf16 matrix product ``x @ x.T`` over the same (N, N, D) problem in row blocks (the ceiling).
+products (tensor cores; too coarse for the ordering), the pairs kernel (``schedule="pairs"``: each unordered
+pair's product once, float16 x 3 and bf16), the torch implementation (float32 GEMM + topk), and a plain bf16
+matrix product ``x @ x.T`` over the same (N, N, D) problem in row blocks (the ceiling).
 ``tflops`` counts the problem's 2 N^2 D; ``tensor_core_tflops`` the products the kernel actually issues
-(3 x for the split). Agreement: fraction of rows whose index lists equal the torch float32 version. The
-Triton launch setting picked by the one-off tuning is recorded. Writes
-``benchmarks/results/band_topk_<device>.json``.
+(3 x for the split, half of that for the pairs kernel). Agreement: fraction of rows whose index lists equal
+the torch float32 version's (``--no-torch``: the first case's; ``lists_compared_with``). The Triton launch
+setting picked by the one-off tuning is recorded. Writes ``benchmarks/results/band_topk_<device>.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _gemm_blocks(xb: torch.Tensor, block: int = 8192) -> None:
 FIXED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
 
 
-def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) -> dict:
+def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
+          torch_reference: bool = True) -> dict:
     x = clustered_embeddings(n, dim, device=device)
     sq = x.square().sum(dim=1)
     t = estimate_threshold(x)
@@ -44,17 +46,22 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) 
     upper = torch.full((n,), t * t * 1.001, device=device)
     flops = 2.0 * n * n * dim
     row = {"n": n, "dim": dim, "k": k}
-    ref = band_topk_torch(x, sq, lower, upper, k)
+    # the lists the others are compared with: blockwise torch float32, or (``torch_reference`` False: at sizes
+    # where its ~15 TFLOP/s cost minutes) the first case's
+    ref = band_topk_torch(x, sq, lower, upper, k) if torch_reference else None
     # the production precision (float16 x 3) with its tuned launch setting; the others, for comparison, with the
     # setting the tuning picked for every precision on an H200 (one compile each instead of three)
     fixed = None if device != "cuda" else FIXED_CONFIG
     tiles = None if fixed is None else {**fixed, "DESCRIPTORS": True}  # the same tiles through tensor descriptors
 
-    def kernel(dtype, config):
-        return lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=dtype, config=config)
+    def kernel(dtype, config, schedule="rows"):
+        return lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=dtype, config=config, schedule=schedule)
 
     cases = {
         "triton_fp16x3": (kernel("float16x3", None), 3),
+        # each unordered pair's product once (half the products of the same problem), its untuned setting
+        "triton_fp16x3_pairs": (kernel("float16x3", None, "pairs"), 1.5),
+        "triton_bf16_pairs": (kernel(torch.bfloat16, None, "pairs"), 0.5),
         "triton_fp16x3_pointer": (kernel("float16x3", fixed), 3),
         "triton_fp16x3_descriptors": (kernel("float16x3", tiles), 3),
         # the chunk's four products as one tensor-core product (one wait per chunk instead of three)
@@ -67,10 +74,14 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) 
         "triton_bf16_descriptors": (kernel(torch.bfloat16, tiles), 1),
         "torch_fp32": (lambda: band_topk_torch(x, sq, lower, upper, k), 1),
     }
+    if not torch_reference:
+        del cases["torch_fp32"]
     if device != "cuda":  # (tensor descriptors: the same kernel path as the pointer tiles off the GPU)
         cases = {name: case for name, case in cases.items() if "descriptors" not in name}
     if only:
         cases = {name: case for name, case in cases.items() if name in only or name == "torch_fp32"}
+    compared_with = "torch_fp32" if torch_reference else next(iter(cases), None)
+    row["lists_compared_with"] = compared_with
     for name, (fn, products) in cases.items():
         try:
             out = fn()  # (the first Triton call of a precision also tunes its launch setting)
@@ -78,10 +89,12 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None) 
             row[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             print(f"{name}: {row[name]['error']}", flush=True)
             continue
+        if ref is None:
+            ref = out
         timing = time_call(fn, device=device, warmup=1, repeat=3, max_seconds=60)
         tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
         row[name] = {**timing, "tflops": tflops, "tensor_core_tflops": tflops * products,
-                     "rows_equal_to_torch_fp32": float((out.index == ref.index).all(dim=1).float().mean())}
+                     "rows_equal_to_reference": float((out.index == ref.index).all(dim=1).float().mean())}
     row["triton_launch_settings"] = {str(key): config for key, config in btk._TUNED.items()}
     xb = x.bfloat16()
     timing = time_call(lambda: _gemm_blocks(xb), device=device, warmup=1, repeat=3)
@@ -106,17 +119,21 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--cases", nargs="+", default=None,
                    help="only these kernels (names as in the JSON, e.g. triton_fp16x3 triton_bf16); torch_fp32 always")
+    p.add_argument("--no-torch", action="store_true",
+                   help="no blockwise torch float32 lists (minutes at N >= 262,144): the cases are compared with the "
+                        "first one's lists")
+    p.add_argument("--stage", default=None, help="the JSON's name (default band_topk, band_topk_k<K>)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     rows = []
     for n in args.sizes:
-        row = bench(n, args.dim, args.k, args.device, args.cases)
+        row = bench(n, args.dim, args.k, args.device, args.cases, torch_reference=not args.no_torch)
         rows.append(row)
         print(f"N={n}: " + "  ".join(
             f"{name} {value['median_ms']:.1f} ms ({value['tflops']:.1f} TFLOP/s)"
             for name, value in row.items() if isinstance(value, dict) and "tflops" in value),
             flush=True)
-    stage = "band_topk" if args.k == 64 else f"band_topk_k{args.k}"
+    stage = args.stage or ("band_topk" if args.k == 64 else f"band_topk_k{args.k}")
     path = write_results(stage, args.device, {"rows": rows}, out_dir=args.out_dir)
     print(f"wrote {path}")
 

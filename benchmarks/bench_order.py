@@ -146,12 +146,19 @@ def main(argv=None) -> None:
     p.add_argument("--close-sets", default="on", choices=["on", "off"],
                    help="with a cap: close sets for the nodes where the lists' counts let the cap fire (off: a "
                         "budget of 0 sets, tfp_kernels.order.fast.CLOSE_SET_BUDGET; same path, more scans)")
+    p.add_argument("--band-schedule", default="rows", choices=["rows", "pairs"],
+                   help="the Triton band lists' schedule (tfp_kernels.order.fast.BAND_SCHEDULE): every row block "
+                        "against all columns, or each unordered pair's product once (CUDA)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.close_sets == "off":
         from tfp_kernels.order import fast
 
         fast.CLOSE_SET_BUDGET = 0
+    if args.band_schedule != "rows":
+        from tfp_kernels.order import fast
+
+        fast.BAND_SCHEDULE = args.band_schedule
     cap = None if args.cap.lower() == "none" else int(args.cap)
     if args.device == "cuda":  # CUDA context, cuBLAS and first compiles before any timing (the baselines included)
         tfp_order(clustered_embeddings(700, args.dim, device="cuda"), k=args.k, fallback=args.fallback)
@@ -182,8 +189,11 @@ def main(argv=None) -> None:
         stage += f"_long{args.long_lists}"
     if args.close_sets == "off":
         stage += "_nosets"
+    if args.band_schedule != "rows":
+        stage += f"_{args.band_schedule}"
     path = write_results(stage, args.device, {"sizes": args.sizes, "k": args.k, "max_rejections": cap,
                                               "long_lists": args.long_lists, "close_sets": args.close_sets,
+                                              "band_schedule": args.band_schedule,
                                               "rows": rows},
                          out_dir=args.out_dir)
     print(f"wrote {path}")

@@ -39,6 +39,12 @@ _BAND_TYPES = {
     "a_lo_desc": "*fp16", "b_lo_desc": "*fp16", "sq_norms_ptr": "*fp32", "lower_ptr": "*fp32", "upper_ptr": "*fp32",
     "best_ptr": "*i64", "cand_s2_ptr": "*fp32", "cand_col_ptr": "*i32", "n_rows": "i32", "dim": "i32",
 }
+_PAIRS_TYPES = {
+    "pairs_ptr": "*i32", "x_ptr": "*fp16", "x_lo_ptr": "*fp16", "scale_ptr": "*fp32", "stride_xn": "i64",
+    "stride_xd": "i64", "sq_norms_ptr": "*fp32", "lower_ptr": "*fp32", "upper_ptr": "*fp32", "best_ptr": "*i64",
+    "cand_s2_ptr": "*fp32", "cand_col_ptr": "*i32", "count_ptr": "*i32", "cutoff_ptr": "*fp32",
+    "cutoff_col_ptr": "*i32", "close_ptr": "*i32", "n_rows": "i32", "dim": "i32",
+}
 _SCAN_TYPES = {
     "out_s2_ptr": "*fp32", "out_status_ptr": "*i8", "x_ptr": "*fp32", "stride_xn": "i64", "stride_xd": "i64",
     "sq_norms_ptr": "*fp32", "rows_ptr": "*i64", "n_rows": "i32", "visited_ptr": "*u8", "query_ptr": "*i64",
@@ -109,6 +115,19 @@ def main(argv=None) -> None:
            **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=8, num_stages=3)}
     rows.append(row)
     print(row, flush=True)
+    from tfp_kernels.order import band_pairs_triton as bpt
+
+    for k in args.ks:  # the pairs kernel (band_topk_triton(schedule="pairs")), its setting for each list length
+        config = dict(btk.pairs_config(k, "cuda"))
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        block = config.pop("BLOCK_M")
+        constants = {"K": k, "CAP": triton.cdiv(max(4 * block, k), k) * k, "SUPER": 8 * block, "BLOCK": block,
+                     "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, **config}
+        row = {"kernel": "band_pairs float16x3", "k": k, "BLOCK": block, **config, "num_warps": warps,
+               "num_stages": stages, **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch,
+                                                       num_warps=warps, num_stages=stages)}
+        rows.append(row)
+        print(row, flush=True)
     scan = {"BLOCK_U": 128, "BLOCK_W": 16, "BLOCK_D": st.SCAN_CHUNK, "HAS_VISITED": True, "HALF_ROWS": True,
             "TENSOR_CORES": True, "HAS_BEST": True}
     rows.append({"kernel": "masked_scan tensor cores", **scan,
@@ -119,7 +138,7 @@ def main(argv=None) -> None:
                      **compile_seconds(st._settle_kernel, _SETTLE_TYPES, settle, args.arch)})
     rows.append({"kernel": "settle_reduce", "BLOCK": 1024,
                  **compile_seconds(st._settle_reduce_kernel, _REDUCE_TYPES, {"BLOCK": 1024}, args.arch)})
-    for row in rows[len(args.ks) + 1:]:
+    for row in rows[2 * len(args.ks) + 1:]:
         print(row, flush=True)
     path = write_results("compile_times", "cpu", {"arch": args.arch, "triton": triton.__version__, "rows": rows},
                          out_dir=args.out_dir)

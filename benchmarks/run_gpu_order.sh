@@ -2,14 +2,15 @@
 # Issue 3's GPU checks, in named stages run in the order given, each cut to the time left of BUDGET seconds (a
 # lent machine gives ~15 minutes of device time per session, start-up included, at most 10 minutes per call;
 # a second call within 30 s finds the machine warm, built and with Triton's cache):
-#   band     the band top-k kernel (float16 x 3 tuned, then pointer vs tensor-descriptor tiles; bf16 x 3, tf32,
-#            float32, bf16) against torch's bf16 GEMM, N = 65,536
+#   band     the band top-k kernel (float16 x 3 tuned, the pairs kernel in float16 x 3 and bf16, then pointer vs
+#            tensor-descriptor tiles; bf16 x 3, tf32, float32, bf16) against torch's bf16 GEMM, N = 65,536
+#   pairs    the row-block vs the pairs kernel (float16 x 3) at N = 262,144 (larger super blocks), no torch lists
 #   large    tfp_order on N = 131,072 then $N (default 10^6; LARGE_SIZES="n ..." for others), no cap, fused Triton
 #            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 128 band kernel check
 #            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
-#            order_<n>_progress.log
+#            order_<n>_progress.log; BAND_SCHEDULE=pairs: the band lists of the pairs kernel (JSON *_pairs_*)
 #   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, stacked products,
-#            longer lists, float64 long lists, close sets with a cap)
+#            longer lists, float64 long lists, close sets with a cap, the pairs kernel)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -28,6 +29,7 @@ OUT="${OUT:-/tmp/tfp_gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 N="${N:-1000000}"
 K="${K:-auto}"
+BAND_SCHEDULE="${BAND_SCHEDULE:-rows}"
 LARGE_SIZES="${LARGE_SIZES:-131072 $N}"
 BUDGET="${BUDGET:-575}"
 STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
@@ -76,6 +78,7 @@ PY
         cap=$([ "$n" = 131072 ] && echo 150 || echo 420)  # (131,072: the first tuned call compiles 5 band settings)
         timeout "$(left "$cap")" python3 -m benchmarks.bench_order --device cuda --cap none --fallback triton \
             --naive-max-n 0 --reference-max-n 0 --check-steps 500 --k "$K" --sizes "$n" --progress \
+            --band-schedule "$BAND_SCHEDULE" \
             2> "$OUT/order_${n}_progress.log"
         for f in benchmarks/results/order*_triton_nocap_*.json; do  # one JSON per size (and per K)
           case "$(basename "$f")" in order_n*) continue ;; esac
@@ -90,6 +93,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
           echo "N = 131072 did not finish with the Triton band lists: no 10^6 run"; break
         fi
       done ;;
+    pairs)
+      timeout "$(left 150)" python3 -m benchmarks.bench_band_topk --sizes 262144 --no-torch \
+          --cases triton_fp16x3 triton_fp16x3_pairs --stage band_topk_n262144 ;;
     band-k)
       for kk in 128 256; do timeout "$(left 70)" python3 -m benchmarks.bench_band_topk --sizes 65536 --k $kk \
           --cases triton_fp16x3; done ;;
@@ -105,10 +111,11 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 100 tests/order/test_scan_triton.py ;;
     new-tests)  # the kernels added since the last GPU run: settle kernels, stacked products, 128/256-column lists,
                 # float64 long lists beside the Triton lists
-      pytests 60 tests/order/test_fast.py -k "cuda_long_lists or cuda_close_sets"
+      pytests 60 tests/order/test_fast.py -k "cuda_long_lists or cuda_close_sets or cuda_pairs"
       pytests 30 tests/test_extension.py -k parallel_loops  # (the OpenMP build against this machine's torch)
       pytests 60 tests/order/test_scan_triton.py -k settle
-      pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates" ;;
+      pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates"
+      pytests 90 tests/order/test_band_pairs.py ;;
     n4096)
       timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
