@@ -43,7 +43,7 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .band_topk_triton import _merge_candidates, _tile_s2
+    from .band_topk_triton import _list_cutoff, _merge_candidates, _store_lists, _tile_s2
 
     @triton.jit
     def _append_candidates(s2, cols, col_ok, lower, cutoff, cutoff_col, count, cand_s2_buf, cand_col_buf,
@@ -141,11 +141,7 @@ if _HAVE_TRITON:
                                                      cand_s2_ptr + owners64[:, None] * CAP,
                                                      cand_col_ptr + owners64[:, None] * CAP, owners, owner_count,
                                                      K, BLOCK)
-                            worst = tl.max(best, axis=1)
-                            full = worst != 0x7FFFFFFFFFFFFFFF
-                            new_cutoff = tl.where(full, (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True),
-                                                  float("inf"))
-                            new_cutoff_col = tl.where(full, (worst & 0xFFFFFFFF).to(tl.int32), -1)
+                            new_cutoff, new_cutoff_col = _list_cutoff(best)
                             cutoff = tl.where(on_cols, cutoff, new_cutoff)
                             cutoff_col = tl.where(on_cols, cutoff_col, new_cutoff_col)
                             count = tl.where(on_cols, count, 0)
@@ -169,17 +165,10 @@ if _HAVE_TRITON:
         """Merge each row's last candidates into its K best and write the lists."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rows64 = rows.to(tl.int64)
-        row_ok = rows < n_rows
-        offs_k = tl.arange(0, K)
         count = tl.load(count_ptr + rows64)
         best = _merge_candidates(best_ptr + rows64[:, None] * K, cand_s2_ptr + rows64[:, None] * CAP,
                                  cand_col_ptr + rows64[:, None] * CAP, rows, count, K, BLOCK)
-        found = best != 0x7FFFFFFFFFFFFFFF
-        index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
-        s2 = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
-        ok = row_ok[:, None] & (offs_k[None, :] < K)
-        tl.store(out_index_ptr + rows64[:, None] * K + offs_k[None, :], index, mask=ok)
-        tl.store(out_s2_ptr + rows64[:, None] * K + offs_k[None, :], s2, mask=ok)
+        _store_lists(best, rows64, rows < n_rows, out_index_ptr, out_s2_ptr, K)
 
 
 def pair_rounds(num_blocks: int) -> list[torch.Tensor]:

@@ -171,6 +171,27 @@ if _HAVE_TRITON:
         return best
 
     @triton.jit
+    def _list_cutoff(best):
+        """The (cutoff, cutoff column) of sorted key lists ``best`` (BLOCK_M, K): the s2 and column of the K-th
+        best key, or (+inf, -1) for a list not full yet."""
+        worst = tl.max(best, axis=1)
+        full = worst != 0x7FFFFFFFFFFFFFFF
+        cutoff = tl.where(full, (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
+        return cutoff, tl.where(full, (worst & 0xFFFFFFFF).to(tl.int32), -1)
+
+    @triton.jit
+    def _store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K: tl.constexpr):
+        """Write sorted key lists ``best`` (BLOCK_M, K) of the rows ``rows64`` (valid where ``row_ok``) as the
+        (N, K) index (-1 padded) and s2 (+inf padded) outputs."""
+        offs_k = tl.arange(0, K)
+        found = best != 0x7FFFFFFFFFFFFFFF
+        index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
+        s2 = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
+        ok = row_ok[:, None] & (offs_k[None, :] < K)
+        tl.store(out_index_ptr + rows64[:, None] * K + offs_k[None, :], index, mask=ok)
+        tl.store(out_s2_ptr + rows64[:, None] * K + offs_k[None, :], s2, mask=ok)
+
+    @triton.jit
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
         x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
@@ -228,20 +249,10 @@ if _HAVE_TRITON:
                     count += num_keep
                     if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for another tile's candidates: merge
                         best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-                        worst = tl.max(best, axis=1)
-                        cutoff = tl.where(
-                            worst == 0x7FFFFFFFFFFFFFFF,
-                            float("inf"),
-                            (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True),
-                        )
+                        cutoff, _ = _list_cutoff(best)
                         count = tl.zeros((BLOCK_M,), tl.int32)
             best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-            found = best != 0x7FFFFFFFFFFFFFFF
-            index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
-            s2_out = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
-            out_ok = row_ok[:, None] & (offs_k[None, :] < K)
-            tl.store(out_index_ptr + rows64[:, None] * K + offs_k[None, :], index, mask=out_ok)
-            tl.store(out_s2_ptr + rows64[:, None] * K + offs_k[None, :], s2_out, mask=out_ok)
+            _store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K)
             tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
