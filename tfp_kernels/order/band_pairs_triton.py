@@ -29,7 +29,8 @@ compares whole keys: an entry passes when its ``(s2, column)`` is below the row'
 ``(cutoff, cutoff column)``; entries that failed it could never enter (the K-th best only decreases).
 
 Memory: O(N K) plus a scratch per row of K int64 keys and CAP (s2, column) pairs, and four (N,) state
-vectors: 10^6 rows, K = 128, CAP = 512: 1 GB + 4 GB. The lists equal those of the row-block kernel up to the
+vectors (unlike the row-block kernel's scratch per program): at 10^6 rows, K = 64 (CAP = 512) 0.5 GB + 4.1 GB,
+K = 128 (64-row tiles, CAP = 256) 1 GB + 2 GB. The lists equal those of the row-block kernel up to the
 rounding of each product (the pair's one value stands for both of its rows: within the same error bound).
 """
 
