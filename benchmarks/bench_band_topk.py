@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 
 from benchmarks._harness import time_call, write_results
 from benchmarks.bench_order import clustered_embeddings
@@ -54,6 +55,10 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
     fixed = None if device != "cuda" else FIXED_CONFIG
     tiles = None if fixed is None else {**fixed, "DESCRIPTORS": True}  # the same tiles through tensor descriptors
 
+    k_pad = triton.next_power_of_2(max(k, 16))
+    rows_setting = fixed or btk._configs(k_pad, device)[0]  # (the SINGLES cases: the settings they are compared at)
+    pairs_setting = btk.pairs_config(k_pad, device)
+
     def kernel(dtype, config, schedule="rows"):
         return lambda: band_topk_triton(x, sq, lower, upper, k, input_dtype=dtype, config=config, schedule=schedule)
 
@@ -61,6 +66,9 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
         "triton_fp16x3": (kernel("float16x3", None), 3),
         # each unordered pair's product once (half the products of the same problem), its untuned setting
         "triton_fp16x3_pairs": (kernel("float16x3", None, "pairs"), 1.5),
+        # tiles where no row keeps more than one candidate appended by row reductions (SINGLES)
+        "triton_fp16x3_singles": (kernel("float16x3", {**rows_setting, "SINGLES": True}), 3),
+        "triton_fp16x3_pairs_singles": (kernel("float16x3", {**pairs_setting, "SINGLES": True}, "pairs"), 1.5),
         "triton_bf16_pairs": (kernel(torch.bfloat16, None, "pairs"), 0.5),
         "triton_fp16x3_pointer": (kernel("float16x3", fixed), 3),
         "triton_fp16x3_descriptors": (kernel("float16x3", tiles), 3),
@@ -79,7 +87,8 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
     if device != "cuda":  # (tensor descriptors: the same kernel path as the pointer tiles off the GPU)
         cases = {name: case for name, case in cases.items() if "descriptors" not in name}
     if only:
-        cases = {name: case for name, case in cases.items() if name in only or name == "torch_fp32"}
+        # (in the order given: without the torch lists, the first is the one the others are compared with)
+        cases = {name: cases[name] for name in [*only, "torch_fp32"] if name in cases}
     compared_with = "torch_fp32" if torch_reference else next(iter(cases), None)
     row["lists_compared_with"] = compared_with
     for name, (fn, products) in cases.items():

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         cap = triton.cdiv(max(4 * config["BLOCK_N"], k), k) * k
         constants = {"K": k, "CAP": cap, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True,
-                     "DESCRIPTORS": False, "STACKED": False, **config}
+                     "DESCRIPTORS": False, "STACKED": False, "SINGLES": False, **config}
         row = {"kernel": "band_topk float16x3", "k": k, **config, "num_warps": warps, "num_stages": stages,
                **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=warps,
                                  num_stages=stages)}
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         print(row, flush=True)
     stacked = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}
     constants = {"K": 64, "CAP": 512, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "DESCRIPTORS": False,
-                 "STACKED": True, **stacked}
+                 "STACKED": True, "SINGLES": False, **stacked}
     row = {"kernel": "band_topk float16x3 stacked", "k": 64, **stacked, "num_warps": 8, "num_stages": 3,
            **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=8, num_stages=3)}
     rows.append(row)
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         block = config.pop("BLOCK_M")
         constants = {"K": k, "CAP": triton.cdiv(max(4 * block, k), k) * k, "SUPER": 8 * block, "BLOCK": block,
-                     "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, **config}
+                     "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": False, **config}
         row = {"kernel": "band_pairs float16x3", "k": k, "BLOCK": block, **config, "num_warps": warps,
                "num_stages": stages, **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch,
                                                        num_warps=warps, num_stages=stages)}

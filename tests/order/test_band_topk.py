@@ -289,6 +289,29 @@ def test_split_products_match_float32_within_the_split_bound(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("schedule", ["rows", "pairs"])
+@pytest.mark.parametrize("singles", [False, True])
+def test_triton_long_sweep_with_single_candidate_tiles(schedule, singles):
+    # 12 tiles of 16 columns and a band of the farthest ~1.5% of the pairs: most tiles hold at most one
+    # candidate per row (with SINGLES, the kernels' two-reduction path), some several (the prefix-sum path);
+    # small integers:
+    # exact distances, so the lists must be the reference's exactly, ties by index included
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-4, 5, (190, 6), generator=g).float()
+    s2 = torch.cdist(x.double(), x.double()).square().round()
+    t2 = float(torch.quantile(s2[s2 > 0], 0.985))
+    lo, hi = torch.full((190,), round(t2) - 0.5), torch.full((190,), round(t2) + 4.5)
+    config = _interp_config() if schedule == "rows" else {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4,
+                                                         "num_stages": 1, "SUPER": 32}
+    config["SINGLES"] = singles
+    tri = band_topk_triton(x.to(DEVICE), x.to(DEVICE).square().sum(1), lo.to(DEVICE), hi.to(DEVICE), 16,
+                           config=config, schedule=schedule)
+    ref = band_topk_reference(x, lo, hi, 16)
+    assert torch.equal(tri.index.cpu(), ref.index) and torch.equal(tri.s2.cpu(), ref.s2)
+    assert torch.equal(tri.num_close.cpu(), ref.num_close)
+
+
+@needs_triton
 def test_triton_every_tile_improves():
     # points on a line at decreasing distance from row 0 as the column index grows: row 0's running top-K
     # improves in every tile (the filter's worst case); ties at the cutoff come from mirrored points

@@ -44,24 +44,7 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .band_topk_triton import _list_cutoff, _merge_candidates, _store_lists, _tile_s2
-
-    @triton.jit
-    def _append_candidates(s2, cols, col_ok, lower, cutoff, cutoff_col, count, cand_s2_buf, cand_col_buf,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Append the candidates of each row of the tile ``s2`` (BLOCK_M, BLOCK_N) (columns ``cols``, valid
-        where ``col_ok``): entries at or above ``lower`` whose key ``(s2, column)`` is below the row's
-        ``(cutoff, cutoff_col)``, at slots ``count`` on of ``cand_*_buf`` (BLOCK_M, 1) pointers; returns the new
-        counts."""
-        before = (s2 < cutoff[:, None]) | ((s2 == cutoff[:, None]) & (cols[None, :] < cutoff_col[:, None]))
-        keep = ((s2 >= lower[:, None]) & before & col_ok[None, :]).to(tl.int32)
-        num_keep = tl.sum(keep, axis=1)
-        if tl.max(num_keep, axis=0) > 0:  # (almost no tile keeps anything once the lists are full)
-            slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
-            tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
-            tl.store(cand_col_buf + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=keep != 0)
-            count += num_keep
-        return count
+    from .band_topk_triton import _append_candidates, _list_cutoff, _merge_candidates, _store_lists, _tile_s2
 
     @triton.jit
     def _band_pairs_kernel(
@@ -71,7 +54,7 @@ if _HAVE_TRITON:
         best_ptr, cand_s2_ptr, cand_col_ptr, count_ptr, cutoff_ptr, cutoff_col_ptr, close_ptr,
         n_rows, dim,
         K: tl.constexpr, CAP: tl.constexpr, SUPER: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr, SINGLES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         first = tl.load(pairs_ptr + 2 * pid)
@@ -115,8 +98,8 @@ if _HAVE_TRITON:
                 if diagonal:
                     below = below & (cols[None, :] != rows[:, None])
                 close += tl.sum(below.to(tl.int32), axis=1)
-                count = _append_candidates(s2, cols, col_ok, lower, cutoff, cutoff_col, count, cand_s2_rows,
-                                           cand_col_rows, BLOCK, BLOCK)
+                count, _ = _append_candidates(s2, cols, lower, cutoff, cutoff_col, count, cand_s2_rows, cand_col_rows,
+                                              BLOCK, BLOCK, True, SINGLES)
                 # the columns' side, on the transposed tile (nothing kept or counted on the diagonal)
                 tl.debug_barrier()  # their state as the last tile of this program stored it
                 col_lower = tl.load(lower_ptr + cols, mask=col_ok & ~diagonal, other=float("inf"))
@@ -126,9 +109,10 @@ if _HAVE_TRITON:
                 col_count = tl.load(count_ptr + cols64)
                 s2t = tl.trans(s2)
                 col_close = tl.sum((s2t < col_upper[:, None]).to(tl.int32), axis=1)
-                col_count = _append_candidates(s2t, rows, row_ok, col_lower, col_cutoff, col_cutoff_col, col_count,
-                                               cand_s2_ptr + cols64[:, None] * CAP,
-                                               cand_col_ptr + cols64[:, None] * CAP, BLOCK, BLOCK)
+                col_count, _ = _append_candidates(s2t, rows, col_lower, col_cutoff, col_cutoff_col, col_count,
+                                                  cand_s2_ptr + cols64[:, None] * CAP,
+                                                  cand_col_ptr + cols64[:, None] * CAP, BLOCK, BLOCK, True,
+                                                  SINGLES)
                 # merge the scratch of the rows, then of the columns, that could overflow at the next tile (one
                 # copy of the merge's sorts in the code: a loop over the two sides)
                 if (tl.max(count, axis=0) > CAP - BLOCK) | (tl.max(col_count, axis=0) > CAP - BLOCK):
@@ -218,7 +202,8 @@ def launch_pairs(config: dict, x, x_lo, scale, sq_norms, lower, upper, k_pad: in
     :func:`~tfp_kernels.order.band_topk_triton._launch`'s). ``config``: BLOCK_M (the tiles' side), BLOCK_D,
     num_warps, num_stages; optional ``SUPER`` (rows per super block, a multiple of BLOCK_M; default
     :func:`super_block_rows`) and ``CAP`` (candidate slots per row, a multiple of K and at least BLOCK_M;
-    default 4 BLOCK_M rounded up to a multiple of K). Returns (index, s2, close) as ``_launch``."""
+    default 4 BLOCK_M rounded up to a multiple of K), ``SINGLES`` (see ``_launch``). Returns (index, s2, close)
+    as ``_launch``."""
     config = dict(config)
     n, dim = x.shape
     block = config.pop("BLOCK_M")
@@ -238,6 +223,7 @@ def launch_pairs(config: dict, x, x_lo, scale, sq_norms, lower, upper, k_pad: in
     if cap % k_pad or cap < block:
         raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least BLOCK_M, got {cap}")
     config.pop("programs", None)
+    singles = bool(config.pop("SINGLES", False))
     num_blocks = triton.cdiv(n, super_rows)
     rows_pad = num_blocks * super_rows  # (every row of every tile has its scratch and state)
     dev = x.device
@@ -260,7 +246,7 @@ def launch_pairs(config: dict, x, x_lo, scale, sq_norms, lower, upper, k_pad: in
             pairs, x, x_lo_arg, scale_arg, x.stride(0), x.stride(1), sq_norms, lower, upper,
             best, cand_s2, cand_col, count, cutoff, cutoff_col, close, n, dim,
             K=k_pad, CAP=cap, SUPER=super_rows, BLOCK=block, INPUT_PRECISION=precision, SPLIT=x_lo is not None,
-            SCALED=scale is not None, **config,
+            SCALED=scale is not None, SINGLES=singles, **config,
         )
     index = torch.empty(n, k_pad, dtype=torch.int32, device=dev)
     s2 = torch.empty(n, k_pad, dtype=torch.float32, device=dev)

@@ -30,7 +30,12 @@ Why this is fast: with rows in no particular order relative to their neighbours,
 improves about ``K ln(N / K)`` times over N columns, so after the first tiles almost every entry is
 filtered out by two comparisons; the per-element work is a GEMM epilogue (a few comparisons, one
 prefix sum, predicated stores), not the sort of the previous version of this kernel (which merged whole
-tiles by sorting whenever any row of the program improved, 9-10% of the bf16 GEMM rate on an H200).
+tiles by sorting whenever any row of the program improved, 9-10% of the bf16 GEMM rate on an H200). But
+the 128 rows of a tile together keep some candidate in nearly every tile (measured on the CPU with the
+benchmark's clustered rows: every one of the 512 tiles of a row block at N = 65,536, K = 64, ~560
+candidates per row), so the prefix sum and the stores run at every tile; the ``SINGLES`` launch option
+takes the tiles where no row keeps more than one (11% of them there, 37% at N = 262,144, K = 128) by two
+row reductions instead (see ``_append_candidates``).
 Never materialises N x N; memory O(N K) plus a scratch per program row of K int64 keys and CAP (s2, column)
 pairs (2 x 132 SMs x 128 x (64 x 8 + 512 x 8) B = 156 MB on an H100, whatever N).
 Semantics: :mod:`tfp_kernels.order.band_topk`.
@@ -192,6 +197,41 @@ if _HAVE_TRITON:
         tl.store(out_s2_ptr + rows64[:, None] * K + offs_k[None, :], s2, mask=ok)
 
     @triton.jit
+    def _append_candidates(s2, cols, lower, cutoff, cutoff_col, count, cand_s2_buf, cand_col_buf,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ANY_ORDER: tl.constexpr,
+                           SINGLES: tl.constexpr):
+        """Append the candidates of each row of the tile ``s2`` (BLOCK_M, BLOCK_N) (columns ``cols``): the entries
+        at or above ``lower`` before the row's K-th best key ``(cutoff, cutoff_col)``, at slots ``count`` on of the
+        rows' ``cand_*_buf`` ((BLOCK_M, 1) pointers). ``ANY_ORDER``: columns reach the rows in any order, so an
+        entry tied with the cutoff's distance is compared by column (else they come in index order, after the
+        cutoff's column: ``cutoff_col`` unused). Padding rows and columns must have ``s2 = +inf`` or ``lower =
+        +inf``. Returns the new counts and the most candidates a row kept (a scalar).
+
+        In a long sweep every tile holds some row's candidate (all 512 tiles of a 128-row block at N = 65,536,
+        K = 64, clustered rows: the append runs at every tile, not rarely), but most rows keep none, and past a
+        few thousand columns many tiles keep at most one per row (11% of the tiles at N = 65,536, K = 64; 37% at
+        N = 262,144, K = 128). ``SINGLES``: such tiles take the row's one entry by two row reductions instead of
+        a prefix sum and a scattered store per entry (the same candidates; compiled for sm_90 it spills more
+        registers in the epilogue: a launch option until timed on a GPU)."""
+        before = s2 < cutoff[:, None]
+        if ANY_ORDER:
+            before = before | ((s2 == cutoff[:, None]) & (cols[None, :] < cutoff_col[:, None]))
+        keep = ((s2 >= lower[:, None]) & before).to(tl.int32)
+        num_keep = tl.sum(keep, axis=1)
+        most = tl.max(num_keep, axis=0)
+        if most > (1 if SINGLES else 0):  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
+            slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
+            tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
+            tl.store(cand_col_buf + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=keep != 0)
+        elif SINGLES and most == 1:  # the row's one entry (s2 >= 0: the kept value is the row's largest here)
+            kept_s2 = tl.max(tl.where(keep != 0, s2, -1.0), axis=1)
+            kept_col = tl.max(tl.where(keep != 0, cols[None, :], -1), axis=1)
+            has = num_keep > 0
+            tl.store(cand_s2_buf + count[:, None], kept_s2[:, None], mask=has[:, None])
+            tl.store(cand_col_buf + count[:, None], kept_col[:, None], mask=has[:, None])
+        return count + num_keep, most
+
+    @triton.jit
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
         x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
@@ -201,7 +241,7 @@ if _HAVE_TRITON:
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr,
-        STACKED: tl.constexpr,
+        STACKED: tl.constexpr, SINGLES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
@@ -238,15 +278,10 @@ if _HAVE_TRITON:
                 close += tl.sum(below.to(tl.int32), axis=1)
                 if (col0 < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N):  # a diagonal tile: the row itself
                     close -= tl.sum((below & (cols[None, :] == rows[:, None])).to(tl.int32), axis=1)
-                keep = ((s2 >= lower[:, None]) & (s2 < cutoff[:, None])).to(tl.int32)
-                num_keep = tl.sum(keep, axis=1)
-                # one reduction over the program's rows per tile where nothing is kept (almost every tile)
-                if tl.max(num_keep, axis=0) > 0:  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
-                    slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
-                    tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
-                    col_tile = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N))
-                    tl.store(cand_col_buf + slot, col_tile, mask=keep != 0)
-                    count += num_keep
+                # (columns arrive in index order: an entry tied with the cutoff comes after it and loses)
+                count, most = _append_candidates(s2, cols, lower, cutoff, count, count, cand_s2_buf, cand_col_buf,
+                                                 BLOCK_M, BLOCK_N, False, SINGLES)
+                if most > 0:  # noqa: SIM102 - (the count reduction only where something was kept)
                     if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for another tile's candidates: merge
                         best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
                         cutoff, _ = _list_cutoff(best)
@@ -356,12 +391,14 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
     masked pointer loads; 16-bit rows only) or ``STACKED`` (split rows: the chunk's four products lo.lo',
     lo.hi', hi.lo', hi.hi' as one tensor-core product over 4 x BLOCK_D entries of an (N, 2 D) copy of the
     rows holding [lo | hi] per chunk; the same order of additions as the three products, plus the smallest
-    term, in a fresh accumulator per chunk)."""
+    term, in a fresh accumulator per chunk) or ``SINGLES`` (tiles where no row keeps more than one candidate
+    append by row reductions: ``_append_candidates``)."""
     config = dict(config)
     n, dim = x.shape
     block_m = config["BLOCK_M"]
     descriptors = bool(config.pop("DESCRIPTORS", False))
     stacked = bool(config.pop("STACKED", False))
+    singles = bool(config.pop("SINGLES", False))
     if descriptors and x.element_size() != 2:
         raise ValueError(f"DESCRIPTORS needs 16-bit rows (float16, bfloat16 or a split), got {x.dtype}")
     if stacked and (x_lo is None or descriptors):
@@ -393,7 +430,7 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
         index, s2, close, x, x if x_lo is None else x_lo, sq_norms if scale is None else scale, x.stride(0),
         x.stride(1), a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
         K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None,
-        DESCRIPTORS=descriptors, STACKED=stacked, **config,
+        DESCRIPTORS=descriptors, STACKED=stacked, SINGLES=singles, **config,
     )
     return index, s2, close
 
