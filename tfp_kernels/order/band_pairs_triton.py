@@ -133,10 +133,14 @@ if _HAVE_TRITON:
                             col_cutoff = tl.where(on_cols, new_cutoff, col_cutoff)
                             col_cutoff_col = tl.where(on_cols, new_cutoff_col, col_cutoff_col)
                             col_count = tl.where(on_cols, 0, col_count)
-                tl.store(cutoff_ptr + cols64, col_cutoff)
-                tl.store(cutoff_col_ptr + cols64, col_cutoff_col)
-                tl.store(count_ptr + cols64, col_count)
-                tl.store(close_ptr + cols64, tl.load(close_ptr + cols64) + col_close)
+                # (not on the diagonal, whose columns are the rows: their state is the registers' until the row
+                # block's end, and a store of the stale one there could land after that)
+                off_diagonal = (cols >= 0) & ~diagonal
+                tl.store(cutoff_ptr + cols64, col_cutoff, mask=off_diagonal)
+                tl.store(cutoff_col_ptr + cols64, col_cutoff_col, mask=off_diagonal)
+                tl.store(count_ptr + cols64, col_count, mask=off_diagonal)
+                tl.store(close_ptr + cols64, tl.load(close_ptr + cols64) + col_close, mask=off_diagonal)
+            tl.debug_barrier()  # (every read of the rows' state in memory is done)
             tl.store(cutoff_ptr + rows64, cutoff)
             tl.store(cutoff_col_ptr + rows64, cutoff_col)
             tl.store(count_ptr + rows64, count)
