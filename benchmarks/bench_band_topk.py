@@ -56,7 +56,8 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
     tiles = None if fixed is None else {**fixed, "DESCRIPTORS": True}  # the same tiles through tensor descriptors
 
     k_pad = triton.next_power_of_2(max(k, 16))
-    rows_setting = fixed or btk._configs(k_pad, device)[0]  # (the SINGLES cases: the settings they are compared at)
+    # the SINGLES cases' settings (those they are compared at: the fixed one, or K > 64's own)
+    rows_setting = fixed if fixed is not None and k_pad <= 64 else btk._configs(k_pad, device)[0]
     pairs_setting = btk.pairs_config(k_pad, device)
 
     def kernel(dtype, config, schedule="rows"):
