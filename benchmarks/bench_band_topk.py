@@ -70,6 +70,9 @@ def bench(n: int, dim: int, k: int, device: str, only: list[str] | None = None,
         # tiles where no row keeps more than one candidate appended by row reductions (SINGLES)
         "triton_fp16x3_singles": (kernel("float16x3", {**rows_setting, "SINGLES": True}), 3),
         "triton_fp16x3_pairs_singles": (kernel("float16x3", {**pairs_setting, "SINGLES": True}, "pairs"), 1.5),
+        # 64-row tiles (K = 128's setting; fewer registers: 640 vs 3,016 bytes of spills per thread for sm_90)
+        "triton_fp16x3_pairs_b64": (kernel("float16x3", {**pairs_setting, "BLOCK_M": min(pairs_setting["BLOCK_M"], 64)},
+                                           "pairs"), 1.5),
         "triton_bf16_pairs": (kernel(torch.bfloat16, None, "pairs"), 0.5),
         "triton_fp16x3_pointer": (kernel("float16x3", fixed), 3),
         "triton_fp16x3_descriptors": (kernel("float16x3", tiles), 3),

@@ -4,8 +4,8 @@
 # a second call within 30 s finds the machine warm, built and with Triton's cache):
 #   band     the band top-k kernel (float16 x 3 tuned, the pairs kernel in float16 x 3 and bf16, then pointer vs
 #            tensor-descriptor tiles; bf16 x 3, tf32, float32, bf16) against torch's bf16 GEMM, N = 65,536
-#   pairs    the row-block vs the pairs kernel (float16 x 3), each with and without SINGLES, at N = 262,144 (larger
-#            super blocks; more tiles with one candidate per row), no torch lists
+#   pairs    the row-block vs the pairs kernel (float16 x 3), each with and without SINGLES, the pairs kernel with
+#            64-row tiles, at N = 262,144 (larger super blocks; more tiles with one candidate per row), no torch lists
 #   large    tfp_order on N = 131,072 then $N (default 10^6; LARGE_SIZES="n ..." for others), no cap, fused Triton
 #            scans, K = $K (default auto), paths checked on 500 sampled steps; first a K = 128 band kernel check
 #            (its compile timed; K = 64 if it fails); the walk's progress (scans, ms each, rebuilds) in
@@ -97,6 +97,7 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
     pairs)
       timeout "$(left 150)" python3 -m benchmarks.bench_band_topk --sizes 262144 --no-torch \
           --cases triton_fp16x3_pointer triton_fp16x3_singles triton_fp16x3_pairs triton_fp16x3_pairs_singles \
+          triton_fp16x3_pairs_b64 \
           --stage band_topk_n262144 ;;
     band-k)
       for kk in 128 256; do timeout "$(left 70)" python3 -m benchmarks.bench_band_topk --sizes 65536 --k $kk \
