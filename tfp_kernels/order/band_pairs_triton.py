@@ -214,18 +214,13 @@ def launch_pairs(config: dict, x, x_lo, scale, sq_norms, lower, upper, k_pad: in
     config.pop("BLOCK_N", None)
     if config.pop("DESCRIPTORS", False) or config.pop("STACKED", False):
         raise ValueError("the pairs kernel reads its tiles with pointer loads: no DESCRIPTORS or STACKED")
-    from .band_topk import MIN_ACC_CHUNK
-    from .band_topk_triton import ACC_CHUNK
+    from .band_topk_triton import candidate_slots, check_split_chunk
 
-    if x_lo is not None and not MIN_ACC_CHUNK <= config["BLOCK_D"] <= ACC_CHUNK:
-        raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
-                         f"accumulation chunk), got {config['BLOCK_D']}")
+    check_split_chunk(x_lo, config["BLOCK_D"])
     super_rows = config.pop("SUPER", None) or super_block_rows(n, block, num_sms)
     if super_rows % block:
         raise ValueError(f"SUPER must be a multiple of BLOCK_M = {block}, got {super_rows}")
-    cap = config.pop("CAP", None) or triton.cdiv(max(4 * block, k_pad), k_pad) * k_pad
-    if cap % k_pad or cap < block:
-        raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least BLOCK_M, got {cap}")
+    cap = candidate_slots(config, block, "BLOCK_M", k_pad)
     config.pop("programs", None)
     singles = bool(config.pop("SINGLES", False))
     num_blocks = triton.cdiv(n, super_rows)

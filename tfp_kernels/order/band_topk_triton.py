@@ -383,6 +383,23 @@ def _stacked_rows(hi: torch.Tensor, lo: torch.Tensor, chunk: int) -> torch.Tenso
     return torch.cat(parts, dim=2).reshape(n, 2 * padded)
 
 
+def check_split_chunk(x_lo, block_d: int) -> None:
+    """Split rows (``x_lo`` given) need chunks of ``block_d`` products within their error bound's accumulation
+    chunk."""
+    if x_lo is not None and not MIN_ACC_CHUNK <= block_d <= ACC_CHUNK:
+        raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
+                         f"accumulation chunk), got {block_d}")
+
+
+def candidate_slots(config: dict, tile_cols: int, name: str, k_pad: int) -> int:
+    """Candidate slots per row between merges: ``config``'s ``CAP`` (popped), a multiple of K at least a tile's
+    ``tile_cols`` columns (``name`` in the error), default 4 tiles' worth rounded up to a multiple of K."""
+    cap = config.pop("CAP", None) or triton.cdiv(max(4 * tile_cols, k_pad), k_pad) * k_pad
+    if cap % k_pad or cap < tile_cols:
+        raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least {name}, got {cap}")
+    return cap
+
+
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
     """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
     between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
@@ -403,12 +420,8 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
         raise ValueError(f"DESCRIPTORS needs 16-bit rows (float16, bfloat16 or a split), got {x.dtype}")
     if stacked and (x_lo is None or descriptors):
         raise ValueError("STACKED needs split rows (float16x3 or bfloat16x3) and no DESCRIPTORS")
-    if x_lo is not None and not MIN_ACC_CHUNK <= config["BLOCK_D"] <= ACC_CHUNK:
-        raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
-                         f"accumulation chunk), got {config['BLOCK_D']}")
-    cap = config.pop("CAP", None) or triton.cdiv(max(4 * config["BLOCK_N"], k_pad), k_pad) * k_pad
-    if cap % k_pad or cap < config["BLOCK_N"]:
-        raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least BLOCK_N, got {cap}")
+    check_split_chunk(x_lo, config["BLOCK_D"])
+    cap = candidate_slots(config, config["BLOCK_N"], "BLOCK_N", k_pad)
     row_blocks = triton.cdiv(n, block_m)
     grid = config.pop("programs", None) or (min(row_blocks, 2 * num_sms) if num_sms else row_blocks)
     grid = max(1, grid)
@@ -535,8 +548,8 @@ def band_topk_triton(
 
         index, s2, close = launch_pairs(config or pairs_config(k_pad, x.device.type), xin, x_lo, scale, sq_norms,
                                         lower, upper, k_pad, precision, num_sms)
-        return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)
-    if config is None:
-        config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
-    index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
+    else:
+        if config is None:
+            config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
+        index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
     return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)
