@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     for k in args.ks:
         config = dict(btk._configs(k, "cuda")[0])
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        cap = triton.cdiv(max(4 * config["BLOCK_N"], k), k) * k
+        cap = btk.candidate_slots({}, config["BLOCK_N"], "BLOCK_N", k)  # (the launch's default)
         constants = {"K": k, "CAP": cap, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True,
                      "DESCRIPTORS": False, "STACKED": False, "SINGLES": False, **config}
         row = {"kernel": "band_topk float16x3", "k": k, **config, "num_warps": warps, "num_stages": stages,
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         config = dict(btk.pairs_config(k, "cuda"))
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         block = config.pop("BLOCK_M")
-        constants = {"K": k, "CAP": triton.cdiv(max(4 * block, k), k) * k, "SUPER": 8 * block, "BLOCK": block,
+        constants = {"K": k, "CAP": btk.candidate_slots({}, block, "BLOCK_M", k), "SUPER": 8 * block, "BLOCK": block,
                      "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": False, **config}
         row = {"kernel": "band_pairs float16x3", "k": k, "BLOCK": block, **config, "num_warps": warps,
                "num_stages": stages, **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch,
