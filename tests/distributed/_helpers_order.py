@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: seconds a worker's collective waits for the other ranks (gloo's timeout; below :func:`finish`'s deadlines)
+COLLECTIVE_TIMEOUT_S = 150
 
 
 def make_embeddings(n: int, d: int, *, seed: int, clusters: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -83,7 +85,7 @@ def start(world_size: int, cases: list[dict], tmp_dir: Path) -> dict:
     return {"procs": procs, "dir": tmp_dir, "world": world_size, "started": time.monotonic()}
 
 
-def finish(handle: dict, *, timeout: float = 120.0) -> list[list[dict]]:
+def finish(handle: dict, *, timeout: float = COLLECTIVE_TIMEOUT_S + 90) -> list[list[dict]]:
     """Wait for the workers of :func:`start`; return ``results[rank][case]``.
 
     Raises AssertionError with the workers' output when a worker fails or the run exceeds ``timeout``
@@ -111,7 +113,7 @@ def finish(handle: dict, *, timeout: float = 120.0) -> list[list[dict]]:
     return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = 120.0) -> list[list[dict]]:
+def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = COLLECTIVE_TIMEOUT_S + 90) -> list[list[dict]]:
     """Run ``cases`` on ``world_size`` gloo processes and wait: :func:`start` + :func:`finish`."""
     return finish(start(world_size, cases, tmp_dir), timeout=timeout)
 
@@ -204,8 +206,11 @@ def _worker(rank: int, world: int, store_file: str, cases_file: str, out_dir: st
 
     torch.set_num_threads(1)
     store = dist.FileStore(store_file, world)
+    # a collective waits up to COLLECTIVE_TIMEOUT_S for a slower rank: the 2- and 4-process runs share the CI's
+    # 2 cores with each other and with the test process (27 s alone, 3-4x that together); a hang still ends
+    # with gloo's error naming the collective before finish()'s deadline kills the workers
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     )
     try:
         cases = torch.load(cases_file, weights_only=False)

@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
     h2 = helpers.start(2, [CASES[n] for n in CASES], tmp_path_factory.mktemp("world2"))
     h4 = helpers.start(4, [CASES[n] for n in CASES4], tmp_path_factory.mktemp("world4"))
     expected = {name: _single(case) for name, case in GOOD.items()}
-    r2, r4 = helpers.finish(h2, timeout=170), helpers.finish(h4, timeout=170)
+    r2, r4 = helpers.finish(h2), helpers.finish(h4)
     world2 = {name: [r2[r][i] for r in range(2)] for i, name in enumerate(CASES)}
     world4 = {name: [r4[r][i] for r in range(4)] for i, name in enumerate(CASES4)}
     return world2, world4, expected
