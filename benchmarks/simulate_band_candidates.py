@@ -24,7 +24,7 @@ from benchmarks.bench_order import clustered_embeddings
 from tfp_kernels import estimate_threshold
 
 
-def simulate(n: int, dim: int, k: int, blocks: int, tile: int = 128, seed: int = 0) -> dict:
+def simulate(n: int, dim: int, k: int, blocks: int, tile: int = 128, seed: int = 0, sample_every: int = 0) -> dict:
     x = clustered_embeddings(n, dim)
     t = estimate_threshold(x)
     lower = t * t * 0.999  # (bench_band_topk's band)
@@ -39,11 +39,14 @@ def simulate(n: int, dim: int, k: int, blocks: int, tile: int = 128, seed: int =
         s2[torch.arange(tile), torch.arange(r0, r0 + tile)] = -1.0  # the row itself: never in the band
         band = torch.where(s2 >= lower, s2, torch.full_like(s2, torch.inf))
         best = torch.full((tile, k), torch.inf)
+        start = torch.full((tile, 1), torch.inf)  # a cutoff to start from (none: +inf)
+        if sample_every and -(-n // sample_every) >= k:  # the K-th best among every sample_every-th column
+            start = band[:, ::sample_every].topk(k, dim=1, largest=False).values[:, -1:]
         with_some = at_most_one = 0
         kept = 0
         for j in range(num_tiles):
             part = band[:, j * tile : (j + 1) * tile]
-            keep = part < best[:, -1:]
+            keep = part < torch.minimum(best[:, -1:], start)
             per_row = keep.sum(1)
             kept += int(per_row.sum())
             with_some += bool(per_row.max() > 0)
@@ -53,7 +56,8 @@ def simulate(n: int, dim: int, k: int, blocks: int, tile: int = 128, seed: int =
                          "tiles_with_at_most_one_per_row": at_most_one, "candidates_per_row": kept / tile})
         print(f"N={n} K={k} row block {block}: {with_some}/{num_tiles} tiles keep some candidate, "
               f"{at_most_one} keep at most one per row; {kept / tile:.0f} candidates per row", flush=True)
-    return {"n": n, "dim": dim, "k": k, "tile": tile, "threshold": t, "blocks": rows_out}
+    return {"n": n, "dim": dim, "k": k, "tile": tile, "threshold": t, "sample_every": sample_every,
+            "blocks": rows_out}
 
 
 def main(argv=None) -> None:
@@ -62,10 +66,13 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--blocks", type=int, default=2, help="row blocks sampled")
+    p.add_argument("--sample-every", type=int, default=0,
+                   help="start each row's cutoff at its K-th best among every S-th column (0: at +inf, as the kernel)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    result = simulate(args.n, args.dim, args.k, args.blocks)
-    path = write_results(f"simulate_band_candidates_n{args.n}_k{args.k}", "cpu", result, out_dir=args.out_dir)
+    result = simulate(args.n, args.dim, args.k, args.blocks, sample_every=args.sample_every)
+    name = f"simulate_band_candidates_n{args.n}_k{args.k}" + (f"_start{args.sample_every}" if args.sample_every else "")
+    path = write_results(name, "cpu", result, out_dir=args.out_dir)
     print(f"wrote {path}")
 
 
