@@ -238,6 +238,24 @@ def test_duplicate_groups_keep_the_path_exact(metric, window, fallback):
     assert torch.equal(plain, ref)
 
 
+@pytest.mark.parametrize(("window", "seed", "quantile"),
+                         [(2, 2, 0.1), (2, 3, 0.05), (3, 3, 0.05), (64, 3, 0.05), (65, 3, 0.05)])
+def test_cosine_walk_with_and_without_cached_unit_rows(window, seed, quantile):
+    """The C++ walk divides each cosine row by its norm once per step for windows up to 64 nodes (UnitRows) and in
+    every distance for wider ones: both give the reference's path. In the first three cases t (the estimate's
+    quantile, a pair's exact distance) decides a step at a tie: unit rows one rounding off (a multiplication by
+    the reciprocal norm in place of the division) change their paths. (Such ties are where the walk may part
+    from the reference at all: its lanes sum in another order than torch.cdist; seed 4, window 3, quantile 0.1
+    is one, before and after the cache.)"""
+    emb = _with_duplicate_groups(150, 11, seed=seed)
+    t = estimate_threshold(emb, metric="cosine", quantile=quantile)
+    ref = tfp_order_reference(emb, metric="cosine", threshold=t, window=window, start=3)
+    for group_duplicates in (True, False):
+        path, _ = fast_tfp_order(emb, metric="cosine", threshold=t, window=window, max_rejections=None, start=3,
+                                 k=8, fallback="host", band_backend="torch", group_duplicates=group_duplicates)
+        assert torch.equal(path, ref)
+
+
 def test_duplicate_groups_with_rebuilds_and_fewer_scans(monkeypatch):
     from tfp_kernels.order import fast
 
