@@ -128,6 +128,27 @@ def main(argv=None) -> None:
                                                        num_warps=warps, num_stages=stages)}
         rows.append(row)
         print(row, flush=True)
+    # the launch options run_gpu_order.sh's band and pairs stages time (bench_band_topk's cases), at K = 64
+    config = dict(btk._configs(64, "cuda")[0])
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    constants = {"K": 64, "CAP": btk.candidate_slots({}, config["BLOCK_N"], "BLOCK_N", 64), "INPUT_PRECISION": "ieee",
+                 "SPLIT": True, "SCALED": True, "DESCRIPTORS": False, "STACKED": False, "SINGLES": True, **config}
+    rows.append({"kernel": "band_topk float16x3 singles", "k": 64, **config, "num_warps": warps, "num_stages": stages,
+                 **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=warps,
+                                   num_stages=stages)})
+    print(rows[-1], flush=True)
+    for block, singles in ((128, True), (64, False)):
+        config = dict(btk.pairs_config(64, "cuda"))
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        config.pop("BLOCK_M")
+        constants = {"K": 64, "CAP": btk.candidate_slots({}, block, "BLOCK_M", 64), "SUPER": 8 * block,
+                     "BLOCK": block, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": singles,
+                     **config}
+        rows.append({"kernel": "band_pairs float16x3" + (" singles" if singles else ""), "k": 64, "BLOCK": block,
+                     **config, "num_warps": warps, "num_stages": stages,
+                     **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch, num_warps=warps,
+                                       num_stages=stages)})
+        print(rows[-1], flush=True)
     scan = {"BLOCK_U": 128, "BLOCK_W": 16, "BLOCK_D": st.SCAN_CHUNK, "HAS_VISITED": True, "HALF_ROWS": True,
             "TENSOR_CORES": True, "HAS_BEST": True}
     rows.append({"kernel": "masked_scan tensor cores", **scan,
