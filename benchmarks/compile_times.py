@@ -90,6 +90,36 @@ def compile_seconds(fn, types: dict, constants: dict, arch: int, **options) -> d
     return out
 
 
+def band_topk_row(k: int, arch: int, *, singles: bool = False) -> dict:
+    """Compile the float16 x 3 row-block band kernel with the first launch setting of ``_configs(k)`` (and the
+    launch's default candidate slots); the row of the results."""
+    config = dict(btk._configs(k, "cuda")[0])
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    cap = btk.candidate_slots({}, config["BLOCK_N"], "BLOCK_N", k)  # (the launch's default)
+    constants = {"K": k, "CAP": cap, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True,
+                 "DESCRIPTORS": False, "STACKED": False, "SINGLES": singles, **config}
+    return {"kernel": "band_topk float16x3" + (" singles" if singles else ""), "k": k, **config, "num_warps": warps,
+            "num_stages": stages, **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, arch,
+                                                    num_warps=warps, num_stages=stages)}
+
+
+def band_pairs_row(k: int, arch: int, *, block: int | None = None, singles: bool = False) -> dict:
+    """Compile the float16 x 3 pairs kernel (``band_topk_triton(schedule="pairs")``) with ``pairs_config(k)``, its
+    tiles ``block`` rows a side if given; the row of the results."""
+    from tfp_kernels.order import band_pairs_triton as bpt
+
+    config = dict(btk.pairs_config(k, "cuda"))
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    block = block or config["BLOCK_M"]
+    config.pop("BLOCK_M")
+    constants = {"K": k, "CAP": btk.candidate_slots({}, block, "BLOCK_M", k), "SUPER": 8 * block, "BLOCK": block,
+                 "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": singles, **config}
+    return {"kernel": "band_pairs float16x3" + (" singles" if singles else ""), "k": k, "BLOCK": block, **config,
+            "num_warps": warps, "num_stages": stages,
+            **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, arch, num_warps=warps,
+                              num_stages=stages)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ks", type=int, nargs="+", default=[64, 128, 256], help="band list lengths (powers of two)")
@@ -97,70 +127,33 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     rows = []
-    for k in args.ks:
-        config = dict(btk._configs(k, "cuda")[0])
-        warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        cap = btk.candidate_slots({}, config["BLOCK_N"], "BLOCK_N", k)  # (the launch's default)
-        constants = {"K": k, "CAP": cap, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True,
-                     "DESCRIPTORS": False, "STACKED": False, "SINGLES": False, **config}
-        row = {"kernel": "band_topk float16x3", "k": k, **config, "num_warps": warps, "num_stages": stages,
-               **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=warps,
-                                 num_stages=stages)}
+
+    def add(row: dict) -> None:
         rows.append(row)
         print(row, flush=True)
+
+    for k in args.ks:
+        add(band_topk_row(k, args.arch))
     stacked = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}
     constants = {"K": 64, "CAP": 512, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "DESCRIPTORS": False,
                  "STACKED": True, "SINGLES": False, **stacked}
-    row = {"kernel": "band_topk float16x3 stacked", "k": 64, **stacked, "num_warps": 8, "num_stages": 3,
-           **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=8, num_stages=3)}
-    rows.append(row)
-    print(row, flush=True)
-    from tfp_kernels.order import band_pairs_triton as bpt
-
-    for k in args.ks:  # the pairs kernel (band_topk_triton(schedule="pairs")), its setting for each list length
-        config = dict(btk.pairs_config(k, "cuda"))
-        warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        block = config.pop("BLOCK_M")
-        constants = {"K": k, "CAP": btk.candidate_slots({}, block, "BLOCK_M", k), "SUPER": 8 * block, "BLOCK": block,
-                     "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": False, **config}
-        row = {"kernel": "band_pairs float16x3", "k": k, "BLOCK": block, **config, "num_warps": warps,
-               "num_stages": stages, **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch,
-                                                       num_warps=warps, num_stages=stages)}
-        rows.append(row)
-        print(row, flush=True)
+    add({"kernel": "band_topk float16x3 stacked", "k": 64, **stacked, "num_warps": 8, "num_stages": 3,
+         **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=8, num_stages=3)})
+    for k in args.ks:  # the pairs kernel, its setting for each list length
+        add(band_pairs_row(k, args.arch))
     # the launch options run_gpu_order.sh's band and pairs stages time (bench_band_topk's cases), at K = 64
-    config = dict(btk._configs(64, "cuda")[0])
-    warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    constants = {"K": 64, "CAP": btk.candidate_slots({}, config["BLOCK_N"], "BLOCK_N", 64), "INPUT_PRECISION": "ieee",
-                 "SPLIT": True, "SCALED": True, "DESCRIPTORS": False, "STACKED": False, "SINGLES": True, **config}
-    rows.append({"kernel": "band_topk float16x3 singles", "k": 64, **config, "num_warps": warps, "num_stages": stages,
-                 **compile_seconds(btk._band_topk_kernel, _BAND_TYPES, constants, args.arch, num_warps=warps,
-                                   num_stages=stages)})
-    print(rows[-1], flush=True)
-    for block, singles in ((128, True), (64, False)):
-        config = dict(btk.pairs_config(64, "cuda"))
-        warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        config.pop("BLOCK_M")
-        constants = {"K": 64, "CAP": btk.candidate_slots({}, block, "BLOCK_M", 64), "SUPER": 8 * block,
-                     "BLOCK": block, "INPUT_PRECISION": "ieee", "SPLIT": True, "SCALED": True, "SINGLES": singles,
-                     **config}
-        rows.append({"kernel": "band_pairs float16x3" + (" singles" if singles else ""), "k": 64, "BLOCK": block,
-                     **config, "num_warps": warps, "num_stages": stages,
-                     **compile_seconds(bpt._band_pairs_kernel, _PAIRS_TYPES, constants, args.arch, num_warps=warps,
-                                       num_stages=stages)})
-        print(rows[-1], flush=True)
+    add(band_topk_row(64, args.arch, singles=True))
+    add(band_pairs_row(64, args.arch, singles=True))
+    add(band_pairs_row(64, args.arch, block=64))
     scan = {"BLOCK_U": 128, "BLOCK_W": 16, "BLOCK_D": st.SCAN_CHUNK, "HAS_VISITED": True, "HALF_ROWS": True,
             "TENSOR_CORES": True, "HAS_BEST": True}
-    rows.append({"kernel": "masked_scan tensor cores", **scan,
-                 **compile_seconds(st._masked_scan_kernel, _SCAN_TYPES, scan, args.arch)})
+    add({"kernel": "masked_scan tensor cores", **scan,
+         **compile_seconds(st._masked_scan_kernel, _SCAN_TYPES, scan, args.arch)})
     for cosine in (False, True):
         settle = {"COSINE": cosine, "BLOCK_U": st._SETTLE_ROWS, "BLOCK_W": 4, "BLOCK_D": 16}
-        rows.append({"kernel": "settle", **settle,
-                     **compile_seconds(st._settle_kernel, _SETTLE_TYPES, settle, args.arch)})
-    rows.append({"kernel": "settle_reduce", "BLOCK": 1024,
-                 **compile_seconds(st._settle_reduce_kernel, _REDUCE_TYPES, {"BLOCK": 1024}, args.arch)})
-    for row in rows[2 * len(args.ks) + 1:]:
-        print(row, flush=True)
+        add({"kernel": "settle", **settle, **compile_seconds(st._settle_kernel, _SETTLE_TYPES, settle, args.arch)})
+    add({"kernel": "settle_reduce", "BLOCK": 1024,
+         **compile_seconds(st._settle_reduce_kernel, _REDUCE_TYPES, {"BLOCK": 1024}, args.arch)})
     path = write_results("compile_times", "cpu", {"arch": args.arch, "triton": triton.__version__, "rows": rows},
                          out_dir=args.out_dir)
     print(f"wrote {path}")
