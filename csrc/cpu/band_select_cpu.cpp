@@ -35,14 +35,12 @@ namespace tfp {
 
 namespace {
 
-// The per-element loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked by CPU feature at load): the
-// dispatched functions below, and the helpers they call, which must be inlined into each of them (a helper
-// compiled once, outside the clones, runs at the baseline's 4 lanes: measured, 1 ms per 1,024 x 1,024 block
-// of the row side instead of 0.44 ms).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TFP_SELECT_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TFP_SELECT_DISPATCH
+// The per-element loops are compiled for AVX2 and for baseline x86-64 (below: the portable versions, picked by
+// CPU feature and TFP_KERNELS_SELECT_ISA at each op call, see select_isa), beside hand-written AVX-512 versions;
+// the helpers they call must be inlined into each of them (a helper compiled once, at the baseline, runs at its
+// 4 lanes: measured, 1 ms per 1,024 x 1,024 block of the row side instead of 0.44 ms).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TFP_X86_SELECT_KERNELS 1
 #endif
 #if defined(__GNUC__) || defined(__clang__)
 #define TFP_INLINE __attribute__((always_inline)) inline
@@ -205,48 +203,51 @@ struct ColumnStates {
   }
 };
 
-// select_row's two instances and the column side, in portable C++ compiled for AVX-512, AVX2 and baseline
-// x86-64 (picked by CPU feature at load; GCC vectorises only part of their chunk loops, see the AVX-512
-// versions below).
-TFP_SELECT_DISPATCH int32_t select_row_dots_portable(const float* row, const float* col_sq, float row_sq, int64_t n,
-                                                     int64_t self, float lower, float upper, HeapRow& heap,
-                                                     int64_t col_base) {
-  return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
-}
-
-TFP_SELECT_DISPATCH int32_t select_row_s2_portable(const float* row, int64_t n, int64_t self, float lower,
-                                                   float upper, HeapRow& heap) {
-  return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);
-}
-
-// Column side of an off-diagonal block for its columns j_begin .. j_end - 1 against the block's b rows. The
-// block is read row by row, in memory order (a walk down each column, 4 KB apart at 1,024 columns, missed the
-// caches and the prefetchers on every row: 5x the row side's time).
-TFP_SELECT_DISPATCH void select_columns_portable(const float* dot, int64_t b, int64_t c, int64_t j_begin,
-                                                 ColumnStates& cols, const float* sq) {
-  constexpr int64_t kChunk = 16;
-  for (int64_t i = 0; i < b; ++i) {
-    const float* row = dot + i * c + j_begin;
-    const float r_sq = sq[cols.row0 + i];
-    int64_t j0 = 0;
-    for (; j0 + kChunk <= cols.width; j0 += kChunk) {
-      float xs[kChunk];
-      int32_t any = 0;
-      for (int64_t l = 0; l < kChunk; ++l) {
-        const float x = column_entry_s2(row[j0 + l], r_sq, cols.c_sq[j0 + l]);
-        xs[l] = x;
-        cols.below[j0 + l] += x < cols.hi[j0 + l];
-        any |= (x >= cols.lo[j0 + l]) & (x <= cols.cut[j0 + l]);
-      }
-      if (!any) continue;
-      for (int64_t l = 0; l < kChunk; ++l) cols.offer(j0 + l, xs[l], i);
-    }
-    cols.columns_one_by_one(row, r_sq, i, j0);
+// select_row's two instances and the column side in portable C++, compiled once per ISA by
+// TFP_SELECT_PORTABLE_VERSIONS(attributes, suffix) (GCC vectorises only part of their chunk loops, see the
+// AVX-512 versions below). The column side reads the block row by row, in memory order (a walk down each
+// column, 4 KB apart at 1,024 columns, missed the caches and the prefetchers on every row: 5x the row side's
+// time). Every version does the same float32 operations in the same order, so all give the same lists, bit
+// for bit (tested under each ISA the CPU has).
+#define TFP_SELECT_PORTABLE_VERSIONS(ATTRS, SUFFIX)                                                                \
+  ATTRS int32_t select_row_dots_##SUFFIX(const float* row, const float* col_sq, float row_sq, int64_t n,            \
+                                         int64_t self, float lower, float upper, HeapRow& heap, int64_t col_base) { \
+    return select_row<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);                            \
+  }                                                                                                                 \
+  ATTRS int32_t select_row_s2_##SUFFIX(const float* row, int64_t n, int64_t self, float lower, float upper,         \
+                                       HeapRow& heap) {                                                             \
+    return select_row<false>(row, nullptr, 0.0f, n, self, lower, upper, heap);                                      \
+  }                                                                                                                 \
+  ATTRS void select_columns_##SUFFIX(const float* dot, int64_t b, int64_t c, int64_t j_begin, ColumnStates& cols,   \
+                                     const float* sq) {                                                             \
+    constexpr int64_t kChunk = 16;                                                                                  \
+    for (int64_t i = 0; i < b; ++i) {                                                                               \
+      const float* row = dot + i * c + j_begin;                                                                     \
+      const float r_sq = sq[cols.row0 + i];                                                                         \
+      int64_t j0 = 0;                                                                                               \
+      for (; j0 + kChunk <= cols.width; j0 += kChunk) {                                                             \
+        float xs[kChunk];                                                                                           \
+        int32_t any = 0;                                                                                            \
+        for (int64_t l = 0; l < kChunk; ++l) {                                                                      \
+          const float x = column_entry_s2(row[j0 + l], r_sq, cols.c_sq[j0 + l]);                                    \
+          xs[l] = x;                                                                                                \
+          cols.below[j0 + l] += x < cols.hi[j0 + l];                                                                \
+          any |= (x >= cols.lo[j0 + l]) & (x <= cols.cut[j0 + l]);                                                  \
+        }                                                                                                           \
+        if (!any) continue;                                                                                         \
+        for (int64_t l = 0; l < kChunk; ++l) cols.offer(j0 + l, xs[l], i);                                          \
+      }                                                                                                             \
+      cols.columns_one_by_one(row, r_sq, i, j0);                                                                    \
+    }                                                                                                               \
   }
-}
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TFP_X86_SELECT_KERNELS 1
+TFP_SELECT_PORTABLE_VERSIONS(, portable)
+#ifdef TFP_X86_SELECT_KERNELS
+// (AVX2 without FMA: and -2 x is exact, so a fused multiply-add would round the same anyway)
+TFP_SELECT_PORTABLE_VERSIONS(__attribute__((target("avx2"))), avx2)
+#endif
+
+#ifdef TFP_X86_SELECT_KERNELS
 // AVX-512 versions: a chunk of 16 columns is one vector, the same operations in the same order as the
 // portable code (a product by -2, exact; two float32 additions; the clamp as a maximum with +0, which gives
 // the same value: the sums are never -0), so the lists are bit for bit the same. Measured on a 2-core
@@ -315,48 +316,60 @@ __attribute__((target("avx512f"))) void select_columns_avx512(const float* dot, 
 }
 #endif
 
-// Whether the op calls use the AVX-512 versions: where the CPU has AVX-512 and TFP_KERNELS_SELECT_ISA (read
-// at each op call, for the tests) is unset or "avx512"; "portable" takes the portable versions.
-bool select_avx512() {
+// Which versions the op calls use: the best the CPU has (AVX-512, AVX2, else portable), capped by
+// TFP_KERNELS_SELECT_ISA (read at each op call, for the tests): "avx512" (the default: no cap), "avx2" or
+// "portable" (baseline x86-64).
+enum class SelectIsa { kPortable, kAvx2, kAvx512 };
+
+SelectIsa select_isa() {
   const char* cap = std::getenv("TFP_KERNELS_SELECT_ISA");
   const std::string isa = cap ? cap : "avx512";
-  TORCH_CHECK(isa == "avx512" || isa == "portable", "TFP_KERNELS_SELECT_ISA must be avx512 or portable, got ", isa);
+  TORCH_CHECK(isa == "avx512" || isa == "avx2" || isa == "portable",
+              "TFP_KERNELS_SELECT_ISA must be avx512, avx2 or portable, got ", isa);
 #ifdef TFP_X86_SELECT_KERNELS
-  static const bool cpu_has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
-  return isa == "avx512" && cpu_has;
-#else
-  return false;
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (isa == "avx512" && has_avx512) return SelectIsa::kAvx512;
+  if (isa != "portable" && has_avx2) return SelectIsa::kAvx2;
 #endif
+  return SelectIsa::kPortable;
 }
 
-int32_t select_row_dots(bool avx512, const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
+int32_t select_row_dots(SelectIsa isa, const float* row, const float* col_sq, float row_sq, int64_t n, int64_t self,
                         float lower, float upper, HeapRow& heap, int64_t col_base) {
 #ifdef TFP_X86_SELECT_KERNELS
-  if (avx512) return select_row_avx512<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+  if (isa == SelectIsa::kAvx512) {
+    return select_row_avx512<true>(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
+  }
+  if (isa == SelectIsa::kAvx2) return select_row_dots_avx2(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
 #endif
   return select_row_dots_portable(row, col_sq, row_sq, n, self, lower, upper, heap, col_base);
 }
 
-int32_t select_row_s2(bool avx512, const float* row, int64_t n, int64_t self, float lower, float upper,
+int32_t select_row_s2(SelectIsa isa, const float* row, int64_t n, int64_t self, float lower, float upper,
                       HeapRow& heap) {
 #ifdef TFP_X86_SELECT_KERNELS
-  if (avx512) return select_row_avx512<false>(row, nullptr, 0.0f, n, self, lower, upper, heap, 0);
+  if (isa == SelectIsa::kAvx512) return select_row_avx512<false>(row, nullptr, 0.0f, n, self, lower, upper, heap, 0);
+  if (isa == SelectIsa::kAvx2) return select_row_s2_avx2(row, n, self, lower, upper, heap);
 #endif
   return select_row_s2_portable(row, n, self, lower, upper, heap);
 }
 
-void select_columns(bool avx512, const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0, int64_t j_begin,
-                    int64_t j_end, const float* sq, const float* lower, const float* upper, int64_t* keys,
-                    int32_t* sizes, int32_t* close, int64_t k) {
+void select_columns(SelectIsa isa, const float* dot, int64_t b, int64_t c, int64_t row0, int64_t col0,
+                    int64_t j_begin, int64_t j_end, const float* sq, const float* lower, const float* upper,
+                    int64_t* keys, int32_t* sizes, int32_t* close, int64_t k) {
   ColumnStates cols(row0, col0 + j_begin, j_end - j_begin, sq, lower, upper, keys, sizes, k);
 #ifdef TFP_X86_SELECT_KERNELS
-  if (avx512) {
+  if (isa == SelectIsa::kAvx512) {
     select_columns_avx512(dot, b, c, j_begin, cols, sq);
-    cols.finish(close);
-    return;
+  } else if (isa == SelectIsa::kAvx2) {
+    select_columns_avx2(dot, b, c, j_begin, cols, sq);
+  } else {
+    select_columns_portable(dot, b, c, j_begin, cols, sq);
   }
-#endif
+#else
   select_columns_portable(dot, b, c, j_begin, cols, sq);
+#endif
   cols.finish(close);
 }
 
@@ -399,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
   int32_t* index_p = index.data_ptr<int32_t>();
   float* out_p = out.data_ptr<float>();
   int32_t* close_p = close.data_ptr<int32_t>();
-  const bool avx512 = select_avx512();
+  const SelectIsa isa = select_isa();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> heap(k);
     int32_t held = 0;
@@ -408,9 +421,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor&
       const float* row = v + i * n;
       const int64_t self = row_offset + i;
       HeapRow selection(heap.data(), &held, k);
-      const int32_t below = from_dots ? select_row_dots(avx512, row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i],
+      const int32_t below = from_dots ? select_row_dots(isa, row, csq_p, rsq_p[i], n, self, lo_p[i], hi_p[i],
                                                         selection, 0)
-                                      : select_row_s2(avx512, row, n, self, lo_p[i], hi_p[i], selection);
+                                      : select_row_s2(isa, row, n, self, lo_p[i], hi_p[i], selection);
       std::sort_heap(heap.begin(), heap.begin() + held);
       close_p[i] = below;
       for (int64_t j = 0; j < k; ++j) {
@@ -462,18 +475,18 @@ void band_select_pairs_cpu(const at::Tensor& dot, int64_t row0, int64_t col0, co
   int64_t* keys = heap_keys.data_ptr<int64_t>();
   int32_t* sizes = heap_sizes.data_ptr<int32_t>();
   int32_t* close = num_close.data_ptr<int32_t>();
-  const bool avx512 = select_avx512();
+  const SelectIsa isa = select_isa();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = row0 + i;
       HeapRow heap(keys + r * k, sizes + r, k);
       // the row's own column, when this (diagonal) block holds it
-      close[r] += select_row_dots(avx512, d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
+      close[r] += select_row_dots(isa, d + i * c, sq + col0, sq[r], c, r - col0, lo[r], hi[r], heap, col0);
     }
   });
   if (row0 != col0) {  // the same products for the block's columns, as rows; each thread a range of columns
     at::parallel_for(0, c, 64, [&](int64_t begin, int64_t end) {
-      select_columns(avx512, d, b, c, row0, col0, begin, end, sq, lo, hi, keys, sizes, close, k);
+      select_columns(isa, d, b, c, row0, col0, begin, end, sq, lo, hi, keys, sizes, close, k);
     });
   }
 }
