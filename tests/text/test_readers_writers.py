@@ -47,6 +47,15 @@ def test_read_saved_dataset(tmp_path):
     assert read_records(str(tmp_path / "dd"), limit=3) == RECORDS[:3]
 
 
+def test_damaged_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
+    for arrow in (tmp_path / "ds").glob("*.arrow"):
+        arrow.write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"ds: cannot read the saved dataset"):
+        read_records(str(tmp_path / "ds"))
+
+
 def test_json_object_with_data_list(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"data": RECORDS, "version": 1}))

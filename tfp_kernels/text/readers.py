@@ -263,6 +263,8 @@ def read_saved_dataset(path: str, *, limit: int | None = None, progress: bool = 
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as err:
         raise InputError(f"{path}: not a dataset saved with save_to_disk ({err})") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged dataset folder
+        raise InputError(f"{path}: cannot read the saved dataset ({_first_line(err)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             ds = ds["train"]
