@@ -9,12 +9,18 @@ outputs (see ``tfp-pack --help``). With no input it runs on the bundled default 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
+import math
 import os
 import platform
 import shutil
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -29,7 +35,7 @@ DEFAULT_OUTPUT = "tfp_pack_output"
 #: Up to this many samples check_path verifies every step; beyond, a seeded sample of steps.
 CHECK_ALL_UP_TO = 5000
 CHECK_SAMPLED_STEPS = 256
-#: Files a finished run writes (report.json marks a folder as a tfp-pack output that may be replaced).
+#: Files a finished run writes (besides the manifest); the plots only without --no-plots.
 OUTPUT_FILES = (
     "ordered.parquet",
     "packed.parquet",
@@ -39,6 +45,13 @@ OUTPUT_FILES = (
     "fill_ratio.png",
     "intra_pack_similarity.png",
 )
+#: The marker of a folder tfp-pack wrote: names tfp-pack and lists the files it wrote there.
+MANIFEST = "tfp_pack_manifest.json"
+#: Arguments that say where and how the run writes, not what it computes: left out of report.json.
+RUN_ONLY_ARGS = ("output", "overwrite", "report", "no_progress", "debug")
+#: Exit status after SIGTERM (128 + 15, as a shell reports it) and after Ctrl-C (128 + 2).
+EXIT_TERMINATED = 143
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
             "input_ids, labels, position_ids, cu_seqlens, sample_ids), report.json and PNG plots (pack "
             "lengths, fill ratio per strategy, intra-pack similarity of TFP vs random order vs bfd) to "
             "--output. Without INPUT it runs on the bundled synthetic dataset (4,000 alpaca records, 8 "
-            "topics, 5%% near-duplicates). Same input and --seed give byte-identical files "
+            "topics, 5% near-duplicates). Same input and --seed give byte-identical files "
             "(timings.json aside)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -63,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="INPUT",
         help="the dataset: .json (a list of records), .jsonl (one record per line; .gz allowed), "
         ".parquet, a folder written by datasets' save_to_disk, or .pt/.npz with 'embeddings' "
-        "(N, D) and 'lengths' (N,) (order + pack lengths only, no token outputs); "
+        "(N, D) and integer 'lengths' (N,) (order + pack lengths only, no token outputs); "
         "default: the bundled dataset",
     )
     p.add_argument("--data", default=None, metavar="PATH", help="same as INPUT (kept for older scripts)")
@@ -167,13 +180,28 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         default=None,
         metavar="DIR",
-        help=f"output folder (default: ./{DEFAULT_OUTPUT}); written to a temporary folder and "
-        "renamed at the end; an existing tfp-pack output there is replaced, any other "
-        "existing non-empty folder is an error",
+        help=f"output folder (default: ./{DEFAULT_OUTPUT}). tfp-pack writes into a new folder, an empty "
+        f"one, or one it wrote before (marked by its {MANIFEST}, which lists the files it wrote); it "
+        "refuses any other existing folder, whatever files it holds. Replacing an earlier tfp-pack "
+        "output needs --overwrite, except in the default folder; only the files listed in the "
+        "manifest are replaced, other files there are kept. Written to a temporary folder first: an "
+        "error or SIGTERM leaves no partial output",
     )
-    g.add_argument("--report", default=None, metavar="FILE", help="also copy report.json to FILE")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace the files of an earlier tfp-pack output in --output (only those its {MANIFEST} "
+        "lists), and an existing --report FILE",
+    )
+    g.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE",
+        help="also copy report.json to FILE (its folder must exist; an existing FILE needs --overwrite)",
+    )
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     p.add_argument("--version", action="version", version=f"tfp_kernels {__version__}")
     return p
 
@@ -181,39 +209,243 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ output dir
 
 
-class _Output:
-    """A temporary folder next to the final one, renamed into place by :meth:`commit`."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    def __init__(self, path: str):
+
+def _is_regular_file(path: str) -> bool:
+    """A regular file, not a symlink (to one) nor anything else."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _read_manifest(folder: str) -> list[str] | None:
+    """The files listed by ``folder``'s manifest, or None when it has no valid tfp-pack manifest."""
+    path = os.path.join(folder, MANIFEST)
+    if not _is_regular_file(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("written_by") != "tfp-pack":
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and f in OUTPUT_FILES for f in files):
+        return None
+    return files
+
+
+def _shown(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _manifest_text(files, complete: bool) -> str:
+    manifest = {
+        "written_by": "tfp-pack",
+        "tfp_kernels": __version__,
+        "complete": complete,
+        "files": sorted(files),
+        "note": "tfp-pack wrote the files listed here; run again into this folder, it replaces these files "
+        "only (with --overwrite, or always in its default folder) and leaves every other file alone",
+    }
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+class OutputFolder:
+    """Where a run writes: checked when made, filled in a temporary folder (:meth:`start`, :meth:`file`),
+    put in place by :meth:`commit` (or removed by :meth:`abort`).
+
+    What an existing ``--output`` may be:
+
+    - missing: the run's temporary folder (a sibling, ``.<name>.tmp-*``) is renamed to it at the end, in one
+      step (missing parent folders are created, and removed again if the run fails);
+    - an empty folder, or a folder tfp-pack wrote (its :data:`MANIFEST` names tfp-pack and lists the files
+      it wrote): the temporary folder is made inside it (``.tfp-pack.tmp-*``) and its files are moved in one
+      by one at the end; the files of the previous run that this run does not write are removed, and every
+      other file stays. Replacing a previous output needs ``overwrite`` unless ``is_default``. While the
+      files are moved the manifest says ``"complete": false``;
+    - anything else (a file, a broken symlink, a folder with files tfp-pack did not write, one of
+      tfp-pack's file names held by a symlink, a folder or a file the manifest does not list): refused
+      with an :class:`InputError`, before anything is read or written.
+
+    A symlink to a folder is followed (the files go into the folder it points to). A folder made for the
+    output gets the mode a new folder gets under the user's umask (not ``mkdtemp``'s 0700).
+    """
+
+    def __init__(self, path: str, *, overwrite: bool = False, is_default: bool = False):
+        self.given = path
         self.path = os.path.abspath(path)
-        if os.path.exists(self.path):
-            if not os.path.isdir(self.path):
-                raise InputError(f"--output {path}: exists and is not a folder")
-            if os.listdir(self.path) and not os.path.exists(os.path.join(self.path, "report.json")):
-                raise InputError(
-                    f"--output {path}: exists, is not empty and is not a tfp-pack output; "
-                    f"choose another folder"
-                )
+        self.overwrite = overwrite
+        self.is_default = is_default
+        self.previous_files = self._check()
+        self.exists = self.previous_files is not None
+        self.created_parents: list[str] = []
+        self.tmp: str | None = None
+
+    def start(self) -> None:
+        """Make the temporary folder (and the missing parents of a new output folder)."""
+        if self.exists:
+            self.tmp = tempfile.mkdtemp(prefix=".tfp-pack.tmp-", dir=self.path)
+            return
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
+        missing = parent
+        while not os.path.exists(missing):
+            self.created_parents.append(missing)
+            missing = os.path.dirname(missing)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as err:
+            raise InputError(
+                f"--output {self.given}: cannot create its folder {parent} ({err.strerror})"
+            ) from None
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
 
+    @property
+    def replaces(self) -> bool:
+        """Whether the run replaces an earlier tfp-pack output."""
+        return bool(self.previous_files)
+
+    def _check(self, ignore: str | None = None) -> list[str] | None:
+        """None when the folder does not exist, else the files an earlier run wrote there (empty list for an
+        empty folder). Raises InputError for every case the class docstring refuses."""
+        where = f"--output {self.given}"
+        if os.path.islink(self.path) and not os.path.exists(self.path):
+            raise InputError(f"{where}: a symlink to {os.readlink(self.path)}, which does not exist")
+        if not os.path.exists(self.path):
+            return None
+        if not os.path.isdir(self.path):
+            raise InputError(
+                f"{where}: exists and is not a folder; tfp-pack writes a folder, choose another path"
+            )
+        entries = [e for e in os.listdir(self.path) if e != ignore]
+        if not entries:
+            return []
+        files = _read_manifest(self.path)
+        if files is None:
+            hint = ""
+            if "report.json" in entries and set(entries) <= set(OUTPUT_FILES):
+                hint = (
+                    " (if it is the output of an older tfp-pack, which wrote no manifest, delete it yourself)"
+                )
+            raise InputError(
+                f"{where}: the folder is not empty and tfp-pack did not write it (it holds "
+                f"{_shown(entries)}; no valid {MANIFEST}); tfp-pack never writes into such a folder: "
+                f"choose a new or empty folder{hint}"
+            )
+        for name in [MANIFEST, *OUTPUT_FILES]:
+            full = os.path.join(self.path, name)
+            if os.path.lexists(full) and not _is_regular_file(full):
+                kind = "a symlink" if os.path.islink(full) else "not a regular file"
+                raise InputError(
+                    f"{where}: {name} there is {kind}; tfp-pack replaces only regular files it wrote, "
+                    f"move it away or choose another folder"
+                )
+            if name != MANIFEST and name not in files and os.path.lexists(full):
+                raise InputError(
+                    f"{where}: {name} there is not listed in {MANIFEST} (tfp-pack did not write it) and "
+                    f"would be overwritten; move it away or choose another folder"
+                )
+        if not (self.overwrite or self.is_default):
+            raise InputError(
+                f"{where}: holds an earlier tfp-pack output; pass --overwrite to replace its files "
+                f"(only the {len(files)} files its {MANIFEST} lists; other files there are kept)"
+            )
+        return files
+
     def file(self, name: str) -> str:
+        """Path of output file ``name`` inside the temporary folder."""
         return os.path.join(self.tmp, name)
 
-    def commit(self) -> None:
-        old = None
-        if os.path.exists(self.path):
-            old = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(self.path)}.old-", dir=os.path.dirname(self.path)
-            )
-            os.rename(self.path, os.path.join(old, "x"))
-        os.rename(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def commit(self) -> list[str]:
+        """Put the files written with :meth:`file` in place, with the manifest; returns their names."""
+        written = sorted(os.listdir(self.tmp))
+        unknown = [f for f in written if f not in OUTPUT_FILES]
+        if unknown:
+            raise RuntimeError(f"tfp-pack wrote files it does not list in OUTPUT_FILES: {unknown}")
+        with _signals_deferred():
+            # checked again: the folder may have changed during the run
+            previous = self._check(ignore=os.path.basename(self.tmp)) if self.exists else self._check()
+            if previous is None and not self.exists:
+                self._write(self.file(MANIFEST), _manifest_text(written, True))
+                os.chmod(self.tmp, 0o777 & ~_umask())
+                os.rename(self.tmp, self.path)
+            elif previous is not None and self.exists:
+                self._move_in(written, previous)
+            else:
+                raise InputError(
+                    f"--output {self.given}: was created or removed by someone else during the run"
+                )
+            self.created_parents = []
+        return sorted([*written, MANIFEST])
+
+    def _move_in(self, written: list[str], previous: list[str]) -> None:
+        manifest = os.path.join(self.path, MANIFEST)
+        staged = self.file(MANIFEST)
+        self._write(staged, _manifest_text(set(written) | set(previous), False))
+        os.replace(staged, manifest)
+        for name in written:
+            os.replace(self.file(name), os.path.join(self.path, name))
+        for name in set(previous) - set(written):
+            stale = os.path.join(self.path, name)
+            if _is_regular_file(stale):
+                os.remove(stale)
+        self._write(staged, _manifest_text(written, True))
+        os.replace(staged, manifest)
+        os.rmdir(self.tmp)
+
+    @staticmethod
+    def _write(path: str, text: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary folder and the parent folders made for the output (if still empty)."""
+        if self.tmp is not None and os.path.isdir(self.tmp) and not os.path.islink(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in self.created_parents:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        self.created_parents = []
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised in the main thread by the handler :func:`main` installs)."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGTERM and SIGINT while the output is moved into place; act on them right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {
+        sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig in received:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -259,31 +491,78 @@ def _resolve_device(device: str) -> str:
 
 
 def _check_args(args) -> None:
+    """Refuse bad arguments before anything is read or written (one-line :class:`InputError`)."""
+    if args.input is not None and args.data is not None:
+        raise InputError("give the input once: INPUT or --data, not both")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.max_len < 1:
-        raise ValueError(f"--max-len must be >= 1, got {args.max_len}")
-
-
-def _load_embeddings_file(path: str) -> dict:
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            data = {k: torch.from_numpy(f[k]) for k in f.files}
-    else:
-        data = torch.load(path, weights_only=True)
-    if not isinstance(data, dict):
+        raise InputError(f"--max-len must be >= 1, got {args.max_len}")
+    if not (math.isfinite(args.quantile) and 0.0 < args.quantile < 1.0):
+        raise InputError(f"--quantile must be strictly between 0 and 1, got {args.quantile}")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise InputError(f"--threshold must be a finite number > 0, got {args.threshold}")
+    if args.window < 1:
+        raise InputError(f"--window must be an integer >= 1, got {args.window}")
+    if args.max_rejections is not None and args.max_rejections < 0:
+        raise InputError(f"--max-rejections must be >= 0, got {args.max_rejections}")
+    if args.start < 0:
+        raise InputError(f"--start must be >= 0, got {args.start}")
+    if args.limit is not None and args.start >= args.limit:
+        raise InputError(f"--start {args.start} is not one of the --limit {args.limit} records")
+    if not -(2**63) <= args.seed < 2**64:
+        raise InputError(f"--seed must fit in 64 bits, got {args.seed}")
+    if args.tokenizer != "byte" and not os.path.isdir(args.tokenizer):
         raise InputError(
-            f"{path}: expected a dict with 'embeddings' and 'lengths', got {type(data).__name__}"
+            f"--tokenizer {args.tokenizer}: no such directory (give 'byte' or a local tokenizer folder)"
         )
-    for key in ("embeddings", "lengths"):
-        if key not in data:
-            raise InputError(f"{path}: missing key '{key}' (found: {sorted(data)})")
-    n = data["embeddings"].shape[0]
-    if n == 0:
-        raise InputError(f"{path}: the dataset is empty (no records)")
-    if data["lengths"].shape != (n,):
-        raise InputError(f"{path}: 'lengths' must have shape ({n},), got {tuple(data['lengths'].shape)}")
-    return data
+    if args.embedder not in ("hashed", "minilm") and not os.path.isdir(os.path.expanduser(args.embedder)):
+        raise InputError(
+            f"--embedder {args.embedder}: neither 'hashed', 'minilm' nor an existing model directory"
+        )
+    if args.report is not None:
+        _check_report_path(args)
+
+
+def _check_report_path(args) -> None:
+    report = os.path.abspath(args.report)
+    folder = os.path.dirname(report)
+    if not os.path.isdir(folder):
+        raise InputError(f"--report {args.report}: its folder {folder} does not exist")
+    if os.path.isdir(report):
+        raise InputError(f"--report {args.report}: is a folder; give a file name")
+    output = os.path.realpath(args.output or DEFAULT_OUTPUT)
+    if os.path.realpath(folder) == output and os.path.basename(report) in (MANIFEST, *OUTPUT_FILES):
+        raise InputError(f"--report {args.report}: is one of the files tfp-pack writes in --output")
+    if os.path.lexists(report) and not args.overwrite:
+        raise InputError(f"--report {args.report}: exists; pass --overwrite to replace it")
+
+
+def _check_input_not_replaced(path: str, out: OutputFolder, report: str | None) -> None:
+    """Refuse an input that is one of the files the run replaces (it would be read, then overwritten)."""
+    real = os.path.realpath(path)
+    if report is not None and real == os.path.realpath(report):
+        raise InputError(f"--report {report}: is the input file")
+    if not out.exists:
+        return
+    for name in (MANIFEST, *OUTPUT_FILES):
+        if real == os.path.realpath(os.path.join(out.path, name)):
+            raise InputError(f"{path}: the input is the file --output would replace; copy it elsewhere first")
+
+
+def _check_lengths(lengths: torch.Tensor, args, where: str | None) -> None:
+    """With ``--overlong error``, refuse the first record (by its index in the input) longer than --max-len;
+    the message starts with ``where`` (the file) when given."""
+    if args.overlong != "error":
+        return
+    over = (lengths > args.max_len).nonzero()
+    if over.numel():
+        i = int(over[0, 0])
+        raise InputError(
+            f"{where + ': ' if where else ''}record {i} has {int(lengths[i])} tokens, longer than "
+            f"--max-len {args.max_len} ({over.shape[0]} of {lengths.numel()} records are; --overlong error): "
+            f"pass --overlong split|truncate|drop or a larger --max-len"
+        )
 
 
 def _embed(texts: list[str], spec: str, device: str, progress: bool) -> tuple[torch.Tensor, str]:
@@ -345,47 +624,54 @@ def run(args: argparse.Namespace) -> dict:
     from . import data as bundled
     from .order import check_path, tfp_order
     from .report import packing_summary, write_json
+    from .text import readers
 
     _check_args(args)
     progress = not args.no_progress
     timer = _Timer()
     t_start = time.perf_counter()
     source = args.input if args.input is not None else args.data
-    if args.input is not None and args.data is not None:
-        raise ValueError("give the input once: INPUT or --data, not both")
-    out = _Output(args.output or DEFAULT_OUTPUT)
+    device = _resolve_device(args.device)
+    if source is None:
+        path, label = bundled.DEFAULT_SFT, "the bundled default dataset (synthetic, CC0)"
+    else:
+        path, label = source, source
+    kind = readers.input_kind(path)
+    out = OutputFolder(
+        args.output or DEFAULT_OUTPUT, overwrite=args.overwrite, is_default=args.output is None
+    )
+    report_copy = None
     try:
-        device = _resolve_device(args.device)
-        if source is None:
-            path, label = bundled.DEFAULT_SFT, "the bundled default dataset (synthetic, CC0)"
-        else:
-            path, label = source, source
+        out.start()
+        _check_input_not_replaced(path, out, args.report)
         print(f"tfp-pack {__version__} on {label}, device {device}", flush=True)
         with timer("read"):
-            from .text import readers
-
-            kind = readers.input_kind(path)
             records = None
             if kind == "embeddings":
-                data = _load_embeddings_file(path)
-                if args.limit is not None:
-                    data = {k: v[: args.limit] for k, v in data.items()}
+                data = readers.read_embeddings(path, limit=args.limit)
             else:
                 records = readers.read_records(path, limit=args.limit, progress=progress)
+        num_read = len(records) if records is not None else data["lengths"].numel()
+        if args.start >= num_read:
+            raise InputError(f"--start {args.start}: the input has {num_read} records (0 to {num_read - 1})")
         report: dict = {
             "tfp_kernels": __version__,
             "input": {"path": source, "description": label, "kind": kind},
         }
         if records is not None:
-            report["input"].update(_prepare_text(records, args, device, progress, timer))
+            try:
+                report["input"].update(_prepare_text(records, args, device, progress, timer))
+            except InputError as err:  # "record i ..." from the formats and the tokenizer: name the file
+                raise (err if str(err).startswith(path) else InputError(f"{path}: {err}")) from None
             tok = report["input"].pop("_tokenized")
             emb = report["input"].pop("_embeddings")
             lengths = torch.from_numpy(tok.lengths)
             topics = _topics(records)
         else:
             tok = None
+            _check_lengths(data["lengths"], args, path)
             emb = data["embeddings"].to(device)
-            lengths = data["lengths"].long()
+            lengths = data["lengths"]
             topics = data.get("topic")
         n = int(lengths.numel())
         report["input"]["num_records"] = n
@@ -513,13 +799,20 @@ def run(args: argparse.Namespace) -> dict:
 
         # ------------------------------------------------------------------ outputs
         with timer("write"):
-            _write_outputs(out, records, path_cpu, lengths, topics, packing, batch, progress)
+            split_fields = _write_outputs(out, records, path_cpu, lengths, topics, packing, batch, progress)
+        if split_fields:
+            report["input"]["fields_split_by_type"] = split_fields
+            for field, columns in split_fields.items():
+                shown_columns = ", ".join(f"{c} ({k})" for c, k in columns.items())
+                print(
+                    f"  note: field '{field}' mixes value types; ordered.parquet holds it as {shown_columns}"
+                )
         if not args.no_plots:
             with timer("plots"):
                 _plots(out, packing, per_pack, fill, args, n)
         report["outputs"] = sorted(f for f in os.listdir(out.tmp))
-        report["outputs"] = sorted(report["outputs"] + ["report.json", "timings.json"])
-        report["args"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress", "report")}
+        report["outputs"] = sorted(report["outputs"] + ["report.json", "timings.json", MANIFEST])
+        report["args"] = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
         report["device"] = device
         report["versions"] = _versions()
         write_json(report, out.file("report.json"))
@@ -529,11 +822,24 @@ def run(args: argparse.Namespace) -> dict:
             "note": "wall-clock seconds; the only output that differs between identical runs",
         }
         write_json(timings, out.file("timings.json"))
+        if args.report:  # staged next to FILE, renamed once the output is in place
+            fd, report_copy = tempfile.mkstemp(
+                dir=os.path.dirname(os.path.abspath(args.report)), prefix=".tfp-pack.report-"
+            )
+            with os.fdopen(fd, "wb") as copy, open(out.file("report.json"), "rb") as f:
+                shutil.copyfileobj(f, copy)
+            os.chmod(report_copy, 0o666 & ~_umask())
+        if out.replaces:
+            print(f"  replacing the earlier tfp-pack output in {out.given} (other files there are kept)")
         out.commit()
-        if args.report:
-            shutil.copyfile(os.path.join(out.path, "report.json"), args.report)
+        if report_copy is not None:
+            os.replace(report_copy, args.report)
+            report_copy = None
     except BaseException:
         out.abort()
+        if report_copy is not None:
+            with contextlib.suppress(OSError):
+                os.remove(report_copy)
         raise
     phases = ", ".join(f"{k} {v:.2f}" for k, v in timer.phases.items())
     print(f"  time (s): {phases}; total {timings['total_s']:.1f}")
@@ -555,6 +861,7 @@ def _prepare_text(records, args, device, progress, timer) -> dict:
     with timer("tokenize"):
         tokenizer = tokenize.load_tokenizer(args.tokenizer)
         tok = tokenize.tokenize_records(records, fmt, tokenizer, progress=progress)
+    _check_lengths(torch.from_numpy(tok.lengths), args, None)
     with timer("embed"):
         texts = [formats.embed_text(r, fmt, args.embed_field, i) for i, r in enumerate(records)]
         emb, embedder = _embed(texts, args.embedder, device, progress)
@@ -611,12 +918,15 @@ def _print_comparison(comparison: dict, with_topics: bool) -> None:
     print("  (intra-pack sim. = mean pairwise cosine similarity of the samples sharing a pack)")
 
 
-def _write_outputs(out, records, path, lengths, topics, packing, batch, progress) -> None:
+def _write_outputs(out, records, path, lengths, topics, packing, batch, progress) -> dict:
+    """Write ordered.parquet and packed.parquet; returns the fields written as several columns (or as JSON
+    text) in ordered.parquet, ``{field: {column: kind}}``."""
     from .text.writers import PACKED_ROW_GROUP, index_column_name, packed_table, records_table, write_parquet
 
     order = path.numpy()
+    split_fields: dict = {}
     if records is not None:
-        table = records_table(records, order, index_column_name(records))
+        table = records_table(records, order, index_column_name(records), notes=split_fields)
     else:
         import pyarrow as pa
 
@@ -638,6 +948,7 @@ def _write_outputs(out, records, path, lengths, topics, packing, batch, progress
         progress=progress,
         desc="writing packed",
     )
+    return split_fields
 
 
 def _plots(out, packing, per_pack, fill, args, n) -> None:
@@ -661,13 +972,28 @@ def _plots(out, packing, per_pack, fill, args, n) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``tfp-pack`` command; returns the exit status (0 ok, 2 error, with one line on stderr)."""
+    """The ``tfp-pack`` command; returns the exit status: 0 ok; 2 bad arguments or input (one line on stderr;
+    the traceback too with ``--debug``); 143 after SIGTERM, 130 after Ctrl-C (the unfinished output
+    removed)."""
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         run(args)
+    except Terminated:
+        print("tfp-pack: terminated (SIGTERM); no unfinished output left behind", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print("tfp-pack: interrupted; no unfinished output left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (InputError, ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, OSError) as err:
+        if args.debug:
+            raise
         print(f"tfp-pack: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

@@ -201,6 +201,7 @@ def test_same_input_and_seed_give_identical_files(tmp_path):
         "pack_lengths.png",
         "fill_ratio.png",
         "intra_pack_similarity.png",
+        "tfp_pack_manifest.json",
     } == set(names)
     for name in names:
         if name != "timings.json":  # wall-clock times: the one file that differs
@@ -228,21 +229,6 @@ def test_default_run_on_bundled_data(tmp_path, capsys):
     assert {"read", "tokenize", "embed", "threshold", "order", "check", "pack", "write", "plots"} <= set(
         timings["phases_s"]
     )
-
-
-def test_existing_output_is_replaced_only_if_it_is_ours(tmp_path, capsys):
-    path = _write(tmp_path / "d.jsonl", _records("text", 16))
-    rc, out = _run([path, "--no-plots"], tmp_path)
-    assert rc == 0
-    (out / "stale.txt").write_text("from an older run")
-    rc, out = _run([path, "--no-plots"], tmp_path)
-    assert rc == 0 and not (out / "stale.txt").exists()
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "keep.txt").write_text("not ours")
-    rc, _ = _run([path], tmp_path, "other")
-    assert rc == 2 and "is not a tfp-pack output" in capsys.readouterr().err
-    assert (other / "keep.txt").exists()
 
 
 def test_embeddings_file_mode(tmp_path):
@@ -281,7 +267,10 @@ def _error_cases(tmp_path):
             [good, "--embedder", str(tmp_path / "no_model")],
             "neither 'hashed', 'minilm' nor an existing model",
         ),
-        ([good, "--max-len", "10", "--overlong", "error"], "longer than max_len=10"),
+        (
+            [good, "--max-len", "10", "--overlong", "error"],
+            "record 0 has 250 tokens, longer than --max-len 10",
+        ),
         ([good, "--window", "0"], "window must be an integer >= 1"),
         ([good, "--limit", "0"], "--limit must be >= 1"),
     ]
@@ -341,8 +330,12 @@ def test_module_entry_point_help():
         "--limit",
         "--format",
         "Threshold Filtering Packing",
+        "--overwrite",
+        "tfp_pack_manifest.json",
     ):
         assert option in res.stdout
+    text = " ".join(res.stdout.split())  # argparse wraps lines
+    assert "5% near-duplicates" in text and "%%" not in text
 
 
 def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):

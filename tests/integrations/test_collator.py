@@ -156,6 +156,11 @@ def test_bad_input():
         TFPDataCollator()([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3]}])
     with pytest.raises(TypeError, match="sequence of ints"):
         TFPDataCollator()([{"input_ids": np.array([1.5, 2.0])}])
+    # float ids from lists are refused too (not truncated: 3.7 is no token id), naming the feature
+    with pytest.raises(TypeError, match="input_ids of feature 1 must be a sequence of ints"):
+        TFPDataCollator()([{"input_ids": [5, 6]}, {"input_ids": [3.7, 4]}])
+    with pytest.raises(TypeError, match="labels of feature 0 must be a sequence of ints"):
+        TFPDataCollator()([{"input_ids": [5, 6], "labels": [-100, 6.0]}])
     with pytest.raises(TypeError, match="list of dicts"):
         TFPDataCollator()({"input_ids": [1, 2]})
     with pytest.raises(ValueError, match="return_tensors"):

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +13,7 @@ import torch
 
 from tfp_kernels import assemble, pack_lengths
 from tfp_kernels.text import InputError, packed_table, read_records, records_table, unpack_records
+from tfp_kernels.text.readers import read_embeddings
 
 RECORDS = [{"instruction": f"q{i}", "output": f"a{i}", "n": i} for i in range(5)]
 
@@ -42,6 +45,15 @@ def test_read_saved_dataset(tmp_path):
     assert read_records(str(tmp_path / "ds")) == RECORDS
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
     assert read_records(str(tmp_path / "dd"), limit=3) == RECORDS[:3]
+
+
+def test_damaged_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
+    for arrow in (tmp_path / "ds").glob("*.arrow"):
+        arrow.write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"ds: cannot read the saved dataset"):
+        read_records(str(tmp_path / "ds"))
 
 
 def test_json_object_with_data_list(tmp_path):
@@ -77,11 +89,12 @@ def test_missing_file(tmp_path):
 def test_records_table_keeps_every_field():
     records = [{"a": 1}, {"b": "x", "a": 2}, {"a": "mixed", "c": [1, 2]}]
     table = records_table(records, np.array([2, 0, 1]), "original_index")
-    assert table.column_names == ["a", "b", "c", "original_index"]
+    assert table.column_names == ["a", "a__str", "b", "c", "original_index"]
     rows = table.to_pylist()
     assert [r["original_index"] for r in rows] == [2, 0, 1]
     assert rows[1]["b"] is None and rows[2]["b"] == "x"
-    assert [r["a"] for r in rows] == ['"mixed"', "1", "2"]  # mixed types: stored as JSON text
+    # mixed types: one column per kind, the string as it was (not JSON-quoted)
+    assert [r["a"] for r in rows] == [None, 1, 2] and [r["a__str"] for r in rows] == ["mixed", None, None]
 
 
 @pytest.mark.parametrize("attention", ["pack", "sample"])
@@ -109,3 +122,238 @@ def test_packed_table_roundtrip(attention):
         [np.array(c[:-1]) + off for c, off in zip(cu, np.cumsum([0] + lens[:-1]))] + [[sum(lens)]]
     )
     assert flat_cu.tolist() == batch.cu_seqlens_cpu.tolist()
+
+
+# ------------------------------------------------------------------------------ bad bytes, bad archives
+
+
+GOOD_LINES = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "d.jsonl",
+            GOOD_LINES + b'{"a": "caf\xe9"}\n',
+            r"d.jsonl: line 6 is not valid UTF-8 \(byte 0xe9 at byte column 11\)",
+        ),
+        (
+            "d.json",
+            b'[{"a": 1},\n {"a": "\xff"}]',
+            r"d.json: line 2 is not valid UTF-8 \(byte 0xff at byte column 9\)",
+        ),
+        (
+            "d.jsonl.gz",
+            gzip.compress(GOOD_LINES)[:-30],
+            r"d.jsonl.gz: the compressed data ends early, after line \d",
+        ),
+        ("d.json.gz", gzip.compress(GOOD_LINES)[:-30], r"d.json.gz: the compressed data ends early"),
+        ("d.jsonl.gz", GOOD_LINES, r"d.jsonl.gz: not a gzip file"),
+        ("d.jsonl", b'{"a": "\\ud800 alone"}\n', r"d.jsonl: line 1 holds a lone UTF-16 surrogate escape"),
+        ("d.json", b'[{"a": 1}, {"a": ["x", "\\udc00"]}]', r"d.json: record 1 holds a lone UTF-16 surrogate"),
+        ("d.parquet", b"PAR1 not really parquet", r"d.parquet: cannot read as Parquet"),
+    ],
+)
+def test_unreadable_bytes_name_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_records(str(path))
+
+
+def test_corrupt_gzip_data(tmp_path):
+    data = bytearray(gzip.compress(GOOD_LINES))
+    data[-8] ^= 0xFF  # the CRC-32 of the trailer: every line decodes, the check at the end fails
+    (tmp_path / "d.jsonl.gz").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"d.jsonl.gz: corrupt gzip data after line 5 \(CRC check failed"):
+        read_records(str(tmp_path / "d.jsonl.gz"))
+    assert read_records(str(tmp_path / "d.jsonl.gz"), limit=2) == RECORDS[:2]  # the first records only
+
+
+def test_byte_order_mark_and_paired_surrogates_are_read(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + GOOD_LINES + b'{"a": "\\ud83d\\ude00"}\n')
+    assert read_records(str(tmp_path / "d.jsonl")) == RECORDS + [{"a": "\U0001f600"}]
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+    assert read_records(str(tmp_path / "d.json")) == RECORDS
+
+
+def test_read_embeddings(tmp_path):
+    emb = torch.randn(7, 3, dtype=torch.float64)
+    lengths = torch.arange(1, 8, dtype=torch.int32)
+    torch.save(
+        {"embeddings": emb, "lengths": lengths, "topic": torch.arange(7) % 2, "other": [1]}, tmp_path / "d.pt"
+    )
+    np.savez(
+        tmp_path / "d.npz",
+        embeddings=emb.numpy(),
+        lengths=lengths.numpy().astype(np.uint16),
+        note=np.array(["x"]),
+    )
+    for name in ("d.pt", "d.npz"):
+        data = read_embeddings(str(tmp_path / name))
+        assert torch.equal(data["embeddings"], emb) and data["lengths"].dtype == torch.int64
+        assert data["lengths"].tolist() == list(range(1, 8))
+        part = read_embeddings(str(tmp_path / name), limit=3)
+        assert part["embeddings"].shape == (3, 3) and part["lengths"].tolist() == [1, 2, 3]
+    assert read_embeddings(str(tmp_path / "d.pt"))["topic"].tolist() == [0, 1, 0, 1, 0, 1, 0]
+
+
+def _save(path, **arrays):
+    if str(path).endswith(".npz"):
+        np.savez(path, **arrays)
+    else:
+        torch.save(
+            {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}, path
+        )
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"embeddings": np.zeros((3, 2), np.float32)}, r"missing key 'lengths' \(found: \['embeddings'\]\)"),
+        (
+            {"embeddings": np.zeros((3, 2), np.float32), "lengths": np.array([1.0, 2.0, 3.7])},
+            r"'lengths' must hold integers \(token counts\), got torch.float64",
+        ),
+        (
+            {"embeddings": np.zeros((3, 2), np.float32), "lengths": np.array([True, True, False])},
+            r"'lengths' must hold integers \(token counts\), got torch.bool",
+        ),
+        (
+            {"embeddings": np.zeros((3, 2), np.float32), "lengths": np.array([1, 2])},
+            r"'lengths' must have shape \(3,\)",
+        ),
+        (
+            {"embeddings": np.zeros((3, 2), np.float32), "lengths": np.array([1, -2, 0])},
+            r"record 1 has 'lengths'\[1\] = -2: every record needs at least one token \(2 of 3",
+        ),
+        (
+            {
+                "embeddings": np.array([[0.0, 1.0], [np.nan, 0.0], [0.0, np.inf]]),
+                "lengths": np.array([1, 2, 3]),
+            },
+            r"record 1 has NaN or infinite values in 'embeddings'\[1\] \(2 records do\)",
+        ),
+        (
+            {"embeddings": np.zeros((3,), np.float32), "lengths": np.array([1, 2, 3])},
+            r"'embeddings' must have shape \(N, D\)",
+        ),
+        (
+            {"embeddings": np.zeros((3, 2), np.int64), "lengths": np.array([1, 2, 3])},
+            r"'embeddings' must hold floating-point",
+        ),
+        (
+            {"embeddings": np.zeros((0, 2), np.float32), "lengths": np.zeros(0, np.int64)},
+            r"the dataset is empty",
+        ),
+        (
+            {
+                "embeddings": np.zeros((3, 2), np.float32),
+                "lengths": np.array([1, 2, 3]),
+                "topic": np.array([0.5] * 3),
+            },
+            r"'topic' must hold integers \(labels\)",
+        ),
+    ],
+)
+def test_read_embeddings_errors(tmp_path, suffix, arrays, message):
+    path = _save(tmp_path / f"d{suffix}", **arrays)
+    with pytest.raises(InputError, match=re.escape(path) + ": " + message):
+        read_embeddings(path)
+
+
+def test_read_embeddings_bad_files(tmp_path):
+    (tmp_path / "g.pt").write_bytes(b"garbage")
+    (tmp_path / "g.npz").write_bytes(b"garbage")
+    torch.save([torch.zeros(2, 2)], tmp_path / "list.pt")
+    torch.save({"embeddings": [[0.0, 1.0]], "lengths": [1]}, tmp_path / "lists.pt")
+    torch.save({"embeddings": np.zeros((2, 2)), "lengths": np.ones(2, np.int64)}, tmp_path / "numpy.pt")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    os.rename(tmp_path / "single.npy", tmp_path / "single.npz")
+    np.savez(tmp_path / "obj.npz", embeddings=np.zeros((2, 2)), lengths=np.array([1, None], dtype=object))
+    np.savez(tmp_path / "str.npz", embeddings=np.zeros((2, 2)), lengths=np.array(["1", "2"]))
+    cases = {
+        "g.pt": "cannot read as a torch.save file",
+        "g.npz": "cannot read as an .npz archive",
+        "list.pt": "expected a dict with 'embeddings' and 'lengths', got list",
+        "lists.pt": "key 'embeddings' must be a tensor, got list",
+        "numpy.pt": "holds numpy arrays",
+        "single.npz": "holds a single array",
+        "obj.npz": "key 'lengths' holds Python objects",
+        "str.npz": "key 'lengths' must hold numbers, got a numpy array of dtype <U1",
+    }
+    for name, message in cases.items():
+        with pytest.raises(InputError) as info:
+            read_embeddings(str(tmp_path / name))
+        assert str(info.value).startswith(str(tmp_path / name) + ": ") and message in str(info.value), name
+
+
+# ------------------------------------------------------------------------------ fields of several types
+
+
+def _rebuild(table, field_notes):
+    """The records' values back from a records_table: per row, the one non-null column of each field."""
+    rows = table.to_pylist()
+    out = []
+    for row in rows:
+        record = {}
+        for field, columns in field_notes.items():
+            values = [(c, row[c]) for c in columns if row[c] is not None]
+            assert len(values) <= 1, row
+            if values:
+                column, value = values[0]
+                record[field] = json.loads(value) if columns[column].endswith("as JSON text") else value
+            else:
+                record[field] = None
+        out.append(record)
+    return out
+
+
+def test_mixed_fields_keep_every_value_exactly():
+    records = [
+        {"a": 'quote " and\nnewline', "b": 1.5, "c": [1, 2], "d": True},
+        {"a": 7, "b": 2, "c": "text", "d": 0.5},
+        {"a": "plain", "b": 2**60, "c": [1, "x"], "d": None},
+        {"a": ["x"], "b": None, "c": {"k": 1}, "d": False},
+        {"a": "é ✓", "b": 3, "e": 1},
+    ]
+    order = np.array([4, 2, 0, 3, 1])
+    notes = {}
+    table = records_table(records, order, "original_index", notes=notes)
+    assert notes == {
+        "a": {"a": "str", "a__number": "number", "a__list": "list"},
+        "b": {"b": "number", "b__int": "int"},  # 2**60 is not exact in a float64: kept as an int
+        "c": {"c": "list as JSON text", "c__str": "str", "c__dict": "dict"},  # [1, "x"]: no arrow type
+        "d": {"d": "bool", "d__number": "number"},  # a bool is not a number (True would become 1.0)
+    }
+    assert str(table.schema.field("c").type) == "string" and str(table.schema.field("b").type) == "double"
+    fields = {**notes, "e": {"e": "number"}}
+    got = _rebuild(table, fields)
+    for row, i in zip(got, order.tolist()):
+        want = {k: records[i].get(k) for k in fields}
+        assert row == want  # ints in the float64 column "b" come back as equal floats (2 -> 2.0)
+        for k in ("a", "c", "d"):
+            assert type(row[k]) is type(want[k]), (k, row[k], want[k])
+
+
+def test_split_column_names_do_not_clash():
+    records = [{"a": "x", "a__number": "taken"}, {"a": 1, "a__number": "also"}]
+    notes = {}
+    table = records_table(records, np.array([0, 1]), "original_index", notes=notes)
+    assert notes == {"a": {"a": "str", "a__number_2": "number"}}
+    assert table.column_names == ["a", "a__number_2", "a__number", "original_index"]
+    assert table.column("a__number").to_pylist() == ["taken", "also"]
+
+
+def test_one_kind_columns_are_unchanged():
+    records = [
+        {"s": "x", "n": 1, "f": 0.5, "l": [1, 2], "m": {"k": "v"}},
+        {"s": None, "n": 2, "f": 1, "l": [], "m": None},
+    ]
+    notes = {}
+    table = records_table(records, np.array([1, 0]), "original_index", notes=notes)
+    assert notes == {}
+    assert table.to_pylist() == [dict(records[1], original_index=1), dict(records[0], original_index=0)]

@@ -36,7 +36,13 @@ COLLATOR_ATTENTION = ("sample", "pack")
 def _flat_ints(items, name: str) -> torch.Tensor:
     """Concatenate N sequences of ints (lists, tuples, numpy arrays or 1-D tensors) into one int64 CPU tensor."""
     if all(isinstance(x, (list, tuple)) for x in items):
-        return torch.tensor(list(itertools.chain.from_iterable(items)), dtype=torch.int64)
+        flat = torch.tensor(list(itertools.chain.from_iterable(items)))  # dtype inferred: floats stay floats
+        if flat.numel() and (
+            flat.dtype.is_floating_point or flat.dtype.is_complex or flat.dtype == torch.bool
+        ):
+            bad = next(i for i, x in enumerate(items) if any(not isinstance(v, numbers.Integral) for v in x))
+            raise TypeError(f"{name} of feature {bad} must be a sequence of ints, got {flat.dtype} values")
+        return flat.to(torch.int64)
     parts = []
     for i, x in enumerate(items):
         t = torch.as_tensor(x)

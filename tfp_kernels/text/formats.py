@@ -71,16 +71,18 @@ def detect_format(records: Sequence[dict], *, sample: int = 16) -> str:
 
 
 def check_fields(records: Sequence[dict], fmt: str) -> None:
-    """Raise :class:`InputError` naming the first record that lacks a field ``fmt`` needs."""
+    """Raise :class:`InputError` naming the first record that lacks a field ``fmt`` needs (or holds null)."""
     if fmt not in REQUIRED_FIELDS:
         raise InputError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     required = REQUIRED_FIELDS[fmt]
     for i, record in enumerate(records):
         for field in required:
-            if field not in record or record[field] is None:
+            if field not in record:
                 raise InputError(
                     f"record {i} has no field '{field}' needed by --format {fmt} (its fields: {sorted(record)})"
                 )
+            if record[field] is None:
+                raise InputError(f"record {i}: field '{field}' is null; --format {fmt} needs a value there")
 
 
 def _as_text(value, where: str) -> str:

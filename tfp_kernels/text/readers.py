@@ -1,16 +1,23 @@
-"""Read SFT records from JSON, JSONL, Parquet or a ``datasets`` dataset saved to disk.
+"""Read SFT records from JSON, JSONL, Parquet or a ``datasets`` dataset saved to disk, and embeddings +
+lengths from ``.pt`` / ``.npz`` files.
 
-Every reader returns a list of N dicts (one per record, in file order). Problems with the input raise
-:class:`InputError` with one line that names the file (and the line, for JSON Lines).
+Every record reader returns a list of N dicts (one per record, in file order). Problems with the input
+raise :class:`InputError` with one line that names the file and where in it the problem is (the line for
+JSON / JSON Lines, the key and record index for ``.pt`` / ``.npz``): invalid JSON, bytes that are not
+UTF-8, a truncated or corrupt ``.gz``, a file that is not what its name says.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterable
+
+import numpy as np
+import torch
 
 #: Suffixes read as JSON Lines / JSON / Parquet (``.gz`` variants of the JSON ones too).
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
@@ -48,10 +55,63 @@ def input_kind(path: str) -> str:
     )
 
 
-def _open_text(path: str):
+def _open_binary(path: str):
     if path.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_error(path: str, err: BaseException, where: str) -> InputError:
+    """One-line InputError for an exception raised while reading (decompressing) ``path``."""
+    if isinstance(err, gzip.BadGzipFile) and "Not a gzipped file" in str(err):
+        return InputError(
+            f"{path}: not a gzip file, although its name ends in .gz (rename it if it is plain text)"
+        )
+    if isinstance(err, EOFError):
+        return InputError(f"{path}: the compressed data ends early, {where} (a truncated download or copy?)")
+    if isinstance(err, (zlib.error, gzip.BadGzipFile)):
+        return InputError(f"{path}: corrupt gzip data {where} ({_first_line(err)})")
+    return InputError(f"{path}: cannot read the file ({_first_line(err)})")
+
+
+def _utf8_error(path: str, data: bytes, pos: int, line: int | None = None) -> InputError:
+    """One-line InputError for the byte ``data[pos]`` that is not UTF-8, naming its line and byte column
+    (``data`` is the line ``line``, or the whole file when ``line`` is None)."""
+    column = pos
+    if line is None:  # a whole file: count the lines before the bad byte
+        line = data.count(b"\n", 0, pos) + 1
+        column = pos - (data.rfind(b"\n", 0, pos) + 1)
+    return InputError(
+        f"{path}: line {line} is not valid UTF-8 (byte 0x{data[pos]:02x} at byte column {column + 1}); "
+        f"re-encode the file as UTF-8"
+    )
+
+
+def _first_bad_utf8(data: bytes) -> int:
+    """Offset of the first byte of ``data`` that does not decode as UTF-8."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return 0  # not reached: callers pass bytes that failed to decode (a byte-order mark is valid UTF-8)
+
+
+#: A JSON escape of a UTF-16 surrogate: valid JSON, but a lone one is not Unicode text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value) -> bool:
+    """Whether ``value`` (a decoded JSON value) holds a string that cannot be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _limited(items: Iterable, limit: int | None):
@@ -62,72 +122,103 @@ def _limited(items: Iterable, limit: int | None):
 
 
 def read_jsonl(path: str, *, limit: int | None = None, progress: bool = False) -> list[dict]:
-    """Records of a JSON Lines file (one JSON object per line; blank lines skipped; ``.gz`` allowed).
+    """Records of a JSON Lines file (one JSON object per line; blank lines skipped; ``.gz`` allowed; a
+    UTF-8 byte-order mark on the first line is ignored).
 
     Raises:
-        InputError: a line that is not valid JSON (named by its 1-based number) or not an object.
+        InputError: a line (named by its 1-based number) that is not UTF-8, not valid JSON, not an object,
+            or holds a lone UTF-16 surrogate escape; a ``.gz`` that is not gzip, truncated or corrupt.
     """
     from tqdm.auto import tqdm
 
     records = []
     size = os.path.getsize(path)
-    with (
-        _open_text(path) as f,
-        tqdm(
-            total=size,
-            unit="B",
-            unit_scale=True,
-            desc="reading",
-            disable=not progress or path.lower().endswith(".gz"),
-        ) as bar,
-    ):
-        for number, line in enumerate(f, start=1):
-            bar.update(len(line))
-            if not line.strip():
-                continue
-            if limit is not None and len(records) >= limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(
-                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise InputError(
-                    f"{path}: line {number} is a JSON {type(record).__name__}, expected an object"
-                )
-            records.append(record)
+    number = 0
+    try:
+        with (
+            _open_binary(path) as f,
+            tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc="reading",
+                disable=not progress or path.lower().endswith(".gz"),
+            ) as bar,
+        ):
+            for number, raw in enumerate(f, start=1):
+                bar.update(len(raw))
+                if not raw.strip():
+                    continue
+                if limit is not None and len(records) >= limit:
+                    break
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise _utf8_error(path, raw, _first_bad_utf8(raw), number) from None
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(
+                        f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{path}: line {number} is a JSON {type(record).__name__}, expected an object"
+                    )
+                if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(record):
+                    raise InputError(
+                        f"{path}: line {number} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                        f"without its pair): not Unicode text"
+                    )
+                records.append(record)
+    except (EOFError, zlib.error, OSError) as err:
+        raise _read_error(path, err, f"after line {number}") from None
     return records
 
 
 def read_json(path: str, *, limit: int | None = None, progress: bool = False) -> list[dict]:
-    """Records of a JSON file holding a list of objects (or ``{"data"|"train"|"records": [...]}``).
+    """Records of a JSON file holding a list of objects (or ``{"data"|"train"|"records": [...]}``);
+    ``.gz`` allowed; a UTF-8 byte-order mark is ignored.
 
     Raises:
-        InputError: invalid JSON (named by line and column), or not a list of objects.
+        InputError: bytes that are not UTF-8 or invalid JSON (named by line and column), not a list of
+            objects (the record named by its index), a lone UTF-16 surrogate escape, a bad ``.gz``.
     """
     try:
-        with _open_text(path) as f:
-            data = json.load(f)
+        with _open_binary(path) as f:
+            data = f.read()
+    except (EOFError, zlib.error, OSError) as err:
+        raise _read_error(path, err, "before its end") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _utf8_error(path, data, _first_bad_utf8(data)) from None
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(
             f"{path}: line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
         ) from None
-    if isinstance(data, dict):
-        lists = [k for k in ("data", "train", "records") if isinstance(data.get(k), list)]
+    if isinstance(value, dict):
+        lists = [k for k in ("data", "train", "records") if isinstance(value.get(k), list)]
         if not lists:
             raise InputError(
                 f"{path}: expected a JSON list of records (or an object with a 'data' list), got an object "
-                f"with keys {sorted(data)[:10]}"
+                f"with keys {sorted(value)[:10]}"
             )
-        data = data[lists[0]]
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
-    records = list(_limited(data, limit))
+        value = value[lists[0]]
+    if not isinstance(value, list):
+        raise InputError(f"{path}: expected a JSON list of records, got a JSON {type(value).__name__}")
+    records = list(_limited(value, limit))
+    check_surrogates = bool(_SURROGATE_ESCAPE.search(data))
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise InputError(f"{path}: record {i} is a JSON {type(record).__name__}, expected an object")
+        if check_surrogates and _lone_surrogate(record):
+            raise InputError(
+                f"{path}: record {i} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                f"pair): not Unicode text"
+            )
     return records
 
 
@@ -142,15 +233,20 @@ def read_parquet(path: str, *, limit: int | None = None, progress: bool = False)
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{path}: cannot read as Parquet ({err})") from None
     records: list[dict] = []
-    with tqdm(total=f.metadata.num_rows, unit="rec", desc="reading", disable=not progress) as bar:
-        for batch in f.iter_batches(batch_size=65536):
-            rows = batch.to_pylist()
-            if limit is not None:
-                rows = rows[: max(0, limit - len(records))]
-            records.extend(rows)
-            bar.update(len(rows))
-            if limit is not None and len(records) >= limit:
-                break
+    try:
+        with tqdm(total=f.metadata.num_rows, unit="rec", desc="reading", disable=not progress) as bar:
+            for batch in f.iter_batches(batch_size=65536):
+                rows = batch.to_pylist()
+                if limit is not None:
+                    rows = rows[: max(0, limit - len(records))]
+                records.extend(rows)
+                bar.update(len(rows))
+                if limit is not None and len(records) >= limit:
+                    break
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(
+            f"{path}: cannot read the Parquet data after record {len(records)} ({_first_line(err)})"
+        ) from None
     return records
 
 
@@ -167,6 +263,8 @@ def read_saved_dataset(path: str, *, limit: int | None = None, progress: bool = 
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as err:
         raise InputError(f"{path}: not a dataset saved with save_to_disk ({err})") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged dataset folder
+        raise InputError(f"{path}: cannot read the saved dataset ({_first_line(err)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             ds = ds["train"]
@@ -208,3 +306,142 @@ def read_records(path: str, *, limit: int | None = None, progress: bool = False)
     if not records:
         raise InputError(f"{path}: the dataset is empty (no records)")
     return records
+
+
+#: Keys of a ``.pt`` / ``.npz`` input: required, then optional.
+EMBEDDINGS_KEYS = ("embeddings", "lengths")
+OPTIONAL_EMBEDDINGS_KEYS = ("topic",)
+
+
+def _load_npz(path: str) -> dict:
+    import zipfile
+
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read as an .npz archive ({_first_line(err)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(
+            f"{path}: holds a single array, expected an .npz archive with 'embeddings' and 'lengths' "
+            f"(numpy.savez(path, embeddings=..., lengths=...))"
+        )
+    data = {}
+    with archive:
+        for key in archive.files:
+            if key not in EMBEDDINGS_KEYS + OPTIONAL_EMBEDDINGS_KEYS:
+                data[key] = None  # present (listed in errors) but not loaded
+                continue
+            try:
+                data[key] = archive[key]
+            except ValueError as err:
+                if "allow_pickle" in str(err):
+                    raise InputError(
+                        f"{path}: key '{key}' holds Python objects (numpy dtype object), which are not "
+                        f"loaded (no pickle); save a numeric array"
+                    ) from None
+                raise InputError(f"{path}: key '{key}' cannot be read ({_first_line(err)})") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise InputError(f"{path}: key '{key}' cannot be read ({_first_line(err)})") from None
+    return data
+
+
+def _load_pt(path: str):
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "numpy" in str(err):
+            raise InputError(
+                f"{path}: holds numpy arrays, which torch.load(weights_only=True) does not load; save torch "
+                f"tensors (torch.from_numpy(array)) or an .npz file (numpy.savez)"
+            ) from None
+        raise InputError(f"{path}: cannot read as a torch.save file ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse the file is a problem of the input
+        raise InputError(f"{path}: cannot read as a torch.save file ({_first_line(err)})") from None
+
+
+def _as_tensor(path: str, key: str, value) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise InputError(
+                f"{path}: key '{key}' must hold numbers, got a numpy array of dtype {value.dtype}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{path}: key '{key}' must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def read_embeddings(path: str, *, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Embeddings and token lengths of N records from a ``.pt`` (``torch.save`` of a dict of tensors,
+    loaded with ``weights_only=True`` on the CPU) or ``.npz`` file (``numpy.savez``, no pickle).
+
+    Keys: ``embeddings`` (N, D) floating point, finite; ``lengths`` (N,) integers >= 1 (token counts:
+    floats and bools are refused, not rounded); optional ``topic`` (N,) integers (a label per record, used
+    only in the report). Other keys are ignored.
+
+    Args:
+        path: the ``.pt`` / ``.npz`` file.
+        limit: keep only the first ``limit`` records.
+
+    Returns:
+        dict with ``embeddings`` (N, D) (its dtype as stored), ``lengths`` (N,) int64 and, when present,
+        ``topic`` (N,) int64; CPU tensors.
+
+    Raises:
+        InputError: the file cannot be read, a key is missing or has the wrong shape or dtype, a length is
+            < 1, an embedding is NaN or infinite (the record is named by its index in the file).
+    """
+    data = _load_npz(path) if path.lower().endswith(".npz") else _load_pt(path)
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{path}: expected a dict with 'embeddings' and 'lengths', got {type(data).__name__}"
+        )
+    for key in EMBEDDINGS_KEYS:
+        if key not in data:
+            raise InputError(f"{path}: missing key '{key}' (found: {sorted(map(str, data))})")
+    out = {k: _as_tensor(path, k, data[k]) for k in EMBEDDINGS_KEYS + OPTIONAL_EMBEDDINGS_KEYS if k in data}
+    emb, lengths = out["embeddings"], out["lengths"]
+    if emb.dim() != 2:
+        raise InputError(f"{path}: 'embeddings' must have shape (N, D), got {tuple(emb.shape)}")
+    if not emb.dtype.is_floating_point:
+        raise InputError(f"{path}: 'embeddings' must hold floating-point numbers, got {emb.dtype}")
+    n = emb.shape[0]
+    if n == 0:
+        raise InputError(f"{path}: the dataset is empty (no records)")
+    if emb.shape[1] == 0:
+        raise InputError(f"{path}: 'embeddings' has no columns (shape {tuple(emb.shape)})")
+    for key in ("lengths", "topic"):
+        if key not in out:
+            continue
+        value = out[key]
+        if value.shape != (n,):
+            raise InputError(
+                f"{path}: '{key}' must have shape ({n},) (one per row of 'embeddings'), "
+                f"got {tuple(value.shape)}"
+            )
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            what = "token counts" if key == "lengths" else "labels"
+            raise InputError(f"{path}: '{key}' must hold integers ({what}), got {value.dtype}")
+    if limit is not None:
+        out = {k: v[:limit] for k, v in out.items()}
+        emb, lengths = out["embeddings"], out["lengths"]
+    lengths = lengths.long()
+    bad = (lengths < 1).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise InputError(
+            f"{path}: record {i} has 'lengths'[{i}] = {int(lengths[i])}: every record needs at least one "
+            f"token ({bad.shape[0]} of {lengths.numel()} records have a length < 1)"
+        )
+    bad = (~torch.isfinite(emb)).any(dim=1).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise InputError(
+            f"{path}: record {i} has NaN or infinite values in 'embeddings'[{i}] ({bad.shape[0]} records do)"
+        )
+    out["lengths"] = lengths
+    if "topic" in out:
+        out["topic"] = out["topic"].long()
+    return out

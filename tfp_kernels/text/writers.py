@@ -16,27 +16,112 @@ import torch
 PACKED_ROW_GROUP = 2048
 
 
-def _column(values: list):
-    """A pyarrow array of ``values``; a column mixing types it cannot unify is stored as JSON strings."""
+#: Largest integer a float64 holds exactly: ints and floats share a double column only up to it.
+_EXACT_IN_DOUBLE = 2**53
+
+
+def _kind(value) -> str:
+    """The kind of a (non-null) record value, as the columns of ``records_table`` group them."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "dict"
+    return type(value).__name__
+
+
+def _typed_array(values: list):
+    """``(array, as_json)``: a pyarrow array of ``values`` (one kind), or, when pyarrow cannot hold them in
+    one type (a list of mixed items, an int beyond int64...), their JSON texts (``as_json`` True)."""
     import pyarrow as pa
 
     try:
-        return pa.array(values)
+        return pa.array(values), False
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
-        return pa.array(
-            [
-                None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
-                for v in values
-            ],
-            type=pa.string(),
-        )
+        texts = [
+            None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+            for v in values
+        ]
+        return pa.array(texts, type=pa.string()), True
 
 
-def records_table(records: Sequence[dict], order: np.ndarray, index_column: str, extra: dict | None = None):
+def field_columns(name: str, values: list, taken: set) -> tuple[dict, dict | None]:
+    """The Parquet column(s) of one record field, so that every value comes back as it went in.
+
+    A field whose non-null values are of one kind (strings, numbers, bools, lists, dicts...) is one column
+    ``name``. A field that mixes kinds (strings in most records, a number in one) is one column per kind:
+    ``name`` holds the values of the most common kind (ties: the first seen), ``name__<kind>``
+    (``__number``, ``__str``, ``__bool``, ``__list``, ``__dict``...) the others; in each column a row is null
+    where the record's value is of another kind (or null). Strings are never re-encoded. Ints and floats
+    are one kind (``number``, a float64 column: 2 comes back as 2.0) unless an int is beyond +-2**53 (not
+    exact in a double): then such ints are a kind of their own (``__int``). Values of one kind that pyarrow
+    cannot type (a list mixing strings and numbers, an int beyond int64) are stored as their JSON text (in
+    the main column, or in a ``__<kind>_json`` one).
+
+    Args:
+        name: the field.
+        values: its value in every record (None where missing or null), in row order.
+        taken: column names already used; the new names are added to it.
+
+    Returns:
+        ``(columns, note)``: column name -> pyarrow array, in order; ``note`` is None for a plain column,
+        else ``{column: kind}`` describing the split / JSON columns.
+    """
+    has_float = any(isinstance(v, float) for v in values)
+    counts: dict[str, int] = {}
+    kinds = []
+    for v in values:
+        k = None if v is None else _kind(v)
+        if k == "number" and has_float and isinstance(v, int) and abs(v) > _EXACT_IN_DOUBLE:
+            k = "int"  # a float64 column would round it
+        kinds.append(k)
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if len(counts) <= 1:
+        array, as_json = _typed_array(values)
+        taken.add(name)
+        return {name: array}, ({name: f"{next(iter(counts))} as JSON text"} if as_json else None)
+    main = max(counts, key=lambda k: (counts[k], -list(counts).index(k)))
+    columns, note = {}, {}
+    for k in [main] + [k for k in counts if k != main]:
+        column = name if k == main else _free_name(f"{name}__{k}", taken)
+        array, as_json = _typed_array([v if kk == k else None for v, kk in zip(values, kinds)])
+        if as_json and k != main:
+            column = _free_name(f"{name}__{k}_json", taken)
+        taken.add(column)
+        columns[column] = array
+        note[column] = f"{k} as JSON text" if as_json else k
+    return columns, note
+
+
+def _free_name(name: str, taken: set) -> str:
+    out, k = name, 1
+    while out in taken:
+        k += 1
+        out = f"{name}_{k}"
+    return out
+
+
+def records_table(
+    records: Sequence[dict],
+    order: np.ndarray,
+    index_column: str,
+    extra: dict | None = None,
+    notes: dict | None = None,
+):
     """A pyarrow Table of ``records[order]`` with the original index in ``index_column``.
 
-    Columns: every field of any record (first-seen order; missing values are null), then
-    ``index_column`` (int64) and the ``extra`` columns (name -> (N,) array in the original order).
+    Columns: every field of any record (first-seen order; missing values are null; a field mixing value
+    kinds is split into one column per kind, see :func:`field_columns`), then ``index_column`` (int64) and
+    the ``extra`` columns (name -> (N,) array in the original order). ``notes``, when given, receives
+    ``{field: {column: kind}}`` for every field written as several columns or as JSON text.
     """
     import pyarrow as pa
 
@@ -44,8 +129,15 @@ def records_table(records: Sequence[dict], order: np.ndarray, index_column: str,
     for r in records:
         for k in r:
             keys.setdefault(k, None)
+    taken = set(keys) | {index_column} | set(extra or {})
     ordered = [records[i] for i in order.tolist()]
-    columns = {k: _column([r.get(k) for r in ordered]) for k in keys}
+    columns = {}
+    for k in keys:
+        taken.discard(k)
+        field, note = field_columns(k, [r.get(k) for r in ordered], taken)
+        columns.update(field)
+        if note is not None and notes is not None:
+            notes[k] = note
     columns[index_column] = pa.array(order.astype(np.int64))
     for name, values in (extra or {}).items():
         columns[name] = pa.array(np.asarray(values)[order])
