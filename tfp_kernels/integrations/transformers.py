@@ -74,10 +74,10 @@ class TFPDataCollator:
             with ``attention="pack"``, ``"keep"`` with ``attention="sample"``. The order inside a batch
             decides which samples share a pack, which matters only with pack attention: with
             ``attention="sample"`` no sample sees another and the batch is one optimizer step whatever its
-            order, so the loss and the gradients do not change (up to float rounding; measured on a tiny
-            Llama: 6.238592 with ``"tfp"`` vs 6.238593 with ``"keep"``) while TFP ordering every batch costs
-            time (42 ms vs 1.5 ms per 16 samples). ``order="tfp"`` or ``"random"`` with ``attention="sample"``
-            therefore warns (a ``UserWarning``; the order is still applied). To make TFP order matter with
+            order, so the loss and the gradients do not change (up to float rounding) while TFP ordering
+            every batch costs an embedding and a TFP walk per batch (many times the flattening itself).
+            ``order="tfp"`` or ``"random"`` with ``attention="sample"`` therefore warns (a ``UserWarning``;
+            the order is still applied). To make TFP order matter with
             per-sample attention, order the dataset (:func:`order_dataset`) and feed it with a sequential
             sampler, so that similar samples share a step.
         strategy: bin packing strategy when ``max_len`` is set (see :func:`~tfp_kernels.pack_lengths`;
