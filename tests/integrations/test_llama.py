@@ -273,6 +273,15 @@ def test_trainer_on_packed_rows_with_tfp_varlen(tmp_path):
     batch = assemble(samples, pack_lengths(lengths, max_len=64), attention="pack")
     packs = datasets.Dataset.from_list(packed_table(batch).to_pylist())
     model = _tiny_llama(register_hf_attention()).train()
+    received, own = [], []  # num_items_in_batch the model gets, and each batch's own count
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        received.append(int(kwargs["num_items_in_batch"]))
+        own.append(int((kwargs["labels"][:, 1:] != -100).sum()))
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
@@ -294,3 +303,7 @@ def test_trainer_on_packed_rows_with_tfp_varlen(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    # the Trainer replaces the collator's per-batch count by the count of the whole step (2 micro-batches)
+    assert len(received) == 24 and own[0] != own[1]
+    for step in range(12):
+        assert received[2 * step] == received[2 * step + 1] == own[2 * step] + own[2 * step + 1]
