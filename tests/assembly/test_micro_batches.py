@@ -16,7 +16,16 @@ from tfp_kernels.assembly import IGNORE_INDEX, assemble
 from tfp_kernels.packing import pack_lengths, select_packs
 from tfp_kernels.testing import assert_equal
 
-FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens", "cu_seqlens_cpu", "sample_index", "pack_index", "pack_offsets")
+FIELDS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "cu_seqlens",
+    "cu_seqlens_cpu",
+    "sample_index",
+    "pack_index",
+    "pack_offsets",
+)
 PACKING_FIELDS = ("pack_id", "sample_index", "offset", "length", "pack_offsets")
 
 
@@ -42,7 +51,11 @@ def assert_micro_batches(batch, samples, labels, n, pad_to=None):
     assert len(parts) == n
     for part, packs in zip(parts, groups):
         alone = assemble(
-            samples, select_packs(batch.packing, packs), attention=batch.attention, labels=labels, pad_to=pad_to
+            samples,
+            select_packs(batch.packing, packs),
+            attention=batch.attention,
+            labels=labels,
+            pad_to=pad_to,
         )
         assert type(part) is type(batch)
         for name in FIELDS:

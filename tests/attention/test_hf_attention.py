@@ -6,6 +6,7 @@ per row). Outputs and gradients; odd sizes (one-token segments, L not a multiple
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import pytest
@@ -54,7 +55,7 @@ def test_cu_seq_lens_match_the_reference_with_gradients(dtype):
 
 def test_position_ids_restarts_give_the_same_segments():
     q, k, v = qkv(1, 13, seed=1)
-    positions = torch.cat([torch.arange(b - a) for a, b in zip(CU[:-1], CU[1:])]).unsqueeze(0)
+    positions = torch.cat([torch.arange(b - a) for a, b in itertools.pairwise(CU)]).unsqueeze(0)
     out, _ = hf_varlen_attention_forward(MODULE, q, k, v, None, position_ids=positions)
     torch.testing.assert_close(out, reference(q, k, v, CU), atol=ATOL, rtol=RTOL)
     # the cached host copy follows an in-place change of the same tensor
@@ -67,7 +68,9 @@ def test_rows_positions_and_no_hint():
     q, k, v = qkv(2, 7, heads=2, kv_heads=2, seed=2)
     out, _ = hf_varlen_attention_forward(MODULE, q, k, v, None)  # one segment per row
     torch.testing.assert_close(out, reference(q, k, v, [0, 7, 14]), atol=ATOL, rtol=RTOL)
-    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])  # B > 1: rows also start segments
+    positions = torch.tensor(
+        [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]]
+    )  # B > 1: rows also start segments
     out, _ = hf_varlen_attention_forward(MODULE, q, k, v, None, position_ids=positions)
     torch.testing.assert_close(out, reference(q, k, v, [0, 3, 7, 14]), atol=ATOL, rtol=RTOL)
     bidirectional, _ = hf_varlen_attention_forward(MODULE, q, k, v, None, is_causal=False)
@@ -82,7 +85,9 @@ def test_padding_mask_rows():
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
     out, _ = hf_varlen_attention_forward(MODULE, q, k, v, mask)
     for row, (a, b) in enumerate([(0, 4), (0, 6), (3, 6)]):
-        alone = reference(q[row : row + 1, :, a:b], k[row : row + 1, :, a:b], v[row : row + 1, :, a:b], [0, b - a])
+        alone = reference(
+            q[row : row + 1, :, a:b], k[row : row + 1, :, a:b], v[row : row + 1, :, a:b], [0, b - a]
+        )
         torch.testing.assert_close(out[row, a:b], alone[0], atol=ATOL, rtol=RTOL)
     assert bool((out[0, 4:] == 0).all()) and bool((out[2, :3] == 0).all())  # padded queries: zeros
 
@@ -90,13 +95,34 @@ def test_padding_mask_rows():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k[:, :, :5], v[:, :, :5], None), NotImplementedError, "no cache"),
-        (lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, None, dropout=0.1), NotImplementedError, "dropout"),
-        (lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, None, sliding_window=4), NotImplementedError, "sliding window"),
-        (lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, torch.ones(1, 1, 13, 13)), ValueError, "2-D"),
+        (
+            lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k[:, :, :5], v[:, :, :5], None),
+            NotImplementedError,
+            "no cache",
+        ),
+        (
+            lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, None, dropout=0.1),
+            NotImplementedError,
+            "dropout",
+        ),
+        (
+            lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, None, sliding_window=4),
+            NotImplementedError,
+            "sliding window",
+        ),
+        (
+            lambda q, k, v: hf_varlen_attention_forward(MODULE, q, k, v, torch.ones(1, 1, 13, 13)),
+            ValueError,
+            "2-D",
+        ),
         (
             lambda q, k, v: hf_varlen_attention_forward(
-                MODULE, q, k, v, None, cu_seq_lens_q=torch.tensor(CU, dtype=torch.int32),
+                MODULE,
+                q,
+                k,
+                v,
+                None,
+                cu_seq_lens_q=torch.tensor(CU, dtype=torch.int32),
                 cu_seq_lens_k=torch.tensor([0, 13], dtype=torch.int32),
             ),
             ValueError,

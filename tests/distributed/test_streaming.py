@@ -12,6 +12,7 @@ not repeats still cover the stream exactly once, also across a resume.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -486,8 +487,8 @@ def test_resume_property(n, buffer_size, max_len, packs_per_batch, world, stops,
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EQUAL_TIMEOUT_S = 240
-EQUAL_STREAM = dict(n=61, seed=12, max_tokens=40, labels=True)
-EQUAL_KWARGS = dict(buffer_size=5, max_len=48, seed=2, pack_kwargs=RANDOM)
+EQUAL_STREAM = {"n": 61, "seed": 12, "max_tokens": 40, "labels": True}
+EQUAL_KWARGS = {"buffer_size": 5, "max_len": 48, "seed": 2, "pack_kwargs": RANDOM}
 
 
 def test_equal_batches_single_process_changes_nothing():
@@ -574,30 +575,23 @@ def _launch_equal_batches(tmp_path: Path, world: int) -> list[dict]:
     store = tmp_path / "store"
     store.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(world), str(store), str(tmp_path)],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + EQUAL_TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+    procs = []
+    with contextlib.ExitStack() as logs:
+        for r in range(world):
+            log = logs.enter_context(open(tmp_path / f"log{r}.txt", "w"))
+            command = [sys.executable, __file__, str(r), str(world), str(store), str(tmp_path)]
+            procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT))
+        deadline = time.monotonic() + EQUAL_TIMEOUT_S
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     text = "\n".join(
         f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_path / f"log{r}.txt").read_text()[-3000:]
         for r, p in enumerate(procs)

@@ -73,7 +73,15 @@ def test_rows_collate_to_the_batch_of_their_packs(attention):
     for picked in ([0], [2, 0, 3], list(range(batch.num_packs))[::-1]):
         got = collator.pack([rows[i] for i in picked])
         expected = assemble(ids, select_packs(batch.packing, picked), attention=attention, labels=labels)
-        for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "sample_index", "pack_index", "pack_offsets"):
+        for name in (
+            "input_ids",
+            "labels",
+            "position_ids",
+            "cu_seqlens",
+            "sample_index",
+            "pack_index",
+            "pack_offsets",
+        ):
             assert_equal(getattr(got, name), getattr(expected, name), name)
         for name in ("pack_id", "sample_index", "offset", "length", "pack_offsets"):
             assert_equal(getattr(got.packing, name), getattr(expected.packing, name), f"packing.{name}")
@@ -148,7 +156,11 @@ def test_dataloader_with_pack_sampler_on_parquet(tmp_path):
         ([{"input_ids": [1, 2]}, {"input_ids": []}], ValueError, "row 1 has no tokens"),
         ([{"input_ids": [1.5, 2.0]}], TypeError, "row 0: 'input_ids' must be a 1-D sequence of ints"),
         ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], ValueError, "row 0: 'labels' has 2 entries"),
-        ([{"input_ids": [1, 2, 3], "cu_seqlens": [0, 2]}], ValueError, "must rise strictly from 0 to the row's 3"),
+        (
+            [{"input_ids": [1, 2, 3], "cu_seqlens": [0, 2]}],
+            ValueError,
+            "must rise strictly from 0 to the row's 3",
+        ),
         ([{"input_ids": [1, 2, 3], "cu_seqlens": [0, 0, 3]}], ValueError, "must rise strictly"),
         (
             [{"input_ids": [1, 2, 3], "cu_seqlens": [0, 2, 3], "position_ids": [0, 1, 2]}],
@@ -224,7 +236,9 @@ def test_collator_order_default_and_warning():
         pack = TFPDataCollator(attention="pack", max_len=8)
     assert sample.order == "keep" and pack.order == "tfp"
     assert sample.pack(features).order.tolist() == [0, 1, 2, 3]
-    with pytest.warns(UserWarning, match="with per-sample attention the order inside a batch changes nothing"):
+    with pytest.warns(
+        UserWarning, match="with per-sample attention the order inside a batch changes nothing"
+    ):
         TFPDataCollator(order="tfp", attention="sample")
     with pytest.warns(UserWarning, match="order='random', attention='sample'"):
         TFPDataCollator(order="random")
@@ -237,8 +251,13 @@ def test_sample_attention_order_changes_nothing_measurable():
     """Why the warning: with per-sample attention the loss of a batch does not depend on its order."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
@@ -295,7 +314,11 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
 
     store = dist.FileStore(store_path, world)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GATHER_TIMEOUT_S - 60)
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=GATHER_TIMEOUT_S - 60),
     )
     ids, labels = _rank_samples()[rank]
     packing = pack_lengths([t.numel() for t in ids], max_len=24, strategy="next_fit")
@@ -324,34 +347,34 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
 def _launch(tmp_path: Path, world: int) -> list[dict]:
     store = tmp_path / "store"
     store.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(tmp_path / f"log{rank}.txt", "w")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(rank), str(world), str(store), str(tmp_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO_ROOT,
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
+    procs = []
+    with contextlib.ExitStack() as logs:
+        for rank in range(world):
+            log = logs.enter_context(open(tmp_path / f"log{rank}.txt", "w"))
+            command = [sys.executable, __file__, str(rank), str(world), str(store), str(tmp_path)]
+            procs.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
             )
-        )
-    deadline = time.monotonic() + GATHER_TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    text = "\n".join(f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_path / f"log{r}.txt").read_text()[-3000:] for r, p in enumerate(procs))
+        deadline = time.monotonic() + GATHER_TIMEOUT_S
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    text = "\n".join(
+        f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_path / f"log{r}.txt").read_text()[-3000:]
+        for r, p in enumerate(procs)
+    )
     assert all(p.returncode == 0 for p in procs), f"a worker failed or timed out\n{text}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -377,8 +400,12 @@ def test_two_ranks_packed_gradient_equals_unpacked_per_token_mean(tmp_path):
         for result in results:  # DDP leaves the same averaged gradient on both ranks
             torch.testing.assert_close(result["global"][name], expected, atol=2e-6 * scale + 1e-9, rtol=1e-4)
             worst_global = max(worst_global, float((result["global"][name] - expected).abs().max()) / scale)
-            worst_mean = max(worst_mean, float((result["per_rank_mean"][name] - expected).abs().max()) / scale)
-    print(f"max relative gradient difference: global count {worst_global:.2e}, per-rank mean {worst_mean:.2e}")
+            worst_mean = max(
+                worst_mean, float((result["per_rank_mean"][name] - expected).abs().max()) / scale
+            )
+    print(
+        f"max relative gradient difference: global count {worst_global:.2e}, per-rank mean {worst_mean:.2e}"
+    )
     assert worst_global < 1e-5
     assert worst_mean > 0.05, "the per-rank mean should weigh the samples unequally"
 

@@ -9,6 +9,7 @@ tokens in the packed batch, ``S`` attention segments (``P`` with ``attention="pa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -279,7 +280,7 @@ class PackedBatch:
             self.pack_index, torch.arange(num_packs + 1, dtype=self.pack_index.dtype, device=self.device)
         )
         host = torch.stack([self.pack_offsets.to(torch.int64), piece_offsets.to(torch.int64)]).cpu()
-        return [self._pack_range(first, last, host) for first, last in zip(bounds[:-1], bounds[1:])]
+        return [self._pack_range(first, last, host) for first, last in itertools.pairwise(bounds)]
 
     def _pack_range(self, first: int, last: int, host: torch.Tensor) -> PackedBatch:
         """Packs ``first .. last - 1`` as a batch of their own; ``host``: (2, P + 1) CPU int64, the pack

@@ -107,7 +107,9 @@ def _label_tensor(labels, name: str) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of shape (B, T) or (T,), got {labels.dtype} {tuple(labels.shape)}")
+        raise TypeError(
+            f"{name} must be an integer tensor of shape (B, T) or (T,), got {labels.dtype} {tuple(labels.shape)}"
+        )
     return labels
 
 
@@ -168,7 +170,9 @@ def global_num_items_in_batch(batches, *, group=None, device=None) -> torch.Tens
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         backend = str(dist.get_backend(group))
-        where = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        where = (
+            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        )
         buffer = total.to(where).reshape(1).clone()
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         total = buffer[0]
@@ -180,9 +184,9 @@ def global_num_items_in_batch(batches, *, group=None, device=None) -> torch.Tens
 
 def _row_ints(row, name: str, index: int, *, required: bool = True) -> np.ndarray | None:
     """Field ``name`` of row ``index`` as a 1-D int64 numpy array (None when absent and not required)."""
-    if not hasattr(row, "__getitem__") or isinstance(row, (str, bytes)):
+    if not isinstance(row, Mapping):
         raise TypeError(f"row {index} must be a mapping of columns (a dict), got {type(row).__name__}")
-    value = row.get(name) if hasattr(row, "get") else (row[name] if name in row else None)
+    value = row.get(name)
     if value is None:
         if required:
             raise ValueError(f"row {index} has no {name!r} (columns: {sorted(row)[:10]})")
@@ -310,7 +314,9 @@ class PackedRowsCollator:
                 raise ValueError(f"row {i} has {length} tokens, more than max_len={self.max_len}")
             row_positions = _row_ints(row, ROW_POSITIONS, i, required=False)
             if row_positions is not None and row_positions.size != length:
-                raise ValueError(f"row {i}: {ROW_POSITIONS!r} has {row_positions.size} entries but input_ids has {length}")
+                raise ValueError(
+                    f"row {i}: {ROW_POSITIONS!r} has {row_positions.size} entries but input_ids has {length}"
+                )
             cu = _segments_of_row(row, i, length, row_positions)
             seg_lengths = np.diff(cu)
             expected = np.arange(length, dtype=np.int64) - np.repeat(cu[:-1], seg_lengths)
@@ -325,7 +331,9 @@ class PackedRowsCollator:
                 row_labels = tokens.copy()
                 row_labels[cu[:-1]] = IGNORE_INDEX
             elif row_labels.size != length:
-                raise ValueError(f"row {i}: {ROW_LABELS!r} has {row_labels.size} entries but input_ids has {length}")
+                raise ValueError(
+                    f"row {i}: {ROW_LABELS!r} has {row_labels.size} entries but input_ids has {length}"
+                )
             sample_ids = _row_ints(row, ROW_SAMPLE_IDS, i, required=False)
             lengths = _row_ints(row, ROW_PIECE_LENGTHS, i, required=False)
             if sample_ids is not None and lengths is not None:
@@ -405,7 +413,9 @@ class PackedRowsCollator:
         )
 
 
-def batch_to_dict(batch: PackedBatch, *, flash_attn_kwargs: bool = True, num_items_in_batch: bool = True) -> dict:
+def batch_to_dict(
+    batch: PackedBatch, *, flash_attn_kwargs: bool = True, num_items_in_batch: bool = True
+) -> dict:
     """The model inputs of a packed batch as a collator returns them: ``input_ids``, ``labels``,
     ``position_ids`` (1, T); with ``flash_attn_kwargs`` ``cu_seq_lens_q/k`` and ``max_length_q/k``; with
     ``num_items_in_batch`` the batch's label-token count (0-d int64 tensor)."""
@@ -454,12 +464,15 @@ _LAST_SEGMENTS = _LastSegments()
 
 
 def _segments_from_cu(cu_q, cu_k, max_q, max_k, num_tokens: int, device) -> _Segments:
-    if cu_k is not None and cu_k is not cu_q:
-        if cu_k.shape != cu_q.shape or not torch.equal(cu_k.cpu(), cu_q.cpu()):
-            raise ValueError(
-                "cu_seq_lens_k differs from cu_seq_lens_q: the tfp_varlen attention is self-attention over one "
-                "packed batch (the same segments for queries and keys)"
-            )
+    if (
+        cu_k is not None
+        and cu_k is not cu_q
+        and (cu_k.shape != cu_q.shape or not torch.equal(cu_k.cpu(), cu_q.cpu()))
+    ):
+        raise ValueError(
+            "cu_seq_lens_k differs from cu_seq_lens_q: the tfp_varlen attention is self-attention over one "
+            "packed batch (the same segments for queries and keys)"
+        )
     if max_k is not None and max_q is not None and int(max_k) != int(max_q):
         raise ValueError(f"max_length_k ({max_k}) differs from max_length_q ({max_q})")
     if not isinstance(cu_q, torch.Tensor):
@@ -551,9 +564,13 @@ def hf_varlen_attention_forward(
             "e.g. model.set_attn_implementation('sdpa')"
         )
     if dropout:
-        raise NotImplementedError(f"the tfp_varlen attention has no attention dropout (got dropout={dropout})")
+        raise NotImplementedError(
+            f"the tfp_varlen attention has no attention dropout (got dropout={dropout})"
+        )
     if sliding_window is not None or softcap is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("the tfp_varlen attention supports no sliding window, soft-capping or sinks")
+        raise NotImplementedError(
+            "the tfp_varlen attention supports no sliding window, soft-capping or sinks"
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     device = query.device
     q = query.transpose(1, 2).reshape(batch_size * length, num_heads, head_dim)
@@ -588,7 +605,11 @@ def hf_varlen_attention_forward(
     cu_q = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     if cu_q is not None:
-        cu_k, max_q, max_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        cu_k, max_q, max_k = (
+            kwargs.get("cu_seq_lens_k"),
+            kwargs.get("max_length_q"),
+            kwargs.get("max_length_k"),
+        )
         key_ = (None if max_q is None else int(max_q), id(cu_k), str(device))
         segments = _LAST_SEGMENTS.get(
             cu_q, key_, lambda: _segments_from_cu(cu_q, cu_k, max_q, max_k, batch_size * length, device)
