@@ -3,7 +3,8 @@
 Layers, each usable alone: ``embed`` (hashed token-bag or transformers embeddings), ``order`` (threshold,
 exact TFP path, validator), ``packing`` (bin packing of lengths, pack shuffling), ``assembly`` (packed
 input_ids / labels / position_ids / cu_seqlens), ``attention`` (varlen attention over a packed batch),
-``integrations`` (transformers collator, ``order_dataset``), ``distributed`` (sharded ordering, rank-balanced
+``integrations`` (transformers collators, ``order_dataset``, loss normalisation, the ``tfp_varlen``
+attention), ``distributed`` (sharded ordering, rank-balanced
 pack sampler, streaming), ``cli`` (``tfp-pack``). :func:`pack_gpu` composes embed -> order -> pack -> assemble
 for training loops. Shape letters in the docstrings: N samples, D embedding dimension, M pieces of samples,
 P packs, T tokens.
@@ -22,7 +23,14 @@ from .distributed import (
     tfp_order_sharded,
 )
 from .embed import HashedEmbedder, TransformersEmbedder, hashed_embed, load_embedder, minilm_path
-from .integrations import TFPDataCollator, order_dataset
+from .integrations import (
+    PackedRowsCollator,
+    TFPDataCollator,
+    count_label_tokens,
+    global_num_items_in_batch,
+    order_dataset,
+    register_hf_attention,
+)
 from .order import (
     OrderStats,
     PathCheck,
@@ -44,6 +52,7 @@ __all__ = [
     "OrderStats",
     "PackPlan",
     "PackedBatch",
+    "PackedRowsCollator",
     "Packing",
     "Padded",
     "PaddedBatch",
@@ -58,7 +67,9 @@ __all__ = [
     "available_backends",
     "check_cu_seqlens",
     "check_path",
+    "count_label_tokens",
     "estimate_threshold",
+    "global_num_items_in_batch",
     "has_cuda_ops",
     "has_extension",
     "hashed_embed",
@@ -69,6 +80,7 @@ __all__ = [
     "pack_gpu",
     "pack_lengths",
     "pack_permutation",
+    "register_hf_attention",
     "select_packs",
     "shuffle_packs",
     "tfp_order",

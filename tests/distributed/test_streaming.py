@@ -4,12 +4,23 @@ The oracle: every emitted piece is identified by ``(source_index, source_offset,
 pass (one run, or a run interrupted and resumed from ``state_dict()``, or all ranks x workers) the pieces
 must tile every source sample exactly once (minus the samples an ``overlong="drop"`` policy counts), and
 each piece's tokens and labels must be the source's.
+
+``equal_batches`` runs on 2 gloo processes (this file is also their worker script): every rank yields the
+same number of batches, the extra ones are flagged repeats with every label -100, and the batches that are
+not repeats still cover the stream exactly once, also across a resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+import time
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +30,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from tfp_kernels.assembly import IGNORE_INDEX, PackedBatch
-from tfp_kernels.distributed import StreamBatch, TFPStreamingDataset, streaming
+from tfp_kernels.distributed import StreamBatch, TFPStreamingDataset, as_repeat, equalize_batches, streaming
 
 pytestmark = pytest.mark.filterwarnings("ignore:all .* pairs of embeddings are at distance 0")
 RANDOM = {"order": "random"}  # the real pack_gpu, without the ordering cost where the order is not the point
@@ -236,7 +247,13 @@ def test_ranks_times_workers_cover_once(monkeypatch, world, workers):
         for worker in range(workers):
             fake_worker(monkeypatch, worker, workers)
             dataset = TFPStreamingDataset(
-                stream, buffer_size=7, max_len=64, rank=rank, world_size=world, pack_kwargs=RANDOM
+                stream,
+                buffer_size=7,
+                max_len=64,
+                rank=rank,
+                world_size=world,
+                pack_kwargs=RANDOM,
+                equal_batches=False,  # the ranks are simulated in one process: nothing to agree with
             )
             batches = list(dataset)
             shard = rank * workers + worker
@@ -456,6 +473,7 @@ def test_resume_property(n, buffer_size, max_len, packs_per_batch, world, stops,
                 world_size=world,
                 seed=seed,
                 pack_kwargs={"overlong": overlong, "order": "random"},
+                equal_batches=False,
             )
 
         with warnings.catch_warnings():
@@ -463,3 +481,168 @@ def test_resume_property(n, buffer_size, max_len, packs_per_batch, world, stops,
             batches, _ = run_interrupted(make, stops)
         emitted += batches
     assert_exactly_once(emitted, stream, max_len=max_len if overlong == "truncate" else None)
+
+
+# ---------------------------------------------------------------------------------------- equal batches over ranks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EQUAL_TIMEOUT_S = 240
+EQUAL_STREAM = {"n": 61, "seed": 12, "max_tokens": 40, "labels": True}
+EQUAL_KWARGS = {"buffer_size": 5, "max_len": 48, "seed": 2, "pack_kwargs": RANDOM}
+
+
+def test_equal_batches_single_process_changes_nothing():
+    stream = make_stream(40, seed=3)
+    default = list(TFPStreamingDataset(stream, **EQUAL_KWARGS))
+    plain = list(TFPStreamingDataset(stream, **EQUAL_KWARGS, equal_batches=False))
+    assert len(default) == len(plain) and not any(b.repeat for b in default)
+    for a, b in zip(default, plain):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.source_index, b.source_index)
+
+
+def test_equal_batches_needs_a_group_and_the_main_process(monkeypatch):
+    stream = make_stream(20)
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        iter(TFPStreamingDataset(stream, buffer_size=4, max_len=64, rank=0, world_size=2))
+    fake_worker(monkeypatch, 0, 2)
+    with pytest.raises(RuntimeError, match="equalize_batches"):
+        iter(TFPStreamingDataset(stream, buffer_size=4, max_len=64, rank=0, world_size=2))
+    with pytest.raises(TypeError, match="equal_batches must be a bool"):
+        TFPStreamingDataset(stream, buffer_size=4, max_len=64, equal_batches=1)
+
+
+def test_as_repeat_and_equalize_without_a_group():
+    stream = make_stream(12, seed=5, labels=True)
+    batch = next(iter(TFPStreamingDataset(stream, buffer_size=6, max_len=64, pack_kwargs={"pad_to": 64})))
+    repeat = as_repeat(batch)
+    assert repeat.repeat and not batch.repeat
+    assert bool((repeat.labels == IGNORE_INDEX).all()) and repeat.num_items_in_batch.item() == 0
+    assert bool((repeat.padded.labels == IGNORE_INDEX).all())
+    assert torch.equal(repeat.input_ids, batch.input_ids) and batch.num_items_in_batch.item() > 0
+    as_dict = as_repeat({"labels": batch.labels, "input_ids": batch.input_ids, "num_items_in_batch": 5})
+    assert bool((as_dict["labels"] == IGNORE_INDEX).all()) and as_dict["num_items_in_batch"].item() == 0
+    with pytest.raises(TypeError, match="cannot make a repeat"):
+        as_repeat({"input_ids": batch.input_ids})
+    assert list(equalize_batches([1, 2, 3])) == [1, 2, 3]  # one process: nothing to agree on
+
+
+def test_micro_batches_of_a_stream_batch_slice_its_pieces():
+    stream = make_stream(30, seed=6)
+    batch = next(iter(TFPStreamingDataset(stream, buffer_size=30, max_len=64, packs_per_batch=4, seed=1)))
+    parts = batch.micro_batches(3)
+    assert all(isinstance(p, StreamBatch) and p.stream_state is batch.stream_state for p in parts)
+    assert torch.equal(torch.cat([p.source_index for p in parts]), batch.source_index)
+    assert torch.equal(torch.cat([p.source_offset for p in parts]), batch.source_offset)
+    assert_exactly_once(parts, stream, skip=set(range(30)) - set(batch.source_index.tolist()))
+
+
+def _equal_batches_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=EQUAL_TIMEOUT_S - 60)
+    )
+    stream = make_stream(**EQUAL_STREAM)
+
+    def make(**extra):
+        return TFPStreamingDataset(stream, **EQUAL_KWARGS, **extra)
+
+    out = {}
+    loader = DataLoader(make(), batch_size=None)
+    out["epoch0"] = list(loader)
+    out["epoch1"] = list(loader)  # the next epoch, agreed again
+    total = len(out["epoch0"])
+    for stop in (2, total - 1):  # early, and while the short rank is already repeating
+        first = make()
+        head = []
+        for batch in first:
+            head.append(batch)
+            if len(head) == stop:
+                break
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        out[f"resume{stop}"] = head + list(resumed)
+    loader = DataLoader(make(equal_batches=False), batch_size=None, num_workers=2)
+    out["workers"] = list(equalize_batches(loader))
+    out["placeholder"] = list(TFPStreamingDataset(stream[:1], buffer_size=2, max_len=64, pack_kwargs=RANDOM))
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch_equal_batches(tmp_path: Path, world: int) -> list[dict]:
+    store = tmp_path / "store"
+    store.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    procs = []
+    with contextlib.ExitStack() as logs:
+        for r in range(world):
+            log = logs.enter_context(open(tmp_path / f"log{r}.txt", "w"))
+            command = [sys.executable, __file__, str(r), str(world), str(store), str(tmp_path)]
+            procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT))
+        deadline = time.monotonic() + EQUAL_TIMEOUT_S
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    text = "\n".join(
+        f"--- rank {r} (rc {p.returncode}) ---\n" + (tmp_path / f"log{r}.txt").read_text()[-3000:]
+        for r, p in enumerate(procs)
+    )
+    assert all(p.returncode == 0 for p in procs), f"a worker failed or timed out (a hang?)\n{text}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _check_equal(per_rank, stream, *, last_real=True):
+    """Same count on every rank; repeats only after a rank's real batches, flagged, labels all -100."""
+    assert len({len(batches) for batches in per_rank}) == 1, [len(b) for b in per_rank]
+    real = []
+    for batches in per_rank:
+        flags = [b.repeat for b in batches]
+        first_repeat = flags.index(True) if True in flags else len(flags)
+        assert all(flags[first_repeat:])  # once a rank repeats, it repeats until the end
+        for batch in batches[first_repeat:]:
+            assert bool((batch.labels == IGNORE_INDEX).all()) and batch.num_items_in_batch.item() == 0
+            if last_real and first_repeat > 0:  # a repeat of this rank's last real batch
+                assert torch.equal(batch.input_ids, batches[first_repeat - 1].input_ids)
+        real += batches[:first_repeat]
+    assert_exactly_once(real, stream)
+    return real
+
+
+def test_equal_batches_on_two_ranks(tmp_path):
+    stream = make_stream(**EQUAL_STREAM)
+    alone = [
+        len(list(TFPStreamingDataset(stream, **EQUAL_KWARGS, rank=r, world_size=2, equal_batches=False)))
+        for r in range(2)
+    ]
+    assert alone[0] != alone[1]  # without equal_batches the ranks stop at different steps
+    results = _launch_equal_batches(tmp_path, 2)
+    epoch0 = [r["epoch0"] for r in results]
+    _check_equal(epoch0, stream)
+    assert len(epoch0[0]) == max(alone) and sum(b.repeat for b in epoch0[0] + epoch0[1]) == abs(alone[0] - alone[1])
+    epoch1 = [r["epoch1"] for r in results]
+    _check_equal(epoch1, stream)
+    assert {b.stream_state["epoch"] for batches in epoch1 for b in batches} == {1}
+    for stop in (2, max(alone) - 1):
+        resumed = [r[f"resume{stop}"] for r in results]
+        _check_equal(resumed, stream, last_real=stop == 2)
+        assert len(resumed[0]) == max(alone)
+    workers = [r["workers"] for r in results]
+    _check_equal(workers, stream)
+    assert sum(b.repeat for batches in workers for b in batches) > 0  # the workers' shards differ too
+    placeholder = [r["placeholder"] for r in results]
+    assert [len(b) for b in placeholder] == [1, 1]
+    assert not placeholder[0][0].repeat and placeholder[1][0].repeat
+    assert placeholder[1][0].source_index.tolist() == [-1] and placeholder[1][0].num_items_in_batch.item() == 0
+
+
+if __name__ == "__main__":
+    _equal_batches_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

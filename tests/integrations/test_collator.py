@@ -53,6 +53,7 @@ def test_keep_order_equals_data_collator_with_flattening(kind, labels, lengths, 
     features = _features(lengths, labels=labels, kind=kind)
     expected = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(features)
     out = TFPDataCollator(order="keep", attention="sample", return_flash_attn_kwargs=flash_kwargs)(features)
+    assert out.pop("num_items_in_batch").item() == int((expected["labels"][:, 1:] != -100).sum())
     assert sorted(out) == sorted(expected)
     assert "attention_mask" not in out
     for key, value in expected.items():
@@ -102,7 +103,7 @@ def test_fixed_threshold_and_embedding_key():
     features = _features([4, 2, 7, 3, 5, 1, 6, 2, 3, 8])
     for f, e in zip(features, emb):
         f["emb"] = e.tolist()
-    batch = TFPDataCollator(embedding_key="emb", threshold=0.5).pack(features)
+    batch = TFPDataCollator(embedding_key="emb", threshold=0.5, attention="pack").pack(features)
     assert_equal(batch.order, tfp_order(emb, threshold=0.5), "order")
     assert batch.order_stats.threshold == 0.5
 

@@ -9,6 +9,7 @@ tokens in the packed batch, ``S`` attention segments (``P`` with ``attention="pa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -185,15 +186,32 @@ class PackedBatch:
 
     # ------------------------------------------------------------------ conversions
 
-    def to_hf_kwargs(self) -> dict:
+    @property
+    def num_items_in_batch(self) -> torch.Tensor:
+        """The label tokens that count in the loss: a 0-d torch.int64 tensor on the batch's device (no sync).
+
+        ``(labels[:, 1:] != -100).sum()``: transformers' causal-LM loss shifts the labels (the logits at token
+        ``i`` predict ``labels[i + 1]``), so the first label never counts; here it is -100 anyway (the first
+        token of a segment). Transformers' ``Trainer`` counts the same way. Sum it over the micro-batches of
+        an optimizer step and over the ranks (:func:`~tfp_kernels.global_num_items_in_batch`) and pass the
+        total to the model to get the per-token mean of the whole step.
+        """
+        return (self.labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def to_hf_kwargs(self, *, num_items_in_batch=None) -> dict:
         """The keyword arguments transformers models take for a packed batch (as ``DataCollatorWithFlattening``
         with ``return_flash_attn_kwargs=True`` produces them): ``input_ids``, ``labels``, ``position_ids``
         (1, T) int64; ``cu_seq_lens_q``, ``cu_seq_lens_k`` (S + 1,) int32; ``max_length_q``, ``max_length_k``
         Python ints. There is deliberately no ``attention_mask``: with one, transformers' sdpa/eager paths
         stop detecting the segments from the position ids and let them attend to each other. Call the model
         with ``use_cache=False`` (a cache also disables that detection).
+
+        Args:
+            num_items_in_batch: when given (an int or a 0-d tensor, e.g. the global count of
+                :func:`~tfp_kernels.global_num_items_in_batch`), it is added under that key: transformers'
+                causal-LM loss is then the sum of the token losses divided by it, instead of their mean.
         """
-        return {
+        kwargs = {
             "input_ids": self.input_ids,
             "labels": self.labels,
             "position_ids": self.position_ids,
@@ -202,6 +220,115 @@ class PackedBatch:
             "max_length_q": self.max_seqlen,
             "max_length_k": self.max_seqlen,
         }
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return kwargs
+
+    # ------------------------------------------------------------------ micro-batches
+
+    #: fields of a subclass that hold one entry per piece, (M,): sliced with the pieces by :meth:`micro_batches`
+    _extra_piece_fields = ()
+
+    def micro_batches(self, n: int) -> list[PackedBatch]:
+        """Split the batch into ``n`` micro-batches of whole packs (for gradient accumulation).
+
+        The packs are cut into ``n`` consecutive groups of near-equal size (the first ``P % n`` groups hold
+        one pack more), as ``torch.arange(P).tensor_split(n)``. Micro-batch ``j`` is the batch of its packs
+        alone: every token field is the slice of its packs' tokens, ``cu_seqlens`` / ``cu_seqlens_cpu`` /
+        ``pack_offsets`` are rebased to start at 0 (segments never cross a pack, so no segment is cut),
+        ``sample_index`` / ``pack_index`` (rebased) and the ``packing``'s per-piece fields are the slice of
+        its pieces, ``max_seqlen`` / ``max_pack_length`` are its own, the ``padded`` view (when present)
+        holds its rows. ``order`` / ``order_stats`` and the ``packing``'s per-sample fields stay those of the
+        whole batch. Concatenating the micro-batches' tokens gives back the batch's.
+
+        Args:
+            n: the number of micro-batches, ``1 <= n <= P``.
+
+        Returns:
+            A list of ``n`` batches of the same type as this one, on its device.
+
+        Raises:
+            ValueError: ``n`` is not an int in ``[1, P]``.
+
+        Host syncs on CUDA: one (a copy of the pack and piece offsets to the host).
+
+        Examples::
+
+            >>> import torch
+            >>> from tfp_kernels import assemble, pack_lengths
+            >>> tokens = [torch.arange(n) + 10 * n for n in (3, 2, 4, 1, 2)]
+            >>> batch = assemble(tokens, pack_lengths([3, 2, 4, 1, 2], max_len=5), attention="sample")
+            >>> batch.pack_offsets.tolist(), batch.cu_seqlens.tolist()  # packs 3+2 | 4+1 | 2
+            ([0, 5, 10, 12], [0, 3, 5, 9, 10, 12])
+            >>> [mb.pack_offsets.tolist() for mb in batch.micro_batches(2)]
+            [[0, 5, 10], [0, 2]]
+            >>> [mb.cu_seqlens.tolist() for mb in batch.micro_batches(2)]
+            [[0, 3, 5, 9, 10], [0, 2]]
+        """
+        num_packs = self.num_packs
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max(num_packs, 1):
+            raise ValueError(
+                f"n must be an int in [1, {num_packs}] (the number of packs: micro-batches hold whole packs), "
+                f"got {n!r}"
+            )
+        if num_packs == 0:
+            return [self]
+        bounds = [0]
+        for size in (num_packs // n + (j < num_packs % n) for j in range(n)):
+            bounds.append(bounds[-1] + size)
+        piece_offsets = torch.searchsorted(
+            self.pack_index, torch.arange(num_packs + 1, dtype=self.pack_index.dtype, device=self.device)
+        )
+        host = torch.stack([self.pack_offsets.to(torch.int64), piece_offsets.to(torch.int64)]).cpu()
+        return [self._pack_range(first, last, host) for first, last in itertools.pairwise(bounds)]
+
+    def _pack_range(self, first: int, last: int, host: torch.Tensor) -> PackedBatch:
+        """Packs ``first .. last - 1`` as a batch of their own; ``host``: (2, P + 1) CPU int64, the pack
+        offsets and the index of the first piece of every pack."""
+        token_start, token_end = int(host[0, first]), int(host[0, last])
+        piece_start, piece_end = int(host[1, first]), int(host[1, last])
+        cu = self.cu_seqlens_cpu.to(torch.int64)
+        lo = int(torch.searchsorted(cu, token_start, side="left"))
+        hi = int(torch.searchsorted(cu, token_end, side="right")) - 1
+        if int(cu[lo]) != token_start or int(cu[hi]) != token_end:  # pragma: no cover - assemble never does it
+            raise ValueError(f"a segment of cu_seqlens crosses pack {first} or {last}: cannot split the batch")
+        cu_cpu = (cu[lo : hi + 1] - token_start).to(torch.int32)
+        cu_device = (self.cu_seqlens[lo : hi + 1] - token_start).contiguous()
+        pack_offsets_host = host[0, first : last + 1] - token_start
+        tokens = slice(token_start, token_end)
+        pieces = slice(piece_start, piece_end)
+        packing = self.packing
+        if packing is not None:
+            packing = dataclasses.replace(
+                packing,
+                pack_id=packing.pack_id[pieces] - first,
+                sample_index=packing.sample_index[pieces],
+                offset=packing.offset[pieces],
+                length=packing.length[pieces],
+                pack_offsets=packing.pack_offsets[first : last + 1] - token_start,
+                num_packs=last - first,
+            )
+        padded = self.padded
+        if padded is not None:
+            padded = PaddedBatch(*(field[first:last] for field in padded))
+        fields = {
+            "input_ids": self.input_ids[:, tokens],
+            "labels": self.labels[:, tokens],
+            "position_ids": self.position_ids[:, tokens],
+            "cu_seqlens": cu_device,
+            "cu_seqlens_cpu": cu_cpu,
+            "max_seqlen": int(torch.diff(cu_cpu).max()) if cu_cpu.numel() > 1 else 0,
+            "sample_index": self.sample_index[pieces],
+            "pack_index": self.pack_index[pieces] - first,
+            "pack_offsets": self.pack_offsets[first : last + 1] - token_start,
+            "max_pack_length": int(torch.diff(pack_offsets_host).max()),
+            "packing": packing,
+            "padded": padded,
+        }
+        for name in self._extra_piece_fields:
+            value = getattr(self, name)
+            fields[name] = None if value is None else value[pieces]
+        return dataclasses.replace(self, **fields)
 
     def to_padded(self, pad_to: int | None = None, *, pad_id: int = 0) -> PaddedBatch:
         """The ``[P, pad_to]`` padded view of the batch (see :class:`PaddedBatch`), on its device.

@@ -7,7 +7,10 @@ Public API:
   :func:`plan_epoch` / :class:`PackPlan` (the plan of all ranks), :func:`balance_steps`, :func:`mask_repeats`;
 - :class:`TFPStreamingDataset`: an ``IterableDataset`` that buffers any iterable of samples, packs each
   buffer with :func:`tfp_kernels.pack_gpu`, splits the stream across ranks and DataLoader workers and
-  resumes from ``state_dict()`` without losing or repeating samples; it yields :class:`StreamBatch`;
+  resumes from ``state_dict()`` without losing or repeating samples; it yields :class:`StreamBatch`; with
+  ``equal_batches=True`` (default) every rank yields the same number of batches (flagged repeats);
+  :func:`equalize_batches` does the same around any per-rank iterable (a DataLoader with workers),
+  :func:`as_repeat` makes a batch a repeat (labels all -100);
 - :func:`tfp_order_sharded` (also ``tfp_order(shard, ..., group=g)``): TFP ordering of rows sharded over the
   ranks of a process group, the same path as single-process ``tfp_order``; :class:`ShardedOrderStats`,
   :func:`shard_bounds` / :func:`shard_rows` (the ``torch.arange(N).tensor_split(world_size)`` split).
@@ -24,7 +27,7 @@ from .sampler import (
     mask_repeats,
     plan_epoch,
 )
-from .streaming import StreamBatch, TFPStreamingDataset
+from .streaming import StreamBatch, TFPStreamingDataset, as_repeat, equalize_batches
 
 __all__ = [
     "BALANCE_MODES",
@@ -34,8 +37,10 @@ __all__ = [
     "ShardedOrderStats",
     "StreamBatch",
     "TFPStreamingDataset",
+    "as_repeat",
     "balance_step_reference",
     "balance_steps",
+    "equalize_batches",
     "mask_repeats",
     "plan_epoch",
     "shard_bounds",

@@ -359,10 +359,18 @@ class DistributedPackSampler(Sampler):
 
     What it yields, once per step (``len(sampler)`` steps per epoch, the same on every rank):
 
-    - ``packs_per_step == 1``: an ``int``, the pack index: use ``DataLoader(packs, sampler=sampler)``;
-    - ``packs_per_step > 1``: a ``list`` of ``packs_per_step`` pack indices: use
-      ``DataLoader(packs, batch_sampler=sampler)``, or :func:`~tfp_kernels.packing.select_packs`
-      ``(packing, step)`` + :func:`~tfp_kernels.assemble` for one packed batch per step.
+    - ``packs_per_step == 1``: an ``int``, the pack index;
+    - ``packs_per_step > 1``: a ``list`` of ``packs_per_step`` pack indices.
+
+    On pre-packed rows (one pack per row, e.g. ``datasets.load_dataset("parquet", data_files="packed.parquet")``
+    from ``tfp-pack``): ``DataLoader(packs, batch_sampler=sampler, collate_fn=PackedRowsCollator())`` when
+    ``packs_per_step > 1`` (``sampler=sampler, collate_fn=PackedRowsCollator()`` when it is 1): the
+    :class:`~tfp_kernels.PackedRowsCollator` concatenates a step's rows into one flat batch with the rows'
+    attention segments (the default collate would try to stack rows of different lengths). To mask the
+    repeats, iterate :meth:`iter_with_repeats` and collate yourself: ``mask_repeats(collator.pack([packs[i]
+    for i in step]), flags)``. On a :class:`~tfp_kernels.packing.Packing` in memory:
+    :func:`~tfp_kernels.packing.select_packs` ``(packing, step)`` + :func:`~tfp_kernels.assemble` give one
+    packed batch per step.
 
     The remainder (``P % (R * K)`` packs that do not fill a last global step):
 
@@ -411,6 +419,15 @@ class DistributedPackSampler(Sampler):
                 [10,  9]])
         >>> samplers[0].stats()["num_repeated"], samplers[0].stats()["num_dropped"]
         (1, 0)
+
+    With pre-packed rows (here 7 rows of 10, 2, 7, ... tokens) and a ``DataLoader``::
+
+        >>> from torch.utils.data import DataLoader
+        >>> from tfp_kernels import PackedRowsCollator
+        >>> packs = [{"input_ids": list(range(n)), "cu_seqlens": [0, n]} for n in pack_tokens]
+        >>> loader = DataLoader(packs, batch_sampler=samplers[0], collate_fn=PackedRowsCollator())
+        >>> [step["cu_seq_lens_q"].tolist() for step in loader]  # rank 0: packs 0 and 4, then 5 and 6
+        [[0, 10, 13], [0, 9, 10]]
     """
 
     def __init__(

@@ -44,8 +44,20 @@ but not taken are emitted again after a resume, not lost). Resume with the same 
 **End of an epoch.** When a shard has emitted its last batch, its state says so (``done``); the next
 iteration starts the next epoch from the start of the stream (the pack shuffles take the epoch into their
 seed; re-shuffling the source itself is the source's business, e.g. ``datasets``' ``set_epoch``).
-Shards may emit different numbers of batches (their buffers pack differently): in multi-GPU training
-bound the steps (``max_steps``) or drop the tail, as with any stream.
+
+**Equal batch counts over the ranks.** Shards emit different numbers of batches (their buffers pack
+differently), and a data-parallel loop run to exhaustion would hang on the rank that stops first. With
+``equal_batches=True`` (the default) and ``world_size > 1`` every rank yields the same number of batches:
+before each batch the ranks agree, with one all-reduce of a flag over the default process group, whether
+any of them still has one; a rank that has run out yields a *repeat* meanwhile: a copy of its last batch
+with every label -100 (so its ``num_items_in_batch`` is 0: it adds nothing to the loss, and the label
+count of :func:`~tfp_kernels.global_num_items_in_batch` leaves it out) and ``repeat=True``; a rank that has
+emitted nothing yet repeats a one-token placeholder (token 0, ``source_index`` -1). The epoch ends when
+every rank has run out, on all ranks at once; a state saved while some ranks were repeating resumes that
+way (the ranks agree again when iteration starts). One process (``world_size == 1``) has nothing to agree
+on and pays nothing. The collective needs the iteration in the main process (``num_workers=0``); with
+DataLoader workers pass ``equal_batches=False`` and wrap the loader: ``for batch in
+equalize_batches(loader)`` (:func:`equalize_batches`, the same agreement one level up).
 """
 
 from __future__ import annotations
@@ -59,8 +71,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..assembly import PackedBatch, assemble
-from ..packing import Packing, select_packs
+from ..assembly import IGNORE_INDEX, PackedBatch, assemble
+from ..packing import Packing, pack_lengths, select_packs
 from .sampler import _as_int, _default_world
 
 STATE_VERSION = 1
@@ -84,16 +96,26 @@ class StreamBatch(PackedBatch):
         shard: the shard that emitted the batch (``rank * num_workers + worker_id``).
         stream_state: that shard's state after this batch (what :meth:`TFPStreamingDataset.update_state`
             records).
+        repeat: True for a batch yielded by ``equal_batches`` while this rank had run out: a copy of an
+            earlier batch (or a one-token placeholder) with every label -100; its samples are not emitted
+            again (its ``num_items_in_batch`` is 0).
+
+    ``micro_batches(n)`` slices ``source_index`` / ``source_offset`` with the pieces; ``stream_state`` stays
+    the state after the whole batch.
     """
 
     source_index: torch.Tensor | None = None
     source_offset: torch.Tensor | None = None
     shard: int = 0
     stream_state: dict | None = None
+    repeat: bool = False
+
+    _extra_piece_fields = ("source_index", "source_offset")
 
     def __repr__(self) -> str:
         inner = super().__repr__()
-        return f"StreamBatch{inner[inner.index('(') : -1]}, shard={self.shard})"
+        flag = ", repeat" if self.repeat else ""
+        return f"StreamBatch{inner[inner.index('(') : -1]}, shard={self.shard}{flag})"
 
 
 class TFPStreamingDataset(IterableDataset):
@@ -130,6 +152,11 @@ class TFPStreamingDataset(IterableDataset):
         seed: non-negative int: seeds the pack shuffles (mixed with epoch, shard and buffer number) and is
             ``pack_gpu``'s ``seed`` unless ``pack_kwargs`` names one.
         device: where the tokens go before packing (default CPU; e.g. ``"cuda"`` with ``num_workers=0``).
+        equal_batches: with ``world_size > 1``, every rank yields the same number of batches per epoch, the
+            ranks that run out first yielding flagged repeats (``repeat=True``, labels all -100; see the module
+            docstring). Needs an initialised default process group of ``world_size`` ranks and iteration in
+            the main process. Default True (no cost with one process); False lets each rank stop on its own
+            (then bound the steps, or use :func:`equalize_batches` around a DataLoader with workers).
 
     Yields:
         :class:`StreamBatch` (a ``PackedBatch``): ``input_ids``, ``labels``, ``position_ids`` (1, T) int64,
@@ -140,7 +167,8 @@ class TFPStreamingDataset(IterableDataset):
         ValueError / TypeError: bad arguments (at construction); an item without tokens, with an empty or
         non-integer token list, or labels of another length (while iterating, naming the stream position);
         a state saved with another ``world_size`` / rank / worker count (when iterating after
-        :meth:`load_state_dict`).
+        :meth:`load_state_dict`); ``equal_batches=True`` with ``world_size > 1`` but no matching initialised
+        process group, or inside a DataLoader worker (RuntimeError, when iterating).
 
     Examples::
 
@@ -148,7 +176,7 @@ class TFPStreamingDataset(IterableDataset):
         >>> from tfp_kernels.distributed import TFPStreamingDataset
         >>> stream = [{"input_ids": torch.arange(i % 7 + 1) + i} for i in range(30)]
         >>> ds = TFPStreamingDataset(stream, buffer_size=8, max_len=16, pack_kwargs={"order": "keep"})
-        >>> batches = list(ds)
+        >>> batches = list(ds)  # one process: equal_batches has nothing to do
         >>> sorted(torch.cat([b.source_index for b in batches]).tolist()) == list(range(30))
         True
         >>> ds2 = TFPStreamingDataset(stream, buffer_size=8, max_len=16, pack_kwargs={"order": "keep"})
@@ -177,6 +205,7 @@ class TFPStreamingDataset(IterableDataset):
         world_size: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        equal_batches: bool = True,
     ) -> None:
         super().__init__()
         if source is None or not (callable(source) or hasattr(source, "__iter__")):
@@ -211,6 +240,9 @@ class TFPStreamingDataset(IterableDataset):
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         self.seed = _as_int(seed, "seed", 0)
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if not isinstance(equal_batches, (bool, np.bool_)):
+            raise TypeError(f"equal_batches must be a bool, got {type(equal_batches).__name__}")
+        self.equal_batches = bool(equal_batches)
         self._states: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ state
@@ -279,11 +311,68 @@ class TFPStreamingDataset(IterableDataset):
                 f"the state of shard {shard} was saved with {state['num_shards']} shards (world_size x "
                 f"num_workers) but there are now {num_shards}: resume with the same world_size and num_workers"
             )
-        if state is None or state["done"]:
+        group = self._equal_batches_group()
+        done = state is not None and state["done"]
+        if group is not None:  # the epoch ends when every rank is done: a done rank may still have to repeat
+            done = _agree(done, all_ranks=True, group=group)
+        if state is None or done:
             epoch = 0 if state is None else state["epoch"] + 1
             state = _fresh_state(num_shards, epoch)
         self._states[shard] = state
-        return self._run(shard, num_shards, state)
+        batches = self._run(shard, num_shards, state)
+        if group is None:
+            return batches
+        return self._equalized(batches, shard, state, group)
+
+    def _equal_batches_group(self):
+        """The process group of ``equal_batches`` (None when there is nothing to agree on)."""
+        if not self.equal_batches or self.world_size == 1:
+            return None
+        import torch.distributed as dist
+
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "TFPStreamingDataset(equal_batches=True) agrees with the other ranks on every batch, which a "
+                "DataLoader worker cannot do (it is not in the process group): pass equal_batches=False and "
+                "iterate `tfp_kernels.distributed.equalize_batches(loader)` instead, or use num_workers=0"
+            )
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"TFPStreamingDataset(equal_batches=True, world_size={self.world_size}) needs an initialised "
+                "torch.distributed process group to agree on the number of batches; pass equal_batches=False "
+                "to iterate one rank's shard alone"
+            )
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise RuntimeError(
+                f"TFPStreamingDataset(equal_batches=True) is rank {self.rank} of {self.world_size} but the "
+                f"process group has this process as rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        return dist.group.WORLD
+
+    def _equalized(self, batches, shard: int, state: dict, group) -> Iterator[StreamBatch]:
+        last = None
+        while True:
+            batch = next(batches, None)
+            if not _agree(batch is not None, all_ranks=False, group=group):
+                return  # every rank has run out: the epoch ends everywhere
+            if batch is not None:
+                last = batch
+                yield batch
+                continue
+            if last is None:  # nothing emitted here yet (a shard without items, or a resume while repeating)
+                last = _placeholder_batch(
+                    self.pack_kwargs.get("attention", "pack"), self.pack_kwargs.get("pad_to"), self.device
+                )
+                last = StreamBatch(
+                    **{f.name: getattr(last, f.name) for f in dataclasses.fields(PackedBatch)},
+                    source_index=torch.full((1,), -1, dtype=torch.int64),
+                    source_offset=torch.zeros(1, dtype=torch.int64),
+                    shard=shard,
+                )
+            last = dataclasses.replace(
+                as_repeat(last), stream_state=_copy_state(state, share=True), repeat=True
+            )
+            yield last
 
     def _run(self, shard: int, num_shards: int, state: dict) -> Iterator[StreamBatch]:
         items = self._shard_items(shard, num_shards, state["items_consumed"])
@@ -505,6 +594,107 @@ def _unbatch(batches) -> Iterator[dict]:
         size = len(batch[columns[0]]) if columns else 0
         for i in range(size):
             yield {name: batch[name][i] for name in columns}
+
+
+def _collective_device(group) -> torch.device:
+    """Where a collective of ``group`` runs: the current CUDA device for nccl, else the CPU."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+def _agree(flag: bool, *, all_ranks: bool, group) -> bool:
+    """``flag`` on every rank of ``group`` (``all_ranks``) or on any of them, by one all-reduce."""
+    import torch.distributed as dist
+
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+def _placeholder_batch(attention: str, pad_to, device) -> PackedBatch:
+    """A one-token batch (token 0, label -100): what a rank without any batch repeats."""
+    packing = pack_lengths(torch.ones(1, dtype=torch.int64), max_len=1)
+    token = torch.zeros(1, dtype=torch.int64, device=device)
+    return assemble([token], packing, attention=attention, labels=[token.new_full((1,), IGNORE_INDEX)], pad_to=pad_to)
+
+
+def as_repeat(batch):
+    """``batch`` as a flagged repeat: every label -100 (so it adds nothing to the loss and its
+    ``num_items_in_batch`` is 0).
+
+    Args:
+        batch: a :class:`~tfp_kernels.PackedBatch` (its ``padded`` view too; a :class:`StreamBatch` also
+            gets ``repeat=True``) or a batch dict with ``labels`` (a copy with ``labels`` all -100, ``shift_labels``
+            likewise when present, and ``num_items_in_batch`` 0 when present).
+
+    Returns:
+        A copy; ``batch`` is not modified.
+    """
+    if isinstance(batch, PackedBatch):
+        padded = batch.padded
+        if padded is not None:
+            padded = padded._replace(labels=torch.full_like(padded.labels, IGNORE_INDEX))
+        fields = {"labels": torch.full_like(batch.labels, IGNORE_INDEX), "padded": padded}
+        if isinstance(batch, StreamBatch):
+            fields["repeat"] = True
+        return dataclasses.replace(batch, **fields)
+    if isinstance(batch, Mapping) and "labels" in batch:
+        out = dict(batch)
+        out["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        if "shift_labels" in out:
+            out["shift_labels"] = torch.full_like(batch["shift_labels"], IGNORE_INDEX)
+        if "num_items_in_batch" in out:
+            out["num_items_in_batch"] = torch.zeros((), dtype=torch.int64, device=batch["labels"].device)
+        return out
+    raise TypeError(
+        f"cannot make a repeat of a {type(batch).__name__}: expected a PackedBatch or a dict with 'labels'"
+    )
+
+
+def equalize_batches(batches, *, group=None) -> Iterator:
+    """Iterate ``batches`` so that every rank of ``group`` yields the same number of batches.
+
+    Before each batch the ranks agree, with one all-reduce of a flag, whether any of them still has one;
+    a rank that has run out yields a repeat of its last batch meanwhile (:func:`as_repeat`: every label
+    -100, ``num_items_in_batch`` 0, ``repeat=True`` on a :class:`StreamBatch`), and the iteration ends on
+    every rank when all have run out. Use it around a ``DataLoader`` whose workers read a
+    :class:`TFPStreamingDataset` (``equal_batches=False``), or any per-rank iterable of uneven length.
+    Without an initialised process group (or with one rank) it yields ``batches`` unchanged.
+
+    Args:
+        batches: an iterable of :class:`~tfp_kernels.PackedBatch` or batch dicts with ``labels``.
+        group: the process group (default: the default group).
+
+    Yields:
+        The batches of ``batches``, then repeats until every rank has run out. A rank that has yielded
+        nothing repeats a one-token placeholder :class:`~tfp_kernels.PackedBatch`.
+
+    Raises:
+        TypeError: a batch that is neither a ``PackedBatch`` nor a dict with ``labels`` (when it must be
+        repeated).
+    """
+    import torch.distributed as dist
+
+    iterator = iter(batches)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        yield from iterator
+        return
+    group = dist.group.WORLD if group is None else group
+    last = None
+    while True:
+        batch = next(iterator, None)
+        if not _agree(batch is not None, all_ranks=False, group=group):
+            return
+        if batch is not None:
+            last = batch
+            yield batch
+            continue
+        if last is None:
+            last = _placeholder_batch("pack", None, torch.device("cpu"))
+        last = as_repeat(last)
+        yield last
 
 
 def _fresh_state(num_shards: int, epoch: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ def _flat_ints(items, name: str) -> torch.Tensor:
 
 
 class TFPDataCollator:
-    """Collate a list of tokenized features into one TFP-ordered packed batch (``DataCollatorWithFlattening`` style).
+    """Collate a list of tokenized features into one packed batch (``DataCollatorWithFlattening`` style),
+    TFP-ordered into packs with pack attention.
 
     The features of a batch are ordered (``order``), packed into packs of at most ``max_len`` tokens (or one
     flat row holding the whole batch) and flattened into ``[1, T]`` tensors with position ids that restart
@@ -65,8 +67,8 @@ class TFPDataCollator:
     attention). No ``attention_mask`` is ever returned: with one, transformers would let the segments
     attend to each other.
 
-    With ``order="keep"``, ``attention="sample"`` and ``max_len=None`` the output equals
-    ``DataCollatorWithFlattening(return_flash_attn_kwargs=...)`` tensor for tensor.
+    With ``order="keep"``, ``attention="sample"`` and ``max_len=None`` (the defaults) the output equals
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=...)`` tensor for tensor, plus ``num_items_in_batch``.
 
     Args:
         max_len: capacity of a pack in tokens; None (default) puts the whole batch in one flat row, like
@@ -74,7 +76,16 @@ class TFPDataCollator:
         attention: ``"sample"`` (default: one segment per sample, no attention across samples: the same
             per-token logits as each sample alone) or ``"pack"`` (the TFP paper: one causal segment per
             pack, later samples see earlier ones; with ``max_len=None`` the whole batch is one segment).
-        order: ``"tfp"`` (default), ``"keep"`` (the order of the features) or ``"random"``.
+        order: ``"tfp"``, ``"keep"`` (the order of the features) or ``"random"``; default (None): ``"tfp"``
+            with ``attention="pack"``, ``"keep"`` with ``attention="sample"``. The order inside a batch
+            decides which samples share a pack, which matters only with pack attention: with
+            ``attention="sample"`` no sample sees another and the batch is one optimizer step whatever its
+            order, so the loss and the gradients do not change (up to float rounding) while TFP ordering
+            every batch costs an embedding and a TFP walk per batch (many times the flattening itself).
+            ``order="tfp"`` or ``"random"`` with ``attention="sample"`` therefore warns (a ``UserWarning``;
+            the order is still applied). To make TFP order matter with
+            per-sample attention, order the dataset (:func:`order_dataset`) and feed it with a sequential
+            sampler, so that similar samples share a step.
         strategy: bin packing strategy when ``max_len`` is set (see :func:`~tfp_kernels.pack_lengths`;
             ``"next_fit"`` keeps the order).
         threshold: a fixed TFP threshold (e.g. estimated once on the dataset with
@@ -92,6 +103,10 @@ class TFPDataCollator:
             default -100, outside the loss).
         return_flash_attn_kwargs: also return ``cu_seq_lens_q``, ``cu_seq_lens_k`` ((S + 1,) torch.int32)
             and ``max_length_q``, ``max_length_k`` (Python ints).
+        return_num_items_in_batch: also return ``num_items_in_batch`` (default True): the label tokens that
+            count in the loss, ``(labels[:, 1:] != -100).sum()`` as a 0-d torch.int64 tensor (see
+            :func:`~tfp_kernels.global_num_items_in_batch` for a whole optimizer step; ``Trainer`` replaces
+            it with its own global count). Turn it off for a model whose ``forward`` takes no ``**kwargs``.
         return_tensors: ``"pt"`` only.
         device: where the packing runs (the tokens are moved there first); None: the CPU.
 
@@ -103,7 +118,8 @@ class TFPDataCollator:
     Returns (a dict):
         ``input_ids``, ``labels``, ``position_ids``: (1, T), torch.int64; with
         ``return_flash_attn_kwargs``: ``cu_seq_lens_q``, ``cu_seq_lens_k`` (S + 1,) torch.int32 and
-        ``max_length_q``, ``max_length_k`` Python ints. On ``device`` (default CPU).
+        ``max_length_q``, ``max_length_k`` Python ints; with ``return_num_items_in_batch``:
+        ``num_items_in_batch``, a 0-d torch.int64 tensor. On ``device`` (default CPU).
 
     :meth:`pack` returns the :class:`~tfp_kernels.PackedBatch` itself (``sample_index`` maps its pieces back
     to the features, ``order`` is the order of the features that was packed).
@@ -117,8 +133,8 @@ class TFPDataCollator:
         (tensor([[5, 6, 7, 8, 9, 5, 6, 7, 1]]), tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
         >>> out["labels"]
         tensor([[-100,    6,    7, -100,    9, -100,    6,    7,    1]])
-        >>> out["cu_seq_lens_q"], out["max_length_q"]
-        (tensor([0, 3, 5, 9], dtype=torch.int32), 4)
+        >>> out["cu_seq_lens_q"], out["max_length_q"], out["num_items_in_batch"]
+        (tensor([0, 3, 5, 9], dtype=torch.int32), 4, tensor(6))
         >>> "attention_mask" in out
         False
     """
@@ -128,7 +144,7 @@ class TFPDataCollator:
         *,
         max_len: int | None = None,
         attention: str = "sample",
-        order: str = "tfp",
+        order: str | None = None,
         strategy: str = "next_fit",
         threshold: float | None = None,
         embedder=None,
@@ -142,6 +158,7 @@ class TFPDataCollator:
         overlong: str = "error",
         separator_id: int = IGNORE_INDEX,
         return_flash_attn_kwargs: bool = False,
+        return_num_items_in_batch: bool = True,
         return_tensors: str = "pt",
         device: str | torch.device | None = None,
     ):
@@ -151,8 +168,19 @@ class TFPDataCollator:
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         if attention not in COLLATOR_ATTENTION:
             raise ValueError(f"attention must be one of {list(COLLATOR_ATTENTION)}, got {attention!r}")
+        if order is None:
+            order = "tfp" if attention == "pack" else "keep"
         if order not in ORDERS:
             raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+        if attention == "sample" and order != "keep":
+            warnings.warn(
+                f"TFPDataCollator(order={order!r}, attention='sample'): with per-sample attention the order "
+                "inside a batch changes nothing the model computes (no sample sees another, and the batch is "
+                "one step whatever its order), and ordering costs time per batch. Order the dataset instead "
+                "(tfp_kernels.order_dataset, then a sequential sampler), or use attention='pack'",
+                UserWarning,
+                stacklevel=2,
+            )
         if return_tensors != "pt":
             raise ValueError(
                 f"return_tensors must be 'pt' (TFPDataCollator builds torch tensors), got {return_tensors!r}"
@@ -175,6 +203,7 @@ class TFPDataCollator:
         self.overlong = overlong
         self.separator_id = int(separator_id)
         self.return_flash_attn_kwargs = bool(return_flash_attn_kwargs)
+        self.return_num_items_in_batch = bool(return_num_items_in_batch)
         self.return_tensors = return_tensors
         self.device = None if device is None else torch.device(device)
         self.num_calls = 0
@@ -265,6 +294,8 @@ class TFPDataCollator:
                 max_length_q=batch.max_seqlen,
                 max_length_k=batch.max_seqlen,
             )
+        if self.return_num_items_in_batch:
+            out["num_items_in_batch"] = (labels[:, 1:] != IGNORE_INDEX).sum()
         return out
 
 
