@@ -574,7 +574,9 @@ def _prepare_text(records, args, device, progress, timer) -> dict:
         tokenizer = tokenize.load_tokenizer(args.tokenizer)
         tok = tokenize.tokenize_records(records, fmt, tokenizer, progress=progress)
     with timer("embed"):
-        to_embed = formats.prepare_embed_texts(records, fmt, fields=args.embed_field, template=args.embed_template)
+        to_embed = formats.prepare_embed_texts(
+            records, fmt, fields=args.embed_field, template=args.embed_template
+        )
         if to_embed.warning:
             print(f"  {to_embed.warning}", flush=True)
         emb, embedder = _embed(to_embed.distinct.texts, args.embedder, device, progress)

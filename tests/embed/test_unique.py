@@ -23,7 +23,7 @@ from tfp_kernels.embed import (
 
 
 class CountingEmbedder:
-    """A deterministic fake: row = (length, sum of code points, first code point or -1); records every call."""
+    """A deterministic fake: row = (length, sum of code points, first code point or -1); records calls."""
 
     def __init__(self):
         self.calls: list[list[str]] = []

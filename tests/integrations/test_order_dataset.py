@@ -175,7 +175,7 @@ def test_original_index_column():
         order_dataset(ordered, embeddings=emb[:30])
 
 
-# ------------------------------------------------------------------------------ texts: fields, templates, chat
+# ---------------------------------------------------------------------------- texts: fields, templates, chat
 
 ALPACA_ROWS = {
     "instruction": ["Summarize the following text."] * 6 + [f"Name {i} colours." for i in range(6)],
@@ -207,8 +207,12 @@ def test_alpaca_default_fields_and_template():
 
 
 CHAT_ROWS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i % 4}?"},
-     {"role": "assistant", "content": f"Answer {i}."}, {"role": "user", "content": f"Follow-up {i}"}]
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"Question {i % 4}?"},
+        {"role": "assistant", "content": f"Answer {i}."},
+        {"role": "user", "content": f"Follow-up {i}"},
+    ]
     for i in range(10)
 ] + [[{"role": "user", "content": "Only a user turn, about apples."}]]
 
@@ -222,12 +226,14 @@ def test_chat_messages_dataset():
     assert ordered[0]["messages"] == CHAT_ROWS[ordered[0]["original_index"]]
     templated = order_dataset(dataset, embed_template="{system}|{user_all}|{assistant}|{source}")
     texts = [
-        "|".join([
-            next((m["content"] for m in row if m["role"] == "system"), ""),
-            "\n".join(m["content"] for m in row if m["role"] == "user"),
-            next((m["content"] for m in row if m["role"] == "assistant"), ""),
-            "s",
-        ])
+        "|".join(
+            [
+                next((m["content"] for m in row if m["role"] == "system"), ""),
+                "\n".join(m["content"] for m in row if m["role"] == "user"),
+                next((m["content"] for m in row if m["role"] == "assistant"), ""),
+                "s",
+            ]
+        )
         for row in CHAT_ROWS
     ]
     assert list(templated["original_index"]) == _hashed_order(texts)
@@ -247,7 +253,9 @@ def test_each_distinct_text_is_embedded_once():
     with pytest.warns(UserWarning):
         ordered = order_dataset(dataset, embedder=Fake())
     assert calls == [list(dict.fromkeys(ALPACA_ROWS["instruction"]))]  # 7 distinct of 12, one call
-    every = torch.tensor([[len(t), sum(map(ord, t)) % 97] for t in ALPACA_ROWS["instruction"]], dtype=torch.float32)
+    every = torch.tensor(
+        [[len(t), sum(map(ord, t)) % 97] for t in ALPACA_ROWS["instruction"]], dtype=torch.float32
+    )
     assert list(ordered["original_index"]) == tfp_order(every).tolist()
 
 
@@ -267,10 +275,12 @@ def test_embedder_minilm_and_a_model_directory():
     dataset = datasets.Dataset.from_dict({k: v[6:] for k, v in ALPACA_ROWS.items()})  # distinct instructions
     texts = list(dataset["instruction"])
     minilm = load_embedder("minilm", device="cpu")
-    assert list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"]) == tfp_order(
-        minilm.embed_texts(texts)
-    ).tolist()
+    assert (
+        list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"])
+        == tfp_order(minilm.embed_texts(texts)).tolist()
+    )
     directory = load_embedder(minilm_path(), device="cpu")  # a model path: CLS pooling, 128 tokens
-    assert list(order_dataset(dataset, embedder=str(minilm_path()))["original_index"]) == tfp_order(
-        directory.embed_texts(texts)
-    ).tolist()
+    assert (
+        list(order_dataset(dataset, embedder=str(minilm_path()))["original_index"])
+        == tfp_order(directory.embed_texts(texts)).tolist()
+    )

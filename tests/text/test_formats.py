@@ -6,17 +6,6 @@ import re
 import numpy as np
 import pytest
 
-from tfp_kernels.text.formats import (
-    describe_embed_source,
-    embed_fields_argument,
-    embed_reads,
-    embed_template_argument,
-    parse_embed_fields,
-    prepare_embed_texts,
-    template_fields,
-    texts_to_embed,
-    unescape_template,
-)
 from tfp_kernels.text import (
     IGNORE_INDEX,
     ByteTokenizer,
@@ -27,6 +16,17 @@ from tfp_kernels.text import (
     load_tokenizer,
     segments,
     tokenize_records,
+)
+from tfp_kernels.text.formats import (
+    describe_embed_source,
+    embed_fields_argument,
+    embed_reads,
+    embed_template_argument,
+    parse_embed_fields,
+    prepare_embed_texts,
+    template_fields,
+    texts_to_embed,
+    unescape_template,
 )
 
 ALPACA = [
@@ -214,7 +214,10 @@ def test_several_fields_comma_separated_or_listed():
     assert texts_to_embed(records, "alpaca", fields=["instruction", "input"]) == want[:3]
     assert texts_to_embed(records, "alpaca", fields=[" instruction ", "input"]) == want[:3]
     # the order of the names is the order in the text; empty and null values are left out
-    assert texts_to_embed(records, "alpaca", fields="input,instruction")[0] == "Cats sleep a lot.\nSummarize the text."
+    assert (
+        texts_to_embed(records, "alpaca", fields="input,instruction")[0]
+        == "Cats sleep a lot.\nSummarize the text."
+    )
     assert texts_to_embed(records, "alpaca", fields="input") == ["Cats sleep a lot.", "", ""]  # null -> ""
     with pytest.raises(InputError, match=r"record 3 has no field 'input' \(named by the embed fields\)"):
         texts_to_embed(ALPACA_MIXED, "alpaca", fields="instruction,input")
@@ -226,11 +229,20 @@ def test_template_over_fields():
     short = texts_to_embed(ALPACA_MIXED[:1], "alpaca", template="[{instruction:.9}] {{literal}} {output!r}")
     assert short == ["[Summarize] {literal} 'Cats nap.'"]
     # a missing field names the record index and the field; a null one is not missing
-    with pytest.raises(InputError, match=r"record 3 has no field 'input' \(named by the embed template\); "
-                       r"its fields: \['instruction', 'output'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"record 3 has no field 'input' \(named by the embed template\); "
+        r"its fields: \['instruction', 'output'\]",
+    ):
         texts_to_embed(ALPACA_MIXED, "alpaca", template="{instruction}\n{input}")
     # non-string values: numbers as str, message lists as their contents, other values as JSON
-    odd = [{"a": 3, "b": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "c": {"k": 1}}]
+    odd = [
+        {
+            "a": 3,
+            "b": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            "c": {"k": 1},
+        }
+    ]
     assert texts_to_embed(odd, None, template="{a}|{b}|{c}") == ['3|x\ny|{"k": 1}']
 
 
@@ -238,17 +250,26 @@ def test_template_over_chat_roles():
     texts = texts_to_embed(CHAT, "chat", template="{system}|{user}|{user_all}|{assistant}")
     assert texts == ["Be brief.|Hi?|Hi?\nCapital of France?|Hello."]
     assert texts_to_embed(CHAT, "chat", fields="user_all") == ["Hi?\nCapital of France?"]
-    assert texts_to_embed(CHAT, "chat", fields="messages") == ["Be brief.\nHi?\nHello.\nCapital of France?\nParis."]
+    assert texts_to_embed(CHAT, "chat", fields="messages") == [
+        "Be brief.\nHi?\nHello.\nCapital of France?\nParis."
+    ]
     no_system = [{"messages": [{"role": "user", "content": "Q"}]}]
-    assert texts_to_embed(no_system, "chat", template="{system}|{user}|{tool_all}") == ["|Q|"]  # absent roles: ""
+    assert texts_to_embed(no_system, "chat", template="{system}|{user}|{tool_all}") == [
+        "|Q|"
+    ]  # absent roles: ""
     # a role that only the data has is known once any record has it
-    custom = [{"messages": [{"role": "user", "content": "Q"}]}, {"messages": [{"role": "critic", "content": "C"}]}]
+    custom = [
+        {"messages": [{"role": "user", "content": "Q"}]},
+        {"messages": [{"role": "critic", "content": "C"}]},
+    ]
     assert texts_to_embed(custom, "chat", template="{critic}") == ["", "C"]
     # a field of the record wins over a role of the same name
     tagged = [{"messages": CHAT[0]["messages"], "user": "the user field"}]
     assert texts_to_embed(tagged, "chat", template="{user}") == ["the user field"]
     # conversational prompt/completion: roles over prompt + completion
-    assert texts_to_embed(CONVERSATIONAL_PC, "prompt_completion", template="{user} {assistant}") == ["Say yes. Yes."]
+    assert texts_to_embed(CONVERSATIONAL_PC, "prompt_completion", template="{user} {assistant}") == [
+        "Say yes. Yes."
+    ]
     with pytest.raises(InputError, match=r"record 0 has no field 'usr'.*roles: \['assistant', .*'user'\]"):
         texts_to_embed(CHAT, "chat", template="{usr}")
     with pytest.raises(InputError, match=r"record 0 has no field 'user'"):  # roles only on conversations
@@ -256,7 +277,12 @@ def test_template_over_chat_roles():
 
 
 def test_defaults_match_embed_text_and_describe():
-    for records, fmt in [(ALPACA, "alpaca"), (CHAT, "chat"), (PROMPT_COMPLETION, "prompt_completion"), (TEXT, "text")]:
+    for records, fmt in [
+        (ALPACA, "alpaca"),
+        (CHAT, "chat"),
+        (PROMPT_COMPLETION, "prompt_completion"),
+        (TEXT, "text"),
+    ]:
         assert texts_to_embed(records, fmt) == [embed_text(r, fmt, index=i) for i, r in enumerate(records)]
     assert describe_embed_source("alpaca") == "instruction"
     assert describe_embed_source("alpaca", ["instruction", "input"]) == "instruction,input"
@@ -291,8 +317,12 @@ def test_bad_templates(template, message):
 def test_field_lists_and_argument_types():
     assert parse_embed_fields(None) is None
     assert parse_embed_fields("a, b") == ("a", "b") and parse_embed_fields(["a,b", "c"]) == ("a", "b", "c")
-    for bad, message in [("a,,b", "empty field name"), ("", "empty field name"), (["a", "a"], "named twice"),
-                         ([], "no field name")]:
+    for bad, message in [
+        ("a,,b", "empty field name"),
+        ("", "empty field name"),
+        (["a", "a"], "named twice"),
+        ([], "no field name"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_embed_fields(bad)
     with pytest.raises(TypeError, match="must be str"):
@@ -310,7 +340,10 @@ def test_field_lists_and_argument_types():
 
 
 def test_prepare_embed_texts_counts_and_warns():
-    records = [{"instruction": "Summarize the following text.", "input": f"text {i}", "output": "o"} for i in range(60)]
+    records = [
+        {"instruction": "Summarize the following text.", "input": f"text {i}", "output": "o"}
+        for i in range(60)
+    ]
     records += [{"instruction": f"Task {i}", "input": "", "output": "o"} for i in range(40)]
     prepared = prepare_embed_texts(records, "alpaca")
     assert prepared.texts == [r["instruction"] for r in records]
@@ -328,6 +361,8 @@ def test_prepare_embed_texts_counts_and_warns():
         prepared.warning
     )
     by_input = prepare_embed_texts(records, "alpaca", fields="input")
-    assert by_input.stats["num_empty"] == 40 and "40 of 100 embedded texts (input) are empty" in by_input.warning
+    assert (
+        by_input.stats["num_empty"] == 40 and "40 of 100 embedded texts (input) are empty" in by_input.warning
+    )
     both = prepare_embed_texts(records, "alpaca", fields="instruction,input")
     assert both.stats["num_distinct"] == 100 and both.warning is None

@@ -207,7 +207,11 @@ class TransformersEmbedder:
             (N, dim), torch.float32, on ``self.device``, in the order of ``texts``.
         """
         distinct = unique_texts(check_texts(texts, "TransformersEmbedder.embed_texts"))
-        texts = distinct.texts
+        return distinct.gather(self._run_model(distinct.texts))
+
+    def _run_model(self, texts: list[str]) -> torch.Tensor:
+        """Every text of ``texts`` (a checked list of N str) through the model, copies included -> (N, dim)
+        float32 on ``self.device``: the work of :meth:`embed_texts` before the dedup (benchmarks time it)."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         keys = list(encoded.keys())
         columns = [encoded[k] for k in keys]
@@ -233,7 +237,7 @@ class TransformersEmbedder:
                 out.index_copy_(0, rows, self._pool(hidden, batch["attention_mask"]))
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=1)
-        return distinct.gather(out)
+        return out
 
     def embed_tokens(self, tokens) -> torch.Tensor:
         """Embed N tokenised samples by decoding them with ``decode_tokenizer`` and embedding the texts.

@@ -105,7 +105,8 @@ def embed_unique(texts: Sequence[str], embedder, **kwargs) -> torch.Tensor:
         raise TypeError(f"the embedder must return a 2-D tensor (one row per text), got {got}")
     if rows.shape[0] != len(distinct.texts):
         raise ValueError(
-            f"the embedder returned {rows.shape[0]} rows for {len(distinct.texts)} texts (one row per text expected)"
+            f"the embedder returned {rows.shape[0]} rows for {len(distinct.texts)} texts "
+            "(one row per text expected)"
         )
     return distinct.gather(rows)
 
@@ -124,8 +125,11 @@ def embed_text_stats(texts: Sequence[str]) -> dict:
     Examples::
 
         >>> from tfp_kernels.embed import embed_text_stats
-        >>> embed_text_stats(["Sum.", "", "Sum.", " ", "Sum."])
-        {'num_texts': 5, 'num_distinct': 3, 'num_empty': 2, 'most_common_count': 3, 'most_common_text': 'Sum.'}
+        >>> stats = embed_text_stats(["Sum.", "", "Sum.", " ", "Sum."])
+        >>> stats["num_texts"], stats["num_distinct"], stats["num_empty"]
+        (5, 3, 2)
+        >>> stats["most_common_count"], stats["most_common_text"]
+        (3, 'Sum.')
     """
     texts = check_texts(texts, "embed_text_stats")
     counts = Counter(texts)
@@ -162,20 +166,22 @@ def embed_text_warning(
         >>> from tfp_kernels.embed import embed_text_stats, embed_text_warning
         >>> embed_text_warning(embed_text_stats(["a", "b", "c"])) is None
         True
-        >>> print(embed_text_warning(embed_text_stats(["Sum.", "", "Sum."]), source="instruction", hint="..."))
-        warning: 1 of 3 embedded texts (instruction) are empty (33.3%); 2 of 3 records (66.7%) embed the same text (instruction) 'Sum.' (2 distinct texts): identical texts are closer than any threshold and TFP cannot keep them apart; ...
+        >>> warning = embed_text_warning(embed_text_stats(["Sum.", "", "Sum."]), source="instruction")
+        >>> warning.startswith("warning: 1 of 3 embedded texts (instruction) are empty (33.3%); 2 of 3")
+        True
+        >>> "records (66.7%) embed the same text (instruction) 'Sum.' (2 distinct texts)" in warning
+        True
     """
     n = stats["num_texts"]
     what = f" ({source})" if source else ""
     parts = []
     if stats["num_empty"] > fraction * n:
-        parts.append(f"{stats['num_empty']} of {n} embedded texts{what} are empty ({100 * stats['num_empty'] / n:.1f}%)")
+        share = 100 * stats["num_empty"] / n
+        parts.append(f"{stats['num_empty']} of {n} embedded texts{what} are empty ({share:.1f}%)")
     count, text = stats["most_common_count"], stats["most_common_text"]
     if count >= 2 and count > fraction * n and text.strip():
         shown = text if len(text) <= 60 else text[:57] + "..."
-        parts.append(
-            f"{count} of {n} records ({100 * count / n:.1f}%) embed the same text{what} {shown!r}"
-        )
+        parts.append(f"{count} of {n} records ({100 * count / n:.1f}%) embed the same text{what} {shown!r}")
     if not parts:
         return None
     return (

@@ -342,7 +342,7 @@ def _dataset_format(columns: list[str]) -> str | None:
 
 
 def _embed_texts(dataset, columns, embed_field, embed_template, embedder):
-    """(N, D) embeddings of the texts built from the rows (the CLI's rules), each distinct text embedded once."""
+    """(N, D) embeddings of the texts built from the rows (tfp-pack's rules), each distinct text once."""
     import warnings
 
     from ..embed import embed_unique
@@ -369,7 +369,7 @@ def _embed_texts(dataset, columns, embed_field, embed_template, embedder):
 
 
 def _as_embedder(embedder, device):
-    """None -> the hashed embedder; a name or path -> :func:`~tfp_kernels.embed.load_embedder`; else as given."""
+    """None -> the hashed embedder; a name or path -> :func:`~tfp_kernels.embed.load_embedder`; else as is."""
     import os
 
     from ..embed import HashedEmbedder, load_embedder

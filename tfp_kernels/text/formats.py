@@ -282,7 +282,7 @@ def template_fields(template: str) -> tuple[str, ...]:
         if name not in names:
             names.append(name)
     if not names:
-        raise ValueError(f"embed template {shown} names no field; e.g. \"{{instruction}}\\n{{input}}\"")
+        raise ValueError(f'embed template {shown} names no field; e.g. "{{instruction}}\\n{{input}}"')
     try:
         template.format_map(dict.fromkeys(names, ""))
     except (ValueError, TypeError, KeyError, IndexError) as err:
@@ -297,7 +297,7 @@ def unescape_template(text: str) -> str:
 
 
 def embed_template_argument(text: str) -> str:
-    """``argparse`` type of ``--embed-template``: :func:`unescape_template`, checked by :func:`template_fields`."""
+    """``argparse`` type of ``--embed-template``: :func:`unescape_template`, then :func:`template_fields`."""
     template = unescape_template(text)
     try:
         template_fields(template)
@@ -321,8 +321,9 @@ def _field_text(value, where: str) -> str:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        return "\n".join(_as_text(m["content"], f"{where}[{j}].content") for j, m in enumerate(value))
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(m, dict) and "content" in m for m in value):  # messages
+            return "\n".join(_as_text(m["content"], f"{where}[{j}].content") for j, m in enumerate(value))
     if isinstance(value, (int, float, bool)):
         return str(value)
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
@@ -335,7 +336,9 @@ def _roles(records: Sequence[dict]) -> set[str]:
         for key in ("messages", "prompt", "completion"):
             value = record.get(key) if isinstance(record, dict) else None
             if isinstance(value, (list, tuple)):
-                found.update(m["role"] for m in value if isinstance(m, dict) and isinstance(m.get("role"), str))
+                found.update(
+                    m["role"] for m in value if isinstance(m, dict) and isinstance(m.get("role"), str)
+                )
     return found
 
 
@@ -371,7 +374,7 @@ class EmbedSource:
         self.roles = set(STANDARD_ROLES) | set(roles)
 
     def describe(self) -> str:
-        """One line for reports: ``instruction``, ``instruction,input`` or ``template "{instruction}\\n..."``."""
+        """One line for reports: ``instruction``, ``instruction,input`` or ``template "..."``."""
         if self.template is not None:
             return "template " + json.dumps(self.template, ensure_ascii=False)
         if self.fields is not None:
@@ -393,7 +396,9 @@ class EmbedSource:
         message = f"record {index} has no field '{name}' (named by {what}); its fields: {sorted(record)}"
         if conversation_record:
             roles = sorted(self.roles)
-            message += f", its message roles: {roles} ({{<role>}}: the first message, {{<role>{ALL_SUFFIX}}}: all)"
+            message += (
+                f", its message roles: {roles} ({{<role>}}: the first message, {{<role>{ALL_SUFFIX}}}: all)"
+            )
         return InputError(message)
 
     def text(self, record: dict, index: int = 0) -> str:
@@ -442,7 +447,9 @@ def embed_text(record: dict, fmt: str, field=None, index: int = 0, *, template: 
     return EmbedSource(fmt, field, template, _roles([record])).text(record, index)
 
 
-def texts_to_embed(records: Sequence[dict], fmt: str | None, *, fields=None, template: str | None = None) -> list[str]:
+def texts_to_embed(
+    records: Sequence[dict], fmt: str | None, *, fields=None, template: str | None = None
+) -> list[str]:
     """The text embedded for each record, in order (one str per record; "" where there is nothing).
 
     Args:
@@ -469,7 +476,8 @@ def texts_to_embed(records: Sequence[dict], fmt: str | None, *, fields=None, tem
         ['Sum.\\n1 2', 'Greet.']
         >>> texts_to_embed(records, "alpaca", template="{instruction} [{input}]")
         ['Sum. [1 2]', 'Greet. []']
-        >>> chat = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+        >>> chat = [{"messages": [{"role": "user", "content": "Hi?"},
+        ...                       {"role": "assistant", "content": "Hello."}]}]
         >>> texts_to_embed(chat, "chat", template="{user} -> {assistant}")
         ['Hi? -> Hello.']
     """
@@ -503,7 +511,12 @@ class EmbedTexts(NamedTuple):
 
 
 def prepare_embed_texts(
-    records: Sequence[dict], fmt: str | None, *, fields=None, template: str | None = None, hint: str = CLI_HINT
+    records: Sequence[dict],
+    fmt: str | None,
+    *,
+    fields=None,
+    template: str | None = None,
+    hint: str = CLI_HINT,
 ) -> EmbedTexts:
     """:func:`texts_to_embed` of ``records``, with their distinct values, their counts and a warning.
 
@@ -524,7 +537,8 @@ def prepare_embed_texts(
     texts = texts_to_embed(records, fmt, fields=fields, template=template)
     stats = embed_text_stats(texts)
     source = describe_embed_source(fmt, fields, template)
-    return EmbedTexts(texts, unique_texts(texts), stats, source, embed_text_warning(stats, source=source, hint=hint))
+    warning = embed_text_warning(stats, source=source, hint=hint)
+    return EmbedTexts(texts, unique_texts(texts), stats, source, warning)
 
 
 #: Record fields the format's default embedded text reads.
