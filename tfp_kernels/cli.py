@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "several fields are joined by newlines, empty ones left out; chat records: a role names its first "
         "message, ROLE_all all of them. Default: what the sample asks, not its answer, so that TFP orders "
         "by task: alpaca 'instruction' (as in the paper), chat the first user message, prompt_completion "
-        "'prompt', text 'text'. A warning is printed when over 1 percent of the texts are empty or the same",
+        "'prompt', text 'text'. A warning is printed when over 1 percent of the texts are empty or one "
+        "text is shared by over 1 percent of the records",
     )
     embed_source.add_argument(
         "--embed-template",
