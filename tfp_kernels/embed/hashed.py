@@ -28,6 +28,7 @@ import torch
 
 from . import reference as _ref
 from ._inputs import FlatTokens, check_texts, read_tokens, texts_to_bytes, validate
+from .unique import unique_texts
 
 _MASK31 = 0x7FFFFFFF
 _TABLE_MIN_TOKENS = 1 << 16
@@ -248,6 +249,8 @@ class HashedEmbedder:
     def embed_texts(self, texts: Sequence[str], *, device: str | torch.device = "cpu") -> torch.Tensor:
         """Embed N texts through their UTF-8 bytes (ids 0..255, byte n-grams of orders ``text_ngram``).
 
+        Each distinct text is hashed once and its row copied to every copy of it (:func:`unique_texts`).
+
         Args:
             texts: N str (N >= 1); an empty text gives a zero row.
             device: where the bytes go and the result lives.
@@ -261,11 +264,11 @@ class HashedEmbedder:
             >>> HashedEmbedder(dim=8).embed_texts(["héllo", ""]).shape
             torch.Size([2, 8])
         """
-        texts = check_texts(texts, "HashedEmbedder.embed_texts")
-        flat = read_tokens(texts_to_bytes(texts, device), "HashedEmbedder.embed_texts")
+        distinct = unique_texts(check_texts(texts, "HashedEmbedder.embed_texts"))
+        flat = read_tokens(texts_to_bytes(distinct.texts, device), "HashedEmbedder.embed_texts")
         low, high = self.text_ngram
         counts = hashed_counts(flat, dim=self.dim, ngram=high, seed=self.seed, min_ngram=low)
-        return _normalise(counts, self.normalize)
+        return distinct.gather(_normalise(counts, self.normalize))
 
     def __call__(self, x) -> torch.Tensor:
         """Texts (a list/tuple with a str in it) -> :meth:`embed_texts`; else :meth:`embed_tokens`."""

@@ -15,6 +15,7 @@ import torch
 
 from ._inputs import check_texts, read_tokens, validate
 from .hashed import HashedEmbedder, _as_int
+from .unique import unique_texts
 
 POOLINGS = ("cls", "mean")
 _DTYPES = {
@@ -195,13 +196,22 @@ class TransformersEmbedder:
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Embed N texts.
 
+        Each distinct text goes through the model once and its row is copied to every copy of it
+        (:func:`~tfp_kernels.embed.unique_texts`): SFT sets repeat their prompts, and copies of a text get
+        bit-identical rows (batches padded to different lengths could round them differently).
+
         Args:
             texts: N str (N >= 1).
 
         Returns:
             (N, dim), torch.float32, on ``self.device``, in the order of ``texts``.
         """
-        texts = check_texts(texts, "TransformersEmbedder.embed_texts")
+        distinct = unique_texts(check_texts(texts, "TransformersEmbedder.embed_texts"))
+        return distinct.gather(self._run_model(distinct.texts))
+
+    def _run_model(self, texts: list[str]) -> torch.Tensor:
+        """Every text of ``texts`` (a checked list of N str) through the model, copies included -> (N, dim)
+        float32 on ``self.device``: the work of :meth:`embed_texts` before the dedup (benchmarks time it)."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         keys = list(encoded.keys())
         columns = [encoded[k] for k in keys]

