@@ -84,11 +84,11 @@ def test_several_fields_and_the_empty_text_warning(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["input"]["embed_field"] == "input"
     assert _order(out) == _expected_order([r["input"] for r in records])
 
-    for argv in (
-        ["--embed-field", "instruction,input"],
-        ["--embed-field", "instruction", "--embed-field", "input"],
+    for name, argv in (
+        ("comma", ["--embed-field", "instruction,input"]),
+        ("repeated", ["--embed-field", "instruction", "--embed-field", "input"]),
     ):
-        rc, out = _run([path, *argv], tmp_path, "both")
+        rc, out = _run([path, *argv], tmp_path, name)
         assert rc == 0
         report = json.loads((out / "report.json").read_text())
         assert report["input"]["embed_field"] == "instruction,input"
@@ -146,7 +146,7 @@ def test_missing_and_null_fields(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and not out.exists()
     assert err == (
-        "tfp-pack: error: record 7 has no field 'input' (named by the embed template); "
+        f"tfp-pack: error: {path}: record 7 has no field 'input' (named by the embed template); "
         "its fields: ['instruction', 'output']"
     )  # record 3's null input is not missing: it is embedded as ""
     records[7]["input"] = None
