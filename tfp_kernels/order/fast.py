@@ -41,6 +41,7 @@ from .band_topk import (
 )
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
+from .policy import walk_policy
 from .scan import exact_pick, pick_among, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
@@ -434,6 +435,7 @@ def fast_tfp_order(
     group_duplicates: bool = True,
     long_lists: bool | str = "auto",
     use_close_sets: bool = True,
+    policy: str = "paper",
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
 
@@ -476,6 +478,10 @@ def fast_tfp_order(
     ``use_close_sets``: with a cap, the walk counts the unvisited members of the close sets of the nodes where
     the cap could fire (:func:`cap_close_sets`), so that fewer of their steps need a scan; False: by the lists'
     counts only (same path, more scans).
+
+    ``policy``: ``"paper"`` or ``"spread"`` (:mod:`~tfp_kernels.order.policy`; validated by the caller, no cap), as a
+    :class:`~tfp_kernels.order.policy.WalkPolicy`: the C++ walk takes the urgent groups' members and its host scans
+    the farthest node where none is valid; the device scans' picks are settled by its ``settle``.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
@@ -529,6 +535,12 @@ def fast_tfp_order(
     else:
         group_args = ()
         info.num_groups = n
+
+    def duplicates():
+        dups = groups if groups is not None or group_duplicates else duplicate_groups(embeddings)
+        return None if dups is None else (dups.group_of, dups.offsets.diff())
+
+    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=duplicates)
 
     def list_rows(*tables):
         """The tables' rows of the list rows (nodes, or duplicate groups' representatives)."""
@@ -796,13 +808,15 @@ def fast_tfp_order(
                 max_rejections=max_rejections,
                 metric=metric,
             )
-        return node
+        return policy.settle(node, x64, path[max(0, step - window) : step].tolist(),
+                             lambda: torch.nonzero(~visited_dev).flatten())
 
     walk = bind_walk(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
         slack=slack_host, num_close=num_close, host_scan=host_scan, path=path, visited=visited, counter=counter,
         threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
         group_args=group_args, long_lists=long_tables if long_lists else None, close_sets=close,
+        policy=policy,
     )
 
     def rebuild_lists(step: int) -> None:
