@@ -44,7 +44,9 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire;
   // (3,): [2] also sums, over the steps whose list could not decide while the cap could not fire (scanned
   // here or returned to the caller), the list's entries already visited (how much fresher lists could have
-  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below). The
+  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below); (6,): [4]
+  // also counts the scans run here whose node lies closer than t to a window node (forced steps) and [5] holds
+  // the first of them (set it to -1: the walk writes it once). The
   // walk also returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "

@@ -769,12 +769,17 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   std::vector<int64_t> set_pass;
   int64_t cap_fallbacks = 0;  // scans (here or returned) where the cap could fire (fresh lists avoid few)
   int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
+  int64_t forced_steps = 0, first_forced = -1;  // scans here whose pick is closer than t to a window node
   auto flush_counters = [&]() {
     int64_t* counts = num_fallbacks.numel() > 0 ? num_fallbacks.data_ptr<int64_t>() : nullptr;
     if (counts) counts[0] += fallbacks;
     if (counts && num_fallbacks.numel() > 1) counts[1] += cap_fallbacks;
     if (counts && num_fallbacks.numel() > 2) counts[2] += stale_entries;
     if (counts && num_fallbacks.numel() > 3) counts[3] += set_scans;
+    if (counts && num_fallbacks.numel() > 5) {
+      counts[4] += forced_steps;
+      if (counts[5] < 0) counts[5] = first_forced;
+    }
   };
   UnitRows<scalar_t> unit(dist, window);
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
@@ -876,6 +881,11 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       }
       if (best < 0) best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
+      // (the lists' picks are valid; a scan's is not where no node was, or where the cap took an invalid one)
+      bool valid = true;
+      for (int64_t q = win_begin; q < step && valid; ++q) valid = dist.metric(dist.s2(best, p[q])) >= threshold;
+      if (!valid && first_forced < 0) first_forced = step;
+      forced_steps += !valid;
     }
     p[step] = best;
     seen[best] = true;

@@ -188,6 +188,17 @@ def test_spread_fast_equals_reference(emb, kwargs, fallback):
 
 
 @needs_extension
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fallback", ["host", "device", "triton"])
+def test_cuda_spread_equals_reference(fallback):
+    emb = sft_like(300, 24, seed=9)
+    t = estimate_threshold(emb, quantile=0.05)
+    ref, stats = tfp_order_reference(emb, threshold=t, policy="spread", return_stats=True)
+    path, got = tfp_order(emb.cuda(), threshold=t, policy="spread", fallback=fallback, k=8, return_stats=True)
+    assert torch.equal(path.cpu(), ref) and got.num_forced_steps == stats.num_forced_steps
+
+
+@needs_extension
 def test_spread_with_rebuilds_and_scans_equals_reference():
     # enough rows for list rebuilds (>= 1024 nodes) and short lists: the walk returns for scans and rebuilds
     # while groups are urgent

@@ -78,7 +78,7 @@ from ..order.fast import (
     squared_threshold,
 )
 from ..order.host_scan import no_host_scan, squared_norms64
-from ..order.policy import check_policy, count_forced_steps, duplicates_of, walk_policy
+from ..order.policy import ForcedSteps, check_policy, duplicates_of, walk_policy
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
@@ -1095,8 +1095,6 @@ def tfp_order_sharded(
                 **long_args,
                 **common,
             )
-            forced, first = count_forced_steps(emb_host, path, threshold=threshold, window=window, metric=metric)
-            stats.update(num_forced_steps=forced, first_forced_step=-1 if first is None else first)
         else:
             _serve(comm, sh, n, dim, **common)
             path = torch.empty(n, dtype=torch.int64)
@@ -1236,6 +1234,7 @@ def _walk_root(
             bar = None
     have_basis = False
     policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=lambda: duplicates_of(emb_host))
+    forced_steps = ForcedSteps()
 
     walk = bind_walk(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
@@ -1255,8 +1254,10 @@ def _walk_root(
         command(_SCAN, step, win_rows)
         node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
         # (the scan takes c_0 where no node is valid; under "spread" rank 0 settles such a step on its rows)
-        return policy.settle(node, emb_host, path[max(0, step - window) : step].tolist(),
-                             lambda: torch.nonzero(~visited).flatten(), prepared=False)
+        node, forced = policy.settle(node, emb_host, path[max(0, step - window) : step].tolist(),
+                                     lambda: torch.nonzero(~visited).flatten(), prepared=False)
+        forced_steps.note(step, forced)
+        return node
 
     def rebuild_lists(step: int) -> None:
         command(_REBUILD, step)
@@ -1279,6 +1280,8 @@ def _walk_root(
     stats["num_fallbacks"] += tally.scans
     stats["num_rebuilds"] += tally.rebuilds
     stats["num_cap_fallbacks"] = int(counter[1])
+    stats["num_forced_steps"] = forced_steps.count  # (all at scans, and those run from here)
+    stats["first_forced_step"] = -1 if forced_steps.first is None else forced_steps.first
     if bar is not None:
         bar.close()
     command(_DONE, n)

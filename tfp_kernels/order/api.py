@@ -10,7 +10,7 @@ import torch
 
 from .. import _ext
 from . import _checks
-from .policy import check_policy, count_forced_steps
+from .policy import check_policy
 from .reference import reference_walk
 from .threshold import threshold_estimate
 
@@ -48,9 +48,9 @@ class OrderStats:
         num_forced_steps: steps whose node lies closer than ``t`` to a node of the window: without the cap, the
             steps where the threshold ran out (no unvisited node was at distance ``>= t`` from the window, so the
             rule took ``c_0``, or with ``policy="spread"`` the node farthest from the window); with the cap, also
-            the steps where the cap took a node closer than ``t``. The reference counts them in its walk, the
-            other backends from the path (:func:`~tfp_kernels.order.policy.count_forced_steps`), with exact
-            distances.
+            the steps where the cap took a node closer than ``t``. Counted in the walk, with exact distances: by
+            the reference at every step, by the fast backends at their exact scans (a band list's pick is valid);
+            :func:`~tfp_kernels.order.policy.count_forced_steps` counts them for any order.
         first_forced_step: the first of them (an index into the path), None when there is none.
     """
 
@@ -229,9 +229,6 @@ def tfp_order(
         )
         extra = dataclasses.asdict(info)
         del extra["time_setup_s"]  # counted in time_order_s
-        if return_stats:
-            forced, first = count_forced_steps(embeddings, path, threshold=threshold, window=window, metric=metric)
-            extra.update(num_forced_steps=forced, first_forced_step=first)
     elif backend in ("reference", "auto"):
         backend = "reference"
         path, forced = reference_walk(

@@ -41,7 +41,7 @@ from .band_topk import (
 )
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
-from .policy import walk_policy
+from .policy import ForcedSteps, walk_policy
 from .scan import exact_pick, pick_among, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
@@ -68,6 +68,8 @@ class FastOrderInfo:
     num_close_sets: int = 0
     num_cap_fallbacks: int = 0
     num_close_set_scans: int = 0
+    num_forced_steps: int = 0
+    first_forced_step: int | None = None
 
 
 class DuplicateGroups(NamedTuple):
@@ -699,8 +701,9 @@ def fast_tfp_order(
     # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
     host_scan = half_scan_rows(x32) if fallback == "host" else no_host_scan()
     # scans in the C++ walk; steps where the cap could fire; visited entries of undecided lists; the walk's scans
-    # over a close set and a list only
-    counter = torch.zeros(4, dtype=torch.long)
+    # over a close set and a list only; its forced steps and the first of them
+    counter = torch.tensor([0, 0, 0, 0, 0, -1], dtype=torch.long)
+    forced_steps = ForcedSteps()  # (those of the scans run from here)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -753,6 +756,13 @@ def fast_tfp_order(
         return node
 
     def pick(step: int) -> int:
+        """The node at ``step``: the rule's (:func:`scan`), settled by the policy; forced steps noted."""
+        node, forced = policy.settle(scan(step), x64, path[max(0, step - window) : step].tolist(),
+                                     lambda: torch.nonzero(~visited_dev).flatten())
+        forced_steps.note(step, forced)
+        return node
+
+    def scan(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
         nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_mode
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
@@ -808,8 +818,7 @@ def fast_tfp_order(
                 max_rejections=max_rejections,
                 metric=metric,
             )
-        return policy.settle(node, x64, path[max(0, step - window) : step].tolist(),
-                             lambda: torch.nonzero(~visited_dev).flatten())
+        return node
 
     walk = bind_walk(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
@@ -849,5 +858,7 @@ def fast_tfp_order(
     info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)
     info.num_cap_fallbacks = int(counter[1])
     info.num_close_set_scans = int(counter[3]) + set_scans[0]
+    forced_steps.add_walk_counter(counter)
+    info.num_forced_steps, info.first_forced_step = forced_steps.count, forced_steps.first
     return path.to(device), info
 
