@@ -1,6 +1,7 @@
 // Declarations of every op implementation (CPU in csrc/cpu, CUDA host code in csrc/cuda).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 #include <cstdint>
 #include <optional>  // packing/assembly block below
 #include <tuple>
@@ -23,7 +24,8 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
                      const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack,
                      const std::optional<at::Tensor>& close_offsets,
-                     const std::optional<at::Tensor>& close_members);
+                     const std::optional<at::Tensor>& close_members, c10::string_view policy,
+                     std::optional<at::TensorList> policy_groups);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> band_select_cpu(const at::Tensor& s2, int64_t row_offset,
                                                                const at::Tensor& lower, const at::Tensor& upper,
                                                                int64_t k, const std::optional<at::Tensor>& row_sq,

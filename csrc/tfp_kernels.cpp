@@ -44,7 +44,9 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire;
   // (3,): [2] also sums, over the steps whose list could not decide while the cap could not fire (scanned
   // here or returned to the caller), the list's entries already visited (how much fresher lists could have
-  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below). The
+  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below); (6,): [4]
+  // also counts the scans run here whose node lies closer than t to a window node (forced steps) and [5] holds
+  // the first of them (set it to -1: the walk writes it once). The
   // walk also returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
@@ -53,7 +55,15 @@ TORCH_LIBRARY(tfp_kernels, m) {
       "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
       "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
-      "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None) -> int");
+      "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None, str policy='paper', "
+      "Tensor[]? policy_groups=None) -> int");
+  // policy (tfp_kernels/order/policy.py): "paper" (the rule above) or "spread" (no cap): a group of exact
+  // duplicates that the window can barely keep apart (m unvisited members among u unvisited nodes, m >= 2 and
+  // m (window + 1) >= u, t > 0) is urgent, and its lowest unvisited member is taken as soon as it is valid (the
+  // urgent group with most members first, ties in the order (D[last, j], j)); a step where no unvisited node is
+  // valid takes the node farthest from the window (max of the min distance to its nodes, ties: lower index).
+  // policy_groups: [group_of (N,) int32 (-1: no duplicate), offsets (G + 1,) int64, members (M,) int64], the
+  // groups of two or more equal rows numbered by decreasing size, members increasing (None: no such group).
   // Exact-duplicate groups (optional, all four or none): the band lists are then per group (U, K) and
   // hold group ids; group_of (N,) int32 is each node's group, group_members (N,) int64 the nodes of
   // group g in increasing order at group_offsets[g]..group_offsets[g + 1] (int64, U + 1), group_next

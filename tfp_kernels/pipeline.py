@@ -20,6 +20,7 @@ from .assembly.api import ATTENTION_MODES
 from .assembly.types import as_token_container
 from .order import _checks
 from .order.api import tfp_order
+from .order.policy import check_policy
 from .packing import Packing, pack_lengths
 from .packing.binpack import OVERLONG_POLICIES, STRATEGIES
 
@@ -187,6 +188,7 @@ def pack_gpu(
     embedder=None,
     overlong: str = "error",
     pad_to: int | None = None,
+    policy: str | None = None,
 ) -> PackedBatch:
     """Order a buffer of tokenized samples by TFP and pack them into one flash-attention-ready batch.
 
@@ -226,6 +228,12 @@ def pack_gpu(
             counted in ``batch.packing`` (``num_truncated``, ``num_dropped`` + ``dropped_index``,
             ``num_split``).
         pad_to: also build the ``[P, pad_to]`` padded view (``batch.padded``).
+        policy: what the TFP walk does where the threshold runs out (``order="tfp"``; see
+            :mod:`tfp_kernels.order.policy`): ``"spread"`` (exact duplicates that the window can barely keep apart
+            are taken as soon as they are valid, and a step with no valid node takes the node farthest from the
+            window; no ``max_rejections``) or ``"paper"`` (the paper's rule, the default of
+            :func:`~tfp_kernels.tfp_order`). None (default): ``"spread"``, or ``"paper"`` when ``max_rejections``
+            is given (the cap exists only in the paper's rule).
 
     Returns:
         :class:`~tfp_kernels.PackedBatch` on the samples' device: ``input_ids``, ``labels``, ``position_ids``
@@ -237,7 +245,8 @@ def pack_gpu(
     Raises:
         ValueError: empty buffer; an empty sample; an over-long sample with ``overlong="error"``;
             embeddings with the wrong N, on another device, or with NaN/inf; mixed devices; unknown
-            ``order``/``strategy``/``attention``/``overlong``/``metric``.
+            ``order``/``strategy``/``attention``/``overlong``/``metric``/``policy``; ``policy="spread"`` with
+            ``max_rejections``.
         TypeError: samples of an unknown kind or a non-integer dtype; embeddings not floating.
 
     Examples::
@@ -256,6 +265,9 @@ def pack_gpu(
     _check_choice(attention, "attention", ATTENTION_MODES)
     overlong = _check_choice(overlong, "overlong", OVERLONG_POLICIES)
     metric = _checks.check_metric(metric)
+    if policy is None:
+        policy = "spread" if max_rejections is None else "paper"
+    policy = check_policy(policy, _checks.check_max_rejections(max_rejections))
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     max_len = int(max_len)
@@ -283,6 +295,7 @@ def pack_gpu(
             max_rejections=max_rejections,
             k=k,
             return_stats=True,
+            policy=policy,
         )
         path_cpu = path.cpu()
     elif order == "random":

@@ -196,3 +196,57 @@ def plot_similarity(per_pack: dict[str, torch.Tensor], path: str, title: str) ->
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, threshold: float,
+                                 metric: str = "l2") -> float:
+    """Fraction of the within-pack pairs of distinct samples that lie closer than ``threshold``: the
+    near-duplicates that TFP is meant to keep apart, put into one pack anyway.
+
+    Exact float64 distances (the TFP reference's), of the pairs within each pack only (no N x N matrix):
+    ``sum_p k_p (k_p - 1) / 2`` pairs for packs of ``k_p`` distinct samples, in blocks.
+
+    Args:
+        packing: a :class:`~tfp_kernels.Packing` whose ``sample_index`` indexes rows of ``embeddings``.
+        embeddings: (N, D) floating, any device (the distances are computed there).
+        threshold: the TFP threshold ``t`` (e.g. ``OrderStats.threshold``), in units of ``metric``.
+        metric: ``"l2"`` or ``"cosine"`` (``1 - cos``), as the order used.
+
+    Returns:
+        a float in [0, 1], or NaN when no pack holds two samples.
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels import pack_lengths
+        >>> emb = torch.tensor([[0.0], [0.1], [5.0], [9.0]])
+        >>> near_duplicate_pair_fraction(pack_lengths([2, 2, 2, 2], 6), emb, 0.5)  # packs {0, 1, 2} | {3}
+        0.3333333333333333
+    """
+    from .order import _checks
+    from .order.policy import exact_pair_distances
+
+    metric = _checks.check_metric(metric)
+    threshold = _checks.check_threshold(threshold)
+    if threshold is None:
+        raise ValueError("threshold is required: pass the t the order was built with")
+    embeddings = _checks.check_embeddings(embeddings.detach(), metric=metric)
+    pack, sample = _pack_of_samples(packing)  # sorted by pack, then sample
+    if sample.numel() and int(sample.max()) >= embeddings.shape[0]:
+        raise ValueError(f"the packing holds sample {int(sample.max())} but embeddings has {embeddings.shape[0]} rows")
+    segment_end = torch.cumsum(torch.bincount(pack, minlength=packing.num_packs), 0)[pack]
+    later = segment_end - torch.arange(sample.numel()) - 1  # the pairs (a, b > a) of each sample in its pack
+    total = int(later.sum())
+    if total == 0:
+        return float("nan")
+    close = 0
+    chunk = max(1, (1 << 22) // max(1, int(later.max())))  # samples per round: at most ~4M pairs
+    for a0 in range(0, sample.numel(), chunk):
+        counts = later[a0 : a0 + chunk]
+        first = torch.repeat_interleave(torch.arange(a0, a0 + counts.numel()), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        second = first + 1 + torch.arange(first.numel()) - torch.repeat_interleave(starts, counts)
+        d = exact_pair_distances(embeddings, sample[first].to(embeddings.device),
+                                 sample[second].to(embeddings.device), metric)
+        close += int((d < threshold).sum())
+    return close / total

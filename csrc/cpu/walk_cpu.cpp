@@ -208,6 +208,71 @@ struct Groups {
   }
 };
 
+// The "spread" policy's urgent groups (see the op's comment in tfp_kernels.cpp): groups of two or more exact
+// duplicates, numbered by decreasing size; their unvisited members are counted from `seen` when made, and
+// taken() keeps the counts. A group with m unvisited members among u unvisited nodes needs
+// (m - 1) (window + 1) + 1 positions to keep its members apart (they are at distance 0 < t from each other):
+// from m (window + 1) >= u on it is urgent, and pick() takes a member as soon as one is valid.
+class UrgentGroups {
+ public:
+  UrgentGroups(const int32_t* group_of, const int64_t* offsets, const int64_t* members, int64_t num_groups,
+               const bool* seen)
+      : group_of_(group_of), offsets_(offsets), members_(members), remaining_(num_groups), next_(num_groups) {
+    for (int64_t g = 0; g < num_groups; ++g) {
+      next_[g] = offsets[g];
+      for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) remaining_[g] += !seen[members[i]];
+    }
+  }
+
+  // Call after marking `node` visited.
+  void taken(int64_t node) {
+    const int32_t g = group_of_[node];
+    if (g >= 0) --remaining_[g];
+  }
+
+  // The member to take at `step` (path[:step] set, n - step nodes unvisited), or -1 when no urgent group has a
+  // valid member: of the urgent groups with a valid member, the one with the most unvisited members, ties by
+  // (D[last, member], member); the member is the group's lowest unvisited node.
+  template <typename scalar_t>
+  int64_t pick(const int64_t* path, int64_t step, int64_t n, int64_t window, double threshold,
+               const ExactDistance<scalar_t>& dist, const bool* seen) {
+    const int64_t unvisited = n - step, period = window + 1;
+    const int64_t need = unvisited / period + (unvisited % period != 0);  // urgent: m >= ceil(u / (window + 1))
+    const int64_t groups = static_cast<int64_t>(remaining_.size());
+    const int64_t last = path[step - 1];
+    const int64_t win_begin = std::max<int64_t>(0, step - window);
+    int64_t best = -1, best_count = 0;
+    double best_d = std::numeric_limits<double>::infinity();
+    // (groups by decreasing size: none past the first smaller than `need` can be urgent)
+    for (int64_t g = 0; g < groups && offsets_[g + 1] - offsets_[g] >= need; ++g) {
+      const int64_t m = remaining_[g];
+      if (m < 2 || m < need || m < best_count) continue;
+      int64_t pos = next_[g];
+      while (seen[members_[pos]]) ++pos;  // (m >= 1 members are unvisited)
+      next_[g] = pos;
+      const int64_t c = members_[pos];
+      const double d = dist.metric(dist.s2(last, c));
+      if (d < threshold || (m == best_count && (d > best_d || (d == best_d && c > best)))) continue;
+      bool valid = true;
+      for (int64_t q = win_begin; q < step - 1 && valid; ++q) {
+        valid = dist.metric(dist.s2(c, path[q])) >= threshold;
+      }
+      if (!valid) continue;
+      best = c;
+      best_count = m;
+      best_d = d;
+    }
+    return best;
+  }
+
+ private:
+  const int32_t* group_of_;  // (N,) group, -1 for a node without duplicates
+  const int64_t* offsets_;   // (G + 1,)
+  const int64_t* members_;   // members of each group, increasing
+  std::vector<int64_t> remaining_;  // unvisited members per group
+  std::vector<int64_t> next_;       // position of the first possibly-unvisited member
+};
+
 // Dot products of one float16 row (the scan's copy of a prepared row, scaled by a power of two) with up to
 // kQueryBlock float32 query rows, accumulated in float32, in one read of the row. The pass over the
 // unvisited rows is memory-bound (measured on this 2-core machine: 16 GB/s over rows in memory order,
@@ -324,12 +389,14 @@ class FallbackScan {
   // |s2_pass - s2_exact| for every pair of each node. With groups, the scan runs over the groups that still
   // have an unvisited member: one row per group, standing for its next unvisited member (the one the rule
   // takes among equals).
+  // farthest_if_forced: a scan that finds no valid node takes the node farthest from the window (the "spread"
+  // policy) instead of c_0.
   FallbackScan(const ExactDistance<scalar_t>& dist, const at::Tensor& rows16, const double* scale,
                const double* sq_norms, const double* slack, const bool* seen, const Groups& groups, int64_t num_rows,
-               double t2)
+               double t2, bool farthest_if_forced)
       : dist_(dist), rows16_(reinterpret_cast<const uint16_t*>(rows16.data_ptr<at::Half>())), dim_(rows16.size(1)),
         scale_(scale), sq_norms_(sq_norms), slack_(slack), groups_(groups), seen_(seen), t2_(t2),
-        row_dots_(pick_row_dots()), alive_(num_rows, 0) {
+        farthest_(farthest_if_forced), row_dots_(pick_row_dots()), alive_(num_rows, 0) {
     for (int64_t i = 0; i < num_rows; ++i) {
       if (groups_.resolve(i, seen) >= 0) {
         alive_[i] = 1;
@@ -378,7 +445,11 @@ class FallbackScan {
     const int64_t n_u = num_alive_;
     // with groups the cap is never used (the caller does not group then), so counts of rows are counts of nodes
     const bool capped = max_rejections >= 0 && n_u > max_rejections;
-    approximate(pass, path, last, win_begin, step);
+    if (farthest_) {
+      approximate<true>(pass, path, last, win_begin, step);
+    } else {
+      approximate<false>(pass, path, last, win_begin, step);
+    }
     const int64_t rows = static_cast<int64_t>(pass.size());
     const double sl = slack_[last];
     // a relative margin on every comparison of squared distances: exact values proven apart by it also
@@ -420,6 +491,7 @@ class FallbackScan {
     }
     if (best >= 0 && best_s2 >= limit2) return -1;  // a node outside the pass may precede it
     if (best >= 0 && !capped) return best;
+    if (best < 0 && farthest_ && whole && !capped) return farthest_over(pass, path, step, window);
     if (best >= 0) {
       // 2. with the cap: `best` is the pick if fewer than M nodes precede it (rows surely nearer count
       //    without exact distances, rows surely farther are skipped)
@@ -476,11 +548,50 @@ class FallbackScan {
     return whole || dist_.s2(last, node) < limit2 ? node : -1;
   }
 
+  // The "spread" policy's forced pick: the unvisited node whose exact distance to its nearest window node is
+  // largest (ties: lower index), from the pass's approximate minima (min_s2_, within the window nodes' largest
+  // bound of the exact ones): only the rows that can reach the largest lower bound get exact distances.
+  int64_t farthest_over(const std::vector<int64_t>& pass, const int64_t* path, int64_t step, int64_t window) {
+    const int64_t win_begin = std::max<int64_t>(0, step - window);
+    double bound = 0.0;
+    for (const int64_t q : query_) bound = std::max(bound, slack_[q]);
+    const int64_t rows = static_cast<int64_t>(pass.size());
+    auto reach = [&](double value) { return bound + 1e-9 * std::abs(value) + 1e-300; };
+    double floor = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (node_[i] >= 0) floor = std::max(floor, min_s2_[i] - reach(min_s2_[i]));
+    }
+    cand_.clear();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (node_[i] >= 0 && min_s2_[i] + reach(min_s2_[i]) >= floor) cand_.push_back(i);
+    }
+    exact_.resize(cand_.size());
+    at::parallel_for(0, static_cast<int64_t>(cand_.size()), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t node = node_[cand_[c]];
+        double nearest = std::numeric_limits<double>::infinity();
+        for (int64_t q = win_begin; q < step; ++q) nearest = std::min(nearest, dist_.metric(dist_.s2(node, path[q])));
+        exact_[c] = {{nearest, node}, 0.0};
+      }
+    });
+    TORCH_CHECK(!exact_.empty(), "tfp_walk: internal error: no unvisited node to scan");
+    int64_t best = exact_[0].first.second;
+    double best_d = exact_[0].first.first;
+    for (const auto& e : exact_) {
+      if (e.first.first > best_d || (e.first.first == best_d && e.first.second < best)) {
+        best_d = e.first.first;
+        best = e.first.second;
+      }
+    }
+    return best;
+  }
+
   static constexpr int8_t kInvalid = 0, kUndecided = 1, kSurelyValid = 2;
 
   // Approximate squared distances of every list row of `pass` to `last` (s2_last_), its node (node_, -1
   // when none is unvisited) and its status against the window (invalid: surely below t for some window
-  // node; surely valid: surely >= t for all; undecided).
+  // node; surely valid: surely >= t for all; undecided); kMins: also the smallest over the window (min_s2_).
+  template <bool kMins>
   void approximate(const std::vector<int64_t>& pass, const int64_t* path, int64_t last, int64_t win_begin,
                    int64_t step) {
     query_.assign(1, last);
@@ -508,6 +619,7 @@ class FallbackScan {
     s2_last_.resize(rows);
     node_.resize(rows);
     status_.resize(rows);
+    if (kMins) min_s2_.resize(rows);
     at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
       std::vector<float> dots(blocks * kQueryBlock);
       for (int64_t i = begin; i < end; ++i) {
@@ -518,6 +630,7 @@ class FallbackScan {
         if (node < 0) {
           s2_last_[i] = std::numeric_limits<double>::infinity();
           status_[i] = kInvalid;
+          if (kMins) min_s2_[i] = std::numeric_limits<double>::infinity();
           continue;
         }
         const int64_t rep = groups_.representative(row);
@@ -529,6 +642,7 @@ class FallbackScan {
           double a = sq_norms_[rep] + sq_norms_[query_[q]] - 2.0 * scale_[rep] * static_cast<double>(dots[q]);
           a = a < 0.0 ? 0.0 : a;
           if (q == 0) s2_last_[i] = a;
+          if (kMins) min_s2_[i] = q == 0 ? a : std::min(min_s2_[i], a);
           if (a < lower_[q]) {
             status = kInvalid;
           } else if (a < upper_[q] && status == kSurelyValid) {
@@ -549,6 +663,7 @@ class FallbackScan {
   const Groups& groups_;
   const bool* seen_;
   double t2_;
+  bool farthest_;
   RowDotsFn row_dots_;
   std::vector<uint8_t> alive_;  // list rows with an unvisited node
   int64_t num_alive_ = 0;
@@ -556,7 +671,7 @@ class FallbackScan {
   std::vector<int64_t> query_;
   std::vector<float> query32_;
   std::vector<const float*> q_rows_;
-  std::vector<double> lower_, upper_, s2_last_, values_;
+  std::vector<double> lower_, upper_, s2_last_, values_, min_s2_;
   std::vector<int64_t> node_, cand_;
   std::vector<int8_t> status_;
   std::vector<std::pair<std::pair<double, int64_t>, double>> exact_;  // ((d, node), s2)
@@ -600,6 +715,15 @@ struct CloseSets {
   }
 };
 
+// The op's policy: "paper", or "spread" with its duplicate groups (UrgentGroups; group_of null when none).
+struct WalkPolicy {
+  bool spread = false;
+  const int32_t* group_of = nullptr;  // (N,) group of two or more equal rows, -1 for the others
+  const int64_t* offsets = nullptr;   // (G + 1,), groups by decreasing size
+  const int64_t* members = nullptr;   // (M,) members of each group, increasing
+  int64_t num_groups = 0;
+};
+
 // The host scan's inputs (FallbackScan): rows empty when the caller runs the scans.
 struct ScanRows {
   const at::Tensor& rows;      // (N, D) float16, prepared rows / scale
@@ -614,7 +738,7 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
                   const at::Tensor& num_close, const ScanRows& scan_in, at::Tensor& path, at::Tensor& visited,
                   at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
                   int64_t max_rejections, bool cosine, const Groups& groups, const LongLists& long_lists,
-                  const CloseSets& close_sets) {
+                  const CloseSets& close_sets, const WalkPolicy& policy) {
   const int64_t n = embeddings.size(0);
   const int64_t band_k = band_index.size(1);
   const ExactDistance<scalar_t> dist{embeddings.data_ptr<scalar_t>(), cosine ? norms.data_ptr<double>() : nullptr,
@@ -632,7 +756,12 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
     const double t2 = cosine ? 2.0 * threshold : threshold * threshold;  // the threshold on squared distances
     scan = std::make_unique<FallbackScan<scalar_t>>(
         dist, scan_in.rows, scan_in.scale.data_ptr<double>(), scan_in.sq_norms.data_ptr<double>(),
-        scan_in.slack.data_ptr<double>(), seen, groups, groups.group_of ? band_limit2.numel() : n, t2);
+        scan_in.slack.data_ptr<double>(), seen, groups, groups.group_of ? band_limit2.numel() : n, t2, policy.spread);
+  }
+  // the spread policy's urgent groups (none with t = 0: duplicates are then valid neighbours)
+  std::unique_ptr<UrgentGroups> urgent;
+  if (policy.spread && policy.num_groups > 0 && threshold > 0) {
+    urgent = std::make_unique<UrgentGroups>(policy.group_of, policy.offsets, policy.members, policy.num_groups, seen);
   }
 
   int64_t fallbacks = 0;
@@ -640,16 +769,31 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   std::vector<int64_t> set_pass;
   int64_t cap_fallbacks = 0;  // scans (here or returned) where the cap could fire (fresh lists avoid few)
   int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
+  int64_t forced_steps = 0, first_forced = -1;  // scans here whose pick is closer than t to a window node
   auto flush_counters = [&]() {
     int64_t* counts = num_fallbacks.numel() > 0 ? num_fallbacks.data_ptr<int64_t>() : nullptr;
     if (counts) counts[0] += fallbacks;
     if (counts && num_fallbacks.numel() > 1) counts[1] += cap_fallbacks;
     if (counts && num_fallbacks.numel() > 2) counts[2] += stale_entries;
     if (counts && num_fallbacks.numel() > 3) counts[3] += set_scans;
+    if (counts && num_fallbacks.numel() > 5) {
+      counts[4] += forced_steps;
+      if (counts[5] < 0) counts[5] = first_forced;
+    }
   };
   UnitRows<scalar_t> unit(dist, window);
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
   for (; step < end; ++step) {
+    if (urgent) {
+      const int64_t node = urgent->pick(p, step, n, window, threshold, dist, seen);
+      if (node >= 0) {
+        p[step] = node;
+        seen[node] = true;
+        if (scan_here) scan->remove(node);
+        urgent->taken(node);
+        continue;
+      }
+    }
     const int64_t last = p[step - 1];
     const int64_t remaining = n - step;
     const int64_t win_begin = std::max<int64_t>(0, step - window);
@@ -737,13 +881,53 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
       }
       if (best < 0) best = scan->pick(p, step, window, threshold, max_rejections);
       ++fallbacks;
+      // (the lists' picks are valid; a scan's is not where no node was, or where the cap took an invalid one)
+      bool valid = true;
+      for (int64_t q = win_begin; q < step && valid; ++q) valid = dist.metric(dist.s2(best, p[q])) >= threshold;
+      if (!valid && first_forced < 0) first_forced = step;
+      forced_steps += !valid;
     }
     p[step] = best;
     seen[best] = true;
     if (scan_here) scan->remove(best);
+    if (urgent) urgent->taken(best);
   }
   flush_counters();
   return step;
+}
+
+// The op's policy and policy_groups, checked (see the op's comment in tfp_kernels.cpp).
+WalkPolicy check_policy(c10::string_view policy, const std::optional<at::TensorList>& policy_groups, int64_t n,
+                        int64_t max_rejections) {
+  TORCH_CHECK(policy == "paper" || policy == "spread", "tfp_walk: policy must be 'paper' or 'spread', got '",
+              std::string(policy), "'");
+  WalkPolicy out;
+  out.spread = policy == "spread";
+  TORCH_CHECK(!out.spread || max_rejections < 0, "tfp_walk: the 'spread' policy takes no rejection cap");
+  if (!policy_groups.has_value()) return out;
+  TORCH_CHECK(out.spread, "tfp_walk: policy_groups go with policy 'spread'");
+  const at::TensorList t = *policy_groups;
+  TORCH_CHECK(t.size() == 3, "tfp_walk: policy_groups must be [group_of, offsets, members], got ", t.size(),
+              " tensors");
+  for (const at::Tensor& x : t) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 1,
+                "tfp_walk: policy_groups must be 1-D contiguous CPU tensors");
+  }
+  TFP_CHECK_DTYPE(t[0], at::kInt);
+  TFP_CHECK_DTYPE(t[1], at::kLong);
+  TFP_CHECK_DTYPE(t[2], at::kLong);
+  TORCH_CHECK(t[0].numel() == n && t[1].numel() >= 1, "tfp_walk: policy_groups' group_of must have N = ", n,
+              " entries and offsets at least one");
+  const int64_t groups = t[1].numel() - 1;
+  const int64_t* offsets = t[1].data_ptr<int64_t>();
+  TORCH_CHECK(offsets[0] == 0 && offsets[groups] == t[2].numel(),
+              "tfp_walk: policy_groups' offsets must run from 0 to the members' ", t[2].numel(), " entries");
+  // (the entries are not range-checked here: a pass over N per call; policy.py makes them from torch.unique)
+  out.group_of = t[0].data_ptr<int32_t>();
+  out.offsets = offsets;
+  out.members = t[2].data_ptr<int64_t>();
+  out.num_groups = groups;
+  return out;
 }
 
 }  // namespace
@@ -759,7 +943,8 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const std::optional<at::Tensor>& long_row, const std::optional<at::Tensor>& long_index,
                      const std::optional<at::Tensor>& long_s2, const std::optional<at::Tensor>& long_slack,
                      const std::optional<at::Tensor>& close_offsets,
-                     const std::optional<at::Tensor>& close_members) {
+                     const std::optional<at::Tensor>& close_members, c10::string_view policy,
+                     std::optional<at::TensorList> policy_groups) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
            &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
@@ -867,15 +1052,16 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   }
   TORCH_CHECK(step >= 1 && step <= n, "tfp_walk: step must lie in [1, N], got ", step);
   TORCH_CHECK(window >= 1, "tfp_walk: window must be >= 1, got ", window);
+  const WalkPolicy walk_policy = check_policy(policy, policy_groups, n, max_rejections);
   const ScanRows scan_in{scan_rows, scan_scale, scan_sq_norms, scan_slack};
   if (embeddings.scalar_type() == at::kFloat) {
     return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                             path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                            cosine, groups, long_lists, close_sets);
+                            cosine, groups, long_lists, close_sets, walk_policy);
   }
   return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
-                           cosine, groups, long_lists, close_sets);
+                           cosine, groups, long_lists, close_sets, walk_policy);
 }
 
 }  // namespace tfp

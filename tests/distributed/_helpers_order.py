@@ -41,6 +41,9 @@ def case_embeddings(case: dict) -> torch.Tensor:
         clusters=case.get("clusters", 0),
         dtype=case.get("dtype", torch.float32),
     )
+    if case.get("duplicates"):  # `duplicates` rows spread evenly over all rows equal row 0: one duplicate group
+        step = case["n"] // case["duplicates"]
+        x[: step * case["duplicates"] : step] = x[0].clone()
     if case.get("shell"):  # `shell` rows spread evenly over all rows: 3 e_i, all pairwise at squared distance 18
         x = 10.0 * x
         step = case["n"] // case["shell"]

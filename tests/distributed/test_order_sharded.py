@@ -56,6 +56,11 @@ GOOD = {
     # of every rank's rows merged on rank 0, at the first build and at each rebuild (among the unvisited)
     "long_lists": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4, "long_lists": True},
                    "fast_attrs": {"LONG_LIST_ROOM": 5}},
+    # the "spread" policy: a duplicate group (urgent from the start, or later), forced steps settled on rank 0
+    "spread_dups": {"n": 60, "d": 8, "duplicates": 12, "kwargs": {"policy": "spread"}},
+    "spread_cosine_w1": {"n": 53, "d": 8, "duplicates": 20,
+                         "kwargs": {"policy": "spread", "metric": "cosine", "window": 1, "k": 4}},
+    "spread_clustered": {"n": 1100, "d": 12, "clusters": 16, "duplicates": 200, "kwargs": {"policy": "spread", "k": 4}},
 }
 # a long-list round failing on one rank (as out of memory would): every rank leaves it together, the long lists
 # go off, the walk goes on (same path); on rank 1 at its second round (a rebuild's), on rank 0 at the first
@@ -70,10 +75,12 @@ BAD = {
     "bad_d": {"n": 30, "d": 8, "d_on_rank": {1: 9}},
     "bad_nan": {"n": 30, "d": 8, "nan_on_rank": 1},
     "bad_args": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"window": 3}}},
+    "bad_policy": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"policy": "spread"}}},
 }
 CASES = {**GOOD, **FAILING, "sampled": SAMPLED, **BAD}
 # the 4-process run: fewer cases (four processes share the 2 CI cores)
-CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "long_lists", "bad_d"]
+CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "long_lists", "bad_d",
+          "spread_dups"]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +133,8 @@ def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
         assert got.threshold == stats.threshold and got.threshold_source == stats.threshold_source
         assert got.world_size == len(per_rank) and got.rank == r
         assert got.num_fallbacks == per_rank[0]["stats"].num_fallbacks
+        assert got.policy == stats.policy == case.get("kwargs", {}).get("policy", "paper")
+        assert (got.num_forced_steps, got.first_forced_step) == (stats.num_forced_steps, stats.first_forced_step)
         if case.get("kwargs", {}).get("k") == "auto":
             assert got.k == stats.k == 512, (got.k, stats.k)
         if case.get("kwargs", {}).get("long_lists"):
@@ -183,6 +192,18 @@ def test_fallbacks_and_rebuilds_exercised(world2, world4):
     assert world2["clustered_l2"][0]["stats"].num_close_sets == 0  # (no cap)
 
 
+def test_spread_policy_exercised(world2, expected):
+    # the duplicate groups change the path (urgent members taken early), the scans run on every rank, and the
+    # forced steps settled on rank 0 are those of one process
+    for name in ("spread_dups", "spread_clustered"):
+        case = CASES[name]
+        emb = helpers.case_embeddings(case)
+        paper = tfp_order(emb, **{**case["kwargs"], "policy": "paper"})
+        assert not torch.equal(expected[name][0], paper)
+    stats = world2["spread_clustered"][0]["stats"]
+    assert stats.num_fallbacks > 20 and stats.num_rebuilds >= 1 and stats.num_forced_steps > 0
+
+
 def test_empty_shards_when_fewer_rows_than_ranks(world4):
     assert [e - s for s, e in shard_bounds(3, 4)] == [1, 1, 1, 0]
     assert [r["stats"].num_rows for r in world4["three_rows"]] == [1, 1, 1, 0]
@@ -208,6 +229,7 @@ def test_sampled_threshold_is_the_single_process_one(world2):
         ("bad_d", "disagree on D (the embedding dimension): rank 0: 8, rank 1: 9"),
         ("bad_nan", "bad input on rank 1"),
         ("bad_args", "disagree on arguments"),
+        ("bad_policy", "disagree on arguments"),
     ],
 )
 def test_bad_input_raises_on_every_rank(world2, name, needle):

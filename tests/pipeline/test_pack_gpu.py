@@ -70,7 +70,7 @@ def test_tfp_order_in_buffer_equals_tfp_order(device, metric):
     samples = [s.to(device) for s in samples]
     emb = emb.to(device)
     batch = pack_gpu(samples, max_len=100, embeddings=emb, metric=metric, window=3)
-    path = tfp_order(emb, metric=metric, window=3)
+    path = tfp_order(emb, metric=metric, window=3, policy="spread")  # (pack_gpu's default policy)
     assert torch.equal(batch.order.cpu(), path.cpu())
     assert batch.order_stats is not None and batch.order_stats.num_nodes == 97
     # next_fit keeps the order: the pieces list the samples in path order
@@ -90,7 +90,7 @@ def test_fixed_threshold_is_used():
     t = tfp_kernels.estimate_threshold(emb, quantile=0.1)
     batch = pack_gpu(samples, max_len=80, embeddings=emb, threshold=t)
     assert batch.order_stats.threshold == t and batch.order_stats.threshold_source == "given"
-    assert torch.equal(batch.order, tfp_order(emb, threshold=t))
+    assert torch.equal(batch.order, tfp_order(emb, threshold=t, policy="spread"))
 
 
 def test_keep_order_is_plain_pack_and_assemble():
@@ -122,7 +122,7 @@ def test_embedder_is_called_on_the_samples():
 
     batch = pack_gpu(samples, max_len=90, embedder=embedder)
     assert len(seen) == 1 and len(seen[0]) == 30
-    assert torch.equal(batch.order, tfp_order(emb))
+    assert torch.equal(batch.order, tfp_order(emb, policy="spread"))
 
 
 class _TokensEmbedder:
@@ -137,7 +137,7 @@ def test_embedder_object_with_embed_tokens():
     samples, _ = _buffer(30, seed=9)
     emb = _clustered(30, 8, seed=10)
     batch = pack_gpu(samples, max_len=90, embedder=_TokensEmbedder(emb))
-    assert torch.equal(batch.order, tfp_order(emb))
+    assert torch.equal(batch.order, tfp_order(emb, policy="spread"))
 
 
 def test_input_kinds_agree():
@@ -320,6 +320,27 @@ def test_bad_options(kwargs, match):
     kwargs = {"max_len": 100, **kwargs}
     with pytest.raises(ValueError, match=match):
         pack_gpu(samples, **kwargs)
+
+
+def test_policy_default_and_choice():
+    # a buffer where 12 of 40 samples have one embedding: the policies' paths differ; the default is "spread",
+    # and "paper" with a cap (the only policy that has one)
+    samples, _ = _buffer(40, seed=22)
+    emb = _clustered(40, 8, seed=23)
+    emb[::3] = emb[0]
+    spread = tfp_order(emb, policy="spread")
+    assert not torch.equal(spread, tfp_order(emb))
+    batch = pack_gpu(samples, max_len=90, embeddings=emb)
+    assert torch.equal(batch.order, spread) and batch.order_stats.policy == "spread"
+    batch = pack_gpu(samples, max_len=90, embeddings=emb, policy="paper")
+    assert torch.equal(batch.order, tfp_order(emb)) and batch.order_stats.policy == "paper"
+    batch = pack_gpu(samples, max_len=90, embeddings=emb, max_rejections=3)
+    assert torch.equal(batch.order, tfp_order(emb, max_rejections=3)) and batch.order_stats.policy == "paper"
+    assert batch.order_stats.num_forced_steps >= 0
+    with pytest.raises(ValueError, match="takes no rejection cap"):
+        pack_gpu(samples, max_len=90, embeddings=emb, max_rejections=3, policy="spread")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        pack_gpu(samples, max_len=90, embeddings=emb, policy="far")
 
 
 def test_bad_sample_kinds():

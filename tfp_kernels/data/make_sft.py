@@ -6,10 +6,15 @@ near-duplicates (another record's instruction with a small edit, same answer), t
 apart. The answers are computed (arithmetic, conversions, dates) or taken from small fact tables, so
 they are correct.
 
+A duplicate-heavy variant (:func:`make_duplicate_heavy_records`, ``--duplicate-fraction``): a fraction of the
+records share one instruction ("Summarize the following text.") with differing inputs, as in Alpaca, where
+embedding the instruction makes them exact duplicates; TFP's walk runs out of valid neighbours on such data.
+
 Usage::
 
     python -m tfp_kernels.data.make_sft                       # regenerate the bundled file
     python -m tfp_kernels.data.make_sft --num 100000 --out big.jsonl   # a bigger set (.jsonl or .jsonl.gz)
+    python -m tfp_kernels.data.make_sft --num 3000 --duplicate-fraction 0.2 --out dup.jsonl  # 600 share one
 
 The same ``--num`` and ``--seed`` give the same bytes on every machine (Python's ``random.Random``
 with integer seeds is stable across platforms and versions; gzip headers carry no name or time).
@@ -626,6 +631,62 @@ def make_records(num: int = NUM_RECORDS, seed: int = SEED) -> list[dict]:
     return records
 
 
+#: The instruction that :func:`make_duplicate_heavy_records` gives to its shared records.
+SHARED_INSTRUCTION = "Summarize the following text."
+
+_PASSAGE_SUBJECTS = (
+    "The town council", "A small bakery", "The research team", "Our neighbour", "The school choir",
+    "A local farmer", "The museum", "The football club", "A young engineer", "The library",
+)
+_PASSAGE_EVENTS = (
+    "opened a new branch near the river", "changed its opening hours for the winter",
+    "won a regional prize after years of work", "started a weekly course for beginners",
+    "raised money to repair the old bridge", "moved to a larger building in the centre",
+    "published a short guide for visitors", "planted two hundred trees along the main road",
+    "held an open day that drew a large crowd", "replaced its heating with solar panels",
+)
+_PASSAGE_DETAILS = (
+    "Many people said the change was overdue.", "The cost was shared with two nearby villages.",
+    "Volunteers helped on every weekend.", "A second phase is planned for next spring.",
+    "Local newspapers covered the story in detail.", "Some residents worried about the noise.",
+    "The plan was approved by a large majority.", "Children from the primary school took part.",
+    "The work finished two weeks ahead of schedule.", "Visitors can find more details online.",
+)
+
+
+def _passage(rng: random.Random) -> tuple[str, str]:
+    """A short text of 2 to 4 sentences and its one-sentence summary."""
+    subject, event = rng.choice(_PASSAGE_SUBJECTS), rng.choice(_PASSAGE_EVENTS)
+    details = rng.sample(_PASSAGE_DETAILS, rng.randint(1, 3))
+    text = f"{subject} {event} in {rng.randint(1990, 2024)}. " + " ".join(details)
+    return text, f"{subject} {event}."
+
+
+def make_duplicate_heavy_records(num: int, duplicate_fraction: float, seed: int = SEED,
+                                 instruction: str = SHARED_INSTRUCTION) -> list[dict]:
+    """``num`` alpaca records of which ``round(duplicate_fraction * num)`` share ``instruction`` (topic
+    ``"summary"``), each with its own ``input`` text and summary; the others are :func:`make_records`' records.
+    Shuffled with the same seed; the same arguments give the same records.
+
+    Args:
+        num: number of records (>= 0); duplicate_fraction: in [0, 1]; seed: of the generator.
+    """
+    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+        raise ValueError(f"num must be an int >= 0, got {num!r}")
+    if isinstance(duplicate_fraction, bool) or not isinstance(duplicate_fraction, (int, float)) or not (
+            0.0 <= duplicate_fraction <= 1.0):
+        raise ValueError(f"duplicate_fraction must be a number in [0, 1], got {duplicate_fraction!r}")
+    shared = round(duplicate_fraction * num)
+    rng = random.Random(seed + 1)
+    records = make_records(num - shared, seed)
+    for _ in range(shared):
+        text, summary = _passage(rng)
+        records.append({"instruction": instruction, "input": text, "output": summary + _notes(rng),
+                        "topic": "summary"})
+    rng.shuffle(records)
+    return records
+
+
 def write_jsonl(records: list[dict], path: str) -> None:
     """Write one JSON object per line (gzip when ``path`` ends in ``.gz``, with no name or time in the header)."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
@@ -646,8 +707,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out", default=DEFAULT_FILE, help="output .jsonl or .jsonl.gz (default: the bundled file)"
     )
+    p.add_argument(
+        "--duplicate-fraction", type=float, default=None, metavar="F",
+        help=f"a duplicate-heavy set: the fraction F of the records share the instruction {SHARED_INSTRUCTION!r} "
+        "with differing inputs (e.g. 0.2)",
+    )
     args = p.parse_args(argv)
-    write_jsonl(make_records(args.num, args.seed), args.out)
+    if args.duplicate_fraction is not None and args.out == DEFAULT_FILE:
+        p.error("--duplicate-fraction needs --out (the bundled file is the plain set)")
+    if args.duplicate_fraction is None:
+        records = make_records(args.num, args.seed)
+    else:
+        try:
+            records = make_duplicate_heavy_records(args.num, args.duplicate_fraction, args.seed)
+        except ValueError as err:
+            p.error(str(err))
+    write_jsonl(records, args.out)
     print(f"wrote {args.num} records to {args.out}")
 
 

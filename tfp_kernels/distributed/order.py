@@ -78,6 +78,7 @@ from ..order.fast import (
     squared_threshold,
 )
 from ..order.host_scan import no_host_scan, squared_norms64
+from ..order.policy import ForcedSteps, check_policy, duplicates_of, walk_policy
 from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
 from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
@@ -226,7 +227,7 @@ def _local_errors(embeddings, *, metric, args: dict) -> tuple[dict, torch.Tensor
 
 def _validate(
     comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend,
-    rebuild="auto", long_lists="auto",
+    rebuild="auto", long_lists="auto", policy="paper",
 ):
     """Collective validation: every rank raises the same error when any rank's input is bad."""
     arg_error = None
@@ -236,6 +237,7 @@ def _validate(
         threshold = _checks.check_threshold(threshold)
         window = _checks.check_window(window)
         max_rejections = _checks.check_max_rejections(max_rejections)
+        policy = check_policy(policy, max_rejections)
         k = _checks.check_list_length(k)
         if not (isinstance(start, int) and not isinstance(start, bool)):
             raise ValueError(f"start must be an integer in [0, N), got {start!r}")  # noqa: TRY004 (as tfp_order)
@@ -256,6 +258,7 @@ def _validate(
         "k": k,
         "rebuild": rebuild,
         "long_lists": long_lists,
+        "policy": policy,
     }
     info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
     if arg_error is not None:
@@ -906,10 +909,8 @@ def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejectio
         if cmd == _BASIS:
             _projection(comm, sh, None, n, dim)
         elif cmd == _SCAN:
-            node = _sharded_pick(
-                comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections
-            )
-            sh.mark(torch.tensor([node]))
+            # (the node rank 0 takes comes with its next command: under "spread" it settles forced steps itself)
+            _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
         elif cmd == _REBUILD:
             _rebuild(comm, sh, k, block_elements)
         elif cmd == _LONG:
@@ -942,6 +943,7 @@ def tfp_order_sharded(
     seed: int = 0,
     block_elements: int = 1 << 24,
     long_lists: bool | str = "auto",
+    policy: str = "paper",
 ):
     """TFP order of rows sharded over the ranks of a process group (collective: every rank calls it).
 
@@ -967,6 +969,9 @@ def tfp_order_sharded(
         block_elements: elements of the (rows x columns) float32 tile of the list phase.
         long_lists: as in :func:`~tfp_kernels.tfp_order`: the crowded lists (gathered on rank 0) get 4K-entry
             float64 lists, each rank listing its own rows for them and rank 0 merging the ranks' best.
+        policy: as in :func:`~tfp_kernels.tfp_order` (the same path): the C++ walk on rank 0 takes the urgent
+            duplicate groups' members (the groups of rank 0's copy of the rows), and rank 0 settles the forced steps
+            (farthest node from the window) over its copy of the rows after the sharded scan found no valid node.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1`` (global indices), the
@@ -990,6 +995,7 @@ def tfp_order_sharded(
         backend=backend,
         rebuild=rebuild,
         long_lists=long_lists,
+        policy=policy,
     )
     n, dim = sum(sizes), shard.shape[1]
     offset = sum(sizes[: comm.rank])
@@ -1024,6 +1030,8 @@ def tfp_order_sharded(
         "time_long_s": 0.0,
         "num_close_sets": 0,
         "num_cap_fallbacks": 0,
+        "num_forced_steps": 0,
+        "first_forced_step": -1,
     }
     time_gather = time_lists = 0.0
     if n == 1:
@@ -1083,6 +1091,7 @@ def tfp_order_sharded(
                 rebuild=rebuild,
                 progress=progress,
                 stats=stats,
+                policy=policy,
                 **long_args,
                 **common,
             )
@@ -1090,7 +1099,8 @@ def tfp_order_sharded(
             _serve(comm, sh, n, dim, **common)
             path = torch.empty(n, dtype=torch.int64)
         path = comm.bcast(path)
-        counted = ("num_fallbacks", "num_rebuilds", "num_long_lists", "num_close_sets", "num_cap_fallbacks")
+        counted = ("num_fallbacks", "num_rebuilds", "num_long_lists", "num_close_sets", "num_cap_fallbacks",
+                   "num_forced_steps", "first_forced_step")
         counters = comm.bcast(torch.tensor([stats[key] for key in counted], dtype=torch.int64))
         for key, value in zip(counted, counters.tolist()):
             stats[key] = int(value)
@@ -1098,6 +1108,8 @@ def tfp_order_sharded(
     t3 = time.perf_counter()
     if not return_stats:
         return path
+    if stats["first_forced_step"] < 0:
+        stats["first_forced_step"] = None
     return path, ShardedOrderStats(
         threshold,
         source,
@@ -1105,6 +1117,7 @@ def tfp_order_sharded(
         n,
         t1 - t0,
         t3 - t1,
+        policy=policy,
         **stats,
         world_size=comm.world,
         rank=comm.rank,
@@ -1136,6 +1149,7 @@ def _walk_root(
     long_k=0,
     t2=0.0,
     max_sq=0.0,
+    policy="paper",
 ) -> torch.Tensor:
     """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans, rebuilds and long lists
     (``long_k`` > 0: the crowded lists get long ones, see :func:`_long_lists_root`)."""
@@ -1219,12 +1233,15 @@ def _walk_root(
         if bar.disable:
             bar = None
     have_basis = False
+    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=lambda: duplicates_of(emb_host))
+    forced_steps = ForcedSteps()
 
     walk = bind_walk(
         embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
         slack=slack_host, num_close=num_close, host_scan=no_host_scan(), path=path, visited=visited,
         counter=counter, threshold=threshold, window=window, max_rejections=max_rejections,
         cosine=metric == "cosine", long_lists=long_tables if long_k else None, close_sets=close,
+        policy=policy,
     )
 
     def pick(step: int) -> int:  # a sharded exact scan
@@ -1235,7 +1252,12 @@ def _walk_root(
             have_basis = True
         win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
         command(_SCAN, step, win_rows)
-        return _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+        node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+        # (the scan takes c_0 where no node is valid; under "spread" rank 0 settles such a step on its rows)
+        node, forced = policy.settle(node, emb_host, path[max(0, step - window) : step].tolist(),
+                                     lambda: torch.nonzero(~visited).flatten(), prepared=False)
+        forced_steps.note(step, forced)
+        return node
 
     def rebuild_lists(step: int) -> None:
         command(_REBUILD, step)
@@ -1258,6 +1280,8 @@ def _walk_root(
     stats["num_fallbacks"] += tally.scans
     stats["num_rebuilds"] += tally.rebuilds
     stats["num_cap_fallbacks"] = int(counter[1])
+    stats["num_forced_steps"] = forced_steps.count  # (all at scans, and those run from here)
+    stats["first_forced_step"] = -1 if forced_steps.first is None else forced_steps.first
     if bar is not None:
         bar.close()
     command(_DONE, n)

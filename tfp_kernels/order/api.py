@@ -10,6 +10,7 @@ import torch
 
 from .. import _ext
 from . import _checks
+from .policy import check_policy
 from .reference import reference_walk
 from .threshold import threshold_estimate
 
@@ -43,6 +44,14 @@ class OrderStats:
             lists' counts; their time is in time_band_s); num_cap_fallbacks: the scans (among
             ``num_fallbacks``) at steps where the cap could fire; num_close_set_scans: the scans settled over
             the node's close set and band list instead of every unvisited node.
+        policy: ``"paper"`` or ``"spread"`` (:mod:`~tfp_kernels.order.policy`).
+        num_forced_steps: steps whose node lies closer than ``t`` to a node of the window: without the cap, the
+            steps where the threshold ran out (no unvisited node was at distance ``>= t`` from the window, so the
+            rule took ``c_0``, or with ``policy="spread"`` the node farthest from the window); with the cap, also
+            the steps where the cap took a node closer than ``t``. Counted in the walk, with exact distances: by
+            the reference at every step, by the fast backends at their exact scans (a band list's pick is valid);
+            :func:`~tfp_kernels.order.policy.count_forced_steps` counts them for any order.
+        first_forced_step: the first of them (an index into the path), None when there is none.
     """
 
     threshold: float
@@ -67,6 +76,9 @@ class OrderStats:
     num_close_sets: int = 0
     num_cap_fallbacks: int = 0
     num_close_set_scans: int = 0
+    policy: str = "paper"
+    num_forced_steps: int = 0
+    first_forced_step: int | None = None
 
     @property
     def fallback_rate(self) -> float:
@@ -91,6 +103,7 @@ def tfp_order(
     progress: bool = False,
     return_stats: bool = False,
     group=None,
+    policy: str = "paper",
 ):
     """Order samples by Threshold Filtering Packing (DESIGN.md 1.1).
 
@@ -150,6 +163,13 @@ def tfp_order(
             ``torch.arange(N).tensor_split(world_size)`` splits them; empty blocks allowed) and gets the same
             global (N,) path, that of the single-process call on all rows;
             see :func:`tfp_kernels.distributed.tfp_order_sharded` (stats: a ``ShardedOrderStats``).
+        policy: what the walk does where the threshold runs out (:mod:`~tfp_kernels.order.policy`): ``"paper"``
+            (default: the paper's rule, which then takes the nearest node) or ``"spread"`` (no cap): a group of
+            exact duplicates that the window can barely still keep apart (``m`` unvisited members among ``u``
+            unvisited nodes, ``m (window + 1) >= u``) has its members taken as soon as they are valid, and a step
+            where no node is valid takes the node farthest from the window. On data where many records share one
+            text, "paper" ends the order with those records in a row; "spread" keeps them ``window + 1`` apart
+            where the data allows it. Same path from every backend; see ``stats.num_forced_steps``.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``;
@@ -169,7 +189,7 @@ def tfp_order(
         return tfp_order_sharded(
             embeddings, group=group, metric=metric, quantile=quantile, threshold=threshold, window=window,
             max_rejections=max_rejections, start=start, k=k, backend=backend, progress=progress,
-            return_stats=return_stats, long_lists=long_lists,
+            return_stats=return_stats, long_lists=long_lists, policy=policy,
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
@@ -177,6 +197,7 @@ def tfp_order(
     threshold = _checks.check_threshold(threshold)
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
+    policy = check_policy(policy, max_rejections)
     k = _checks.check_list_length(k)
     long_lists = _checks.check_long_lists(long_lists)
     n = embeddings.shape[0]
@@ -204,18 +225,22 @@ def tfp_order(
         path, info = fast_tfp_order(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
             start=start, k=k, progress=progress, fallback=fallback, band_dtype=band_dtype, long_lists=long_lists,
+            policy=policy,
         )
         extra = dataclasses.asdict(info)
         del extra["time_setup_s"]  # counted in time_order_s
     elif backend in ("reference", "auto"):
         backend = "reference"
-        path = reference_walk(
+        path, forced = reference_walk(
             embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
-            start=start,
+            start=start, policy=policy, return_forced=True,
         )
+        forced = torch.nonzero(forced).flatten()
+        extra = {"num_forced_steps": int(forced.numel()),
+                 "first_forced_step": int(forced[0]) if forced.numel() else None}
     else:
         raise ValueError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}")
     t2 = time.perf_counter()
     if not return_stats:
         return path
-    return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, **extra)
+    return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, policy=policy, **extra)

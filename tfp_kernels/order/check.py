@@ -8,6 +8,7 @@ import torch
 
 from . import _checks
 from .distance import gemm_distances, prepare
+from .policy import check_policy
 
 # Elements of the (steps x N) blocks the validator works on at once: 64 MB of float64 on the CPU; on a GPU 512 MB,
 # since each block reads all N rows once (at N = 10^6, D = 768: 6 GB of float64 per block, so that 500 sampled
@@ -102,6 +103,81 @@ def _explained_by_tolerance(
     return False
 
 
+class _SpreadState:
+    """What the ``"spread"`` policy's urgent groups are at each step of a path: the exact-duplicate groups of two or
+    more rows (of the embeddings as given) and the path positions of their members."""
+
+    def __init__(self, embeddings: torch.Tensor, pos: torch.Tensor):
+        _, group_of, counts = torch.unique(embeddings, dim=0, return_inverse=True, return_counts=True)
+        self.members = torch.nonzero(counts[group_of] >= 2).flatten()  # (M,) increasing
+        _, self.group = torch.unique(group_of[self.members], return_inverse=True)  # (M,) in 0..G-1
+        self.num_groups = int(self.group.max()) + 1 if self.members.numel() else 0
+        self.member_pos = pos[self.members]
+
+    def urgent(self, s: torch.Tensor, n: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the steps ``s`` (B,): ``(m, lowest)`` (B, G) int64, the unvisited members of each group (0 where the
+        group is not urgent) and its lowest unvisited member (``n`` where none)."""
+        b = s.numel()
+        unvisited = self.member_pos[None, :] >= s[:, None]  # (B, M)
+        m = torch.zeros(b, self.num_groups, dtype=torch.int64, device=s.device)
+        m.index_add_(1, self.group, unvisited.long())
+        lowest = torch.full((b, self.num_groups), n, dtype=torch.int64, device=s.device)
+        member_or_n = torch.where(unvisited, self.members[None, :], n)
+        lowest.scatter_reduce_(1, self.group[None, :].expand(b, -1), member_or_n, reduce="amin")
+        urgent = (m >= 2) & (m * (window + 1) >= (n - s)[:, None])
+        return torch.where(urgent, m, 0), lowest
+
+
+def _spread_picks(
+    state: _SpreadState | None, s: torch.Tensor, n: int, window: int, valid: torch.Tensor, d_last: torch.Tensor,
+    wmin: torch.Tensor, cand: torch.Tensor, paper_pick: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``"spread"`` policy's picks at the steps ``s`` (B,) from the validator's (B, N) tables; also the urgent
+    groups' ``(m, lowest)`` (:meth:`_SpreadState.urgent`) for the tolerance check."""
+    has_valid = valid.any(dim=1)
+    farthest = torch.where(cand, wmin, -torch.inf).argmax(dim=1)  # (the first of equal maxima: the lowest node)
+    pick = torch.where(has_valid, paper_pick, farthest)
+    if state is None or state.num_groups == 0:
+        empty = torch.zeros(s.numel(), 0, dtype=torch.int64, device=s.device)
+        return pick, empty, empty
+    m, lowest = state.urgent(s, n, window)
+    member = lowest.clamp(max=n - 1)
+    ok = (m > 0) & valid.gather(1, member)
+    best_m = torch.where(ok, m, -1).max(dim=1, keepdim=True).values
+    ok &= m == best_m
+    d = torch.where(ok, d_last.gather(1, member), torch.inf)
+    ok &= d == d.min(dim=1, keepdim=True).values
+    urgent_pick = torch.where(ok, lowest, n).min(dim=1).values
+    return torch.where(ok.any(dim=1), urgent_pick, pick), m, lowest
+
+
+def _spread_explained_by_tolerance(
+    d: torch.Tensor, wmin: torch.Tensor, cand: torch.Tensor, chosen: int, t: float, m: torch.Tensor,
+    lowest: torch.Tensor, atol: float, rtol: float,
+) -> bool:
+    """Whether ``chosen`` is what the ``"spread"`` policy takes for *some* perturbation of the distances within
+    ``atol + rtol * |value|`` (``m``, ``lowest``: (G,) the step's urgent groups, as :meth:`_SpreadState.urgent`)."""
+    tol_t = atol + rtol * abs(t)
+    clearly_valid = cand & (wmin >= t + tol_t)
+    dc = float(d[chosen])
+    tol_c = atol + rtol * abs(dc)
+    urgent = m > 0
+    member = lowest.clamp(max=d.numel() - 1)
+    surely = urgent & clearly_valid[member]
+    if bool((urgent & (lowest == chosen)).any()) and bool(wmin[chosen] >= t - tol_t):
+        mc = int(m[lowest == chosen].max())  # a valid urgent group's member: could it come first?
+        if not bool((surely & ((m > mc) | ((m == mc) & (d[member] < dc - tol_c)))).any()):
+            return True
+    if bool(surely.any()):
+        return False
+    if bool(wmin[chosen] >= t - tol_t):  # the rule's first valid node
+        return not bool((clearly_valid & (d < dc - tol_c)).any())
+    if bool(clearly_valid.any()):
+        return False
+    far = float(torch.where(cand, wmin, -torch.inf).max())  # a forced step: the farthest from the window
+    return float(wmin[chosen]) >= far - (atol + rtol * abs(far))
+
+
 def check_path(
     embeddings: torch.Tensor,
     path: torch.Tensor,
@@ -114,6 +190,7 @@ def check_path(
     rtol: float = 1e-6,
     steps: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    policy: str = "paper",
 ) -> PathCheck:
     """Verify that ``path`` is the TFP order of ``embeddings`` (DESIGN.md 1.1), step by step.
 
@@ -136,6 +213,10 @@ def check_path(
         atol, rtol: tolerance on distances for accepting floating-point ties.
         steps: optional 1-D integer tensor of step indices in [1, N) to check (default: all).
         dtype: compute dtype of the distances (float64 or float32).
+        policy: the rule the path was built with: ``"paper"`` (default) or ``"spread"`` (no cap; each step is
+            checked against that policy's pick: an urgent exact-duplicate group's member, the rule's first valid
+            node, or at a step with no valid node the node farthest from the window, see
+            :func:`~tfp_kernels.tfp_order_reference`).
 
     Returns:
         A :class:`PathCheck` (truthy when the path passed) naming the first violating step.
@@ -157,6 +238,7 @@ def check_path(
         raise ValueError("threshold is required: pass the t the path was built with")
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
+    policy = check_policy(policy, max_rejections)
     atol = _checks.check_tolerance(atol, "atol")
     rtol = _checks.check_tolerance(rtol, "rtol")
     if dtype not in (torch.float32, torch.float64):
@@ -192,6 +274,10 @@ def check_path(
     node_ids = torch.arange(n, device=device)
     block = max(1, _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"]) // (n * (window + 1)))
     inf = torch.tensor(torch.inf, dtype=x.dtype, device=device)
+    spread = None
+    if policy == "spread":
+        spread = _SpreadState(embeddings, pos) if threshold > 0 else None
+        block = max(1, block // 2)  # (room for the urgent groups' (steps x members) tables)
     tolerated = 0
     for b in range(0, steps.numel(), block):
         s = steps[b : b + block]  # (B,)
@@ -221,12 +307,18 @@ def check_path(
                 rows_cm = torch.nonzero(use_cm).flatten()
                 order = torch.sort(d_cand[rows_cm], dim=1, stable=True).indices
                 pick[rows_cm] = order[:, max_rejections]
+        if policy == "spread":
+            pick, urgent_m, urgent_lowest = _spread_picks(spread, s, n, window, valid, d_last, wmin, cand, pick)
         got = path[s]
         mismatch = torch.nonzero(pick != got).flatten().tolist()
         for i in mismatch:
-            if (atol > 0 or rtol > 0) and _explained_by_tolerance(
-                d_last[i], wmin[i], cand[i], int(got[i]), threshold, max_rejections, atol, rtol
-            ):
+            if policy == "spread":
+                explained = _spread_explained_by_tolerance(
+                    d_last[i], wmin[i], cand[i], int(got[i]), threshold, urgent_m[i], urgent_lowest[i], atol, rtol)
+            else:
+                explained = _explained_by_tolerance(
+                    d_last[i], wmin[i], cand[i], int(got[i]), threshold, max_rejections, atol, rtol)
+            if (atol > 0 or rtol > 0) and explained:
                 tolerated += 1
                 continue
             step = int(s[i])
@@ -235,7 +327,8 @@ def check_path(
                 False, b + i + 1, tolerated, step, expected, chosen,
                 message=(
                     f"step {step}: path takes node {chosen} after node {int(path[step - 1])}, but the TFP rule "
-                    f"(threshold {threshold:.6g}, window {window}, max_rejections {max_rejections}) takes node "
+                    f"(threshold {threshold:.6g}, window {window}, max_rejections {max_rejections}, policy "
+                    f"{policy!r}) takes node "
                     f"{expected}: D[last, {chosen}] = {float(d_last[i, chosen]):.6g}, "
                     f"D[last, {expected}] = {float(d_last[i, expected]):.6g}; min distance to the window: "
                     f"{float(wmin[i, chosen]):.6g} for {chosen}, {float(wmin[i, expected]):.6g} for {expected}"

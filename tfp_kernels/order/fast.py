@@ -41,6 +41,7 @@ from .band_topk import (
 )
 from .distance import prepare
 from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
+from .policy import ForcedSteps, walk_policy
 from .scan import exact_pick, pick_among, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
@@ -67,6 +68,8 @@ class FastOrderInfo:
     num_close_sets: int = 0
     num_cap_fallbacks: int = 0
     num_close_set_scans: int = 0
+    num_forced_steps: int = 0
+    first_forced_step: int | None = None
 
 
 class DuplicateGroups(NamedTuple):
@@ -434,6 +437,7 @@ def fast_tfp_order(
     group_duplicates: bool = True,
     long_lists: bool | str = "auto",
     use_close_sets: bool = True,
+    policy: str = "paper",
 ) -> tuple[torch.Tensor, FastOrderInfo]:
     """Exact TFP path of validated ``embeddings`` (N, D) for a known ``threshold``.
 
@@ -476,6 +480,10 @@ def fast_tfp_order(
     ``use_close_sets``: with a cap, the walk counts the unvisited members of the close sets of the nodes where
     the cap could fire (:func:`cap_close_sets`), so that fewer of their steps need a scan; False: by the lists'
     counts only (same path, more scans).
+
+    ``policy``: ``"paper"`` or ``"spread"`` (:mod:`~tfp_kernels.order.policy`; validated by the caller, no cap), as a
+    :class:`~tfp_kernels.order.policy.WalkPolicy`: the C++ walk takes the urgent groups' members and its host scans
+    the farthest node where none is valid; the device scans' picks are settled by its ``settle``.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``; and a :class:`FastOrderInfo`.
@@ -529,6 +537,12 @@ def fast_tfp_order(
     else:
         group_args = ()
         info.num_groups = n
+
+    def duplicates():
+        dups = groups if groups is not None or group_duplicates else duplicate_groups(embeddings)
+        return None if dups is None else (dups.group_of, dups.offsets.diff())
+
+    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=duplicates)
 
     def list_rows(*tables):
         """The tables' rows of the list rows (nodes, or duplicate groups' representatives)."""
@@ -687,8 +701,9 @@ def fast_tfp_order(
     # the host scans' float16 copy of the prepared rows and its error bound (empty: the walk returns at scans)
     host_scan = half_scan_rows(x32) if fallback == "host" else no_host_scan()
     # scans in the C++ walk; steps where the cap could fire; visited entries of undecided lists; the walk's scans
-    # over a close set and a list only
-    counter = torch.zeros(4, dtype=torch.long)
+    # over a close set and a list only; its forced steps and the first of them
+    counter = torch.tensor([0, 0, 0, 0, 0, -1], dtype=torch.long)
+    forced_steps = ForcedSteps()  # (those of the scans run from here)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -741,6 +756,13 @@ def fast_tfp_order(
         return node
 
     def pick(step: int) -> int:
+        """The node at ``step``: the rule's (:func:`scan`), settled by the policy; forced steps noted."""
+        node, forced = policy.settle(scan(step), x64, path[max(0, step - window) : step].tolist(),
+                                     lambda: torch.nonzero(~visited_dev).flatten())
+        forced_steps.note(step, forced)
+        return node
+
+    def scan(step: int) -> int:
         """The exact scan at ``step``, on the device (the host mode's scans run inside the C++ walk)."""
         nonlocal y64, visited_dev, synced, scan_rows, scan_rows_at, fused_half, fused_mode
         if y64 is None and not (fused_scan and (max_rejections is None or max_rejections >= n)):
@@ -803,6 +825,7 @@ def fast_tfp_order(
         slack=slack_host, num_close=num_close, host_scan=host_scan, path=path, visited=visited, counter=counter,
         threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
         group_args=group_args, long_lists=long_tables if long_lists else None, close_sets=close,
+        policy=policy,
     )
 
     def rebuild_lists(step: int) -> None:
@@ -835,5 +858,7 @@ def fast_tfp_order(
     info.num_fallbacks += int(counter[0])  # scans run inside the C++ walk (their time is in time_walk_s)
     info.num_cap_fallbacks = int(counter[1])
     info.num_close_set_scans = int(counter[3]) + set_scans[0]
+    forced_steps.add_walk_counter(counter)
+    info.num_forced_steps, info.first_forced_step = forced_steps.count, forced_steps.first
     return path.to(device), info
 

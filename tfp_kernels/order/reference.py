@@ -7,11 +7,14 @@ never the N x N matrix. Time is O(N^2 * D). Every fast path is tested against it
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import _checks
 from .distance import distances_from, prepare
-from .threshold import estimate_threshold
+from .policy import check_policy
+from .threshold import threshold_estimate
 
 
 def _pick_next(
@@ -44,6 +47,43 @@ def _pick_next(
     return int(torch.sort(d_last, stable=True).indices[max_rejections])
 
 
+class _UrgentGroups:
+    """The ``"spread"`` policy's urgent groups (:mod:`~tfp_kernels.order.policy`), in plain torch: the exact-duplicate
+    groups of the rows and the unvisited members of each."""
+
+    def __init__(self, embeddings: torch.Tensor, start: int):
+        _, self.group_of, counts = torch.unique(embeddings, dim=0, return_inverse=True, return_counts=True)
+        self.remaining = counts.clone()
+        self.remaining[self.group_of[start]] -= 1
+
+    def taken(self, node: torch.Tensor) -> None:
+        self.remaining[self.group_of[node]] -= 1
+
+    def pick(self, unvisited: torch.Tensor, d_last: torch.Tensor, valid: torch.Tensor, window: int) -> int | None:
+        """Position (into ``unvisited``) of the urgent member the policy takes, or None.
+
+        Urgent: groups with m >= 2 unvisited members and ``m (window + 1) >= u`` (u = ``unvisited.numel()``).
+        Of the urgent groups whose members are valid, the one with the largest m, ties by ``(d_last, node)`` of
+        its lowest unvisited member, which is taken.
+        """
+        u = unvisited.numel()
+        m = self.remaining[self.group_of[unvisited]]  # (U,) unvisited members of each node's group
+        urgent = (m >= 2) & (m * (window + 1) >= u) & valid
+        if not bool(urgent.any()):
+            return None
+        urgent &= m == m[urgent].max()
+        # members of one group are equal rows: equal distances, so the first in (d_last, node) order is the
+        # lowest unvisited member of the first group in that order
+        return int(torch.where(urgent, d_last, torch.inf).argmin())
+
+
+def _pick_farthest(rows: torch.Tensor, unvisited: torch.Tensor, slots: list[int]) -> int:
+    """Position (into ``unvisited``) of the node farthest from the window: the largest min distance over the
+    window's rows ``rows[slots]`` (distances to the unvisited nodes); ties: the lower node."""
+    nearest = rows[slots][:, unvisited].min(dim=0).values
+    return int(torch.argmax(nearest))  # (the first of equal maxima: unvisited is increasing)
+
+
 def tfp_order_reference(
     embeddings: torch.Tensor,
     *,
@@ -53,7 +93,9 @@ def tfp_order_reference(
     window: int = 4,
     max_rejections: int | None = None,
     start: int = 0,
-) -> torch.Tensor:
+    policy: str = "paper",
+    return_stats: bool = False,
+):
     """Threshold Filtering Packing order, computed exactly by the rule of DESIGN.md 1.1.
 
     The path starts at ``start``. At each step, with ``last`` the newest path node, the unvisited
@@ -62,6 +104,14 @@ def tfp_order_reference(
     included). The first valid ``c_k`` is taken. With a cap ``M = max_rejections``: if the first ``M``
     candidates are all invalid and a candidate ``c_M`` exists, ``c_M`` is taken unchecked (the paper's
     cap). If no candidate is valid (and the cap cannot fire), ``c_0`` is taken.
+
+    ``policy="spread"`` (:mod:`~tfp_kernels.order.policy`; no cap) adds, at each step, before the rule: a group of
+    exact duplicates (equal rows) with ``m >= 2`` unvisited members among ``u`` unvisited nodes is *urgent* when
+    ``m (window + 1) >= u`` and ``t > 0``; if an urgent group's members are valid, the lowest unvisited member of
+    such a group is taken (the group with the largest ``m``; ties: the first of the candidates in the order
+    ``(D[last, j], j)``). If no urgent member is valid and no candidate is valid, the node with the largest
+    ``min_p D[j, p]`` over the window's nodes ``p`` is taken (ties: the lowest index) instead of ``c_0``.
+    Otherwise it is the rule above.
 
     Distances are computed in float64 from explicit differences (:mod:`tfp_kernels.order.distance`);
     the threshold is compared in float64.
@@ -75,9 +125,13 @@ def tfp_order_reference(
         window: number of most recent path nodes a candidate must be ``>= t`` from (paper: 4).
         max_rejections: the cap ``M`` (paper: 10000), or None for no cap.
         start: first node of the path (paper: 0).
+        policy: ``"paper"`` (default) or ``"spread"`` (see above).
+        return_stats: also return an :class:`~tfp_kernels.OrderStats` (backend ``"reference"``) with the forced
+            steps, counted in the walk: the steps whose node is closer than ``t`` to a node of the window.
 
     Returns:
-        path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``.
+        path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``; with
+        ``return_stats=True``, ``(path, stats)``.
 
     Examples::
 
@@ -93,33 +147,55 @@ def tfp_order_reference(
     threshold = _checks.check_threshold(threshold)
     window = _checks.check_window(window)
     max_rejections = _checks.check_max_rejections(max_rejections)
+    policy = check_policy(policy, max_rejections)
     n = embeddings.shape[0]
     start = _checks.check_start(start, n)
-    if threshold is None:
-        threshold = 0.0 if n == 1 else estimate_threshold(embeddings, metric=metric, quantile=quantile)
-    return reference_walk(embeddings, metric=metric, threshold=threshold, window=window,
-                          max_rejections=max_rejections, start=start)
+    t0 = time.perf_counter()
+    source = "given"
+    if threshold is None and n > 1:
+        est = threshold_estimate(embeddings, metric=metric, quantile=quantile)  # (estimate_threshold's value)
+        threshold, source = est.value, ("exact" if est.exact else "sampled")
+    threshold = 0.0 if threshold is None else threshold
+    t1 = time.perf_counter()
+    path, forced = reference_walk(embeddings, metric=metric, threshold=threshold, window=window,
+                                  max_rejections=max_rejections, start=start, policy=policy, return_forced=True)
+    if not return_stats:
+        return path
+    from .api import OrderStats
+
+    forced_steps = torch.nonzero(forced).flatten()
+    return path, OrderStats(
+        threshold, source, "reference", n, t1 - t0, time.perf_counter() - t1, policy=policy,
+        num_forced_steps=int(forced_steps.numel()),
+        first_forced_step=int(forced_steps[0]) if forced_steps.numel() else None,
+    )
 
 
 def reference_walk(
-    embeddings: torch.Tensor, *, metric: str, threshold: float, window: int, max_rejections: int | None, start: int
-) -> torch.Tensor:
+    embeddings: torch.Tensor, *, metric: str, threshold: float, window: int, max_rejections: int | None, start: int,
+    policy: str = "paper", return_forced: bool = False,
+):
     """The walk of :func:`tfp_order_reference` on already validated arguments and a known threshold.
 
     Args:
         embeddings: (N, D) checked embeddings (N >= 1), CPU or CUDA.
         Others: as in :func:`tfp_order_reference`, validated; ``threshold`` a float.
+        return_forced: also return (N,) bool on the device of ``embeddings``, True at the steps whose node the
+            walk took although it is closer than ``t`` to a node of the window (no valid node was left, or the
+            cap took an invalid one).
 
     Returns:
-        path: (N,) int64 on the device of ``embeddings``.
+        path: (N,) int64 on the device of ``embeddings``; with ``return_forced``, ``(path, forced)``.
     """
     n = embeddings.shape[0]
     device = embeddings.device
     path = torch.empty(n, dtype=torch.long, device=device)
     path[0] = start
+    forced = torch.zeros(n, dtype=torch.bool, device=device)
     if n == 1:
-        return path
+        return (path, forced) if return_forced else path
     x = prepare(embeddings, metric)
+    urgent = _UrgentGroups(embeddings, start) if policy == "spread" and threshold > 0 else None
     # rows[s % window] holds D[path[s], j] for the nodes j still unvisited when path[s] was appended.
     rows = torch.empty(window, n, dtype=x.dtype, device=device)
     unvisited = torch.cat([torch.arange(start, device=device), torch.arange(start + 1, n, device=device)])
@@ -129,10 +205,17 @@ def reference_walk(
         valid = d_last >= threshold
         for back in range(2, min(window, step) + 1):
             valid &= rows[(step - back) % window, unvisited] >= threshold
-        pos = _pick_next(d_last, valid, max_rejections)
+        pos = None if urgent is None else urgent.pick(unvisited, d_last, valid, window)
+        if pos is None and policy == "spread" and not bool(valid.any()):
+            pos = _pick_farthest(rows, unvisited, [(step - back) % window for back in range(1, min(window, step) + 1)])
+        if pos is None:
+            pos = _pick_next(d_last, valid, max_rejections)
+        forced[step] = not bool(valid[pos])
         node = unvisited[pos]
         path[step] = node
+        if urgent is not None:
+            urgent.taken(node)
         unvisited = torch.cat([unvisited[:pos], unvisited[pos + 1 :]])
         if unvisited.numel():
             rows[step % window, unvisited] = distances_from(x, node.view(1), unvisited, metric)[0]
-    return path
+    return (path, forced) if return_forced else path

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from .policy import WalkPolicy
+
 #: Below this many nodes the lists are never rebuilt (the scans are cheap there).
 MIN_REBUILD_NODES = 1024
 #: A rebuild of r nodes is priced as r^2 / NODES_PER_SCANNED_ROW scanned rows (module docstring).
@@ -134,6 +136,7 @@ def bind_walk(
     group_args: tuple[torch.Tensor, ...] = (),
     long_lists: LongListTables | None = None,
     close_sets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    policy: WalkPolicy | None = None,
 ) -> Callable[[int, int], int]:
     """The C++ op ``tfp_walk`` bound to its tables, as :func:`run_walk`'s ``walk(step, stop)``.
 
@@ -142,18 +145,20 @@ def bind_walk(
     :class:`~tfp_kernels.order.host_scan.HalfScanRows` (the walk runs its scans itself) or
     :func:`~tfp_kernels.order.host_scan.no_host_scan` (it returns at each of them). ``long_lists``: None, or the
     :class:`LongListTables`, read at each call (rebuilds append to them). ``close_sets``: None, or the op's
-    ``(close_offsets, close_members)`` (:func:`~tfp_kernels.order.fast.cap_close_sets`).
+    ``(close_offsets, close_members)`` (:func:`~tfp_kernels.order.fast.cap_close_sets`). ``policy``: a
+    :class:`~tfp_kernels.order.policy.WalkPolicy` (None: the paper's rule).
     """
     cap = -1 if max_rejections is None else max_rejections
     tables = (embeddings, norms, band_index, band_s2, limit2, slack, num_close, *host_scan, path, visited, counter)
 
     groups = group_args or (None, None, None, None)
     close = close_sets or (None, None)
+    policy_args = (policy or WalkPolicy()).op_args
 
     def walk(step: int, stop: int) -> int:
         longs = (None, None, None, None) if long_lists is None else long_lists.tables
         return int(torch.ops.tfp_kernels.tfp_walk(*tables, step, stop, threshold, window, cap, cosine, *groups,
-                                                  *longs, *close))
+                                                  *longs, *close, *policy_args))
 
     return walk
 
