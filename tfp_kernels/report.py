@@ -221,6 +221,7 @@ def fill_similarity_points(
     strategies=TRADE_OFF_STRATEGIES,
     *,
     overlong: str = "split",
+    use_embeddings: bool = True,
     min_distance: float | None = None,
     metric: str = "l2",
 ) -> list[dict]:
@@ -230,7 +231,8 @@ def fill_similarity_points(
     For each order, the samples are packed in that order (``pack_lengths(lengths[order], ...)``); the
     similarity is :func:`intra_pack_similarity` of the packs, averaged over the packs of two or more
     samples.
-    ``"fill_in_order"`` gets the embeddings (its similarity-aware top-up) and ``min_distance``/``metric``.
+    ``"fill_in_order"`` gets the embeddings (its similarity-aware top-up) and ``min_distance``/``metric``,
+    unless ``use_embeddings=False`` (its length-only top-up).
 
     Args:
         lengths: (N,) integer tensor, the token count of each sample (in sample order), any device.
@@ -239,7 +241,8 @@ def fill_similarity_points(
         orders: name -> (N,) int64 permutation of the samples, e.g. ``{"tfp": path, "random": perm}``.
         strategies: strategy names, or ``(name, window)`` pairs for ``"window_best_fit"`` and
             ``"fill_in_order"`` (a bare name uses the default window).
-        overlong, min_distance, metric: passed to :func:`~tfp_kernels.packing.pack_lengths`.
+        overlong: passed to :func:`~tfp_kernels.packing.pack_lengths`.
+        use_embeddings, min_distance, metric: what ``"fill_in_order"`` gets (see above).
 
     Returns:
         One dict per (order, strategy), orders outer: ``order``, ``strategy``, ``window`` (None for a
@@ -269,7 +272,7 @@ def fill_similarity_points(
         for spec in strategies:
             name, window = (spec, None) if isinstance(spec, str) else spec
             options = {} if window is None else {"window": window}
-            if name == "fill_in_order":
+            if name == "fill_in_order" and use_embeddings:
                 options.update(embeddings=embeddings[order.to(embeddings.device)], metric=metric)
                 if min_distance is not None:
                     options["min_distance"] = min_distance
@@ -294,8 +297,8 @@ _MARKERS = ("o", "s", "^", "D", "v")
 def plot_fill_vs_similarity(points: list[dict], path: str, title: str) -> None:
     """Scatter of mean intra-pack similarity (y) against fill ratio (x), one point per (order, strategy,
     window) of :func:`fill_similarity_points`: a colour per strategy, a marker per order, the windows of
-    a strategy joined by a line and labelled ``W=...``. Up and right is better: full packs of related
-    samples.
+    a strategy joined by a line and labelled ``W=...``, next fit's similarity in each order as a dotted
+    level. Up and right is better: full packs of related samples.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -322,6 +325,8 @@ def plot_fill_vs_similarity(points: list[dict], path: str, title: str) -> None:
             ys = [p["mean_intra_pack_similarity"] for p in group]
             line = "-" if len(group) > 1 else ""
             ax.plot(xs, ys, color=colour[strategy], marker=marker[order], linestyle=line)
+            if strategy == "next_fit":  # the similarity to keep: a dotted level across the plot
+                ax.axhline(ys[0], color=colour[strategy], linestyle=":", linewidth=0.8)
             for p in group:
                 if p["window"] is not None:
                     ax.annotate(
