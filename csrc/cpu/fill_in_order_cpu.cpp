@@ -20,7 +20,8 @@
 // a CapacitySet of the non-empty lengths), so "the longest candidate <= room" is a prev() query and every
 // item taken is the head of its queue (steps 2-3 take the earliest of a length). O(N log_64 max_len) after
 // O(N + max_len) set-up; for a large max_len (above kDenseLimit, or large next to N) the lengths are first
-// replaced by their rank among the distinct lengths (a sort, O(N log N)).
+// replaced by their rank among the distinct lengths (a sort, O(N log N)). Each pack is written out when it
+// closes (its items sorted), so the outputs are written sequentially.
 //
 // Rows path: every top-up step scores the fitting candidates of the window, O(window * D) per step.
 // The floating-point arithmetic is spelled out so that the Python reference can repeat it bit for bit:
@@ -75,21 +76,27 @@ inline double sq_dist4(const float* a, const float* b, int64_t dim) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// Candidates by length: a FIFO queue of positions per length rank (head_/tail_, next_ links positions of
-// one rank in increasing order) and the set of non-empty ranks.
+// Candidates by length: a FIFO queue of positions per length rank (head_/tail_; next_ links the positions of
+// one rank in increasing order) and the set of non-empty ranks. Queued positions lie in [s, s + window), so
+// next_ is a ring of a power of two >= window slots indexed by position.
 class LengthBuckets {
  public:
-  LengthBuckets(int64_t num_ranks, int64_t n)
-      : set_(num_ranks), head_(static_cast<size_t>(num_ranks), kNone), tail_(static_cast<size_t>(num_ranks), kNone),
-        next_(static_cast<size_t>(n), kNone) {}
+  LengthBuckets(int64_t num_ranks, int64_t window)
+      : set_(num_ranks), head_(static_cast<size_t>(num_ranks), kNone), tail_(static_cast<size_t>(num_ranks), kNone) {
+    int64_t slots = 1;
+    while (slots < window) slots <<= 1;
+    next_.assign(static_cast<size_t>(slots), kNone);
+    mask_ = slots - 1;
+  }
 
   void push(int64_t rank, int32_t pos) {  // positions are pushed in increasing order
+    next_[slot(pos)] = kNone;  // the slot's previous position (pos - slots < s) has left the queues
     int32_t& tail = tail_[static_cast<size_t>(rank)];
     if (tail == kNone) {
       head_[static_cast<size_t>(rank)] = pos;
       set_.insert(rank);
     } else {
-      next_[static_cast<size_t>(tail)] = pos;
+      next_[slot(tail)] = pos;
     }
     tail = pos;
   }
@@ -98,7 +105,7 @@ class LengthBuckets {
 
   void pop(int64_t rank) {
     int32_t& head = head_[static_cast<size_t>(rank)];
-    const int32_t below = next_[static_cast<size_t>(head)];
+    const int32_t below = next_[slot(head)];
     if (below == kNone) {
       head = kNone;
       tail_[static_cast<size_t>(rank)] = kNone;
@@ -111,12 +118,47 @@ class LengthBuckets {
   int64_t largest_up_to(int64_t rank) const { return set_.prev(rank); }
 
  private:
+  size_t slot(int32_t pos) const { return static_cast<size_t>(pos & mask_); }
+
   CapacitySet set_;
   std::vector<int32_t> head_, tail_, next_;
+  int64_t mask_;
 };
 
-// Length-only packing; writes the (opening-order) pack of every item, returns the number of packs.
-int32_t pack_by_length(const int64_t* len, int64_t n, int64_t max_len, int64_t window, int32_t* pack_of) {
+// Writes the packs as they close: their items in input order, then the pack offsets.
+class PackWriter {
+ public:
+  PackWriter(const int64_t* len, int64_t* order, int64_t* pack_id, int64_t* length)
+      : len_(len), order_(order), pack_id_(pack_id), length_(length) {
+    offsets_.push_back(0);
+  }
+
+  void close(std::vector<int64_t>& members) {
+    std::sort(members.begin(), members.end());
+    const int64_t pack = static_cast<int64_t>(offsets_.size()) - 1;
+    int64_t tokens = 0;
+    for (const int64_t i : members) {
+      order_[written_] = i;
+      pack_id_[written_] = pack;
+      length_[written_] = len_[i];
+      tokens += len_[i];
+      ++written_;
+    }
+    offsets_.push_back(offsets_.back() + tokens);
+    members.clear();
+  }
+
+  const std::vector<int64_t>& offsets() const { return offsets_; }
+
+ private:
+  const int64_t* len_;
+  int64_t *order_, *pack_id_, *length_;
+  int64_t written_ = 0;
+  std::vector<int64_t> offsets_;
+};
+
+// Length-only packing.
+void pack_by_length(const int64_t* len, int64_t n, int64_t max_len, int64_t window, PackWriter& writer) {
   // rank of each length: the length itself (dense) or its index among the sorted distinct lengths
   const bool dense = max_len <= kDenseLimit && max_len <= 64 * n + 4096;
   std::vector<int64_t> distinct;
@@ -137,22 +179,21 @@ int32_t pack_by_length(const int64_t* len, int64_t n, int64_t max_len, int64_t w
     if (dense) return room;
     return static_cast<int64_t>(std::upper_bound(distinct.begin(), distinct.end(), room) - distinct.begin()) - 1;
   };
-  LengthBuckets buckets(dense ? max_len + 1 : static_cast<int64_t>(distinct.size()), n);
+  LengthBuckets buckets(dense ? max_len + 1 : static_cast<int64_t>(distinct.size()), window);
   std::vector<uint8_t> placed(static_cast<size_t>(n), 0);
-  int64_t added = 0;  // items [0, added) have entered the buckets
-  int32_t num_packs = 0;
+  std::vector<int64_t> members;
+  int64_t added = 0;  // items [0, added) have entered the buckets (the unplaced ones)
   int64_t s = 0;
   while (s < n) {
     const int64_t end = std::min(n, s + window);  // candidates: unplaced items in [s, end)
     for (; added < end; ++added) {
       if (!placed[static_cast<size_t>(added)]) buckets.push(rank(added), static_cast<int32_t>(added));
     }
-    const int32_t pack = num_packs++;
     // the earliest unplaced item heads its queue (when it has entered the buckets)
     auto take_earliest = [&](int64_t i) {
       if (i < added) buckets.pop(rank(i));
       placed[static_cast<size_t>(i)] = 1;
-      pack_of[i] = pack;
+      members.push_back(i);
     };
     take_earliest(s);
     int64_t room = max_len - len[s];
@@ -172,17 +213,17 @@ int32_t pack_by_length(const int64_t* len, int64_t n, int64_t max_len, int64_t w
       const int32_t i = buckets.head(r);
       buckets.pop(r);
       placed[static_cast<size_t>(i)] = 1;
-      pack_of[i] = pack;
+      members.push_back(i);
       room -= len[i];
     }
+    writer.close(members);
     while (s < n && placed[static_cast<size_t>(s)]) ++s;
   }
-  return num_packs;
 }
 
-// Packing with rows (N, dim) float32: the similarity-aware top-up; same output as pack_by_length.
-int32_t pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t window, const float* rows, int64_t dim,
-                      double fill_weight, double min_distance, bool cosine, int32_t* pack_of) {
+// Packing with rows (N, dim) float32: the similarity-aware top-up.
+void pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t window, const float* rows, int64_t dim,
+                   double fill_weight, double min_distance, bool cosine, PackWriter& writer) {
   std::vector<double> norm(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) norm[static_cast<size_t>(i)] = std::sqrt(dot4(rows + i * dim, rows + i * dim, dim));
   std::vector<uint8_t> placed(static_cast<size_t>(n), 0);
@@ -190,17 +231,15 @@ int32_t pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t wi
   std::vector<double> unit_sum(static_cast<size_t>(dim));           // sum of the pack's rows / their norms
   std::vector<int64_t> members;
   const bool exclude = min_distance > 0.0;
-  int32_t num_packs = 0;
+  int32_t pack = -1;
   int64_t s = 0;
   while (s < n) {
     const int64_t end = std::min(n, s + window);
-    const int32_t pack = num_packs++;
+    ++pack;
     std::fill(unit_sum.begin(), unit_sum.end(), 0.0);
-    members.clear();
     int64_t room = max_len;
     auto take = [&](int64_t i) {
       placed[static_cast<size_t>(i)] = 1;
-      pack_of[i] = pack;
       room -= len[i];
       members.push_back(i);
       const float* x = rows + i * dim;
@@ -254,9 +293,9 @@ int32_t pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t wi
       if (best < 0) break;
       take(best);
     }
+    writer.close(members);
     while (s < n && placed[static_cast<size_t>(s)]) ++s;
   }
-  return num_packs;
 }
 
 }  // namespace
@@ -281,8 +320,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
   TORCH_CHECK(std::isfinite(min_distance), "min_distance must be finite, got ", min_distance);
   window = std::min(window, std::max<int64_t>(n, 1));
 
-  std::vector<int32_t> pack_of(static_cast<size_t>(n));
-  int32_t num_packs;
+  auto order = at::empty({n}, lens.options());
+  auto pack_id = at::empty({n}, lens.options());
+  auto length = at::empty({n}, lens.options());
+  PackWriter writer(len, order.data_ptr<int64_t>(), pack_id.data_ptr<int64_t>(), length.data_ptr<int64_t>());
   if (rows.has_value()) {
     const at::Tensor& r = *rows;
     TFP_CHECK_CPU(r);
@@ -296,38 +337,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
       const double sq = dot4(data + i * dim, data + i * dim, dim);
       TORCH_CHECK(std::isfinite(sq) && sq > 0.0, "rows[", i, "] must be finite and non-zero");
     }
-    num_packs = pack_by_score(len, n, max_len, window, data, dim, fill_weight, min_distance, cosine, pack_of.data());
+    pack_by_score(len, n, max_len, window, data, dim, fill_weight, min_distance, cosine, writer);
   } else {
-    num_packs = pack_by_length(len, n, max_len, window, pack_of.data());
+    pack_by_length(len, n, max_len, window, writer);
   }
-
-  // list the items pack by pack, input order inside a pack (stable counting sort by pack)
-  std::vector<int64_t> start(static_cast<size_t>(num_packs) + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++start[static_cast<size_t>(pack_of[static_cast<size_t>(i)]) + 1];
-  for (int32_t p = 0; p < num_packs; ++p) start[static_cast<size_t>(p) + 1] += start[static_cast<size_t>(p)];
-  auto order = at::empty({n}, lens.options());
-  auto pack_id = at::empty({n}, lens.options());
-  auto length = at::empty({n}, lens.options());
-  auto pack_offsets = at::empty({static_cast<int64_t>(num_packs) + 1}, lens.options());
-  int64_t* order_ptr = order.data_ptr<int64_t>();
-  int64_t* pack_ptr = pack_id.data_ptr<int64_t>();
-  int64_t* length_ptr = length.data_ptr<int64_t>();
-  int64_t* offsets_ptr = pack_offsets.data_ptr<int64_t>();
-  for (int32_t p = 0; p < num_packs; ++p) {
-    std::fill(pack_ptr + start[static_cast<size_t>(p)], pack_ptr + start[static_cast<size_t>(p) + 1], int64_t{p});
-  }
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = fill[static_cast<size_t>(pack_of[static_cast<size_t>(i)])]++;
-    order_ptr[pos] = i;
-    length_ptr[pos] = len[i];
-  }
-  offsets_ptr[0] = 0;
-  for (int32_t p = 0; p < num_packs; ++p) {  // tokens per pack, from the listed lengths (sequential)
-    int64_t tokens = 0;
-    for (int64_t k = start[static_cast<size_t>(p)]; k < start[static_cast<size_t>(p) + 1]; ++k) tokens += length_ptr[k];
-    offsets_ptr[p + 1] = offsets_ptr[p] + tokens;
-  }
+  const auto& offsets = writer.offsets();
+  auto pack_offsets = at::empty({static_cast<int64_t>(offsets.size())}, lens.options());
+  std::copy(offsets.begin(), offsets.end(), pack_offsets.data_ptr<int64_t>());
   return {order, pack_id, length, pack_offsets};
 }
 
