@@ -364,13 +364,13 @@ def pack_lengths(
     - ``"fill_in_order"``: a pack opens with the first unplaced piece ``s`` and takes the following
       unplaced pieces in order while they fit (next fit); then, while one of the unplaced pieces at
       positions ``[s, s + window)`` fits, the best one joins (``window=1``: next fit): the longest
-      (ties: the earliest), or, with
-      ``embeddings``, the one of highest ``mean cosine similarity to the pack's samples + 2 * length /
-      room`` (ties: the earliest), which keeps related samples together; with ``min_distance`` (e.g. the
-      TFP threshold t), a candidate closer than that to a sample of the pack (``metric``) joins only when
-      no other fits. Packs are numbered by their first piece, pieces inside a pack keep input order.
-      C++ op, O(M log max_len) without embeddings, O(P * window * D) with; CUDA lengths are packed on a
-      host copy; without the extension a pure-Python version runs (with a warning).
+      (ties: the earliest), or, with ``embeddings``, the one of highest ``mean cosine similarity to the
+      pack's samples + 2 * length / room`` (ties: the earliest), which keeps related samples together;
+      with ``min_distance`` (e.g. the TFP threshold t), a candidate closer than that to a sample of the
+      pack (``metric``) joins only when no other fits. Packs are numbered by their first piece, pieces
+      inside a pack keep input order. C++ op, O(M log max_len) without embeddings, O(P * window * D)
+      with; CUDA lengths are packed on a host copy; without the extension a pure-Python version runs
+      (with a warning).
 
     Args:
         lengths: (N,) token count of each sample, any integer dtype (not bool), CPU or CUDA; a Python
