@@ -40,6 +40,24 @@ sigma 1, clipped to ``[1, max_len]``), time and fill ratio of
 TRL packs per ``datasets.map`` batch of 1000 rows, not globally: its fill is lower. Writes
 ``benchmarks/results/binpack_bfd_<device-name>.json`` with ``speedup_vs_trl`` (TRL median / row median)
 and ``fill_minus_trl`` for every row. Needs the ``bench`` extra (``trl``, ``datasets``) for the TRL rows.
+
+**Suite ``fill_in_order``** (``python benchmarks/bench_binpack.py --suite fill_in_order [--sizes ...]
+[--max-lens 2048 8192]``): time and fill of ``pack_lengths(lengths, max_len, strategy=...)`` end to end for
+``next_fit``, ``fill_in_order`` (window 1024, length-only: no embeddings), ``window_best_fit`` (window 1024)
+and ``bfd``, plus the ``fill_in_order`` C++ op alone (``fill_in_order_op``) and its pure-Python fallback
+(``fill_in_order_python``, up to ``--reference-max-n``), on the same log-normal lengths; the op and the
+fallback must give the same packs before anything is timed. Every row gets ``time_vs_next_fit`` and
+``time_vs_bfd`` (its median / theirs, same run). Writes ``binpack_fill_in_order_<device-name>.json``.
+
+**Suite ``trade_off``** (``python benchmarks/bench_binpack.py --suite trade_off [--plot PNG]``): what
+``tfp-pack`` does with its defaults on the bundled default dataset (4,000 records, byte tokenizer, hashed
+embedder, TFP order with t = the 0.02 quantile), packed at max_len 2048 (``--max-len``) in TFP order and in a
+seeded random order by every strategy of :data:`tfp_kernels.report.TRADE_OFF_STRATEGIES`; ``fill_in_order``
+three ways: length-only, with the embeddings, with the embeddings and ``min_distance=t``. Each row: packs,
+fill ratio, mean intra-pack similarity (:func:`tfp_kernels.report.intra_pack_similarity`), its ratio to
+next fit's in the same order, the share of same-pack sample pairs closer than t (near duplicates) and the
+packing time. Writes ``binpack_trade_off_<device-name>.json`` (and the fill/similarity plot with
+``--plot``).
 """
 
 from __future__ import annotations
@@ -313,6 +331,213 @@ def test_bfd_vs_peers(benchmark, impl, n):
     assert fill > 0.99
 
 
+# ================================================================================== fill_in_order suite
+
+FILL_IN_ORDER_SIZES = (100_000, 1_000_000, 10_000_000)
+FILL_IN_ORDER_WINDOW = 1024
+
+
+def fill_in_order_peers(max_len: int, n: int, python_max_n: int) -> dict:
+    """name -> (run(lengths) -> number of packs, timed runs)."""
+    from tfp_kernels.packing import fill_in_order_pack, fill_in_order_pack_python
+
+    repeat = 3 if n >= 10_000_000 else 5
+    peers = {}
+    for strategy in ("next_fit", "fill_in_order", "window_best_fit", "bfd"):
+        peers[strategy] = (
+            lambda x, s=strategy: pack_lengths(x, max_len, strategy=s, window=FILL_IN_ORDER_WINDOW).num_packs,
+            repeat,
+        )
+    if has_extension():
+        peers["fill_in_order_op"] = (
+            lambda x: len(fill_in_order_pack(x, max_len, window=FILL_IN_ORDER_WINDOW, backend="op").pack_offsets)
+            - 1,
+            repeat,
+        )
+    if n <= python_max_n:
+        peers["fill_in_order_python"] = (
+            lambda x: max(fill_in_order_pack_python(x.tolist(), max_len, FILL_IN_ORDER_WINDOW)) + 1,
+            1,
+        )
+    return peers
+
+
+def run_fill_in_order_comparison(sizes: list[int], max_lens: list[int], python_max_n: int) -> dict:
+    from tfp_kernels.packing import fill_in_order_pack, fill_in_order_pack_python
+
+    rows = []
+    for max_len in max_lens:
+        for n in sizes:
+            lengths = make_lengths(n, max_len=max_len)
+            total = int(lengths.sum())
+            if has_extension() and n <= python_max_n:  # same packs before timing
+                op = fill_in_order_pack(lengths, max_len, window=FILL_IN_ORDER_WINDOW, backend="op")
+                python = fill_in_order_pack_python(lengths.tolist(), max_len, FILL_IN_ORDER_WINDOW)
+                pack_of = torch.empty(n, dtype=torch.int64)
+                pack_of[op.order] = op.pack_id
+                assert pack_of.tolist() == python, f"op and Python fallback disagree at N={n}"
+            for impl, (run, repeat) in fill_in_order_peers(max_len, n, python_max_n).items():
+                num_packs = run(lengths)  # untimed warm-up (and the pack count) ...
+                timing = time_call(lambda run=run: run(lengths), warmup=0, repeat=repeat)
+                row = {
+                    "impl": impl,
+                    "n": n,
+                    "max_len": max_len,
+                    "window": FILL_IN_ORDER_WINDOW,
+                    "num_tokens": total,
+                    "num_packs": num_packs,
+                    "fill_ratio": total / (num_packs * max_len),
+                    **timing,
+                    "items_per_s": n / (timing["median_ms"] / 1e3),
+                }
+                rows.append(row)
+                print(
+                    f"max_len={max_len} N={n:>10,d} {impl:22s} median {timing['median_ms']:10.1f} ms "
+                    f"({timing['runs']} runs)  fill {row['fill_ratio']:.5f}  packs {num_packs}",
+                    flush=True,
+                )
+    by_key = {(row["impl"], row["n"], row["max_len"]): row["median_ms"] for row in rows}
+    for row in rows:
+        for peer in ("next_fit", "bfd"):
+            other = by_key.get((peer, row["n"], row["max_len"]))
+            row[f"time_vs_{peer}"] = row["median_ms"] / other if other else None
+    return {
+        "config": {
+            "suite": "fill_in_order",
+            "lengths": f"log-normal, mean {MEAN_LENGTH}, sigma 1, rounded, clipped to [1, max_len]; seed {SEED}",
+            "sizes": sizes,
+            "max_lens": max_lens,
+            "window": FILL_IN_ORDER_WINDOW,
+            "python_max_n": python_max_n,
+            "torch_threads": torch.get_num_threads(),
+            "timer": "time.perf_counter around each call; one untimed call first (it gives the pack count), "
+            "then 3-5 timed runs (1 for the Python fallback), quantiles 0.5/0.2/0.8",
+            "ratios": "time_vs_next_fit / time_vs_bfd = median of this row / median of pack_lengths with "
+            "next_fit / bfd; same run, same lengths",
+        },
+        "rows": rows,
+    }
+
+
+# ================================================================================== trade_off suite
+
+
+def bundled_default_data(device: str = "cpu") -> dict:
+    """What ``tfp-pack`` computes from the bundled default with its defaults: lengths (byte tokenizer),
+    hashed embeddings of the default text, the TFP path (l2, quantile 0.02, window 4) and its threshold."""
+    from tfp_kernels.data import load_default
+    from tfp_kernels.embed import load_embedder
+    from tfp_kernels.order import tfp_order
+    from tfp_kernels.text import formats, tokenize
+
+    records = load_default()
+    fmt = formats.detect_format(records)
+    tokenized = tokenize.tokenize_records(records, fmt, tokenize.load_tokenizer("byte"))
+    texts = [formats.embed_text(record, fmt, None, i) for i, record in enumerate(records)]
+    embeddings = load_embedder("hashed").embed_texts(texts, device=device).cpu()
+    path, stats = tfp_order(embeddings, metric="l2", quantile=0.02, window=4, return_stats=True)
+    return {
+        "lengths": torch.from_numpy(tokenized.lengths).long(),
+        "embeddings": embeddings,
+        "path": path.cpu(),
+        "threshold": float(stats.threshold),
+    }
+
+
+def near_duplicate_pair_fraction(pack_id, sample_index, embeddings, threshold: float) -> float:
+    """Share of the pairs of distinct samples sharing a pack whose l2 distance is below ``threshold``."""
+    close = pairs = 0
+    x = embeddings.double()
+    bounds = torch.searchsorted(pack_id, torch.arange(int(pack_id[-1]) + 2))
+    for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        members = torch.unique(sample_index[begin:end])
+        if members.numel() < 2:
+            continue
+        distance = torch.cdist(x[members], x[members])
+        upper = torch.triu_indices(members.numel(), members.numel(), 1)
+        values = distance[upper[0], upper[1]]
+        close += int((values < threshold).sum())
+        pairs += values.numel()
+    return close / pairs if pairs else float("nan")
+
+
+def run_trade_off(max_len: int, seed: int, plot: str | None) -> dict:
+    from tfp_kernels.report import (
+        TRADE_OFF_STRATEGIES,
+        fill_similarity_points,
+        plot_fill_vs_similarity,
+    )
+
+    start = time.perf_counter()
+    data = bundled_default_data()
+    prepare_s = time.perf_counter() - start
+    lengths, embeddings, t = data["lengths"], data["embeddings"], data["threshold"]
+    n = lengths.numel()
+    orders = {"tfp": data["path"], "random": torch.randperm(n, generator=torch.Generator().manual_seed(seed))}
+    variants = {  # fill_in_order three ways; the other strategies once (in the first)
+        "": {"use_embeddings": False},
+        " + embeddings": {"use_embeddings": True},
+        " + embeddings, min_distance=t": {"use_embeddings": True, "min_distance": t},
+    }
+    rows, plotted = [], []
+    for suffix, options in variants.items():
+        strategies = [
+            spec
+            for spec in TRADE_OFF_STRATEGIES
+            if not suffix or (not isinstance(spec, str) and spec[0] == "fill_in_order")
+        ]
+        for order_name, order in orders.items():
+            for spec in strategies:
+                begin = time.perf_counter()
+                (point,) = fill_similarity_points(
+                    lengths, embeddings, max_len, {order_name: order}, [spec], **options
+                )
+                seconds = time.perf_counter() - begin
+                name, window = (spec, None) if isinstance(spec, str) else spec
+                extra = {"window": window} if window else {}
+                if name == "fill_in_order" and options["use_embeddings"]:
+                    extra.update(embeddings=embeddings[order], min_distance=options.get("min_distance"))
+                packing = pack_lengths(lengths[order], max_len, strategy=name, overlong="split", **extra)
+                near = near_duplicate_pair_fraction(packing.pack_id, order[packing.sample_index], embeddings, t)
+                label = name + (suffix if name == "fill_in_order" else "")
+                near = round(near, 6)
+                rows.append({**point, "strategy": label, "near_duplicate_pair_fraction": near, "seconds": seconds})
+                plotted.append({**point, "strategy": label})
+    base = {r["order"]: r["mean_intra_pack_similarity"] for r in rows if r["strategy"] == "next_fit"}
+    for row in rows:
+        row["similarity_vs_next_fit"] = round(row["mean_intra_pack_similarity"] / base[row["order"]], 4)
+        print(
+            f"{row['order']:7s} {row['strategy']:45s} W={str(row['window']):5s} packs {row['packs']:4d} "
+            f"fill {row['fill_ratio']:.4f} sim {row['mean_intra_pack_similarity']:.4f} "
+            f"({row['similarity_vs_next_fit']:.3f}x next_fit) near-dup {row['near_duplicate_pair_fraction']:.4f}",
+            flush=True,
+        )
+    if plot:
+        plot_fill_vs_similarity(
+            plotted, plot, f"Fill against intra-pack similarity: bundled default, N = {n}, max_len {max_len}"
+        )
+        print(f"wrote {plot}")
+    return {
+        "config": {
+            "suite": "trade_off",
+            "data": "bundled default (tfp_kernels/data/sft_default.jsonl.gz): byte tokenizer, hashed embedder of "
+            "the default text, tfp_order(l2, quantile 0.02, window 4), overlong 'split'",
+            "n": n,
+            "max_len": max_len,
+            "threshold": t,
+            "random_order_seed": seed,
+            "prepare_s": prepare_s,
+            "similarity": "mean over packs of two or more samples of the mean pairwise cosine similarity of the "
+            "samples in a pack (tfp_kernels.report.intra_pack_similarity); similarity_vs_next_fit: ratio to "
+            "next_fit's in the same order",
+            "near_duplicate_pair_fraction": "same-pack pairs of distinct samples at l2 distance < t / all "
+            "same-pack pairs",
+            "seconds": "fill_similarity_points for that one point: packing plus the similarity",
+        },
+        "rows": rows,
+    }
+
+
 # ================================================================================== plain script
 
 
@@ -407,7 +632,11 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op thread counts to run with (default: torch's current setting)",
     )
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
-    parser.add_argument("--suite", choices=["next_fit", "bfd"], default="next_fit")
+    parser.add_argument(
+        "--suite", choices=["next_fit", "bfd", "fill_in_order", "trade_off"], default="next_fit"
+    )
+    parser.add_argument("--plot", default=None, help="trade_off suite: write the fill/similarity plot here")
+    parser.add_argument("--seed", type=int, default=0, help="trade_off suite: seed of the random order")
     parser.add_argument("--max-lens", type=int, nargs="+", default=list(BFD_MAX_LENS), help="bfd suite")
     parser.add_argument("--trl-max-n", type=int, default=max(BFD_SIZES), help="bfd suite: largest N for TRL")
     parser.add_argument("--ffd-max-n", type=int, default=max(BFD_SIZES), help="bfd suite: largest N for FFD")
@@ -418,6 +647,19 @@ def main(argv: list[str] | None = None) -> None:
         help="bfd suite: largest N for TRL on tokens",
     )
     args = parser.parse_args(argv)
+    if args.suite == "fill_in_order":
+        sizes = args.sizes if args.sizes != list(SIZES) else list(FILL_IN_ORDER_SIZES)
+        payload = run_fill_in_order_comparison(sizes, args.max_lens, args.reference_max_n)
+        path = write_results("binpack_fill_in_order", "cpu", payload, out_dir=args.out_dir)
+        print(f"wrote {path}")
+        keys = ("impl", "n", "max_len", "median_ms", "fill_ratio", "time_vs_next_fit", "time_vs_bfd")
+        print(json.dumps([{k: row[k] for k in keys} for row in payload["rows"]], indent=1))
+        return
+    if args.suite == "trade_off":
+        payload = run_trade_off(args.max_len, args.seed, args.plot)
+        path = write_results("binpack_trade_off", "cpu", payload, out_dir=args.out_dir)
+        print(f"wrote {path}")
+        return
     if args.suite == "bfd":
         sizes = args.sizes if args.sizes != list(SIZES) else list(BFD_SIZES)
         payload = run_bfd_comparison(

@@ -24,6 +24,15 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (item, offset, length, pack_id), each (M,) int64: one piece per (item, pack) it touches, in stream
   // order. CPU; CUDA tensors use vectorised torch ops instead.
   m.def("stream_pack(Tensor lengths, int max_len) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Next fit in order, each pack topped up from the items [first, first + window) ahead of it:
+  // lengths (M,) int64; without rows the longest fitting candidate joins, with rows (M, D) float32 the one
+  // of best mean cosine similarity to the pack + fill_weight * length / room, candidates closer than
+  // min_distance (l2, or 1 - cos when cosine) to an item of the pack only when no other fits. Returns
+  // (order, pack_id, length) (M,) int64 and pack_offsets (P + 1,) int64, as best_fit_decreasing does
+  // (packs numbered by their first item, items in input order inside a pack). CPU only (sequential).
+  m.def(
+      "fill_in_order(Tensor lengths, int max_len, int window, Tensor? rows=None, float fill_weight=2.0, "
+      "float min_distance=0.0, bool cosine=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Packed-batch assembly: gathers the pieces of the (4, M) int64 table (rows: source start in values,
   // output start, length, position id of the first token) into flat (num_tokens,) int64 input_ids,
   // labels (labels or values; ignore_index where the position id is 0) and position_ids.
@@ -104,6 +113,7 @@ TORCH_LIBRARY_IMPL(tfp_kernels, CPU, m) {
   m.impl("next_fit_pack_ids", &tfp::next_fit_pack_ids_cpu);
   m.impl("best_fit_decreasing", &tfp::best_fit_decreasing_cpu);  // packing/assembly block
   m.impl("stream_pack", &tfp::stream_pack_cpu);  // packing/assembly block
+  m.impl("fill_in_order", &tfp::fill_in_order_cpu);  // packing/assembly block
   m.impl("assemble", &tfp::assemble_cpu);  // packing/assembly block
   m.impl("tfp_walk", &tfp::tfp_walk_cpu);
   m.impl("band_select", &tfp::band_select_cpu);

@@ -250,3 +250,155 @@ def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, thr
                                  sample[second].to(embeddings.device), metric)
         close += int((d < threshold).sum())
     return close / total
+
+
+# ------------------------------------------------------------------------ fill against intra-pack similarity
+
+# Strategies of the trade-off plot: a name, or (name, window) for the strategies with a window.
+TRADE_OFF_STRATEGIES = (
+    "next_fit",
+    ("fill_in_order", 16),
+    ("fill_in_order", 128),
+    ("fill_in_order", 1024),
+    ("window_best_fit", 32),
+    ("window_best_fit", 128),
+    ("window_best_fit", 1024),
+    "bfd",
+)
+
+
+def fill_similarity_points(
+    lengths: torch.Tensor,
+    embeddings: torch.Tensor,
+    max_len: int,
+    orders: dict[str, torch.Tensor],
+    strategies=TRADE_OFF_STRATEGIES,
+    *,
+    overlong: str = "split",
+    use_embeddings: bool = True,
+    min_distance: float | None = None,
+    metric: str = "l2",
+) -> list[dict]:
+    """Fill ratio and mean intra-pack similarity of every (order, strategy) pair (the points of
+    :func:`plot_fill_vs_similarity`).
+
+    For each order, the samples are packed in that order (``pack_lengths(lengths[order], ...)``); the
+    similarity is :func:`intra_pack_similarity` of the packs, averaged over the packs of two or more
+    samples.
+    ``"fill_in_order"`` gets the embeddings (its similarity-aware top-up) and ``min_distance``/``metric``,
+    unless ``use_embeddings=False`` (its length-only top-up).
+
+    Args:
+        lengths: (N,) integer tensor, the token count of each sample (in sample order), any device.
+        embeddings: (N, D) floating tensor, one row per sample, any device.
+        max_len: capacity of a pack in tokens.
+        orders: name -> (N,) int64 permutation of the samples, e.g. ``{"tfp": path, "random": perm}``.
+        strategies: strategy names, or ``(name, window)`` pairs for ``"window_best_fit"`` and
+            ``"fill_in_order"`` (a bare name uses the default window).
+        overlong: passed to :func:`~tfp_kernels.packing.pack_lengths`.
+        use_embeddings, min_distance, metric: what ``"fill_in_order"`` gets (see above).
+
+    Returns:
+        One dict per (order, strategy), orders outer: ``order``, ``strategy``, ``window`` (None for a
+        bare name), ``packs``, ``fill_ratio`` and ``mean_intra_pack_similarity`` (None when no pack holds
+        two samples), floats rounded to 6 digits.
+
+    Examples::
+
+        >>> import torch
+        >>> emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> points = fill_similarity_points(
+        ...     torch.tensor([2, 2, 2, 4]), emb, 4, {"given": torch.arange(4)}, ["next_fit"])
+        >>> points[0]["packs"], points[0]["fill_ratio"], points[0]["mean_intra_pack_similarity"]
+        (3, 0.833333, 1.0)
+    """
+    import dataclasses
+
+    from .packing import pack_lengths
+
+    lengths = torch.as_tensor(lengths).cpu()
+    points = []
+    for order_name, order in orders.items():
+        order = torch.as_tensor(order, dtype=torch.int64).cpu()
+        n = lengths.numel()
+        if order.shape != lengths.shape or not torch.equal(order.sort().values, torch.arange(n)):
+            raise ValueError(f"orders[{order_name!r}] must be a permutation of the {n} samples")
+        for spec in strategies:
+            name, window = (spec, None) if isinstance(spec, str) else spec
+            options = {} if window is None else {"window": window}
+            if name == "fill_in_order" and use_embeddings:
+                options.update(embeddings=embeddings[order.to(embeddings.device)], metric=metric)
+                if min_distance is not None:
+                    options["min_distance"] = min_distance
+            packing = pack_lengths(lengths[order], max_len, strategy=name, overlong=overlong, **options)
+            packing = dataclasses.replace(packing, sample_index=order[packing.sample_index])
+            points.append(
+                {
+                    "order": order_name,
+                    "strategy": name,
+                    "window": window,
+                    "packs": packing.num_packs,
+                    "fill_ratio": round(packing.fill_ratio, 6),
+                    "mean_intra_pack_similarity": _nanmean(intra_pack_similarity(packing, embeddings)),
+                }
+            )
+    return points
+
+
+_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def plot_fill_vs_similarity(points: list[dict], path: str, title: str) -> None:
+    """Scatter of mean intra-pack similarity (y) against fill ratio (x), one point per (order, strategy,
+    window) of :func:`fill_similarity_points`: a colour per strategy, a marker per order, the windows of
+    a strategy joined by a line and labelled ``W=...``, next fit's similarity in each order as a dotted
+    level. Up and right is better: full packs of related samples.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    strategies = list(dict.fromkeys(p["strategy"] for p in points))
+    orders = list(dict.fromkeys(p["order"] for p in points))
+    colour = {s: _COLOURS[i] if i < len(_COLOURS) else f"C{i}" for i, s in enumerate(strategies)}
+    marker = {o: _MARKERS[i % len(_MARKERS)] for i, o in enumerate(orders)}
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for order in orders:
+        for strategy in strategies:
+            group = [
+                p
+                for p in points
+                if p["order"] == order
+                and p["strategy"] == strategy
+                and p["mean_intra_pack_similarity"] is not None
+            ]
+            if not group:
+                continue
+            group.sort(key=lambda p: (p["window"] is not None, p["window"] or 0))
+            xs = [p["fill_ratio"] for p in group]
+            ys = [p["mean_intra_pack_similarity"] for p in group]
+            line = "-" if len(group) > 1 else ""
+            ax.plot(xs, ys, color=colour[strategy], marker=marker[order], linestyle=line)
+            if strategy == "next_fit":  # the similarity to keep: a dotted level across the plot
+                ax.axhline(ys[0], color=colour[strategy], linestyle=":", linewidth=0.8)
+            for p in group:
+                if p["window"] is not None:
+                    ax.annotate(
+                        f"W={p['window']}",
+                        (p["fill_ratio"], p["mean_intra_pack_similarity"]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=colour[strategy],
+                    )
+    handles = [Line2D([], [], color=colour[s], linewidth=2, label=s) for s in strategies]
+    handles += [
+        Line2D([], [], color="grey", marker=marker[o], linestyle="", label=f"{o} order") for o in orders
+    ]
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.set_xlabel("fill ratio (tokens / (packs x max_len))")
+    ax.set_ylabel("mean intra-pack similarity (cosine)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, linewidth=0.3)
+    fig.tight_layout()
+    _save(fig, path)

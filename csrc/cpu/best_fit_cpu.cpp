@@ -10,8 +10,8 @@
 // Open packs are kept in buckets by remaining capacity, each bucket a LIFO stack (the top is the pack
 // that reached this capacity last, which is rule 2's tie-break). Finding the smallest non-empty bucket
 // >= length is a query on a segment tree over capacities [0, max_len]: a 64-ary tree of bitmasks
-// (one bit per capacity, one bit per non-empty 64-bit word one level up), so a query or an update costs
-// O(log_64 max_len) word operations. For a large max_len (above kDenseLimit, or large next to N) the
+// (one bit per capacity, one bit per non-empty 64-bit word one level up; capacity_set.h), so a query or an
+// update costs O(log_64 max_len) word operations. For a large max_len (above kDenseLimit, or large next to N) the
 // buckets live in a std::map (O(log #distinct capacities)) instead. Either way: O(N log max_len) after an
 // O(N + max_len) counting sort (global, dense) or O(N log W) sorts (windows of W items). The global dense
 // path reads the lengths from the counting sort's buckets and writes its results sequentially, so the
@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "capacity_set.h"
 #include "checks.h"
 #include "ops.h"
 
@@ -35,66 +36,6 @@ namespace {
 
 constexpr int64_t kDenseLimit = int64_t{1} << 20;  // bucket arrays of max_len + 1 entries up to here
 constexpr int32_t kNone = -1;
-
-inline int ctz64(uint64_t x) { return __builtin_ctzll(x); }
-
-// Set of integers in [0, limit) with "smallest member >= x" queries: a 64-ary segment tree of bitmasks.
-// levels_[0] has one bit per integer; bit j of levels_[k + 1] says whether word j of levels_[k] is non-zero.
-class CapacitySet {
- public:
-  explicit CapacitySet(int64_t limit) {
-    int64_t n = std::max<int64_t>(limit, 1);
-    do {
-      const int64_t words = (n + 63) / 64;
-      levels_.emplace_back(static_cast<size_t>(words), uint64_t{0});
-      n = words;
-    } while (n > 1);
-  }
-
-  void insert(int64_t c) {
-    for (auto& level : levels_) {
-      uint64_t& word = level[static_cast<size_t>(c >> 6)];
-      const bool was_empty = word == 0;
-      word |= uint64_t{1} << (c & 63);
-      if (!was_empty) return;
-      c >>= 6;
-    }
-  }
-
-  void erase(int64_t c) {
-    for (auto& level : levels_) {
-      uint64_t& word = level[static_cast<size_t>(c >> 6)];
-      word &= ~(uint64_t{1} << (c & 63));
-      if (word != 0) return;
-      c >>= 6;
-    }
-  }
-
-  // Smallest member >= x, or -1.
-  int64_t next(int64_t x) const {
-    size_t k = 0;
-    for (; k < levels_.size(); ++k) {  // climb until a word holds a member >= x
-      const auto& level = levels_[k];
-      const int64_t word = x >> 6;
-      if (word >= static_cast<int64_t>(level.size())) return -1;
-      const uint64_t bits = level[static_cast<size_t>(word)] & (~uint64_t{0} << (x & 63));
-      if (bits != 0) {
-        x = (word << 6) | ctz64(bits);
-        break;
-      }
-      x = word + 1;  // first bit of the next word, one level up
-    }
-    if (k == levels_.size()) return -1;
-    while (k > 0) {  // descend to the smallest member below the bit found
-      --k;
-      x = (x << 6) | ctz64(levels_[k][static_cast<size_t>(x)]);
-    }
-    return x;
-  }
-
- private:
-  std::vector<std::vector<uint64_t>> levels_;
-};
 
 // Buckets of open packs by remaining capacity, for small max_len: stack_[c] is the LIFO stack of packs
 // with remaining capacity c (top = back), set_ the non-empty capacities.

@@ -440,7 +440,8 @@ def test_bad_policy_and_strategy():
         pack_lengths([1, 2], 10, overlong="clip")
     with pytest.raises(
         ValueError,
-        match=r"strategy must be one of \['stream', 'next_fit', 'window_best_fit', 'bfd'\], got 'first_fit'",
+        match=r"strategy must be one of \['stream', 'next_fit', 'window_best_fit', 'bfd', 'fill_in_order'\], "
+        r"got 'first_fit'",
     ):
         pack_lengths([1, 2], 10, strategy="first_fit")
     with pytest.raises(ValueError, match="strategy must be one of"):

@@ -1,4 +1,5 @@
-"""Tests of the packing strategies stream, window_best_fit and bfd (and of all four through pack_lengths).
+"""Tests of the packing strategies stream, window_best_fit and bfd (and of all five through pack_lengths;
+fill_in_order has its own module, test_fill_in_order.py).
 
 Every fast path (C++ ops, pure-torch / pure-Python fallbacks) is compared with the plain-Python references
 of tfp_kernels.packing.reference; integer outputs bit for bit (torch.equal via ``assert_equal``).
@@ -24,6 +25,7 @@ from tfp_kernels.packing import (
     stream_pack_torch,
 )
 from tfp_kernels.packing import best_fit as best_fit_module
+from tfp_kernels.packing import fill_in_order as fill_in_order_module
 from tfp_kernels.packing import stream as stream_module
 from tfp_kernels.packing.reference import (
     best_fit_decreasing_reference,
@@ -43,7 +45,7 @@ from tfp_kernels.testing import (
 needs_extension = pytest.mark.skipif(not _ext.has_extension(), reason="tfp_kernels._C is not built")
 
 I64 = torch.int64
-ALL_STRATEGIES = ["stream", "next_fit", "window_best_fit", "bfd"]
+ALL_STRATEGIES = ["stream", "next_fit", "window_best_fit", "bfd", "fill_in_order"]
 FIELDS = ("pack_id", "sample_index", "offset", "length", "pack_offsets", "dropped_index", "sample_lengths")
 COUNTS = ("num_packs", "num_truncated", "num_dropped", "num_split")
 
@@ -353,10 +355,12 @@ def test_result_dtype_device_contiguous(strategy):
     "n, max_len, seed", [(1000, 2048, 0), (20_000, 2048, 1), (20_000, 8192, 2), (5000, 512, 3)]
 )
 def test_fill_ratios_on_long_tailed_lengths(n, max_len, seed):
-    """On realistic SFT lengths: bfd >= window_best_fit >= next_fit in fill; stream fills every pack but the last."""
+    """On realistic SFT lengths: bfd >= window_best_fit >= next_fit and fill_in_order > next_fit in fill;
+    stream fills every pack but the last."""
     lengths = lognormal_lengths(n, mean=min(512, max_len / 4), max_len=max_len, seed=seed)
     fill = {s: pack_lengths(lengths, max_len, strategy=s).fill_ratio for s in ALL_STRATEGIES}
     assert fill["bfd"] >= fill["window_best_fit"] >= fill["next_fit"]
+    assert fill["fill_in_order"] > fill["next_fit"]
     assert fill["bfd"] > 0.99
     stream = pack_lengths(lengths, max_len, strategy="stream")
     assert (stream.pack_lengths[:-1] == max_len).all()
@@ -407,6 +411,7 @@ def test_property_bfd_fill_bound(lengths, max_len):
     assert packs["stream"] == lower
     assert lower <= packs["bfd"] <= 11 * packs["next_fit"] / 9 + 4
     assert lower <= packs["window_best_fit"] and lower <= packs["next_fit"]
+    assert lower <= packs["fill_in_order"]
 
 
 @needs_extension
@@ -533,10 +538,11 @@ def test_opcheck(op, args):
 # ================================================================================== without the extension
 
 
-@pytest.mark.parametrize("strategy", ["bfd", "window_best_fit", "stream"])
+@pytest.mark.parametrize("strategy", ["bfd", "window_best_fit", "stream", "fill_in_order"])
 def test_fallback_without_extension(monkeypatch, strategy):
     monkeypatch.setattr(best_fit_module, "has_extension", lambda: False)
     monkeypatch.setattr(stream_module, "has_extension", lambda: False)
+    monkeypatch.setattr(fill_in_order_module, "has_extension", lambda: False)
     lengths = make_lengths("lognormal", 1500, 256, seed=4)
     with pytest.warns(RuntimeWarning, match="pure-torch fallback"):
         packing = pack_lengths(lengths, 256, strategy=strategy, window=100, overlong="split")

@@ -12,6 +12,7 @@ The work is done in three steps, each vectorised over all samples (no Python loo
 A strategy is a function ``(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) ->
 (pieces in pack order, pack_id)``; new ones are added to ``STRATEGIES``. ``pieces_are_samples`` says that
 piece ``i`` is sample ``i`` from offset 0 (no drop, no split), which lets a strategy skip two gathers.
+``"fill_in_order"`` also takes the keywords ``embeddings``, ``min_distance`` and ``metric``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .best_fit import best_fit_decreasing
+from .fill_in_order import METRICS, fill_in_order_pack
 from .next_fit import next_fit_pack_ids
 from .stream import stream_pack
 from .types import Packing
@@ -104,6 +106,29 @@ def _best_fit(pieces: Pieces, result, pieces_are_samples: bool) -> Assignment:
     return Assignment(listed, result.pack_id, result.pack_offsets)
 
 
+def _fill_in_order(
+    pieces: Pieces,
+    max_len: int,
+    *,
+    window: int,
+    pieces_are_samples: bool,
+    embeddings: torch.Tensor | None = None,
+    min_distance: float = 0.0,
+    metric: str = "l2",
+) -> Assignment:
+    """Next fit in order, each pack topped up from the next ``window`` pieces (C++ op; host copy for CUDA).
+
+    ``embeddings``: (N, D) float32 CPU rows of the samples (validated), or None for the length-only rule.
+    """
+    rows = None
+    if embeddings is not None:
+        rows = embeddings if pieces_are_samples else embeddings.index_select(0, pieces.sample_index.cpu())
+    result = fill_in_order_pack(
+        pieces.length, max_len, window=window, rows=rows, min_distance=min_distance, metric=metric
+    )
+    return _best_fit(pieces, result, pieces_are_samples)
+
+
 Strategy = Callable[..., Assignment]
 
 STRATEGIES: dict[str, Strategy] = {
@@ -111,6 +136,7 @@ STRATEGIES: dict[str, Strategy] = {
     "next_fit": _next_fit,
     "window_best_fit": _window_best_fit,
     "bfd": _bfd,
+    "fill_in_order": _fill_in_order,
 }
 
 
@@ -156,6 +182,44 @@ def _as_positive_int(value, name: str) -> int:
         raise ValueError(f"{name} must be a positive int, got {result}")
     if result > _INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {result}")
+    return result
+
+
+def _as_embedding_rows(embeddings, num_samples: int) -> torch.Tensor:
+    """``embeddings`` as (N, D) contiguous torch.float32 CPU rows, each finite and non-zero."""
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor of shape (N, D), got {type(embeddings).__name__}")
+    if embeddings.dim() != 2 or embeddings.shape[0] != num_samples or embeddings.shape[1] < 1:
+        raise ValueError(
+            f"embeddings must have shape (N, D) = ({num_samples}, D >= 1), one row per sample, got "
+            f"{tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must have a floating dtype, got {embeddings.dtype}")
+    rows = embeddings.detach().to("cpu", torch.float32).contiguous()
+    bad = ~torch.isfinite(rows).all(1)
+    if bad.any():
+        first = _first_index(bad)
+        raise ValueError(
+            f"embeddings[{first}] is not finite in float32 ({int(bad.sum())} of {num_samples} rows are not)"
+        )
+    zero = ~(rows != 0).any(1)
+    if zero.any():
+        first = _first_index(zero)
+        raise ValueError(
+            f"embeddings[{first}] is all zeros in float32 ({int(zero.sum())} of {num_samples} rows are); the "
+            "cosine similarity of fill_in_order needs non-zero rows"
+        )
+    return rows
+
+
+def _as_min_distance(value) -> float:
+    """``value`` as a finite float ``>= 0``; bools and non-numbers refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"min_distance must be a non-negative number, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not np.isfinite(result) or result < 0:
+        raise ValueError(f"min_distance must be a finite number >= 0, got {value!r}")
     return result
 
 
@@ -256,6 +320,9 @@ def pack_lengths(
     strategy: str = "next_fit",
     overlong: str = "error",
     window: int = DEFAULT_WINDOW,
+    embeddings: torch.Tensor | None = None,
+    min_distance: float | None = None,
+    metric: str = "l2",
 ) -> Packing:
     """Assign samples of the given lengths to packs of at most ``max_len`` tokens.
 
@@ -271,6 +338,10 @@ def pack_lengths(
     ``"stream"``          yes          yes            the TFP paper's packer: concatenate, cut every
                                                       ``max_len`` tokens; every pack full but the last
     ``"next_fit"``        yes          no             a new pack when the next piece does not fit
+    ``"fill_in_order"``   nearly       no             next fit, then each pack topped up from the next
+                                                      ``window`` pieces: near-BFD fill, neighbours stay
+                                                      together, top-ups come from at most ``window``
+                                                      positions ahead
     ``"window_best_fit"`` per window   no             BFD inside consecutive windows of ``window`` pieces:
                                                       near-BFD fill, neighbours stay together
     ``"bfd"``             no           no             global best fit decreasing (as TRL, OLMo-core)
@@ -290,20 +361,35 @@ def pack_lengths(
       BFD is sequential: CUDA lengths are packed on a host copy. Without the extension a pure-Python
       version runs (with a warning). ``"window_best_fit"`` packs pieces ``[0, window)``, then
       ``[window, 2 * window)``, ... each into new packs; ``window >= M`` gives ``"bfd"``.
+    - ``"fill_in_order"``: a pack opens with the first unplaced piece ``s`` and takes the following
+      unplaced pieces in order while they fit (next fit); then, while one of the unplaced pieces at
+      positions ``[s, s + window)`` fits, the best one joins (``window=1``: next fit): the longest
+      (ties: the earliest), or, with ``embeddings``, the one of highest ``mean cosine similarity to the
+      pack's samples + 2 * length / room`` (ties: the earliest), which keeps related samples together;
+      with ``min_distance`` (e.g. the TFP threshold t), a candidate closer than that to a sample of the
+      pack (``metric``) joins only when no other fits. Packs are numbered by their first piece, pieces
+      inside a pack keep input order. C++ op, O(M log max_len) without embeddings, O(P * window * D)
+      with; CUDA lengths are packed on a host copy; without the extension a pure-Python version runs
+      (with a warning).
 
     Args:
         lengths: (N,) token count of each sample, any integer dtype (not bool), CPU or CUDA; a Python
             sequence of ints or a numpy integer array is taken as a CPU tensor. Every value ``>= 1``.
         max_len: capacity of a pack in tokens, a positive Python int.
         strategy: packing strategy, see above.
-        window: pieces per window of ``"window_best_fit"`` (a positive int, default 1024); checked but
-            unused by the other strategies.
+        window: pieces per window of ``"window_best_fit"``, candidates per pack of ``"fill_in_order"`` (a
+            positive int, default 1024); checked but unused by the other strategies.
         overlong: what to do with a sample longer than ``max_len``:
             ``"error"`` (default): raise ``ValueError`` naming the first such sample and their count;
             ``"truncate"``: keep its first ``max_len`` tokens (one piece, offset 0);
             ``"drop"``: leave it out and record its index in ``dropped_index``;
             ``"split"``: cut it into consecutive pieces of ``max_len`` tokens and a remainder, at offsets
             ``0, max_len, 2 * max_len, ...``; next fit places them in that order (``"stream"``: see above).
+        embeddings: (N, D) floating, any device, one finite non-zero row per sample (compared as float32
+            values), or None; ``"fill_in_order"`` only (another strategy raises ``ValueError``).
+        min_distance: with ``embeddings``, a finite number ``>= 0``: ``"fill_in_order"`` tops a pack up
+            with a sample closer than this to one of its samples only when no other fits; None or 0: off.
+        metric: the distance of ``min_distance``: ``"l2"`` or ``"cosine"`` (``1 - cos``).
 
     Returns:
         :class:`~tfp_kernels.packing.Packing`, all tensors int64 on the device of ``lengths``:
@@ -314,9 +400,11 @@ def pack_lengths(
     Raises:
         ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; a sample longer than
             ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
-            ``strategy`` or ``overlong``.
+            ``strategy``, ``overlong`` or ``metric``; ``embeddings`` not of shape (N, D), with a non-finite
+            or all-zero row, or given to a strategy other than ``"fill_in_order"``; ``min_distance``
+            negative or not finite, or given without ``embeddings``.
         TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len`` or
-            ``window`` not an int.
+            ``window`` not an int; ``embeddings`` not a floating tensor; ``min_distance`` not a number.
 
     Host syncs (CUDA): one to check ``lengths`` (and count split pieces), one to read ``P``; the
     compiled next-fit op and ``"stream"`` add one each; ``"bfd"``/``"window_best_fit"`` copy the
@@ -347,14 +435,31 @@ def pack_lengths(
         (tensor([0, 0, 0, 3, 0, 0, 7, 0]), tensor([3, 4, 3, 2, 1, 7, 2, 2]))
         >>> packing.pack_offsets
         tensor([ 0, 10, 20, 24])
+        >>> packing = pack_lengths([3, 4, 5, 1, 9, 2], max_len=10, strategy="fill_in_order")
+        >>> packing.pack_id, packing.sample_index  # 3+4 (next fit), topped up with 2, then 1 | 5 | 9
+        (tensor([0, 0, 0, 0, 1, 2]), tensor([0, 1, 3, 5, 2, 4]))
     """
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if not isinstance(overlong, str) or overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     lengths = _as_lengths_tensor(lengths)
     max_len = _as_max_len(max_len)
     window = _as_positive_int(window, "window")
+    similarity = {}
+    if embeddings is not None:
+        if strategy != "fill_in_order":
+            raise ValueError(
+                f"embeddings= is used by strategy='fill_in_order' only, got strategy={strategy!r}"
+            )
+        similarity["embeddings"] = _as_embedding_rows(embeddings, lengths.numel())
+    if min_distance is not None:
+        if embeddings is None:
+            raise ValueError("min_distance= needs embeddings= (the distances are between their rows)")
+        similarity["min_distance"] = _as_min_distance(min_distance)
+        similarity["metric"] = metric
 
     # One host sync for the checks: smallest length, number of over-long samples (and of split pieces).
     is_overlong = lengths > max_len
@@ -391,7 +496,7 @@ def pack_lengths(
         num_overlong == 0 or overlong == "truncate" or (strategy == "stream" and overlong == "split")
     )
     assignment = STRATEGIES[strategy](
-        expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples
+        expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples, **similarity
     )
     return _make_packing(assignment, max_len, expanded, lengths)
 

@@ -10,6 +10,7 @@ One function per strategy, each taking the pieces' lengths and returning a pack 
 - :func:`next_fit_pack_ids_reference` (``"next_fit"``);
 - :func:`best_fit_decreasing_reference` (``"bfd"``) and :func:`window_best_fit_reference`
   (``"window_best_fit"``);
+- :func:`fill_in_order_reference` (``"fill_in_order"``);
 - :func:`stream_reference` (``"stream"``) works on samples, since it cuts them itself.
 
 :func:`pack_lengths_reference` composes them with the over-long policy (:func:`expand_overlong_reference`),
@@ -160,6 +161,132 @@ def window_best_fit_reference(lengths: Sequence[int], max_len: int, window: int)
     return pack_ids
 
 
+FILL_WEIGHT = 2.0
+
+
+def fill_in_order_reference(
+    lengths: Sequence[int],
+    max_len: int,
+    window: int,
+    rows: Sequence[Sequence[float]] | None = None,
+    *,
+    fill_weight: float = FILL_WEIGHT,
+    min_distance: float = 0.0,
+    metric: str = "l2",
+) -> list[int]:
+    """Next fit in input order, each pack topped up from the items ahead of it (``"fill_in_order"``).
+
+    1. A pack opens with the first unplaced item ``s``.
+    2. While the next unplaced item (in input order) fits the pack's room, it joins (next fit).
+    3. Then, while some candidate fits, the best one joins; the candidates are the unplaced items at
+       positions ``[s, s + window)``. Without ``rows``: the longest, ties to the
+       earliest. With ``rows`` (one embedding per item): the highest
+       ``score = mean cosine similarity to the pack's items + fill_weight * length / room``, ties to the
+       earliest; with ``min_distance > 0``, a candidate closer than ``min_distance`` to an item of the
+       pack (``metric``: ``"l2"``, or ``"cosine"`` for ``1 - cos``) joins only when no other fits.
+    4. The pack closes when no candidate fits; the next opens with the first unplaced item.
+
+    Packs are numbered in opening order, which is the order of their first items. An item that joins in
+    step 3 lies within ``window`` positions of the pack's first item; ``window=1`` gives next fit.
+
+    The arithmetic of step 3 is that of the C++ op, operation by operation, so that both give the same
+    packs: rows as float32 values in double arithmetic, dot products as four partial sums over
+    ``d % 4`` combined as ``(s0 + s1) + (s2 + s3)`` (:func:`_dot4`), norms ``sqrt(dot4(x, x))``, the
+    pack's sum of ``x / |x|`` accumulated item by item in join order; similarity
+    ``dot4(x, sum) / |x| / k`` for a pack of ``k`` items.
+
+    Args:
+        lengths: N item lengths, each in ``[1, max_len]``.
+        max_len: capacity of a pack.
+        window: candidates per pack (``>= 1``).
+        rows: N rows of D floats (float32 values), each finite and non-zero; None for the length-only rule.
+        fill_weight, min_distance, metric: see step 3 (used with ``rows`` only).
+
+    Returns:
+        The pack id of each item (N ints), numbered in opening order.
+    """
+    import math
+
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    n = len(lengths)
+    for item, length in enumerate(lengths):
+        if not 1 <= length <= max_len:
+            raise ValueError(f"lengths[{item}] = {length} is outside [1, max_len={max_len}]")
+    if rows is not None:
+        rows = [[float(v) for v in row] for row in rows]
+        if len(rows) != n:
+            raise ValueError(f"rows has {len(rows)} rows for {n} items")
+        norms = [math.sqrt(_dot4(row, row)) for row in rows]
+        if not all(math.isfinite(v) and v > 0 for v in norms):
+            raise ValueError("every row must be finite and non-zero")
+
+    def distance(a: int, b: int) -> float:
+        if metric == "cosine":
+            return 1.0 - _dot4(rows[a], rows[b]) / norms[a] / norms[b]
+        return math.sqrt(sum4([(x - y) * (x - y) for x, y in zip(rows[a], rows[b])]))
+
+    pack_of = [-1] * n
+    num_packs = 0
+    for s in range(n):
+        if pack_of[s] >= 0:
+            continue
+        pack = num_packs
+        num_packs += 1
+        end = min(n, s + window)
+        members = [s]
+        pack_of[s] = pack
+        room = max_len - lengths[s]
+        for q in range(s + 1, n):  # 2. next fit over the unplaced items, in order
+            if pack_of[q] >= 0:
+                continue
+            if lengths[q] > room:
+                break
+            members.append(q)
+            pack_of[q] = pack
+            room -= lengths[q]
+        while True:  # 3. top up
+            fitting = [q for q in range(s + 1, end) if pack_of[q] < 0 and lengths[q] <= room]
+            if not fitting:
+                break
+            if rows is None:
+                best = max(fitting, key=lambda q: (lengths[q], -q))
+            else:
+                unit_sum = [0.0] * len(rows[s])
+                for m in members:
+                    for d, value in enumerate(rows[m]):
+                        unit_sum[d] += value / norms[m]
+                scores = {
+                    q: _dot4(rows[q], unit_sum) / norms[q] / float(len(members))
+                    + fill_weight * (float(lengths[q]) / float(room))
+                    for q in fitting
+                }
+                far = [
+                    q
+                    for q in fitting
+                    if min_distance <= 0 or all(distance(q, m) >= min_distance for m in members)
+                ]
+                best = max(far or fitting, key=lambda q: (scores[q], -q))
+            members.append(best)
+            pack_of[best] = pack
+            room -= lengths[best]
+    return pack_of
+
+
+def sum4(values: Sequence[float]) -> float:
+    """Sum of ``values`` as four partial sums over ``index % 4``, combined ``(s0 + s1) + (s2 + s3)``."""
+    partial = [0.0, 0.0, 0.0, 0.0]
+    for index, value in enumerate(values):
+        partial[index % 4] += value
+    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+
+
+def _dot4(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum4([x * y for x, y in zip(a, b)])
+
+
 def _number_packs_by_first_item(pack_of: list[int]) -> list[int]:
     new_id: dict[int, int] = {}
     for pack in pack_of:
@@ -200,7 +327,7 @@ def stream_reference(lengths: Sequence[int], max_len: int) -> dict:
     return out
 
 
-STRATEGY_NAMES = ("next_fit", "stream", "window_best_fit", "bfd")
+STRATEGY_NAMES = ("next_fit", "stream", "window_best_fit", "bfd", "fill_in_order")
 
 
 def pack_lengths_reference(
@@ -210,13 +337,17 @@ def pack_lengths_reference(
     strategy: str = "next_fit",
     overlong: str = "error",
     window: int = 1024,
+    embeddings: Sequence[Sequence[float]] | None = None,
+    min_distance: float | None = None,
+    metric: str = "l2",
 ) -> dict:
     """Reference of :func:`tfp_kernels.packing.pack_lengths`.
 
     The over-long policy runs first (:func:`expand_overlong_reference`). With ``"stream"`` and
     ``overlong="split"`` the over-long samples stay whole at that point: the stream cuts them where the
     packs end (so their pieces need not start at multiples of ``max_len``); ``num_split`` still counts them.
-    The other strategies pack the pieces; their pieces inside a pack keep input order.
+    The other strategies pack the pieces; their pieces inside a pack keep input order. ``"fill_in_order"``
+    gives each piece the row of its sample in ``embeddings`` (N rows of float32 values, or None).
 
     Returns:
         A dict with the fields of :class:`~tfp_kernels.packing.Packing` as Python lists / ints:
@@ -238,6 +369,12 @@ def pack_lengths_reference(
         order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
     elif strategy == "window_best_fit":
         pack_ids = window_best_fit_reference(piece_lengths, max_len, window)
+        order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
+    elif strategy == "fill_in_order":
+        rows = None if embeddings is None else [embeddings[sample] for sample in result["sample_index"]]
+        pack_ids = fill_in_order_reference(
+            piece_lengths, max_len, window, rows, min_distance=min_distance or 0.0, metric=metric
+        )
         order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
     else:  # stream
         streamed = stream_reference(piece_lengths, max_len)
