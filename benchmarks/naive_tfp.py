@@ -1,6 +1,6 @@
 """The naive TFP algorithm, run the way the paper's script runs it: the baseline to beat.
 
-Written for this project from the description in DESIGN.md 1.2 (not from the authors' code):
+Written here from a description of the paper's script (docs/design.md, 'The naive baseline'), not its code:
 
 1. the full N x N distance matrix with ``torch.cdist`` (float32, the matrix-product shortcut);
    cosine as ``1 - E_n @ E_n.T``; the diagonal set to 0 (``i != j`` in the definition);
@@ -10,7 +10,7 @@ Written for this project from the description in DESIGN.md 1.2 (not from the aut
 3. the walk as a Python loop: per step, the row of ``last`` with visited nodes masked, an argsort,
    then candidate by candidate a window check with one ``.item()`` (a device sync) each.
 
-Memory is O(N^2). The selection rule is DESIGN.md 1.1, with the cap and the ``c_0`` fallback (the
+Memory is O(N^2). The rule is docs/design.md's 'The rule', with the cap and the ``c_0`` fallback (the
 paper's script re-appends node 0 when nothing is valid; that bug is not reproduced, so that the
 path is a permutation and comparable with the other implementations).
 """

@@ -1,6 +1,6 @@
 """``pack_gpu``: one call for training loops — a buffer of tokenized samples in, a TFP-ordered packed batch out.
 
-It composes the layers (DESIGN.md 2), each of which is usable alone::
+It composes the layers (docs/design.md, 'Data flow'), each of which is usable alone::
 
     embed (tfp_kernels.embed) -> threshold + order (tfp_kernels.order) -> pack_lengths (tfp_kernels.packing)
       -> assemble (tfp_kernels.assembly) -> PackedBatch

@@ -1,4 +1,4 @@
-// The TFP walk over band lists (DESIGN.md 1.1 and 2.1), on the CPU.
+// The TFP walk over band lists, on the CPU (docs/design.md, 'What the walk proves from a list').
 //
 // At each step the walk takes, among the unvisited nodes, the first node in the order (D[last, j], j)
 // that lies at distance >= t from each of the last `window` path nodes. It looks for that node in the

@@ -1,4 +1,4 @@
-"""The exact reference TFP order on hand-worked cases (expected paths derived by hand from DESIGN.md 1.1)."""
+"""The exact reference TFP order on hand-worked cases (paths worked out from docs/design.md, 'The rule')."""
 
 import pytest
 import torch

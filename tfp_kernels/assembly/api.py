@@ -401,7 +401,7 @@ def assemble(
     ("padding-free") batches take it: the pieces of pack 0, then those of pack 1, and so on, each piece
     being the token slice ``[offset, offset + length)`` of its sample.
 
-    Attention modes (``attention=``), DESIGN.md 2.3:
+    Attention modes (``attention=``; docs/design.md, 'Assembly and attention modes'):
 
     - ``"pack"`` (the TFP paper): one attention segment per pack; position ids 0, 1, ... over the whole
       pack, so later samples see the earlier ones of the same pack.

@@ -14,7 +14,7 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    all pairs) -> the rows are gathered to rank 0, which computes it. Sampled (larger N) -> every rank draws
    the same seeded global pairs, rank 0 gathers only the rows those pairs touch (at most 2 x 2^20 rows) and
    computes the same distances. Rank 0 broadcasts the value. ``threshold=`` skips this phase.
-3. **List phase** (ring): every rank computes the band top-k lists (DESIGN.md 2.1) of its rows against every
+3. **List phase** (ring): each rank lists its rows (docs/design.md, 'The band lists') against every
    column block; the blocks travel around the ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the
    next block's transfer overlapping the current block's products), so a rank holds its own rows and at
    most two column blocks, never all embeddings. Blockwise float32 products (IEEE, no TF32) with the same

@@ -105,7 +105,7 @@ def tfp_order(
     group=None,
     policy: str = "paper",
 ):
-    """Order samples by Threshold Filtering Packing (DESIGN.md 1.1).
+    """Order samples by Threshold Filtering Packing (docs/design.md, 'The rule').
 
     Neighbours in the returned order are related (close in embedding space) but not near-duplicates:
     each next sample is the nearest unvisited one that is at distance ``>= t`` from each of the last
@@ -127,7 +127,7 @@ def tfp_order(
         max_rejections: None (default: no cap, the threshold is always honoured when it can be) or the
             paper's cap ``M`` (paper: 10000): after ``M`` rejected candidates the next one is taken
             unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
-            nearest node"; see DESIGN.md 1.1. (Fast backend: the nodes where the lists' counts of close
+            nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes where the lists' counts of close
             nodes let the cap fire get close sets, at most 4 N K int32 entries, so that the walk counts the
             still unvisited ones: :func:`~tfp_kernels.order.fast.cap_close_sets`.)
         start: the first node of the path (paper: 0).

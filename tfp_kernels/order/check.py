@@ -192,7 +192,7 @@ def check_path(
     dtype: torch.dtype = torch.float64,
     policy: str = "paper",
 ) -> PathCheck:
-    """Verify that ``path`` is the TFP order of ``embeddings`` (DESIGN.md 1.1), step by step.
+    """Verify that ``path`` is the TFP order of ``embeddings`` (docs/design.md, 'The rule'), step by step.
 
     Checks that ``path`` is a permutation of ``0..N-1``, then, for every step ``s >= 1`` (or the
     given ``steps``), recomputes which node the rule takes after ``path[:s]`` and compares it with

@@ -1,6 +1,6 @@
 """The fast exact TFP ordering: band top-k lists, the C++ walk over them, exact fallback scans.
 
-Pipeline (DESIGN.md 2.1), for validated embeddings and a known threshold ``t``:
+Pipeline (docs/design.md, 'Why the path is exact'), for validated embeddings and a known threshold ``t``:
 
 1. rows prepared in float32 (unit rows for cosine) and the arithmetic error bound of the fast
    distances (:func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`);

@@ -1,6 +1,6 @@
 """Exact reference implementation of the TFP ordering (plain torch): the test oracle.
 
-It implements DESIGN.md 1.1 literally, step by step, with exact (difference-based, float64)
+It implements docs/design.md's 'The rule' literally, step by step, with exact (difference-based, float64)
 distances, and keeps memory at O(N * window): one row of distances per path node in the window,
 never the N x N matrix. Time is O(N^2 * D). Every fast path is tested against it.
 """
@@ -96,7 +96,7 @@ def tfp_order_reference(
     policy: str = "paper",
     return_stats: bool = False,
 ):
-    """Threshold Filtering Packing order, computed exactly by the rule of DESIGN.md 1.1.
+    """Threshold Filtering Packing order, computed exactly (docs/design.md, 'The rule').
 
     The path starts at ``start``. At each step, with ``last`` the newest path node, the unvisited
     nodes are listed by ascending ``D[last, j]`` (ties: lower index first) as ``c_0, c_1, ...``; ``c_k``

@@ -1,4 +1,4 @@
-"""The TFP threshold: a low quantile of the pairwise distances (DESIGN.md 1.1, step 1)."""
+"""The TFP threshold: a low quantile of the pairwise distances (docs/design.md, 'The rule')."""
 
 from __future__ import annotations
 
