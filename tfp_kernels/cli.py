@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         "where many records share one text, their copies end up in a row, in the same packs); 'spread' "
         "takes the copies of a large group of identical embeddings as soon as they are valid, so that "
         "they are not left to the end, and at a forced step the sample farthest from the window. "
-        "Default (None): spread; paper with --max-rejections (spread takes no cap)",
+        "Not given (None): spread, or paper with --max-rejections (spread takes no cap)",
     )
     g.add_argument("--start", type=int, default=0, help="first sample of the path (paper: 0)")
     g.add_argument(

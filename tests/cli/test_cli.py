@@ -333,6 +333,9 @@ def test_module_entry_point_help():
         "Threshold Filtering Packing",
         "--overwrite",
         "tfp_pack_manifest.json",
+        "--policy",
+        "--pack-window",
+        "fill_in_order",
     ):
         assert option in res.stdout
     text = " ".join(res.stdout.split())  # argparse wraps lines
