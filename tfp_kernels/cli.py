@@ -30,7 +30,24 @@ from . import __version__
 from .text.readers import InputError
 
 OVERLONG_POLICIES = ("split", "truncate", "drop", "error")
-STRATEGIES = ("next_fit", "stream", "window_best_fit", "bfd")
+STRATEGIES = ("next_fit", "fill_in_order", "stream", "window_best_fit", "bfd")
+#: The walk's policies where the threshold runs out (tfp_order's policy=).
+POLICIES = ("paper", "spread")
+#: Forced steps (no sample at distance >= t from the window) get a warning when they are more than this share of
+#: the steps, and at least 2 (as the shared-text warning).
+FORCED_STEP_WARN_FRACTION = 0.01
+#: report["input"]["embed_text"]["most_common_text"] is cut to this many characters ("..." included).
+SHOWN_TEXT_CHARS = 80
+#: Strategies of fill_vs_similarity.png and report["fill_vs_similarity"], each in TFP and random order: a name,
+#: or (name, window); --pack-window's window is added to those of fill_in_order and window_best_fit.
+TRADE_OFF_POINTS = (
+    "next_fit",
+    ("fill_in_order", 128),
+    ("fill_in_order", 1024),
+    ("window_best_fit", 128),
+    ("window_best_fit", 1024),
+    "bfd",
+)
 DEFAULT_OUTPUT = "tfp_pack_output"
 #: Up to this many samples check_path verifies every step; beyond, a seeded sample of steps.
 CHECK_ALL_UP_TO = 5000
@@ -44,6 +61,7 @@ OUTPUT_FILES = (
     "pack_lengths.png",
     "fill_ratio.png",
     "intra_pack_similarity.png",
+    "fill_vs_similarity.png",
 )
 #: The marker of a folder tfp-pack wrote: names tfp-pack and lists the files it wrote there.
 MANIFEST = "tfp_pack_manifest.json"
@@ -62,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
             "the records so that neighbours are related but not near-duplicates, pack them into sequences "
             "of --max-len tokens, and write the TFP-ordered dataset, the packed dataset (one row per pack: "
             "input_ids, labels, position_ids, cu_seqlens, sample_ids), report.json and PNG plots (pack "
-            "lengths, fill ratio per strategy, intra-pack similarity of TFP vs random order vs bfd) to "
+            "lengths, fill ratio per strategy, intra-pack similarity of TFP vs random order vs bfd, fill "
+            "against intra-pack similarity per strategy) to "
             "--output. Without INPUT it runs on the bundled synthetic dataset (4,000 alpaca records, 8 "
             "topics, 5% near-duplicates). Same input and --seed give byte-identical files "
             "(timings.json aside)."
@@ -156,6 +175,17 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's cap (10000): after this many rejected candidates take the next one "
         "unchecked; default: no cap",
     )
+    g.add_argument(
+        "--policy",
+        default=None,
+        choices=POLICIES,
+        help="what the walk does where the threshold runs out (a forced step: no unvisited sample at "
+        "distance >= t from the window): 'paper' takes the nearest sample, the paper's rule (on data "
+        "where many records share one text, their copies end up in a row, in the same packs); 'spread' "
+        "takes the copies of a large group of identical embeddings as soon as they are valid, so that "
+        "they are not left to the end, and at a forced step the sample farthest from the window. "
+        "Not given (None): spread, or paper with --max-rejections (spread takes no cap)",
+    )
     g.add_argument("--start", type=int, default=0, help="first sample of the path (paper: 0)")
     g.add_argument(
         "--no-check",
@@ -169,10 +199,20 @@ def _parser() -> argparse.ArgumentParser:
         "--strategy",
         default="next_fit",
         choices=STRATEGIES,
-        help="next_fit keeps the TFP order (new pack when the next sample does not fit); stream is "
+        help="next_fit keeps the TFP order (new pack when the next sample does not fit); "
+        "fill_in_order: next fit, then each pack topped up from the next --pack-window samples, with the "
+        "fitting one most similar to the pack (one closer than t to a sample of the pack only when no "
+        "other fits): fills nearly like bfd, keeps most of the order's similarity; stream is "
         "the paper's (concatenate, cut every --max-len tokens, samples split); "
-        "window_best_fit: best fit inside windows of 1024 samples; bfd: global best fit "
+        "window_best_fit: best fit inside windows of --pack-window samples; bfd: global best fit "
         "decreasing (ignores the order: the baseline)",
+    )
+    g.add_argument(
+        "--pack-window",
+        type=int,
+        default=1024,
+        help="samples that fill_in_order may top a pack up from, and samples per window of "
+        "window_best_fit (not the walk's --window)",
     )
     g.add_argument(
         "--attention",
@@ -525,6 +565,14 @@ def _check_args(args) -> None:
         raise InputError(f"--window must be an integer >= 1, got {args.window}")
     if args.max_rejections is not None and args.max_rejections < 0:
         raise InputError(f"--max-rejections must be >= 0, got {args.max_rejections}")
+    if args.policy == "spread" and args.max_rejections is not None:
+        raise InputError(
+            f"--policy spread takes no --max-rejections (got {args.max_rejections}): the cap takes a sample "
+            "unchecked, which spread keeps from happening; drop --max-rejections, or pass --policy paper for "
+            "the paper's capped rule"
+        )
+    if args.pack_window < 1:
+        raise InputError(f"--pack-window must be an integer >= 1, got {args.pack_window}")
     if args.start < 0:
         raise InputError(f"--start must be >= 0, got {args.start}")
     if args.limit is not None and args.start >= args.limit:
@@ -541,6 +589,13 @@ def _check_args(args) -> None:
         )
     if args.report is not None:
         _check_report_path(args)
+
+
+def _resolve_policy(args) -> str:
+    """The walk's policy: --policy, else spread, or paper with --max-rejections (spread takes no cap)."""
+    if args.policy is not None:
+        return args.policy
+    return "spread" if args.max_rejections is None else "paper"
 
 
 def _check_report_path(args) -> None:
@@ -608,16 +663,59 @@ def _embed(texts: list[str], spec: str, device: str, progress: bool) -> tuple[to
     return torch.cat(parts).to(device), repr(embedder)
 
 
-def _pack(lengths: torch.Tensor, order: torch.Tensor, args, strategy: str | None = None):
-    """Pack ``lengths[order]``; the returned Packing indexes the original samples (sample_index, dropped)."""
+def _pack(
+    lengths: torch.Tensor,
+    order: torch.Tensor,
+    args,
+    strategy: str | None = None,
+    embeddings: torch.Tensor | None = None,
+    threshold: float | None = None,
+):
+    """Pack ``lengths[order]``; the returned Packing indexes the original samples (sample_index, dropped).
+
+    Args:
+        lengths: (N,) int64 CPU token counts, in sample order; order: (N,) int64 CPU permutation.
+        strategy: default ``args.strategy``; ``"fill_in_order"`` and ``"window_best_fit"`` get
+            ``args.pack_window``.
+        embeddings: (N, D) floating, in sample order, any device: given to ``"fill_in_order"`` (its similarity-
+            aware top-up, with ``min_distance=threshold`` and ``args.metric``); None: its length-only top-up.
+    """
     from .packing import pack_lengths
 
-    packing = pack_lengths(
-        lengths[order], args.max_len, strategy=strategy or args.strategy, overlong=args.overlong
-    )
+    strategy = strategy or args.strategy
+    options = {}
+    if strategy in ("fill_in_order", "window_best_fit"):
+        options["window"] = args.pack_window
+    if strategy == "fill_in_order" and embeddings is not None:
+        options.update(
+            embeddings=embeddings[order.to(embeddings.device)], min_distance=threshold, metric=args.metric
+        )
+    packing = pack_lengths(lengths[order], args.max_len, strategy=strategy, overlong=args.overlong, **options)
     dropped = order[packing.dropped_index].sort().values
     return dataclasses.replace(
         packing, sample_index=order[packing.sample_index], dropped_index=dropped, sample_lengths=lengths
+    )
+
+
+def _forced_step_warning(stats, n: int, args, kind: str) -> str:
+    """The one-line warning when over FORCED_STEP_WARN_FRACTION of the walk's steps were forced."""
+    if args.policy == "paper":
+        advice = (
+            "--policy spread keeps the copies of a shared text apart where the window allows it"
+            + (" (it takes no --max-rejections)" if args.max_rejections is not None else "")
+        )
+    elif kind == "embeddings":
+        advice = "the embeddings hold large groups of (near-)duplicates: deduplicate them or embed more text"
+    else:
+        advice = (
+            "the embedded texts hold large groups of (near-)duplicates: "
+            "embed more of each record (--embed-field a,b or --embed-template)"
+        )
+    return (
+        f"warning: {stats.num_forced_steps} of {n - 1} steps ({100 * stats.num_forced_steps / (n - 1):.1f}%) "
+        f"found no sample at distance >= t from the last {args.window} (first at step "
+        f"{stats.first_forced_step}, policy {stats.policy}): those samples follow near-duplicates and share "
+        f"packs with them; {advice}"
     )
 
 
@@ -646,6 +744,7 @@ def run(args: argparse.Namespace) -> dict:
     from .text import readers
 
     _check_args(args)
+    args.policy = _resolve_policy(args)
     progress = not args.no_progress
     timer = _Timer()
     t_start = time.perf_counter()
@@ -703,6 +802,8 @@ def run(args: argparse.Namespace) -> dict:
             )
         else:
             print(f"  {n} samples, embeddings {tuple(emb.shape)}, {int(lengths.sum())} tokens", flush=True)
+        if args.strategy == "fill_in_order":
+            _check_fill_in_order_rows(emb, path, kind)
 
         # ------------------------------------------------------------------ order + check
         with timer("order"):
@@ -716,6 +817,7 @@ def run(args: argparse.Namespace) -> dict:
                 start=args.start,
                 progress=progress,
                 return_stats=True,
+                policy=args.policy,
             )
         timer.phases["threshold"] = stats.time_threshold_s
         timer.phases["order"] -= stats.time_threshold_s
@@ -724,10 +826,16 @@ def run(args: argparse.Namespace) -> dict:
             stats.threshold_source
         ]
         print(f"  threshold t = {t:.6g} ({how}, q = {args.quantile})")
+        forced = stats.num_forced_steps
+        forced_rate = forced / (n - 1) if n > 1 else 0.0
+        first = f", first at step {stats.first_forced_step}" if forced else ""
         print(
-            f"  TFP order: {stats.backend} backend, window {args.window}, {stats.num_fallbacks} fallback scans "
-            f"({100 * stats.fallback_rate:.1f}% of steps), {stats.time_order_s:.2f} s"
+            f"  TFP order: {stats.backend} backend, policy {stats.policy}, window {args.window}, "
+            f"{stats.num_fallbacks} fallback scans ({100 * stats.fallback_rate:.1f}% of steps), {forced} forced "
+            f"steps ({100 * forced_rate:.1f}% of steps{first}), {stats.time_order_s:.2f} s"
         )
+        if forced >= 2 and forced > FORCED_STEP_WARN_FRACTION * (n - 1):
+            print(f"  {_forced_step_warning(stats, n, args, kind)}", flush=True)
         report["order"] = {
             "metric": args.metric,
             "quantile": args.quantile,
@@ -745,6 +853,10 @@ def run(args: argparse.Namespace) -> dict:
             "long_lists": stats.num_long_lists,
             "close_sets": stats.num_close_sets,
             "cap_scans": stats.num_cap_fallbacks,
+            "policy": stats.policy,
+            "forced_steps": forced,
+            "first_forced_step": stats.first_forced_step,
+            "forced_step_rate": round(forced_rate, 6),
         }
         if not args.no_check:
             with timer("check"):
@@ -760,6 +872,7 @@ def run(args: argparse.Namespace) -> dict:
                     window=args.window,
                     max_rejections=args.max_rejections,
                     steps=steps,
+                    policy=args.policy,
                 )
             report["path_check"] = {
                 "ok": res.ok,
@@ -779,7 +892,7 @@ def run(args: argparse.Namespace) -> dict:
         # ------------------------------------------------------------------ pack + assemble
         path_cpu = path_t.cpu()
         with timer("pack"):
-            packing = _pack(lengths, path_cpu, args)
+            packing = _pack(lengths, path_cpu, args, embeddings=emb, threshold=t)
         batch = None
         if tok is not None:
             from .assembly import Jagged, assemble
@@ -792,7 +905,8 @@ def run(args: argparse.Namespace) -> dict:
                     attention=args.attention,
                     labels=Jagged(torch.from_numpy(tok.labels), offsets),
                 )
-        main_stats = packing_summary(packing, emb, topics)
+        with timer("compare"):
+            main_stats = packing_summary(packing, emb, topics, threshold=t, metric=args.metric)
         report["packing"] = {
             "strategy": args.strategy,
             "max_len": args.max_len,
@@ -800,6 +914,8 @@ def run(args: argparse.Namespace) -> dict:
             "attention": args.attention,
             **main_stats,
         }
+        if args.strategy in ("fill_in_order", "window_best_fit"):
+            report["packing"]["pack_window"] = args.pack_window
         if batch is not None:
             report["packing"]["max_seqlen"] = batch.max_seqlen
             report["packing"]["segments"] = batch.num_segments
@@ -811,9 +927,12 @@ def run(args: argparse.Namespace) -> dict:
 
         # ------------------------------------------------------------------ comparison
         with timer("compare"):
-            comparison, per_pack, fill = _compare(lengths, path_cpu, packing, emb, topics, args)
+            comparison, per_pack, fill, points = _compare(
+                lengths, path_cpu, packing, main_stats, emb, topics, t, args
+            )
         report["comparison"] = comparison
         report["fill_ratio_per_strategy"] = fill
+        report["fill_vs_similarity"] = points
         _print_comparison(comparison, topics is not None)
 
         # ------------------------------------------------------------------ outputs
@@ -828,7 +947,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
         if not args.no_plots:
             with timer("plots"):
-                _plots(out, packing, per_pack, fill, args, n)
+                _plots(out, packing, per_pack, fill, points, comparison, args, n)
         report["outputs"] = sorted(f for f in os.listdir(out.tmp))
         report["outputs"] = sorted(report["outputs"] + ["report.json", "timings.json", MANIFEST])
         report["args"] = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
@@ -887,6 +1006,7 @@ def _prepare_text(records, args, device, progress, timer) -> dict:
         )
         if to_embed.warning:
             print(f"  {to_embed.warning}", flush=True)
+        embed_text = _embed_text_facts(to_embed.stats)
         emb, embedder = _embed(to_embed.distinct.texts, args.embedder, device, progress)
         emb = to_embed.distinct.gather(emb)
     lengths = tok.lengths
@@ -898,6 +1018,7 @@ def _prepare_text(records, args, device, progress, timer) -> dict:
         "tokens": int(lengths.sum()),
         "label_tokens": tok.num_label_tokens,
         "chat_template_fallbacks": tok.num_template_fallbacks,
+        "embed_text": embed_text,
         "sample_length": {
             "min": int(lengths.min()),
             "mean": round(float(lengths.mean()), 3),
@@ -908,38 +1029,127 @@ def _prepare_text(records, args, device, progress, timer) -> dict:
     }
 
 
-def _compare(lengths, path, packing, emb, topics, args):
-    from .report import intra_pack_similarity, packing_summary
+def _embed_text_facts(stats: dict) -> dict:
+    """:func:`~tfp_kernels.embed.embed_text_stats` ``stats`` for report.json, the most common text cut to
+    SHOWN_TEXT_CHARS characters."""
+    text = stats["most_common_text"]
+    cut = text if len(text) <= SHOWN_TEXT_CHARS else text[: SHOWN_TEXT_CHARS - 3] + "..."
+    return {
+        "num_texts": stats["num_texts"],
+        "num_distinct": stats["num_distinct"],
+        "num_empty": stats["num_empty"],
+        "most_common_count": stats["most_common_count"],
+        "most_common_text": cut,
+    }
+
+
+def _compare(lengths, path, packing, main_stats, emb, topics, threshold, args):
+    """The packing against other orders and strategies.
+
+    Returns ``(comparison, per_pack, fill, points)``: :func:`~tfp_kernels.report.packing_summary` of each
+    compared packing (name -> dict; ``main_stats`` is the run's own packing's); the per-pack similarity of
+    the three the similarity plot shows; fill ratio per strategy in TFP and random order; and
+    :func:`~tfp_kernels.report.fill_similarity_points` of :func:`_trade_off_points` in both orders.
+    """
+    from .report import _pack_similarity, _unit_rows, fill_similarity_points, packing_summary
 
     n = lengths.numel()
     gen = torch.Generator().manual_seed(args.seed)
     orders = {"tfp": path, "random": torch.randperm(n, generator=gen), "original": torch.arange(n)}
-    packings = {f"tfp + {args.strategy}": packing}
+    # fill_in_order's similarity needs non-zero rows (an empty embedded text has none): else length only
+    fill_emb = emb if _zero_rows(emb).numel() == 0 else None
+    fill_in_order = "fill_in_order" if fill_emb is not None else "fill_in_order (length only)"
+    cache = {("tfp", args.strategy): packing}
+
+    def packed(order: str, strategy: str):
+        if (order, strategy) not in cache:
+            cache[order, strategy] = _pack(lengths, orders[order], args, strategy, fill_emb, threshold)
+        return cache[order, strategy]
+
+    chosen = f"tfp + {args.strategy}"
+    packings = {chosen: packing}
+    if args.strategy != "next_fit":
+        packings["tfp + next_fit"] = packed("tfp", "next_fit")
+    if args.strategy != "fill_in_order":
+        packings[f"tfp + {fill_in_order}"] = packed("tfp", "fill_in_order")
     for name in ("random", "original"):
-        packings[f"{name} + {args.strategy}"] = _pack(lengths, orders[name], args)
-    packings["bfd (length only)"] = _pack(lengths, orders["original"], args, "bfd")
-    comparison = {name: packing_summary(p, emb, topics) for name, p in packings.items()}
-    shown = [f"tfp + {args.strategy}", f"random + {args.strategy}", "bfd (length only)"]
-    per_pack = {name: intra_pack_similarity(packings[name], emb) for name in shown}
-    fill = {}
-    for name in ("tfp", "random"):
-        fill[name] = {s: round(_pack(lengths, orders[name], args, s).fill_ratio, 6) for s in STRATEGIES}
-    return comparison, per_pack, fill
+        packings[f"{name} + {args.strategy}"] = packed(name, args.strategy)
+    packings["bfd (length only)"] = packed("original", "bfd")
+    comparison = {
+        name: main_stats if name == chosen else packing_summary(p, emb, topics, threshold=threshold,
+                                                                metric=args.metric)
+        for name, p in packings.items()
+    }
+    shown = [chosen, f"random + {args.strategy}", "bfd (length only)"]
+    rows = _unit_rows(emb)
+    per_pack = {name: _pack_similarity(packings[name], rows) for name in shown}
+    fill = {name: {s: round(packed(name, s).fill_ratio, 6) for s in STRATEGIES} for name in ("tfp", "random")}
+    points = fill_similarity_points(
+        lengths,
+        emb,
+        args.max_len,
+        {"tfp": path, "random": orders["random"]},
+        _trade_off_points(args),
+        overlong=args.overlong,
+        use_embeddings=fill_emb is not None,
+        min_distance=threshold,
+        metric=args.metric,
+    )
+    return comparison, per_pack, fill, points
+
+
+def _check_fill_in_order_rows(emb: torch.Tensor, path: str, kind: str) -> None:
+    """--strategy fill_in_order compares samples by cosine similarity: refuse all-zero embedding rows, naming
+    the first record (its index in the input)."""
+    zero = _zero_rows(emb)
+    if zero.numel():
+        what = f"row {int(zero[0])} of 'embeddings'" if kind == "embeddings" else (
+            f"record {int(zero[0])} embeds an empty text, its embedding"
+        )
+        raise InputError(
+            f"{path}: {what} is all zeros ({zero.numel()} of {emb.shape[0]} are): --strategy fill_in_order "
+            "tops packs up by cosine similarity, which needs non-zero embeddings; "
+            + ("embed more of each record (--embed-field a,b or --embed-template), " if kind != "embeddings" else "")
+            + "or choose another --strategy"
+        )
+
+
+def _trade_off_points(args) -> list:
+    """:data:`TRADE_OFF_POINTS`, with ``args.pack_window`` among the windows of fill_in_order and
+    window_best_fit."""
+    points = list(TRADE_OFF_POINTS)
+    for name in ("fill_in_order", "window_best_fit"):
+        if (name, args.pack_window) not in points:
+            last = max(i for i, p in enumerate(points) if isinstance(p, tuple) and p[0] == name)
+            points.insert(last + 1, (name, args.pack_window))
+    return points
+
+
+def _zero_rows(emb: torch.Tensor) -> torch.Tensor:
+    """(K,) int64 CPU indices of the all-zero rows of ``emb`` (N, D)."""
+    return torch.nonzero(~(emb != 0).any(dim=1)).flatten().cpu()
 
 
 def _print_comparison(comparison: dict, with_topics: bool) -> None:
-    head = f"  {'packing':<26}{'packs':>7}{'fill':>8}{'intra-pack sim.':>17}"
+    def number(value, width):
+        return f"{(value if value is not None else float('nan')):>{width}.3f}"
+
+    names = max(26, 2 + max(len(name) for name in comparison))
+    head = f"  {'packing':<{names}}{'packs':>7}{'fill':>8}{'intra-pack sim.':>17}{'near-dup pairs':>16}"
     if with_topics:
         head += f"{'same-topic pairs':>18}"
     print(head)
     for name, row in comparison.items():
-        sim = row.get("mean_intra_pack_similarity")
-        line = f"  {name:<26}{row['packs']:>7}{row['fill_ratio']:>8.3f}{(sim if sim is not None else float('nan')):>17.3f}"
+        line = f"  {name:<{names}}{row['packs']:>7}{row['fill_ratio']:>8.3f}"
+        line += number(row.get("mean_intra_pack_similarity"), 17)
+        line += number(row.get("near_duplicate_pair_fraction"), 16)
         if with_topics:
-            st = row.get("same_topic_pair_fraction")
-            line += f"{(st if st is not None else float('nan')):>18.3f}"
+            line += number(row.get("same_topic_pair_fraction"), 18)
         print(line)
-    print("  (intra-pack sim. = mean pairwise cosine similarity of the samples sharing a pack)")
+    print(
+        "  (intra-pack sim. = mean pairwise cosine similarity of the samples sharing a pack; near-dup pairs = "
+        "share of those pairs closer than t)"
+    )
 
 
 def _write_outputs(out, records, path, lengths, topics, packing, batch, progress) -> dict:
@@ -975,8 +1185,8 @@ def _write_outputs(out, records, path, lengths, topics, packing, batch, progress
     return split_fields
 
 
-def _plots(out, packing, per_pack, fill, args, n) -> None:
-    from .report import plot_fill_ratio, plot_pack_lengths, plot_similarity
+def _plots(out, packing, per_pack, fill, points, comparison, args, n) -> None:
+    from .report import plot_fill_ratio, plot_fill_vs_similarity, plot_pack_lengths, plot_similarity
 
     plot_pack_lengths(
         packing.pack_lengths,
@@ -992,6 +1202,13 @@ def _plots(out, packing, per_pack, fill, args, n) -> None:
         per_pack,
         out.file("intra_pack_similarity.png"),
         f"Intra-pack similarity: TFP vs random order vs bfd (N = {n}, max_len {args.max_len})",
+        {name: comparison[name].get("near_duplicate_pair_fraction") for name in per_pack},
+    )
+    plot_fill_vs_similarity(
+        points,
+        out.file("fill_vs_similarity.png"),
+        f"Fill vs intra-pack similarity per strategy: TFP vs random order "
+        f"(N = {n}, max_len {args.max_len})",
     )
 
 

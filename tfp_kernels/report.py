@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +29,8 @@ def intra_pack_similarity(packing: Packing, embeddings: torch.Tensor) -> torch.T
     """Mean pairwise cosine similarity of the distinct samples sharing each pack.
 
     For the ``k`` samples of a pack with unit embeddings ``x_i``: ``sum_{i<j} x_i . x_j / (k (k - 1) / 2)``,
-    computed as ``(|sum x|^2 - sum |x|^2) / 2`` per pack in float64 (O(N D), no pairs listed).
+    computed as ``(|sum x|^2 - sum |x|^2) / 2`` per pack in float64 (O(N D), no pairs listed; the sums
+    per pack by ``torch.segment_reduce``, the samples being sorted by pack).
 
     Args:
         packing: a :class:`~tfp_kernels.Packing` whose ``sample_index`` indexes rows of ``embeddings``.
@@ -45,13 +47,29 @@ def intra_pack_similarity(packing: Packing, embeddings: torch.Tensor) -> torch.T
         >>> intra_pack_similarity(pack_lengths([2, 2, 2, 4], 4), emb)   # packs: {0, 1} | {2} | {3}
         tensor([1., nan, nan], dtype=torch.float64)
     """
+    return _pack_similarity(packing, _unit_rows(embeddings))
+
+
+class _UnitRows(NamedTuple):
+    """Embeddings as :func:`intra_pack_similarity` reads them (made once for many packings): ``x`` (N, D) float64
+    CPU rows L2-normalised (zero rows stay zero), ``sq`` (N,) their squared norms."""
+
+    x: torch.Tensor
+    sq: torch.Tensor
+
+
+def _unit_rows(embeddings: torch.Tensor) -> _UnitRows:
     x = torch.nn.functional.normalize(embeddings.detach().to("cpu", torch.float64), dim=1)
-    pack, sample = _pack_of_samples(packing)
-    p = packing.num_packs
-    d = x.shape[1]
-    sums = torch.zeros(p, d, dtype=torch.float64).index_add_(0, pack, x[sample])
-    sq = torch.zeros(p, dtype=torch.float64).index_add_(0, pack, x[sample].square().sum(1))
-    k = torch.bincount(pack, minlength=p).double()
+    return _UnitRows(x, x.square().sum(1))
+
+
+def _pack_similarity(packing: Packing, rows: _UnitRows) -> torch.Tensor:
+    """:func:`intra_pack_similarity` of ``packing`` from the rows of :func:`_unit_rows`."""
+    pack, sample = _pack_of_samples(packing)  # sorted by pack
+    per_pack = torch.bincount(pack, minlength=packing.num_packs)
+    sums = torch.segment_reduce(rows.x[sample], "sum", lengths=per_pack, axis=0)
+    sq = torch.segment_reduce(rows.sq[sample], "sum", lengths=per_pack)
+    k = per_pack.double()
     pairs = k * (k - 1) / 2
     sim = (sums.square().sum(1) - sq) / 2 / pairs
     return torch.where(pairs > 0, sim, torch.full_like(sim, float("nan")))
@@ -82,11 +100,26 @@ def _nanmean(x: torch.Tensor) -> float | None:
 
 
 def packing_summary(
-    packing: Packing, embeddings: torch.Tensor | None = None, topics: torch.Tensor | None = None
+    packing: Packing,
+    embeddings: torch.Tensor | None = None,
+    topics: torch.Tensor | None = None,
+    *,
+    threshold: float | None = None,
+    metric: str = "l2",
 ) -> dict:
     """Counts and quality figures of a packing, as JSON-ready Python numbers (floats rounded to 6 digits):
     packs, pieces, tokens, fill ratio, over-long counts, mean intra-pack similarity (over packs with
-    two or more samples), and the same-topic pair fraction when ``topics`` is given."""
+    two or more samples), the near-duplicate pair fraction when ``threshold`` is given too, and the
+    same-topic pair fraction when ``topics`` is given.
+
+    Args:
+        packing: a :class:`~tfp_kernels.Packing` whose ``sample_index`` indexes rows of ``embeddings``.
+        embeddings: (N, D) floating, any device, or None (no similarity figures).
+        topics: (N,) integer labels, or None.
+        threshold, metric: the TFP threshold ``t`` and its metric: with ``embeddings``, adds
+            ``near_duplicate_pair_fraction`` (:func:`near_duplicate_pair_fraction`; None when no pack holds
+            two samples).
+    """
     out = {
         "packs": packing.num_packs,
         "pieces": packing.num_pieces,
@@ -98,6 +131,9 @@ def packing_summary(
     }
     if embeddings is not None:
         out["mean_intra_pack_similarity"] = _nanmean(intra_pack_similarity(packing, embeddings))
+        if threshold is not None:
+            near = near_duplicate_pair_fraction(packing, embeddings, threshold, metric)
+            out["near_duplicate_pair_fraction"] = None if math.isnan(near) else round(near, 6)
     if topics is not None:
         frac = same_label_pair_fraction(packing, topics)
         out["same_topic_pair_fraction"] = None if math.isnan(frac) else round(frac, 6)
@@ -164,8 +200,25 @@ def plot_fill_ratio(fill: dict[str, dict[str, float]], path: str, title: str) ->
     _save(fig, path)
 
 
-def plot_similarity(per_pack: dict[str, torch.Tensor], path: str, title: str) -> None:
-    """Overlaid histograms of the per-pack mean pairwise similarity, one per packing, means marked."""
+def plot_similarity(
+    per_pack: dict[str, torch.Tensor],
+    path: str,
+    title: str,
+    near_duplicates: dict[str, float | None] | None = None,
+) -> list[str]:
+    """Overlaid histograms of the per-pack mean pairwise similarity, one per packing, means marked.
+
+    Args:
+        per_pack: packing name -> (P,) float64 per-pack similarity (:func:`intra_pack_similarity`, NaN for
+            packs of one sample: left out).
+        path: the PNG to write.
+        title: the plot's title.
+        near_duplicates: packing name -> its :func:`near_duplicate_pair_fraction` (None: no pairs), shown in
+            the legend as the share of same-pack pairs closer than t; None: not shown.
+
+    Returns:
+        the legend's labels, one per packing, in the order of ``per_pack``.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4))
@@ -176,18 +229,16 @@ def plot_similarity(per_pack: dict[str, torch.Tensor], path: str, title: str) ->
     hi = max(float(v.max()) for v in nonempty) if nonempty else 1.0
     if hi <= lo:
         hi = lo + 1e-6
+    labels = []
     for j, (name, v) in enumerate(values.items()):
         colour = _COLOURS[j % len(_COLOURS)]
         mean = float(v.mean()) if v.size else float("nan")
-        ax.hist(
-            v,
-            bins=40,
-            range=(lo, hi),
-            histtype="step",
-            linewidth=1.6,
-            color=colour,
-            label=f"{name}: mean {mean:.3f}",
-        )
+        label = f"{name}: mean {mean:.3f}"
+        if near_duplicates is not None:
+            near = near_duplicates.get(name)
+            label += ", pairs closer than t: " + ("no pairs" if near is None else f"{100 * near:.1f}%")
+        labels.append(label)
+        ax.hist(v, bins=40, range=(lo, hi), histtype="step", linewidth=1.6, color=colour, label=label)
         if v.size:
             ax.axvline(mean, color=colour, linestyle="--", linewidth=1)
     ax.set_xlabel("mean pairwise cosine similarity of the samples in a pack")
@@ -196,6 +247,7 @@ def plot_similarity(per_pack: dict[str, torch.Tensor], path: str, title: str) ->
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+    return labels
 
 
 def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, threshold: float,
@@ -317,6 +369,7 @@ def fill_similarity_points(
     from .packing import pack_lengths
 
     lengths = torch.as_tensor(lengths).cpu()
+    rows = _unit_rows(embeddings)
     points = []
     for order_name, order in orders.items():
         order = torch.as_tensor(order, dtype=torch.int64).cpu()
@@ -339,7 +392,7 @@ def fill_similarity_points(
                     "window": window,
                     "packs": packing.num_packs,
                     "fill_ratio": round(packing.fill_ratio, 6),
-                    "mean_intra_pack_similarity": _nanmean(intra_pack_similarity(packing, embeddings)),
+                    "mean_intra_pack_similarity": _nanmean(_pack_similarity(packing, rows)),
                 }
             )
     return points

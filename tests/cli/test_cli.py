@@ -201,6 +201,7 @@ def test_same_input_and_seed_give_identical_files(tmp_path):
         "pack_lengths.png",
         "fill_ratio.png",
         "intra_pack_similarity.png",
+        "fill_vs_similarity.png",
         "tfp_pack_manifest.json",
     } == set(names)
     for name in names:
@@ -332,6 +333,9 @@ def test_module_entry_point_help():
         "Threshold Filtering Packing",
         "--overwrite",
         "tfp_pack_manifest.json",
+        "--policy",
+        "--pack-window",
+        "fill_in_order",
     ):
         assert option in res.stdout
     text = " ".join(res.stdout.split())  # argparse wraps lines

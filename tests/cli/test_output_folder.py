@@ -17,7 +17,7 @@ from tfp_kernels import cli
 from tfp_kernels.cli import MANIFEST, OutputFolder, main
 
 WRITTEN = {"ordered.parquet", "packed.parquet", "report.json", "timings.json", MANIFEST}
-PLOTS = {"pack_lengths.png", "fill_ratio.png", "intra_pack_similarity.png"}
+PLOTS = {"pack_lengths.png", "fill_ratio.png", "intra_pack_similarity.png", "fill_vs_similarity.png"}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from tfp_kernels import pack_lengths
-from tfp_kernels.report import intra_pack_similarity, packing_summary, same_label_pair_fraction
+from tfp_kernels.report import (
+    intra_pack_similarity,
+    near_duplicate_pair_fraction,
+    packing_summary,
+    plot_similarity,
+    same_label_pair_fraction,
+)
 
 
 def _pack_members(packing):
@@ -27,6 +33,7 @@ def _pack_members(packing):
         (33, 50, "stream"),
         (61, 97, "bfd"),
         (40, 30, "window_best_fit"),
+        (45, 40, "fill_in_order"),
     ],
 )
 def test_against_pair_loops(n, max_len, strategy):
@@ -51,3 +58,27 @@ def test_against_pair_loops(n, max_len, strategy):
     assert (math.isnan(frac) and total == 0) or frac == pytest.approx(same / total)
     summary = packing_summary(packing, emb, labels)
     assert summary["packs"] == packing.num_packs and summary["tokens"] == int(lengths.sum())
+
+
+def test_summary_near_duplicate_pairs():
+    emb = torch.tensor([[0.0, 1.0], [0.1, 1.0], [5.0, 1.0], [9.0, 1.0], [9.0, 1.2]])
+    packing = pack_lengths([2, 2, 2, 4, 4], 6)  # packs {0, 1, 2} | {3} | {4}
+    summary = packing_summary(packing, emb, threshold=0.5)
+    assert summary["near_duplicate_pair_fraction"] == round(1 / 3, 6)  # (0, 1) of the pairs (0, 1), (0, 2), (1, 2)
+    assert "near_duplicate_pair_fraction" not in packing_summary(packing, emb)  # no threshold: not computed
+    single = pack_lengths([4, 4, 4, 4, 4], 6)  # one sample per pack: no pairs
+    assert packing_summary(single, emb, threshold=0.5)["near_duplicate_pair_fraction"] is None
+    cosine = packing_summary(packing, emb, threshold=0.01, metric="cosine")["near_duplicate_pair_fraction"]
+    assert cosine == round(near_duplicate_pair_fraction(packing, emb, 0.01, "cosine"), 6)
+
+
+def test_similarity_plot_legend(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    per_pack = {"a": torch.rand(30, generator=gen, dtype=torch.float64), "b": torch.tensor([float("nan"), 0.5])}
+    path = tmp_path / "sim.png"
+    labels = plot_similarity(per_pack, str(path), "title", {"a": 0.0123, "b": None})
+    assert labels == [f"a: mean {float(per_pack['a'].mean()):.3f}, pairs closer than t: 1.2%",
+                      "b: mean 0.500, pairs closer than t: no pairs"]
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_similarity(per_pack, str(path), "title") == [f"a: mean {float(per_pack['a'].mean()):.3f}",
+                                                             "b: mean 0.500"]
