@@ -111,13 +111,15 @@ def test_packed_table_roundtrip(attention):
         assert torch.equal(got, want)
     cu = table.column("cu_seqlens").to_pylist()
     lens = table.column("length").to_pylist()
-    seq = table.column("seq_lengths").to_pylist()
-    for c, n, s in zip(cu, lens, seq):
-        assert c[0] == 0 and c[-1] == n and sum(s) == n
+    pieces = table.column("sample_lengths").to_pylist()
+    segments = table.column("seq_lengths").to_pylist()
+    for c, n, p, s in zip(cu, lens, pieces, segments):
+        assert c[0] == 0 and c[-1] == n and sum(p) == n
+        assert s == np.diff(c).tolist()  # seq_lengths: the attention segments (what TRL reads)
         if attention == "pack":
-            assert c == [0, n]
+            assert c == [0, n] and s == [n]
         else:
-            assert c == list(np.concatenate([[0], np.cumsum(s)]))
+            assert s == p
     flat_cu = np.concatenate(
         [np.array(c[:-1]) + off for c, off in zip(cu, np.cumsum([0] + lens[:-1]))] + [[sum(lens)]]
     )
