@@ -363,7 +363,7 @@ def pack_dataset(
 
     Then, as ``tfp-pack``: embed -> TFP order over the whole dataset (``order="tfp"``) -> bin packing in that
     order (``strategy``) -> packed rows (:func:`~tfp_kernels.pack_gpu`, then ``tfp-pack``'s packed table).
-    Every sample is in the packs exactly once (pieces of it with ``overlong="split"`` or ``"stream"``),
+    Every sample is in the packs exactly once (as pieces with ``overlong="split"`` or ``strategy="stream"``),
     except those ``overlong="drop"`` leaves out, which are counted.
 
     Columns of the result (lists per pack; the ``packed.parquet`` of ``tfp-pack``): ``input_ids``,
