@@ -3,8 +3,8 @@
 Layers, each usable alone: ``embed`` (hashed token-bag or transformers embeddings), ``order`` (threshold,
 exact TFP path, validator), ``packing`` (bin packing of lengths, pack shuffling), ``assembly`` (packed
 input_ids / labels / position_ids / cu_seqlens), ``attention`` (varlen attention over a packed batch),
-``integrations`` (transformers collators, ``order_dataset``, loss normalisation, the ``tfp_varlen``
-attention), ``distributed`` (sharded ordering, rank-balanced
+``integrations`` (transformers collators, ``order_dataset``, ``pack_dataset`` for TRL / ``Trainer``, loss
+normalisation, the ``tfp_varlen`` attention), ``distributed`` (sharded ordering, rank-balanced
 pack sampler, streaming), ``cli`` (``tfp-pack``). :func:`pack_gpu` composes embed -> order -> pack -> assemble
 for training loops. Shape letters in the docstrings: N samples, D embedding dimension, M pieces of samples,
 P packs, T tokens.
@@ -29,6 +29,7 @@ from .integrations import (
     count_label_tokens,
     global_num_items_in_batch,
     order_dataset,
+    pack_dataset,
     register_hf_attention,
 )
 from .order import (
@@ -77,6 +78,7 @@ __all__ = [
     "mask_repeats",
     "minilm_path",
     "order_dataset",
+    "pack_dataset",
     "pack_gpu",
     "pack_lengths",
     "pack_permutation",

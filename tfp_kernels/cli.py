@@ -992,8 +992,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _prepare_text(records, args, device, progress, timer) -> dict:
-    from .text import formats, tokenize
+    from .text import formats, readers, tokenize
 
+    if args.format == "auto" and readers.holds_token_ids(records):  # input_ids: packed as they are
+        from .integrations.datasets import token_records_input
+
+        tok = readers.read_token_records(records)
+        _check_lengths(torch.from_numpy(tok.lengths), args, None)
+        with timer("embed"):
+            return token_records_input(
+                records,
+                tok,
+                embed_field=args.embed_field,
+                embed_template=args.embed_template,
+                embedder=args.embedder,
+                tokenizer=args.tokenizer,
+                device=device,
+                warn=lambda text: print(f"  {text}", flush=True),
+            )
     fmt = formats.detect_format(records) if args.format == "auto" else args.format
     formats.check_fields(records, fmt)
     with timer("tokenize"):

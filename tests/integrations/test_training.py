@@ -106,9 +106,18 @@ def test_rows_without_segment_columns():
     rows, batch = packed_rows(ids, labels, 8, "sample")
     collator = PackedRowsCollator()
     full = collator.pack(rows)
-    # segments read from position_ids when cu_seqlens is missing
+    # segments read from seq_lengths (TRL's column) when cu_seqlens is missing, else from position_ids
     no_cu = [{k: v for k, v in row.items() if k != "cu_seqlens"} for row in rows]
-    assert_equal(collator.pack(no_cu).cu_seqlens, full.cu_seqlens, "cu_seqlens from position_ids")
+    assert_equal(collator.pack(no_cu).cu_seqlens, full.cu_seqlens, "cu_seqlens from seq_lengths")
+    only_positions = [
+        {k: v for k, v in row.items() if k not in ("cu_seqlens", "seq_lengths")} for row in rows
+    ]
+    assert_equal(collator.pack(only_positions).cu_seqlens, full.cu_seqlens, "cu_seqlens from position_ids")
+    only_lengths = [{k: v for k, v in row.items() if k not in ("cu_seqlens", "position_ids")} for row in rows]
+    assert_equal(collator.pack(only_lengths).cu_seqlens, full.cu_seqlens, "cu_seqlens from seq_lengths alone")
+    one_run = [dict(row, position_ids=list(range(len(row["input_ids"])))) for row in no_cu]
+    with pytest.raises(ValueError, match="do not restart at the segments"):  # seq_lengths win over positions
+        collator.pack(one_run)
     # without either: one segment per row (pack attention); default labels: -100 at each row start
     bare = [{"input_ids": row["input_ids"]} for row in rows]
     packed = collator.pack(bare)
@@ -168,14 +177,31 @@ def test_dataloader_with_pack_sampler_on_parquet(tmp_path):
             r"row 0: 'position_ids' do not restart at the segments",
         ),
         (
-            [{"input_ids": [1, 2, 3], "sample_ids": [4, 5], "seq_lengths": [1, 1]}],
+            [{"input_ids": [1, 2, 3], "sample_ids": [4, 5], "sample_lengths": [1, 1]}],
             ValueError,
             "must add up to the row's 3 tokens",
         ),
         (
-            [{"input_ids": [1, 2, 3], "cu_seqlens": [0, 2, 3], "sample_ids": [4, 5], "seq_lengths": [1, 2]}],
+            [
+                {
+                    "input_ids": [1, 2, 3],
+                    "cu_seqlens": [0, 2, 3],
+                    "sample_ids": [4, 5],
+                    "sample_lengths": [1, 2],
+                }
+            ],
             ValueError,
             "starts or ends inside a piece",
+        ),
+        (
+            [{"input_ids": [1, 2, 3], "seq_lengths": [1, 1]}],
+            ValueError,
+            r"row 0: 'seq_lengths' \(the attention segments' lengths\) must be positive and add up to the row's 3",
+        ),
+        (
+            [{"input_ids": [1, 2, 3], "cu_seqlens": [0, 3], "seq_lengths": [1, 2]}],
+            ValueError,
+            r"row 0: 'seq_lengths' \[1, 2\] are not the lengths of the segments of 'cu_seqlens' \[0, 3\]",
         ),
         ({"input_ids": [1, 2]}, TypeError, "rows must be a list of rows"),
         ([], ValueError, "received no rows"),

@@ -13,7 +13,7 @@ import torch
 
 from tfp_kernels import assemble, pack_lengths
 from tfp_kernels.text import InputError, packed_table, read_records, records_table, unpack_records
-from tfp_kernels.text.readers import read_embeddings
+from tfp_kernels.text.readers import holds_token_ids, read_embeddings, read_token_records
 
 RECORDS = [{"instruction": f"q{i}", "output": f"a{i}", "n": i} for i in range(5)]
 
@@ -111,17 +111,88 @@ def test_packed_table_roundtrip(attention):
         assert torch.equal(got, want)
     cu = table.column("cu_seqlens").to_pylist()
     lens = table.column("length").to_pylist()
-    seq = table.column("seq_lengths").to_pylist()
-    for c, n, s in zip(cu, lens, seq):
-        assert c[0] == 0 and c[-1] == n and sum(s) == n
+    pieces = table.column("sample_lengths").to_pylist()
+    segments = table.column("seq_lengths").to_pylist()
+    for c, n, p, s in zip(cu, lens, pieces, segments):
+        assert c[0] == 0 and c[-1] == n and sum(p) == n
+        assert s == np.diff(c).tolist()  # seq_lengths: the attention segments (what TRL reads)
         if attention == "pack":
-            assert c == [0, n]
+            assert c == [0, n] and s == [n]
         else:
-            assert c == list(np.concatenate([[0], np.cumsum(s)]))
+            assert s == p
     flat_cu = np.concatenate(
         [np.array(c[:-1]) + off for c, off in zip(cu, np.cumsum([0] + lens[:-1]))] + [[sum(lens)]]
     )
     assert flat_cu.tolist() == batch.cu_seqlens_cpu.tolist()
+
+
+def test_packed_table_without_tokens():
+    packing = pack_lengths(torch.tensor([3, 9, 4, 2]), 8, overlong="split")
+    table = packed_table(packing=packing)
+    assert table.column_names == ["sample_ids", "sample_lengths", "sample_starts", "length"]
+    pieces = sorted(
+        (s, st, n)
+        for ids, lens, starts in zip(*(table.column(c).to_pylist() for c in table.column_names[:3]))
+        for s, n, st in zip(ids, lens, starts)
+    )
+    assert pieces == [(0, 0, 3), (1, 0, 8), (1, 8, 1), (2, 0, 4), (3, 0, 2)]
+
+
+def test_read_token_records():
+    records = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": (8,), "labels": [8]},
+        {"input_ids": np.array([9, 10]), "labels": [-100, -100]},
+    ]
+    assert holds_token_ids(records) and not holds_token_ids(RECORDS) and not holds_token_ids([])
+    tok = read_token_records(records)
+    assert tok.input_ids.tolist() == [5, 6, 7, 8, 9, 10] and tok.offsets.tolist() == [0, 3, 4, 6]
+    assert tok.labels.tolist() == [-100, 6, 7, 8, -100, -100] and tok.num_label_tokens == 3
+    # no labels: the tokens where every mask is 1 (TRL's rule), else every token
+    masked = [{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], "assistant_masks": [1, 1, 0]}]
+    assert read_token_records(masked).labels.tolist() == [-100, 2, -100]
+    assert read_token_records([{"input_ids": [1, 2]}]).labels.tolist() == [1, 2]
+    labelled = [dict(masked[0], labels=[7, 7, 7])]  # labels win over masks
+    assert read_token_records(labelled).labels.tolist() == [7, 7, 7]
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([], "the dataset is empty"),
+        ([{"input_ids": [1]}, {"text": "a"}], r"record 1 has no field 'input_ids'; its fields: \['text'\]"),
+        ([{"input_ids": None}], "record 0: 'input_ids' is null, expected a list of token ids"),
+        ([{"input_ids": "abc"}], "record 0: 'input_ids' must be a list of token ids, got str"),
+        (
+            [{"input_ids": [1.5, 2.0]}],
+            "record 0: 'input_ids' must be a list of token ids, got float64 values",
+        ),
+        ([{"input_ids": [[1, 2]]}], r"record 0: 'input_ids' must be a list of token ids, got shape \(1, 2\)"),
+        ([{"input_ids": [1]}, {"input_ids": []}], "record 1: 'input_ids' is empty"),
+        ([{"input_ids": [1, -2]}], r"record 0: 'input_ids' holds a negative token id \(-2\)"),
+        ([{"input_ids": [1, 2], "labels": [1]}], "record 0: 'labels' has 1 entries, 'input_ids' 2"),
+        (
+            [{"input_ids": [1], "labels": [1]}, {"input_ids": [2]}],
+            r"record 1 has no field 'labels' \(record 0 has it\)",
+        ),
+        (
+            [{"input_ids": [1]}, {"input_ids": [2], "labels": [2]}],
+            "record 1 has a field 'labels' that record 0 has not",
+        ),
+        (
+            [{"input_ids": [1, 2], "completion_mask": [0, 2]}],
+            "record 0: 'completion_mask' must hold 0 or 1 only",
+        ),
+        (
+            [{"input_ids": [1, 2], "assistant_masks": [1]}],
+            "record 0: 'assistant_masks' has 1 entries, 'input_ids' 2",
+        ),
+        (["abc"], "record 0 is a str, expected an object"),
+    ],
+)
+def test_read_token_records_errors(records, message):
+    with pytest.raises(InputError, match=message):
+        read_token_records(records)
 
 
 # ------------------------------------------------------------------------------ bad bytes, bad archives

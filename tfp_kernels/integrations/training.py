@@ -61,7 +61,8 @@ __all__ = [
 
 #: the columns of a pre-packed row that :class:`PackedRowsCollator` reads
 ROW_TOKENS, ROW_LABELS, ROW_POSITIONS, ROW_SEGMENTS = "input_ids", "labels", "position_ids", "cu_seqlens"
-ROW_SAMPLE_IDS, ROW_PIECE_LENGTHS, ROW_PIECE_STARTS = "sample_ids", "seq_lengths", "sample_starts"
+ROW_SEGMENT_LENGTHS = "seq_lengths"
+ROW_SAMPLE_IDS, ROW_PIECE_LENGTHS, ROW_PIECE_STARTS = "sample_ids", "sample_lengths", "sample_starts"
 
 
 # ---------------------------------------------------------------------------------------- label counts
@@ -201,16 +202,35 @@ def _row_ints(row, name: str, index: int, *, required: bool = True) -> np.ndarra
     return array.astype(np.int64, copy=False)
 
 
+def _shown_ints(values: np.ndarray) -> str:
+    return f"{values[:8].tolist()}{'...' if values.size > 8 else ''}"
+
+
 def _segments_of_row(row, index: int, length: int, positions: np.ndarray | None) -> np.ndarray:
-    """The attention segment boundaries inside one row: its ``cu_seqlens``, else the restarts of its
-    ``position_ids`` (a token whose position is not its predecessor's + 1 starts a segment), else ``[0, L]``."""
+    """The attention segment boundaries inside one row: its ``cu_seqlens``, else the running sum of its
+    ``seq_lengths`` (the two must agree when both are given), else the restarts of its ``position_ids`` (a
+    token whose position is not its predecessor's + 1 starts a segment), else ``[0, L]``."""
     cu = _row_ints(row, ROW_SEGMENTS, index, required=False)
-    if cu is not None:
-        if cu.size < 2 or cu[0] != 0 or cu[-1] != length or np.any(np.diff(cu) <= 0):
+    if cu is not None and (cu.size < 2 or cu[0] != 0 or cu[-1] != length or np.any(np.diff(cu) <= 0)):
+        raise ValueError(
+            f"row {index}: {ROW_SEGMENTS!r} must rise strictly from 0 to the row's {length} tokens, got "
+            f"{_shown_ints(cu)}"
+        )
+    segment_lengths = _row_ints(row, ROW_SEGMENT_LENGTHS, index, required=False)
+    if segment_lengths is not None:
+        if segment_lengths.size == 0 or np.any(segment_lengths <= 0) or segment_lengths.sum() != length:
             raise ValueError(
-                f"row {index}: {ROW_SEGMENTS!r} must rise strictly from 0 to the row's {length} tokens, got "
-                f"{cu[:8].tolist()}{'...' if cu.size > 8 else ''}"
+                f"row {index}: {ROW_SEGMENT_LENGTHS!r} (the attention segments' lengths) must be positive "
+                f"and add up to the row's {length} tokens, got {_shown_ints(segment_lengths)}"
             )
+        if cu is not None and not np.array_equal(np.diff(cu), segment_lengths):
+            raise ValueError(
+                f"row {index}: {ROW_SEGMENT_LENGTHS!r} {_shown_ints(segment_lengths)} are not the lengths of "
+                f"the segments of {ROW_SEGMENTS!r} {_shown_ints(cu)}"
+            )
+        if cu is None:
+            cu = np.concatenate([[0], np.cumsum(segment_lengths)]).astype(np.int64)
+    if cu is not None:
         return cu
     if positions is not None:
         starts = np.flatnonzero(np.diff(positions) != 1) + 1
@@ -228,11 +248,12 @@ class PackedRowsCollator:
       every segment);
     - ``cu_seqlens``: the attention segment boundaries inside the pack, ``0 < ... < L`` (``[0, L]``: pack
       attention, the paper's; one segment per sample: per-sample attention); without it the segments are
-      read from ``position_ids`` (a segment starts where a position is not its predecessor's + 1), and
-      without either the whole row is one segment;
+      read from ``seq_lengths`` (the segments' lengths, the column TRL reads), else from ``position_ids`` (a
+      segment starts where a position is not its predecessor's + 1), and without any the whole row is one
+      segment;
     - ``position_ids``: checked against the segments when both are given (0, 1, ... in each segment),
       else built from them;
-    - ``sample_ids``, ``seq_lengths``, ``sample_starts``: the pieces of the pack (original sample index,
+    - ``sample_ids``, ``sample_lengths``, ``sample_starts``: the pieces of the pack (original sample index,
       tokens, first token within the sample); they fill the batch's ``sample_index`` / ``packing``. Without
       them every segment is one piece of unknown sample (``sample_index`` -1).
 

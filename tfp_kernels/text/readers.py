@@ -15,9 +15,13 @@ import os
 import re
 import zlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # tokenize imports this module
+    from .tokenize import Tokenized
 
 #: Suffixes read as JSON Lines / JSON / Parquet (``.gz`` variants of the JSON ones too).
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
@@ -306,6 +310,114 @@ def read_records(path: str, *, limit: int | None = None, progress: bool = False)
     if not records:
         raise InputError(f"{path}: the dataset is empty (no records)")
     return records
+
+
+#: Fields of tokenized records: the token ids, their labels, and the masks that say which tokens are in the
+#: loss when there are no labels (the columns TRL's ``SFTTrainer`` reads from a tokenized dataset).
+TOKEN_FIELD, LABELS_FIELD, MASK_FIELDS = "input_ids", "labels", ("completion_mask", "assistant_masks")
+
+
+def holds_token_ids(records, *, sample: int = 16) -> bool:
+    """Whether ``records`` are tokenized: each of the first ``sample`` records (the ones
+    :func:`~tfp_kernels.text.formats.detect_format` looks at) has an ``input_ids`` field."""
+    head = records[:sample]
+    return bool(head) and all(isinstance(r, dict) and TOKEN_FIELD in r for r in head)
+
+
+def _int_list(value, where: str, *, what: str = "a list of ints") -> np.ndarray:
+    """``value`` (a list / tuple / 1-D array of ints) as a 1-D int64 array; InputError naming ``where``."""
+    if value is None:
+        raise InputError(f"{where} is null, expected {what}")
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise InputError(f"{where} must be {what}, got {type(value).__name__}")
+    array = np.asarray(value)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iub"):
+        shown = f"{array.dtype} values" if array.ndim == 1 else f"shape {array.shape}"
+        raise InputError(f"{where} must be {what}, got {shown}")
+    return array.astype(np.int64, copy=False)
+
+
+def read_token_records(records) -> Tokenized:
+    """The token ids and labels of tokenized records, packed as they are (no tokenizer).
+
+    Each record has ``input_ids`` (a non-empty list of token ids >= 0) and optionally ``labels`` (same
+    length; -100 on tokens outside the loss). Without ``labels``, a record's ``completion_mask`` and
+    ``assistant_masks`` (same length, 1 = in the loss), when present, decide the labels as TRL's
+    ``SFTTrainer`` builds them: the token id where every mask is 1, else -100; with neither, every token is
+    in the loss. A field present in one record must be present (not null) in all of them.
+
+    Args:
+        records: N >= 1 dicts (JSON / Parquet rows, ``Dataset.to_list()``).
+
+    Returns:
+        :class:`~tfp_kernels.text.tokenize.Tokenized` (``input_ids``, ``labels``, ``offsets`` int64 numpy).
+
+    Raises:
+        InputError: naming the record: a missing or null field, a value that is not a list of ints, an
+            empty ``input_ids``, a negative token id, labels or masks of another length than the tokens, a
+            mask value other than 0/1.
+
+    Examples::
+
+        >>> from tfp_kernels.text.readers import read_token_records
+        >>> read_token_records([{"input_ids": [5, 6], "completion_mask": [0, 1]}, {"input_ids": [8]}])
+        Traceback (most recent call last):
+        ...
+        tfp_kernels.text.readers.InputError: record 1 has no field 'completion_mask' (record 0 has it)
+        >>> tok = read_token_records([{"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}])
+        >>> tok.input_ids.tolist(), tok.labels.tolist(), tok.offsets.tolist()
+        ([5, 6, 7], [-100, 6, 7], [0, 3])
+    """
+    from .tokenize import IGNORE_INDEX, Tokenized
+
+    if not records:
+        raise InputError("the dataset is empty (no records)")
+    optional = (LABELS_FIELD, *MASK_FIELDS)
+    fields = [f for f in optional if isinstance(records[0], dict) and f in records[0]]
+    masks = [] if LABELS_FIELD in fields else fields
+    ids_parts, label_parts = [], []
+    lengths = np.zeros(len(records), dtype=np.int64)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputError(f"record {i} is a {type(record).__name__}, expected an object")
+        if TOKEN_FIELD not in record:
+            raise InputError(f"record {i} has no field '{TOKEN_FIELD}'; its fields: {sorted(record)}")
+        present = [f for f in optional if f in record]
+        if present != fields:
+            missing = [f for f in fields if f not in present]
+            if missing:
+                raise InputError(f"record {i} has no field '{missing[0]}' (record 0 has it)")
+            extra = next(f for f in present if f not in fields)
+            raise InputError(f"record {i} has a field '{extra}' that record 0 has not")
+        ids = _int_list(record[TOKEN_FIELD], f"record {i}: '{TOKEN_FIELD}'", what="a list of token ids")
+        if ids.size == 0:
+            raise InputError(f"record {i}: '{TOKEN_FIELD}' is empty; every record needs at least one token")
+        if ids.min() < 0:
+            raise InputError(f"record {i}: '{TOKEN_FIELD}' holds a negative token id ({int(ids.min())})")
+        if LABELS_FIELD in fields:
+            labels = _int_list(record[LABELS_FIELD], f"record {i}: '{LABELS_FIELD}'")
+            if labels.size != ids.size:
+                raise InputError(
+                    f"record {i}: '{LABELS_FIELD}' has {labels.size} entries, '{TOKEN_FIELD}' {ids.size}"
+                )
+        else:
+            keep = np.ones(ids.size, dtype=bool)
+            for field in masks:
+                mask = _int_list(record[field], f"record {i}: '{field}'", what="a list of 0/1")
+                if mask.size != ids.size:
+                    raise InputError(
+                        f"record {i}: '{field}' has {mask.size} entries, '{TOKEN_FIELD}' {ids.size}"
+                    )
+                if mask.min() < 0 or mask.max() > 1:
+                    raise InputError(f"record {i}: '{field}' must hold 0 or 1 only")
+                keep &= mask == 1
+            labels = np.where(keep, ids, IGNORE_INDEX)
+        ids_parts.append(ids)
+        label_parts.append(labels)
+        lengths[i] = ids.size
+    offsets = np.zeros(len(records) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Tokenized(np.concatenate(ids_parts), np.concatenate(label_parts), offsets)
 
 
 #: Keys of a ``.pt`` / ``.npz`` input: required, then optional.

@@ -175,12 +175,16 @@ def packed_table(batch=None, *, packing=None):
       loss and at the first token of every attention segment, as ``assemble`` makes them);
     - ``cu_seqlens``: list<int32>, attention segment boundaries inside the pack, from 0 to its length
       (``[0, length]`` with ``attention="pack"``; one segment per piece with ``"sample"``);
+    - ``seq_lengths``: list<int32>, tokens of each attention segment (``np.diff(cu_seqlens)``: one entry, the
+      pack's length, with ``attention="pack"``). TRL's padding-free collator rebuilds ``position_ids`` from
+      this column, so TRL sees the attention segments the packs were written with;
     - ``sample_ids``: list<int64>, original record index of each piece, in order;
-    - ``seq_lengths``: list<int32>, tokens of each piece; ``sample_starts``: list<int32>, the piece's first
-      token within its record (0 unless the record was split);
+    - ``sample_lengths``: list<int32>, tokens of each piece (the whole record unless it was split);
+      ``sample_starts``: list<int32>, the piece's first token within its record (0 unless it was split);
     - ``length``: int32, tokens in the pack.
 
-    Without a batch (``packing=`` given) only the last four kinds of columns are written.
+    Without a batch (``packing=`` given) only ``sample_ids``, ``sample_lengths``, ``sample_starts`` and
+    ``length`` are written (no tokens, no attention segments).
     """
     import pyarrow as pa
 
@@ -206,8 +210,11 @@ def packed_table(batch=None, *, packing=None):
         values[seg_pos] = cu[:-1] - pack_offsets[seg_pack]
         values[row_offsets[1:] - 1] = np.diff(pack_offsets)
         columns["cu_seqlens"] = _list_array(values.astype(np.int32), row_offsets, pa.int32())
+        seg_offsets = np.zeros(num_packs + 1, dtype=np.int64)
+        np.cumsum(seg_counts, out=seg_offsets[1:])
+        columns["seq_lengths"] = _list_array(np.diff(cu).astype(np.int32), seg_offsets, pa.int32())
     columns["sample_ids"] = _list_array(packing.sample_index.cpu().numpy(), piece_rows, pa.int64())
-    columns["seq_lengths"] = _list_array(
+    columns["sample_lengths"] = _list_array(
         packing.length.cpu().numpy().astype(np.int32), piece_rows, pa.int32()
     )
     columns["sample_starts"] = _list_array(
@@ -237,11 +244,11 @@ def write_parquet(
 
 def unpack_records(table, num_records: int, column: str = "input_ids") -> list[torch.Tensor]:
     """The tokens (or ``column``: ``labels``, ``position_ids``) of every record, rebuilt from a packed table
-    (``sample_ids``, ``seq_lengths``, ``sample_starts``): a list of N 1-D int64 tensors (empty for records
+    (``sample_ids``, ``sample_lengths``, ``sample_starts``): a list of N 1-D int64 tensors (empty for records
     not packed). The inverse of the packing, used by the tests."""
     ids = table.column(column).to_pylist()
     sids = table.column("sample_ids").to_pylist()
-    lens = table.column("seq_lengths").to_pylist()
+    lens = table.column("sample_lengths").to_pylist()
     starts = table.column("sample_starts").to_pylist()
     pieces: list[list[tuple[int, list[int]]]] = [[] for _ in range(num_records)]
     for row_ids, row_sids, row_lens, row_starts in zip(ids, sids, lens, starts):
