@@ -111,3 +111,295 @@ very small model (the CI test).
 
 Run from the repository root: ``python -m benchmarks.train_effect`` (the default run, ~30 min on 2 CPU cores).
 """
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import _harness
+from benchmarks._train_effect import model as model_lib
+from benchmarks._train_effect import report, tasks
+from benchmarks._train_effect.plan import (
+    PreparedTask,
+    default_conditions,
+    package_default_strategy,
+    packing_diagnostics,
+    parse_condition,
+    versions,
+)
+from benchmarks._train_effect.train import TrainConfig, train_run
+
+TASKS = ("families", "sft")
+#: Per task: passes over the training samples, tokens per pack, tokens per optimizer step (--epochs,
+#: --max-len, --batch-tokens override them). A step holds about 8 packs, so its size in tokens varies by
+#: about one pack between conditions at most.
+TASK_DEFAULTS = {
+    "families": {"epochs": 3, "max_len": 512, "batch_tokens": 4096},
+    "sft": {"epochs": 1, "max_len": 1024, "batch_tokens": 8192},
+    "custom": {"epochs": 1, "max_len": 2048, "batch_tokens": 16384},
+}
+#: The --smoke settings: every condition, 2 seeds, a few steps of a very small model on small data.
+SMOKE = {
+    "seeds": [0, 1],
+    "model_size": "smoke",
+    "epochs": 1,
+    "max_len": 256,
+    "batch_tokens": 1024,
+    "sft_train": 24,
+    "sft_eval": 8,
+    "families": {"num_families": 4, "per_family": 10, "eval_per_family": 2, "num_unseen": 2, "shots": 2},
+    "eval_points": 1,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_effect",
+        description="Train the same model on the same tokens under several packings (TFP / random order, "
+        "pack / sample attention) and compare what it learned, over seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("experiment")
+    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
+                   help="tasks of the default run (ignored with --train/--eval)")
+    g.add_argument("--conditions", nargs="+", default=None, metavar="ORDER:ATTENTION[:STRATEGY]",
+                   help="conditions to train, e.g. tfp:pack random:sample tfp:pack:stream; default: "
+                   "random/tfp x pack/sample with next_fit (+ tfp:pack:<package default strategy> if it differs)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and condition")
+    g.add_argument("--smoke", action="store_true", help="every condition, 2 seeds, a few steps of a tiny model")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="a local causal LM for transformers; default: a tiny Llama trained from scratch")
+    g.add_argument("--model-size", default="default", choices=sorted(model_lib.TINY_CONFIGS),
+                   help="size of the tiny Llama")
+    g.add_argument("--tokenizer", default=None, metavar="byte|PATH",
+                   help="default: 'byte' for the tiny Llama, the model's folder for --model")
+    g.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft)")
+    g.add_argument("--dtype", default="auto", help="--model weights' dtype (auto, float32, bfloat16, ...)")
+    g = p.add_argument_group("data")
+    g.add_argument("--train", default=None, metavar="FILE", help="training records (formats of tfp-pack)")
+    g.add_argument("--eval", default=None, metavar="FILE", help="held-out records (formats of tfp-pack)")
+    g.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    g.add_argument("--group-field", default=None, metavar="FIELD",
+                   help="record field naming each record's group (diagnostics of the packing only)")
+    g.add_argument("--answer-span", default="first_line", choices=tasks.ANSWER_SPANS,
+                   help="what greedy decoding must reproduce for an exact match (--train/--eval)")
+    g.add_argument("--limit-train", type=int, default=None, metavar="N")
+    g.add_argument("--limit-eval", type=int, default=None, metavar="N")
+    g.add_argument("--sft-train", type=int, default=1200, metavar="N", help="training records of task sft")
+    g.add_argument("--sft-eval", type=int, default=200, metavar="N", help="held-out records of task sft")
+    g = p.add_argument_group("ordering and packing")
+    g.add_argument("--embedder", default="hashed", metavar="hashed|minilm|PATH", help="as tfp-pack's")
+    g.add_argument("--metric", default="l2", choices=("l2", "cosine"))
+    g.add_argument("--quantile", type=float, default=0.02)
+    g.add_argument("--window", type=int, default=4)
+    g.add_argument("--max-len", type=int, default=None, help="tokens per pack; default per task (TASK_DEFAULTS)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training samples; default per task (TASK_DEFAULTS)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps; default: epochs x training tokens / --batch-tokens")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per step when --steps is not given; default per task (TASK_DEFAULTS)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default 2e-3 (tiny Llama), 1e-4 (--lora), 2e-5 (--model)")
+    g.add_argument("--eval-points", type=int, default=4, help="held-out loss measured this many times")
+    g.add_argument("--eval-batch-tokens", type=int, default=8192, help="tokens per evaluation forward pass")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is much faster on cores shared with other jobs)")
+    g.add_argument("--output", default=None, metavar="DIR",
+                   help=f"where the JSON and PNG go (default {_harness.RESULTS_DIR.relative_to(_harness.REPO_ROOT)})")
+    g.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _log_to(quiet: bool):
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    if (args.train is None) != (args.eval is None):
+        p.error("--train and --eval go together")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds must be distinct non-negative ints, got {args.seeds}")
+    for name in ("eval_batch_tokens", "sft_train", "sft_eval"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("max_len", "batch_tokens", "epochs", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    if args.eval_points < 0:
+        p.error("--eval-points must be >= 0")
+
+
+def _tokenizer(args):
+    from tfp_kernels.text import load_tokenizer
+
+    spec = args.tokenizer or (args.model if args.model else "byte")
+    return load_tokenizer(spec)
+
+
+def _task_list(args, tokenizer) -> list:
+    if args.train is not None:
+        return [tasks.custom_task(tokenizer, args.train, args.eval, fmt=args.format, group_field=args.group_field,
+                                  answer_span=args.answer_span, limit_train=args.limit_train,
+                                  limit_eval=args.limit_eval)]
+    out = []
+    for name in args.tasks:
+        if name == "families":
+            out.append(tasks.families_task(tokenizer, **(SMOKE["families"] if args.smoke else {})))
+        else:
+            out.append(tasks.sft_task(tokenizer, num_train=args.sft_train, num_eval=args.sft_eval))
+    return out
+
+
+def _task_setting(args, task_name: str, name: str) -> int:
+    value = getattr(args, name)
+    return value if value is not None else TASK_DEFAULTS[task_name][name]
+
+
+def _make_model(args, tokenizer, seed: int, max_len: int):
+    if args.model:
+        return model_lib.load_pretrained(args.model, seed, lora_rank=args.lora, dtype=args.dtype)
+    return model_lib.tiny_llama(
+        tokenizer.vocab_size, max_len, seed, args.model_size,
+        bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=getattr(tokenizer, "PAD_ID", 0),
+    )
+
+
+def _default_lr(args) -> float:
+    if args.lr is not None:
+        return args.lr
+    if args.model:
+        return 1e-4 if args.lora else 2e-5
+    return 2e-3
+
+
+def run(args, log) -> dict:
+    """The whole experiment; returns the results document (also written after every run)."""
+    device = torch.device(args.device)
+    conditions = [parse_condition(c) for c in args.conditions] if args.conditions else default_conditions()
+    if len({c.name for c in conditions}) != len(conditions):
+        raise SystemExit(f"--conditions lists a condition twice: {[c.name for c in conditions]}")
+    tokenizer = _tokenizer(args)
+    from tfp_kernels.embed import load_embedder
+
+    embedder = load_embedder(args.embedder) if any(c.order == "tfp" for c in conditions) else None
+    out_dir = Path(args.output) if args.output else _harness.RESULTS_DIR
+    stage = "train_effect_smoke" if args.smoke else "train_effect"
+    probe = _make_model(args, tokenizer, 0, 2048)
+    results = {
+        "arguments": vars(args),
+        "versions": versions(),
+        "package_default_strategy": package_default_strategy(),
+        "model": {
+            "name": args.model or f"tiny Llama ({args.model_size})",
+            "parameters": model_lib.count_parameters(probe),
+            "config": probe.config.to_diff_dict() if hasattr(probe.config, "to_diff_dict") else {},
+        },
+        "tokenizer": getattr(tokenizer, "name", "byte"),
+        "tasks": {},
+    }
+    del probe
+    started = time.perf_counter()
+    for task in _task_list(args, tokenizer):
+        log(f"task {task.name}: {task.num_train} training samples, {task.num_train_tokens} tokens; "
+            f"eval sets {task.info['eval_sets']}")
+        max_len = _task_setting(args, task.name, "max_len")
+        prepared = PreparedTask(task, embedder, max_len, metric=args.metric, quantile=args.quantile,
+                                window=args.window)
+        epochs = _task_setting(args, task.name, "epochs")
+        batch_tokens = _task_setting(args, task.name, "batch_tokens")
+        steps = args.steps or max(1, round(epochs * task.num_train_tokens / batch_tokens))
+        config = TrainConfig(epochs=epochs, steps=steps, lr=_default_lr(args), eval_points=args.eval_points,
+                             eval_batch_tokens=args.eval_batch_tokens)
+        entry = {
+            "info": task.info,
+            "train": {**dataclasses.asdict(config), "max_len": max_len,
+                      "tokens_per_step": epochs * task.num_train_tokens / steps},
+            "conditions": {
+                c.name: {"condition": dataclasses.asdict(c), "diagnostics": {}, "runs": [], "summary": {}}
+                for c in conditions
+            },
+        }
+        results["tasks"][task.name] = entry
+        for seed in args.seeds:
+            for condition in conditions:
+                cond_entry = entry["conditions"][condition.name]
+                packing = prepared.packing(condition, seed)
+                diag = packing_diagnostics(packing, task.train_groups)
+                if condition.order == "tfp" or not cond_entry["diagnostics"]:
+                    cond_entry["diagnostics"] = diag
+                log(f"  {task.name} {condition.name} seed {seed}: {diag['num_packs']} packs, "
+                    f"{steps} steps x ~{entry['train']['tokens_per_step']:.0f} tokens")
+                model = _make_model(args, tokenizer, seed, max_len)
+                out = train_run(model, prepared, condition, seed, config, device, log=log)
+                del model
+                out["seed"] = seed
+                out["diagnostics"] = diag
+                cond_entry["runs"].append(out)
+                cond_entry["summary"] = report.summarize(cond_entry["runs"])
+                log(f"    -> {', '.join(f'{k} {v:.4f}' for k, v in out['metrics'].items())} "
+                    f"({out['wall_s']:.0f} s, {out['tokens_per_s']:.0f} tokens/s)")
+                entry["order_stats"] = prepared.order_stats
+                entry["paired"] = report.paired_comparisons(entry["conditions"])
+                results["wall_s"] = time.perf_counter() - started
+                _write(results, stage, device, out_dir)
+    return results
+
+
+def _write(results: dict, stage: str, device, out_dir: Path) -> Path:
+    """Write the results (with a fresh environment: commit, versions, time) to ``<stage>_<device>.json``."""
+    payload = {k: v for k, v in results.items() if k != "environment"}
+    path = _harness.write_results(stage, device, payload, out_dir=out_dir)
+    results["environment"] = _harness.environment(device)
+    return path
+
+
+def main(argv=None) -> dict:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    if args.smoke:
+        args.seeds = SMOKE["seeds"]
+        args.model_size = SMOKE["model_size"]
+        args.epochs = SMOKE["epochs"]
+        args.max_len = SMOKE["max_len"]
+        args.batch_tokens = SMOKE["batch_tokens"]
+        args.sft_train, args.sft_eval = SMOKE["sft_train"], SMOKE["sft_eval"]
+        args.eval_points = SMOKE["eval_points"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = _log_to(args.quiet)
+    results = run(args, log)
+    out_dir = Path(args.output) if args.output else _harness.RESULTS_DIR
+    stage = "train_effect_smoke" if args.smoke else "train_effect"
+    json_path = _write(results, stage, torch.device(args.device), out_dir)
+    png_path = json_path.with_suffix(".png")
+    report.plot(results, png_path)
+    log(f"wrote {json_path} and {png_path} ({results['wall_s']:.0f} s)")
+    if not args.quiet:
+        print(report.markdown_tables(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
