@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -137,11 +138,13 @@ from benchmarks._train_effect.train import TrainConfig, train_run
 
 TASKS = ("families", "sft")
 #: Per task: passes over the training samples, tokens per pack, tokens per optimizer step (--epochs,
-#: --max-len, --batch-tokens override them). A step holds about 8 packs, so its size in tokens varies by
-#: about one pack between conditions at most.
+#: --max-len, --batch-tokens override them). A step of the default run holds about 2 packs (its size in
+#: tokens varies by up to a pack around the mean; every condition gets the same total in the same steps).
+#: Chosen, with the tiny model's size and learning rate, so that the default run fits ~30 min on 2 CPU cores
+#: and the baseline ``random+sample`` learns something (calibrated on that condition, seed 0, only).
 TASK_DEFAULTS = {
-    "families": {"epochs": 3, "max_len": 512, "batch_tokens": 4096},
-    "sft": {"epochs": 1, "max_len": 1024, "batch_tokens": 8192},
+    "families": {"epochs": 16, "max_len": 512, "batch_tokens": 1024},
+    "sft": {"epochs": 2, "max_len": 1024, "batch_tokens": 2048},
     "custom": {"epochs": 1, "max_len": 2048, "batch_tokens": 16384},
 }
 #: The --smoke settings: every condition, 2 seeds, a few steps of a very small model on small data.
@@ -149,7 +152,6 @@ SMOKE = {
     "seeds": [0, 1],
     "model_size": "smoke",
     "epochs": 1,
-    "max_len": 256,
     "batch_tokens": 1024,
     "sft_train": 24,
     "sft_eval": 8,
@@ -170,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks of the default run (ignored with --train/--eval)")
     g.add_argument("--conditions", nargs="+", default=None, metavar="ORDER:ATTENTION[:STRATEGY]",
                    help="conditions to train, e.g. tfp:pack random:sample tfp:pack:stream; default: "
-                   "random/tfp x pack/sample with next_fit (+ tfp:pack:<package default strategy> if it differs)")
+                   "random/tfp x pack/sample with next_fit (+ tfp:pack:<package default strategy> if it "
+                   "differs)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and condition")
-    g.add_argument("--smoke", action="store_true", help="every condition, 2 seeds, a few steps of a tiny model")
+    g.add_argument("--smoke", action="store_true",
+                   help="every condition, 2 seeds, a few steps of a tiny model")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="PATH",
                    help="a local causal LM for transformers; default: a tiny Llama trained from scratch")
-    g.add_argument("--model-size", default="default", choices=sorted(model_lib.TINY_CONFIGS),
+    g.add_argument("--model-size", default="small", choices=sorted(model_lib.TINY_CONFIGS),
                    help="size of the tiny Llama")
     g.add_argument("--tokenizer", default=None, metavar="byte|PATH",
                    help="default: 'byte' for the tiny Llama, the model's folder for --model")
@@ -185,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--train", default=None, metavar="FILE", help="training records (formats of tfp-pack)")
     g.add_argument("--eval", default=None, metavar="FILE", help="held-out records (formats of tfp-pack)")
-    g.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    g.add_argument("--format", default="auto",
+                   choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
     g.add_argument("--group-field", default=None, metavar="FIELD",
                    help="record field naming each record's group (diagnostics of the packing only)")
     g.add_argument("--answer-span", default="first_line", choices=tasks.ANSWER_SPANS,
@@ -199,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", default="l2", choices=("l2", "cosine"))
     g.add_argument("--quantile", type=float, default=0.02)
     g.add_argument("--window", type=int, default=4)
-    g.add_argument("--max-len", type=int, default=None, help="tokens per pack; default per task (TASK_DEFAULTS)")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="tokens per pack; default per task (TASK_DEFAULTS)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None,
                    help="passes over the training samples; default per task (TASK_DEFAULTS)")
@@ -208,15 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per step when --steps is not given; default per task (TASK_DEFAULTS)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate; default 2e-3 (tiny Llama), 1e-4 (--lora), 2e-5 (--model)")
+                   help="peak learning rate; default 5e-3 (tiny Llama), 1e-4 (--lora), 2e-5 (--model)")
     g.add_argument("--eval-points", type=int, default=4, help="held-out loss measured this many times")
     g.add_argument("--eval-batch-tokens", type=int, default=8192, help="tokens per evaluation forward pass")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    g.add_argument("--jobs", type=int, default=0,
+                   help="runs trained at the same time, in worker processes; 0: one per CPU core up to "
+                   "2 for the tiny model on the CPU, else 1")
     g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is much faster on cores shared with other jobs)")
+                   help="torch threads per run; 0: the CPU cores divided among the --jobs")
     g.add_argument("--output", default=None, metavar="DIR",
-                   help=f"where the JSON and PNG go (default {_harness.RESULTS_DIR.relative_to(_harness.REPO_ROOT)})")
+                   help="where the JSON and PNG go (default benchmarks/results)")
     g.add_argument("--quiet", action="store_true")
     return p
 
@@ -244,8 +253,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
     for name in ("max_len", "batch_tokens", "epochs", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threads < 0:
-        p.error("--threads must be >= 0")
+    if args.threads < 0 or args.jobs < 0:
+        p.error("--threads and --jobs must be >= 0")
     if args.eval_points < 0:
         p.error("--eval-points must be >= 0")
 
@@ -259,9 +268,12 @@ def _tokenizer(args):
 
 def _task_list(args, tokenizer) -> list:
     if args.train is not None:
-        return [tasks.custom_task(tokenizer, args.train, args.eval, fmt=args.format, group_field=args.group_field,
-                                  answer_span=args.answer_span, limit_train=args.limit_train,
-                                  limit_eval=args.limit_eval)]
+        return [
+            tasks.custom_task(
+                tokenizer, args.train, args.eval, fmt=args.format, group_field=args.group_field,
+                answer_span=args.answer_span, limit_train=args.limit_train, limit_eval=args.limit_eval,
+            )
+        ]
     out = []
     for name in args.tasks:
         if name == "families":
@@ -290,7 +302,7 @@ def _default_lr(args) -> float:
         return args.lr
     if args.model:
         return 1e-4 if args.lora else 2e-5
-    return 2e-3
+    return 5e-3
 
 
 def run(args, log) -> dict:
@@ -320,50 +332,90 @@ def run(args, log) -> dict:
     }
     del probe
     started = time.perf_counter()
+    prepared_tasks, plan = {}, []
     for task in _task_list(args, tokenizer):
         log(f"task {task.name}: {task.num_train} training samples, {task.num_train_tokens} tokens; "
             f"eval sets {task.info['eval_sets']}")
-        max_len = _task_setting(args, task.name, "max_len")
-        prepared = PreparedTask(task, embedder, max_len, metric=args.metric, quantile=args.quantile,
-                                window=args.window)
-        epochs = _task_setting(args, task.name, "epochs")
-        batch_tokens = _task_setting(args, task.name, "batch_tokens")
-        steps = args.steps or max(1, round(epochs * task.num_train_tokens / batch_tokens))
-        config = TrainConfig(epochs=epochs, steps=steps, lr=_default_lr(args), eval_points=args.eval_points,
-                             eval_batch_tokens=args.eval_batch_tokens)
+        prepared, config = _prepare(args, task, embedder)
+        prepared_tasks[task.name] = (prepared, config)
         entry = {
             "info": task.info,
-            "train": {**dataclasses.asdict(config), "max_len": max_len,
-                      "tokens_per_step": epochs * task.num_train_tokens / steps},
+            "train": {**dataclasses.asdict(config), "max_len": prepared.max_len,
+                      "tokens_per_step": config.epochs * task.num_train_tokens / config.steps},
             "conditions": {
                 c.name: {"condition": dataclasses.asdict(c), "diagnostics": {}, "runs": [], "summary": {}}
                 for c in conditions
             },
         }
         results["tasks"][task.name] = entry
-        for seed in args.seeds:
+    # seed by seed (all tasks and conditions of a seed first): a run cut short leaves complete pairs
+    for seed in args.seeds:
+        for task_name, (prepared, config) in prepared_tasks.items():
+            entry = results["tasks"][task_name]
             for condition in conditions:
+                diag = packing_diagnostics(prepared.packing(condition, seed), prepared.task.train_groups)
                 cond_entry = entry["conditions"][condition.name]
-                packing = prepared.packing(condition, seed)
-                diag = packing_diagnostics(packing, task.train_groups)
                 if condition.order == "tfp" or not cond_entry["diagnostics"]:
                     cond_entry["diagnostics"] = diag
-                log(f"  {task.name} {condition.name} seed {seed}: {diag['num_packs']} packs, "
-                    f"{steps} steps x ~{entry['train']['tokens_per_step']:.0f} tokens")
-                model = _make_model(args, tokenizer, seed, max_len)
-                out = train_run(model, prepared, condition, seed, config, device, log=log)
-                del model
-                out["seed"] = seed
-                out["diagnostics"] = diag
-                cond_entry["runs"].append(out)
-                cond_entry["summary"] = report.summarize(cond_entry["runs"])
-                log(f"    -> {', '.join(f'{k} {v:.4f}' for k, v in out['metrics'].items())} "
-                    f"({out['wall_s']:.0f} s, {out['tokens_per_s']:.0f} tokens/s)")
-                entry["order_stats"] = prepared.order_stats
-                entry["paired"] = report.paired_comparisons(entry["conditions"])
-                results["wall_s"] = time.perf_counter() - started
-                _write(results, stage, device, out_dir)
+                plan.append((task_name, condition, seed, diag))
+            entry["order_stats"] = prepared.order_stats
+
+    def record(task_name, condition, seed, diag, out) -> None:
+        entry = results["tasks"][task_name]
+        cond_entry = entry["conditions"][condition.name]
+        out["seed"] = seed
+        out["diagnostics"] = diag
+        cond_entry["runs"].append(out)
+        cond_entry["runs"].sort(key=lambda r: args.seeds.index(r["seed"]))
+        cond_entry["summary"] = report.summarize(cond_entry["runs"])
+        entry["paired"] = report.paired_comparisons(entry["conditions"])
+        results["wall_s"] = time.perf_counter() - started
+        log(f"  done {task_name} {condition.name} seed {seed}: "
+            f"{', '.join(f'{k} {v:.4f}' for k, v in out['metrics'].items())} "
+            f"({out['wall_s']:.0f} s, {out['tokens_per_s']:.0f} tokens/s)")
+        _write(results, stage, device, out_dir)
+
+    if args.jobs == 1:
+        for task_name, condition, seed, diag in plan:
+            prepared, config = prepared_tasks[task_name]
+            log(f"  {task_name} {condition.name} seed {seed}: {diag['num_packs']} packs, "
+                f"{config.steps} steps")
+            model = _make_model(args, tokenizer, seed, prepared.max_len)
+            out = train_run(model, prepared, condition, seed, config, device, log=log)
+            record(task_name, condition, seed, diag, out)
+            del model
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        from benchmarks._train_effect import worker
+
+        log(f"  {len(plan)} runs on {args.jobs} worker processes ({args.threads} thread(s) each)")
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=worker.init, initargs=(vars(args),)
+        ) as pool:
+            futures = {
+                pool.submit(worker.run_one, task_name, dataclasses.asdict(condition), seed): (
+                    task_name, condition, seed, diag)
+                for task_name, condition, seed, diag in plan
+            }
+            for future in concurrent.futures.as_completed(futures):
+                record(*futures[future], future.result())
     return results
+
+
+def _prepare(args, task, embedder):
+    """The task's :class:`PreparedTask` and :class:`TrainConfig` from the arguments and its defaults."""
+    max_len = _task_setting(args, task.name, "max_len")
+    prepared = PreparedTask(task, embedder, max_len, metric=args.metric, quantile=args.quantile,
+                            window=args.window)
+    epochs = _task_setting(args, task.name, "epochs")
+    batch_tokens = _task_setting(args, task.name, "batch_tokens")
+    steps = args.steps or max(1, round(epochs * task.num_train_tokens / batch_tokens))
+    config = TrainConfig(epochs=epochs, steps=steps, lr=_default_lr(args), eval_points=args.eval_points,
+                         eval_batch_tokens=args.eval_batch_tokens)
+    return prepared, config
 
 
 def _write(results: dict, stage: str, device, out_dir: Path) -> Path:
@@ -382,12 +434,14 @@ def main(argv=None) -> dict:
         args.seeds = SMOKE["seeds"]
         args.model_size = SMOKE["model_size"]
         args.epochs = SMOKE["epochs"]
-        args.max_len = SMOKE["max_len"]
         args.batch_tokens = SMOKE["batch_tokens"]
         args.sft_train, args.sft_eval = SMOKE["sft_train"], SMOKE["sft_eval"]
         args.eval_points = SMOKE["eval_points"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs == 0:
+        args.jobs = 1 if (args.smoke or args.model or args.device == "cuda") else min(2, os.cpu_count() or 1)
+    if args.threads == 0:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    torch.set_num_threads(args.threads)
     log = _log_to(args.quiet)
     results = run(args, log)
     out_dir = Path(args.output) if args.output else _harness.RESULTS_DIR

@@ -42,7 +42,8 @@ class Condition:
 
 
 def parse_condition(spec: str) -> Condition:
-    """``"ORDER:ATTENTION[:STRATEGY]"`` -> :class:`Condition`, e.g. ``"tfp:pack"``, ``"random:sample:bfd"``."""
+    """``"ORDER:ATTENTION[:STRATEGY]"`` -> :class:`Condition`, e.g. ``"tfp:pack"``,
+    ``"random:sample:bfd"``."""
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise ValueError(f"condition {spec!r}: expected ORDER:ATTENTION[:STRATEGY], e.g. tfp:pack")
@@ -132,11 +133,12 @@ class PreparedTask:
 
 
 def step_packs(packing: Packing, *, seed: int, epochs: int, steps: int) -> list[torch.Tensor]:
-    """The packs of each optimizer step: ``epochs`` shuffles of the packs (:func:`tfp_kernels.pack_permutation`
-    with ``seed`` and the epoch, as :func:`tfp_kernels.shuffle_packs`), one after the other, cut into ``steps``
-    runs of consecutive packs; pack ``j`` goes to step ``floor(steps * m_j / total)`` where ``m_j`` is the
-    token offset of its middle in the stream, so every step holds about ``total / steps`` tokens (within one
-    pack) and every pack of every epoch is used exactly once.
+    """The packs of each optimizer step: ``epochs`` shuffles of the packs
+    (:func:`tfp_kernels.pack_permutation` with ``seed`` and the epoch, as :func:`tfp_kernels.shuffle_packs`),
+    one after the other, cut into ``steps`` runs of consecutive packs; pack ``j`` goes to step
+    ``floor(steps * m_j / total)`` where ``m_j`` is the token offset of its middle in the stream, so every
+    step holds about ``total / steps`` tokens (within one pack) and every pack of every epoch is used exactly
+    once.
 
     Returns:
         ``steps`` (K_s,) int64 CPU tensors of pack indices of ``packing`` (a pack may come twice in a step
@@ -165,7 +167,8 @@ def step_packs(packing: Packing, *, seed: int, epochs: int, steps: int) -> list[
 
 def step_batch(prepared: PreparedTask, packing: Packing, packs: torch.Tensor, attention: str) -> PackedBatch:
     """The packed batch (flat ``[1, T]``, CPU) of the packs ``packs`` of ``packing`` with ``attention``."""
-    return assemble(prepared.tokens, select_packs(packing, packs), attention=attention, labels=prepared.labels)
+    selected = select_packs(packing, packs)
+    return assemble(prepared.tokens, selected, attention=attention, labels=prepared.labels)
 
 
 def packing_diagnostics(packing: Packing, groups: list | None) -> dict:

@@ -1,4 +1,5 @@
-"""Summary statistics, the paired TFP-vs-random comparison, the Markdown table and the PNG of ``train_effect``."""
+"""Summary statistics, the paired TFP-vs-random comparison, the Markdown tables and the PNG of
+``train_effect``."""
 
 from __future__ import annotations
 
@@ -45,9 +46,8 @@ def paired(tfp_runs: list, random_runs: list) -> dict:
         better = [d < 0 if lower_is_better(metric) else d > 0 for d in diffs]
         stats["seeds"] = [r["seed"] for r in common]
         stats["tfp_better"] = int(sum(better))
-        stats["t"] = (
-            stats["mean"] / (stats["std"] / math.sqrt(stats["n"])) if stats["n"] > 1 and stats["std"] > 0 else None
-        )
+        spread = stats["std"] / math.sqrt(stats["n"])
+        stats["t"] = stats["mean"] / spread if stats["n"] > 1 and stats["std"] > 0 else None
         out[metric] = stats
     return out
 
@@ -61,7 +61,8 @@ def paired_comparisons(conditions: dict) -> dict:
             continue
         for other_name, other in conditions.items():
             o = other["condition"]
-            if o["order"] == "random" and (o["attention"], o["strategy"]) == (spec["attention"], spec["strategy"]):
+            same_mode = (o["attention"], o["strategy"]) == (spec["attention"], spec["strategy"])
+            if o["order"] == "random" and same_mode:
                 out[f"{name} vs {other_name}"] = paired(cond["runs"], other["runs"])
     return out
 
@@ -72,7 +73,8 @@ def _fmt(stats: dict, metric: str) -> str:
 
 
 def markdown_tables(results: dict) -> str:
-    """One Markdown table per task: conditions x metrics (mean ± std over seeds), then the paired differences."""
+    """One Markdown table per task: conditions x metrics (mean ± std over seeds), then the paired
+    differences."""
     lines = []
     for task_name, task in results["tasks"].items():
         conditions = task["conditions"]
@@ -87,7 +89,8 @@ def markdown_tables(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for pair, diffs in task.get("paired", {}).items():
             cells = [
-                f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['tfp_better']}/{d['n']})" if (d := diffs.get(m)) else "-"
+                f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['tfp_better']}/{d['n']})" if (d := diffs.get(m))
+                else "-"
                 for m in metrics
             ]
             lines.append(f"| {pair} (TFP better in k/n seeds) | " + " | ".join(cells) + " |")
@@ -134,7 +137,9 @@ def plot(results: dict, path) -> None:
         ax_eval.set(title=f"{task_name}: held-out loss, each sample alone", xlabel="step", ylabel="loss")
         ax_train.legend(fontsize=8)
         ax_eval.legend(fontsize=8)
-        metrics = sorted({m for c in task["conditions"].values() for m in c["summary"] if not lower_is_better(m)})
+        metrics = sorted(
+            {m for c in task["conditions"].values() for m in c["summary"] if not lower_is_better(m)}
+        )
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
             summary = task["conditions"][name]["summary"]

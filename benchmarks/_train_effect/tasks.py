@@ -269,7 +269,8 @@ def families_task(
         build_eval_set("fewshot_seen", alone, seen_contexts, "alpaca", tokenizer, answer_span=span,
                        exact_metric="fewshot_seen_exact", loss_metric="fewshot_seen_loss"),
         build_eval_set("fewshot_unseen", unseen_questions, unseen_contexts, "alpaca", tokenizer,
-                       answer_span=span, exact_metric="fewshot_unseen_exact", loss_metric="fewshot_unseen_loss"),
+                       answer_span=span, exact_metric="fewshot_unseen_exact",
+                       loss_metric="fewshot_unseen_loss"),
     ]
     info = {
         "num_families": num_families, "per_family": per_family, "eval_per_family": eval_per_family,
@@ -293,7 +294,8 @@ def sft_task(tokenizer, *, num_train: int, num_eval: int, path: str | None = Non
     records = read_records(path)
     if num_train + num_eval > len(records):
         raise ValueError(
-            f"--sft-train {num_train} + --sft-eval {num_eval} records asked for, the SFT set has {len(records)}"
+            f"--sft-train {num_train} + --sft-eval {num_eval} records asked for, the SFT set has "
+            f"{len(records)}"
         )
     fmt = detect_format(records)
     check_fields(records, fmt)

@@ -47,7 +47,9 @@ def model_inputs(batch, device: torch.device, *, labels: bool = True) -> dict:
     kwargs = batch.to_hf_kwargs()
     if not labels:
         kwargs.pop("labels")
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -91,7 +93,8 @@ def evaluate(model, eval_set, device: torch.device, *, max_tokens: int = 8192) -
             span[starts[j] + eval_set.span_starts[i] : starts[j] + eval_set.span_ends[i]] = True
         # a scored token t is predicted by the logits at t - 1 (t >= 1 inside its unit: masks never hold 0)
         wanted = torch.nonzero(mask | span).reshape(-1)
-        logits = model(**model_inputs(batch, device, labels=False), logits_to_keep=(wanted - 1).to(device)).logits
+        inputs = model_inputs(batch, device, labels=False)
+        logits = model(**inputs, logits_to_keep=(wanted - 1).to(device)).logits
         logits = logits[0].float()
         targets = batch.input_ids[0].index_select(0, wanted).to(device)
         logp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
@@ -100,8 +103,9 @@ def evaluate(model, eval_set, device: torch.device, *, max_tokens: int = 8192) -
         scored += int(in_loss.sum())
         hit = (logits.argmax(-1) == targets).cpu()
         in_span = span.index_select(0, wanted)
-        unit_of = torch.repeat_interleave(torch.arange(b - a), torch.tensor(lengths[a:b])).index_select(0, wanted)
-        misses = torch.zeros(b - a, dtype=torch.int64).index_add_(0, unit_of, (in_span & ~hit).to(torch.int64))
+        unit_of = torch.repeat_interleave(torch.arange(b - a), torch.tensor(lengths[a:b]))
+        misses = torch.zeros(b - a, dtype=torch.int64)
+        misses.index_add_(0, unit_of.index_select(0, wanted), (in_span & ~hit).to(torch.int64))
         exact += int((misses == 0).sum())
     model.train(was_training)
     return {
@@ -189,7 +193,9 @@ def train_run(
         "metrics": metrics,
         "train_loss": losses,
         "eval_curve": curve,
-        "step_tokens": {"mean": float(np.mean(step_tokens)), "min": min(step_tokens), "max": max(step_tokens)},
+        "step_tokens": {
+            "mean": float(np.mean(step_tokens)), "min": min(step_tokens), "max": max(step_tokens)
+        },
         "step_segments": float(np.mean(segments)),
         "first_batch": first_batch,
         "train_s": train_s,

@@ -106,7 +106,8 @@ def prepared(families):
 def test_parse_condition():
     assert parse_condition("tfp:pack") == Condition("tfp", "pack", "next_fit")
     assert parse_condition("random:sample:bfd").name == "random+sample/bfd"
-    assert [c.name for c in default_conditions()][:4] == ["random+pack", "tfp+pack", "random+sample", "tfp+sample"]
+    names = [c.name for c in default_conditions()]
+    assert names[:4] == ["random+pack", "tfp+pack", "random+sample", "tfp+sample"]
     for bad, match in [("tfp", "ORDER:ATTENTION"), ("keep:pack", "order"), ("tfp:both", "attention"),
                        ("tfp:pack:magic", "strategy")]:
         with pytest.raises(ValueError, match=match):
@@ -149,7 +150,8 @@ def test_conditions_differ_in_what_they_feed(prepared, families):
             assert cu == batch.pack_offsets.tolist()
         else:
             assert batch.num_segments == batch.num_pieces
-            sample_starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), batch.packing.length]), 0)
+            zero = torch.zeros(1, dtype=torch.int64)
+            sample_starts = torch.cumsum(torch.cat([zero, batch.packing.length]), 0)
             assert cu == sample_starts.tolist()
         assert batch.position_ids[0, torch.tensor(cu[:-1])].eq(0).all()
         first[condition.name] = batch
@@ -206,7 +208,8 @@ def _greedy(model, prompt: torch.Tensor, count: int) -> torch.Tensor:
     ids = prompt.clone()
     for _ in range(count):
         pos = torch.arange(ids.numel())[None]
-        logits = model(input_ids=ids[None], position_ids=pos, logits_to_keep=torch.tensor([ids.numel() - 1])).logits
+        last = torch.tensor([ids.numel() - 1])
+        logits = model(input_ids=ids[None], position_ids=pos, logits_to_keep=last).logits
         ids = torch.cat([ids, logits[0, -1].argmax().reshape(1)])
     return ids[prompt.numel():]
 
