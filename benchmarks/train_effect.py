@@ -109,7 +109,8 @@ folder; alpaca, chat, prompt/completion, text); metrics: ``heldout_loss`` and ``
 ``--embedder hashed|minilm|PATH`` as ``tfp-pack``. ``--smoke``: every condition, 2 seeds, a few steps of a
 very small model (the CI test).
 
-Run from the repository root: ``python -m benchmarks.train_effect`` (the default run, ~30 min on 2 CPU cores).
+Run from the repository root: ``python -m benchmarks.train_effect`` (the default run: 78 min on 2 CPU cores
+shared with other jobs; ~30 min estimated on 2 idle cores).
 """
 
 from __future__ import annotations

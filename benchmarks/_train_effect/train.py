@@ -143,6 +143,7 @@ def train_run(
     Returns:
         ``{"metrics": final metrics of every eval set, "train_loss": per step, "eval_curve": [(step,
         heldout loss)], "step_tokens": {"mean", "min", "max"}, "step_segments": mean segments per batch,
+        "step_groups": mean distinct groups (topics / families) per batch, or None without groups,
         "first_batch": {"num_segments", "num_packs", "num_pieces"}, "wall_s", "tokens_per_s"}``.
     """
     packing = prepared.packing(condition, seed)
@@ -155,7 +156,8 @@ def train_run(
     )
     main_eval = prepared.task.eval_sets[0]
     eval_at = {round(config.steps * (k + 1) / config.eval_points) for k in range(config.eval_points)}
-    losses, curve, step_tokens, segments = [], [], [], []
+    losses, curve, step_tokens, segments, step_groups = [], [], [], [], []
+    groups = prepared.task.train_groups
     first_batch = None
     eval_s = 0.0
     start = time.perf_counter()
@@ -179,6 +181,8 @@ def train_run(
         losses.append(loss_value)
         step_tokens.append(batch.num_tokens)
         segments.append(batch.num_segments)
+        if groups is not None:
+            step_groups.append(len({groups[i] for i in batch.sample_index.tolist()}))
         if step + 1 in eval_at and step + 1 < config.steps:
             eval_start = time.perf_counter()
             result = evaluate(model, main_eval, device, max_tokens=config.eval_batch_tokens)
@@ -197,6 +201,7 @@ def train_run(
             "mean": float(np.mean(step_tokens)), "min": min(step_tokens), "max": max(step_tokens)
         },
         "step_segments": float(np.mean(segments)),
+        "step_groups": float(np.mean(step_groups)) if step_groups else None,
         "first_batch": first_batch,
         "train_s": train_s,
         "wall_s": time.perf_counter() - start,

