@@ -17,10 +17,13 @@ condition          order    attention   what it is
 =================  =======  ==========  =====================================================================
 
 All four pack with ``next_fit`` (the package's order-keeping strategy: a new pack when the next sample does
-not fit, no sample split), so only the order and the attention differ. When the package's default packing
-strategy (``pack_gpu``'s ``strategy``) is another one, ``tfp+pack/<strategy>`` is added. ``--conditions``
-takes any list of ``ORDER:ATTENTION[:STRATEGY]`` (e.g. ``tfp:pack:stream``, the paper's own packer, which
-splits samples at pack boundaries).
+not fit, no sample split), and the TFP ones walk by the paper's rule, so only the order and the attention
+differ. When the package's default packing (``pack_gpu``'s default ``strategy`` and ``policy``) is another
+one, ``tfp+pack`` with it is added: since the ``spread`` policy became ``pack_gpu``'s default,
+``tfp+pack/spread`` (the paper's rule until no unvisited sample is at distance >= t from the window, then the
+farthest one instead of the nearest; exact-duplicate groups taken as soon as they are valid).
+``--conditions`` takes any list of ``ORDER:ATTENTION[:STRATEGY[:POLICY]]`` (e.g. ``tfp:pack:stream``, the
+paper's own packer, which splits samples at pack boundaries; ``tfp:sample:next_fit:spread``).
 
 How a run goes (one task, one condition, one seed):
 
@@ -171,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
                    help="tasks of the default run (ignored with --train/--eval)")
-    g.add_argument("--conditions", nargs="+", default=None, metavar="ORDER:ATTENTION[:STRATEGY]",
+    g.add_argument("--conditions", nargs="+", default=None, metavar="ORDER:ATTENTION[:STRATEGY[:POLICY]]",
                    help="conditions to train, e.g. tfp:pack random:sample tfp:pack:stream; default: "
-                   "random/tfp x pack/sample with next_fit (+ tfp:pack:<package default strategy> if it "
-                   "differs)")
+                   "random/tfp x pack/sample with next_fit and the paper's rule (+ tfp:pack with the package "
+                   "default strategy and policy if it differs)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and condition")
     g.add_argument("--smoke", action="store_true",
                    help="every condition, 2 seeds, a few steps of a tiny model")

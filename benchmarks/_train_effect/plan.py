@@ -1,7 +1,8 @@
 """Conditions of ``train_effect`` and the batches each one feeds the model.
 
-A :class:`Condition` is an order (``tfp`` / ``random``), an attention mode (``pack`` / ``sample``) and a
-packing strategy. :class:`PreparedTask` holds a task's training samples as torch tensors, their embeddings and
+A :class:`Condition` is an order (``tfp`` / ``random``), an attention mode (``pack`` / ``sample``), a
+packing strategy and, for TFP order, the walk's policy where the threshold runs out (``paper`` / ``spread``).
+:class:`PreparedTask` holds a task's training samples as torch tensors, their embeddings and
 the cached packings; :func:`step_packs` cuts ``epochs`` seeded pack shuffles into ``steps`` batches of about
 equal tokens; :func:`step_batch` assembles one of them; :func:`packing_diagnostics` says what a packing puts
 in view.
@@ -23,39 +24,51 @@ ORDERS = ("tfp", "random")
 ATTENTIONS = ("pack", "sample")
 #: The strategy of the four core conditions: keeps the order, never splits a sample.
 CORE_STRATEGY = "next_fit"
+#: The policy of the core TFP conditions: the paper's rule.
+CORE_POLICY = "paper"
+POLICIES = ("paper", "spread")
 
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
     """How the training samples are ordered, packed and attended: ``order`` (``"tfp"``, ``"random"``),
     ``attention`` (``"pack"``: one segment per pack; ``"sample"``: one per sample), ``strategy`` (a
-    :func:`tfp_kernels.pack_lengths` strategy)."""
+    :func:`tfp_kernels.pack_lengths` strategy), ``policy`` (TFP order only: ``"paper"``, the paper's rule, or
+    ``"spread"``; see :mod:`tfp_kernels.order.policy`)."""
 
     order: str
     attention: str
     strategy: str = CORE_STRATEGY
+    policy: str = CORE_POLICY
 
     @property
     def name(self) -> str:
         base = f"{self.order}+{self.attention}"
-        return base if self.strategy == CORE_STRATEGY else f"{base}/{self.strategy}"
+        if self.strategy != CORE_STRATEGY:
+            base += f"/{self.strategy}"
+        if self.order == "tfp" and self.policy != CORE_POLICY:
+            base += f"/{self.policy}"
+        return base
 
 
 def parse_condition(spec: str) -> Condition:
-    """``"ORDER:ATTENTION[:STRATEGY]"`` -> :class:`Condition`, e.g. ``"tfp:pack"``,
-    ``"random:sample:bfd"``."""
+    """``"ORDER:ATTENTION[:STRATEGY[:POLICY]]"`` -> :class:`Condition`, e.g. ``"tfp:pack"``,
+    ``"random:sample:bfd"``, ``"tfp:pack:next_fit:spread"``."""
     parts = spec.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"condition {spec!r}: expected ORDER:ATTENTION[:STRATEGY], e.g. tfp:pack")
+    if len(parts) not in (2, 3, 4):
+        raise ValueError(f"condition {spec!r}: expected ORDER:ATTENTION[:STRATEGY[:POLICY]], e.g. tfp:pack")
     order, attention = parts[0], parts[1]
-    strategy = parts[2] if len(parts) == 3 else CORE_STRATEGY
+    strategy = parts[2] if len(parts) >= 3 else CORE_STRATEGY
+    policy = parts[3] if len(parts) == 4 else CORE_POLICY
     if order not in ORDERS:
         raise ValueError(f"condition {spec!r}: order must be one of {ORDERS}, got {order!r}")
     if attention not in ATTENTIONS:
         raise ValueError(f"condition {spec!r}: attention must be one of {ATTENTIONS}, got {attention!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"condition {spec!r}: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return Condition(order, attention, strategy)
+    if policy not in POLICIES:
+        raise ValueError(f"condition {spec!r}: policy must be one of {POLICIES}, got {policy!r}")
+    return Condition(order, attention, strategy, policy)
 
 
 def package_default_strategy() -> str:
@@ -63,13 +76,19 @@ def package_default_strategy() -> str:
     return inspect.signature(pack_gpu).parameters["strategy"].default
 
 
+def package_default_policy() -> str:
+    """The walk policy :func:`tfp_kernels.pack_gpu` uses when none is given (and no ``max_rejections``)."""
+    default = inspect.signature(pack_gpu).parameters["policy"].default
+    return "spread" if default is None else default
+
+
 def default_conditions() -> list[Condition]:
-    """The four core conditions, plus ``tfp+pack/<default>`` when the package's default strategy is not
-    :data:`CORE_STRATEGY`."""
+    """The four core conditions (the paper's rule, :data:`CORE_STRATEGY`), plus ``tfp+pack`` with the
+    package's default packing (``pack_gpu``'s default strategy and policy) when that differs."""
     core = [Condition(o, a) for a in ATTENTIONS for o in ("random", "tfp")]
-    default = package_default_strategy()
-    if default != CORE_STRATEGY:
-        core.append(Condition("tfp", "pack", default))
+    default = Condition("tfp", "pack", package_default_strategy(), package_default_policy())
+    if default not in core:
+        core.append(default)
     return core
 
 
@@ -101,7 +120,8 @@ class PreparedTask:
 
     def packing(self, condition: Condition, seed: int) -> Packing:
         """The packing of the whole training set for ``condition`` (TFP: the same for every seed)."""
-        key = (condition.order, condition.strategy, seed if condition.order == "random" else None)
+        key = (condition.order, condition.strategy, condition.policy if condition.order == "tfp" else None,
+               seed if condition.order == "random" else None)
         if key not in self._packings:
             if condition.order == "tfp" and self.embeddings is None:
                 raise ValueError("a tfp condition needs an embedder")
@@ -118,11 +138,12 @@ class PreparedTask:
                 window=self.window,
                 seed=seed,
                 overlong="split",
+                policy=condition.policy if condition.order == "tfp" else None,
             )
             self._packings[key] = batch.packing
             if batch.order_stats is not None:
                 stats = batch.order_stats
-                self.order_stats[condition.strategy] = {
+                self.order_stats[f"{condition.strategy}/{condition.policy}"] = {
                     k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
                     for k, v in (dataclasses.asdict(stats).items() if dataclasses.is_dataclass(stats) else {})
                 }

@@ -108,8 +108,12 @@ def test_parse_condition():
     assert parse_condition("random:sample:bfd").name == "random+sample/bfd"
     names = [c.name for c in default_conditions()]
     assert names[:4] == ["random+pack", "tfp+pack", "random+sample", "tfp+sample"]
+    # pack_gpu's default policy is spread: the package's default packing is a fifth condition
+    assert names[4:] == ["tfp+pack/spread"]
+    spread = parse_condition("tfp:pack:next_fit:spread")
+    assert spread == Condition("tfp", "pack", "next_fit", "spread") and spread.name == "tfp+pack/spread"
     for bad, match in [("tfp", "ORDER:ATTENTION"), ("keep:pack", "order"), ("tfp:both", "attention"),
-                       ("tfp:pack:magic", "strategy")]:
+                       ("tfp:pack:magic", "strategy"), ("tfp:pack:next_fit:nearest", "policy")]:
         with pytest.raises(ValueError, match=match):
             parse_condition(bad)
 
@@ -173,6 +177,13 @@ def test_random_order_changes_with_the_seed_and_tfp_does_not(prepared):
     t0 = prepared.packing(Condition("tfp", "pack"), 0).sample_index
     t1 = prepared.packing(Condition("tfp", "pack"), 1).sample_index
     assert torch.equal(t0, t1)
+
+
+def test_the_condition_policy_reaches_the_walk(prepared):
+    prepared.packing(Condition("tfp", "pack"), 0)
+    prepared.packing(Condition("tfp", "pack", "next_fit", "spread"), 0)
+    assert prepared.order_stats["next_fit/paper"]["policy"] == "paper"
+    assert prepared.order_stats["next_fit/spread"]["policy"] == "spread"
 
 
 def test_step_packs_refuses_more_steps_than_packs(prepared):
@@ -344,7 +355,8 @@ def test_smoke_run(tmp_path):
                     assert batch["num_segments"] == batch["num_pieces"]
             for metric, stats in cond["summary"].items():
                 assert stats["n"] == 2 and math.isfinite(stats["mean"]) and math.isfinite(stats["std"])
-        assert set(task["paired"]) == {"tfp+pack vs random+pack", "tfp+sample vs random+sample"}
+        assert set(task["paired"]) == {"tfp+pack vs random+pack", "tfp+sample vs random+sample",
+                                       "tfp+pack/spread vs random+pack"}
         for diffs in task["paired"].values():
             assert set(diffs) == expected_metrics[task_name]
 
