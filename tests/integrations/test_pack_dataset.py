@@ -373,7 +373,7 @@ def test_tfp_pack_and_pack_dataset_write_the_same_packs(tmp_path, attention):
     from_text, report = _tfp_pack(tmp_path, "text", tmp_path / "records.jsonl", "--attention", attention)
     assert report["input"]["format"] == "alpaca"
     ds = datasets.Dataset.from_list(ALPACA)
-    packed = pack_dataset(ds, max_len=96, attention=attention, overlong="split", policy="paper")
+    packed = pack_dataset(ds, max_len=96, attention=attention, overlong="split")
     assert packed.to_list() == from_text.to_pylist()
 
     # the same records, tokenized (as a user's pre-tokenized data): input_ids + labels, text fields kept
@@ -404,7 +404,7 @@ def test_tfp_pack_and_pack_dataset_write_the_same_packs(tmp_path, attention):
     assert (
         by_tokens.to_pylist()
         == pack_dataset(
-            ds_tokens, max_len=96, attention=attention, overlong="split", policy="paper"
+            ds_tokens, max_len=96, attention=attention, overlong="split"
         ).to_list()
     )
 
@@ -418,7 +418,7 @@ def test_tfp_pack_on_a_saved_tokenized_dataset(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     table, report = _tfp_pack(tmp_path, "out", tmp_path / "saved", "--attention", "sample", "--max-len", "16")
     assert report["input"]["kind"] == "datasets" and report["input"]["format"] == "tokenized"
-    want = pack_dataset(ds, max_len=16, attention="sample", overlong="split", policy="paper")
+    want = pack_dataset(ds, max_len=16, attention="sample", overlong="split")
     assert table.to_pylist() == want.to_list()
     assert report["input"]["label_tokens"] == sum(sum(m) for m in ds["completion_mask"])
 
