@@ -16,6 +16,12 @@ datasets = pytest.importorskip("datasets")
 N = 57
 
 
+def dataset_default_order(embeddings, **kwargs):
+    """:func:`tfp_order` with order_dataset's default policy ('spread'; 'paper' with max_rejections)."""
+    kwargs.setdefault("policy", "spread" if kwargs.get("max_rejections") is None else "paper")
+    return tfp_order(embeddings, **kwargs)
+
+
 def _clustered(n=N, d=8, seed=0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(5, d, generator=gen) * 4
@@ -43,13 +49,13 @@ def _idx(dataset) -> list[int]:
 def test_equals_tfp_order_on_the_same_embeddings(metric):
     emb = _clustered()
     dataset = _dataset(emb)
-    expected = tfp_order(emb, metric=metric)
+    expected = dataset_default_order(emb, metric=metric)
     ordered = order_dataset(dataset, embeddings=emb, metric=metric)
     assert _idx(ordered) == expected.tolist()
     assert sorted(_idx(ordered)) == list(range(N))  # every row exactly once
     assert ordered[0] == {**dataset[int(expected[0])], "original_index": int(expected[0])}  # whole rows move
     from_column = order_dataset(dataset, embeddings="emb", metric=metric)  # float64 column -> float32
-    assert _idx(from_column) == tfp_order(emb.float(), metric=metric).tolist()
+    assert _idx(from_column) == dataset_default_order(emb.float(), metric=metric).tolist()
     from_numpy = order_dataset(dataset, embeddings=emb.numpy(), metric=metric)
     assert _idx(from_numpy) == expected.tolist()
 
@@ -59,7 +65,7 @@ def test_parameters_are_passed_through():
     dataset = _dataset()
     kwargs = {"quantile": 0.1, "window": 2, "max_rejections": 3, "start": 5, "k": 8}
     ordered, stats = order_dataset(dataset, embeddings=emb, return_stats=True, **kwargs)
-    expected, expected_stats = tfp_order(emb, return_stats=True, **kwargs)
+    expected, expected_stats = dataset_default_order(emb, return_stats=True, **kwargs)
     assert _idx(ordered) == expected.tolist() and ordered[0]["idx"] == 5
     assert stats.threshold == expected_stats.threshold and stats.num_nodes == N
     fixed = order_dataset(dataset, embeddings=emb, threshold=0.75, return_stats=True)[1]
@@ -71,7 +77,7 @@ def test_from_input_ids_with_the_default_embedder():
 
     dataset = _dataset()
     tokens = [torch.tensor(row) for row in dataset["input_ids"]]
-    expected = tfp_order(HashedEmbedder().embed_tokens(tokens))
+    expected = dataset_default_order(HashedEmbedder().embed_tokens(tokens))
     assert _idx(order_dataset(dataset)) == expected.tolist()
 
 
@@ -79,7 +85,7 @@ def test_from_a_text_column():
     from tfp_kernels.embed import HashedEmbedder
 
     dataset = _dataset()
-    expected = tfp_order(HashedEmbedder().embed_texts(list(dataset["text"])))
+    expected = dataset_default_order(HashedEmbedder().embed_texts(list(dataset["text"])))
     assert _idx(order_dataset(dataset, embed_field="text")) == expected.tolist()
 
 
@@ -104,7 +110,7 @@ def test_custom_embedders_and_indices_mapping():
     assert torch.diff(seen["offsets"]).tolist() == expected_lengths
     rows = dataset["input_ids"]
     emb = torch.tensor([[len(r), sum(r) / len(r)] for r in rows], dtype=torch.float32)
-    local = tfp_order(emb).tolist()
+    local = dataset_default_order(emb).tolist()
     assert _idx(ordered) == [dataset[i]["idx"] for i in local]
 
     class TextEmbedder:
@@ -113,7 +119,7 @@ def test_custom_embedders_and_indices_mapping():
 
     texts = list(dataset["text"])
     ordered = order_dataset(dataset, embed_field="text", embedder=TextEmbedder())
-    local = tfp_order(TextEmbedder().embed_texts(texts)).tolist()
+    local = dataset_default_order(TextEmbedder().embed_texts(texts)).tolist()
     assert _idx(ordered) == [dataset[i]["idx"] for i in local]
 
 
@@ -160,7 +166,7 @@ def test_bad_input():
 def test_original_index_column():
     emb = _clustered()
     dataset = _dataset()
-    path = tfp_order(emb).tolist()
+    path = dataset_default_order(emb).tolist()
     ordered = order_dataset(dataset, embeddings=emb)
     assert list(ordered["original_index"]) == path == _idx(ordered)
     assert ordered.features["original_index"].dtype == "int64"
@@ -188,7 +194,7 @@ ALPACA_ROWS = {
 def _hashed_order(texts, **kwargs):
     from tfp_kernels.embed import HashedEmbedder
 
-    return tfp_order(torch.cat([HashedEmbedder().embed_texts([t]) for t in texts]), **kwargs).tolist()
+    return dataset_default_order(torch.cat([HashedEmbedder().embed_texts([t]) for t in texts]), **kwargs).tolist()
 
 
 def test_alpaca_default_fields_and_template():
@@ -257,7 +263,7 @@ def test_each_distinct_text_is_embedded_once():
     every = torch.tensor(
         [[len(t), sum(map(ord, t)) % 97] for t in ALPACA_ROWS["instruction"]], dtype=torch.float32
     )
-    assert list(ordered["original_index"]) == tfp_order(every).tolist()
+    assert list(ordered["original_index"]) == dataset_default_order(every).tolist()
 
 
 def test_embedder_by_name():
@@ -278,12 +284,12 @@ def test_embedder_minilm_and_a_model_directory():
     minilm = load_embedder("minilm", device="cpu")
     assert (
         list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"])
-        == tfp_order(minilm.embed_texts(texts)).tolist()
+        == dataset_default_order(minilm.embed_texts(texts)).tolist()
     )
     directory = load_embedder(minilm_path(), device="cpu")  # a model path: CLS pooling, 128 tokens
     assert (
         list(order_dataset(dataset, embedder=str(minilm_path()))["original_index"])
-        == tfp_order(directory.embed_texts(texts)).tolist()
+        == dataset_default_order(directory.embed_texts(texts)).tolist()
     )
 
 
@@ -297,11 +303,11 @@ def test_a_text_model_embeds_the_text_of_a_tokenized_dataset():
     rows = {k: v[6:] for k, v in ALPACA_ROWS.items()}
     rows["input_ids"] = [[i + 1, i + 2] for i in range(6)]
     dataset = datasets.Dataset.from_dict(rows)
-    expected = tfp_order(load_embedder("minilm", device="cpu").embed_texts(rows["instruction"])).tolist()
+    expected = dataset_default_order(load_embedder("minilm", device="cpu").embed_texts(rows["instruction"])).tolist()
     assert list(order_dataset(dataset, embedder="minilm", device="cpu")["original_index"]) == expected
     assert (
         list(order_dataset(dataset)["original_index"])
-        == tfp_order(  # the default embeds the token ids
+        == dataset_default_order(  # the default embeds the token ids
             HashedEmbedder().embed_tokens([torch.tensor(r) for r in rows["input_ids"]])
         ).tolist()
     )
