@@ -407,8 +407,8 @@ def pack_dataset(
             folder). A text-only embedder (``"minilm"``) on a tokenized dataset embeds the rows' text when
             their columns are of a known format, else needs ``embed_field``.
         metric, quantile, threshold, window, max_rejections, policy, k: as :func:`~tfp_kernels.pack_gpu`
-            (``policy=None``: ``"spread"``, or ``"paper"`` with ``max_rejections``, as ``tfp-pack``'s
-            ``--policy``).
+            (``policy=None``: ``"spread"``, or ``"paper"`` with ``max_rejections``; ``tfp-pack`` walks by
+            ``"paper"``).
         seed: seed of ``order="random"``.
         device: where the embedding and the ordering run (e.g. ``"cuda"``); None: the CPU.
         return_stats: also return a :class:`PackedDatasetStats`.
