@@ -1,6 +1,7 @@
 """The repository's documents stand on their own: no tracked file refers to a design document or a folder
-outside the repository, every relative link of docs/design.md leads to a file of the repository, and every
-section of docs/design.md that the code cites by name exists."""
+outside the repository, every relative link of README.md, docs/design.md and the other entry documents leads
+to a file of the repository (and to a heading there, when it names an anchor), and every section of
+docs/design.md that the code cites by name exists."""
 
 from __future__ import annotations
 
@@ -83,17 +84,44 @@ def test_relative_links_are_found():
     assert relative_links(text) == ["../README.md", "img/p.png", "f.md#s"]
 
 
-def test_design_doc_links_point_to_files_of_the_repository():
-    text = DESIGN.read_text(encoding="utf-8")
+#: The documents whose relative links are checked (the user's and the maintainers' entry points).
+LINKED_DOCUMENTS = ("README.md", "docs/design.md", "CHANGELOG.md", "benchmarks/README.md", "tfp_kernels/data/README.md")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation other than ``-`` and ``_``
+    dropped (backticks, dots, question marks, parentheses...), spaces turned into ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_github_anchor():
+    assert github_anchor("Does TFP help? Training effect (`train_effect.py`)") == (
+        "does-tfp-help-training-effect-train_effectpy"
+    )
+    assert github_anchor("Plan: N = 10^8, D = 768") == "plan-n--108-d--768"
+
+
+def anchors_of(markdown: str) -> set[str]:
+    return {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+)$", markdown, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("document", LINKED_DOCUMENTS)
+def test_relative_links_point_to_files_of_the_repository(document):
+    source = ROOT / document
+    text = source.read_text(encoding="utf-8")
     links = relative_links(text)
-    assert links, "docs/design.md has no relative link: the test would check nothing"
-    tracked = {path.resolve() for path in tracked_files()} | {DESIGN.resolve()}
+    if document in ("README.md", "docs/design.md"):
+        assert links, f"{document} has no relative link: the test would check nothing"
+    tracked = {path.resolve() for path in tracked_files()} | {source.resolve()}
     bad = []
     for target in links:
-        path = (DESIGN.parent / target.split("#", 1)[0]).resolve()
+        name, _, anchor = target.partition("#")
+        path = (source.parent / name).resolve()
         if ROOT not in path.parents or not path.is_file() or path not in tracked:
             bad.append(target)
-    assert not bad, f"docs/design.md links to files that are not in the repository: {bad}"
+        elif anchor and path.suffix == ".md" and anchor not in anchors_of(path.read_text(encoding="utf-8")):
+            bad.append(f"{target} (no heading with that anchor)")
+    assert not bad, f"{document} links to files that are not in the repository: {bad}"
 
 
 def design_sections() -> set[str]:

@@ -218,8 +218,9 @@ def pack_gpu(
         embeddings: (N, D) float16/bfloat16/float32/float64 on the samples' device, finite; or None.
         labels: None (labels = token ids) or labels in the layout of ``samples`` (see ``assemble``).
         order: ``"tfp"``, ``"keep"`` or ``"random"``.
-        strategy: ``"next_fit"`` (default: keeps the order), ``"stream"`` (the paper: splits samples),
-            ``"window_best_fit"`` or ``"bfd"`` (ignores the order), see :func:`~tfp_kernels.pack_lengths`.
+        strategy: ``"next_fit"`` (default: keeps the order), ``"fill_in_order"`` (next fit, each pack topped
+            up from the next pieces), ``"stream"`` (the paper: splits samples), ``"window_best_fit"`` or
+            ``"bfd"`` (ignores the order), see :func:`~tfp_kernels.pack_lengths`.
         attention: ``"pack"`` or ``"sample"``.
         metric, quantile, threshold, window, max_rejections, k: as :func:`~tfp_kernels.tfp_order`.
         seed: seed of ``order="random"``.

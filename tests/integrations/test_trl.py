@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -256,50 +254,3 @@ def test_sdpa_with_a_cache_mixes_the_segments(packs):
     assert len(received_segments(call)) > 1
     assert check_replay(model, call) > 1e-2  # use_cache from the config (True): segments mix
     assert check_replay(model, dict(call, use_cache=False)) < 1e-4
-
-
-# ---------------------------------------------------------------------------------------- README recipes
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-RECIPES_HEADING = "## Training with TRL and Trainer"
-
-
-def readme_recipes() -> list[str]:
-    """The Python code blocks of the README's section on TRL and Trainer, in order."""
-    text = README.read_text(encoding="utf-8")
-    assert text.count(RECIPES_HEADING + "\n") == 1, f"README.md has no single {RECIPES_HEADING!r} section"
-    section = text.split(RECIPES_HEADING + "\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^```python\n(.*?)^```$", section, flags=re.DOTALL | re.MULTILINE)
-
-
-def test_readme_has_the_two_recipes():
-    recipes = readme_recipes()
-    assert len(recipes) == 2
-    assert "SFTTrainer" in recipes[0] and "PackedRowsCollator" in recipes[1]
-
-
-@pytest.mark.parametrize("index, uses", [(0, "trl"), (1, "transformers")])
-def test_readme_recipe_runs_as_written(tmp_path, monkeypatch, index, uses):
-    """Each recipe, exec'd as written with a tiny Llama, a small alpaca dataset and a transformers tokenizer
-    bound to its names: it trains, and the model receives the segments of the packs it made."""
-    pytest.importorskip(uses)
-    tokenizer = byte_tokenizer()
-    model = tiny_llama()
-    calls = record_forwards(model)
-    monkeypatch.chdir(tmp_path)
-    names = {
-        "model": model,
-        "tokenizer": tokenizer,
-        "dataset": datasets.Dataset.from_list(RECORDS),
-        "output_dir": str(tmp_path / "out"),
-    }
-    # no GPU here: TrainingArguments refuses TRL's default bf16=True without one unless use_cpu=True, which
-    # the recipe (written for GPUs) does not pass; let the check pass, bf16 autocast runs on the CPU
-    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
-    exec(compile(readme_recipes()[index], f"README.md recipe {index}", "exec"), names)  # noqa: S102
-    packed = names["packed"]
-    assert sorted(s for row in packed["sample_ids"] for s in row) == list(range(len(RECORDS)))
-    epochs = 3  # TrainingArguments' default num_train_epochs
-    assert len(calls) == epochs * ((len(packed) + 3) // 4)  # 4 packs per step
-    assert segments_of_calls(calls) == sorted(file_segments(packed) * epochs)
-    assert check_replay(model, calls[-1]) < 1e-4
