@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from . import _checks
+from . import _checks, inputs
 from .policy import check_policy
 from .reference import reference_walk
 from .threshold import threshold_estimate
@@ -193,15 +193,17 @@ def tfp_order(
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
+    n = embeddings.shape[0]
     quantile = _checks.check_quantile(quantile)
     threshold = _checks.check_threshold(threshold)
-    window = _checks.check_window(window)
-    max_rejections = _checks.check_max_rejections(max_rejections)
+    window = inputs.check_window(window, n)
+    max_rejections = inputs.check_max_rejections(max_rejections, n)
     policy = check_policy(policy, max_rejections)
     k = _checks.check_list_length(k)
     long_lists = _checks.check_long_lists(long_lists)
-    n = embeddings.shape[0]
     start = _checks.check_start(start, n)
+    scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k: the engines see only these
+    embeddings, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
     t0 = time.perf_counter()
     if threshold is not None:
         source = "given"
@@ -243,4 +245,5 @@ def tfp_order(
     t2 = time.perf_counter()
     if not return_stats:
         return path
+    threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, policy=policy, **extra)
