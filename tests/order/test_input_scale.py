@@ -264,3 +264,17 @@ def test_sharded_entry_scales_and_caps(tmp_path):
         assert torch.equal(given, tfp_order(e))
     finally:
         dist.destroy_process_group()
+
+
+def test_count_forced_steps_at_extreme_scales():
+    from tfp_kernels.order.policy import count_forced_steps
+
+    e = grid_rows()
+    t = estimate_threshold(e)
+    path = tfp_order(e, threshold=t, window=6)  # (window 6 here, 9 in the count: some steps are forced)
+    expected = count_forced_steps(e, path, threshold=t, window=9, metric="l2")
+    assert expected[0] > 0
+    for exponent in (-1000, -133, 133):
+        x, exact = scaled(e, exponent, torch.float64)
+        assert exact
+        assert count_forced_steps(x, path, threshold=t * 2.0**exponent, window=9, metric="l2") == expected

@@ -118,15 +118,22 @@ def tfp_order(
     answer. The path equals :func:`tfp_order_reference`'s up to floating-point ties.
     ``backend="reference"`` runs the plain-torch reference walk instead (O(N^2 D)).
 
+    Every backend sees the rows scaled by a power of two into a safe range (when their largest entry is
+    outside ``[2**-20, 2**20]``), and ``threshold`` with them: exact, so the path of ``E * 2**k`` is that of
+    ``E`` (subnormal rows give the reference's path) and the threshold is in the units of ``embeddings``
+    (:mod:`~tfp_kernels.order.inputs`).
+
     Args:
-        embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite; N >= 1.
+        embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite; N >= 1; ``requires_grad``
+            allowed (detached: the order has no gradient).
         metric: ``"l2"`` (the paper) or ``"cosine"`` (``1 - cos``).
         quantile: q in (0, 1) for the threshold when ``threshold`` is None (paper: 0.02).
         threshold: the threshold ``t`` >= 0; None estimates it (:func:`~tfp_kernels.estimate_threshold`).
-        window: the number of recent path nodes a candidate must be ``>= t`` from (paper: 4).
+        window: the number of recent path nodes a candidate must be ``>= t`` from (paper: 4); a Python or
+            numpy int; ``N - 1`` or more gives the path of ``N - 1`` (it is capped there).
         max_rejections: None (default: no cap, the threshold is always honoured when it can be) or the
             paper's cap ``M`` (paper: 10000): after ``M`` rejected candidates the next one is taken
-            unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
+            unchecked (``N - 1`` or more never fires: capped there). At large N the cap fires constantly and the rule becomes "the (M+1)-th
             nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes where the lists' counts of close
             nodes let the cap fire get close sets, at most 4 N K int32 entries, so that the walk counts the
             still unvisited ones: :func:`~tfp_kernels.order.fast.cap_close_sets`.)

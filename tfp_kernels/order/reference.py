@@ -114,7 +114,10 @@ def tfp_order_reference(
     Otherwise it is the rule above.
 
     Distances are computed in float64 from explicit differences (:mod:`tfp_kernels.order.distance`);
-    the threshold is compared in float64.
+    the threshold is compared in float64. The rows are first scaled by a power of two into a safe range, with
+    the threshold (exact: the same comparisons; float64 rows at 1e-300 no longer underflow), detached, and
+    ``window`` / ``max_rejections`` of ``N - 1`` or more are taken as ``N - 1`` (the same path; no (window x N)
+    table): :mod:`~tfp_kernels.order.inputs`.
 
     Args:
         embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite, N >= 1.

@@ -287,7 +287,10 @@ def estimate_threshold(
 
     Pairs are ``i < j``; pairs at distance exactly 0 (duplicate rows) are left out, as in the paper.
     The quantile interpolates linearly between order statistics (``torch.quantile``'s default).
-    Distances are computed in float64 from explicit differences (see :mod:`tfp_kernels.order.distance`).
+    Distances are computed in float64 from explicit differences (see :mod:`tfp_kernels.order.distance`), on
+    the rows scaled by a power of two into a safe range (:mod:`~tfp_kernels.order.inputs`; exact): the value,
+    in the units of ``embeddings``, is that of the rows at scale 1 times the scale, for rows at 1e-300 or
+    1e40 too.
 
     Exact or sampled:
 
