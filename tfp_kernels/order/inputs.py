@@ -3,8 +3,12 @@ checked and capped.
 
 Every public ordering function (:func:`~tfp_kernels.tfp_order`, :func:`~tfp_kernels.tfp_order_reference`,
 :func:`~tfp_kernels.estimate_threshold`, :func:`~tfp_kernels.check_path`, the sharded
-:func:`~tfp_kernels.distributed.tfp_order_sharded`) calls these right after its argument checks, before any
-product or allocation; the engines below them only ever see scaled rows and capped counts.
+:func:`~tfp_kernels.distributed.tfp_order_sharded`, :func:`~tfp_kernels.order.policy.count_forced_steps`) calls
+these right after its argument checks, before any product or allocation; the engines below them only ever see
+scaled rows and capped counts (``pack_gpu`` and ``order_dataset`` go through :func:`~tfp_kernels.tfp_order`).
+A new entry point must do the same: ``prepare_rows``, then every distance it is given (a threshold, a
+tolerance) through :meth:`ScaledRows.to_rows_units` and every distance it returns through
+:meth:`ScaledRows.to_user_units`.
 
 **Why scale.** The fast paths multiply float32 (or float16 / bfloat16) copies of the rows and bound the
 rounding error of those products relative to the squared row norms. That bound does not hold where the
@@ -120,7 +124,7 @@ def largest_magnitude(embeddings: torch.Tensor) -> float:
     if embeddings.numel() == 0:
         return 0.0
     lo, hi = torch.aminmax(embeddings.detach())
-    return max(-float(lo), float(hi))
+    return float(torch.maximum(-lo, hi))  # (one host sync)
 
 
 def scale_exponent(largest: float) -> int:
