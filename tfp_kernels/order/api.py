@@ -133,10 +133,11 @@ def tfp_order(
             numpy int; ``N - 1`` or more gives the path of ``N - 1`` (it is capped there).
         max_rejections: None (default: no cap, the threshold is always honoured when it can be) or the
             paper's cap ``M`` (paper: 10000): after ``M`` rejected candidates the next one is taken
-            unchecked (``N - 1`` or more never fires: capped there). At large N the cap fires constantly and the rule becomes "the (M+1)-th
-            nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes where the lists' counts of close
-            nodes let the cap fire get close sets, at most 4 N K int32 entries, so that the walk counts the
-            still unvisited ones: :func:`~tfp_kernels.order.fast.cap_close_sets`.)
+            unchecked (``N - 1`` or more never fires: capped there). At large N the cap fires constantly and
+            the rule becomes "the (M+1)-th nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes
+            where the lists' counts of close nodes let the cap fire get close sets, at most 4 N K int32
+            entries, so that the walk counts the still unvisited ones:
+            :func:`~tfp_kernels.order.fast.cap_close_sets`.)
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
             (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128

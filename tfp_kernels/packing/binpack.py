@@ -433,8 +433,8 @@ def pack_lengths(
 
     Raises:
         ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; lengths whose total (of the tokens
-            packed, after ``overlong``) exceeds ``2**63 - 1``, which int64 pack offsets cannot hold; a sample longer than
-            ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
+            packed, after ``overlong``) exceeds ``2**63 - 1``, which int64 pack offsets cannot hold; a sample
+            longer than ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
             ``strategy``, ``overlong`` or ``metric``; ``embeddings`` not of shape (N, D), with a non-finite
             or all-zero row, or given to a strategy other than ``"fill_in_order"``; ``min_distance``
             negative or not finite, or given without ``embeddings``.
