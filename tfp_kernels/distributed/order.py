@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _ext
-from ..order import _checks
+from ..order import _checks, inputs
 from ..order.api import OrderStats
 from ..order.band_topk import (
     _ieee_fp32_matmul,
@@ -998,6 +998,10 @@ def tfp_order_sharded(
         policy=policy,
     )
     n, dim = sum(sizes), shard.shape[1]
+    window, max_rejections = inputs.check_window(window, n), inputs.check_max_rejections(max_rejections, n)
+    # every rank's rows scaled by the same 2**k (from the largest entry of all ranks' rows), detached
+    scaled = inputs.prepare_rows(shard, metric, largest=comm.all_max(inputs.largest_magnitude(shard)))
+    shard, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
     offset = sum(sizes[: comm.rank])
     device = shard.device
     bytes_root = bytes_ring = 0
@@ -1110,6 +1114,7 @@ def tfp_order_sharded(
         return path
     if stats["first_forced_step"] < 0:
         stats["first_forced_step"] = None
+    threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, ShardedOrderStats(
         threshold,
         source,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from . import _checks
+from . import _checks, inputs
 from .policy import check_policy
 from .reference import reference_walk
 from .threshold import threshold_estimate
@@ -118,18 +118,26 @@ def tfp_order(
     answer. The path equals :func:`tfp_order_reference`'s up to floating-point ties.
     ``backend="reference"`` runs the plain-torch reference walk instead (O(N^2 D)).
 
+    Every backend sees the rows scaled by a power of two into a safe range (when their largest entry is
+    outside ``[2**-20, 2**20]``), and ``threshold`` with them: exact, so the path of ``E * 2**k`` is that of
+    ``E`` (subnormal rows give the reference's path) and the threshold is in the units of ``embeddings``
+    (:mod:`~tfp_kernels.order.inputs`).
+
     Args:
-        embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite; N >= 1.
+        embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite; N >= 1; ``requires_grad``
+            allowed (detached: the order has no gradient).
         metric: ``"l2"`` (the paper) or ``"cosine"`` (``1 - cos``).
         quantile: q in (0, 1) for the threshold when ``threshold`` is None (paper: 0.02).
         threshold: the threshold ``t`` >= 0; None estimates it (:func:`~tfp_kernels.estimate_threshold`).
-        window: the number of recent path nodes a candidate must be ``>= t`` from (paper: 4).
+        window: the number of recent path nodes a candidate must be ``>= t`` from (paper: 4); a Python or
+            numpy int; ``N - 1`` or more gives the path of ``N - 1`` (it is capped there).
         max_rejections: None (default: no cap, the threshold is always honoured when it can be) or the
             paper's cap ``M`` (paper: 10000): after ``M`` rejected candidates the next one is taken
-            unchecked. At large N the cap fires constantly and the rule becomes "the (M+1)-th
-            nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes where the lists' counts of close
-            nodes let the cap fire get close sets, at most 4 N K int32 entries, so that the walk counts the
-            still unvisited ones: :func:`~tfp_kernels.order.fast.cap_close_sets`.)
+            unchecked (``N - 1`` or more never fires: capped there). At large N the cap fires constantly and
+            the rule becomes "the (M+1)-th nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes
+            where the lists' counts of close nodes let the cap fire get close sets, at most 4 N K int32
+            entries, so that the walk counts the still unvisited ones:
+            :func:`~tfp_kernels.order.fast.cap_close_sets`.)
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
             (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128
@@ -193,15 +201,17 @@ def tfp_order(
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
+    n = embeddings.shape[0]
     quantile = _checks.check_quantile(quantile)
     threshold = _checks.check_threshold(threshold)
-    window = _checks.check_window(window)
-    max_rejections = _checks.check_max_rejections(max_rejections)
+    window = inputs.check_window(window, n)
+    max_rejections = inputs.check_max_rejections(max_rejections, n)
     policy = check_policy(policy, max_rejections)
     k = _checks.check_list_length(k)
     long_lists = _checks.check_long_lists(long_lists)
-    n = embeddings.shape[0]
     start = _checks.check_start(start, n)
+    scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k: the engines see only these
+    embeddings, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
     t0 = time.perf_counter()
     if threshold is not None:
         source = "given"
@@ -243,4 +253,5 @@ def tfp_order(
     t2 = time.perf_counter()
     if not return_stats:
         return path
+    threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, policy=policy, **extra)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _checks, inputs
 from .distance import gemm_distances, prepare
 from .policy import check_policy
 
@@ -14,6 +14,8 @@ from .policy import check_policy
 # since each block reads all N rows once (at N = 10^6, D = 768: 6 GB of float64 per block, so that 500 sampled
 # steps in blocks of one step read 3 TB, ~15 min on an H100, and in blocks of 13 steps 0.2 TB).
 _BLOCK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
+#: check_path's default ``atol``: this times the largest norm of the (prepared) rows.
+DEFAULT_ATOL_FACTOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def check_path(
     metric: str = "l2",
     window: int = 4,
     max_rejections: int | None = None,
-    atol: float = 1e-6,
+    atol: float | None = None,
     rtol: float = 1e-6,
     steps: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
@@ -199,7 +201,13 @@ def check_path(
     ``path[s]``. A difference is accepted when a perturbation of the distances within
     ``atol + rtol * |value|`` explains it (ties in floating point); such steps are counted in
     :attr:`PathCheck.num_tolerated`. With ``atol = rtol = 0`` every step must match the validator's
-    own arithmetic exactly, including the lower-index-first tie-break.
+    own arithmetic exactly, including the lower-index-first tie-break. The default ``atol`` is relative to the
+    rows (``1e-6`` times the largest row norm; for ``"cosine"`` ``1e-6``), so that the check means the same at
+    every scale of the embeddings: a wrong path of rows scaled by 1e-7 is refused as it is at scale 1.
+
+    The rows are scaled by a power of two into a safe range first, with ``threshold`` and ``atol``
+    (exact; :mod:`~tfp_kernels.order.inputs`); ``window`` and ``max_rejections`` of ``N - 1`` or more are
+    checked as ``N - 1`` (the same rule).
 
     Distances go through a matrix product (``|a|^2 + |b|^2 - 2 a.b``) in ``dtype`` (float64 by
     default), over blocks of steps: memory O(N * block), time O(N^2 * D) for a full check (O(N * D)
@@ -210,7 +218,9 @@ def check_path(
         path: (N,) integer tensor, the order to verify (moved to the device of ``embeddings``).
         threshold: the threshold ``t`` the path was built with (>= 0).
         metric, window, max_rejections: as in :func:`~tfp_kernels.tfp_order`.
-        atol, rtol: tolerance on distances for accepting floating-point ties.
+        atol, rtol: tolerance on distances for accepting floating-point ties: ``atol`` in the distance units of
+            the embeddings, None (default) for ``1e-6`` times the largest row norm (l2; the largest distance is
+            at most twice that) or ``1e-6`` (cosine); ``rtol`` relative to each distance compared.
         steps: optional 1-D integer tensor of step indices in [1, N) to check (default: all).
         dtype: compute dtype of the distances (float64 or float32).
         policy: the rule the path was built with: ``"paper"`` (default) or ``"spread"`` (no cap; each step is
@@ -236,11 +246,15 @@ def check_path(
     threshold = _checks.check_threshold(threshold)
     if threshold is None:
         raise ValueError("threshold is required: pass the t the path was built with")
-    window = _checks.check_window(window)
-    max_rejections = _checks.check_max_rejections(max_rejections)
+    n = embeddings.shape[0]
+    window = inputs.check_window(window, n)
+    max_rejections = inputs.check_max_rejections(max_rejections, n)
     policy = check_policy(policy, max_rejections)
-    atol = _checks.check_tolerance(atol, "atol")
+    atol = None if atol is None else _checks.check_tolerance(atol, "atol")
     rtol = _checks.check_tolerance(rtol, "rtol")
+    scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k; threshold and atol scaled alike
+    embeddings, user_threshold = scaled.rows, threshold
+    threshold, atol = scaled.to_rows_units(threshold), scaled.to_rows_units(atol)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if not isinstance(path, torch.Tensor):
@@ -249,7 +263,6 @@ def check_path(
         raise ValueError(f"path must be 1-D with shape (N,), got shape {tuple(path.shape)}")
     if path.dtype.is_floating_point or path.dtype.is_complex or path.dtype == torch.bool:
         raise TypeError(f"path must have an integer dtype, got {path.dtype}")
-    n = embeddings.shape[0]
     device = embeddings.device
     path = path.to(device=device, dtype=torch.long)
     bad = _check_permutation(path, n)
@@ -269,6 +282,8 @@ def check_path(
 
     x = prepare(embeddings, metric, dtype)
     sq_norms = x.square().sum(dim=1)
+    if atol is None:  # relative to the rows: the gemm distances' cancellation error scales with the norms
+        atol = DEFAULT_ATOL_FACTOR * float(sq_norms.max().sqrt())
     pos = torch.empty(n, dtype=torch.long, device=device)
     pos[path] = torch.arange(n, device=device)
     node_ids = torch.arange(n, device=device)
@@ -323,15 +338,19 @@ def check_path(
                 continue
             step = int(s[i])
             chosen, expected = int(got[i]), int(pick[i])
+
+            def user(d):  # a distance of the scaled rows in the units of the embeddings
+                return scaled.to_user_units(float(d))
+
             return PathCheck(
                 False, b + i + 1, tolerated, step, expected, chosen,
                 message=(
                     f"step {step}: path takes node {chosen} after node {int(path[step - 1])}, but the TFP rule "
-                    f"(threshold {threshold:.6g}, window {window}, max_rejections {max_rejections}, policy "
+                    f"(threshold {user_threshold:.6g}, window {window}, max_rejections {max_rejections}, policy "
                     f"{policy!r}) takes node "
-                    f"{expected}: D[last, {chosen}] = {float(d_last[i, chosen]):.6g}, "
-                    f"D[last, {expected}] = {float(d_last[i, expected]):.6g}; min distance to the window: "
-                    f"{float(wmin[i, chosen]):.6g} for {chosen}, {float(wmin[i, expected]):.6g} for {expected}"
+                    f"{expected}: D[last, {chosen}] = {user(d_last[i, chosen]):.6g}, "
+                    f"D[last, {expected}] = {user(d_last[i, expected]):.6g}; min distance to the window: "
+                    f"{user(wmin[i, chosen]):.6g} for {chosen}, {user(wmin[i, expected]):.6g} for {expected}"
                 ),
             )
     return PathCheck(True, int(steps.numel()), tolerated)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .distance import BLOCK_ELEMENTS, prepare
+from .inputs import prepare_rows
 
 POLICIES = ("paper", "spread")
 
@@ -244,6 +245,8 @@ def count_forced_steps(embeddings: torch.Tensor, path: torch.Tensor, *, threshol
     n = path.numel()
     if threshold <= 0:  # (no distance is below 0)
         return 0, None
+    scaled = prepare_rows(embeddings, metric)  # rows scaled by 2**k (exact), and t with them: no underflow
+    embeddings, threshold = scaled.rows, scaled.to_rows_units(threshold)
     too_close = torch.zeros(n, dtype=torch.bool, device=embeddings.device)
     for lag in range(1, min(window, n - 1) + 1):
         too_close[lag:] |= exact_pair_distances(embeddings, path[lag:], path[:-lag], metric) < threshold

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import _checks
+from . import _checks, inputs
 from .distance import distances_from, prepare
 from .policy import check_policy
 from .threshold import threshold_estimate
@@ -114,7 +114,10 @@ def tfp_order_reference(
     Otherwise it is the rule above.
 
     Distances are computed in float64 from explicit differences (:mod:`tfp_kernels.order.distance`);
-    the threshold is compared in float64.
+    the threshold is compared in float64. The rows are first scaled by a power of two into a safe range, with
+    the threshold (exact: the same comparisons; float64 rows at 1e-300 no longer underflow), detached, and
+    ``window`` / ``max_rejections`` of ``N - 1`` or more are taken as ``N - 1`` (the same path; no (window x N)
+    table): :mod:`~tfp_kernels.order.inputs`.
 
     Args:
         embeddings: (N, D), float16/bfloat16/float32/float64, CPU or CUDA; finite, N >= 1.
@@ -145,11 +148,13 @@ def tfp_order_reference(
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
     quantile = _checks.check_quantile(quantile)
     threshold = _checks.check_threshold(threshold)
-    window = _checks.check_window(window)
-    max_rejections = _checks.check_max_rejections(max_rejections)
-    policy = check_policy(policy, max_rejections)
     n = embeddings.shape[0]
+    window = inputs.check_window(window, n)
+    max_rejections = inputs.check_max_rejections(max_rejections, n)
+    policy = check_policy(policy, max_rejections)
     start = _checks.check_start(start, n)
+    scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k (exact; float64 distances stay normal)
+    embeddings, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
     t0 = time.perf_counter()
     source = "given"
     if threshold is None and n > 1:
@@ -164,6 +169,7 @@ def tfp_order_reference(
     from .api import OrderStats
 
     forced_steps = torch.nonzero(forced).flatten()
+    threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, OrderStats(
         threshold, source, "reference", n, t1 - t0, time.perf_counter() - t1, policy=policy,
         num_forced_steps=int(forced_steps.numel()),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _checks, inputs
 from .distance import BLOCK_ELEMENTS, distances_from, pair_distances, prepare
 
 #: Up to this many pairs (N * (N - 1) / 2) the threshold is computed exactly over all pairs by
@@ -247,6 +247,8 @@ def threshold_estimate(
     n = embeddings.shape[0]
     if n < 2:
         raise ValueError(f"estimate_threshold needs at least 2 rows in embeddings, got N = {n}")
+    scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k; the value comes back in user units
+    embeddings = scaled.rows
     total = n * (n - 1) // 2
     exact = total <= (MAX_EXACT_PAIRS if sample_pairs is None else sample_pairs)
     if exact:
@@ -256,7 +258,7 @@ def threshold_estimate(
             value, looked, num_positive = fast
             if num_positive == 0:
                 _warn_all_zero(looked, exact)
-            return ThresholdEstimate(value, True, looked, num_positive)
+            return ThresholdEstimate(scaled.to_user_units(value), True, looked, num_positive)
         positive, looked = _all_positive_pair_distances(x, metric)
     else:
         looked = DEFAULT_SAMPLE_PAIRS if sample_pairs is None else sample_pairs
@@ -270,7 +272,7 @@ def threshold_estimate(
     if positive.numel() == 0:
         _warn_all_zero(looked, exact)
         return ThresholdEstimate(0.0, exact, looked, 0)
-    return ThresholdEstimate(quantile_linear(positive, quantile), exact, looked, positive.numel())
+    return ThresholdEstimate(scaled.to_user_units(quantile_linear(positive, quantile)), exact, looked, positive.numel())
 
 
 def estimate_threshold(
@@ -285,7 +287,10 @@ def estimate_threshold(
 
     Pairs are ``i < j``; pairs at distance exactly 0 (duplicate rows) are left out, as in the paper.
     The quantile interpolates linearly between order statistics (``torch.quantile``'s default).
-    Distances are computed in float64 from explicit differences (see :mod:`tfp_kernels.order.distance`).
+    Distances are computed in float64 from explicit differences (see :mod:`tfp_kernels.order.distance`), on
+    the rows scaled by a power of two into a safe range (:mod:`~tfp_kernels.order.inputs`; exact): the value,
+    in the units of ``embeddings``, is that of the rows at scale 1 times the scale, for rows at 1e-300 or
+    1e40 too.
 
     Exact or sampled:
 

@@ -310,6 +310,40 @@ def _split_pieces(
     return Pieces(sample_index, offset, length)
 
 
+# ---------------------------------------------------------------------------------------- token totals
+
+
+def _packed_total_parts(
+    lengths: torch.Tensor, max_len: int, overlong: str, is_overlong: torch.Tensor
+) -> list[torch.Tensor]:
+    """Two int64 scalars ``(hi, lo)`` on the device of ``lengths`` with ``hi * 2**32 + lo`` the number of tokens
+    the packs will hold (after ``overlong``), exactly: sums of the high and low 32 bits of the lengths, which
+    cannot wrap for N < 2**31 (an int64 ``lengths.sum()`` silently wraps past 2**63 - 1).
+
+    Args:
+        lengths: (N,) int64, any device (non-positive values are refused by the caller, which reads these in
+            the same host sync); max_len: Python int; is_overlong: (N,) bool, ``lengths > max_len``.
+    """
+    if overlong == "truncate":
+        packed = torch.clamp(lengths, max=max_len)
+    elif overlong == "drop":
+        packed = lengths.masked_fill(is_overlong, 0)
+    else:
+        packed = lengths
+    return [(packed >> 32).sum(), (packed & 0xFFFFFFFF).sum()]
+
+
+def _check_packed_total(total_hi: int, total_lo: int, n: int) -> None:
+    """Raise ``ValueError`` when the packed tokens (``total_hi * 2**32 + total_lo``) overflow int64: the pack
+    offsets (cumulative token counts, int64) would wrap to negative values."""
+    total = total_hi * 2**32 + total_lo
+    if total > torch.iinfo(torch.int64).max:
+        raise ValueError(
+            f"the {n} samples hold {total} tokens in all, more than int64 can count (2**63 - 1): the pack offsets "
+            "would overflow; pack fewer samples at a time"
+        )
+
+
 # ---------------------------------------------------------------------------------------- public API
 
 
@@ -398,8 +432,9 @@ def pack_lengths(
         packed; ints ``num_packs``, ``num_truncated``, ``num_dropped``, ``num_split``, ``max_len``.
 
     Raises:
-        ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; a sample longer than
-            ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
+        ValueError: ``lengths`` empty, not 1-D, or holding a value ``<= 0``; lengths whose total (of the tokens
+            packed, after ``overlong``) exceeds ``2**63 - 1``, which int64 pack offsets cannot hold; a sample
+            longer than ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
             ``strategy``, ``overlong`` or ``metric``; ``embeddings`` not of shape (N, D), with a non-finite
             or all-zero row, or given to a strategy other than ``"fill_in_order"``; ``min_distance``
             negative or not finite, or given without ``embeddings``.
@@ -463,10 +498,10 @@ def pack_lengths(
 
     # One host sync for the checks: smallest length, number of over-long samples (and of split pieces).
     is_overlong = lengths > max_len
-    stats = [lengths.min(), is_overlong.sum()]
+    stats = [lengths.min(), is_overlong.sum(), *_packed_total_parts(lengths, max_len, overlong, is_overlong)]
     if overlong == "split":
         stats.append(_pieces_per_sample(lengths, max_len).sum())
-    min_length, num_overlong, *num_pieces = torch.stack(stats).tolist()
+    min_length, num_overlong, total_hi, total_lo, *num_pieces = torch.stack(stats).tolist()
     if min_length < 1:
         not_positive = lengths < 1
         first = _first_index(not_positive)
@@ -480,6 +515,8 @@ def pack_lengths(
             f"lengths[{first}] = {int(lengths[first])} is longer than max_len={max_len} ({num_overlong} of "
             f"{lengths.numel()} samples are over-long); pass overlong='truncate', 'drop' or 'split' to handle them"
         )
+
+    _check_packed_total(total_hi, total_lo, lengths.numel())
 
     if strategy == "stream" and overlong == "split":
         # the stream cuts every sample where the packs end: the over-long ones stay whole until then
