@@ -15,7 +15,8 @@ from tfp_kernels.order.band_topk import (
     split_rows,
     squared_distance_error_coef,
 )
-from tfp_kernels.order.band_topk_triton import ACC_CHUNK, band_topk_triton, triton_available
+from tfp_kernels.order.band_tiles_triton import ACC_CHUNK
+from tfp_kernels.order.band_topk_triton import band_topk_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton (GPU or TRITON_INTERPRET=1) not available")

@@ -95,11 +95,13 @@ def test_unknown_scan_isa_is_refused(monkeypatch):
 
 
 def test_rows_converted_by_chunks_equal_one_pass(monkeypatch):
+    import tfp_kernels.order.float16_rows as float16_rows
     import tfp_kernels.order.host_scan as host_scan
 
     x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(2)) * torch.logspace(-5, 5, 1000)[:, None]
     whole = host_scan.half_scan_rows(x)
     monkeypatch.setattr(host_scan, "_CHUNK_ROWS", 33)
+    monkeypatch.setattr(float16_rows, "_CHUNK_ROWS", 33)  # (the float16 rows, converted in float16_rows)
     chunked = host_scan.half_scan_rows(x)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     assert host_scan.half_scan_rows(torch.zeros(0, 4)).rows.shape == (0, 4)

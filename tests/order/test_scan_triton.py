@@ -6,11 +6,11 @@ import torch
 from tfp_kernels.order.band_topk import band_bounds, squared_distance_error_coef
 from tfp_kernels.order.band_topk_triton import triton_available, triton_runs_on
 from tfp_kernels.order.distance import distances_from, prepare
-from tfp_kernels.order.fast import squared_threshold
-from tfp_kernels.order.host_scan import half_rows, half_scan_slack
+from tfp_kernels.order.float16_rows import half_rows
+from tfp_kernels.order.host_scan import half_scan_slack
 from tfp_kernels.order.scan import exact_pick, projection_basis
 from tfp_kernels.order.scan_triton import SCAN_CHUNK, masked_scan_torch, masked_scan_triton, triton_exact_pick
-from tfp_kernels.order.threshold import estimate_threshold
+from tfp_kernels.order.threshold import estimate_threshold, squared_threshold
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
 

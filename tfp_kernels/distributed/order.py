@@ -59,29 +59,34 @@ import torch.distributed as dist
 
 from .. import _ext
 from ..order import _checks, inputs
-from ..order.api import OrderStats
+from ..order.api import register_sharded_driver
 from ..order.band_topk import (
-    _ieee_fp32_matmul,
     band_bounds,
     float64_error_coef,
     list_limits,
     select_smallest,
     squared_distance_error_coef,
 )
-from ..order.distance import pair_distances, prepare
+from ..order.distance import ieee_fp32_matmul, pair_distances, prepare
 from ..order.fast import (
     LONG_LIST_FACTOR,
     LONG_LIST_MIN_ROWS,
-    _kernel_failure,
     cap_close_sets,
     crowded_lists,
-    squared_threshold,
+    kernel_failure,
 )
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.policy import ForcedSteps, check_policy, duplicates_of, walk_policy
-from ..order.scan import _LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
+from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
-from ..order.threshold import DEFAULT_SAMPLE_PAIRS, MAX_EXACT_PAIRS, quantile_linear, threshold_estimate
+from ..order.stats import OrderStats
+from ..order.threshold import (
+    DEFAULT_SAMPLE_PAIRS,
+    MAX_EXACT_PAIRS,
+    quantile_linear,
+    squared_threshold,
+    threshold_estimate,
+)
 
 __all__ = ["ShardedOrderStats", "shard_bounds", "shard_rows", "tfp_order_sharded"]
 
@@ -503,7 +508,7 @@ def _ring_band_lists(
             cols_x, cols_ids = cur_x.to(dev), cur_ids.to(dev)
             cols_sq = squared_norms64(cols_x).float()
             rows_per_tile = max(1, block_elements // c)
-            with _ieee_fp32_matmul():
+            with ieee_fp32_matmul():
                 for r0 in range(0, m, rows_per_tile):
                     r1 = min(m, r0 + rows_per_tile)
                     s2 = torch.addmm(cols_sq[None, :], x32[r0:r1], cols_x.T, alpha=-2.0)
@@ -637,7 +642,7 @@ class _LocalScan:
         self.lb2 = None
         if self.n_u:
             y_last = last_row @ sh.basis
-            self.lb2 = (sh.y.index_select(0, self.unv) - y_last).square_().sum(dim=1).mul_(_LB_SAFETY)
+            self.lb2 = (sh.y.index_select(0, self.unv) - y_last).square_().sum(dim=1).mul_(LB_SAFETY)
         self.outside = -math.inf
         empty = torch.empty(0, dtype=torch.float64)
         self.d, self.s2, self.ids = empty, empty, torch.empty(0, dtype=torch.int64)
@@ -834,7 +839,7 @@ def _agree_on_failure(comm: _Comm, err: Exception | None) -> None:
     failed = comm.all_max(float(comm.world - comm.rank) if err is not None else 0.0)
     if failed > 0:
         rank = comm.world - int(failed)
-        raise _LongListsFailed(rank, _kernel_failure(err) if rank == comm.rank and err is not None else "")
+        raise _LongListsFailed(rank, kernel_failure(err) if rank == comm.rank and err is not None else "")
 
 
 def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, payload=None) -> torch.Tensor | None:
@@ -893,7 +898,7 @@ def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, *, d
         s2 = vals.float()
         return index.contiguous(), s2.contiguous(), list_limits(index, s2, slack), slack
     except Exception as err:  # (e.g. out of host memory merging the ranks' parts)
-        raise _LongListsFailed(0, _kernel_failure(err)) from err
+        raise _LongListsFailed(0, kernel_failure(err)) from err
 
 
 def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):
@@ -1203,7 +1208,7 @@ def _walk_root(
                     payload, slack = _long_query(sh, emb_host, crowded, t2=t2, k=long_k,
                                                  unvisited_only=unvisited_only, max_sq=max_sq)
                 except Exception as err:  # (e.g. out of memory: the long lists only save scans)
-                    raise _LongListsFailed(0, _kernel_failure(err)) from err
+                    raise _LongListsFailed(0, kernel_failure(err)) from err
                 command(_LONG, step)
                 index, s2, limit, slack = _long_lists_root(comm, sh, payload, slack, dim=dim,
                                                            block_elements=block_elements)
@@ -1291,3 +1296,8 @@ def _walk_root(
         bar.close()
     command(_DONE, n)
     return path
+
+
+# tfp_order(shard, ..., group=g) hands its arguments to tfp_order_sharded (the ordering layer does not import
+# this module: it registers itself)
+register_sharded_driver(tfp_order_sharded)

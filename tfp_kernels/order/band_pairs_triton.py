@@ -11,7 +11,7 @@ super blocks are matched in disjoint pairs (a round-robin tournament, :func:`pai
 ``B / 2`` pairs, ``B`` rounded up to even, plus one round of the ``(I, I)`` pairs), so that within a round every
 row's list belongs to exactly one program and no atomics are needed; launches run in order, so one round
 sees the lists the previous one left. A program computes its pair's ``(SUPER, SUPER)`` products tile by tile
-(``BLOCK`` x ``BLOCK``, :func:`~tfp_kernels.order.band_topk_triton._tile_s2`: the same products as the row-block
+(``BLOCK`` x ``BLOCK``, :func:`~tfp_kernels.order.band_tiles_triton.tile_s2`: the same products as the row-block
 kernel, any input precision but the stacked and descriptor variants) and per tile
 
 1. for the tile's rows (block I), as the row-block kernel: counts the entries below ``upper``, keeps the
@@ -20,7 +20,7 @@ kernel, any input precision but the stacked and descriptor variants) and per til
    its columns), the same on the transposed tile, with their state loaded from and stored back to memory.
 
 A row's candidates are merged into its K best (``(float32 bits << 32) | column`` keys, sorted;
-:func:`~tfp_kernels.order.band_topk_triton._merge_candidates`) when its scratch could overflow, and once at the
+:func:`~tfp_kernels.order.band_tiles_triton.merge_candidates`) when its scratch could overflow, and once at the
 end (:func:`_band_pairs_finish_kernel`).
 
 Why this is exact: every unordered pair ``{i, j}``, ``i != j``, is in exactly one tile of one round, which
@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import torch
 
-from .band_topk_triton import _HAVE_TRITON
+from .band_tiles_triton import HAVE_TRITON, candidate_slots, check_split_chunk
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .band_topk_triton import _append_candidates, _list_cutoff, _merge_candidates, _store_lists, _tile_s2
+    from .band_tiles_triton import append_candidates, list_cutoff, merge_candidates, store_lists, tile_s2
 
     @triton.jit
     def _band_pairs_kernel(
@@ -88,7 +88,7 @@ if _HAVE_TRITON:
                 cols = col0 + offs
                 col_ok = cols < n_rows
                 cols64 = cols.to(tl.int64)
-                s2 = _tile_s2(
+                s2 = tile_s2(
                     x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, x_ptr, x_ptr, x_ptr, x_ptr, sq_norms_ptr,
                     rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
                     BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, SPLIT, SCALED, False, False,
@@ -98,8 +98,8 @@ if _HAVE_TRITON:
                 if diagonal:
                     below = below & (cols[None, :] != rows[:, None])
                 close += tl.sum(below.to(tl.int32), axis=1)
-                count, _ = _append_candidates(s2, cols, lower, cutoff, cutoff_col, count, cand_s2_rows, cand_col_rows,
-                                              BLOCK, BLOCK, True, SINGLES)
+                count, _ = append_candidates(s2, cols, lower, cutoff, cutoff_col, count, cand_s2_rows, cand_col_rows,
+                                             BLOCK, BLOCK, True, SINGLES)
                 # the columns' side, on the transposed tile (nothing kept or counted on the diagonal)
                 tl.debug_barrier()  # their state as the last tile of this program stored it
                 col_lower = tl.load(lower_ptr + cols, mask=col_ok & ~diagonal, other=float("inf"))
@@ -109,10 +109,10 @@ if _HAVE_TRITON:
                 col_count = tl.load(count_ptr + cols64)
                 s2t = tl.trans(s2)
                 col_close = tl.sum((s2t < col_upper[:, None]).to(tl.int32), axis=1)
-                col_count, _ = _append_candidates(s2t, rows, col_lower, col_cutoff, col_cutoff_col, col_count,
-                                                  cand_s2_ptr + cols64[:, None] * CAP,
-                                                  cand_col_ptr + cols64[:, None] * CAP, BLOCK, BLOCK, True,
-                                                  SINGLES)
+                col_count, _ = append_candidates(s2t, rows, col_lower, col_cutoff, col_cutoff_col, col_count,
+                                                 cand_s2_ptr + cols64[:, None] * CAP,
+                                                 cand_col_ptr + cols64[:, None] * CAP, BLOCK, BLOCK, True,
+                                                 SINGLES)
                 # merge the scratch of the rows, then of the columns, that could overflow at the next tile (one
                 # copy of the merge's sorts in the code: a loop over the two sides)
                 if (tl.max(count, axis=0) > CAP - BLOCK) | (tl.max(col_count, axis=0) > CAP - BLOCK):
@@ -122,11 +122,11 @@ if _HAVE_TRITON:
                         owners64 = owners.to(tl.int64)
                         owner_count = tl.where(on_cols, col_count, count)
                         if tl.max(owner_count, axis=0) > CAP - BLOCK:
-                            best = _merge_candidates(best_ptr + owners64[:, None] * K,
-                                                     cand_s2_ptr + owners64[:, None] * CAP,
-                                                     cand_col_ptr + owners64[:, None] * CAP, owners, owner_count,
-                                                     K, BLOCK)
-                            new_cutoff, new_cutoff_col = _list_cutoff(best)
+                            best = merge_candidates(best_ptr + owners64[:, None] * K,
+                                                    cand_s2_ptr + owners64[:, None] * CAP,
+                                                    cand_col_ptr + owners64[:, None] * CAP, owners, owner_count,
+                                                    K, BLOCK)
+                            new_cutoff, new_cutoff_col = list_cutoff(best)
                             cutoff = tl.where(on_cols, cutoff, new_cutoff)
                             cutoff_col = tl.where(on_cols, cutoff_col, new_cutoff_col)
                             count = tl.where(on_cols, count, 0)
@@ -155,9 +155,9 @@ if _HAVE_TRITON:
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rows64 = rows.to(tl.int64)
         count = tl.load(count_ptr + rows64)
-        best = _merge_candidates(best_ptr + rows64[:, None] * K, cand_s2_ptr + rows64[:, None] * CAP,
-                                 cand_col_ptr + rows64[:, None] * CAP, rows, count, K, BLOCK)
-        _store_lists(best, rows64, rows < n_rows, out_index_ptr, out_s2_ptr, K)
+        best = merge_candidates(best_ptr + rows64[:, None] * K, cand_s2_ptr + rows64[:, None] * CAP,
+                                cand_col_ptr + rows64[:, None] * CAP, rows, count, K, BLOCK)
+        store_lists(best, rows64, rows < n_rows, out_index_ptr, out_s2_ptr, K)
 
 
 def pair_rounds(num_blocks: int) -> list[torch.Tensor]:
@@ -214,8 +214,6 @@ def launch_pairs(config: dict, x, x_lo, scale, sq_norms, lower, upper, k_pad: in
     config.pop("BLOCK_N", None)
     if config.pop("DESCRIPTORS", False) or config.pop("STACKED", False):
         raise ValueError("the pairs kernel reads its tiles with pointer loads: no DESCRIPTORS or STACKED")
-    from .band_topk_triton import candidate_slots, check_split_chunk
-
     check_split_chunk(x_lo, config["BLOCK_D"])
     super_rows = config.pop("SUPER", None) or super_block_rows(n, block, num_sms)
     if super_rows % block:

@@ -21,14 +21,14 @@ in :mod:`tfp_kernels.order.band_topk_triton` (CUDA). Memory: O(N * K) plus one (
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .distance import BLOCK_ELEMENTS
+from .distance import BLOCK_ELEMENTS, ieee_fp32_matmul
+from .float16_rows import half_rows
 
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -99,7 +99,7 @@ def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
     """``x = scale * (hi + lo) + r``: ``hi`` the (scaled) rows rounded to the split's 16-bit dtype, ``lo`` the
     rest rounded to it.
 
-    ``"float16x3"``: ``hi`` is the host scan's float16 copy (:func:`~tfp_kernels.order.host_scan.half_rows`:
+    ``"float16x3"``: ``hi`` is the host scan's float16 copy (:func:`~tfp_kernels.order.float16_rows.half_rows`:
     each row divided by the power of two that brings its largest entry to [2^14, 2^15)), so that the split
     keeps float16's precision whatever the magnitude of the rows: ``|x' - hi - lo| <= u^2 |x'| + 2^-24`` elementwise for the
     scaled row ``x' = x / scale`` (``u = 2^-11``; the 2^-24: float16's subnormals, below 2^-38 of the row's
@@ -116,8 +116,6 @@ def split_rows(x: torch.Tensor, input_dtype: str) -> SplitRows:
         hi = x.to(dtype)
         lo = (x - hi.float()).to(dtype)  # x - hi is exact in float32
         return SplitRows(hi.contiguous(), lo.contiguous(), None)
-    from .host_scan import half_rows
-
     hi, scale = half_rows(x)  # the host scan's float16 rows: fp16(x / scale)
     multiplier = scale.reciprocal()  # (exact: powers of two)
     lo = torch.empty_like(hi)
@@ -217,17 +215,6 @@ def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return lower, upper
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul():
-    """Full float32 matrix products (no TF32) inside the block; the error bound assumes it."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def _finish_block(s2: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int):
     """Band top-k of one (B, N) block of squared distances (modified in place).
 
@@ -317,7 +304,7 @@ def _band_topk_pairs(
     # the bar counts rows, advanced by the share of the pairs each block holds (the row blocks' work shrinks
     # from the first to the last: per row block, the ETA would be off by up to 2x)
     rows_per_pair, done = n / (n * (n + 1) / 2), 0.0
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         for r0 in range(0, n, block_rows):
             r1 = min(n, r0 + block_rows)
             for c0 in range(r0, n, block_rows):
@@ -392,7 +379,7 @@ def band_topk_torch(
     # one (block, N) buffer for every block's products: a fresh 64 MB tensor per block costs page faults
     # (measured on the 2-core CPU at N = 30,000: the products took 5.1 s with fresh tensors, 4.0 s with one)
     buffer = torch.empty(min(block, n), n, dtype=torch.float32, device=x.device) if select_op is not None else None
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             if bar is not None:
@@ -466,7 +453,7 @@ def _row_blocks(x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor, blo
     sq = sq_norms.to(x.dtype)
     for q0 in range(0, rows.numel(), block):
         r = rows[q0 : q0 + block].long()
-        with _ieee_fp32_matmul():
+        with ieee_fp32_matmul():
             dots = torch.matmul(x[r], x.T)
         yield q0, r, dots.mul_(-2.0).add_(sq[None, :]).add_(sq[r, None]).clamp_(min=0)
 

@@ -35,7 +35,7 @@ the 128 rows of a tile together keep some candidate in nearly every tile (measur
 benchmark's clustered rows: every one of the 512 tiles of a row block at N = 65,536, K = 64, ~560
 candidates per row), so the prefix sum and the stores run at every tile; the ``SINGLES`` launch option
 takes the tiles where no row keeps more than one (11% of them there, 37% at N = 262,144, K = 128) by two
-row reductions instead (see ``_append_candidates``).
+row reductions instead (see ``append_candidates``).
 Never materialises N x N; memory O(N K) plus a scratch per program row of K int64 keys and CAP (s2, column)
 pairs (2 x 132 SMs x 128 x (64 x 8 + 512 x 8) B = 156 MB on an H100, whatever N).
 Semantics: :mod:`tfp_kernels.order.band_topk`.
@@ -48,26 +48,21 @@ import warnings
 
 import torch
 
-from .band_topk import MIN_ACC_CHUNK, SPLIT_DTYPES, BandLists, split_rows
+from .band_tiles_triton import ACC_CHUNK, HAVE_TRITON, candidate_slots, check_split_chunk
+from .band_topk import SPLIT_DTYPES, BandLists, split_rows
 
-try:  # Triton is optional at import time (CPU-only torch builds do not ship it)
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    _HAVE_TRITON = False
+    from .band_tiles_triton import append_candidates, list_cutoff, merge_candidates, store_lists, tile_s2
 
 _MAX_KEY = 0x7FFFFFFFFFFFFFFF
-
-#: Longest chunk of products summed in one tensor-core accumulator with split inputs (BLOCK_D of every launch
-#: setting): the ``acc_chunk`` of their error bound, :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`.
-ACC_CHUNK = 64
 
 
 def triton_available() -> bool:
     """Whether the Triton kernel can run here (Triton importable and a CUDA device, or the interpreter)."""
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -79,157 +74,14 @@ def _interpreted() -> bool:
 def triton_runs_on(device: torch.device | str) -> bool:
     """Whether the Triton kernels can take tensors of ``device``: CUDA tensors when compiled, CPU tensors only
     under the interpreter (``TRITON_INTERPRET=1``)."""
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         return False
     if _interpreted():
         return True
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-if _HAVE_TRITON:
-
-    @triton.jit
-    def _tile_s2(
-        x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms_ptr,
-        rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr, STACKED: tl.constexpr,
-    ):
-        """(BLOCK_M, BLOCK_N) float32 squared distances ``max(|a|^2 + |b|^2 - 2 a.b, 0)`` of the rows ``rows64``
-        (int64, valid where ``row_ok``; squared norms ``row_norm``, scales ``row_scale`` when ``SCALED``) against
-        the columns ``cols`` (int32, valid where ``col_ok``; padding columns get an infinite norm: never close,
-        never in the band). ``row0`` / ``col0``: the tiles' first row and column (``DESCRIPTORS`` loads);
-        ``opaque_zero``: a float32 zero that Triton cannot prove constant (``STACKED``)."""
-        offs_d = tl.arange(0, BLOCK_D)
-        if STACKED:  # x holds, per BLOCK_D chunk, [lo | hi] (_stacked_rows): one product of 4 BLOCK_D entries
-            offs_s = tl.arange(0, 4 * BLOCK_D)
-            a_cols = (offs_s // (2 * BLOCK_D)) * BLOCK_D + offs_s % BLOCK_D  # the row tile [lo, lo, hi, hi]
-            b_cols = offs_s % (2 * BLOCK_D)  # the column tile [lo; hi; lo; hi]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            if STACKED:
-                # the products lo.lo' + lo.hi' + hi.lo' + hi.hi' of the chunk, in that order (small terms first,
-                # the main one last, as the three dots below), as one tensor-core product: one wait per chunk
-                # instead of one per product; chunks padded with zeros past D. (The zero is opaque: `dot(a, b, 0)
-                # + acc` would be folded into one accumulator across the chunks, and the error bound needs a
-                # fresh one per chunk.)
-                a = tl.load(x_ptr + rows64[:, None] * stride_xn + (2 * d0 + a_cols)[None, :] * stride_xd,
-                            mask=row_ok[:, None], other=0.0)
-                b = tl.load(
-                    x_ptr + cols.to(tl.int64)[None, :] * stride_xn + (2 * d0 + b_cols)[:, None] * stride_xd,
-                    mask=col_ok[None, :], other=0.0)
-                acc += tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + opaque_zero)
-            elif DESCRIPTORS:  # tensor-memory-accelerator tiles; rows and entries past the end read as 0
-                a = a_desc.load([row0, d0])
-                b = tl.trans(b_desc.load([col0, d0]))
-                if SPLIT:
-                    a_lo = a_lo_desc.load([row0, d0])
-                    b_lo = tl.trans(b_lo_desc.load([col0, d0]))
-            else:
-                d_ok = (d0 + offs_d) < dim
-                a_off = rows64[:, None] * stride_xn + (d0 + offs_d)[None, :] * stride_xd
-                b_off = cols.to(tl.int64)[None, :] * stride_xn + (d0 + offs_d)[:, None] * stride_xd
-                a_ok = row_ok[:, None] & d_ok[None, :]
-                b_ok = col_ok[None, :] & d_ok[:, None]
-                a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-                b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
-                if SPLIT:
-                    a_lo = tl.load(x_lo_ptr + a_off, mask=a_ok, other=0.0)
-                    b_lo = tl.load(x_lo_ptr + b_off, mask=b_ok, other=0.0)
-            if SPLIT and not STACKED:
-                # rows as hi + lo: hi.hi' + hi.lo' + lo.hi' (lo.lo' is below the error bound), in a fresh
-                # accumulator per BLOCK_D chunk, cross terms first, added to acc in float32: the accumulation
-                # error grows with BLOCK_D, not with D (squared_distance_error_coef's acc_chunk). (acc is added to
-                # a dot whose accumulator is not a zero tile: Triton folds `dot(a, b, 0) + acc` back into one
-                # accumulator.)
-                part = tl.dot(a, b_lo)
-                part = tl.dot(a_lo, b, part)
-                part = tl.dot(a, b, part)
-                acc += part
-            elif not STACKED:
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        col_norm = tl.load(sq_norms_ptr + cols, mask=col_ok, other=float("inf"))
-        dot = acc
-        if SCALED:  # two exact products by powers of two
-            dot = acc * row_scale[:, None] * tl.load(scale_ptr + cols, mask=col_ok, other=1.0)[None, :]
-        return tl.maximum(row_norm[:, None] + col_norm[None, :] - 2.0 * dot, 0.0)
-
-    @triton.jit
-    def _merge_candidates(
-        best_buf, cand_s2_buf, cand_col_buf, rows, count, K: tl.constexpr, BLOCK_M: tl.constexpr
-    ):
-        """Merge the ``count`` candidates of each row (their s2 and column at ``cand_*_buf[row, :count]``) into
-        its sorted K best keys (``best_buf[row, :K]``); returns the new best (BLOCK_M, K) and stores it back.
-        Self entries are dropped here."""
-        offs_k = tl.arange(0, K)
-        tl.debug_barrier()  # candidates stored by other threads of the program are visible
-        best = tl.load(best_buf + offs_k[None, :])
-        for c0 in range(0, tl.max(count, axis=0), K):  # a loop, not unrolled: one copy of the sorts to compile
-            ok = (c0 + offs_k)[None, :] < count[:, None]
-            s2 = tl.load(cand_s2_buf + c0 + offs_k[None, :], mask=ok, other=0.0)
-            col = tl.load(cand_col_buf + c0 + offs_k[None, :], mask=ok, other=0)
-            key = (s2.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
-            chunk = tl.where(ok & (col != rows[:, None]), key, 0x7FFFFFFFFFFFFFFF)
-            best = tl.sort(tl.minimum(best, tl.sort(chunk, dim=1, descending=True)), dim=1)
-        tl.store(best_buf + offs_k[None, :], best)
-        tl.debug_barrier()  # every read of the slots is done before they are written again
-        return best
-
-    @triton.jit
-    def _list_cutoff(best):
-        """The (cutoff, cutoff column) of sorted key lists ``best`` (BLOCK_M, K): the s2 and column of the K-th
-        best key, or (+inf, -1) for a list not full yet."""
-        worst = tl.max(best, axis=1)
-        full = worst != 0x7FFFFFFFFFFFFFFF
-        cutoff = tl.where(full, (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
-        return cutoff, tl.where(full, (worst & 0xFFFFFFFF).to(tl.int32), -1)
-
-    @triton.jit
-    def _store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K: tl.constexpr):
-        """Write sorted key lists ``best`` (BLOCK_M, K) of the rows ``rows64`` (valid where ``row_ok``) as the
-        (N, K) index (-1 padded) and s2 (+inf padded) outputs."""
-        offs_k = tl.arange(0, K)
-        found = best != 0x7FFFFFFFFFFFFFFF
-        index = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
-        s2 = tl.where(found, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
-        ok = row_ok[:, None] & (offs_k[None, :] < K)
-        tl.store(out_index_ptr + rows64[:, None] * K + offs_k[None, :], index, mask=ok)
-        tl.store(out_s2_ptr + rows64[:, None] * K + offs_k[None, :], s2, mask=ok)
-
-    @triton.jit
-    def _append_candidates(s2, cols, lower, cutoff, cutoff_col, count, cand_s2_buf, cand_col_buf,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ANY_ORDER: tl.constexpr,
-                           SINGLES: tl.constexpr):
-        """Append the candidates of each row of the tile ``s2`` (BLOCK_M, BLOCK_N) (columns ``cols``): the entries
-        at or above ``lower`` before the row's K-th best key ``(cutoff, cutoff_col)``, at slots ``count`` on of the
-        rows' ``cand_*_buf`` ((BLOCK_M, 1) pointers). ``ANY_ORDER``: columns reach the rows in any order, so an
-        entry tied with the cutoff's distance is compared by column (else they come in index order, after the
-        cutoff's column: ``cutoff_col`` unused). Padding rows and columns must have ``s2 = +inf`` or ``lower =
-        +inf``. Returns the new counts and the most candidates a row kept (a scalar).
-
-        In a long sweep every tile holds some row's candidate (all 512 tiles of a 128-row block at N = 65,536,
-        K = 64, clustered rows: the append runs at every tile, not rarely), but most rows keep none, and past a
-        few thousand columns many tiles keep at most one per row (11% of the tiles at N = 65,536, K = 64; 37% at
-        N = 262,144, K = 128). ``SINGLES``: such tiles take the row's one entry by two row reductions instead of
-        a prefix sum and a scattered store per entry (the same candidates; compiled for sm_90 it spills more
-        registers in the epilogue: a launch option until timed on a GPU)."""
-        before = s2 < cutoff[:, None]
-        if ANY_ORDER:
-            before = before | ((s2 == cutoff[:, None]) & (cols[None, :] < cutoff_col[:, None]))
-        keep = ((s2 >= lower[:, None]) & before).to(tl.int32)
-        num_keep = tl.sum(keep, axis=1)
-        most = tl.max(num_keep, axis=0)
-        if most > (1 if SINGLES else 0):  # 32-bit stores only: no (BLOCK_M, BLOCK_N) int64 tile
-            slot = count[:, None] + tl.cumsum(keep, axis=1) - keep
-            tl.store(cand_s2_buf + slot, s2, mask=keep != 0)
-            tl.store(cand_col_buf + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=keep != 0)
-        elif SINGLES and most == 1:  # the row's one entry (s2 >= 0: the kept value is the row's largest here)
-            kept_s2 = tl.max(tl.where(keep != 0, s2, -1.0), axis=1)
-            kept_col = tl.max(tl.where(keep != 0, cols[None, :], -1), axis=1)
-            has = num_keep > 0
-            tl.store(cand_s2_buf + count[:, None], kept_s2[:, None], mask=has[:, None])
-            tl.store(cand_col_buf + count[:, None], kept_col[:, None], mask=has[:, None])
-        return count + num_keep, most
+if HAVE_TRITON:
 
     @triton.jit
     def _band_topk_kernel(
@@ -246,7 +98,7 @@ if _HAVE_TRITON:
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
         offs_k = tl.arange(0, K)
-        opaque_zero = n_rows.to(tl.float32) * 0.0  # (see _tile_s2)
+        opaque_zero = n_rows.to(tl.float32) * 0.0  # (see tile_s2)
         local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's scratch rows
         best_buf = best_ptr + local[:, None] * K
         cand_s2_buf = cand_s2_ptr + local[:, None] * CAP
@@ -269,7 +121,7 @@ if _HAVE_TRITON:
             for col0 in range(0, n_rows, BLOCK_N):
                 cols = col0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < n_rows
-                s2 = _tile_s2(
+                s2 = tile_s2(
                     x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, a_desc, b_desc, a_lo_desc, b_lo_desc,
                     sq_norms_ptr, rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
                     BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, SPLIT, SCALED, DESCRIPTORS, STACKED,
@@ -279,15 +131,15 @@ if _HAVE_TRITON:
                 if (col0 < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N):  # a diagonal tile: the row itself
                     close -= tl.sum((below & (cols[None, :] == rows[:, None])).to(tl.int32), axis=1)
                 # (columns arrive in index order: an entry tied with the cutoff comes after it and loses)
-                count, most = _append_candidates(s2, cols, lower, cutoff, count, count, cand_s2_buf, cand_col_buf,
-                                                 BLOCK_M, BLOCK_N, False, SINGLES)
+                count, most = append_candidates(s2, cols, lower, cutoff, count, count, cand_s2_buf, cand_col_buf,
+                                                BLOCK_M, BLOCK_N, False, SINGLES)
                 if most > 0:  # noqa: SIM102 - (the count reduction only where something was kept)
                     if tl.max(count, axis=0) > CAP - BLOCK_N:  # no room for another tile's candidates: merge
-                        best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-                        cutoff, _ = _list_cutoff(best)
+                        best = merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
+                        cutoff, _ = list_cutoff(best)
                         count = tl.zeros((BLOCK_M,), tl.int32)
-            best = _merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-            _store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K)
+            best = merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
+            store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K)
             tl.store(out_close_ptr + rows, close, mask=row_ok)
 
 
@@ -383,23 +235,6 @@ def _stacked_rows(hi: torch.Tensor, lo: torch.Tensor, chunk: int) -> torch.Tenso
     return torch.cat(parts, dim=2).reshape(n, 2 * padded)
 
 
-def check_split_chunk(x_lo, block_d: int) -> None:
-    """Split rows (``x_lo`` given) need chunks of ``block_d`` products within their error bound's accumulation
-    chunk."""
-    if x_lo is not None and not MIN_ACC_CHUNK <= block_d <= ACC_CHUNK:
-        raise ValueError(f"split products need BLOCK_D in [{MIN_ACC_CHUNK}, {ACC_CHUNK}] (their error bound's "
-                         f"accumulation chunk), got {block_d}")
-
-
-def candidate_slots(config: dict, tile_cols: int, name: str, k_pad: int) -> int:
-    """Candidate slots per row between merges: ``config``'s ``CAP`` (popped), a multiple of K at least a tile's
-    ``tile_cols`` columns (``name`` in the error), default 4 tiles' worth rounded up to a multiple of K."""
-    cap = config.pop("CAP", None) or triton.cdiv(max(4 * tile_cols, k_pad), k_pad) * k_pad
-    if cap % k_pad or cap < tile_cols:
-        raise ValueError(f"CAP must be a multiple of K = {k_pad} and at least {name}, got {cap}")
-    return cap
-
-
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
     """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
     between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
@@ -409,7 +244,7 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
     lo.hi', hi.lo', hi.hi' as one tensor-core product over 4 x BLOCK_D entries of an (N, 2 D) copy of the
     rows holding [lo | hi] per chunk; the same order of additions as the three products, plus the smallest
     term, in a fresh accumulator per chunk) or ``SINGLES`` (tiles where no row keeps more than one candidate
-    append by row reductions: ``_append_candidates``)."""
+    append by row reductions: ``append_candidates``)."""
     config = dict(config)
     n, dim = x.shape
     block_m = config["BLOCK_M"]
@@ -515,7 +350,7 @@ def band_topk_triton(
     Returns:
         :class:`~tfp_kernels.order.band_topk.BandLists` on the device of ``x``.
     """
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         raise ImportError("band_topk_triton needs triton (pip install triton)")
     n = x.shape[0]
     if n >= 2**31:

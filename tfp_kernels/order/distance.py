@@ -17,10 +17,23 @@ is what the path validator uses on large inputs, with a tolerance.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Elements of a temporary (rows x N) block; keeps every helper at O(N * block) memory.
 BLOCK_ELEMENTS = 1 << 22
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Full float32 matrix products (no TF32) inside the block; the error bound assumes it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def prepare(embeddings: torch.Tensor, metric: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -30,7 +30,6 @@ from ._checks import check_long_lists
 from .band_topk import (
     SPLIT_DTYPES,
     BandLists,
-    _ieee_fp32_matmul,
     band_bounds,
     band_topk_rows,
     band_topk_torch,
@@ -39,12 +38,14 @@ from .band_topk import (
     list_limits,
     squared_distance_error_coef,
 )
-from .distance import prepare
-from .host_scan import half_rows, half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
+from .distance import ieee_fp32_matmul, prepare
+from .float16_rows import half_rows
+from .host_scan import half_scan_rows, half_scan_slack, no_host_scan, squared_norms64
 from .policy import ForcedSteps, walk_policy
 from .scan import exact_pick, pick_among, projection_basis
 from .scan_triton import MAX_SCAN_WINDOW, SCAN_CHUNK, triton_exact_pick
 from .schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
+from .threshold import squared_threshold
 
 
 @dataclass
@@ -105,7 +106,7 @@ def duplicate_groups(rows: torch.Tensor) -> DuplicateGroups | None:
     )
 
 
-def _kernel_failure(err: Exception) -> str:
+def kernel_failure(err: Exception) -> str:
     """``"Type: first line of the message"`` (at most 200 characters of it) for a warning."""
     lines = str(err).splitlines()
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
@@ -182,7 +183,7 @@ def band_counts(q: torch.Tensor, q_sq: torch.Tensor, q_slack: torch.Tensor, x32:
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     q_sq, q_slack = q_sq.float()[:, None], q_slack.float()[:, None]
     block = max(1, (1 << 26) // max(1, q.shape[0]))  # (S x block) float32 per block: 256 MB
-    with _ieee_fp32_matmul():  # (not TF32, even where the caller allowed it: the counts are of float32 s2)
+    with ieee_fp32_matmul():  # (not TF32, even where the caller allowed it: the counts are of float32 s2)
         for c0 in range(0, x32.shape[0], block):
             s2 = q_sq + sq_norms[None, c0 : c0 + block] - 2.0 * (q @ x32[c0 : c0 + block].T)
             counts += ((s2 - t2).abs_() < q_slack).sum(dim=1)
@@ -249,11 +250,6 @@ def host_table(t: torch.Tensor, dtype: torch.dtype | None = None, *, huge_pages:
     return out
 
 
-def squared_threshold(threshold: float, metric: str) -> float:
-    """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
-    return threshold * threshold if metric == "l2" else 2.0 * threshold
-
-
 def resolve_band_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` or ``"torch"`` for ``backend`` (``"auto"``: Triton on CUDA when available)."""
     if backend == "auto":
@@ -305,11 +301,11 @@ BAND_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16x3
 def band_error_coef(dim: int, band_dtype, band_backend: str) -> float:
     """The band lists' error coefficient (:func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`) for
     rows whose squared norms were rounded once from float64: split products are summed by chunks of
-    :data:`~tfp_kernels.order.band_topk_triton.ACC_CHUNK` in the Triton kernel, in one chain by the torch
+    :data:`~tfp_kernels.order.band_tiles_triton.ACC_CHUNK` in the Triton kernel, in one chain by the torch
     version."""
     chunk = None
     if band_backend == "triton" and band_dtype in SPLIT_DTYPES:
-        from .band_topk_triton import ACC_CHUNK
+        from .band_tiles_triton import ACC_CHUNK
 
         chunk = ACC_CHUNK
     return squared_distance_error_coef(dim, band_dtype, acc_chunk=chunk, rounded_norms=True)
@@ -592,7 +588,7 @@ def fast_tfp_order(
             except Exception as err:  # noqa: BLE001 - (e.g. out of device memory: the long lists only save scans)
                 import warnings
 
-                warnings.warn(f"tfp_order: the long lists failed ({_kernel_failure(err)}); going on without them "
+                warnings.warn(f"tfp_order: the long lists failed ({kernel_failure(err)}); going on without them "
                               "(same path, more scans)", RuntimeWarning, stacklevel=4)
                 long_failed.append(err)
                 return None
@@ -657,7 +653,7 @@ def fast_tfp_order(
         import warnings
 
         warnings.warn(
-            f"tfp_order: the Triton band kernel failed ({_kernel_failure(err)}); "
+            f"tfp_order: the Triton band kernel failed ({kernel_failure(err)}); "
             "using the blockwise torch band lists instead (same path, slower). Pass band_backend='triton' to "
             "see the error.",
             RuntimeWarning,
@@ -799,7 +795,7 @@ def fast_tfp_order(
 
                         what = "tensor-core products" if not mode[1] else "float64 settle kernel"
                         warnings.warn(
-                            f"tfp_order: the fused scan's {what} failed ({_kernel_failure(err)}); trying "
+                            f"tfp_order: the fused scan's {what} failed ({kernel_failure(err)}); trying "
                             f"{'float32 products' if not mode[1] else 'the torch settle'} instead (same path, "
                             "slower scans)",
                             RuntimeWarning,

@@ -31,11 +31,10 @@ from typing import NamedTuple
 
 import torch
 
+from .float16_rows import half_rows
+
 _U32 = 2.0**-24
 _U16 = 2.0**-11
-#: Rows whose largest entry is below 2^MIN_EXPONENT keep the scale of that bound (float32 multipliers
-#: stay finite); their entries may fall in float16's subnormal range (covered by the absolute term).
-_MIN_EXPONENT = -100
 #: Rows converted at a time (bounds the temporaries to ~100 MB at D = 768).
 _CHUNK_ROWS = 32_768
 
@@ -99,21 +98,6 @@ def half_scan_slack(sq_norms: torch.Tensor, dim: int, *, float32_norms: bool = F
     slack = coef * (sq + max_sq) * (1.0 + 1e-6)
     slack = slack + 2.0**-138 * math.sqrt(dim * max_sq)
     return slack + 2.0**-120 if float32_norms else slack  # (float32 underflow of the scaled products)
-
-
-def half_rows(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, scale)``: (N, D) float16 ``x32 / scale`` and (N,) float32 powers of two ``scale`` (each row's
-    largest entry brought to [2^14, 2^15)), on the device of ``x32`` (N, D) float32. Empty rows (all zeros)
-    get ``scale = 2^-15`` and zero entries."""
-    n, dim = x32.shape
-    amax = x32.abs().amax(dim=1) if dim else x32.new_zeros(n)
-    exponent = torch.frexp(amax).exponent.clamp(min=_MIN_EXPONENT + 1)  # 2^(e-1) <= amax < 2^e
-    shift = (15 - exponent).float()  # entries * 2^shift: largest in [2^14, 2^15)
-    multiplier = torch.pow(2.0, shift)
-    rows = torch.empty(n, dim, dtype=torch.float16, device=x32.device)
-    for r0 in range(0, n, _CHUNK_ROWS):  # (no (N, D) float32 temporary)
-        rows[r0 : r0 + _CHUNK_ROWS] = x32[r0 : r0 + _CHUNK_ROWS] * multiplier[r0 : r0 + _CHUNK_ROWS, None]
-    return rows, torch.pow(2.0, -shift)
 
 
 def squared_norms64(x32: torch.Tensor) -> torch.Tensor:

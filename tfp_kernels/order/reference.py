@@ -14,6 +14,7 @@ import torch
 from . import _checks, inputs
 from .distance import distances_from, prepare
 from .policy import check_policy
+from .stats import OrderStats
 from .threshold import threshold_estimate
 
 
@@ -166,8 +167,6 @@ def tfp_order_reference(
                                   max_rejections=max_rejections, start=start, policy=policy, return_forced=True)
     if not return_stats:
         return path
-    from .api import OrderStats
-
     forced_steps = torch.nonzero(forced).flatten()
     threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, OrderStats(

@@ -16,8 +16,8 @@ import torch
 PROJECTION_DIM = 64
 #: Rows sampled to compute the projection basis.
 PROJECTION_SAMPLE = 1024
-# Relative safety factor applied to the float64 projected distances (rounding of ~1e-15 relative).
-_LB_SAFETY = 1.0 - 1e-12
+#: Relative safety factor applied to the float64 projected distances (rounding of ~1e-15 relative).
+LB_SAFETY = 1.0 - 1e-12
 
 
 def projection_basis(x64: torch.Tensor, *, dim: int = PROJECTION_DIM, sample: int = PROJECTION_SAMPLE,
@@ -95,7 +95,7 @@ def exact_pick(
     """
     n_u = unvisited.numel()
     capped = max_rejections is not None and n_u > max_rejections
-    lb2 = (y64.index_select(0, unvisited) - y64[last]).square_().sum(dim=1).mul_(_LB_SAFETY)
+    lb2 = (y64.index_select(0, unvisited) - y64[last]).square_().sum(dim=1).mul_(LB_SAFETY)
     batch = min(n_u, first_batch)
     while True:
         if batch >= n_u:

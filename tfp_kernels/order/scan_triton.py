@@ -17,7 +17,7 @@ only rows whose float32 distance to ``last`` is within twice the error bound of 
 :func:`~tfp_kernels.order.scan.exact_pick`).
 
 The pass is bandwidth-bound; the ordering runs it over float16 copies of the rows (``half``: each row
-divided by a power of two into float16's normal range, :func:`~tfp_kernels.order.host_scan.half_rows`),
+divided by a power of two into float16's normal range, :func:`~tfp_kernels.order.float16_rows.half_rows`),
 half the bytes of float32, with the wider bound of :func:`~tfp_kernels.order.host_scan.half_scan_slack`,
 and with ``tensor_cores``: the query rows scaled alike and split as float16 hi + lo, two exact products per
 chunk on tensor cores instead of IEEE float32 multiply-adds over query rows padded to 16.
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from .band_topk import _ieee_fp32_matmul, band_bounds
-from .band_topk_triton import _HAVE_TRITON
-from .distance import pair_distances
+from .band_tiles_triton import HAVE_TRITON
+from .band_topk import band_bounds
+from .distance import ieee_fp32_matmul, pair_distances
+from .threshold import squared_threshold
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
@@ -257,7 +258,7 @@ def masked_scan_triton(
         lower, upper: (W,) float32 squared-domain bounds ``t^2 -/+ slack`` of each query.
         visited: None, or (N,) bool: listed rows marked visited are skipped (status 0, ``s2_last`` +inf), so
             that a list of unvisited nodes can serve several scans.
-        half: None, or ``(rows16, scale)`` of :func:`~tfp_kernels.order.host_scan.half_rows` (same device):
+        half: None, or ``(rows16, scale)`` of :func:`~tfp_kernels.order.float16_rows.half_rows` (same device):
             the scanned rows are read as float16 (half the bytes of this bandwidth-bound pass) against the
             float32 query rows; ``lower``/``upper`` must then come from
             :func:`~tfp_kernels.order.host_scan.half_scan_slack` with ``float32_norms=True``.
@@ -273,7 +274,7 @@ def masked_scan_triton(
         ``s2_last`` (U,) float32 and ``status`` (U,) int8 (0 surely invalid, 1 undecided, 2 surely valid),
         on the device of ``x32``.
     """
-    if not _HAVE_TRITON:  # pragma: no cover - exercised only without triton
+    if not HAVE_TRITON:  # pragma: no cover - exercised only without triton
         raise RuntimeError("masked_scan_triton needs Triton")
     n_rows, n_query = rows.numel(), queries.numel()
     if not 1 <= n_query <= MAX_SCAN_WINDOW:
@@ -335,7 +336,7 @@ def masked_scan_torch(
     may sum in another order, so values near a bound can get another status — both are within the bound).
     ``tensor_cores``: the products of the Triton kernel's tensor-core path, the query rows split as float16
     hi + lo, each part's product summed in float32 here. ``best``: lowered as the kernel does."""
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         if half is None:
             dots = x32.index_select(0, rows) @ x32.index_select(0, queries).T
         else:
@@ -469,8 +470,6 @@ def triton_exact_pick(
         The node index (Python int): the same as :func:`~tfp_kernels.order.scan.exact_pick` with
         ``max_rejections=None``.
     """
-    from .fast import squared_threshold
-
     device = x64.device
     # (non-blocking from the host: a blocking copy would wait for the device's queue; one sync per scan is
     # enough, where the candidates are read)

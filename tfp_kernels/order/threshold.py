@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks, inputs
-from .distance import BLOCK_ELEMENTS, distances_from, pair_distances, prepare
+from .distance import BLOCK_ELEMENTS, distances_from, ieee_fp32_matmul, pair_distances, prepare
 
 #: Up to this many pairs (N * (N - 1) / 2) the threshold is computed exactly over all pairs by
 #: default (N <= 5,793). Memory: 8 bytes per pair (128 MiB at the limit).
@@ -32,6 +32,11 @@ class ThresholdEstimate:
     exact: bool
     num_pairs: int
     num_positive: int
+
+
+def squared_threshold(threshold: float, metric: str) -> float:
+    """The threshold in the squared domain of prepared rows: ``t^2`` (l2) or ``2 t`` (cosine)."""
+    return threshold * threshold if metric == "l2" else 2.0 * threshold
 
 
 def quantile_linear(values: torch.Tensor, q: float) -> float:
@@ -136,7 +141,7 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float,
         ``(value, num_pairs, num_positive)``, or None when too many pairs fall in the windows (then the
         caller computes them all).
     """
-    from .band_topk import _ieee_fp32_matmul, squared_distance_error_coef
+    from .band_topk import squared_distance_error_coef
 
     n, dim = x.shape
     total = n * (n - 1) // 2
@@ -151,7 +156,7 @@ def _exact_quantile_by_bounds(x: torch.Tensor, metric: str, q: float,
     if row_copies is None:
         row_copies = x.device.type == "cpu"
     pos = 0
-    with _ieee_fp32_matmul():  # the bound assumes IEEE float32 products
+    with ieee_fp32_matmul():  # the bound assumes IEEE float32 products
         for start in range(0, n - 1, block):
             stop = min(n - 1, start + block)
             a = x32[start:stop]
