@@ -353,7 +353,13 @@ def test_signal_during_the_run_removes_the_temporary_folder(data, tmp_path, monk
 
     monkeypatch.setattr(readers, "read_records", read_then_signal)
     previous = signal.getsignal(signal.SIGTERM)
-    assert main([data, "--output", str(work / "out"), "--no-progress"]) == code
+    # Ctrl-C reaches Python as KeyboardInterrupt only where SIGINT is not ignored: a test run started in the
+    # background by a non-interactive shell inherits SIGINT ignored, so give this process Python's own handler
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main([data, "--output", str(work / "out"), "--no-progress"]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert signal.getsignal(signal.SIGTERM) is previous  # main puts the handler back
     assert os.listdir(work) == [] and "no unfinished output left behind" in capsys.readouterr().err
 
