@@ -12,6 +12,19 @@ the whole order, and the ratio of each to the 1-process run of the same invocati
 
 writes ``benchmarks/results/distributed_<device name>.json``. On a machine with fewer cores than
 processes the ratios measure oversubscription, not scaling: read them with ``cpu_count`` in the file.
+
+``--data sft-duplicates`` orders instead the embeddings of a duplicate-heavy synthetic SFT set,
+``make_sft.make_duplicate_heavy_records(--records, --duplicate-fraction)`` (20,000 and 0.2 by default),
+tokenized and embedded as ``tfp-pack`` does by default (byte tokenizer, hashed embedder over the format's default
+embed field: ``benchmarks.bench_policy.load_set``), with ``k="auto"`` unless ``--k`` is given, for each
+``--policies`` entry (``paper`` by default). It measures how many exact scans (fallbacks) the sharded path needs
+against the single process's: per run, the path's equality with single-process ``tfp_order`` (and, when it
+differs, whether ``check_path`` accepts it), the exact scans, the duplicate groups, the forced steps, the
+seconds, and the ratio of scans to the single process's.
+
+    python -m benchmarks.bench_distributed --data sft-duplicates --procs 1 2 4 --policies paper spread
+
+writes ``benchmarks/results/distributed_sft_duplicates_<device name>.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +63,10 @@ def _worker(rank: int, world: int, store_file: str, spec_file: str, out_file: st
         warm = clustered_embeddings(256, spec["dim"], seed=1)
         s, e = shard_bounds(256, world)[rank]
         tfp_order(warm[s:e], group=group, k=spec["k"])
-        emb = clustered_embeddings(spec["n"], spec["dim"], seed=0)
+        if spec.get("embeddings_file"):
+            emb = torch.load(spec["embeddings_file"], weights_only=True)
+        else:
+            emb = clustered_embeddings(spec["n"], spec["dim"], seed=0)
         s, e = shard_bounds(spec["n"], world)[rank]
         shard = emb[s:e].clone()
         del emb
@@ -62,6 +78,7 @@ def _worker(rank: int, world: int, store_file: str, spec_file: str, out_file: st
             threshold=spec["threshold"],
             k=spec["k"],
             max_rejections=spec["max_rejections"],
+            policy=spec.get("policy", "paper"),
             return_stats=True,
         )
         wall = time.perf_counter() - t0
@@ -75,6 +92,9 @@ def _worker(rank: int, world: int, store_file: str, spec_file: str, out_file: st
             "band_s": stats.time_band_s,
             "fallbacks": stats.num_fallbacks,
             "rebuilds": stats.num_rebuilds,
+            "groups": stats.num_groups,
+            "forced_steps": stats.num_forced_steps,
+            "k": stats.k,
             "bytes_ring": stats.bytes_ring,
             "bytes_to_root": stats.bytes_to_root,
         }
@@ -186,6 +206,114 @@ def bench_size(n: int, dim: int, procs: list[int], *, k: int, max_rejections, ti
     return row
 
 
+def sft_duplicate_embeddings(records: int, duplicate_fraction: float) -> dict:
+    """The duplicate-heavy SFT set, tokenized and embedded as ``tfp-pack`` does by default.
+
+    Returns ``benchmarks.bench_policy.load_set``'s dict: ``embeddings`` (records, D) float32 on the CPU, the
+    per-record token ``lengths``, the format, the embed field, the record count, the distinct embedded texts
+    and the largest group of records sharing one text.
+    """
+    from benchmarks.bench_policy import load_set
+    from tfp_kernels.data.make_sft import make_duplicate_heavy_records
+
+    name = f"duplicate-heavy SFT ({records} records, {duplicate_fraction:g} shared)"
+    return load_set(name, make_duplicate_heavy_records(records, duplicate_fraction))
+
+
+def bench_sft_duplicates(
+    records: int, duplicate_fraction: float, procs: list[int], policies: list[str], *, k, max_rejections,
+    timeout: float,
+) -> dict:
+    """Order the duplicate-heavy SFT set in one process and sharded on ``procs`` gloo processes; per policy."""
+    from tfp_kernels import check_path, estimate_threshold, tfp_order
+
+    data = sft_duplicate_embeddings(records, duplicate_fraction)
+    emb = data["embeddings"].contiguous()
+    n, dim = emb.shape
+    t0 = time.perf_counter()
+    threshold = estimate_threshold(emb)
+    threshold_s = time.perf_counter() - t0
+    cores = os.cpu_count() or 1
+    row: dict = {
+        "data": data["name"], "records": n, "dim": dim, "dtype": str(emb.dtype).replace("torch.", ""),
+        "embed_field": data["embed_field"], "distinct_texts": data["distinct_texts"],
+        "largest_shared_text": data["largest_shared_text"], "k": k, "max_rejections": max_rejections,
+        "threshold": threshold, "threshold_s": threshold_s, "policies": {},
+    }
+    print(f"{data['name']}: N = {n}, D = {dim}, {data['distinct_texts']} distinct texts (largest shared "
+          f"{data['largest_shared_text']}), t = {threshold:.6g} ({threshold_s:.1f} s)", flush=True)
+    tfp_order(emb[:256], k=k)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        emb_file = Path(tmp) / "embeddings.pt"
+        torch.save(emb, emb_file)
+        for policy in policies:
+            t0 = time.perf_counter()
+            single, stats = tfp_order(
+                emb, threshold=threshold, k=k, max_rejections=max_rejections, policy=policy, return_stats=True
+            )
+            single_s = time.perf_counter() - t0
+            single_check = check_path(emb, single, threshold=threshold, max_rejections=max_rejections,
+                                      policy=policy)
+            entry: dict = {
+                "single_process": {
+                    "seconds": single_s, "scans": stats.num_fallbacks, "groups": stats.num_groups,
+                    "forced_steps": stats.num_forced_steps, "rebuilds": stats.num_rebuilds, "k": stats.k,
+                    "check_path_ok": single_check.ok, "threads": torch.get_num_threads(),
+                },
+                "runs": {},
+            }
+            print(f"policy={policy} single process: {entry['single_process']}", flush=True)
+            for world in procs:
+                spec = {
+                    "n": n, "dim": dim, "k": k, "threshold": threshold, "max_rejections": max_rejections,
+                    "threads": max(1, cores // world), "policy": policy, "embeddings_file": str(emb_file),
+                }
+                report = run_procs(world, spec, timeout=timeout)
+                ranks, path = report["ranks"], report["path"]
+                same = bool(torch.equal(path, single))
+                run = {
+                    "threads_per_process": spec["threads"],
+                    "seconds": max(r["wall_s"] for r in ranks),
+                    "lists_s": max(r["lists_s"] for r in ranks),
+                    "walk_s": ranks[0]["walk_s"],
+                    "fallback_s": ranks[0]["fallback_s"],
+                    "scans": ranks[0]["fallbacks"],
+                    "groups": ranks[0]["groups"],
+                    "forced_steps": ranks[0]["forced_steps"],
+                    "rebuilds": ranks[0]["rebuilds"],
+                    "k": ranks[0]["k"],
+                    "same_path_as_single_process": same,
+                    "check_path_ok": None if same else check_path(
+                        emb, path, threshold=threshold, max_rejections=max_rejections, policy=policy).ok,
+                    "scans_ratio_to_single_process": (
+                        ranks[0]["fallbacks"] / stats.num_fallbacks if stats.num_fallbacks else None),
+                }
+                entry["runs"][str(world)] = run
+                print(f"policy={policy} procs={world}: {run}", flush=True)
+            row["policies"][policy] = entry
+    return row
+
+
+def print_sft_table(row: dict) -> None:
+    print(f"\n{row['data']}, t = {row['threshold']:.6g}, k = {row['k']}")
+    print(f"{'policy':<8}{'run':<12}{'scans':>8}{'ratio':>8}{'groups':>8}{'forced':>8}{'same path':>11}"
+          f"{'check_path':>12}{'seconds':>9}")
+    for policy, entry in row["policies"].items():
+        single = entry["single_process"]
+        lines = [("1 process", {**single, "same_path_as_single_process": True,
+                                "scans_ratio_to_single_process": 1.0})]
+        lines += [(f"{w} gloo", r) for w, r in entry["runs"].items()]
+        for name, r in lines:
+            ratio = r["scans_ratio_to_single_process"]
+            print(f"{policy:<8}{name:<12}{r['scans']:>8}{'-' if ratio is None else f'{ratio:.2f}':>8}"
+                  f"{r['groups']:>8}{r['forced_steps']:>8}{str(r['same_path_as_single_process']):>11}"
+                  f"{str(r['check_path_ok']):>12}{r['seconds']:>9.2f}")
+
+
+def _k_arg(text: str):
+    return text if text == "auto" else int(text)
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
@@ -196,11 +324,29 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--k", type=_k_arg, default=None,
+                        help="band list length or 'auto' (default: 64 for clustered, 'auto' for sft-duplicates)")
     parser.add_argument("--max-rejections", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per multi-process run")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--data", choices=["clustered", "sft-duplicates"], default="clustered")
+    parser.add_argument("--records", type=int, default=20000, help="records of --data sft-duplicates")
+    parser.add_argument("--duplicate-fraction", type=float, default=0.2, help="of --data sft-duplicates")
+    parser.add_argument("--policies", nargs="+", choices=["paper", "spread"], default=["paper"],
+                        help="of --data sft-duplicates")
     args = parser.parse_args(argv)
+    if args.data == "sft-duplicates":
+        row = bench_sft_duplicates(
+            args.records, args.duplicate_fraction, args.procs, args.policies,
+            k="auto" if args.k is None else args.k, max_rejections=args.max_rejections, timeout=args.timeout,
+        )
+        print_sft_table(row)
+        payload = {"procs": args.procs, "transport": "gloo (CPU, one machine)", "row": row}
+        path = write_results("distributed_sft_duplicates", "cpu", payload, out_dir=args.out_dir)
+        print(f"wrote {path}")
+        return
+    if args.k is None:
+        args.k = 64
     rows = [
         bench_size(
             n, args.dim, args.procs, k=args.k, max_rejections=args.max_rejections, timeout=args.timeout
