@@ -222,9 +222,12 @@ def sft_duplicate_embeddings(records: int, duplicate_fraction: float) -> dict:
 
 def bench_sft_duplicates(
     records: int, duplicate_fraction: float, procs: list[int], policies: list[str], *, k, max_rejections,
-    timeout: float,
+    timeout: float, save=None,
 ) -> dict:
-    """Order the duplicate-heavy SFT set in one process and sharded on ``procs`` gloo processes; per policy."""
+    """Order the duplicate-heavy SFT set in one process and sharded on ``procs`` gloo processes; per policy.
+
+    ``save(row)``, when given, is called after every run with the results so far (so that a long run that is
+    stopped keeps what it measured; ``row["complete"]`` is False until the last run)."""
     from tfp_kernels import check_path, estimate_threshold, tfp_order
 
     data = sft_duplicate_embeddings(records, duplicate_fraction)
@@ -238,7 +241,7 @@ def bench_sft_duplicates(
         "data": data["name"], "records": n, "dim": dim, "dtype": str(emb.dtype).replace("torch.", ""),
         "embed_field": data["embed_field"], "distinct_texts": data["distinct_texts"],
         "largest_shared_text": data["largest_shared_text"], "k": k, "max_rejections": max_rejections,
-        "threshold": threshold, "threshold_s": threshold_s, "policies": {},
+        "threshold": threshold, "threshold_s": threshold_s, "policies": {}, "complete": False,
     }
     print(f"{data['name']}: N = {n}, D = {dim}, {data['distinct_texts']} distinct texts (largest shared "
           f"{data['largest_shared_text']}), t = {threshold:.6g} ({threshold_s:.1f} s)", flush=True)
@@ -263,6 +266,9 @@ def bench_sft_duplicates(
                 "runs": {},
             }
             print(f"policy={policy} single process: {entry['single_process']}", flush=True)
+            row["policies"][policy] = entry
+            if save is not None:
+                save(row)
             for world in procs:
                 spec = {
                     "n": n, "dim": dim, "k": k, "threshold": threshold, "max_rejections": max_rejections,
@@ -290,7 +296,9 @@ def bench_sft_duplicates(
                 }
                 entry["runs"][str(world)] = run
                 print(f"policy={policy} procs={world}: {run}", flush=True)
-            row["policies"][policy] = entry
+                if save is not None:
+                    save(row)
+    row["complete"] = True
     return row
 
 
@@ -336,14 +344,18 @@ def main(argv=None) -> None:
                         help="of --data sft-duplicates")
     args = parser.parse_args(argv)
     if args.data == "sft-duplicates":
+
+        def save(row: dict) -> Path:
+            payload = {"procs": args.procs, "transport": "gloo (CPU, one machine)", "row": row}
+            return write_results("distributed_sft_duplicates", "cpu", payload, out_dir=args.out_dir)
+
         row = bench_sft_duplicates(
             args.records, args.duplicate_fraction, args.procs, args.policies,
             k="auto" if args.k is None else args.k, max_rejections=args.max_rejections, timeout=args.timeout,
+            save=save,
         )
         print_sft_table(row)
-        payload = {"procs": args.procs, "transport": "gloo (CPU, one machine)", "row": row}
-        path = write_results("distributed_sft_duplicates", "cpu", payload, out_dir=args.out_dir)
-        print(f"wrote {path}")
+        print(f"wrote {save(row)}")
         return
     if args.k is None:
         args.k = 64
