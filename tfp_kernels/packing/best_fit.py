@@ -40,6 +40,25 @@ class BestFit(NamedTuple):
     pack_offsets: torch.Tensor  # (P + 1,) token offsets of the packs
 
 
+def best_fit_from_packs(lengths: torch.Tensor, order: torch.Tensor, pack_id: torch.Tensor) -> BestFit:
+    """The :class:`BestFit` of a packing given as its items listed pack by pack.
+
+    Args:
+        lengths: (N,) torch.int64, CPU: the items' lengths.
+        order: (N,) torch.int64, CPU: the items, pack by pack.
+        pack_id: (N,) torch.int64, CPU: the pack of each listed item, non-decreasing from 0.
+
+    Returns:
+        ``BestFit(order, pack_id, length, pack_offsets)`` with the listed items' lengths and the (P + 1,)
+        token offsets of the packs.
+    """
+    length = lengths.index_select(0, order)
+    num_packs = int(pack_id[-1]) + 1 if pack_id.numel() else 0
+    pack_offsets = torch.zeros(num_packs + 1, dtype=torch.int64)
+    pack_offsets.index_add_(0, pack_id + 1, length)
+    return BestFit(order, pack_id, length, torch.cumsum(pack_offsets, 0))
+
+
 def best_fit_decreasing_python(
     lengths: Sequence[int], max_len: int, window: int | None = None
 ) -> tuple[list[int], list[int]]:
@@ -127,11 +146,7 @@ def best_fit_decreasing(
         order_list, pack_list = best_fit_decreasing_python(host.tolist(), max_len, window)
         order = torch.tensor(order_list, dtype=torch.int64)
         pack_id = torch.tensor(pack_list, dtype=torch.int64)
-        length = host.index_select(0, order)
-        num_packs = pack_list[-1] + 1 if pack_list else 0
-        pack_offsets = torch.zeros(num_packs + 1, dtype=torch.int64)
-        pack_offsets.index_add_(0, pack_id + 1, length)
-        result = BestFit(order, pack_id, length, torch.cumsum(pack_offsets, 0))
+        result = best_fit_from_packs(host, order, pack_id)
     if device.type != "cpu":
         result = BestFit(*(field.to(device) for field in result))
     return result

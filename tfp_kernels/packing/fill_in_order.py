@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from .._ext import has_extension, require_extension, warn_fallback
-from .best_fit import BestFit
+from .best_fit import BestFit, best_fit_from_packs
 from .reference import FILL_WEIGHT, fill_in_order_reference
 
 BACKENDS = ("auto", "op", "python")
@@ -174,11 +174,7 @@ def fill_in_order_pack(
         pack_of = torch.tensor(pack_list, dtype=torch.int64)
         # items by pack, input order inside a pack (a stable sort of the pack ids)
         pack_id, order = torch.sort(pack_of, stable=True)
-        length = host.index_select(0, order)
-        num_packs = int(pack_id[-1]) + 1 if n else 0
-        pack_offsets = torch.zeros(num_packs + 1, dtype=torch.int64)
-        pack_offsets.index_add_(0, pack_id + 1, length)
-        result = BestFit(order, pack_id, length, torch.cumsum(pack_offsets, 0))
+        result = best_fit_from_packs(host, order, pack_id)
     if device.type != "cpu":
         result = BestFit(*(field.to(device) for field in result))
     return result
