@@ -22,6 +22,7 @@ import torch
 from benchmarks._harness import write_results
 from benchmarks.naive_tfp import naive_distance_matrix, naive_tfp_order, naive_threshold
 from tfp_kernels import check_path, estimate_threshold, tfp_order, tfp_order_reference
+from tfp_kernels.order.options import DEFAULT_SETTINGS, EngineSettings
 
 PAPER_CAP = 10000
 
@@ -50,7 +51,7 @@ def _timed(fn, device: str):
 
 def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n: int = 20000, k="auto",
                check_steps: int = 2000, fallback: str = "auto", cap: int | None = PAPER_CAP,
-               progress: bool = False, long_lists="auto") -> dict:
+               progress: bool = False, long_lists="auto", settings: EngineSettings = DEFAULT_SETTINGS) -> dict:
     emb = clustered_embeddings(n, d, device=device)
     row: dict = {"n": n, "dim": d, "max_rejections": cap, "fallback": fallback}
     threshold = None
@@ -82,13 +83,13 @@ def bench_size(n: int, d: int, device: str, *, naive_max_n: int, reference_max_n
     else:
         row["reference"] = {"ran": False, "why": f"skipped above N={reference_max_n} (O(N^2 D) Python-driven walk)"}
     if device == "cuda":  # compile and tune the Triton kernels for this size class and K outside the timing
-        from tfp_kernels.order.fast import list_length
+        from tfp_kernels.order.list_length import list_length
 
         tfp_order(emb[: min(n, 32768)], threshold=threshold, max_rejections=cap, fallback=fallback,
-                  k=list_length(emb, threshold, k=k))
+                  k=list_length(emb, threshold, k=k, settings=settings), settings=settings)
     (paths["tfp_order"], stats), dt = _timed(
         lambda: tfp_order(emb, threshold=threshold, max_rejections=cap, k=k, fallback=fallback,
-                          return_stats=True, progress=progress, long_lists=long_lists), device)
+                          return_stats=True, progress=progress, long_lists=long_lists, settings=settings), device)
     row["tfp_order"] = {
         "seconds": dt, "backend": stats.backend, "band_backend": stats.band_backend,
         "band_dtype": stats.band_dtype, "k": stats.k, "threshold_s": stats.time_threshold_s,
@@ -145,20 +146,14 @@ def main(argv=None) -> None:
                    help="tfp_order(long_lists=...): long lists of the crowded band lists (auto: from 65,536 rows)")
     p.add_argument("--close-sets", default="on", choices=["on", "off"],
                    help="with a cap: close sets for the nodes where the lists' counts let the cap fire (off: a "
-                        "budget of 0 sets, tfp_kernels.order.fast.CLOSE_SET_BUDGET; same path, more scans)")
+                        "budget of 0 sets, EngineSettings.close_set_budget; same path, more scans)")
     p.add_argument("--band-schedule", default="rows", choices=["rows", "pairs"],
-                   help="the Triton band lists' schedule (tfp_kernels.order.fast.BAND_SCHEDULE): every row block "
+                   help="the Triton band lists' schedule (EngineSettings.band_schedule): every row block "
                         "against all columns, or each unordered pair's product once (CUDA)")
     p.add_argument("--out-dir", default=None, help="folder of the JSON (default benchmarks/results)")
     args = p.parse_args(argv)
-    if args.close_sets == "off":
-        from tfp_kernels.order import fast
-
-        fast.CLOSE_SET_BUDGET = 0
-    if args.band_schedule != "rows":
-        from tfp_kernels.order import fast
-
-        fast.BAND_SCHEDULE = args.band_schedule
+    settings = EngineSettings(close_set_budget=0 if args.close_sets == "off" else DEFAULT_SETTINGS.close_set_budget,
+                              band_schedule=args.band_schedule)
     cap = None if args.cap.lower() == "none" else int(args.cap)
     if args.device == "cuda":  # CUDA context, cuBLAS and first compiles before any timing (the baselines included)
         tfp_order(clustered_embeddings(700, args.dim, device="cuda"), k=args.k, fallback=args.fallback)
@@ -167,7 +162,7 @@ def main(argv=None) -> None:
         row = bench_size(n, args.dim, args.device, naive_max_n=args.naive_max_n,
                          reference_max_n=args.reference_max_n, k=args.k, fallback=args.fallback, cap=cap,
                          check_steps=args.check_steps, progress=args.progress,
-                         long_lists={"auto": "auto", "on": True, "off": False}[args.long_lists])
+                         long_lists={"auto": "auto", "on": True, "off": False}[args.long_lists], settings=settings)
         rows.append(row)
         naive = row["naive"]
         fast = row["tfp_order"]

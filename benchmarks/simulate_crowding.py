@@ -8,7 +8,7 @@ pick and ``b`` the lists' error bound for ``last`` (``--band-dtype``'s bound, as
   slots) have ``t^2 - b <= s2 <= s2(p) + b`` (the list holds every node from ``t^2 - b`` up, and proves ``p``
   only if its last entry lies above ``s2(p) + b``); the fast squared distances are taken as the exact ones,
   their error only as the bound (the real lists' ordering near a decision can only differ within it);
-- the list is *crowded* (:func:`~tfp_kernels.order.fast.crowded_lists`) if fewer than 4 of its entries lie
+- the list is *crowded* (:func:`~tfp_kernels.order.builders.crowded_lists`) if fewer than 4 of its entries lie
   below its last one minus ``2 b``;
 - a float64 long list of ``4 K`` entries (bound ~1e-13 here, taken as 0) proves ``p`` iff fewer than ``4 K``
   nodes have ``t^2 <= s2 <= s2(p)``.
@@ -29,7 +29,10 @@ import torch
 from benchmarks._harness import write_results
 from benchmarks.bench_order import clustered_embeddings
 from tfp_kernels import estimate_threshold
-from tfp_kernels.order.fast import LONG_LIST_FACTOR, LONG_LIST_ROOM, band_error_coef, resolve_band_dtype
+from tfp_kernels.order.band_precision import band_error_coef, resolve_band_dtype
+from tfp_kernels.order.options import DEFAULT_SETTINGS
+
+LONG_LIST_FACTOR, LONG_LIST_ROOM = DEFAULT_SETTINGS.long_list_factor, DEFAULT_SETTINGS.long_list_room
 
 
 def simulate(n: int, steps: int, dim: int, window: int, band_dtype: str, ks: list[int], seed: int = 0) -> dict:

@@ -138,7 +138,8 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     kwargs = dict(case.get("kwargs", {}))
     if "kwargs_on_rank" in case and rank in case["kwargs_on_rank"]:
         kwargs.update(case["kwargs_on_rank"][rank])
-    with fast_attrs(case.get("fast_attrs", {})), failing_long_lists(case.get("long_fail_on_rank", {}).get(rank)), \
+    kwargs["settings"] = case_settings(case)
+    with failing_long_lists(case.get("long_fail_on_rank", {}).get(rank)), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -182,24 +183,11 @@ class failing_long_lists:
             setattr(order, self.spec[0], self.saved)
 
 
-class fast_attrs:
-    """Context manager: module constants of ``tfp_kernels.order.fast`` (e.g. ``AUTO_K_MIN_ROWS``) set for a case."""
+def case_settings(case: dict):
+    """The case's engine settings (``"settings"``: EngineSettings fields), or None for the defaults."""
+    from tfp_kernels.order import EngineSettings
 
-    def __init__(self, attrs: dict):
-        self.attrs, self.saved = attrs, {}
-
-    def __enter__(self):
-        from tfp_kernels.order import fast
-
-        for name, value in self.attrs.items():
-            self.saved[name] = getattr(fast, name)
-            setattr(fast, name, value)
-
-    def __exit__(self, *exc):
-        from tfp_kernels.order import fast
-
-        for name, value in self.saved.items():
-            setattr(fast, name, value)
+    return EngineSettings(**case["settings"]) if "settings" in case else None
 
 
 def _worker(rank: int, world: int, store_file: str, cases_file: str, out_dir: str) -> None:

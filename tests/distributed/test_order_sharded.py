@@ -51,11 +51,11 @@ GOOD = {
     # squared distance 18 from each other (the 2% quantile): each has 149 nodes within the bound of t^2, counted
     # by every rank together (each rank alone sees a part of them): the same K (512) and path as one process
     "auto_k": {"n": 600, "d": 160, "shell": 150, "kwargs": {"k": "auto"},
-               "fast_attrs": {"AUTO_K_MIN_ROWS": 1, "AUTO_K_BASE": 4, "AUTO_K_MAX": 1024}},
-    # long lists for every full list (4 entries, all "crowded" with LONG_LIST_ROOM = 5): 16-entry float64 lists
+               "settings": {"auto_k_min_rows": 1, "auto_k_base": 4, "auto_k_max": 1024}},
+    # long lists for every full list (4 entries, all "crowded" with long_list_room = 5): 16-entry float64 lists
     # of every rank's rows merged on rank 0, at the first build and at each rebuild (among the unvisited)
     "long_lists": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4, "long_lists": True},
-                   "fast_attrs": {"LONG_LIST_ROOM": 5}},
+                   "settings": {"long_list_room": 5}},
     # the "spread" policy: a duplicate group (urgent from the start, or later), forced steps settled on rank 0
     "spread_dups": {"n": 60, "d": 8, "duplicates": 12, "kwargs": {"policy": "spread"}},
     "spread_cosine_w1": {"n": 53, "d": 8, "duplicates": 20,
@@ -113,8 +113,7 @@ def expected(runs):
 def _single(case: dict):
     emb = helpers.case_embeddings(case)
     kwargs = case.get("kwargs", {})
-    with helpers.fast_attrs(case.get("fast_attrs", {})):
-        path, stats = tfp_order(emb, return_stats=True, **kwargs)
+    path, stats = tfp_order(emb, return_stats=True, settings=helpers.case_settings(case), **kwargs)
     ref = tfp_order_reference(emb, **{k: v for k, v in kwargs.items() if k not in ("k", "long_lists")})
     assert torch.equal(path, ref), "single-process fast and reference paths differ: the test data has ties"
     return path, stats

@@ -7,9 +7,13 @@ import torch
 
 from tfp_kernels import check_path, estimate_threshold, has_extension, tfp_order, tfp_order_reference
 from tfp_kernels.order.band_topk_triton import triton_runs_on
-from tfp_kernels.order.fast import fast_tfp_order
+from tests.order.engine_options import fast_tfp_order
+from tfp_kernels.order.fast import Kernels
+from tfp_kernels.order.options import EngineSettings
+from tfp_kernels.order.walk_op import host_table
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="the fast path needs tfp_kernels._C")
+
 
 
 def clustered(n, d, *, clusters=8, spread=0.5, dup_every=6, seed=0, dtype=torch.float32):
@@ -77,19 +81,17 @@ def test_low_precision_lists_give_the_same_path(case, band_dtype):
 
 
 @pytest.mark.parametrize("band_dtype, schedule", [("float32", "rows"), ("float16x3", "rows"), ("float16x3", "pairs")])
-def test_triton_band_lists_in_the_walk(band_dtype, schedule, monkeypatch):
+def test_triton_band_lists_in_the_walk(band_dtype, schedule):
     # the whole fast path with the Triton band kernel (interpreted on the CPU; float32 or split float16
     # products there, as the interpreter's bf16 tl.dot is wrong), by row blocks or by pairs of blocks: the
     # same path as the reference
     if not triton_runs_on("cpu"):
         pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1 (on a GPU: test_cuda_fast_equals_reference)")
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "BAND_SCHEDULE", schedule)
+    settings = EngineSettings(band_schedule=schedule)
     emb = clustered(48, 10, clusters=4, seed=21) * 1e-3  # (small rows: the float16 split scales them)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
-    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+    path, info = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                                 band_backend="triton", band_dtype=band_dtype)
     assert info.band_backend == "triton" and info.band_dtype == band_dtype and torch.equal(path, ref)
 
@@ -128,15 +130,13 @@ def test_duplicates_and_identical_rows():
 
 
 @pytest.mark.parametrize("fallback", ["host", "device"])  # "triton": same scan interface, too slow interpreted
-def test_list_rebuilds_keep_the_path_exact(monkeypatch, fallback):
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)  # rebuild often on a small input
+def test_list_rebuilds_keep_the_path_exact(fallback):
+    settings = EngineSettings(min_rebuild_nodes=64)
     emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
     t = estimate_threshold(emb)
     ref = tfp_order_reference(emb, threshold=t)
     for k in (4, 16):
-        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=k,
+        path, info = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=k,
                                     rebuild="auto", fallback=fallback)
         assert info.num_rebuilds > 0
         assert torch.equal(path, ref)
@@ -256,16 +256,14 @@ def test_cosine_walk_with_and_without_cached_unit_rows(window, seed, quantile):
         assert torch.equal(path, ref)
 
 
-def test_duplicate_groups_with_rebuilds_and_fewer_scans(monkeypatch):
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+def test_duplicate_groups_with_rebuilds_and_fewer_scans():
+    settings = EngineSettings(min_rebuild_nodes=64)
     emb = _with_duplicate_groups(700, 16, seed=3)
     t = estimate_threshold(emb)
     ref = tfp_order_reference(emb, threshold=t)
-    grouped, with_groups = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0,
+    grouped, with_groups = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0,
                                           k=16)
-    plain, without = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=16,
+    plain, without = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=16,
                                     group_duplicates=False)
     assert torch.equal(grouped, ref) and torch.equal(plain, ref)
     assert with_groups.num_rebuilds > 0
@@ -283,7 +281,7 @@ def test_duplicate_groups_are_not_used_with_a_cap_or_zero_threshold():
 
 
 def test_duplicate_groups_found_exactly():
-    from tfp_kernels.order.fast import duplicate_groups
+    from tfp_kernels.order.duplicates import duplicate_groups
 
     rows = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 2.0], [-0.0, 1.0], [3.0, 3.0], [1.0, 2.0]])
     groups = duplicate_groups(rows)
@@ -326,17 +324,15 @@ def test_cuda_fast_equals_reference(metric, band_backend, band_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_cuda_pairs_schedule_equals_reference(metric, monkeypatch):
+def test_cuda_pairs_schedule_equals_reference(metric):
     # the band lists of the pairs kernel (each unordered pair's product once, rounds of super-block pairs; its
     # compiled launch setting, 128-row tiles) in the walk, beside long lists: the reference's path
-    from tfp_kernels.order import fast
-
     emb = clustered(5000, 96, clusters=40, seed=12).cuda()
     t = estimate_threshold(emb, metric=metric)
     ref = tfp_order_reference(emb, metric=metric, threshold=t)
-    monkeypatch.setattr(fast, "BAND_SCHEDULE", "pairs")
+    settings = EngineSettings(band_schedule="pairs")
     for fallback in ("host", "triton"):
-        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=0,
+        path, info = fast_tfp_order(emb, settings=settings, metric=metric, threshold=t, window=4, max_rejections=None, start=0,
                                     k=32, fallback=fallback, band_backend="triton", long_lists=True)
         assert info.band_backend == "triton" and torch.equal(path, ref)
 
@@ -398,8 +394,8 @@ def test_triton_fallback_refuses_cpu_tensors_when_compiled(monkeypatch):
                        fallback="triton", band_backend="torch")
 
 
-def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_fails(monkeypatch):
-    from tfp_kernels.order import fast, scan_triton
+def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_fails():
+    from tfp_kernels.order import scan_triton
 
     if not triton_runs_on("cpu"):
         pytest.skip("CPU tensors in Triton need TRITON_INTERPRET=1")
@@ -412,13 +408,12 @@ def test_fused_scan_falls_back_to_float32_products_when_the_tensor_core_kernel_f
             raise RuntimeError("PassManager::run failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fast, "triton_exact_pick", functools.partial(scan_triton.triton_exact_pick,
-                                                                     scan=no_tensor_cores))
+    kernels = Kernels(fused_scan=functools.partial(scan_triton.triton_exact_pick, scan=no_tensor_cores))
     emb, metric, window, cap, start, k = CASES[0].values
     t = estimate_threshold(emb, metric=metric, quantile=0.05)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, window=window, start=start)
     with pytest.warns(RuntimeWarning) as record:
-        path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=window, max_rejections=None,
+        path, info = fast_tfp_order(emb, kernels=kernels, metric=metric, threshold=t, window=window, max_rejections=None,
                                     start=start, k=k, fallback="triton", band_backend="torch")
     messages = [str(w.message) for w in record]
     assert any("float64 settle kernel failed" in m for m in messages)
@@ -456,38 +451,35 @@ def _shell(rows, scale=1.0):
 
 
 def test_auto_list_length_counts_the_rows_near_the_threshold():
-    from tfp_kernels.order.fast import auto_list_length
+    from tfp_kernels.order.list_length import auto_list_length
 
     x = _shell(100, 3.0)
     sq = (x * x).sum(1)
     slack = torch.full((100,), 0.5, dtype=torch.float64)
     # every other row lies within the bound of t^2 = 18: c_90 = 99, 2 c_90 + 32 = 230 -> 256, capped
-    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, max_k=1024) == 256
-    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, max_k=128) == 128
-    assert auto_list_length(x, sq, 18.0, slack, min_rows=1) == 128  # AUTO_K_MAX
-    assert auto_list_length(x, sq, 18.0, slack, min_rows=1, base=512) == 512  # never below the base
+    assert auto_list_length(x, sq, 18.0, slack, settings=EngineSettings(auto_k_min_rows=1, auto_k_max=1024)) == 256
+    assert auto_list_length(x, sq, 18.0, slack, settings=EngineSettings(auto_k_min_rows=1, auto_k_max=128)) == 128
+    assert auto_list_length(x, sq, 18.0, slack, settings=EngineSettings(auto_k_min_rows=1)) == 128  # auto_k_max
+    assert auto_list_length(x, sq, 18.0, slack, settings=EngineSettings(auto_k_min_rows=1, auto_k_base=512)) == 512  # never below the base
     # none within the bound (t^2 = 18 +- 1 with a bound of 0.5): 32 needed, the base stays
-    assert auto_list_length(x, sq, 19.0, slack, min_rows=1) == 64
-    assert auto_list_length(x, sq, 17.0, slack, min_rows=1) == 64
+    assert auto_list_length(x, sq, 19.0, slack, settings=EngineSettings(auto_k_min_rows=1)) == 64
+    assert auto_list_length(x, sq, 17.0, slack, settings=EngineSettings(auto_k_min_rows=1)) == 64
     # too few rows to estimate, or t = 0: the base
     assert auto_list_length(x, sq, 18.0, slack) == 64
-    assert auto_list_length(x, sq, 0.0, slack, min_rows=1) == 64
+    assert auto_list_length(x, sq, 0.0, slack, settings=EngineSettings(auto_k_min_rows=1)) == 64
     # 31 rows with 30 others near t^2, 69 rows with none: c_90 = 30, 2 c_90 + 32 = 92 -> 128
     y = _shell(100) * torch.cat([torch.full((31, 1), 3.0), torch.full((69, 1), 30.0)])
     y_sq = (y * y).sum(1)
-    assert auto_list_length(y, y_sq, 18.0, slack, min_rows=1) == 128
+    assert auto_list_length(y, y_sq, 18.0, slack, settings=EngineSettings(auto_k_min_rows=1)) == 128
 
 
-def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
-    from tfp_kernels.order import fast
-
+def test_auto_list_length_raises_k_and_keeps_the_path():
     emb = clustered(600, 24, clusters=6, seed=5)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
-    _, stats = tfp_order(emb, threshold=t, return_stats=True)  # "auto" below AUTO_K_MIN_ROWS: the base
+    _, stats = tfp_order(emb, threshold=t, return_stats=True)  # "auto" below auto_k_min_rows: the base
     assert stats.k == 64
-    monkeypatch.setattr(fast, "AUTO_K_MIN_ROWS", 1)
-    monkeypatch.setattr(fast, "AUTO_K_BASE", 8)  # so that the clustered rows' band raises it
+    settings = EngineSettings(auto_k_min_rows=1, auto_k_base=8)
     path, stats = tfp_order(emb, threshold=t, k="auto", return_stats=True)
     assert stats.k > 8 and stats.k & (stats.k - 1) == 0
     assert check_path(emb, path, threshold=t).ok
@@ -498,47 +490,36 @@ def test_auto_list_length_raises_k_and_keeps_the_path(monkeypatch):
         tfp_order(emb, k=0)
 
 
-def test_host_table_copies_into_huge_page_memory_when_a_copy_is_made(monkeypatch):
-    from tfp_kernels.order import fast
-
+def test_host_table_copies_into_huge_page_memory_when_a_copy_is_made():
     x = torch.randn(300, 7, dtype=torch.float64)
-    assert fast.host_table(x).data_ptr() == x.data_ptr()  # host, same dtype: no copy
-    small = fast.host_table(x, torch.float32)  # a copy below the size limit: an ordinary one
+    assert host_table(x).data_ptr() == x.data_ptr()  # host, same dtype: no copy
+    small = host_table(x, torch.float32)  # a copy below the size limit: an ordinary one
     assert small.dtype == torch.float32 and torch.equal(small, x.float())
-    monkeypatch.setattr(fast, "HUGE_PAGE_MIN_BYTES", 1024)
-    big = fast.host_table(x, torch.float32)
+    big = host_table(x, torch.float32, min_bytes=1024)
     assert big.dtype == torch.float32 and big.is_contiguous() and big.shape == x.shape
     assert torch.equal(big, x.float()) and big.data_ptr() != x.data_ptr()
     big[0, 0] = 5.0  # writable, and its own memory
     assert x[0, 0] != 5.0
-    forced = fast.host_table(x[:, 1:4], huge_pages=True)  # a non-contiguous view, same dtype
+    forced = host_table(x[:, 1:4], huge_pages=True)  # a non-contiguous view, same dtype
     assert torch.equal(forced, x[:, 1:4]) and forced.is_contiguous()
-    flags = fast.host_table(torch.arange(10) % 3 == 0, huge_pages=True)
+    flags = host_table(torch.arange(10) % 3 == 0, huge_pages=True)
     assert flags.dtype == torch.bool and flags.tolist() == [i % 3 == 0 for i in range(10)]
-    assert fast.host_table(torch.empty(0, 4), torch.float64, huge_pages=True).shape == (0, 4)
+    assert host_table(torch.empty(0, 4), torch.float64, huge_pages=True).shape == (0, 4)
 
 
-def test_fast_path_with_huge_page_tables_matches(monkeypatch):
-    from tfp_kernels.order import fast
-
+def test_fast_path_with_huge_page_tables_matches():
+    # every host table that is a copy (the float64 rows as float32 here; the lists, from their float32 s2 on)
+    # in huge-page memory: the same path
     emb = clustered(700, 20, seed=9).double()
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t)
-    monkeypatch.setattr(fast, "HUGE_PAGE_MIN_BYTES", 1)
-    orig = fast.host_table
-    calls = []
-
-    def every_table(t, dtype=None, huge_pages=None):
-        calls.append(t.shape)
-        return orig(t, dtype, huge_pages=True)
-
-    monkeypatch.setattr(fast, "host_table", every_table)
-    path = tfp_order(emb, threshold=t)
-    assert torch.equal(path, ref) and len(calls) >= 5  # the rows and the four list tables
+    path, info = fast_tfp_order(emb, settings=EngineSettings(huge_page_min_bytes=1), metric="l2", threshold=t,
+                                window=4, max_rejections=None, start=0, k=8)
+    assert torch.equal(path, ref) and info.num_fallbacks > 0
 
 
 def test_crowded_lists_by_hand():
-    from tfp_kernels.order.fast import crowded_lists
+    from tfp_kernels.order.builders import crowded_lists
 
     # slack 1 (lists of t^2 = 10 hold s2 >= 9): an entry could decide if s2 < s2_K - 2 (surely closer than the rest)
     s2 = torch.tensor([[9.5, 10.2, 10.8, 11.0],  # all within twice the bound of the last: nothing decides
@@ -572,18 +553,16 @@ def test_long_lists_keep_the_path_exact(case, band_dtype, fallback):
 
 
 @pytest.mark.parametrize("band_dtype", ["bfloat16", "float32"])
-def test_long_lists_replace_crowded_lists_with_rebuilds(monkeypatch, band_dtype):
+def test_long_lists_replace_crowded_lists_with_rebuilds(band_dtype):
     # bf16 lists (error bound ~1% of the squared norms) crowd around t everywhere: the long float64 lists decide
     # most of the steps their lists could not, through the rebuilds (which lengthen the rebuilt lists again)
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    settings = EngineSettings(min_rebuild_nodes=64)
     emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
     t = estimate_threshold(emb)
     ref = tfp_order_reference(emb, threshold=t)
     runs = {}
     for long_lists in (False, True):
-        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+        path, info = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                                     band_backend="torch", band_dtype=band_dtype, long_lists=long_lists)
         assert torch.equal(path, ref)
         runs[long_lists] = info
@@ -595,29 +574,28 @@ def test_long_lists_replace_crowded_lists_with_rebuilds(monkeypatch, band_dtype)
         assert runs[True].num_rebuilds > 0
 
 
-def test_long_lists_auto_and_off_with_a_cap_or_zero_threshold(monkeypatch):
-    from tfp_kernels.order import fast
+def test_long_lists_auto_and_off_with_a_cap_or_zero_threshold():
+    from tfp_kernels.order.band_topk import band_topk_rows
 
     emb = clustered(300, 24)
     t = estimate_threshold(emb)
     calls = []
-    real = fast.band_topk_rows
-    monkeypatch.setattr(fast, "band_topk_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    counting = Kernels(long_rows=lambda *a, **kw: calls.append(1) or band_topk_rows(*a, **kw))
     for kwargs in ({"threshold": t, "max_rejections": 5}, {"threshold": 0.0, "max_rejections": None}):
         ref = tfp_order_reference(emb, window=4, **kwargs)
-        path, info = fast_tfp_order(emb, metric="l2", window=4, start=0, k=8, band_dtype="bfloat16",
+        path, info = fast_tfp_order(emb, kernels=counting, metric="l2", window=4, start=0, k=8, band_dtype="bfloat16",
                                     band_backend="torch", long_lists=True, **kwargs)
         assert torch.equal(path, ref) and info.long_k == 0 and not calls
-    # "auto": only from LONG_LIST_MIN_ROWS list rows
-    _, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+    # "auto": only from long_list_min_rows list rows
+    _, info = fast_tfp_order(emb, kernels=counting, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                              band_dtype="bfloat16", band_backend="torch")
     assert info.long_k == 0 and not calls
-    monkeypatch.setattr(fast, "LONG_LIST_MIN_ROWS", 100)
-    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+    settings = EngineSettings(long_list_min_rows=100)
+    path, info = fast_tfp_order(emb, kernels=counting, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                                 band_dtype="bfloat16", band_backend="torch")
     assert info.long_k == 32 and info.num_long_lists > 0 and calls
     assert torch.equal(path, tfp_order_reference(emb, threshold=t))
-    path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+    path, info = fast_tfp_order(emb, settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                                 band_dtype="float32", band_backend="torch")
     assert info.long_k == 32 and torch.equal(path, tfp_order_reference(emb, threshold=t))
     with pytest.raises(ValueError, match="long_lists must be"):
@@ -705,19 +683,17 @@ def test_close_sets_keep_the_path_exact_with_fewer_cap_scans(metric, fallback):
     assert 0 < runs[True].num_close_set_scans <= runs[True].num_fallbacks
 
 
-def test_close_sets_within_their_budget(monkeypatch):
-    from tfp_kernels.order import fast
+def test_close_sets_within_their_budget():
+    from tfp_kernels.order.builders import cap_close_sets
 
     emb = clustered(1200, 24, clusters=6, spread=0.6, seed=3)
     t = estimate_threshold(emb, quantile=0.05)
     ref = tfp_order_reference(emb, threshold=t, max_rejections=60)
     sets, num_sets = {}, {}
-    real = fast.cap_close_sets
-    monkeypatch.setattr(fast, "cap_close_sets", lambda *a: sets.setdefault("out", real(*a)))
+    kernels = Kernels(close_sets=lambda *a, **kw: sets.setdefault("out", cap_close_sets(*a, **kw)))
     for budget in (2, 0.05, 0):  # entries per list entry: all the nodes the cap concerns, some, none
-        monkeypatch.setattr(fast, "CLOSE_SET_BUDGET", budget)
         sets.clear()
-        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=60, start=0, k=8,
+        path, info = fast_tfp_order(emb, kernels=kernels, settings=EngineSettings(close_set_budget=budget), metric="l2", threshold=t, window=4, max_rejections=60, start=0, k=8,
                                     band_backend="torch")
         assert torch.equal(path, ref)
         if budget == 0:
@@ -731,7 +707,8 @@ def test_close_sets_within_their_budget(monkeypatch):
     # no cap, or a cap no step can reach: no sets
     for cap in (None, 5000):
         sets.clear()
-        fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=cap, start=0, k=8, band_backend="torch")
+        fast_tfp_order(emb, kernels=kernels, metric="l2", threshold=t, window=4, max_rejections=cap, start=0, k=8,
+                       band_backend="torch")
         assert not sets
 
 
@@ -860,37 +837,32 @@ def test_walk_op_counts_unvisited_close_nodes_and_rejects_partial_close_sets():
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_long_lists_with_duplicate_groups(monkeypatch, metric):
+def test_long_lists_with_duplicate_groups(metric):
     # the long lists hold group ids like the band lists (one list per group, of the groups' representatives),
     # through rebuilds
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    settings = EngineSettings(min_rebuild_nodes=64)
     emb = _with_duplicate_groups(500, 12, seed=5)
     t = estimate_threshold(emb, metric=metric)
     ref = tfp_order_reference(emb, metric=metric, threshold=t, start=3)
-    path, info = fast_tfp_order(emb, metric=metric, threshold=t, window=4, max_rejections=None, start=3, k=8,
+    path, info = fast_tfp_order(emb, settings=settings, metric=metric, threshold=t, window=4, max_rejections=None, start=3, k=8,
                                 band_backend="torch", band_dtype="bfloat16", long_lists=True)
     assert info.num_groups < emb.shape[0] and info.num_long_lists > 0
     assert torch.equal(path, ref)
 
 
-def test_long_lists_failure_warns_and_goes_on_without_them(monkeypatch):
+def test_long_lists_failure_warns_and_goes_on_without_them():
     # the long lists only save scans: a failure (say, out of device memory) warns once and turns them off
-    from tfp_kernels.order import fast
-
-    monkeypatch.setattr(fast, "MIN_REBUILD_NODES", 64)
+    settings = EngineSettings(min_rebuild_nodes=64)
     calls = []
 
     def fail(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(fast, "band_topk_rows", fail)
     emb = clustered(1500, 24, clusters=25, spread=0.3, seed=13)
     t = estimate_threshold(emb)
     with pytest.warns(RuntimeWarning, match="long lists failed .*out of memory"):
-        path, info = fast_tfp_order(emb, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
+        path, info = fast_tfp_order(emb, kernels=Kernels(long_rows=fail), settings=settings, metric="l2", threshold=t, window=4, max_rejections=None, start=0, k=8,
                                     band_backend="torch", band_dtype="bfloat16", long_lists=True)
     assert torch.equal(path, tfp_order_reference(emb, threshold=t))
     assert len(calls) == 1 and info.num_long_lists == 0 and info.num_rebuilds > 0

@@ -69,7 +69,7 @@ def test_bound_holds_on_rows_of_any_magnitude(d):
 def test_every_scan_version_gives_the_reference_path(isa, metric, monkeypatch):
     """Each version of the pass the CPU can run (TFP_KERNELS_SCAN_ISA caps the choice; a CPU without the
     ISA runs the next one down), on K = 1 lists so that most steps scan, with D not a multiple of 16."""
-    from tfp_kernels.order.fast import fast_tfp_order
+    from tests.order.engine_options import fast_tfp_order
     from tfp_kernels.order.threshold import estimate_threshold
 
     monkeypatch.setenv("TFP_KERNELS_SCAN_ISA", isa)
@@ -86,7 +86,7 @@ def test_every_scan_version_gives_the_reference_path(isa, metric, monkeypatch):
 
 @pytest.mark.skipif(not has_extension(), reason="needs tfp_kernels._C")
 def test_unknown_scan_isa_is_refused(monkeypatch):
-    from tfp_kernels.order.fast import fast_tfp_order
+    from tests.order.engine_options import fast_tfp_order
 
     monkeypatch.setenv("TFP_KERNELS_SCAN_ISA", "sse9")
     with pytest.raises(RuntimeError, match="TFP_KERNELS_SCAN_ISA must be"):

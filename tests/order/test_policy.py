@@ -168,7 +168,7 @@ SPREAD_CASES = [
 @pytest.mark.parametrize("emb, kwargs", SPREAD_CASES)
 @pytest.mark.parametrize("fallback", CPU_FALLBACKS)
 def test_spread_fast_equals_reference(emb, kwargs, fallback):
-    from tfp_kernels.order.fast import fast_tfp_order
+    from tests.order.engine_options import fast_tfp_order
 
     kwargs = {"quantile": 0.05, **kwargs}
     ref, stats = tfp_order_reference(emb, policy="spread", return_stats=True, **kwargs)

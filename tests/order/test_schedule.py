@@ -2,7 +2,11 @@
 
 import pytest
 
-from tfp_kernels.order.schedule import MIN_REBUILD_NODES, NODES_PER_SCANNED_ROW, RebuildSchedule
+from tfp_kernels.order.options import DEFAULT_SETTINGS
+from tfp_kernels.order.schedule import RebuildSchedule
+
+MIN_REBUILD_NODES = DEFAULT_SETTINGS.min_rebuild_nodes
+NODES_PER_SCANNED_ROW = DEFAULT_SETTINGS.nodes_per_scanned_row
 
 
 def test_rebuild_when_scanned_rows_reach_the_price():
@@ -94,7 +98,7 @@ def test_walk_counts_the_scans_where_the_cap_could_fire(monkeypatch):
     import torch
 
     from tfp_kernels import has_extension
-    from tfp_kernels.order.fast import fast_tfp_order
+    from tests.order.engine_options import fast_tfp_order
 
     if not has_extension():
         pytest.skip("needs tfp_kernels._C")

@@ -31,7 +31,7 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    rounds only when a rank must look further, and for the rejection cap a count and, when the cap fires,
    a gather of each rank's M + 1 nearest). *rebuild*: the lists of the unvisited nodes recomputed among
    the unvisited, with the same ring. *long*: long lists for the crowded lists (``long_lists``, see
-   :func:`~tfp_kernels.order.fast.crowded_lists`; after the first build and each rebuild): rank 0 broadcasts
+   :func:`~tfp_kernels.order.builders.crowded_lists`; after the first build and each rebuild): rank 0 broadcasts
    those rows in float64, each rank lists its own (unvisited) rows for them in float64 and rank 0 merges the
    ranks' best by (distance, index). *done*: rank 0 broadcasts the path.
 
@@ -68,18 +68,16 @@ from ..order.band_topk import (
     squared_distance_error_coef,
 )
 from ..order.distance import ieee_fp32_matmul, pair_distances, prepare
-from ..order.fast import (
-    LONG_LIST_FACTOR,
-    LONG_LIST_MIN_ROWS,
-    cap_close_sets,
-    crowded_lists,
-    kernel_failure,
-)
+from ..order import list_length
+from ..order.builders import cap_close_sets, crowded_lists
+from ..order.failures import kernel_failure
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.policy import ForcedSteps, check_policy, duplicates_of, walk_policy
 from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.schedule import MIN_REBUILD_NODES, LongListTables, bind_walk, run_walk
+from ..order.options import DEFAULT_SETTINGS, EngineSettings, check_settings
+from ..order.schedule import run_walk
 from ..order.stats import OrderStats
+from ..order.walk_op import LongListTables, WalkCounters, WalkOp, WalkTables
 from ..order.threshold import (
     DEFAULT_SAMPLE_PAIRS,
     MAX_EXACT_PAIRS,
@@ -392,16 +390,15 @@ def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tensor, n: int, t2: float) -> int:
-    """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.fast.auto_list_length`'s sampled global
+def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tensor, n: int, t2: float,
+                      settings: EngineSettings = DEFAULT_SETTINGS) -> int:
+    """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.list_length.auto_list_length`'s sampled global
     rows, sent by their owners to every rank, counted by each rank against its own rows (``x32`` (m, D) float32
     prepared, ``sq`` their squared norms), the counts summed: the single-process counts (up to float32 rounding
     at the bounds' edges), the same K on every rank."""
-    from ..order import fast
-
-    if n < fast.AUTO_K_MIN_ROWS or t2 <= 0:
-        return fast.AUTO_K_BASE
-    pick = fast.auto_sample_rows(n, fast.AUTO_K_SAMPLE_ROWS).to(x32.device)
+    if n < settings.auto_k_min_rows or t2 <= 0:
+        return settings.auto_k_base
+    pick = list_length.auto_sample_rows(n, settings.auto_k_sample_rows).to(x32.device)
     mine = (pick >= sh.offset) & (pick < sh.offset + sh.m)
     local = (pick - sh.offset)[mine]
     q = torch.zeros(pick.numel(), x32.shape[1], dtype=torch.float32, device=x32.device)
@@ -410,8 +407,8 @@ def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tens
     q[mine], q_sq[mine], q_slack[mine] = x32[local], sq[local], sh.slack[local]
     # every sampled row from its owner (the other ranks add zeros: exact)
     q, q_sq, q_slack = (comm.all_gather(t).sum(dim=0) for t in (q, q_sq, q_slack))
-    counts = fast.band_counts(q, q_sq, q_slack, x32, sq, t2)
-    k = fast.list_length_for_counts(comm.all_gather(counts).sum(dim=0))
+    counts = list_length.band_counts(q, q_sq, q_slack, x32, sq, t2)
+    k = list_length.list_length_for_counts(comm.all_gather(counts).sum(dim=0), settings)
     return int(comm.all_max(float(k)))  # (the same on every rank by construction; the ring needs it to be)
 
 
@@ -949,6 +946,7 @@ def tfp_order_sharded(
     block_elements: int = 1 << 24,
     long_lists: bool | str = "auto",
     policy: str = "paper",
+    settings: EngineSettings | None = None,
 ):
     """TFP order of rows sharded over the ranks of a process group (collective: every rank calls it).
 
@@ -1004,6 +1002,7 @@ def tfp_order_sharded(
     )
     n, dim = sum(sizes), shard.shape[1]
     window, max_rejections = inputs.check_window(window, n), inputs.check_max_rejections(max_rejections, n)
+    settings = check_settings(settings)
     # every rank's rows scaled by the same 2**k (from the largest entry of all ranks' rows), detached
     scaled = inputs.prepare_rows(shard, metric, largest=comm.all_max(inputs.largest_magnitude(shard)))
     shard, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
@@ -1022,9 +1021,7 @@ def tfp_order_sharded(
         bytes_root += sent
     t1 = time.perf_counter()
     if k == "auto" and n == 1:
-        from ..order.fast import AUTO_K_BASE
-
-        k = AUTO_K_BASE
+        k = settings.auto_k_base
     stats = {
         "band_backend": "torch-ring",
         "band_dtype": "float32",
@@ -1056,11 +1053,11 @@ def tfp_order_sharded(
         t2 = squared_threshold(threshold, metric)
         sh.lower, sh.upper = band_bounds(t2, sh.slack)
         if k == "auto":
-            k = _auto_list_length(comm, sh, x32, sq_norms, n, t2)
+            k = _auto_list_length(comm, sh, x32, sq_norms, n, t2, settings)
             stats["k"] = k
         del x32
-        long_k = min(LONG_LIST_FACTOR * min(k, n - 1), n - 1)
-        use_long = (long_lists is True or (long_lists == "auto" and n >= LONG_LIST_MIN_ROWS)) and (
+        long_k = min(settings.long_list_factor * min(k, n - 1), n - 1)
+        use_long = (long_lists is True or (long_lists == "auto" and n >= settings.long_list_min_rows)) and (
             max_rejections is None and t2 > 0 and long_k > min(k, n - 1))
         max_sq64 = 0.0
         if use_long:  # (the float64 lists' bound: the global max of the float64 rows' squared norms)
@@ -1101,6 +1098,7 @@ def tfp_order_sharded(
                 progress=progress,
                 stats=stats,
                 policy=policy,
+                settings=settings,
                 **long_args,
                 **common,
             )
@@ -1121,12 +1119,12 @@ def tfp_order_sharded(
         stats["first_forced_step"] = None
     threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, ShardedOrderStats(
-        threshold,
-        source,
-        "sharded",
-        n,
-        t1 - t0,
-        t3 - t1,
+        threshold=threshold,
+        threshold_source=source,
+        backend="sharded",
+        num_nodes=n,
+        time_threshold_s=t1 - t0,
+        time_order_s=t3 - t1,
         policy=policy,
         **stats,
         world_size=comm.world,
@@ -1160,6 +1158,7 @@ def _walk_root(
     t2=0.0,
     max_sq=0.0,
     policy="paper",
+    settings: EngineSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans, rebuilds and long lists
     (``long_k`` > 0: the crowded lists get long ones, see :func:`_long_lists_root`)."""
@@ -1175,8 +1174,7 @@ def _walk_root(
     path[0] = start
     visited = torch.zeros(n, dtype=torch.bool)
     visited[start] = True
-    # [0] stays 0 (the op never scans here); [1]: returned steps where the cap could fire; [2]: stale entries
-    counter = torch.zeros(3, dtype=torch.long)
+    counters = WalkCounters()  # (scans stays 0: the op never scans here)
     synced = 0  # path[:synced] has been sent to the other ranks
 
     def command(cmd: int, step: int, win_rows: torch.Tensor | None = None) -> None:
@@ -1201,7 +1199,7 @@ def _walk_root(
         if long_failed:
             return
         t_start = time.perf_counter()
-        crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2)]
+        crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2, settings.long_list_room)]
         if crowded.numel():
             try:
                 try:  # (rank 0's own preparation, before the command: nothing collective to agree on yet)
@@ -1231,7 +1229,7 @@ def _walk_root(
         x32 = torch.cat([prepare(emb_host[r0 : r0 + 4096], metric, torch.float64).float() for r0 in range(0, n, 4096)])
         sq = squared_norms64(x32).float()  # (rounded once from float64, as the single-process lists do)
         close = cap_close_sets(x32, sq, num_close, t2, sq.double() + sq.max().double(), band_index.shape[1],
-                               max_rejections)
+                               max_rejections, budget=settings.close_set_budget)
         del x32
         stats["num_close_sets"] = 0 if close is None else int((close[0].diff() > 0).sum())
         stats["time_band_s"] += time.perf_counter() - t_start
@@ -1246,13 +1244,12 @@ def _walk_root(
     policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=lambda: duplicates_of(emb_host))
     forced_steps = ForcedSteps()
 
-    walk = bind_walk(
-        embeddings=emb_host, norms=norms_host, band_index=band_index, band_s2=band_s2, limit2=limit2,
-        slack=slack_host, num_close=num_close, host_scan=no_host_scan(), path=path, visited=visited,
-        counter=counter, threshold=threshold, window=window, max_rejections=max_rejections,
-        cosine=metric == "cosine", long_lists=long_tables if long_k else None, close_sets=close,
-        policy=policy,
-    )
+    walk = WalkOp(
+        WalkTables(emb_host, norms_host, band_index, band_s2, limit2, slack_host, num_close, path, visited,
+                   host_scan=no_host_scan(), long_lists=long_tables if long_k else None, close_sets=close,
+                   policy=policy),
+        threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
+        counters=counters)
 
     def pick(step: int) -> int:  # a sharded exact scan
         nonlocal have_basis
@@ -1281,15 +1278,14 @@ def _walk_root(
 
     tally = run_walk(
         n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
-        counter=counter, k=k, bar=bar,
-        min_rebuild_nodes=MIN_REBUILD_NODES,
+        counters=counters, k=k, bar=bar, settings=settings,
     )
     stats["time_walk_s"] += tally.walk_s
     stats["time_fallback_s"] += tally.fallback_s
     stats["time_band_s"] += tally.band_s
     stats["num_fallbacks"] += tally.scans
     stats["num_rebuilds"] += tally.rebuilds
-    stats["num_cap_fallbacks"] = int(counter[1])
+    stats["num_cap_fallbacks"] = counters.cap_scans
     stats["num_forced_steps"] = forced_steps.count  # (all at scans, and those run from here)
     stats["first_forced_step"] = -1 if forced_steps.first is None else forced_steps.first
     if bar is not None:

@@ -9,6 +9,7 @@ import torch
 
 from .. import _ext
 from . import _checks, inputs
+from .options import OrderOptions, check_settings
 from .policy import check_policy
 from .reference import reference_walk
 from .stats import OrderStats
@@ -59,6 +60,7 @@ def tfp_order(
     return_stats: bool = False,
     group=None,
     policy: str = "paper",
+    settings=None,
 ):
     """Order samples by Threshold Filtering Packing (docs/design.md, 'The rule').
 
@@ -92,13 +94,13 @@ def tfp_order(
             the rule becomes "the (M+1)-th nearest node" (docs/design.md, 'The rule'). (Fast backend: nodes
             where the lists' counts of close nodes let the cap fire get close sets, at most 4 N K int32
             entries, so that the walk counts the still unvisited ones:
-            :func:`~tfp_kernels.order.fast.cap_close_sets`.)
+            :func:`~tfp_kernels.order.builders.cap_close_sets`.)
         start: the first node of the path (paper: 0).
         k: length K of the band lists (fast backend); larger K means fewer fallback scans, more memory
             (N x K x 8 bytes on the device and on the host). ``"auto"`` (default): 64, raised to 128
             where the rows' distances crowd around ``t`` so densely that K = 64 lists could seldom prove an
             answer (large N; estimated from 256 sampled rows, see
-            :func:`~tfp_kernels.order.fast.auto_list_length`; with ``group`` counted over every rank's
+            :func:`~tfp_kernels.order.list_length.auto_list_length`; with ``group`` counted over every rank's
             rows). Same path for every K.
         backend: ``"auto"`` (fast when the extension is built), ``"fast"`` or ``"reference"``.
         fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
@@ -115,7 +117,7 @@ def tfp_order(
             Ignored with ``group`` (the sharded lists are float32).
         long_lists: ``"auto"`` (default), True or False: the band lists that sit within their error bound of
             ``t`` (they could prove almost nothing) replaced by 4K-entry lists of those rows, computed in
-            float64 beside 16-bit lists (fast backend; :func:`~tfp_kernels.order.fast.crowded_lists`). "auto":
+            float64 beside 16-bit lists (fast backend; :func:`~tfp_kernels.order.builders.crowded_lists`). "auto":
             from 65,536 list rows; never with a cap or ``t = 0``. Same path either way. With ``group``, every
             rank lists its own rows for them and rank 0 merges.
         progress: show a progress bar (tqdm) of the walk.
@@ -133,6 +135,9 @@ def tfp_order(
             where no node is valid takes the node farthest from the window. On data where many records share one
             text, "paper" ends the order with those records in a row; "spread" keeps them ``window + 1`` apart
             where the data allows it. Same path from every backend; see ``stats.num_forced_steps``.
+        settings: None (the defaults) or an :class:`~tfp_kernels.order.options.EngineSettings`: the fast engine's
+            tuning constants (list lengths of ``k="auto"``, long lists, close sets, rebuilds, the Triton band
+            schedule). Same path for any.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1``;
@@ -150,7 +155,7 @@ def tfp_order(
         return sharded_driver()(
             embeddings, group=group, metric=metric, quantile=quantile, threshold=threshold, window=window,
             max_rejections=max_rejections, start=start, k=k, backend=backend, progress=progress,
-            return_stats=return_stats, long_lists=long_lists, policy=policy,
+            return_stats=return_stats, long_lists=long_lists, policy=policy, settings=settings,
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)
@@ -163,6 +168,7 @@ def tfp_order(
     k = _checks.check_list_length(k)
     long_lists = _checks.check_long_lists(long_lists)
     start = _checks.check_start(start, n)
+    settings = check_settings(settings)
     scaled = inputs.prepare_rows(embeddings, metric)  # detached, scaled by 2**k: the engines see only these
     embeddings, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
     t0 = time.perf_counter()
@@ -185,13 +191,12 @@ def tfp_order(
     if backend == "fast":
         from .fast import fast_tfp_order
 
-        path, info = fast_tfp_order(
-            embeddings, metric=metric, threshold=threshold, window=window, max_rejections=max_rejections,
-            start=start, k=k, progress=progress, fallback=fallback, band_dtype=band_dtype, long_lists=long_lists,
-            policy=policy,
-        )
-        extra = dataclasses.asdict(info)
-        del extra["time_setup_s"]  # counted in time_order_s
+        path, counters = fast_tfp_order(embeddings, OrderOptions(
+            metric=metric, threshold=threshold, window=window, max_rejections=max_rejections, start=start,
+            policy=policy, k=k, band_dtype=band_dtype, fallback=fallback, long_lists=long_lists, progress=progress,
+            settings=settings,
+        ))
+        extra = dataclasses.asdict(counters)
     elif backend in ("reference", "auto"):
         backend = "reference"
         path, forced = reference_walk(
@@ -207,4 +212,5 @@ def tfp_order(
     if not return_stats:
         return path
     threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
-    return path, OrderStats(threshold, source, backend, n, t1 - t0, t2 - t1, policy=policy, **extra)
+    return path, OrderStats(threshold=threshold, threshold_source=source, backend=backend, num_nodes=n,
+                            time_threshold_s=t1 - t0, time_order_s=t2 - t1, policy=policy, **extra)

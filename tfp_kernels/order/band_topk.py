@@ -465,7 +465,7 @@ def band_topk_rows(
     """Band top-k lists of some rows of ``x`` against all of its rows, with torch matrix products in the
     precision of ``x`` (float32: IEEE products, the bound of :func:`squared_distance_error_coef` ``(D,
     float32)``, as :func:`band_topk_torch`; float64: :func:`float64_error_coef`). For the long lists of the
-    rows whose band list is crowded near the threshold (:mod:`~tfp_kernels.order.fast`).
+    rows whose band list is crowded near the threshold (:mod:`~tfp_kernels.order.builders`).
 
     Args:
         x: (N, D) float32 or float64 prepared rows, CPU or CUDA.
@@ -520,7 +520,7 @@ def close_sets(
     """The nodes whose fast squared distance to each of some rows lies below the row's ``upper`` (the row
     itself left out): with ``upper = t^2 +`` the products' error bound, a superset of the nodes closer than
     ``t``. The walk counts their unvisited members where the rejection cap could fire
-    (:mod:`~tfp_kernels.order.fast`). Same products as :func:`band_topk_rows` (its ``num_close`` are the sets'
+    (:mod:`~tfp_kernels.order.builders`). Same products as :func:`band_topk_rows` (its ``num_close`` are the sets'
     sizes).
 
     Args:

@@ -170,7 +170,8 @@ def tfp_order_reference(
     forced_steps = torch.nonzero(forced).flatten()
     threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
     return path, OrderStats(
-        threshold, source, "reference", n, t1 - t0, time.perf_counter() - t1, policy=policy,
+        threshold=threshold, threshold_source=source, backend="reference", num_nodes=n, time_threshold_s=t1 - t0,
+        time_order_s=time.perf_counter() - t1, policy=policy,
         num_forced_steps=int(forced_steps.numel()),
         first_forced_step=int(forced_steps[0]) if forced_steps.numel() else None,
     )

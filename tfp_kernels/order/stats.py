@@ -1,4 +1,5 @@
-"""The record of what :func:`~tfp_kernels.order.tfp_order` did: :class:`OrderStats`."""
+"""The record of what an ordering did: :class:`OrderStats`, whose engine counters (:class:`EngineCounters`)
+are defined once, here, for every engine (reference, fast, sharded) and for the reports built from them."""
 
 from __future__ import annotations
 
@@ -6,24 +7,18 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class OrderStats:
-    """What :func:`tfp_order` did.
+class EngineCounters:
+    """What an ordering engine counted and timed (zero / empty where an engine does not have the part).
 
     Attributes:
-        threshold: the threshold ``t`` used (distance units of ``metric``).
-        threshold_source: ``"given"``, ``"exact"`` (all pairs) or ``"sampled"``.
-        backend: the implementation that computed the path: ``"fast"`` (band lists + C++ walk +
-            exact fallback scans) or ``"reference"``.
-        num_nodes: N.
-        time_threshold_s: seconds spent estimating the threshold (0 when given).
-        time_order_s: seconds spent computing the path (all phases).
         band_backend: ``"triton"`` or ``"torch"`` (fast backend only).
         band_dtype: what the band lists multiply: ``"float32"``, ``"float16x3"``, ``"bfloat16x3"`` or
             ``"bfloat16"`` (fast backend only).
         k: length K of the band lists (fast backend only).
         num_fallbacks: steps the band lists could not decide, settled by an exact scan.
         num_rebuilds: times the lists of the unvisited nodes were recomputed among the unvisited.
-        time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend.
+        time_band_s, time_walk_s, time_fallback_s: seconds per phase of the fast backend (lists, C++ walk,
+            scans run outside it); time_setup_s: its set-up (rows, host copies; within ``time_order_s``).
         num_groups: distinct rows (exact duplicates share one band list); N when all rows are distinct or
             duplicates are not grouped (with a cap, or t = 0).
         scan_candidates: rows the fused Triton scans (``fallback="triton"``) settled with float64 distances,
@@ -34,7 +29,6 @@ class OrderStats:
             lists' counts; their time is in time_band_s); num_cap_fallbacks: the scans (among
             ``num_fallbacks``) at steps where the cap could fire; num_close_set_scans: the scans settled over
             the node's close set and band list instead of every unvisited node.
-        policy: ``"paper"`` or ``"spread"`` (:mod:`~tfp_kernels.order.policy`).
         num_forced_steps: steps whose node lies closer than ``t`` to a node of the window: without the cap, the
             steps where the threshold ran out (no unvisited node was at distance ``>= t`` from the window, so the
             rule took ``c_0``, or with ``policy="spread"`` the node farthest from the window); with the cap, also
@@ -44,12 +38,6 @@ class OrderStats:
         first_forced_step: the first of them (an index into the path), None when there is none.
     """
 
-    threshold: float
-    threshold_source: str
-    backend: str
-    num_nodes: int
-    time_threshold_s: float
-    time_order_s: float
     band_backend: str = ""
     band_dtype: str = ""
     k: int = 0
@@ -58,6 +46,7 @@ class OrderStats:
     time_band_s: float = 0.0
     time_walk_s: float = 0.0
     time_fallback_s: float = 0.0
+    time_setup_s: float = 0.0
     num_groups: int = 0
     scan_candidates: int = 0
     num_long_lists: int = 0
@@ -66,9 +55,33 @@ class OrderStats:
     num_close_sets: int = 0
     num_cap_fallbacks: int = 0
     num_close_set_scans: int = 0
-    policy: str = "paper"
     num_forced_steps: int = 0
     first_forced_step: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderStats(EngineCounters):
+    """What :func:`~tfp_kernels.tfp_order` did: the run's header and its :class:`EngineCounters` (keyword
+    arguments only).
+
+    Attributes:
+        threshold: the threshold ``t`` used (distance units of ``metric``).
+        threshold_source: ``"given"``, ``"exact"`` (all pairs) or ``"sampled"``.
+        backend: the implementation that computed the path: ``"fast"`` (band lists + C++ walk +
+            exact fallback scans) or ``"reference"``.
+        num_nodes: N.
+        time_threshold_s: seconds spent estimating the threshold (0 when given).
+        time_order_s: seconds spent computing the path (all phases).
+        policy: ``"paper"`` or ``"spread"`` (:mod:`~tfp_kernels.order.policy`).
+    """
+
+    threshold: float
+    threshold_source: str
+    backend: str
+    num_nodes: int
+    time_threshold_s: float
+    time_order_s: float
+    policy: str = "paper"
 
     @property
     def fallback_rate(self) -> float:
