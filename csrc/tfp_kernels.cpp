@@ -49,19 +49,18 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (a product pass over those rows, settled in double) and returns N; with an empty scan_rows tensor it
   // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
   // tensors are then ignored).
-  // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
-  // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire;
-  // (3,): [2] also sums, over the steps whose list could not decide while the cap could not fire (scanned
-  // here or returned to the caller), the list's entries already visited (how much fresher lists could have
-  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below); (6,): [4]
-  // also counts the scans run here whose node lies closer than t to a window node (forced steps) and [5] holds
-  // the first of them (set it to -1: the walk writes it once). The
+  // counters: (6,) int64, added to (named in tfp_kernels/order/walk_op.py, WalkCounters): [0] scans run here;
+  // [1] steps that need a scan (run here or returned to the caller) where the rejection cap could fire; [2] over
+  // the steps whose list could not decide while the cap could not fire (scanned here or returned), the list's
+  // entries already visited (how much fresher lists could have helped); [3] scans run here over a close set and
+  // its list only (see below); [4] scans run here whose node lies closer than t to a window node (forced steps);
+  // [5] the first of them (set it to -1: the walk writes it once). The
   // walk also returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
       "Tensor band_slack, Tensor num_close, Tensor scan_rows, Tensor scan_scale, Tensor scan_sq_norms, "
       "Tensor scan_slack, Tensor(a!) path, Tensor(b!) visited, "
-      "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
+      "Tensor(c!) counters, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
       "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
       "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None, str policy='paper', "

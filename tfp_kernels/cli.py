@@ -844,19 +844,7 @@ def run(args: argparse.Namespace) -> dict:
             "window": args.window,
             "max_rejections": args.max_rejections,
             "start": args.start,
-            "backend": stats.backend,
-            "band_backend": stats.band_backend,
-            "k": stats.k,
-            "fallbacks": stats.num_fallbacks,
-            "fallback_rate": round(stats.fallback_rate, 6),
-            "rebuilds": stats.num_rebuilds,
-            "long_lists": stats.num_long_lists,
-            "close_sets": stats.num_close_sets,
-            "cap_scans": stats.num_cap_fallbacks,
-            "policy": stats.policy,
-            "forced_steps": forced,
-            "first_forced_step": stats.first_forced_step,
-            "forced_step_rate": round(forced_rate, 6),
+            **stats.report_counters(),
         }
         if not args.no_check:
             with timer("check"):

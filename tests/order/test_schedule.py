@@ -77,13 +77,13 @@ def test_walk_counts_the_visited_entries_of_undecided_lists():
         visited = torch.zeros(n, dtype=torch.bool)
         visited[0] = True
         visited[visited_entries] = True
-        counter = torch.zeros(3, dtype=torch.long)
+        counter = torch.tensor([0, 0, 0, 0, 0, -1], dtype=torch.long)  # (WalkCounters' slots)
         step = torch.ops.tfp_kernels.tfp_walk(
             emb, torch.empty(0, dtype=torch.float64), lists.index, lists.s2, limit2, slack, lists.num_close,
             torch.empty(0, dtype=torch.float16), *[torch.empty(0, dtype=torch.float64)] * 3, path, visited, counter,
             1, -1, threshold, 4, max_rejections, False,
         )
-        return step, counter.tolist()
+        return step, counter.tolist()[:3]
 
     # every entry visited: the list cannot decide, and all of it is stale
     assert run(entries) == (1, [0, 0, k])
