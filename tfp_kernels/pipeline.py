@@ -236,12 +236,12 @@ def pack_gpu(
             window; no ``max_rejections``) or ``"paper"`` (the paper's rule, the default of
             :func:`~tfp_kernels.tfp_order`). None (default): ``"spread"``, or ``"paper"`` when ``max_rejections``
             is given (the cap exists only in the paper's rule).
-        keep_apart: with ``strategy="fill_in_order"`` or ``"next_fit"``, keep samples closer than the threshold
-            ``t`` to each other out of one pack where it can: the next fit passes over up to ``keep_apart``
-            such samples per pack (held back for the next packs), the top-up never takes one (see
-            :func:`~tfp_kernels.pack_lengths`); the embeddings go to the packer then (``fill_in_order``:
-            its similarity-aware top-up). Needs the threshold: ``order="tfp"``, or ``embeddings`` and
-            ``threshold`` with the other orders. 0 (default): off.
+        keep_apart: with ``strategy="fill_in_order"`` or ``"next_fit"``, keep samples closer than the
+            threshold ``t`` to each other out of one pack where it can: the next fit passes over up to
+            ``keep_apart`` such samples per pack (held back for the next packs), the top-up never takes one
+            (see :func:`~tfp_kernels.pack_lengths`); the embeddings go to the packer then
+            (``fill_in_order``: its similarity-aware top-up). Needs the threshold: ``order="tfp"``, or
+            ``embeddings`` and ``threshold`` with the other orders. 0 (default): off.
 
     Returns:
         :class:`~tfp_kernels.PackedBatch` on the samples' device: ``input_ids``, ``labels``, ``position_ids``
@@ -280,7 +280,9 @@ def pack_gpu(
     keep_apart = _as_keep_apart(keep_apart)
     if keep_apart:
         if strategy not in ("fill_in_order", "next_fit"):
-            raise ValueError(f"keep_apart needs strategy='fill_in_order' or 'next_fit', got strategy={strategy!r}")
+            raise ValueError(
+                f"keep_apart needs strategy='fill_in_order' or 'next_fit', got strategy={strategy!r}"
+            )
         if order != "tfp" and (embeddings is None or threshold is None):
             raise ValueError(
                 f"keep_apart with order={order!r} needs embeddings= and threshold= (samples closer than the "

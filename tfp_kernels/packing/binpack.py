@@ -528,11 +528,13 @@ def pack_lengths(
     if keep_apart:
         if strategy not in ("fill_in_order", "next_fit"):
             raise ValueError(
-                f"keep_apart= is used by strategy='fill_in_order' and 'next_fit' only, got strategy={strategy!r}"
+                "keep_apart= is used by strategy='fill_in_order' and 'next_fit' only, got "
+                f"strategy={strategy!r}"
             )
         if embeddings is None or min_distance is None:
             raise ValueError(
-                "keep_apart= needs embeddings= and min_distance= (samples closer than min_distance are kept apart)"
+                "keep_apart= needs embeddings= and min_distance= (samples closer than min_distance are kept "
+                "apart)"
             )
     similarity = {}
     if embeddings is not None:
@@ -587,7 +589,9 @@ def pack_lengths(
         num_overlong == 0 or overlong == "truncate" or (strategy == "stream" and overlong == "split")
     )
     pack = _next_fit_apart if strategy == "next_fit" and keep_apart else STRATEGIES[strategy]
-    assignment = pack(expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples, **similarity)
+    assignment = pack(
+        expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples, **similarity
+    )
     return _make_packing(assignment, max_len, expanded, lengths)
 
 

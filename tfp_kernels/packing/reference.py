@@ -372,8 +372,8 @@ def pack_lengths_reference(
     packs end (so their pieces need not start at multiples of ``max_len``); ``num_split`` still counts them.
     The other strategies pack the pieces; their pieces inside a pack keep input order. ``"fill_in_order"``
     gives each piece the row of its sample in ``embeddings`` (N rows of float32 values, or None).
-    ``keep_apart`` (``"fill_in_order"``, or ``"next_fit"``: then ``"fill_in_order"`` with ``window=1``) is that
-    of :func:`fill_in_order_reference`.
+    ``keep_apart`` (``"fill_in_order"``, or ``"next_fit"``: then ``"fill_in_order"`` with ``window=1``) is
+    that of :func:`fill_in_order_reference`.
 
     Returns:
         A dict with the fields of :class:`~tfp_kernels.packing.Packing` as Python lists / ints:
