@@ -343,3 +343,23 @@ def test_bad_inputs(kwargs, error, match):
     kwargs = {"strategy": "fill_in_order", **kwargs}
     with pytest.raises(error, match=match):
         pack_lengths([1, 2, 3], 4, **kwargs)
+
+
+def test_pack_dataset_passes_keep_apart():
+    import datasets
+
+    from tfp_kernels import pack_dataset
+
+    emb, lengths = duplicate_heavy(120, 4)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 255, (int(n),), generator=g).tolist() for n in lengths]
+    ds = datasets.Dataset.from_dict({"input_ids": rows})
+    packed = pack_dataset(ds, max_len=1024, strategy="fill_in_order", overlong="split", embeddings=emb,
+                          keep_apart=4)
+    batch = pack_gpu([torch.tensor(r) for r in rows], max_len=1024, embeddings=emb, strategy="fill_in_order",
+                     overlong="split", keep_apart=4)
+    members = [[] for _ in range(batch.packing.num_packs)]
+    for pack, sample in zip(batch.packing.pack_id.tolist(), batch.sample_index.tolist()):
+        members[pack].append(sample)
+    assert packed["sample_ids"][:] == members
+    assert '"keep_apart": 4' in packed.info.description

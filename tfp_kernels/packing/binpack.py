@@ -540,7 +540,7 @@ def pack_lengths(
     if embeddings is not None:
         if strategy != "fill_in_order" and not (strategy == "next_fit" and keep_apart):
             raise ValueError(
-                "embeddings= is used by strategy='fill_in_order' (or 'next_fit' with keep_apart=) only, got "
+                "embeddings= is used by strategy='fill_in_order' only (or 'next_fit' with keep_apart=), got "
                 f"strategy={strategy!r}"
             )
         similarity["embeddings"] = _as_embedding_rows(embeddings, lengths.numel())
