@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_pack_cpu(const
                                                                            int64_t max_len);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
     const at::Tensor& lengths, int64_t max_len, int64_t window, const std::optional<at::Tensor>& rows,
-    double fill_weight, double min_distance, bool cosine);
+    double fill_weight, double min_distance, bool cosine, int64_t keep_apart);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cpu(const at::Tensor& values,
                                                             const std::optional<at::Tensor>& labels,
                                                             const at::Tensor& pieces, int64_t num_tokens,

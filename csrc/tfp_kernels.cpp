@@ -27,12 +27,13 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // Next fit in order, each pack topped up from the items [first, first + window) ahead of it:
   // lengths (M,) int64; without rows the longest fitting candidate joins, with rows (M, D) float32 the one
   // of best mean cosine similarity to the pack + fill_weight * length / room, candidates closer than
-  // min_distance (l2, or 1 - cos when cosine) to an item of the pack only when no other fits. Returns
+  // min_distance (l2, or 1 - cos when cosine) to an item of the pack only when no other fits (with
+  // keep_apart = K >= 1: never; and next fit passes over up to K such items per pack). Returns
   // (order, pack_id, length) (M,) int64 and pack_offsets (P + 1,) int64, as best_fit_decreasing does
   // (packs numbered by their first item, items in input order inside a pack). CPU only (sequential).
   m.def(
       "fill_in_order(Tensor lengths, int max_len, int window, Tensor? rows=None, float fill_weight=2.0, "
-      "float min_distance=0.0, bool cosine=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float min_distance=0.0, bool cosine=False, int keep_apart=0) -> (Tensor, Tensor, Tensor, Tensor)");
   // Packed-batch assembly: gathers the pieces of the (4, M) int64 table (rows: source start in values,
   // output start, length, position id of the first token) into flat (num_tokens,) int64 input_ids,
   // labels (labels or values; ignore_index where the position id is 0) and position_ids.
