@@ -72,7 +72,7 @@ from ..order import list_length
 from ..order.builders import cap_close_sets, crowded_lists
 from ..order.failures import kernel_failure
 from ..order.host_scan import no_host_scan, squared_norms64
-from ..order.policy import ForcedSteps, check_policy, duplicates_of, walk_policy
+from ..order.policy import ForcedSteps, check_policy, near_duplicate_groups, walk_policy
 from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.options import DEFAULT_SETTINGS, EngineSettings, check_settings
 from ..order.schedule import run_walk
@@ -1241,7 +1241,8 @@ def _walk_root(
         if bar.disable:
             bar = None
     have_basis = False
-    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n, duplicates=lambda: duplicates_of(emb_host))
+    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n,
+                         groups=lambda: near_duplicate_groups(emb_host, threshold=threshold, metric=metric))
     forced_steps = ForcedSteps()
 
     walk = WalkOp(
