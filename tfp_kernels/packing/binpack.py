@@ -96,10 +96,11 @@ def _window_best_fit(pieces: Pieces, max_len: int, *, window: int, pieces_are_sa
 
 
 def _best_fit(pieces: Pieces, result, pieces_are_samples: bool) -> Assignment:
-    """``pieces[order]``; when piece i is sample i at offset 0, the sample indices are ``order`` itself."""
+    """``pieces[order]``; when piece i is sample i at offset 0, the sample indices are ``order`` itself (and the
+    offsets, all zero, are the pieces' own: no second (N,) table)."""
     order = result.order
     if pieces_are_samples:
-        listed = Pieces(order, torch.zeros_like(order), result.length)
+        listed = Pieces(order, pieces.offset, result.length)
     else:
         listed = Pieces(
             pieces.sample_index.index_select(0, order), pieces.offset.index_select(0, order), result.length
