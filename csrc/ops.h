@@ -17,7 +17,7 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                      const at::Tensor& num_close, const at::Tensor& scan_rows, const at::Tensor& scan_scale,
                      const at::Tensor& scan_sq_norms, const at::Tensor& scan_slack, at::Tensor& path,
-                     at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
+                     at::Tensor& visited, at::Tensor& counters, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine,
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_pack_cpu(const
                                                                            int64_t max_len);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
     const at::Tensor& lengths, int64_t max_len, int64_t window, const std::optional<at::Tensor>& rows,
-    double fill_weight, double min_distance, bool cosine);
+    double fill_weight, double min_distance, bool cosine, int64_t keep_apart);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cpu(const at::Tensor& values,
                                                             const std::optional<at::Tensor>& labels,
                                                             const at::Tensor& pieces, int64_t num_tokens,

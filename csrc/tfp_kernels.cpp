@@ -27,12 +27,13 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // Next fit in order, each pack topped up from the items [first, first + window) ahead of it:
   // lengths (M,) int64; without rows the longest fitting candidate joins, with rows (M, D) float32 the one
   // of best mean cosine similarity to the pack + fill_weight * length / room, candidates closer than
-  // min_distance (l2, or 1 - cos when cosine) to an item of the pack only when no other fits. Returns
+  // min_distance (l2, or 1 - cos when cosine) to an item of the pack only when no other fits (with
+  // keep_apart = K >= 1: never; and next fit passes over up to K such items per pack). Returns
   // (order, pack_id, length) (M,) int64 and pack_offsets (P + 1,) int64, as best_fit_decreasing does
   // (packs numbered by their first item, items in input order inside a pack). CPU only (sequential).
   m.def(
       "fill_in_order(Tensor lengths, int max_len, int window, Tensor? rows=None, float fill_weight=2.0, "
-      "float min_distance=0.0, bool cosine=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float min_distance=0.0, bool cosine=False, int keep_apart=0) -> (Tensor, Tensor, Tensor, Tensor)");
   // Packed-batch assembly: gathers the pieces of the (4, M) int64 table (rows: source start in values,
   // output start, length, position id of the first token) into flat (num_tokens,) int64 input_ids,
   // labels (labels or values; ignore_index where the position id is 0) and position_ids.
@@ -49,19 +50,18 @@ TORCH_LIBRARY(tfp_kernels, m) {
   // (a product pass over those rows, settled in double) and returns N; with an empty scan_rows tensor it
   // returns the step at which a fallback scan is needed (N when the path is complete; the other scan_*
   // tensors are then ignored).
-  // num_fallbacks: empty, or an int64 counter incremented by the scans run here; (2,): [1] also counts
-  // the steps that need a scan (run here or returned to the caller) where the rejection cap could fire;
-  // (3,): [2] also sums, over the steps whose list could not decide while the cap could not fire (scanned
-  // here or returned to the caller), the list's entries already visited (how much fresher lists could have
-  // helped); (4,): [3] also counts the scans run here over a close set and its list only (see below); (6,): [4]
-  // also counts the scans run here whose node lies closer than t to a window node (forced steps) and [5] holds
-  // the first of them (set it to -1: the walk writes it once). The
+  // counters: (6,) int64, added to (named in tfp_kernels/order/walk_op.py, WalkCounters): [0] scans run here;
+  // [1] steps that need a scan (run here or returned to the caller) where the rejection cap could fire; [2] over
+  // the steps whose list could not decide while the cap could not fire (scanned here or returned), the list's
+  // entries already visited (how much fresher lists could have helped); [3] scans run here over a close set and
+  // its list only (see below); [4] scans run here whose node lies closer than t to a window node (forced steps);
+  // [5] the first of them (set it to -1: the walk writes it once). The
   // walk also returns when it reaches stop_step (-1: no stop), so that callers can report progress.
   m.def(
       "tfp_walk(Tensor embeddings, Tensor norms, Tensor band_index, Tensor band_s2, Tensor band_limit2, "
       "Tensor band_slack, Tensor num_close, Tensor scan_rows, Tensor scan_scale, Tensor scan_sq_norms, "
       "Tensor scan_slack, Tensor(a!) path, Tensor(b!) visited, "
-      "Tensor(c!) num_fallbacks, int step, int stop_step, float threshold, int window, int max_rejections, "
+      "Tensor(c!) counters, int step, int stop_step, float threshold, int window, int max_rejections, "
       "bool cosine, Tensor? group_of=None, Tensor? group_offsets=None, Tensor? group_members=None, "
       "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
       "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None, str policy='paper', "

@@ -22,7 +22,7 @@ from .order import _checks
 from .order.api import tfp_order
 from .order.policy import check_policy
 from .packing import Packing, pack_lengths
-from .packing.binpack import OVERLONG_POLICIES, STRATEGIES
+from .packing.binpack import OVERLONG_POLICIES, STRATEGIES, _as_keep_apart
 
 ORDERS = ("tfp", "keep", "random")
 
@@ -189,6 +189,7 @@ def pack_gpu(
     overlong: str = "error",
     pad_to: int | None = None,
     policy: str | None = None,
+    keep_apart: int = 0,
 ) -> PackedBatch:
     """Order a buffer of tokenized samples by TFP and pack them into one flash-attention-ready batch.
 
@@ -235,6 +236,12 @@ def pack_gpu(
             window; no ``max_rejections``) or ``"paper"`` (the paper's rule, the default of
             :func:`~tfp_kernels.tfp_order`). None (default): ``"spread"``, or ``"paper"`` when ``max_rejections``
             is given (the cap exists only in the paper's rule).
+        keep_apart: with ``strategy="fill_in_order"`` or ``"next_fit"``, keep samples closer than the
+            threshold ``t`` to each other out of one pack where it can: the next fit passes over up to
+            ``keep_apart`` such samples per pack (held back for the next packs), the top-up never takes one
+            (see :func:`~tfp_kernels.pack_lengths`); the embeddings go to the packer then
+            (``fill_in_order``: its similarity-aware top-up). Needs the threshold: ``order="tfp"``, or
+            ``embeddings`` and ``threshold`` with the other orders. 0 (default): off.
 
     Returns:
         :class:`~tfp_kernels.PackedBatch` on the samples' device: ``input_ids``, ``labels``, ``position_ids``
@@ -247,7 +254,8 @@ def pack_gpu(
         ValueError: empty buffer; an empty sample; an over-long sample with ``overlong="error"``;
             embeddings with the wrong N, on another device, or with NaN/inf; mixed devices; unknown
             ``order``/``strategy``/``attention``/``overlong``/``metric``/``policy``; ``policy="spread"`` with
-            ``max_rejections``.
+            ``max_rejections``; ``keep_apart`` negative, with another strategy, or without a threshold
+            (``order="keep"``/``"random"`` without ``embeddings`` and ``threshold``).
         TypeError: samples of an unknown kind or a non-integer dtype; embeddings not floating.
 
     Examples::
@@ -269,6 +277,17 @@ def pack_gpu(
     if policy is None:
         policy = "spread" if max_rejections is None else "paper"
     policy = check_policy(policy, _checks.check_max_rejections(max_rejections))
+    keep_apart = _as_keep_apart(keep_apart)
+    if keep_apart:
+        if strategy not in ("fill_in_order", "next_fit"):
+            raise ValueError(
+                f"keep_apart needs strategy='fill_in_order' or 'next_fit', got strategy={strategy!r}"
+            )
+        if order != "tfp" and (embeddings is None or threshold is None):
+            raise ValueError(
+                f"keep_apart with order={order!r} needs embeddings= and threshold= (samples closer than the "
+                "threshold are kept apart); order='tfp' estimates the threshold"
+            )
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     max_len = int(max_len)
@@ -283,6 +302,7 @@ def pack_gpu(
     n = lengths.numel()
 
     order_stats = None
+    apart = {}
     if order == "tfp":
         if embeddings is None:
             embeddings = _embed(samples, embedder)
@@ -299,18 +319,26 @@ def pack_gpu(
             policy=policy,
         )
         path_cpu = path.cpu()
+        threshold = order_stats.threshold
     elif order == "random":
         if embeddings is not None:
-            _check_buffer_embeddings(embeddings, n, device, metric)
+            embeddings = _check_buffer_embeddings(embeddings, n, device, metric)
         path_cpu = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
         path = path_cpu.to(device)
     else:
         if embeddings is not None:
-            _check_buffer_embeddings(embeddings, n, device, metric)
+            embeddings = _check_buffer_embeddings(embeddings, n, device, metric)
         path_cpu = torch.arange(n, dtype=torch.int64)
         path = path_cpu.to(device)
+    if keep_apart:
+        apart = dict(
+            embeddings=embeddings.index_select(0, path), min_distance=threshold, metric=metric,
+            keep_apart=keep_apart,
+        )
 
-    packing = pack_lengths(lengths.index_select(0, path_cpu), max_len, strategy=strategy, overlong=overlong)
+    packing = pack_lengths(
+        lengths.index_select(0, path_cpu), max_len, strategy=strategy, overlong=overlong, **apart
+    )
     if order != "keep":
         packing = _reindex(packing, path_cpu, lengths)
     batch = assemble(samples, packing, attention=attention, labels=labels, pad_to=pad_to)

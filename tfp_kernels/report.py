@@ -118,7 +118,7 @@ def packing_summary(
         topics: (N,) integer labels, or None.
         threshold, metric: the TFP threshold ``t`` and its metric: with ``embeddings``, adds
             ``near_duplicate_pair_fraction`` (:func:`near_duplicate_pair_fraction`; None when no pack holds
-            two samples).
+            two samples) and ``near_duplicate_packs``, the packs that hold a pair closer than ``t``.
     """
     out = {
         "packs": packing.num_packs,
@@ -132,8 +132,9 @@ def packing_summary(
     if embeddings is not None:
         out["mean_intra_pack_similarity"] = _nanmean(intra_pack_similarity(packing, embeddings))
         if threshold is not None:
-            near = near_duplicate_pair_fraction(packing, embeddings, threshold, metric)
-            out["near_duplicate_pair_fraction"] = None if math.isnan(near) else round(near, 6)
+            near = near_duplicate_pairs(packing, embeddings, threshold, metric)
+            out["near_duplicate_pair_fraction"] = round(near.close / near.pairs, 6) if near.pairs else None
+            out["near_duplicate_packs"] = near.packs
     if topics is not None:
         frac = same_label_pair_fraction(packing, topics)
         out["same_topic_pair_fraction"] = None if math.isnan(frac) else round(frac, 6)
@@ -250,6 +251,15 @@ def plot_similarity(
     return labels
 
 
+class NearDuplicatePairs(NamedTuple):
+    """What :func:`near_duplicate_pairs` counts: ``close`` pairs of ``pairs`` (the within-pack pairs of
+    distinct samples), and the ``packs`` holding at least one close pair."""
+
+    close: int
+    pairs: int
+    packs: int
+
+
 def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, threshold: float,
                                  metric: str = "l2") -> float:
     """Fraction of the within-pack pairs of distinct samples that lie closer than ``threshold``: the
@@ -275,6 +285,27 @@ def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, thr
         >>> near_duplicate_pair_fraction(pack_lengths([2, 2, 2, 2], 6), emb, 0.5)  # packs {0, 1, 2} | {3}
         0.3333333333333333
     """
+    counts = near_duplicate_pairs(packing, embeddings, threshold, metric)
+    return counts.close / counts.pairs if counts.pairs else float("nan")
+
+
+def near_duplicate_pairs(packing: Packing, embeddings: torch.Tensor, threshold: float,
+                         metric: str = "l2") -> NearDuplicatePairs:
+    """The within-pack pairs of distinct samples closer than ``threshold``, and the packs holding one.
+
+    Arguments and distances as :func:`near_duplicate_pair_fraction` (which is ``close / pairs``).
+
+    Returns:
+        :class:`NearDuplicatePairs` ``(close, pairs, packs)`` of Python ints.
+
+    Examples::
+
+        >>> import torch
+        >>> from tfp_kernels import pack_lengths
+        >>> emb = torch.tensor([[0.0], [0.1], [5.0], [9.0], [9.2]])
+        >>> near_duplicate_pairs(pack_lengths([2, 2, 2, 2, 2], 6), emb, 0.5)  # packs {0, 1, 2} | {3, 4}
+        NearDuplicatePairs(close=2, pairs=4, packs=2)
+    """
     from .order import _checks
     from .order.policy import exact_pair_distances
 
@@ -290,8 +321,9 @@ def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, thr
     later = segment_end - torch.arange(sample.numel()) - 1  # the pairs (a, b > a) of each sample in its pack
     total = int(later.sum())
     if total == 0:
-        return float("nan")
+        return NearDuplicatePairs(0, 0, 0)
     close = 0
+    close_pack = torch.zeros(packing.num_packs, dtype=torch.bool)
     chunk = max(1, (1 << 22) // max(1, int(later.max())))  # samples per round: at most ~4M pairs
     for a0 in range(0, sample.numel(), chunk):
         counts = later[a0 : a0 + chunk]
@@ -300,8 +332,10 @@ def near_duplicate_pair_fraction(packing: Packing, embeddings: torch.Tensor, thr
         second = first + 1 + torch.arange(first.numel()) - torch.repeat_interleave(starts, counts)
         d = exact_pair_distances(embeddings, sample[first].to(embeddings.device),
                                  sample[second].to(embeddings.device), metric)
-        close += int((d < threshold).sum())
-    return close / total
+        is_close = (d < threshold).cpu()
+        close += int(is_close.sum())
+        close_pack[pack[first[is_close]]] = True
+    return NearDuplicatePairs(close, total, int(close_pack.sum()))
 
 
 # ------------------------------------------------------------------------ fill against intra-pack similarity

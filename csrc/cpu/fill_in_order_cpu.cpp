@@ -16,6 +16,11 @@
 // An item that joins in step 3 lies within `window` positions of the pack's first item; with window = 1
 // the rule is next fit.
 //
+// keep_apart = K >= 1 (rows only): in step 2 an item closer than min_distance to an item of the pack is
+// passed over (stays unplaced), up to K per pack, the (K + 1)-th joins anyway; in step 3 such a candidate
+// never joins. A passed-over item is the first unplaced item within K packs, so it is placed then at the
+// latest. The distances are against the pack's items only: O(N * pack size * D) for step 2.
+//
 // Length-only path: the candidates are kept in buckets by length (a FIFO queue of positions per length,
 // a CapacitySet of the non-empty lengths), so "the longest candidate <= room" is a prev() query and every
 // item taken is the head of its queue (steps 2-3 take the earliest of a length). O(N log_64 max_len) after
@@ -223,7 +228,7 @@ void pack_by_length(const int64_t* len, int64_t n, int64_t max_len, int64_t wind
 
 // Packing with rows (N, dim) float32: the similarity-aware top-up.
 void pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t window, const float* rows, int64_t dim,
-                   double fill_weight, double min_distance, bool cosine, PackWriter& writer) {
+                   double fill_weight, double min_distance, bool cosine, int64_t keep_apart, PackWriter& writer) {
   std::vector<double> norm(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) norm[static_cast<size_t>(i)] = std::sqrt(dot4(rows + i * dim, rows + i * dim, dim));
   std::vector<uint8_t> placed(static_cast<size_t>(n), 0);
@@ -259,9 +264,16 @@ void pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t windo
     };
     take(s);
     int64_t cursor = s + 1;
+    int64_t held = 0;  // items this pack's next fit passed over (keep_apart)
     while (room > 0) {  // 2. next fit
       while (cursor < n && placed[static_cast<size_t>(cursor)]) ++cursor;
       if (cursor == n || len[cursor] > room) break;
+      if (exclude && held < keep_apart && too_close(cursor)) {
+        passed_over[static_cast<size_t>(cursor)] = pack;  // too close for the rest of this pack too
+        ++held;
+        ++cursor;
+        continue;
+      }
       take(cursor);
       ++cursor;
     }
@@ -289,7 +301,7 @@ void pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t windo
           best_close_score = score;
         }
       }
-      if (best < 0) best = best_close;  // only too-close candidates fit
+      if (best < 0 && keep_apart == 0) best = best_close;  // only too-close candidates fit
       if (best < 0) break;
       take(best);
     }
@@ -302,7 +314,7 @@ void pack_by_score(const int64_t* len, int64_t n, int64_t max_len, int64_t windo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
     const at::Tensor& lengths, int64_t max_len, int64_t window, const std::optional<at::Tensor>& rows,
-    double fill_weight, double min_distance, bool cosine) {
+    double fill_weight, double min_distance, bool cosine, int64_t keep_apart) {
   TFP_CHECK_CPU(lengths);
   TFP_CHECK_DIM(lengths, 1);
   TFP_CHECK_DTYPE(lengths, at::kLong);
@@ -318,6 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
   }
   TORCH_CHECK(std::isfinite(fill_weight), "fill_weight must be finite, got ", fill_weight);
   TORCH_CHECK(std::isfinite(min_distance), "min_distance must be finite, got ", min_distance);
+  TORCH_CHECK(keep_apart >= 0, "keep_apart must be >= 0, got ", keep_apart);
+  TORCH_CHECK(keep_apart == 0 || rows.has_value(), "keep_apart needs rows (the distances are between them)");
   window = std::min(window, std::max<int64_t>(n, 1));
 
   auto order = at::empty({n}, lens.options());
@@ -337,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_in_order_cpu(
       const double sq = dot4(data + i * dim, data + i * dim, dim);
       TORCH_CHECK(std::isfinite(sq) && sq > 0.0, "rows[", i, "] must be finite and non-zero");
     }
-    pack_by_score(len, n, max_len, window, data, dim, fill_weight, min_distance, cosine, writer);
+    pack_by_score(len, n, max_len, window, data, dim, fill_weight, min_distance, cosine, keep_apart, writer);
   } else {
     pack_by_length(len, n, max_len, window, writer);
   }

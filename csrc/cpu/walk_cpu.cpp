@@ -736,7 +736,7 @@ template <typename scalar_t>
 int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const at::Tensor& band_index,
                   const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                   const at::Tensor& num_close, const ScanRows& scan_in, at::Tensor& path, at::Tensor& visited,
-                  at::Tensor& num_fallbacks, int64_t step, int64_t stop_step, double threshold, int64_t window,
+                  at::Tensor& counters, int64_t step, int64_t stop_step, double threshold, int64_t window,
                   int64_t max_rejections, bool cosine, const Groups& groups, const LongLists& long_lists,
                   const CloseSets& close_sets, const WalkPolicy& policy) {
   const int64_t n = embeddings.size(0);
@@ -771,15 +771,13 @@ int64_t walk_impl(const at::Tensor& embeddings, const at::Tensor& norms, const a
   int64_t stale_entries = 0;  // visited entries of the lists that could not decide (without the cap)
   int64_t forced_steps = 0, first_forced = -1;  // scans here whose pick is closer than t to a window node
   auto flush_counters = [&]() {
-    int64_t* counts = num_fallbacks.numel() > 0 ? num_fallbacks.data_ptr<int64_t>() : nullptr;
-    if (counts) counts[0] += fallbacks;
-    if (counts && num_fallbacks.numel() > 1) counts[1] += cap_fallbacks;
-    if (counts && num_fallbacks.numel() > 2) counts[2] += stale_entries;
-    if (counts && num_fallbacks.numel() > 3) counts[3] += set_scans;
-    if (counts && num_fallbacks.numel() > 5) {
-      counts[4] += forced_steps;
-      if (counts[5] < 0) counts[5] = first_forced;
-    }
+    int64_t* counts = counters.data_ptr<int64_t>();  // (the slots are named in csrc/tfp_kernels.cpp)
+    counts[0] += fallbacks;
+    counts[1] += cap_fallbacks;
+    counts[2] += stale_entries;
+    counts[3] += set_scans;
+    counts[4] += forced_steps;
+    if (counts[5] < 0) counts[5] = first_forced;
   };
   UnitRows<scalar_t> unit(dist, window);
   const int64_t end = stop_step < 0 ? n : std::min(n, stop_step);
@@ -936,7 +934,7 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      const at::Tensor& band_s2, const at::Tensor& band_limit2, const at::Tensor& band_slack,
                      const at::Tensor& num_close, const at::Tensor& scan_rows, const at::Tensor& scan_scale,
                      const at::Tensor& scan_sq_norms, const at::Tensor& scan_slack, at::Tensor& path,
-                     at::Tensor& visited, at::Tensor& num_fallbacks, int64_t step, int64_t stop_step,
+                     at::Tensor& visited, at::Tensor& counters, int64_t step, int64_t stop_step,
                      double threshold, int64_t window, int64_t max_rejections, bool cosine,
                      const std::optional<at::Tensor>& group_of, const std::optional<at::Tensor>& group_offsets,
                      const std::optional<at::Tensor>& group_members, const std::optional<at::Tensor>& group_next,
@@ -947,7 +945,7 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                      std::optional<at::TensorList> policy_groups) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
            &embeddings, &norms, &band_index, &band_s2, &band_limit2, &band_slack, &num_close, &scan_rows,
-           &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &num_fallbacks}) {
+           &scan_scale, &scan_sq_norms, &scan_slack, &path, &visited, &counters}) {
     TORCH_CHECK(t->device().is_cpu(), "tfp_walk: every tensor must be on the CPU");
     TORCH_CHECK(t->is_contiguous(), "tfp_walk: every tensor must be contiguous");
   }
@@ -1004,8 +1002,10 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
                   "tfp_walk: scan_scale, scan_sq_norms and scan_slack must be (N,) = (", n, ",) float64");
     }
   }
-  TORCH_CHECK(num_fallbacks.numel() == 0 || num_fallbacks.scalar_type() == at::kLong,
-              "tfp_walk: num_fallbacks must be empty or an int64 counter");
+  TORCH_CHECK(counters.numel() == 6 && counters.scalar_type() == at::kLong && counters.is_contiguous(),
+              "tfp_walk: counters must be a contiguous (6,) int64 tensor [scans, cap_scans, stale_entries, "
+              "close_set_scans, forced_steps, first_forced_step], got shape ", counters.sizes(), " and dtype ",
+              counters.scalar_type());
   if (cosine) TFP_CHECK_DTYPE(norms, at::kDouble);
   const int long_given = long_row.has_value() + long_index.has_value() + long_s2.has_value() + long_slack.has_value();
   TORCH_CHECK(long_given == 0 || long_given == 4,
@@ -1056,11 +1056,11 @@ int64_t tfp_walk_cpu(const at::Tensor& embeddings, const at::Tensor& norms, cons
   const ScanRows scan_in{scan_rows, scan_scale, scan_sq_norms, scan_slack};
   if (embeddings.scalar_type() == at::kFloat) {
     return walk_impl<float>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
-                            path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
+                            path, visited, counters, step, stop_step, threshold, window, max_rejections,
                             cosine, groups, long_lists, close_sets, walk_policy);
   }
   return walk_impl<double>(embeddings, norms, band_index, band_s2, band_limit2, band_slack, num_close, scan_in,
-                           path, visited, num_fallbacks, step, stop_step, threshold, window, max_rejections,
+                           path, visited, counters, step, stop_step, threshold, window, max_rejections,
                            cosine, groups, long_lists, close_sets, walk_policy);
 }
 

@@ -10,7 +10,7 @@ from tfp_kernels.order.band_topk_triton import triton_runs_on
 from tests.order.engine_options import fast_tfp_order
 from tfp_kernels.order.fast import Kernels
 from tfp_kernels.order.options import EngineSettings
-from tfp_kernels.order.walk_op import host_table
+from tfp_kernels.order.walk_op import WalkCounters, host_table
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="the fast path needs tfp_kernels._C")
 
@@ -193,7 +193,7 @@ def test_walk_op_rejects_bad_arguments():
     lists = torch.zeros(4, 2, dtype=torch.int32)
     args = [emb, torch.empty(0, dtype=torch.float64), lists, torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64),
             torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32), torch.empty(0, dtype=torch.float64),
-            torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), torch.zeros(1, dtype=torch.long)]
+            torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), WalkCounters().tensor]
     args[8:8] = [torch.empty(0, dtype=torch.float64)] * 3  # scan_scale, scan_sq_norms, scan_slack
     with pytest.raises(RuntimeError, match="step must lie in"):
         torch.ops.tfp_kernels.tfp_walk(*args, 0, -1, 1.0, 4, -1, False)
@@ -297,7 +297,7 @@ def test_walk_op_rejects_partial_group_arguments():
     args = [emb, torch.empty(0, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2),
             torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32),
             torch.empty(0, dtype=torch.float64), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool),
-            torch.zeros(1, dtype=torch.long)]
+            WalkCounters().tensor]
     args[8:8] = [torch.empty(0, dtype=torch.float64)] * 3  # scan_scale, scan_sq_norms, scan_slack
     with pytest.raises(RuntimeError, match="pass all of group_of"):
         torch.ops.tfp_kernels.tfp_walk(*args, 1, -1, 1.0, 4, -1, False, torch.zeros(4, dtype=torch.int32))
@@ -622,7 +622,7 @@ def test_walk_op_reads_long_lists_and_rejects_partial_ones():
     def walk(*extra):
         path = torch.tensor([0, 0, 0, 0])
         visited = torch.tensor([True, False, False, False])
-        step = torch.ops.tfp_kernels.tfp_walk(*args, path, visited, torch.zeros(3, dtype=torch.long), 1, -1, 2.0, 4,
+        step = torch.ops.tfp_kernels.tfp_walk(*args, path, visited, WalkCounters().tensor, 1, -1, 2.0, 4,
                                               -1, False, None, None, None, None, *extra)
         return step, path
 
@@ -653,7 +653,7 @@ def test_walk_op_stops_a_long_list_by_its_own_error_bound():
     for slack in (1.0, 0.0):
         path = torch.zeros(n, dtype=torch.long)
         visited = torch.tensor([True, False, False])
-        torch.ops.tfp_kernels.tfp_walk(*args, path, visited, torch.zeros(3, dtype=torch.long), 1, 2, 2.0, 4, -1, False,
+        torch.ops.tfp_kernels.tfp_walk(*args, path, visited, WalkCounters().tensor, 1, 2, 2.0, 4, -1, False,
                                        None, None, None, None, *tables, torch.tensor([slack], dtype=torch.float64))
         picks[slack] = int(path[1])
     assert picks == {1.0: 2, 0.0: 1}
@@ -789,7 +789,7 @@ def test_walk_op_scan_over_a_close_set_falls_back_past_the_list_limit(case):
         path[: len(first)] = torch.tensor(first)
         visited = torch.zeros(n, dtype=torch.bool)
         visited[visited_nodes] = True
-        counter = torch.zeros(4, dtype=torch.long)
+        counter = WalkCounters().tensor
         sets = (offsets, torch.tensor(members, dtype=torch.int32)) if with_sets else (None, None)
         torch.ops.tfp_kernels.tfp_walk(
             emb, torch.empty(0, dtype=torch.float64), band_index, band_s2, limit2,
@@ -816,10 +816,10 @@ def test_walk_op_counts_unvisited_close_nodes_and_rejects_partial_close_sets():
     def walk(*close):
         path = torch.zeros(n, dtype=torch.long)
         visited = torch.tensor([True, True, True, False, False])
-        counter = torch.zeros(3, dtype=torch.long)
+        counter = WalkCounters().tensor
         step = torch.ops.tfp_kernels.tfp_walk(*args, path, visited, counter, 1, -1, 1.0, 4, 2, False,
                                               None, None, None, None, None, None, None, None, *close)
-        return step, int(path[1]), counter.tolist()
+        return step, int(path[1]), counter.tolist()[:3]
 
     offsets = torch.tensor([0, 2, 2, 2, 2, 2])
     assert walk() == (1, 0, [0, 1, 0])  # returned at step 1, counted as a step where the cap could fire
@@ -866,3 +866,14 @@ def test_long_lists_failure_warns_and_goes_on_without_them():
                                     band_backend="torch", band_dtype="bfloat16", long_lists=True)
     assert torch.equal(path, tfp_order_reference(emb, threshold=t))
     assert len(calls) == 1 and info.num_long_lists == 0 and info.num_rebuilds > 0
+
+
+def test_walk_op_takes_exactly_the_six_named_counters():
+    emb = torch.randn(4, 3)
+    args = [emb, torch.empty(0, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2),
+            torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.int32),
+            torch.empty(0, dtype=torch.float16), *[torch.empty(0, dtype=torch.float64)] * 3,
+            torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool)]
+    for bad in (torch.zeros(3, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.zeros(6, dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match=r"counters must be a contiguous \(6,\) int64 tensor"):
+            torch.ops.tfp_kernels.tfp_walk(*args, bad, 1, -1, 1.0, 4, -1, False)

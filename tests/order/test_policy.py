@@ -256,22 +256,23 @@ def test_policy_arguments_are_checked():
 
 @needs_extension
 def test_walk_op_checks_the_policy():
-    from tfp_kernels.order.schedule import bind_walk
+    from tfp_kernels.order.walk_op import WalkCounters, WalkOp, WalkTables
 
     emb = gaussian(6, 3)
     path, visited = torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.bool)
     visited[0] = True
-    tables = dict(embeddings=emb, norms=torch.empty(0, dtype=torch.float64),
-                  band_index=torch.full((6, 2), -1, dtype=torch.int32), band_s2=torch.zeros(6, 2),
-                  limit2=torch.zeros(6, dtype=torch.float64), slack=torch.zeros(6, dtype=torch.float64),
-                  num_close=torch.zeros(6, dtype=torch.int32), host_scan=(torch.empty(0), torch.empty(0),
-                                                                        torch.empty(0), torch.empty(0)),
-                  path=path, visited=visited, counter=torch.zeros(3, dtype=torch.long), threshold=1.0, window=2,
-                  cosine=False)
+
+    def walk(max_rejections, policy):
+        tables = WalkTables(emb, torch.empty(0, dtype=torch.float64), torch.full((6, 2), -1, dtype=torch.int32),
+                            torch.zeros(6, 2), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64),
+                            torch.zeros(6, dtype=torch.int32), path, visited, policy=policy)
+        return WalkOp(tables, threshold=1.0, window=2, max_rejections=max_rejections, cosine=False,
+                      counters=WalkCounters())
+
     with pytest.raises(RuntimeError, match="policy must be 'paper' or 'spread'"):
-        bind_walk(**tables, max_rejections=None, policy=WalkPolicy("near"))(1, -1)
+        walk(None, WalkPolicy("near"))(1, -1)
     with pytest.raises(RuntimeError, match="takes no rejection cap"):
-        bind_walk(**tables, max_rejections=3, policy=WalkPolicy("spread"))(1, -1)
+        walk(3, WalkPolicy("spread"))(1, -1)
     groups = urgent_group_tables(torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([3, 2, 1]))
     for name, bad, match in (
         ("paper", groups, "policy_groups go with policy 'spread'"),
@@ -279,7 +280,7 @@ def test_walk_op_checks_the_policy():
         ("spread", (groups[0][:5], *groups[1:]), "group_of must have N = 6"),
     ):
         with pytest.raises(RuntimeError, match=match):
-            bind_walk(**tables, max_rejections=None, policy=WalkPolicy(name, bad))(1, -1)
+            walk(None, WalkPolicy(name, bad))(1, -1)
 
 
 def test_urgent_group_tables():

@@ -77,13 +77,13 @@ def test_walk_counts_the_visited_entries_of_undecided_lists():
         visited = torch.zeros(n, dtype=torch.bool)
         visited[0] = True
         visited[visited_entries] = True
-        counter = torch.zeros(3, dtype=torch.long)
+        counter = torch.tensor([0, 0, 0, 0, 0, -1], dtype=torch.long)  # (WalkCounters' slots)
         step = torch.ops.tfp_kernels.tfp_walk(
             emb, torch.empty(0, dtype=torch.float64), lists.index, lists.s2, limit2, slack, lists.num_close,
             torch.empty(0, dtype=torch.float16), *[torch.empty(0, dtype=torch.float64)] * 3, path, visited, counter,
             1, -1, threshold, 4, max_rejections, False,
         )
-        return step, counter.tolist()
+        return step, counter.tolist()[:3]
 
     # every entry visited: the list cannot decide, and all of it is stale
     assert run(entries) == (1, [0, 0, k])
@@ -124,3 +124,67 @@ def test_walk_counts_the_scans_where_the_cap_could_fire(monkeypatch):
     # a cap of 5 with lists of 4: the cap can fire at every step with more than 5 unvisited nodes and one close
     assert 0 < capped[1] <= capped[0]
     assert uncapped[1] == 0 and uncapped[0] >= 0
+
+
+def test_run_walk_drives_a_fake_walk_picker_and_rebuilds():
+    # the driver alone: a fake walk that takes the nodes of a known path but stops at every 7th step (its list
+    # "cannot decide") and reports 100 stale entries per call, a fake picker that answers those steps; the driver
+    # must hand each stop to the picker, mark visited, and rebuild when the schedule says so
+    import torch
+
+    from tfp_kernels.order.options import EngineSettings
+    from tfp_kernels.order.schedule import run_walk
+    from tfp_kernels.order.walk_op import WalkCounters
+
+    n = 3000
+    target = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    path = torch.empty(n, dtype=torch.long)
+    path[0] = target[0]
+    visited = torch.zeros(n, dtype=torch.bool)
+    visited[target[0]] = True
+    counters = WalkCounters()
+    picked, rebuilt = [], []
+
+    def walk(step, stop):
+        assert visited[path[:step]].all() and int(visited.sum()) == step
+        counters.tensor[2] += 100
+        while step < stop:
+            if step % 7 == 0 and (not picked or picked[-1] != step):
+                return step
+            path[step] = target[step]
+            visited[target[step]] = True
+            step += 1
+        return step
+
+    def pick(step):
+        picked.append(step)
+        return int(target[step])
+
+    tally = run_walk(n, walk=walk, pick=pick, rebuild=rebuilt.append, path=path, visited=visited,
+                     counters=counters, k=4, settings=EngineSettings(min_rebuild_nodes=64))
+    assert torch.equal(path, target) and bool(visited.all())
+    assert picked == list(range(7, n, 7)) and tally.scans == len(picked)
+    assert tally.rebuilds == len(rebuilt) > 0 and all(0 < s < n for s in rebuilt)
+    # no rebuild callable: none
+    path[1:], visited[:] = -1, False
+    visited[target[0]] = True
+    picked.clear()
+    tally = run_walk(n, walk=walk, pick=pick, rebuild=None, path=path, visited=visited, counters=counters, k=4)
+    assert torch.equal(path, target) and tally.rebuilds == 0
+
+
+def test_walk_counters_are_named_slots():
+    from tfp_kernels.order.walk_op import WalkCounters
+
+    c = WalkCounters()
+    assert c.tensor.tolist() == [0, 0, 0, 0, 0, -1] and c.first_forced_step == -1
+    c.tensor[:] = torch_tensor([5, 4, 3, 2, 1, 9])
+    assert (c.scans, c.cap_scans, c.stale_entries, c.close_set_scans, c.forced_steps) == (5, 4, 3, 2, 1)
+    with pytest.raises(AttributeError):
+        c.nothing
+
+
+def torch_tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.int64)

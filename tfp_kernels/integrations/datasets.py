@@ -348,6 +348,7 @@ def pack_dataset(
     seed: int = 0,
     device: str | torch.device | None = None,
     return_stats: bool = False,
+    keep_apart: int = 0,
 ):
     """Pack a dataset of SFT samples into TFP packs, one pack per row, ready for TRL and ``Trainer``.
 
@@ -410,6 +411,8 @@ def pack_dataset(
             (``policy=None``: ``"spread"``, or ``"paper"`` with ``max_rejections``, as ``tfp-pack``'s
             ``--policy``).
         seed: seed of ``order="random"``.
+        keep_apart: as :func:`~tfp_kernels.pack_gpu` (``order="tfp"``): keep samples closer than the threshold
+            out of one pack where it can (``strategy="fill_in_order"`` or ``"next_fit"``); 0 (default): off.
         device: where the embedding and the ordering run (e.g. ``"cuda"``); None: the CPU.
         return_stats: also return a :class:`PackedDatasetStats`.
 
@@ -510,6 +513,7 @@ def pack_dataset(
         seed=seed,
         overlong=overlong,
         policy=policy,
+        keep_apart=keep_apart,
     )
     from ..text.writers import packed_table
 
@@ -531,6 +535,8 @@ def pack_dataset(
         order_stats=batch.order_stats,
     )
     settings = {"max_len": int(max_len), "strategy": strategy, "order": order, "overlong": overlong}
+    if keep_apart:
+        settings["keep_apart"] = keep_apart
     packed = _packed_dataset(packed_table(batch), stats, settings)
     return (packed, stats) if return_stats else packed
 

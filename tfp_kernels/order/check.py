@@ -268,15 +268,7 @@ def check_path(
     bad = _check_permutation(path, n)
     if bad is not None:
         return bad
-    if steps is None:
-        steps = torch.arange(1, n, device=device)
-    else:
-        steps = torch.as_tensor(steps, device=device)
-        if steps.dim() != 1 or steps.dtype.is_floating_point or steps.dtype == torch.bool:
-            raise ValueError("steps must be a 1-D integer tensor of step indices")
-        steps = torch.unique(steps.long())  # sorted
-        if steps.numel() and (int(steps[0]) < 1 or int(steps[-1]) >= n):
-            raise ValueError(f"steps must lie in [1, N) = [1, {n}), got range [{int(steps[0])}, {int(steps[-1])}]")
+    steps = _checked_steps(steps, n, device)
     if steps.numel() == 0:
         return PathCheck(True, 0)
 
@@ -286,9 +278,7 @@ def check_path(
         atol = DEFAULT_ATOL_FACTOR * float(sq_norms.max().sqrt())
     pos = torch.empty(n, dtype=torch.long, device=device)
     pos[path] = torch.arange(n, device=device)
-    node_ids = torch.arange(n, device=device)
     block = max(1, _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"]) // (n * (window + 1)))
-    inf = torch.tensor(torch.inf, dtype=x.dtype, device=device)
     spread = None
     if policy == "spread":
         spread = _SpreadState(embeddings, pos) if threshold > 0 else None
@@ -296,32 +286,9 @@ def check_path(
     tolerated = 0
     for b in range(0, steps.numel(), block):
         s = steps[b : b + block]  # (B,)
-        # offsets[:, o] = position of the o-th most recent path node before step s (o = 0 is last)
-        back = s[:, None] - 1 - torch.arange(window, device=device)[None, :]  # (B, window)
-        in_path = back >= 0
-        needed, inverse = torch.unique(back.clamp(min=0), return_inverse=True)
-        dist = gemm_distances(x, sq_norms, path[needed], metric)  # (R, N)
-        d_last = dist[inverse[:, 0]]  # (B, N)
-        wmin = d_last.clone()
-        for o in range(1, window):
-            rows_o = dist[inverse[:, o]]
-            wmin = torch.where(in_path[:, o : o + 1], torch.minimum(wmin, rows_o), wmin)
-        cand = pos[None, :] >= s[:, None]
+        d_last, wmin, cand = _window_distances(x, sq_norms, path, pos, s, window, metric)
         valid = cand & (wmin >= threshold)
-        d_valid = torch.where(valid, d_last, inf)
-        first_valid = d_valid.argmin(dim=1)
-        has_valid = valid.any(dim=1)
-        d_cand = torch.where(cand, d_last, inf)
-        pick = torch.where(has_valid, first_valid, d_cand.argmin(dim=1))
-        if max_rejections is not None:
-            capped = (n - s) > max_rejections
-            dv = d_last.gather(1, first_valid[:, None])
-            ahead = cand & ((d_last < dv) | ((d_last == dv) & (node_ids[None, :] < first_valid[:, None])))
-            use_cm = capped & (~has_valid | (ahead.sum(dim=1) >= max_rejections))
-            if bool(use_cm.any()):
-                rows_cm = torch.nonzero(use_cm).flatten()
-                order = torch.sort(d_cand[rows_cm], dim=1, stable=True).indices
-                pick[rows_cm] = order[:, max_rejections]
+        pick = _rule_picks(d_last, cand, valid, s, n, max_rejections)
         if policy == "spread":
             pick, urgent_m, urgent_lowest = _spread_picks(spread, s, n, window, valid, d_last, wmin, cand, pick)
         got = path[s]
@@ -336,21 +303,73 @@ def check_path(
             if (atol > 0 or rtol > 0) and explained:
                 tolerated += 1
                 continue
-            step = int(s[i])
-            chosen, expected = int(got[i]), int(pick[i])
-
-            def user(d):  # a distance of the scaled rows in the units of the embeddings
-                return scaled.to_user_units(float(d))
-
-            return PathCheck(
-                False, b + i + 1, tolerated, step, expected, chosen,
-                message=(
-                    f"step {step}: path takes node {chosen} after node {int(path[step - 1])}, but the TFP rule "
-                    f"(threshold {user_threshold:.6g}, window {window}, max_rejections {max_rejections}, policy "
-                    f"{policy!r}) takes node "
-                    f"{expected}: D[last, {chosen}] = {user(d_last[i, chosen]):.6g}, "
-                    f"D[last, {expected}] = {user(d_last[i, expected]):.6g}; min distance to the window: "
-                    f"{user(wmin[i, chosen]):.6g} for {chosen}, {user(wmin[i, expected]):.6g} for {expected}"
-                ),
-            )
+            rule = (f"threshold {user_threshold:.6g}, window {window}, max_rejections {max_rejections}, "
+                    f"policy {policy!r}")
+            return _failed_step(b + i + 1, tolerated, int(s[i]), int(pick[i]), int(got[i]), path, d_last[i], wmin[i],
+                                rule, scaled.to_user_units)
     return PathCheck(True, int(steps.numel()), tolerated)
+
+
+def _checked_steps(steps, n: int, device: torch.device) -> torch.Tensor:
+    """``check_path``'s ``steps`` (None: all of ``1..N-1``) as a sorted unique int64 tensor on ``device``."""
+    if steps is None:
+        return torch.arange(1, n, device=device)
+    steps = torch.as_tensor(steps, device=device)
+    if steps.dim() != 1 or steps.dtype.is_floating_point or steps.dtype == torch.bool:
+        raise ValueError("steps must be a 1-D integer tensor of step indices")
+    steps = torch.unique(steps.long())  # sorted
+    if steps.numel() and (int(steps[0]) < 1 or int(steps[-1]) >= n):
+        raise ValueError(f"steps must lie in [1, N) = [1, {n}), got range [{int(steps[0])}, {int(steps[-1])}]")
+    return steps
+
+
+def _window_distances(x, sq_norms, path, pos, s, window: int, metric: str):
+    """For the steps ``s`` (B,): ``d_last`` (B, N) distances to the last path node, ``wmin`` (B, N) the minimum
+    distance to the window's nodes, ``cand`` (B, N) the nodes not yet on the path (gemm distances of ``x``)."""
+    device = x.device
+    # back[:, o] = position of the o-th most recent path node before step s (o = 0 is last)
+    back = s[:, None] - 1 - torch.arange(window, device=device)[None, :]  # (B, window)
+    in_path = back >= 0
+    needed, inverse = torch.unique(back.clamp(min=0), return_inverse=True)
+    dist = gemm_distances(x, sq_norms, path[needed], metric)  # (R, N)
+    d_last = dist[inverse[:, 0]]  # (B, N)
+    wmin = d_last.clone()
+    for o in range(1, window):
+        rows_o = dist[inverse[:, o]]
+        wmin = torch.where(in_path[:, o : o + 1], torch.minimum(wmin, rows_o), wmin)
+    return d_last, wmin, pos[None, :] >= s[:, None]
+
+
+def _rule_picks(d_last, cand, valid, s, n: int, max_rejections: int | None) -> torch.Tensor:
+    """(B,) the paper's rule's node at the steps ``s``: the nearest valid candidate, ``c_0`` where none is valid,
+    or with the cap ``c_M`` where ``M`` candidates precede the first valid one."""
+    inf = torch.tensor(torch.inf, dtype=d_last.dtype, device=d_last.device)
+    first_valid = torch.where(valid, d_last, inf).argmin(dim=1)
+    has_valid = valid.any(dim=1)
+    d_cand = torch.where(cand, d_last, inf)
+    pick = torch.where(has_valid, first_valid, d_cand.argmin(dim=1))
+    if max_rejections is not None:
+        node_ids = torch.arange(n, device=d_last.device)
+        capped = (n - s) > max_rejections
+        dv = d_last.gather(1, first_valid[:, None])
+        ahead = cand & ((d_last < dv) | ((d_last == dv) & (node_ids[None, :] < first_valid[:, None])))
+        use_cm = capped & (~has_valid | (ahead.sum(dim=1) >= max_rejections))
+        if bool(use_cm.any()):
+            rows_cm = torch.nonzero(use_cm).flatten()
+            order = torch.sort(d_cand[rows_cm], dim=1, stable=True).indices
+            pick[rows_cm] = order[:, max_rejections]
+    return pick
+
+
+def _failed_step(checked: int, tolerated: int, step: int, expected: int, chosen: int, path, d_last, wmin, rule: str,
+                 user) -> PathCheck:
+    """The :class:`PathCheck` of a step whose node is not the rule's (``user``: distances to the user's units)."""
+    return PathCheck(
+        False, checked, tolerated, step, expected, chosen,
+        message=(
+            f"step {step}: path takes node {chosen} after node {int(path[step - 1])}, but the TFP rule ({rule}) "
+            f"takes node {expected}: D[last, {chosen}] = {user(float(d_last[chosen])):.6g}, "
+            f"D[last, {expected}] = {user(float(d_last[expected])):.6g}; min distance to the window: "
+            f"{user(float(wmin[chosen])):.6g} for {chosen}, {user(float(wmin[expected])):.6g} for {expected}"
+        ),
+    )

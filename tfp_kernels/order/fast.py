@@ -1,7 +1,7 @@
 """The fast exact TFP ordering: band lists, the C++ walk over them, exact scans where a list cannot decide.
 
 :func:`fast_tfp_order` is the driver; it reads as the algorithm (docs/design.md, 'Why the path is exact' and
-'The engine's components'), for validated embeddings and a known threshold ``t``:
+'Components of the engine'), for validated embeddings and a known threshold ``t``:
 
 1. :class:`PreparedRows`: the rows in float64 and float32 (unit rows for cosine), their squared norms, the
    groups of exact duplicates, and the list rows (one per node, or per group);

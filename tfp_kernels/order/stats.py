@@ -59,6 +59,11 @@ class EngineCounters:
     first_forced_step: int | None = None
 
 
+#: The names report.json gives the counters of :class:`EngineCounters` it shows.
+REPORT_NAMES = {"num_fallbacks": "fallbacks", "num_rebuilds": "rebuilds", "num_long_lists": "long_lists",
+                "num_close_sets": "close_sets", "num_cap_fallbacks": "cap_scans", "num_forced_steps": "forced_steps"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class OrderStats(EngineCounters):
     """What :func:`~tfp_kernels.tfp_order` did: the run's header and its :class:`EngineCounters` (keyword
@@ -82,6 +87,17 @@ class OrderStats(EngineCounters):
     time_threshold_s: float
     time_order_s: float
     policy: str = "paper"
+
+    def report_counters(self) -> dict:
+        """The run's counters as ``tfp-pack``'s report.json gives them (its ``"order"`` section): ``backend``,
+        ``band_backend``, ``k``, ``policy``, ``first_forced_step``, the rates, and the counters under the report's
+        names (:data:`REPORT_NAMES`)."""
+        out = {"backend": self.backend, "band_backend": self.band_backend, "k": self.k}
+        out.update({report: getattr(self, field) for field, report in REPORT_NAMES.items()})
+        out.update(fallback_rate=round(self.fallback_rate, 6), policy=self.policy,
+                   first_forced_step=self.first_forced_step,
+                   forced_step_rate=round(self.num_forced_steps / max(1, self.num_nodes - 1), 6))
+        return out
 
     @property
     def fallback_rate(self) -> float:

@@ -3,8 +3,9 @@
 Public API:
 
 - :func:`pack_lengths` ``(lengths, max_len, *, strategy="next_fit", overlong="error", window=1024,
-  embeddings=None, min_distance=None, metric="l2") -> Packing`` with strategies ``"stream"``,
-  ``"next_fit"``, ``"fill_in_order"``, ``"window_best_fit"``, ``"bfd"``;
+  embeddings=None, min_distance=None, metric="l2", keep_apart=0) -> Packing`` with strategies ``"stream"``,
+  ``"next_fit"``, ``"fill_in_order"``, ``"window_best_fit"``, ``"bfd"`` (``keep_apart``: samples closer than
+  ``min_distance`` kept out of one pack where it can, with ``"fill_in_order"`` and ``"next_fit"``);
 - :class:`Packing`: pieces in pack order (``pack_id``, ``sample_index``, ``offset``, ``length``),
   ``pack_offsets`` and the counts of the over-long policy;
 - :func:`shuffle_packs` (seeded epoch shuffle of the packs), :func:`select_packs`, :func:`pack_permutation`.

@@ -12,7 +12,8 @@ The work is done in three steps, each vectorised over all samples (no Python loo
 A strategy is a function ``(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool) ->
 (pieces in pack order, pack_id)``; new ones are added to ``STRATEGIES``. ``pieces_are_samples`` says that
 piece ``i`` is sample ``i`` from offset 0 (no drop, no split), which lets a strategy skip two gathers.
-``"fill_in_order"`` also takes the keywords ``embeddings``, ``min_distance`` and ``metric``.
+``"fill_in_order"`` also takes the keywords ``embeddings``, ``min_distance``, ``metric`` and ``keep_apart``
+(``"next_fit"`` with ``keep_apart`` is ``"fill_in_order"`` with ``window=1``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def _fill_in_order(
     embeddings: torch.Tensor | None = None,
     min_distance: float = 0.0,
     metric: str = "l2",
+    keep_apart: int = 0,
 ) -> Assignment:
     """Next fit in order, each pack topped up from the next ``window`` pieces (C++ op; host copy for CUDA).
 
@@ -124,9 +126,20 @@ def _fill_in_order(
     if embeddings is not None:
         rows = embeddings if pieces_are_samples else embeddings.index_select(0, pieces.sample_index.cpu())
     result = fill_in_order_pack(
-        pieces.length, max_len, window=window, rows=rows, min_distance=min_distance, metric=metric
+        pieces.length,
+        max_len,
+        window=window,
+        rows=rows,
+        min_distance=min_distance,
+        metric=metric,
+        keep_apart=keep_apart,
     )
     return _best_fit(pieces, result, pieces_are_samples)
+
+
+def _next_fit_apart(pieces: Pieces, max_len: int, *, window: int, pieces_are_samples: bool, **similarity):
+    """``"next_fit"`` with ``keep_apart``: ``"fill_in_order"`` with ``window=1`` (no top-up)."""
+    return _fill_in_order(pieces, max_len, window=1, pieces_are_samples=pieces_are_samples, **similarity)
 
 
 Strategy = Callable[..., Assignment]
@@ -211,6 +224,19 @@ def _as_embedding_rows(embeddings, num_samples: int) -> torch.Tensor:
             "cosine similarity of fill_in_order needs non-zero rows"
         )
     return rows
+
+
+def _as_keep_apart(value) -> int:
+    """``value`` as a Python int ``>= 0``; bools and floats are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"keep_apart must be an int >= 0, got {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError as err:
+        raise TypeError(f"keep_apart must be an int >= 0, got {type(value).__name__} {value!r}") from err
+    if not 0 <= result <= _INT64_MAX:
+        raise ValueError(f"keep_apart must be an int in [0, 2**63 - 1], got {result}")
+    return result
 
 
 def _as_min_distance(value) -> float:
@@ -357,6 +383,7 @@ def pack_lengths(
     embeddings: torch.Tensor | None = None,
     min_distance: float | None = None,
     metric: str = "l2",
+    keep_apart: int = 0,
 ) -> Packing:
     """Assign samples of the given lengths to packs of at most ``max_len`` tokens.
 
@@ -405,6 +432,13 @@ def pack_lengths(
       inside a pack keep input order. C++ op, O(M log max_len) without embeddings, O(P * window * D)
       with; CUDA lengths are packed on a host copy; without the extension a pure-Python version runs
       (with a warning).
+    - ``keep_apart=K`` (``"fill_in_order"`` and ``"next_fit"``, with ``embeddings`` and ``min_distance``,
+      e.g. the TFP threshold t): keeps samples closer than ``min_distance`` to each other out of one pack
+      where it can. The next fit passes over a sample closer than that to a sample of the open pack (it
+      stays unplaced), up to ``K`` per pack (the ``K + 1``-th joins anyway); the top-up never takes one. A
+      passed-over sample opens a pack within ``K`` packs at the latest: held back, never lost. ``"next_fit"``
+      with ``keep_apart`` is ``"fill_in_order"`` with ``window=1``. The distances are against the open
+      pack's samples only, O(N * pack size * D) on top of the strategy's cost.
 
     Args:
         lengths: (N,) token count of each sample, any integer dtype (not bool), CPU or CUDA; a Python
@@ -420,10 +454,14 @@ def pack_lengths(
             ``"split"``: cut it into consecutive pieces of ``max_len`` tokens and a remainder, at offsets
             ``0, max_len, 2 * max_len, ...``; next fit places them in that order (``"stream"``: see above).
         embeddings: (N, D) floating, any device, one finite non-zero row per sample (compared as float32
-            values), or None; ``"fill_in_order"`` only (another strategy raises ``ValueError``).
+            values), or None; ``"fill_in_order"`` only, or ``"next_fit"`` with ``keep_apart`` (another
+            strategy raises ``ValueError``).
         min_distance: with ``embeddings``, a finite number ``>= 0``: ``"fill_in_order"`` tops a pack up
-            with a sample closer than this to one of its samples only when no other fits; None or 0: off.
+            with a sample closer than this to one of its samples only when no other fits (never, with
+            ``keep_apart``); None or 0: off.
         metric: the distance of ``min_distance``: ``"l2"`` or ``"cosine"`` (``1 - cos``).
+        keep_apart: samples closer than ``min_distance`` to a pack that its next fit may pass over (see
+            above), an int ``>= 0``; 0 (default): off. Needs ``embeddings`` and ``min_distance``.
 
     Returns:
         :class:`~tfp_kernels.packing.Packing`, all tensors int64 on the device of ``lengths``:
@@ -436,10 +474,13 @@ def pack_lengths(
             packed, after ``overlong``) exceeds ``2**63 - 1``, which int64 pack offsets cannot hold; a sample
             longer than ``max_len`` with ``overlong="error"``; ``max_len < 1`` or ``window < 1``; an unknown
             ``strategy``, ``overlong`` or ``metric``; ``embeddings`` not of shape (N, D), with a non-finite
-            or all-zero row, or given to a strategy other than ``"fill_in_order"``; ``min_distance``
-            negative or not finite, or given without ``embeddings``.
-        TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len`` or
-            ``window`` not an int; ``embeddings`` not a floating tensor; ``min_distance`` not a number.
+            or all-zero row, or given to a strategy other than ``"fill_in_order"`` (or ``"next_fit"`` with
+            ``keep_apart``); ``min_distance`` negative or not finite, or given without ``embeddings``;
+            ``keep_apart`` negative, or positive without ``embeddings`` and ``min_distance`` or with another
+            strategy.
+        TypeError: ``lengths`` not of an integer dtype (bool and floats included); ``max_len``,
+            ``window`` or ``keep_apart`` not an int; ``embeddings`` not a floating tensor; ``min_distance``
+            not a number.
 
     Host syncs (CUDA): one to check ``lengths`` (and count split pieces), one to read ``P``; the
     compiled next-fit op and ``"stream"`` add one each; ``"bfd"``/``"window_best_fit"`` copy the
@@ -483,11 +524,24 @@ def pack_lengths(
     lengths = _as_lengths_tensor(lengths)
     max_len = _as_max_len(max_len)
     window = _as_positive_int(window, "window")
+    keep_apart = _as_keep_apart(keep_apart)
+    if keep_apart:
+        if strategy not in ("fill_in_order", "next_fit"):
+            raise ValueError(
+                "keep_apart= is used by strategy='fill_in_order' and 'next_fit' only, got "
+                f"strategy={strategy!r}"
+            )
+        if embeddings is None or min_distance is None:
+            raise ValueError(
+                "keep_apart= needs embeddings= and min_distance= (samples closer than min_distance are kept "
+                "apart)"
+            )
     similarity = {}
     if embeddings is not None:
-        if strategy != "fill_in_order":
+        if strategy != "fill_in_order" and not (strategy == "next_fit" and keep_apart):
             raise ValueError(
-                f"embeddings= is used by strategy='fill_in_order' only, got strategy={strategy!r}"
+                "embeddings= is used by strategy='fill_in_order' only (or 'next_fit' with keep_apart=), got "
+                f"strategy={strategy!r}"
             )
         similarity["embeddings"] = _as_embedding_rows(embeddings, lengths.numel())
     if min_distance is not None:
@@ -495,6 +549,8 @@ def pack_lengths(
             raise ValueError("min_distance= needs embeddings= (the distances are between their rows)")
         similarity["min_distance"] = _as_min_distance(min_distance)
         similarity["metric"] = metric
+    if keep_apart:
+        similarity["keep_apart"] = keep_apart
 
     # One host sync for the checks: smallest length, number of over-long samples (and of split pieces).
     is_overlong = lengths > max_len
@@ -532,7 +588,8 @@ def pack_lengths(
     pieces_are_samples = (
         num_overlong == 0 or overlong == "truncate" or (strategy == "stream" and overlong == "split")
     )
-    assignment = STRATEGIES[strategy](
+    pack = _next_fit_apart if strategy == "next_fit" and keep_apart else STRATEGIES[strategy]
+    assignment = pack(
         expanded.pieces, max_len, window=window, pieces_are_samples=pieces_are_samples, **similarity
     )
     return _make_packing(assignment, max_len, expanded, lengths)

@@ -12,6 +12,11 @@ The definition is that of :func:`tfp_kernels.packing.reference.fill_in_order_ref
    that to an item of the pack only when no other fits;
 4. the pack closes when no candidate fits.
 
+With ``keep_apart = K >= 1`` (embeddings and ``min_distance``), items closer than ``min_distance`` to an item
+of the pack are kept out of it: step 2 passes over up to ``K`` of them per pack (they stay unplaced; the
+``K + 1``-th joins anyway), step 3 never takes one. A passed-over item opens a pack within ``K`` packs at the
+latest, so none is lost.
+
 Packs are numbered by their first item and list their items in input order, as the best-fit strategies
 do; an item that joins in step 3 lies within ``window`` positions of its pack's first item, and
 ``window=1`` gives next fit.
@@ -19,7 +24,8 @@ do; an item that joins in step 3 lies within ``window`` positions of its pack's 
 - ``torch.ops.tfp_kernels.fill_in_order`` (C++, ``csrc/cpu/fill_in_order_cpu.cpp``): without embeddings,
   candidates in buckets by length, O(N log_64 max_len): 10^7 long-tailed lengths at max_len 2048 in 0.7-1.0 s
   on a busy 2-core CPU, where the BFD op took 1.3-1.9 s; with embeddings, every top-up step scores the
-  fitting candidates of the window, O(P * window * D) (10^5 items, D = 256: ~4 s). Sequential: CUDA lengths
+  fitting candidates of the window, O(P * window * D) (10^5 items, D = 256: ~4 s); ``keep_apart`` adds the
+  distances of the next-fit items to the pack's items, O(N * pack size * D). Sequential: CUDA lengths
   are packed on a host copy.
 - :func:`fill_in_order_pack_python`: the length-only rule with the same buckets in Python (``bisect`` over
   the sorted lengths), the fallback when the extension is not built; with embeddings the fallback is the
@@ -117,6 +123,7 @@ def fill_in_order_pack(
     fill_weight: float = FILL_WEIGHT,
     min_distance: float = 0.0,
     metric: str = "l2",
+    keep_apart: int = 0,
     backend: str = "auto",
 ) -> BestFit:
     """``"fill_in_order"`` packing of ``lengths`` by the C++ op or the Python fallback.
@@ -132,6 +139,8 @@ def fill_in_order_pack(
         min_distance: candidates closer than this to an item of the pack join only when no other fits
             (with ``rows``; ``0`` turns it off).
         metric: distance of ``min_distance``: ``"l2"`` or ``"cosine"`` (``1 - cos``).
+        keep_apart: with ``rows``, items closer than ``min_distance`` to the pack that its next fit may
+            pass over (close candidates then never join in the top-up); ``0``: off.
         backend: ``"auto"`` (the compiled op when built, else the Python fallback with a warning),
             ``"op"`` (compiled op or an error) or ``"python"``.
 
@@ -153,7 +162,14 @@ def fill_in_order_pack(
         require_extension("fill_in_order_pack(backend='op')")
         result = BestFit(
             *torch.ops.tfp_kernels.fill_in_order(
-                host, max_len, window, rows, float(fill_weight), float(min_distance), metric == "cosine"
+                host,
+                max_len,
+                window,
+                rows,
+                float(fill_weight),
+                float(min_distance),
+                metric == "cosine",
+                int(keep_apart),
             )
         )
     else:
@@ -170,6 +186,7 @@ def fill_in_order_pack(
                 fill_weight=fill_weight,
                 min_distance=min_distance,
                 metric=metric,
+                keep_apart=keep_apart,
             )
         pack_of = torch.tensor(pack_list, dtype=torch.int64)
         # items by pack, input order inside a pack (a stable sort of the pack ids)
@@ -191,6 +208,7 @@ if has_extension():
         fill_weight: float = FILL_WEIGHT,
         min_distance: float = 0.0,
         cosine: bool = False,
+        keep_apart: int = 0,
     ):
         torch._check(lengths.dim() == 1, lambda: f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
         torch._check(lengths.dtype == torch.int64, lambda: f"lengths must be int64, got {lengths.dtype}")

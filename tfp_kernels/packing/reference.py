@@ -173,6 +173,7 @@ def fill_in_order_reference(
     fill_weight: float = FILL_WEIGHT,
     min_distance: float = 0.0,
     metric: str = "l2",
+    keep_apart: int = 0,
 ) -> list[int]:
     """Next fit in input order, each pack topped up from the items ahead of it (``"fill_in_order"``).
 
@@ -189,6 +190,17 @@ def fill_in_order_reference(
     Packs are numbered in opening order, which is the order of their first items. An item that joins in
     step 3 lies within ``window`` positions of the pack's first item; ``window=1`` gives next fit.
 
+    With ``keep_apart = K >= 1`` (needs ``rows``; "close" means closer than ``min_distance``):
+
+    - in step 2, an item close to an item of the pack is passed over (it stays unplaced and the next
+      fit goes on with the item after it), up to ``K`` items per pack; the ``K + 1``-th close item joins
+      anyway (a forced join: the one way two close items end up in one pack);
+    - in step 3, a close candidate never joins.
+
+    A passed-over item is placed at the latest when it is the first unplaced item, which happens within
+    ``K`` packs: it is held back, never dropped. ``window=1`` with ``keep_apart`` is next fit that holds
+    close items back.
+
     The arithmetic of step 3 is that of the C++ op, operation by operation, so that both give the same
     packs: rows as float32 values in double arithmetic, dot products as four partial sums over
     ``d % 4`` combined as ``(s0 + s1) + (s2 + s3)`` (:func:`_dot4`), norms ``sqrt(dot4(x, x))``, the
@@ -201,6 +213,7 @@ def fill_in_order_reference(
         window: candidates per pack (``>= 1``).
         rows: N rows of D floats (float32 values), each finite and non-zero; None for the length-only rule.
         fill_weight, min_distance, metric: see step 3 (used with ``rows`` only).
+        keep_apart: items passed over per pack in step 2 (see above); 0: off.
 
     Returns:
         The pack id of each item (N ints), numbered in opening order.
@@ -211,6 +224,10 @@ def fill_in_order_reference(
         raise ValueError(f"window must be >= 1, got {window}")
     if metric not in ("l2", "cosine"):
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if keep_apart < 0:
+        raise ValueError(f"keep_apart must be >= 0, got {keep_apart}")
+    if keep_apart and rows is None:
+        raise ValueError("keep_apart needs rows (the distances are between them)")
     n = len(lengths)
     for item, length in enumerate(lengths):
         if not 1 <= length <= max_len:
@@ -239,11 +256,15 @@ def fill_in_order_reference(
         members = [s]
         pack_of[s] = pack
         room = max_len - lengths[s]
+        held = 0  # items passed over by this pack's next fit (keep_apart)
         for q in range(s + 1, n):  # 2. next fit over the unplaced items, in order
             if pack_of[q] >= 0:
                 continue
             if lengths[q] > room:
                 break
+            if held < keep_apart and any(distance(q, m) < min_distance for m in members):
+                held += 1
+                continue
             members.append(q)
             pack_of[q] = pack
             room -= lengths[q]
@@ -268,6 +289,8 @@ def fill_in_order_reference(
                     for q in fitting
                     if min_distance <= 0 or all(distance(q, m) >= min_distance for m in members)
                 ]
+                if keep_apart and not far:
+                    break  # only close candidates fit: they never join
                 best = max(far or fitting, key=lambda q: (scores[q], -q))
             members.append(best)
             pack_of[best] = pack
@@ -340,6 +363,7 @@ def pack_lengths_reference(
     embeddings: Sequence[Sequence[float]] | None = None,
     min_distance: float | None = None,
     metric: str = "l2",
+    keep_apart: int = 0,
 ) -> dict:
     """Reference of :func:`tfp_kernels.packing.pack_lengths`.
 
@@ -348,6 +372,8 @@ def pack_lengths_reference(
     packs end (so their pieces need not start at multiples of ``max_len``); ``num_split`` still counts them.
     The other strategies pack the pieces; their pieces inside a pack keep input order. ``"fill_in_order"``
     gives each piece the row of its sample in ``embeddings`` (N rows of float32 values, or None).
+    ``keep_apart`` (``"fill_in_order"``, or ``"next_fit"``: then ``"fill_in_order"`` with ``window=1``) is
+    that of :func:`fill_in_order_reference`.
 
     Returns:
         A dict with the fields of :class:`~tfp_kernels.packing.Packing` as Python lists / ints:
@@ -362,6 +388,8 @@ def pack_lengths_reference(
     else:
         result = expand_overlong_reference(lengths, max_len, overlong)
     piece_lengths = result["length"]
+    if strategy == "next_fit" and keep_apart:
+        strategy, window = "fill_in_order", 1
     if strategy == "next_fit":
         pack_ids, order = next_fit_pack_ids_reference(piece_lengths, max_len), None
     elif strategy == "bfd":
@@ -373,7 +401,13 @@ def pack_lengths_reference(
     elif strategy == "fill_in_order":
         rows = None if embeddings is None else [embeddings[sample] for sample in result["sample_index"]]
         pack_ids = fill_in_order_reference(
-            piece_lengths, max_len, window, rows, min_distance=min_distance or 0.0, metric=metric
+            piece_lengths,
+            max_len,
+            window,
+            rows,
+            min_distance=min_distance or 0.0,
+            metric=metric,
+            keep_apart=keep_apart,
         )
         order = sorted(range(len(pack_ids)), key=lambda piece: (pack_ids[piece], piece))
     else:  # stream
