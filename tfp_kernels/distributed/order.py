@@ -676,11 +676,14 @@ def _pack_lists(index, s2, limit2, num_close, slack) -> torch.Tensor:
 
 
 def _unpack_lists(packed: torch.Tensor, k: int):
+    """The tables of :func:`_pack_lists`' rows ``packed`` (Q, 8K + 20) uint8, Q >= 0, each copied out (a slice of a
+    one-row tensor counts as contiguous and keeps its row stride and byte offset, which a dtype view refuses)."""
     widths = [(torch.int32, k), (torch.float32, k), (torch.float64, 1), (torch.int32, 1), (torch.float64, 1)]
     out, col = [], 0
     for dtype, count in widths:
         nbytes = count * torch.empty(0, dtype=dtype).element_size()
-        out.append(packed[:, col : col + nbytes].contiguous().view(dtype))
+        part = torch.empty((packed.shape[0], nbytes), dtype=torch.uint8).copy_(packed[:, col : col + nbytes])
+        out.append(part.view(dtype))
         col += nbytes
     index, s2, limit2, num_close, slack = out
     return index, s2, limit2.flatten(), num_close.flatten(), slack.flatten()
