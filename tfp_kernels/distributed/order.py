@@ -23,13 +23,13 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    each group's lowest member (one band list per group, its entries group ids; a group's members have the
    same distance to everything, and the walk takes its lowest unvisited one). List rows are numbered in rank
    order, so each rank holds a contiguous block of them.
-4. **List phase** (ring, :class:`RingListBuilder`): each rank lists its list rows (docs/design.md, 'The band
-   lists') against every rank's block of list rows; the blocks travel around the ring (``isend`` to
-   ``r + 1``, ``irecv`` from ``r - 1``, the next block's transfer overlapping the current block's products),
-   so a rank holds its own rows and at most two column blocks, never all embeddings. Blockwise float32
-   products (IEEE, no TF32) with the same error bound and the same band as the single-process lists; per
-   row the running K best are merged by (squared distance, global list-row id). The lists are gathered to
-   rank 0.
+4. **List phase** (ring, :class:`RingListBuilder`): each rank lists its list rows
+   (docs/design.md, 'The band lists') against every rank's block of list rows; the blocks travel around the
+   ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the next block's transfer overlapping the current
+   block's products), so a rank holds its own rows and at most two column blocks, never all embeddings.
+   Blockwise float32 products (IEEE, no TF32) with the same error bound and the same band as the
+   single-process lists; per row the running K best are merged by (squared distance, global list-row id).
+   The lists are gathered to rank 0.
 5. **Walk** on rank 0: the single-process driver (:func:`~tfp_kernels.order.schedule.run_walk`) over the same
    components: the C++ walk (:class:`~tfp_kernels.order.walk_op.WalkOp` on
    :class:`~tfp_kernels.order.builders.ListTables`), the ring builder for the rebuilds, and a sharded picker
