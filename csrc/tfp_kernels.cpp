@@ -66,13 +66,14 @@ TORCH_LIBRARY(tfp_kernels, m) {
       "Tensor(d!)? group_next=None, Tensor? long_row=None, Tensor? long_index=None, Tensor? long_s2=None, "
       "Tensor? long_slack=None, Tensor? close_offsets=None, Tensor? close_members=None, str policy='paper', "
       "Tensor[]? policy_groups=None) -> int");
-  // policy (tfp_kernels/order/policy.py): "paper" (the rule above) or "spread" (no cap): a group of exact
+  // policy (tfp_kernels/order/policy.py): "paper" (the rule above) or "spread" (no cap): a group of near-
   // duplicates that the window can barely keep apart (m unvisited members among u unvisited nodes, m >= 2 and
   // m (window + 1) >= u, t > 0) is urgent, and its lowest unvisited member is taken as soon as it is valid (the
   // urgent group with most members first, ties in the order (D[last, j], j)); a step where no unvisited node is
   // valid takes the node farthest from the window (max of the min distance to its nodes, ties: lower index).
   // policy_groups: [group_of (N,) int32 (-1: no duplicate), offsets (G + 1,) int64, members (M,) int64], the
-  // groups of two or more equal rows numbered by decreasing size, members increasing (None: no such group).
+  // groups of two or more near-duplicates (the caller's partition: tfp_kernels.order.policy.near_duplicate_groups)
+  // numbered by decreasing size, members increasing (None: no such group).
   // Exact-duplicate groups (optional, all four or none): the band lists are then per group (U, K) and
   // hold group ids; group_of (N,) int32 is each node's group, group_members (N,) int64 the nodes of
   // group g in increasing order at group_offsets[g]..group_offsets[g + 1] (int64, U + 1), group_next

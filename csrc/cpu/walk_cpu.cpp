@@ -208,11 +208,12 @@ struct Groups {
   }
 };
 
-// The "spread" policy's urgent groups (see the op's comment in tfp_kernels.cpp): groups of two or more exact
-// duplicates, numbered by decreasing size; their unvisited members are counted from `seen` when made, and
-// taken() keeps the counts. A group with m unvisited members among u unvisited nodes needs
-// (m - 1) (window + 1) + 1 positions to keep its members apart (they are at distance 0 < t from each other):
-// from m (window + 1) >= u on it is urgent, and pick() takes a member as soon as one is valid.
+// The "spread" policy's urgent groups (see the op's comment in tfp_kernels.cpp): groups of two or more
+// near-duplicates (a partition the caller made), numbered by decreasing size; their unvisited members are counted
+// from `seen` when made, and taken() keeps the counts. A group with m unvisited members among u unvisited nodes
+// would need (m - 1) (window + 1) + 1 positions to keep its members apart were they all closer than t to each
+// other: from m (window + 1) >= u on it is urgent, and pick() takes its lowest unvisited member as soon as that
+// one is valid.
 class UrgentGroups {
  public:
   UrgentGroups(const int32_t* group_of, const int64_t* offsets, const int64_t* members, int64_t num_groups,
@@ -715,10 +716,10 @@ struct CloseSets {
   }
 };
 
-// The op's policy: "paper", or "spread" with its duplicate groups (UrgentGroups; group_of null when none).
+// The op's policy: "paper", or "spread" with its near-duplicate groups (UrgentGroups; group_of null when none).
 struct WalkPolicy {
   bool spread = false;
-  const int32_t* group_of = nullptr;  // (N,) group of two or more equal rows, -1 for the others
+  const int32_t* group_of = nullptr;  // (N,) group of two or more near-duplicates, -1 for the others
   const int64_t* offsets = nullptr;   // (G + 1,), groups by decreasing size
   const int64_t* members = nullptr;   // (M,) members of each group, increasing
   int64_t num_groups = 0;

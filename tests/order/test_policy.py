@@ -10,7 +10,8 @@ import torch
 from tfp_kernels import check_path, estimate_threshold, has_extension, pack_lengths, tfp_order, tfp_order_reference
 from tfp_kernels.order.band_topk_triton import triton_runs_on
 from tfp_kernels.order.distance import distances_from, prepare
-from tfp_kernels.order.policy import WalkPolicy, count_forced_steps, duplicates_of, urgent_group_tables
+from tfp_kernels.order.policy import WalkPolicy, count_forced_steps, near_duplicate_groups, urgent_group_tables
+from tfp_kernels.order.reference import near_duplicate_groups_reference
 from tfp_kernels.report import near_duplicate_pair_fraction
 
 needs_extension = pytest.mark.skipif(not has_extension(), reason="the fast path needs tfp_kernels._C")
@@ -44,6 +45,15 @@ def sft_like(n, d, seed=0):
 def grid(n, seed=0):
     """Integer points: many exact distance ties, and ties at t."""
     return torch.randint(0, 4, (n, 3), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def jittered_clusters(n, d, *, clusters, radius, seed=0):
+    """Rows around ``clusters`` centres (Gaussian, spread 10), each within ~``radius`` of its centre: groups of
+    near-duplicates that are not equal rows."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10.0 * torch.randn(clusters, d, generator=g)
+    which = torch.randint(0, clusters, (n,), generator=g)
+    return centres[which] + radius * torch.randn(n, d, generator=g) / math.sqrt(d)
 
 
 # ------------------------------------------------------------------------------------------------- forced steps
@@ -161,6 +171,9 @@ SPREAD_CASES = [
     pytest.param(torch.tensor([[0.0], [0.0], [0.1]]), {"threshold": 1.0, "start": 2}, id="n3"),
     pytest.param(grid(90, seed=2), {"window": 3}, id="grid-ties"),
     pytest.param(sft_like(130, 6, seed=5), {"threshold": 0.0}, id="t0"),
+    pytest.param(jittered_clusters(120, 6, clusters=4, radius=1.0, seed=7), {"threshold": 3.0}, id="near-clusters"),
+    pytest.param(jittered_clusters(90, 5, clusters=3, radius=1.0, seed=8), {"threshold": 0.1, "metric": "cosine"},
+                 id="near-clusters-cosine"),
 ]
 
 
@@ -229,6 +242,31 @@ def test_spread_separates_a_group_the_window_can_separate():
     assert gaps["paper"][0] < 5 and gaps["paper"][1] > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fast", marks=needs_extension)])
+def test_spread_separates_a_near_duplicate_group(backend):
+    # as above, but the 20 rows are near-duplicates, not equal rows (jittered by 0.01, t ~0.29): one group of
+    # near_duplicate_groups, kept 5 steps apart with no forced step; the paper's rule strings them together
+    emb = gaussian(101, 6)
+    near = torch.randperm(101, generator=torch.Generator().manual_seed(1))[:20]
+    emb[near] = emb[near[0]] + 0.01 * gaussian(20, 6, seed=9)
+    others = torch.ones(101, dtype=torch.bool)
+    others[near] = False
+    t = 0.5 * float(torch.pdist(emb[others].double()).min())
+    assert torch.unique(emb, dim=0).shape[0] == 101 and float(torch.pdist(emb[near].double()).max()) < t
+    group_of, counts = near_duplicate_groups(emb, threshold=t, metric="l2")
+    assert sorted(counts.tolist())[-2:] == [1, 20] and group_of[near].unique().numel() == 1
+    order = tfp_order_reference if backend == "reference" else tfp_order
+    gaps = {}
+    for policy in ("paper", "spread"):
+        path, stats = order(emb, threshold=t, policy=policy, return_stats=True)
+        assert check_path(emb, path, threshold=t, policy=policy)
+        pos = torch.empty(101, dtype=torch.long)
+        pos[path] = torch.arange(101)
+        gaps[policy] = (int(pos[near].sort().values.diff().min()), stats.num_forced_steps)
+    assert gaps["spread"] == (5, 0)
+    assert gaps["paper"][0] < 5 and gaps["paper"][1] > 0
+
+
 def test_check_path_spread_names_the_step():
     emb = with_group(60, 5, 15)
     t = estimate_threshold(emb, quantile=0.05)
@@ -293,8 +331,52 @@ def test_urgent_group_tables():
     assert offsets.tolist() == [0, 3, 5, 7] and members.tolist() == [0, 2, 5, 1, 4, 6, 7]
     assert urgent_group_tables(torch.arange(4), torch.ones(4, dtype=torch.long)) is None
     emb = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0]])
-    assert [t.tolist() for t in urgent_group_tables(*duplicates_of(emb))] == [[0, -1, 0], [0, 2], [0, 2]]
-    assert duplicates_of(emb[:2]) is None
+    found = near_duplicate_groups(emb, threshold=1.0, metric="l2")
+    assert [t.tolist() for t in urgent_group_tables(*found)] == [[0, -1, 0], [0, 2], [0, 2]]
+    assert near_duplicate_groups(emb[:2], threshold=1.0, metric="l2") is None
+
+
+# ------------------------------------------------------------------------------------------------- near-duplicate groups
+
+
+GROUP_CASES = [
+    (gaussian(1, 3), 0.5, "l2"),
+    (gaussian(37, 5, seed=2), None, "l2"),
+    (gaussian(37, 5, seed=2), None, "cosine"),
+    (with_group(70, 7, 12, seed=3), None, "l2"),
+    (sft_like(130, 9, seed=4), None, "cosine"),
+    (grid(90, seed=5), 1.0, "l2"),  # integer points at distance exactly 1 (not < t): ties at t decided exactly
+    (grid(90, seed=5), 2.0 ** 0.5, "l2"),
+    (jittered_clusters(101, 6, clusters=5, radius=1.0, seed=6), 3.0, "l2"),
+    (jittered_clusters(101, 6, clusters=5, radius=1.0, seed=6).double() * 2.0 ** -60, 3.0 * 2.0 ** -60, "l2"),
+]
+
+
+@pytest.mark.parametrize("emb, t, metric", GROUP_CASES)
+@pytest.mark.parametrize("block_elements", [1 << 22, 7, 1])
+def test_near_duplicate_groups_against_reference(emb, t, metric, block_elements):
+    t = float(estimate_threshold(emb, quantile=0.05, metric=metric)) if t is None else t
+    got = near_duplicate_groups(emb, threshold=t, metric=metric, block_elements=block_elements)
+    want = near_duplicate_groups_reference(emb, threshold=t, metric=metric)
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        group_of, counts = got
+        assert group_of.dtype == torch.int64 and int(counts.sum()) == emb.shape[0]
+        _, inverse = torch.unique(emb, dim=0, return_inverse=True)
+        for rows in range(int(inverse.max()) + 1):  # equal rows share a group
+            assert group_of[inverse == rows].unique().numel() == 1
+
+
+def test_near_duplicate_groups_edges():
+    emb = gaussian(20, 4)
+    assert near_duplicate_groups(emb, threshold=0.0, metric="l2") is None  # t = 0: nothing is closer than t
+    assert near_duplicate_groups(emb, threshold=1e-9, metric="l2") is None  # all rows distinct and far apart
+    group_of, counts = near_duplicate_groups(emb, threshold=1e9, metric="l2")  # node 0 leads everything
+    assert group_of.tolist() == [0] * 20 and counts.tolist() == [20]
+    # a leader takes what is near it, not what is near its members: a chain 0 - 1 - 2 at spacing 1, t = 1.5
+    chain = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    assert near_duplicate_groups(chain, threshold=1.5, metric="l2")[0].tolist() == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------- what it is for
@@ -314,16 +396,15 @@ def sft_embeddings(n, fraction, seed=0):
 @needs_extension
 def test_spread_meets_its_goal_on_a_duplicate_heavy_set():
     # 400 records, 20% sharing one instruction: the walk under the paper's rule runs out of valid nodes and ends
-    # with the shared records in a row; under "spread" the shared records stay 5 steps apart, no forced step
-    # involves two of them (the last steps can still meet other near-duplicates: templated instructions that the
-    # hashed embedder puts closer than t), and the packs of the TFP order hold fewer near-duplicate pairs than
-    # random order's
+    # with the shared records in a row; under "spread" the shared records stay 5 steps apart, no step is forced
+    # (the templated instructions that the hashed embedder puts closer than t are near-duplicate groups too, and
+    # are spread as well), and the packs of the TFP order hold fewer near-duplicate pairs than random order's
     emb, lengths = sft_embeddings(400, 0.2, seed=1)
     paper, paper_stats = tfp_order(emb, return_stats=True)
     spread, stats = tfp_order(emb, return_stats=True, policy="spread")
     t = stats.threshold
     assert check_path(emb, spread, threshold=t, policy="spread")
-    assert paper_stats.num_forced_steps > 40 and stats.num_forced_steps <= 4  # (2 here: the last two steps)
+    assert paper_stats.num_forced_steps > 40 and stats.num_forced_steps == 0
     _, inverse, counts = torch.unique(emb, dim=0, return_inverse=True, return_counts=True)
     shared = torch.nonzero(inverse == int(counts.argmax())).flatten()
     assert shared.numel() == 80

@@ -89,7 +89,7 @@ from ..order.fast import progress_bar
 from ..order.host_scan import no_host_scan, squared_norms64
 from ..order.options import EngineSettings, OrderOptions, check_settings
 from ..order.pickers import PolicyPicker, Rule, WalkState
-from ..order.policy import check_policy, duplicates_of, walk_policy
+from ..order.policy import check_policy, near_duplicate_groups, walk_policy
 from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
 from ..order.schedule import run_walk
 from ..order.stats import EngineCounters, OrderStats
@@ -1296,7 +1296,7 @@ def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: Duplicat
 
     t0 = time.perf_counter()
     policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n,
-                         duplicates=lambda: _policy_duplicates(groups, emb_host, o))
+                         groups=lambda: near_duplicate_groups(emb_host, threshold=o.threshold, metric=o.metric))
     counters = WalkCounters()  # (its scans stay 0: the op returns at each scan, run over the ranks)
     norms = (torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous() if o.metric == "cosine"
              else torch.empty(0, dtype=torch.float64))
@@ -1335,14 +1335,6 @@ def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: Duplicat
         num_cap_fallbacks=counters.cap_scans, num_close_set_scans=counters.close_set_scans,
         num_forced_steps=forced.count, first_forced_step=forced.first,
     )
-
-
-def _policy_duplicates(groups: DuplicateGroups | None, emb_host: torch.Tensor, options: OrderOptions):
-    """``(group_of, counts)`` of the equal rows, or None: what the ``"spread"`` policy's urgent groups need (the
-    walk's groups where they were looked for)."""
-    if groups is not None:
-        return groups.group_of, groups.offsets.diff()
-    return None if options.group_duplicates else duplicates_of(emb_host)
 
 
 @dataclass(frozen=True)
@@ -1458,8 +1450,9 @@ def tfp_order_sharded(
         long_lists: as in :func:`~tfp_kernels.tfp_order`: the crowded lists (gathered on rank 0) get 4K-entry
             float64 lists, each rank listing its own list rows for them and rank 0 merging the ranks' best.
         policy: as in :func:`~tfp_kernels.tfp_order` (the same path): the C++ walk on rank 0 takes the urgent
-            duplicate groups' members (the groups of rank 0's copy of the rows), and rank 0 settles the forced steps
-            (farthest node from the window) over its copy of the rows after the sharded scan found no valid node.
+            near-duplicate groups' members (grouped over rank 0's copy of the rows), and rank 0 settles the forced
+            steps (farthest node from the window) over its copy of the rows after the sharded scan found no valid
+            node.
         settings: None (the defaults) or an :class:`~tfp_kernels.order.options.EngineSettings`, as in
             :func:`~tfp_kernels.tfp_order` (the band lists' schedule is not used: the ring lists in float32),
             equal on every rank (checked).

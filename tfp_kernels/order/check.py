@@ -8,7 +8,7 @@ import torch
 
 from . import _checks, inputs
 from .distance import gemm_distances, prepare
-from .policy import check_policy
+from .policy import check_policy, near_duplicate_groups
 
 # Elements of the (steps x N) blocks the validator works on at once: 64 MB of float64 on the CPU; on a GPU 512 MB,
 # since each block reads all N rows once (at N = 10^6, D = 768: 6 GB of float64 per block, so that 500 sampled
@@ -106,11 +106,15 @@ def _explained_by_tolerance(
 
 
 class _SpreadState:
-    """What the ``"spread"`` policy's urgent groups are at each step of a path: the exact-duplicate groups of two or
-    more rows (of the embeddings as given) and the path positions of their members."""
+    """What the ``"spread"`` policy's urgent groups are at each step of a path: the groups of two or more
+    near-duplicates (:func:`~tfp_kernels.order.policy.near_duplicate_groups`) and the path positions of their
+    members."""
 
-    def __init__(self, embeddings: torch.Tensor, pos: torch.Tensor):
-        _, group_of, counts = torch.unique(embeddings, dim=0, return_inverse=True, return_counts=True)
+    def __init__(self, embeddings: torch.Tensor, pos: torch.Tensor, threshold: float, metric: str):
+        found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric)
+        n = embeddings.shape[0]
+        group_of, counts = found if found is not None else (torch.arange(n, device=embeddings.device),
+                                                            torch.ones(n, dtype=torch.int64, device=embeddings.device))
         self.members = torch.nonzero(counts[group_of] >= 2).flatten()  # (M,) increasing
         _, self.group = torch.unique(group_of[self.members], return_inverse=True)  # (M,) in 0..G-1
         self.num_groups = int(self.group.max()) + 1 if self.members.numel() else 0
@@ -281,7 +285,7 @@ def check_path(
     block = max(1, _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"]) // (n * (window + 1)))
     spread = None
     if policy == "spread":
-        spread = _SpreadState(embeddings, pos) if threshold > 0 else None
+        spread = _SpreadState(embeddings, pos, threshold, metric) if threshold > 0 else None
         block = max(1, block // 2)  # (room for the urgent groups' (steps x members) tables)
     tolerated = 0
     for b in range(0, steps.numel(), block):

@@ -36,7 +36,7 @@ from .host_scan import half_scan_rows, no_host_scan, squared_norms64
 from .list_length import auto_list_length
 from .options import OrderOptions
 from .pickers import CloseSetPicker, DeviceScanPicker, FusedScanPicker, PolicyPicker, Rule, WalkState
-from .policy import walk_policy
+from .policy import near_duplicate_groups, walk_policy
 from .scan_triton import triton_exact_pick
 from .schedule import run_walk
 from .stats import EngineCounters
@@ -125,11 +125,6 @@ class PreparedRows:
         return tables if self.representatives is None else tuple(t.index_select(0, self.representatives)
                                                                  for t in tables)
 
-    def duplicates(self, options: OrderOptions):
-        """``(group_of, counts)`` of the equal rows, or None: what the ``"spread"`` policy's urgent groups need."""
-        groups = self.groups if self.groups is not None or options.group_duplicates else duplicate_groups(self.x64)
-        return None if groups is None else (groups.group_of, groups.offsets.diff())
-
     def walk_groups(self) -> tuple[torch.Tensor, ...] | None:
         """The op's duplicate-group tables (with a fresh ``next`` table), or None."""
         g = self.groups
@@ -209,7 +204,9 @@ def fast_tfp_order(embeddings: torch.Tensor, options: OrderOptions, kernels: Ker
     fallback = resolve_fallback(o.fallback, embeddings.device, n, s.host_scan_max_nodes)
     t0 = time.perf_counter()
     rows = PreparedRows.of(embeddings, o)
-    policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n, duplicates=lambda: rows.duplicates(o))
+    policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n,
+                         groups=lambda: near_duplicate_groups(rows.x64, threshold=o.threshold, metric=o.metric,
+                                                              prepared=True))
     builder, k = list_builder(rows, o, dim, kernels)
     time_setup = time.perf_counter() - t0
 

@@ -3,9 +3,9 @@
 The TFP rule takes the nearest unvisited node that lies at distance ``>= t`` from each of the last ``window``
 path nodes (it is *valid*). A step where no unvisited node is valid is *forced*: the paper's rule then takes
 the nearest node, ``c_0``, a near-duplicate of the window. On data where many records share one text (an SFT
-set where 600 of 3,000 records have the instruction "Summarize the following text."), the walk keeps taking
-other nodes while valid ones exist, and ends with hundreds of duplicates in a row: the packs it hands over then
-hold more near-duplicate pairs than random order's.
+set where 600 of 3,000 records have the instruction "Summarize the following text.") or one template, the walk
+keeps taking other nodes while valid ones exist, and ends with hundreds of near-duplicates in a row: the packs it
+hands over then hold more near-duplicate pairs than random order's.
 
 Two policies (``policy=`` of :func:`~tfp_kernels.tfp_order`):
 
@@ -13,14 +13,15 @@ Two policies (``policy=`` of :func:`~tfp_kernels.tfp_order`):
   default);
 - ``"spread"``: the same rule, plus two decisions where the threshold runs out or is about to:
 
-  1. *urgent groups*: a group of exact duplicates (equal embedding rows: at distance 0 from each other, so with
-     ``t > 0`` a member is never valid while another is in the window) with ``m`` unvisited members among ``u``
-     unvisited nodes needs ``(m - 1) (window + 1) + 1`` positions to keep its members apart. When ``m >= 2`` and
-     ``m (window + 1) >= u`` (``t > 0``), the group is urgent, and its lowest unvisited member is taken as soon
-     as it is valid, ahead of the rule's pick (of several urgent groups with a valid member: the one with the
-     most unvisited members; ties in the rule's order ``(D[last, j], j)``). It becomes urgent with ``window``
-     positions to spare, and from then on it gets one member every ``window + 1`` steps wherever no other
-     near-duplicate in the window holds it back: a group that the window can separate is not left to the end;
+  1. *urgent groups*: the nodes fall into groups of near-duplicates (:func:`near_duplicate_groups`: each group's
+     leader and the nodes closer than ``t`` to it; equal rows share a group). A group with ``m`` unvisited
+     members among ``u`` unvisited nodes would need ``(m - 1) (window + 1) + 1`` positions to keep its members
+     apart were they all closer than ``t`` to each other. When ``m >= 2`` and ``m (window + 1) >= u`` (``t > 0``),
+     the group is urgent, and its lowest unvisited member is taken as soon as it is valid, ahead of the rule's
+     pick (of several urgent groups with a valid lowest member: the one with the most unvisited members; ties in
+     the rule's order ``(D[last, j], j)``). It becomes urgent with ``window`` positions to spare, and from then on
+     it gets one member every ``window + 1`` steps wherever no other near-duplicate in the window holds it back:
+     a group that the window can separate is not left to the end;
   2. *forced steps* take the unvisited node farthest from the window (largest ``min_p D[j, p]`` over the window's
      nodes ``p``; ties: lower index) instead of the nearest.
 
@@ -90,19 +91,19 @@ class WalkPolicy:
         return farthest_pick(x, unvisited(), window_nodes, metric=self.metric, prepared=prepared), True
 
 
-def walk_policy(policy: str, *, threshold: float, metric: str, n: int, duplicates) -> WalkPolicy:
+def walk_policy(policy: str, *, threshold: float, metric: str, n: int, groups) -> WalkPolicy:
     """The :class:`WalkPolicy` of a checked ``policy`` for a walk over ``n`` nodes.
 
     Args:
-        duplicates: a callable giving the exact-duplicate groups of the rows, ``(group_of (N,), counts (G,))``, or
-            None when every row is distinct; called only for "spread" with ``threshold > 0`` and ``n > 2`` (below,
-            no step has a choice that urgency could change).
+        groups: a callable giving the near-duplicate groups of the rows (:func:`near_duplicate_groups`:
+            ``(group_of (N,), counts (G,))``, or None when no group has two members); called only for "spread" with
+            ``threshold > 0`` and ``n > 2`` (below, no step has a choice that urgency could change).
     """
-    groups = None
+    tables = None
     if policy == "spread" and threshold > 0 and n > 2:
-        found = duplicates()
-        groups = None if found is None else urgent_group_tables(*found)
-    return WalkPolicy(policy, groups, threshold, metric)
+        found = groups()
+        tables = None if found is None else urgent_group_tables(*found)
+    return WalkPolicy(policy, tables, threshold, metric)
 
 
 def urgent_group_tables(group_of: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -138,11 +139,72 @@ def urgent_group_tables(group_of: torch.Tensor, counts: torch.Tensor) -> tuple[t
     return new_group.to(torch.int32).contiguous(), offsets, members.contiguous()
 
 
-def duplicates_of(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(group_of (N,), counts (G,))`` of the equal rows of ``embeddings`` (N, D) (any device: the sort runs there),
-    or None when every row is distinct."""
-    _, inverse, counts = torch.unique(embeddings, dim=0, return_inverse=True, return_counts=True)
-    return None if counts.numel() == embeddings.shape[0] else (inverse, counts)
+def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, prepared: bool = False,
+                          block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``"spread"`` policy's groups of near-duplicates: leaders in index order, each with the nodes closer than
+    ``threshold`` to it.
+
+    Node 0 leads the first group, which takes every node at exact distance ``< threshold`` from it; the lowest node
+    not yet in a group leads the next, which takes every node not yet in a group closer than ``threshold`` to it;
+    and so on. Equal rows always share a group (they are at the same distance from every leader). Distances are
+    exact: a float64 product screens the pairs with a bound on its rounding, and the pairs the bound cannot decide
+    are measured as explicit differences in float64 on the host (the same arithmetic on every device).
+
+    Args:
+        x: (N, D) float64 prepared rows (``prepared=True``, :func:`~tfp_kernels.order.distance.prepare`), or the
+            embeddings themselves (any floating dtype); any device (the screening runs there).
+        threshold: t, in the units of ``x``; metric: ``"l2"`` or ``"cosine"``.
+
+    Returns:
+        ``(group_of (N,) int64, counts (G,) int64)`` on the device of ``x``, groups numbered by their leaders; or
+        None when ``threshold <= 0`` or no group has two members.
+    """
+    n = x.shape[0]
+    if threshold <= 0 or n < 2:
+        return None
+    x = x if prepared else prepare(x, metric)
+    host = x.cpu()
+    sq = x.square().sum(dim=1)
+    t2 = threshold * threshold if metric == "l2" else 2.0 * threshold
+    # |s2 of the product - s2| <= (D + 4) eps (|a|^2 + |b|^2): the dot product's rounding, with room to spare
+    coef = 8.0 * (x.shape[1] + 4) * torch.finfo(torch.float64).eps
+    group_of = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    num = 0
+    start = 0
+    while start < n:
+        free = torch.nonzero(group_of[start:] < 0).flatten() + start  # (U,) not in a group, increasing
+        if free.numel() == 0:
+            break
+        cand = free[: max(1, min(free.numel(), block_elements // free.numel()))]  # the next leaders, maybe
+        near = _near_pairs(x, host, sq, cand, free, t2, coef, threshold, metric)  # (C, U) bool
+        taken = torch.zeros(free.numel(), dtype=torch.bool, device=x.device)
+        for r in range(cand.numel()):
+            if bool(taken[r]):  # (cand[r] == free[r]: joined an earlier leader of this block)
+                continue
+            members = near[r] & ~taken
+            taken |= members
+            group_of[free[members]] = num
+            num += 1
+        start = int(cand[-1]) + 1
+    counts = torch.bincount(group_of, minlength=num)
+    return None if int(counts.max()) < 2 else (group_of, counts)
+
+
+def _near_pairs(x, host, sq, rows, cols, t2: float, coef: float, threshold: float, metric: str) -> torch.Tensor:
+    """(R, C) bool: whether node ``rows[i]`` lies at exact distance ``< threshold`` from node ``cols[j]``
+    (:func:`near_duplicate_groups`)."""
+    a, b = x.index_select(0, rows), x.index_select(0, cols)
+    sa, sb = sq.index_select(0, rows)[:, None], sq.index_select(0, cols)[None, :]
+    s2 = (sa + sb).addmm_(a, b.T, alpha=-2.0)
+    bound = coef * (sa + sb) + 4.0 * torch.finfo(torch.float64).eps * t2
+    near = s2 < t2 - bound
+    unsure = torch.nonzero((s2 - t2).abs_() <= bound)
+    if unsure.numel():
+        i, j = rows[unsure[:, 0]].cpu(), cols[unsure[:, 1]].cpu()
+        l2 = (host.index_select(0, i) - host.index_select(0, j)).square_().sum(dim=1).sqrt_()
+        d = l2 if metric == "l2" else 0.5 * l2.square()
+        near[unsure[:, 0], unsure[:, 1]] = (d < threshold).to(near.device)
+    return near
 
 
 def _window_min(x: torch.Tensor, cols: torch.Tensor, window_nodes: torch.Tensor, metric: str,

@@ -13,7 +13,7 @@ import torch
 
 from . import _checks, inputs
 from .distance import distances_from, prepare
-from .policy import check_policy
+from .policy import check_policy, near_duplicate_groups
 from .stats import OrderStats
 from .threshold import threshold_estimate
 
@@ -49,11 +49,14 @@ def _pick_next(
 
 
 class _UrgentGroups:
-    """The ``"spread"`` policy's urgent groups (:mod:`~tfp_kernels.order.policy`), in plain torch: the exact-duplicate
-    groups of the rows and the unvisited members of each."""
+    """The ``"spread"`` policy's urgent groups (:mod:`~tfp_kernels.order.policy`), in plain torch: the groups of
+    near-duplicates (:func:`~tfp_kernels.order.policy.near_duplicate_groups`) and the unvisited members of each."""
 
-    def __init__(self, embeddings: torch.Tensor, start: int):
-        _, self.group_of, counts = torch.unique(embeddings, dim=0, return_inverse=True, return_counts=True)
+    def __init__(self, embeddings: torch.Tensor, start: int, threshold: float, metric: str):
+        found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric)
+        n = embeddings.shape[0]
+        self.group_of, counts = found if found is not None else (torch.arange(n, device=embeddings.device),
+                                                                torch.ones(n, dtype=torch.int64, device=embeddings.device))
         self.remaining = counts.clone()
         self.remaining[self.group_of[start]] -= 1
 
@@ -63,19 +66,40 @@ class _UrgentGroups:
     def pick(self, unvisited: torch.Tensor, d_last: torch.Tensor, valid: torch.Tensor, window: int) -> int | None:
         """Position (into ``unvisited``) of the urgent member the policy takes, or None.
 
-        Urgent: groups with m >= 2 unvisited members and ``m (window + 1) >= u`` (u = ``unvisited.numel()``).
-        Of the urgent groups whose members are valid, the one with the largest m, ties by ``(d_last, node)`` of
-        its lowest unvisited member, which is taken.
+        Urgent: groups with m >= 2 unvisited members and ``m (window + 1) >= u`` (u = ``unvisited.numel()``). Each
+        group offers its lowest unvisited member; of the urgent groups whose offered member is valid, the one with
+        the largest m, ties by ``(d_last, node)`` of that member, which is taken.
         """
         u = unvisited.numel()
-        m = self.remaining[self.group_of[unvisited]]  # (U,) unvisited members of each node's group
-        urgent = (m >= 2) & (m * (window + 1) >= u) & valid
+        group = self.group_of[unvisited]  # (U,)
+        m = self.remaining[group]  # (U,) unvisited members of each node's group
+        first = torch.full_like(self.remaining, u).scatter_reduce_(
+            0, group, torch.arange(u, device=unvisited.device), reduce="amin")
+        lowest = first[group] == torch.arange(u, device=unvisited.device)  # the group's lowest unvisited member
+        urgent = (m >= 2) & (m * (window + 1) >= u) & lowest & valid
         if not bool(urgent.any()):
             return None
         urgent &= m == m[urgent].max()
-        # members of one group are equal rows: equal distances, so the first in (d_last, node) order is the
-        # lowest unvisited member of the first group in that order
-        return int(torch.where(urgent, d_last, torch.inf).argmin())
+        return int(torch.where(urgent, d_last, torch.inf).argmin())  # (the first of equal minima: the lower node)
+
+
+def near_duplicate_groups_reference(embeddings: torch.Tensor, *, threshold: float, metric: str = "l2"):
+    """Plain-torch reference of :func:`~tfp_kernels.order.policy.near_duplicate_groups` (same arguments and result):
+    the full (N, N) float64 distance matrix of explicit differences, and one leader at a time. O(N^2) memory."""
+    n = embeddings.shape[0]
+    if threshold <= 0 or n < 2:
+        return None
+    x = prepare(embeddings, metric)
+    l2 = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    near = (l2 if metric == "l2" else 0.5 * l2.square()) < threshold
+    group_of = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    num = 0
+    for leader in range(n):
+        if group_of[leader] < 0:
+            group_of[near[leader] & (group_of < 0)] = num
+            num += 1
+    counts = torch.bincount(group_of, minlength=num)
+    return None if int(counts.max()) < 2 else (group_of, counts)
 
 
 def _pick_farthest(rows: torch.Tensor, unvisited: torch.Tensor, slots: list[int]) -> int:
@@ -107,10 +131,11 @@ def tfp_order_reference(
     cap). If no candidate is valid (and the cap cannot fire), ``c_0`` is taken.
 
     ``policy="spread"`` (:mod:`~tfp_kernels.order.policy`; no cap) adds, at each step, before the rule: a group of
-    exact duplicates (equal rows) with ``m >= 2`` unvisited members among ``u`` unvisited nodes is *urgent* when
-    ``m (window + 1) >= u`` and ``t > 0``; if an urgent group's members are valid, the lowest unvisited member of
-    such a group is taken (the group with the largest ``m``; ties: the first of the candidates in the order
-    ``(D[last, j], j)``). If no urgent member is valid and no candidate is valid, the node with the largest
+    near-duplicates (:func:`~tfp_kernels.order.policy.near_duplicate_groups`: the nodes closer than ``t`` to the
+    group's leader; equal rows share a group) with ``m >= 2`` unvisited members among ``u`` unvisited nodes is
+    *urgent* when ``m (window + 1) >= u`` and ``t > 0``; if the lowest unvisited member of an urgent group is valid,
+    it is taken (of several such groups: the one with the largest ``m``; ties: the first of those members in the
+    order ``(D[last, j], j)``). If no urgent member is valid and no candidate is valid, the node with the largest
     ``min_p D[j, p]`` over the window's nodes ``p`` is taken (ties: the lowest index) instead of ``c_0``.
     Otherwise it is the rule above.
 
@@ -201,7 +226,7 @@ def reference_walk(
     if n == 1:
         return (path, forced) if return_forced else path
     x = prepare(embeddings, metric)
-    urgent = _UrgentGroups(embeddings, start) if policy == "spread" and threshold > 0 else None
+    urgent = _UrgentGroups(embeddings, start, threshold, metric) if policy == "spread" and threshold > 0 else None
     # rows[s % window] holds D[path[s], j] for the nodes j still unvisited when path[s] was appended.
     rows = torch.empty(window, n, dtype=x.dtype, device=device)
     unvisited = torch.cat([torch.arange(start, device=device), torch.arange(start + 1, n, device=device)])
