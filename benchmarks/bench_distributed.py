@@ -19,8 +19,8 @@ tokenized and embedded as ``tfp-pack`` does by default (byte tokenizer, hashed e
 embed field: ``benchmarks.bench_policy.load_set``), with ``k="auto"`` unless ``--k`` is given, for each
 ``--policies`` entry (``paper`` by default). It measures how many exact scans (fallbacks) the sharded path needs
 against the single process's: per run, the path's equality with single-process ``tfp_order`` (and, when it
-differs, whether ``check_path`` accepts it), the exact scans, the duplicate groups, the forced steps, the
-seconds, and the ratio of scans to the single process's.
+differs, whether ``check_path`` accepts it and where it first differs: ``first_difference``), the exact scans,
+the duplicate groups, the forced steps, the seconds, and the ratio of scans to the single process's.
 
     python -m benchmarks.bench_distributed --data sft-duplicates --procs 1 2 4 --policies paper spread
 
@@ -291,6 +291,7 @@ def bench_sft_duplicates(
                     "same_path_as_single_process": same,
                     "check_path_ok": None if same else check_path(
                         emb, path, threshold=threshold, max_rejections=max_rejections, policy=policy).ok,
+                    "first_difference": first_difference(emb, single, path),
                     "scans_ratio_to_single_process": (
                         ranks[0]["fallbacks"] / stats.num_fallbacks if stats.num_fallbacks else None),
                 }
@@ -300,6 +301,22 @@ def bench_sft_duplicates(
                     save(row)
     row["complete"] = True
     return row
+
+
+def first_difference(emb: torch.Tensor, single: torch.Tensor, path: torch.Tensor) -> dict | None:
+    """Where ``path`` first leaves ``single`` (both (N,) int64 paths of the rows ``emb`` (N, D), l2): the step,
+    the node each took, their float64 distances to the previous node and the relative gap between those (a
+    gap of a few 1e-16 is a floating-point tie, which two exact scans summing in different orders may break
+    differently); None when the paths are equal."""
+    differ = torch.nonzero(single != path).flatten()
+    if differ.numel() == 0:
+        return None
+    step = int(differ[0])
+    last, a, b = (emb[int(node)].double() for node in (single[step - 1], single[step], path[step]))
+    d_single, d_sharded = float((a - last).norm()), float((b - last).norm())
+    return {"step": step, "steps_differing": int(differ.numel()), "single_node": int(single[step]),
+            "sharded_node": int(path[step]), "equal_rows": bool(torch.equal(a, b)), "distance_single": d_single,
+            "distance_sharded": d_sharded, "relative_gap": abs(d_single - d_sharded) / max(d_single, d_sharded)}
 
 
 def print_sft_table(row: dict) -> None:

@@ -23,6 +23,7 @@ def test_sft_duplicates_option_orders_the_set_on_two_processes(tmp_path):
     assert single["check_path_ok"] is True
     assert single["groups"] <= row["distinct_texts"] < row["records"]  # exact duplicates share a group
     assert sharded["same_path_as_single_process"] is True and sharded["check_path_ok"] is None
+    assert sharded["first_difference"] is None and sharded["groups"] == single["groups"]
     assert sharded["scans"] >= 0 and single["scans"] >= 0
     if single["scans"]:
         assert sharded["scans_ratio_to_single_process"] == sharded["scans"] / single["scans"]
@@ -30,3 +31,13 @@ def test_sft_duplicates_option_orders_the_set_on_two_processes(tmp_path):
     data = bench_distributed.sft_duplicate_embeddings(300, 0.2)
     assert data["embeddings"].shape == (300, row["dim"])
     assert torch.unique(data["embeddings"], dim=0).shape[0] == single["groups"]
+
+
+def test_first_difference_names_the_step_and_the_distances():
+    emb = torch.tensor([[0.0, 0.0], [3.0, 4.0], [4.0, 3.0], [0.0, 1.0]])
+    single = torch.tensor([0, 1, 2, 3])
+    assert bench_distributed.first_difference(emb, single, single.clone()) is None
+    got = bench_distributed.first_difference(emb, single, torch.tensor([0, 2, 1, 3]))
+    assert got["step"] == 1 and got["steps_differing"] == 2
+    assert (got["single_node"], got["sharded_node"], got["equal_rows"]) == (1, 2, False)
+    assert got["distance_single"] == got["distance_sharded"] == 5.0 and got["relative_gap"] == 0.0

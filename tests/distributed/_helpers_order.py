@@ -44,6 +44,13 @@ def case_embeddings(case: dict) -> torch.Tensor:
     if case.get("duplicates"):  # `duplicates` rows spread evenly over all rows equal row 0: one duplicate group
         step = case["n"] // case["duplicates"]
         x[: step * case["duplicates"] : step] = x[0].clone()
+    if case.get("copies"):  # `copies` random rows replaced by copies of other random rows: duplicate groups of
+        # several sizes, their members on different ranks (a copy of a copy joins its source's group)
+        g = torch.Generator().manual_seed(case.get("seed", 0) + 1)
+        targets = torch.randperm(case["n"], generator=g)[: case["copies"]]
+        sources = torch.randint(0, case["n"], (case["copies"],), generator=g)
+        for target, source in zip(targets.tolist(), sources.tolist()):
+            x[target] = x[source]
     if case.get("shell"):  # `shell` rows spread evenly over all rows: 3 e_i, all pairwise at squared distance 18
         x = 10.0 * x
         step = case["n"] // case["shell"]
@@ -139,6 +146,10 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     if "kwargs_on_rank" in case and rank in case["kwargs_on_rank"]:
         kwargs.update(case["kwargs_on_rank"][rank])
     kwargs["settings"] = case_settings(case)
+    if "settings_on_rank" in case and rank in case["settings_on_rank"]:
+        from tfp_kernels.order import EngineSettings
+
+        kwargs["settings"] = EngineSettings(**case["settings_on_rank"][rank])
     with failing_long_lists(case.get("long_fail_on_rank", {}).get(rank)), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

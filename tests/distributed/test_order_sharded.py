@@ -2,7 +2,8 @@
 
 The 2- and 4-process runs each start their processes once (tests/distributed/_helpers_order.py) and run
 every case there; the tests below compare what every rank returned with single-process ``tfp_order`` and
-``tfp_order_reference`` on the concatenated rows. The data has no distance ties, so paths must be equal.
+``tfp_order_reference`` on the concatenated rows. The data has no distance ties (other than those of exact
+duplicates, which the rule breaks by index), so paths must be equal.
 """
 
 from __future__ import annotations
@@ -61,7 +62,22 @@ GOOD = {
     "spread_cosine_w1": {"n": 53, "d": 8, "duplicates": 20,
                          "kwargs": {"policy": "spread", "metric": "cosine", "window": 1, "k": 4}},
     "spread_clustered": {"n": 1100, "d": 12, "clusters": 16, "duplicates": 200, "kwargs": {"policy": "spread", "k": 4}},
+    # duplicate groups (275 distinct rows of 400, groups of several sizes across the ranks): one band list per
+    # group over the ring, scans and rebuilds (from 64 nodes) as one process's
+    "groups_paper": {"n": 400, "d": 12, "clusters": 16, "copies": 150, "kwargs": {"k": 4},
+                     "settings": {"min_rebuild_nodes": 64}},
+    "groups_spread": {"n": 400, "d": 12, "clusters": 16, "copies": 150, "kwargs": {"k": 4, "policy": "spread"},
+                      "settings": {"min_rebuild_nodes": 64}},
+    "groups_cosine_w1": {"n": 300, "d": 8, "clusters": 6, "copies": 120,
+                         "kwargs": {"k": 4, "metric": "cosine", "window": 1}, "settings": {"min_rebuild_nodes": 64}},
+    # no groups with a cap (its proof counts nodes) nor with t = 0 (duplicates are then valid), as in one process
+    "groups_off_cap": {"n": 300, "d": 8, "clusters": 6, "copies": 80, "kwargs": {"k": 4, "max_rejections": 10}},
+    "groups_off_t0": {"n": 300, "d": 8, "clusters": 6, "copies": 80, "kwargs": {"k": 4, "threshold": 0.0}},
 }
+#: the cases with duplicate groups: their scans and rebuilds are those of one process whose walk also returns at
+#: every scan (``fallback="device"``; the default host scan runs inside the C++ walk, which the rebuild schedule
+#: then charges per stretch of steps instead of per scan)
+GROUPED = ["groups_paper", "groups_spread", "groups_cosine_w1"]
 # a long-list round failing on one rank (as out of memory would): every rank leaves it together, the long lists
 # go off, the walk goes on (same path); on rank 1 at its second round (a rebuild's), on rank 0 at the first
 FAILING = {
@@ -76,11 +92,12 @@ BAD = {
     "bad_nan": {"n": 30, "d": 8, "nan_on_rank": 1},
     "bad_args": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"window": 3}}},
     "bad_policy": {"n": 30, "d": 8, "kwargs_on_rank": {1: {"policy": "spread"}}},
+    "bad_settings": {"n": 30, "d": 8, "settings_on_rank": {1: {"min_rebuild_nodes": 64}}},
 }
 CASES = {**GOOD, **FAILING, "sampled": SAMPLED, **BAD}
 # the 4-process run: fewer cases (four processes share the 2 CI cores)
 CASES4 = ["l2_w4", "cosine_cap_w1", "one_row", "three_rows", "clustered_l2", "auto_k", "long_lists", "bad_d",
-          "spread_dups"]
+          "spread_dups", "groups_paper", "groups_spread"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +106,10 @@ def runs(tmp_path_factory):
     h2 = helpers.start(2, [CASES[n] for n in CASES], tmp_path_factory.mktemp("world2"))
     h4 = helpers.start(4, [CASES[n] for n in CASES4], tmp_path_factory.mktemp("world4"))
     expected = {name: _single(case) for name, case in GOOD.items()}
+    for name in GROUPED:
+        emb = helpers.case_embeddings(CASES[name])
+        expected[name + "/device"] = tfp_order(emb, return_stats=True, fallback="device",
+                                               settings=helpers.case_settings(CASES[name]), **CASES[name]["kwargs"])
     r2, r4 = helpers.finish(h2), helpers.finish(h4)
     world2 = {name: [r2[r][i] for r in range(2)] for i, name in enumerate(CASES)}
     world4 = {name: [r4[r][i] for r in range(4)] for i, name in enumerate(CASES4)}
@@ -132,6 +153,8 @@ def _check_good(per_rank: list[dict], name: str, expected: dict) -> None:
         assert got.threshold == stats.threshold and got.threshold_source == stats.threshold_source
         assert got.world_size == len(per_rank) and got.rank == r
         assert got.num_fallbacks == per_rank[0]["stats"].num_fallbacks
+        if stats.backend == "fast":  # (one process orders N <= 3 rows with the reference, which has no groups)
+            assert got.num_groups == stats.num_groups, (got.num_groups, stats.num_groups)
         assert got.policy == stats.policy == case.get("kwargs", {}).get("policy", "paper")
         assert (got.num_forced_steps, got.first_forced_step) == (stats.num_forced_steps, stats.first_forced_step)
         if case.get("kwargs", {}).get("k") == "auto":
@@ -203,6 +226,34 @@ def test_spread_policy_exercised(world2, expected):
     assert stats.num_fallbacks > 20 and stats.num_rebuilds >= 1 and stats.num_forced_steps > 0
 
 
+@pytest.mark.parametrize("world, name", [(2, n) for n in GROUPED] + [(4, n) for n in GROUPED if n in CASES4])
+def test_duplicate_groups_as_one_process(world2, world4, expected, world, name):
+    # one list per group: the groups' count, and one process's path (_check_good), scans and rebuilds
+    runs = world2 if world == 2 else world4
+    emb = helpers.case_embeddings(CASES[name])
+    distinct = torch.unique(emb, dim=0).shape[0]
+    assert distinct < CASES[name]["n"] - 50
+    path, device = expected[name + "/device"]
+    assert torch.equal(path, expected[name][0])
+    for res in runs[name]:
+        got = res["stats"]
+        assert got.num_groups == distinct
+        assert (got.num_fallbacks, got.num_rebuilds) == (device.num_fallbacks, device.num_rebuilds)
+        assert got.num_fallbacks > 20 and got.num_rebuilds >= 1
+        if CASES[name]["kwargs"].get("policy") == "spread":
+            assert got.num_forced_steps == device.num_forced_steps
+
+
+@pytest.mark.parametrize("name", ["groups_off_cap", "groups_off_t0"])
+def test_no_duplicate_groups_with_a_cap_or_t0(world2, expected, name):
+    emb = helpers.case_embeddings(CASES[name])
+    assert torch.unique(emb, dim=0).shape[0] < CASES[name]["n"]  # (there are duplicates to group)
+    for res in world2[name]:
+        assert res["stats"].num_groups == CASES[name]["n"] == expected[name][1].num_groups
+    if name == "groups_off_t0":
+        assert world2[name][0]["stats"].threshold == 0.0
+
+
 def test_empty_shards_when_fewer_rows_than_ranks(world4):
     assert [e - s for s, e in shard_bounds(3, 4)] == [1, 1, 1, 0]
     assert [r["stats"].num_rows for r in world4["three_rows"]] == [1, 1, 1, 0]
@@ -229,6 +280,7 @@ def test_sampled_threshold_is_the_single_process_one(world2):
         ("bad_nan", "bad input on rank 1"),
         ("bad_args", "disagree on arguments"),
         ("bad_policy", "disagree on arguments"),
+        ("bad_settings", "disagree on engine settings"),
     ],
 )
 def test_bad_input_raises_on_every_rank(world2, name, needle):
@@ -281,3 +333,21 @@ def test_one_rank_in_process(tmp_path):
             tfp_order_sharded(torch.empty(0, 3))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 5])
+def test_packed_lists_round_trip(rows):
+    # the lists travel to rank 0 as one uint8 row per list row; a rebuild of the groups with an unvisited member
+    # can be one row (the last group left), whose slices a dtype view refused
+    from tfp_kernels.distributed import order as sharded
+
+    g = torch.Generator().manual_seed(rows)
+    k = 3
+    tables = (torch.randint(-1, 50, (rows, k), generator=g, dtype=torch.int32), torch.rand(rows, k, generator=g),
+              torch.rand(rows, generator=g, dtype=torch.float64), torch.randint(0, 9, (rows,), generator=g,
+                                                                               dtype=torch.int32),
+              torch.rand(rows, generator=g, dtype=torch.float64))
+    packed = sharded._pack_lists(*tables)
+    assert packed.shape == (rows, 8 * k + 20) and packed.dtype == torch.uint8
+    for got, want in zip(sharded._unpack_lists(packed, k), tables):
+        assert got.dtype == want.dtype and torch.equal(got, want)

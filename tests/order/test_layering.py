@@ -233,9 +233,7 @@ def test_the_length_check_counts_code_not_docstrings(tmp_path):
     assert len(long_functions(tmp_path / "m.py", limit=5)) == 1  # (f: 6 lines with its def, the kernel skipped)
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="tfp_order_sharded and _walk_root: being split"))
-    if module_name(p) == "tfp_kernels.distributed.order" else p for p in checked_files()], ids=lambda p: module_name(p))
+@pytest.mark.parametrize("path", checked_files(), ids=lambda p: module_name(p))
 def test_functions_are_short(path):
     found = long_functions(path)
     assert not found, f"functions longer than {MAX_FUNCTION_LINES} lines (docstring excluded):\n" + "\n".join(found)

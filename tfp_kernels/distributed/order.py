@@ -8,32 +8,43 @@ concatenated rows (up to floating-point ties: both decide every step with float6
 
 Phases (all ranks take part in each; the transport is ``torch.distributed``: gloo on CPU, NCCL on GPU):
 
-1. **Validation**: one ``all_gather_object`` of each rank's shard shape, dtype, device type, arguments and
-   local error; every rank raises the same error when any rank's input is bad or the ranks disagree.
+1. **Validation**: one ``all_gather_object`` of each rank's shard shape, dtype, device type, arguments,
+   engine settings and local error; every rank raises the same error when any rank's input is bad or the
+   ranks disagree.
 2. **Threshold**: the value single-process :func:`~tfp_kernels.estimate_threshold` gives. Exact (N <= 5,793:
    all pairs) -> the rows are gathered to rank 0, which computes it. Sampled (larger N) -> every rank draws
    the same seeded global pairs, rank 0 gathers only the rows those pairs touch (at most 2 x 2^20 rows) and
    computes the same distances. Rank 0 broadcasts the value. ``threshold=`` skips this phase.
-3. **List phase** (ring): each rank lists its rows (docs/design.md, 'The band lists') against every
-   column block; the blocks travel around the ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the
-   next block's transfer overlapping the current block's products), so a rank holds its own rows and at
-   most two column blocks, never all embeddings. Blockwise float32 products (IEEE, no TF32) with the same
-   error bound and the same band as the single-process lists; per row the running K best are merged by
-   (squared distance, global index).
-4. **Gather to rank 0** (the walking rank): the lists (N x K entries), and the embeddings themselves, as
-   host copies: the C++ walk checks every list entry and window with exact float64 distances, which needs
-   the rows of arbitrary nodes, and asking their owners per step would cost a round trip per step.
-5. **Walk** on rank 0 (C++ op ``tfp_walk``); the other ranks serve commands that rank 0 broadcasts:
-   *scan* (where a list cannot prove its answer): rank 0 broadcasts the step, the nodes visited since the
-   last command and the window rows; each rank scans its own unvisited rows exactly (candidates in the
-   order of a projection lower bound, float64 exact distances, the single-process scan's rule) and an
-   ``all_gather`` of per-rank summaries settles the global pick with ties broken by global index (more
-   rounds only when a rank must look further, and for the rejection cap a count and, when the cap fires,
-   a gather of each rank's M + 1 nearest). *rebuild*: the lists of the unvisited nodes recomputed among
-   the unvisited, with the same ring. *long*: long lists for the crowded lists (``long_lists``, see
-   :func:`~tfp_kernels.order.builders.crowded_lists`; after the first build and each rebuild): rank 0 broadcasts
-   those rows in float64, each rank lists its own (unvisited) rows for them in float64 and rank 0 merges the
-   ranks' best by (distance, index). *done*: rank 0 broadcasts the path.
+3. **Rows to rank 0** (the walking rank), as a host copy: the C++ walk checks every list entry and window
+   with exact float64 distances, which needs the rows of arbitrary nodes, and asking their owners per step
+   would cost a round trip per step. Rank 0 finds the groups of exact duplicates among them
+   (:func:`~tfp_kernels.order.duplicates.duplicate_groups`, as one process: not with a cap, nor with
+   ``t = 0``), numbers them by their lowest member, and broadcasts which rows are *list rows*: every row, or
+   each group's lowest member (one band list per group, its entries group ids; a group's members have the
+   same distance to everything, and the walk takes its lowest unvisited one). List rows are numbered in rank
+   order, so each rank holds a contiguous block of them.
+4. **List phase** (ring, :class:`RingListBuilder`): each rank lists its list rows
+   (docs/design.md, 'The band lists') against every rank's block of list rows; the blocks travel around the
+   ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the next block's transfer overlapping the current
+   block's products), so a rank holds its own rows and at most two column blocks, never all embeddings.
+   Blockwise float32 products (IEEE, no TF32) with the same error bound and the same band as the
+   single-process lists; per row the running K best are merged by (squared distance, global list-row id).
+   The lists are gathered to rank 0.
+5. **Walk** on rank 0: the single-process driver (:func:`~tfp_kernels.order.schedule.run_walk`) over the same
+   components: the C++ walk (:class:`~tfp_kernels.order.walk_op.WalkOp` on
+   :class:`~tfp_kernels.order.builders.ListTables`), the ring builder for the rebuilds, and a sharded picker
+   (:class:`ShardedScanPicker`, behind the policy's :class:`~tfp_kernels.order.pickers.PolicyPicker`). The other
+   ranks serve commands that rank 0 broadcasts (:func:`_serve`), each with the nodes visited since the last:
+   *scan* (where a list cannot prove its answer): rank 0 broadcasts the step and the window rows; each rank
+   scans its own unvisited rows exactly (candidates in the order of a projection lower bound, float64 exact
+   distances, the single-process scan's rule) and an ``all_gather`` of per-rank summaries settles the global
+   pick with ties broken by global index (more rounds only when a rank must look further, and for the
+   rejection cap a count and, when the cap fires, a gather of each rank's M + 1 nearest). *rebuild*: the lists
+   of the list rows with an unvisited node, recomputed among themselves with the same ring (rank 0 broadcasts
+   which). *long*: long lists for the crowded lists of a build (``long_lists``, see
+   :func:`~tfp_kernels.order.builders.crowded_lists`; :class:`RingLongListBuilder`): rank 0 broadcasts those
+   rows in float64, each rank lists the build's list rows it holds for them in float64 and rank 0 merges the
+   ranks' best by (distance, id). *done*: rank 0 broadcasts the path, then its counters.
 
 Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = ``block_elements``):
 
@@ -41,7 +52,7 @@ Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = `
   flight (8 max_r(n_r) D) + running lists and their merge (24 n_r K) + one (rows x columns) float32 tile
   (4 b bytes, 64 MiB by default): O((N / ranks) (D + K)).
 - scans, every rank: float64 projections of its rows (8 n_r r, r <= 64) + a visited mask.
-- rank 0 in the walk phase: the N x D embeddings as a host copy (float32, or float64 for float64 input:
+- rank 0 from the list phase on: the N x D embeddings as a host copy (float32, or float64 for float64 input:
   4 N D bytes) + the host lists (N (8 K + 20) bytes) + path/visited (9 N): O(N (D + K)). This is the
   price of an exact walk with one round trip per fallback instead of per step; see benchmarks/README.md
   for N = 10^8 (rank 0 then needs ~360 GB of host memory).
@@ -49,10 +60,12 @@ Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -67,17 +80,20 @@ from ..order.band_topk import (
     select_smallest,
     squared_distance_error_coef,
 )
+from ..order.builders import BuiltLists, ListTables, LongLists, cap_close_sets, crowded_lists
 from ..order.distance import ieee_fp32_matmul, pair_distances, prepare
 from ..order import list_length
-from ..order.builders import cap_close_sets, crowded_lists
+from ..order.duplicates import DuplicateGroups, duplicate_groups
 from ..order.failures import kernel_failure
+from ..order.fast import progress_bar
 from ..order.host_scan import no_host_scan, squared_norms64
-from ..order.policy import ForcedSteps, check_policy, near_duplicate_groups, walk_policy
+from ..order.options import EngineSettings, OrderOptions, check_settings
+from ..order.pickers import PolicyPicker, Rule, WalkState
+from ..order.policy import check_policy, near_duplicate_groups, walk_policy
 from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
-from ..order.options import DEFAULT_SETTINGS, EngineSettings, check_settings
 from ..order.schedule import run_walk
-from ..order.stats import OrderStats
-from ..order.walk_op import LongListTables, WalkCounters, WalkOp, WalkTables
+from ..order.stats import EngineCounters, OrderStats
+from ..order.walk_op import WalkCounters, WalkOp, WalkTables
 from ..order.threshold import (
     DEFAULT_SAMPLE_PAIRS,
     MAX_EXACT_PAIRS,
@@ -100,17 +116,19 @@ _CHUNK_BYTES = 1 << 28
 class ShardedOrderStats(OrderStats):
     """:class:`~tfp_kernels.OrderStats` of a sharded run, plus what the distribution cost.
 
-    ``backend`` is ``"sharded"`` and ``band_backend`` ``"torch-ring"``. Times are this rank's; the counters
-    (``num_fallbacks``, ``num_rebuilds``) are rank 0's, the same on every rank.
+    ``backend`` is ``"sharded"`` and ``band_backend`` ``"torch-ring"``. The counters (``num_fallbacks``,
+    ``num_rebuilds``, ``num_groups``, ...) are rank 0's, the same on every rank. Times are this rank's: on rank
+    0 the walk's; on the others ``time_band_s`` / ``time_long_s`` their part of the lists, ``time_fallback_s``
+    their part of the scans, ``time_walk_s`` 0.
 
     Attributes (besides OrderStats'):
         world_size: ranks in the group.
         rank: this rank (group rank).
         num_rows: n_r, the rows of this rank's shard.
         time_lists_s: seconds of the first list phase on this rank (the ring; ``time_band_s`` adds rebuilds).
-        time_gather_s: seconds spent gathering lists and embeddings to rank 0 (this rank's side).
+        time_gather_s: seconds spent gathering embeddings and lists to rank 0 (this rank's side).
         bytes_ring: bytes this rank sent around the ring in the list phase (first build only).
-        bytes_to_root: bytes this rank sent to rank 0 (lists + rows + threshold rows).
+        bytes_to_root: bytes this rank sent to rank 0 (threshold rows + rows + the lists of every build).
     """
 
     world_size: int = 1
@@ -228,10 +246,29 @@ def _local_errors(embeddings, *, metric, args: dict) -> tuple[dict, torch.Tensor
     return info, embeddings
 
 
+class _Request(NamedTuple):
+    """The checked arguments of a sharded run (:func:`_validate`), the same on every rank; ``shard``: this rank's
+    validated rows, ``sizes``: the rows of every rank."""
+
+    shard: torch.Tensor
+    sizes: list[int]
+    metric: str
+    quantile: float
+    threshold: float | None
+    window: int
+    max_rejections: int | None
+    start: int
+    k: int | str
+    rebuild: str | None
+    long_lists: bool | str
+    policy: str
+    settings: EngineSettings
+
+
 def _validate(
     comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend,
-    rebuild="auto", long_lists="auto", policy="paper",
-):
+    rebuild="auto", long_lists="auto", policy="paper", settings=None,
+) -> _Request:
     """Collective validation: every rank raises the same error when any rank's input is bad."""
     arg_error = None
     try:
@@ -249,6 +286,7 @@ def _validate(
         if rebuild not in ("auto", None):
             raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
         long_lists = _checks.check_long_lists(long_lists)
+        settings = check_settings(settings)
     except (TypeError, ValueError) as err:
         arg_error = (type(err).__name__, str(err))
     args = {
@@ -264,6 +302,7 @@ def _validate(
         "policy": policy,
     }
     info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
+    info["settings"] = settings if arg_error is None else None
     if arg_error is not None:
         info["error"] = arg_error
     infos: list = [None] * comm.world
@@ -282,13 +321,15 @@ def _validate(
         ("dtype", "dtype"),
         ("device_type", "device type"),
         ("args", "arguments"),
+        ("settings", "engine settings"),
     ):
         values = [i[key] for i in infos]
         if any(v != values[0] for v in values):
             listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise ValueError(
                 f"tfp_order(group=...): the ranks' embedding shards disagree on {what}: {listing}; every rank "
-                "must pass (n_r, D) rows with the same D, dtype and device type, and the same arguments"
+                "must pass (n_r, D) rows with the same D, dtype and device type, and the same arguments and "
+                "settings"
             )
     if not infos[_ROOT]["extension"]:
         raise RuntimeError(
@@ -299,8 +340,9 @@ def _validate(
     n = sum(sizes)
     if n == 0:
         raise ValueError("tfp_order(group=...): every rank's embedding shard is empty (N = 0)")
-    start = _checks.check_start(start, n)
-    return checked, sizes, metric, quantile, threshold, window, max_rejections, start, k
+    return _Request(checked, sizes, metric, quantile, threshold, inputs.check_window(window, n),
+                    inputs.check_max_rejections(max_rejections, n), _checks.check_start(start, n), k, rebuild,
+                    long_lists, policy, settings)
 
 
 def _gather_rows(comm: _Comm, local: torch.Tensor, counts: list[int], *, out_device, out_dtype=None):
@@ -390,17 +432,110 @@ def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tensor, n: int, t2: float,
-                      settings: EngineSettings = DEFAULT_SETTINGS) -> int:
-    """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.list_length.auto_list_length`'s sampled global
-    rows, sent by their owners to every rank, counted by each rank against its own rows (``x32`` (m, D) float32
-    prepared, ``sq`` their squared norms), the counts summed: the single-process counts (up to float32 rounding
-    at the bounds' edges), the same K on every rank."""
-    if n < settings.auto_k_min_rows or t2 <= 0:
+class _Shard:
+    """This rank's rows and what the sharded phases keep about them.
+
+    Attributes:
+        x: (m, D) this rank's rows (scaled, on its device); offset: the global node id of its first row; sizes:
+            the rows of every rank; metric.
+        visited: (m,) bool its rows visited so far (marked from rank 0's commands).
+        basis, y: the scans' (D, r) float64 orthonormal basis, the same on every rank (set before the first
+            scan), and this rank's (m, r) float64 projections on it.
+        list_rows: (u,) int64 local positions of this rank's list rows, ascending (all rows, or each duplicate
+            group's lowest member); list_offset: the global list-row id of the first (list rows are numbered in
+            rank order); list_sizes: the list rows of every rank.
+        slack, lower, upper: (u,) float64 / float32 / float32 its list rows' bound of the lists' fast squared
+            distances and their band (:func:`~tfp_kernels.order.band_topk.band_bounds`).
+    """
+
+    def __init__(self, shard: torch.Tensor, offset: int, sizes: list[int], metric: str):
+        self.x = shard
+        self.offset = offset
+        self.sizes = sizes
+        self.metric = metric
+        self.m = shard.shape[0]
+        self.visited = torch.zeros(self.m, dtype=torch.bool, device=shard.device)
+        self.basis = self.y = None
+        self.list_rows = torch.arange(self.m, device=shard.device)
+        self.list_offset, self.list_sizes = offset, list(sizes)
+        self.slack = self.lower = self.upper = None
+
+    def mark(self, nodes: torch.Tensor) -> None:
+        """Mark the global ``nodes`` (int64, any device) that lie in this shard as visited."""
+        local = nodes.to(self.x.device) - self.offset
+        local = local[(local >= 0) & (local < self.m)]
+        self.visited[local] = True
+
+    def set_list_rows(self, is_list_row: torch.Tensor | None) -> None:
+        """The list rows from ``is_list_row`` ((N,) uint8 over the global nodes, the same on every rank), or every
+        row (None)."""
+        if is_list_row is None:
+            return
+        mine = is_list_row[self.offset : self.offset + self.m].bool()
+        self.list_rows = torch.nonzero(mine).flatten().to(self.x.device)
+        self.list_offset = int(is_list_row[: self.offset].sum())
+        self.list_sizes = [int(is_list_row[s:e].sum()) for s, e in _bounds(self.sizes)]
+
+
+def _numbered_by_first_member(groups: DuplicateGroups) -> DuplicateGroups:
+    """The same groups numbered by their lowest member (so that each rank's list rows are a block of consecutive
+    group ids, in rank order)."""
+    order = torch.argsort(groups.representatives)  # new group g is old group order[g]
+    renumber = torch.empty_like(order)
+    renumber[order] = torch.arange(order.numel())
+    group_of = renumber[groups.group_of.long()]
+    offsets = torch.zeros_like(groups.offsets)
+    torch.cumsum(groups.offsets.diff()[order], 0, out=offsets[1:])
+    members = torch.argsort(group_of, stable=True)  # (by group, then by node)
+    return DuplicateGroups(group_of.to(torch.int32).contiguous(), offsets, members.contiguous(),
+                           groups.representatives[order].contiguous())
+
+
+def _share_groups(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, options: OrderOptions,
+                  ) -> DuplicateGroups | None:
+    """Rank 0 finds the exact-duplicate groups of the gathered rows ``emb_host`` (as one process: not with a cap,
+    nor with t = 0, nor for N <= 2) and tells every rank which of its rows are list rows (collective; sets
+    ``sh``'s list rows). Returns the groups, numbered by their lowest member, on rank 0 (None elsewhere, or when
+    every row is distinct or they are not grouped)."""
+    o, n = options, sum(sh.sizes)
+    groups = None
+    if comm.rank == _ROOT and o.group_duplicates and o.max_rejections is None and o.threshold > 0 and n > 2:
+        found = duplicate_groups(emb_host)
+        groups = None if found is None else _numbered_by_first_member(found)
+    num_groups = torch.tensor([n if groups is None else groups.representatives.numel()], dtype=torch.int64)
+    if int(comm.bcast(num_groups)[0]) == n:
+        return groups
+    is_list_row = torch.zeros(n, dtype=torch.uint8)
+    if groups is not None:
+        is_list_row[groups.representatives] = 1
+    sh.set_list_rows(comm.bcast(is_list_row))
+    return groups
+
+
+def _set_list_bounds(comm: _Comm, sh: _Shard, t2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band of every list row (collective): the single-process bounds of float32 products (the global max of
+    the squared norms). Returns this rank's list rows' float32 prepared rows and their squared norms."""
+    x32 = _prepared32(sh.x, sh.metric, sh.list_rows)
+    sq_norms = squared_norms64(x32).float()
+    max_sq = comm.all_max(float(sq_norms.max()) if sq_norms.numel() else 0.0)
+    coef = squared_distance_error_coef(sh.x.shape[1], torch.float32, rounded_norms=True)  # (as the ring forms s2)
+    sh.slack = coef * (sq_norms.double() + max_sq)
+    sh.lower, sh.upper = band_bounds(t2, sh.slack)
+    return x32, sq_norms
+
+
+def _auto_list_length(comm: _Comm, sh: _Shard, x32: torch.Tensor, sq: torch.Tensor, t2: float,
+                      settings: EngineSettings) -> int:
+    """``k="auto"`` over the ranks (collective): :func:`~tfp_kernels.order.list_length.auto_list_length`'s sampled
+    list rows, sent by their owners to every rank, counted by each rank against its own list rows (``x32`` (u, D)
+    float32 prepared, ``sq`` their squared norms), the counts summed: the single-process counts (up to float32
+    rounding at the bounds' edges), the same K on every rank."""
+    num_lists = sum(sh.list_sizes)
+    if num_lists < settings.auto_k_min_rows or t2 <= 0:
         return settings.auto_k_base
-    pick = list_length.auto_sample_rows(n, settings.auto_k_sample_rows).to(x32.device)
-    mine = (pick >= sh.offset) & (pick < sh.offset + sh.m)
-    local = (pick - sh.offset)[mine]
+    pick = list_length.auto_sample_rows(num_lists, settings.auto_k_sample_rows).to(x32.device)
+    mine = (pick >= sh.list_offset) & (pick < sh.list_offset + x32.shape[0])
+    local = (pick - sh.list_offset)[mine]
     q = torch.zeros(pick.numel(), x32.shape[1], dtype=torch.float32, device=x32.device)
     q_sq = torch.zeros(pick.numel(), dtype=torch.float32, device=x32.device)
     q_slack = torch.zeros(pick.numel(), dtype=torch.float64, device=x32.device)
@@ -460,7 +595,7 @@ def _ring_band_lists(
     """Band top-k lists of this rank's rows against the rows of every rank, blocks passed around the ring.
 
     Args:
-        x32: (m, D) float32 prepared rows of this rank; ids: (m,) int64 their global ids, ascending.
+        x32: (m, D) float32 prepared rows of this rank; ids: (m,) int64 their global list-row ids, ascending.
         lower, upper: (m,) float32 band bounds (squared domain); k: K.
         counts: rows per rank (the m of every rank).
 
@@ -541,57 +676,17 @@ def _pack_lists(index, s2, limit2, num_close, slack) -> torch.Tensor:
 
 
 def _unpack_lists(packed: torch.Tensor, k: int):
+    """The tables of :func:`_pack_lists`' rows ``packed`` (Q, 8K + 20) uint8, Q >= 0, each copied out (a slice of a
+    one-row tensor counts as contiguous and keeps its row stride and byte offset, which a dtype view refuses)."""
     widths = [(torch.int32, k), (torch.float32, k), (torch.float64, 1), (torch.int32, 1), (torch.float64, 1)]
     out, col = [], 0
     for dtype, count in widths:
         nbytes = count * torch.empty(0, dtype=dtype).element_size()
-        out.append(packed[:, col : col + nbytes].contiguous().view(dtype))
+        part = torch.empty((packed.shape[0], nbytes), dtype=torch.uint8).copy_(packed[:, col : col + nbytes])
+        out.append(part.view(dtype))
         col += nbytes
     index, s2, limit2, num_close, slack = out
     return index, s2, limit2.flatten(), num_close.flatten(), slack.flatten()
-
-
-class _Shard:
-    """This rank's rows and what the sharded phases keep about them."""
-
-    def __init__(self, shard: torch.Tensor, offset: int, sizes: list[int], metric: str):
-        self.x = shard
-        self.offset = offset
-        self.sizes = sizes
-        self.metric = metric
-        self.m = shard.shape[0]
-        self.visited = torch.zeros(self.m, dtype=torch.bool, device=shard.device)
-        self.basis = (
-            None  # (D, r) float64 orthonormal basis, the same on every rank, set before the first scan
-        )
-        self.y = None  # (m, r) float64 projections of the rows on it
-        self.slack = self.lower = self.upper = None
-
-    def mark(self, nodes: torch.Tensor) -> None:
-        """Mark the global ``nodes`` (int64, any device) that lie in this shard as visited."""
-        local = nodes.to(self.x.device) - self.offset
-        local = local[(local >= 0) & (local < self.m)]
-        self.visited[local] = True
-
-
-def _lists(comm, sh: _Shard, rows: torch.Tensor | None, counts, k, block_elements):
-    """Ring band lists of ``rows`` (local positions; None = all) among the ``rows`` of every rank, packed."""
-    ids = torch.arange(sh.m, device=sh.x.device) if rows is None else rows
-    x32 = _prepared32(sh.x, sh.metric, rows)
-    lower = sh.lower if rows is None else sh.lower[rows]
-    upper = sh.upper if rows is None else sh.upper[rows]
-    slack = sh.slack if rows is None else sh.slack[rows]
-    total = sum(counts)
-    kk = min(k, max(total - 1, 1))
-    index, s2, close, sent = _ring_band_lists(
-        comm, x32, ids + sh.offset, lower, upper, kk, counts, block_elements=block_elements
-    )
-    del x32
-    if kk < k:  # fewer rows than K: pad the lists
-        index = torch.cat([index, index.new_full((index.shape[0], k - kk), -1)], dim=1)
-        s2 = torch.cat([s2, s2.new_full((s2.shape[0], k - kk), torch.inf)], dim=1)
-    limit2 = list_limits(index, s2, slack)
-    return _pack_lists(index, s2, limit2, close, slack), sent
 
 
 def _metric(s2: torch.Tensor, metric: str) -> torch.Tensor:
@@ -782,25 +877,191 @@ def _projection(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, n: int, 
         sh.y[s : s + (1 << 16)] = prepare(sh.x[s : s + (1 << 16)], sh.metric) @ sh.basis
 
 
-def _rebuild(comm, sh: _Shard, k: int, block_elements: int):
-    """Lists of every rank's unvisited rows among the unvisited rows, gathered to rank 0 (packed)."""
-    rows = torch.nonzero(~sh.visited).flatten()
-    counts = comm.all_gather(torch.tensor([rows.numel()], dtype=torch.int64)).flatten().tolist()
-    packed, _ = _lists(comm, sh, rows, counts, k, block_elements)
-    gathered, sent = _gather_rows(comm, packed, counts, out_device=torch.device("cpu"))
-    return gathered, sent
+class RingListBuilder:
+    """The sharded list builder: band lists of list rows among themselves over the ring (:func:`_ring_band_lists`),
+    gathered to rank 0, the crowded ones lengthened by a :class:`RingLongListBuilder`.
+
+    Collective: every rank builds together. Rank 0 calls :meth:`build` (a list builder as the walk's
+    :class:`~tfp_kernels.order.builders.ListTables` and rebuilds take one: ``build(rows) -> BuiltLists``); the other
+    ranks call :meth:`serve` in step with it (the first build at once, each rebuild at rank 0's command).
+
+    Args:
+        comm, sh: the group and this rank's rows (their list rows and bands set).
+        k: the lists' length K (clamped to the list rows of a rebuild, padded).
+        block_elements: elements of the (rows x columns) float32 tile of the ring.
+        long: a :class:`RingLongListBuilder`, or None (no long lists).
+
+    Attributes:
+        num_lists: R, the list rows of all ranks.
+        columns: this rank's list rows in the last build: ``(positions (Q_r,) int64 local rows, ids (Q_r,) int64
+            global list-row ids)``, on its device (what the long lists list).
+        row_slack: rank 0, from the first build on: (R,) float64 host, every list row's bound.
+        time_s: this rank's seconds in builds (ring and gather; the long lists' are the long builder's);
+        first_ring_s, first_ring_bytes: its first ring's seconds and bytes sent; gather_s, bytes_to_root: its
+        seconds and bytes sending lists to rank 0, over all builds.
+    """
+
+    def __init__(self, comm: _Comm, sh: _Shard, k: int, *, block_elements: int,
+                 long: RingLongListBuilder | None = None):
+        self.comm, self.sh, self.k, self.block_elements, self.long = comm, sh, k, block_elements, long
+        self.num_lists = sum(sh.list_sizes)
+        self.columns = None
+        self.row_slack = None
+        self.time_s = self.gather_s = 0.0
+        self.first_ring_s, self.first_ring_bytes, self.bytes_to_root = None, 0, 0
+
+    def build(self, rows: torch.Tensor | None) -> BuiltLists:
+        """Rank 0: the lists of the list rows ``rows`` ((Q,) int64 host, ascending; None: all) among themselves, as
+        host tensors, with the long lists of the crowded ones."""
+        mask = None
+        if rows is not None:  # (the other ranks wait for it in serve)
+            mask = torch.zeros(self.num_lists, dtype=torch.uint8)
+            mask[rows] = 1
+            self.comm.bcast(mask)
+        index, s2, limit2, num_close, slack = _unpack_lists(self._build_part(mask), self.k)
+        if rows is None:
+            self.row_slack = slack
+        long = None if self.long is None else self.long.lengthen(rows, index, s2, slack, self.columns)
+        return BuiltLists(index, s2, limit2, num_close, long=long)
+
+    def serve(self, first: bool) -> None:
+        """A rank other than 0: its part of the first build (``first``), or of a rebuild (rank 0 broadcasts which
+        list rows)."""
+        mask = None if first else self.comm.bcast(torch.empty(self.num_lists, dtype=torch.uint8))
+        self._build_part(mask)
+
+    def _build_part(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's lists of the build's list rows (``mask``: (R,) uint8 host, None: all) over the ring, sent to
+        rank 0; there the packed lists of all ranks in list-row order (None elsewhere)."""
+        comm, sh = self.comm, self.sh
+        t0 = time.perf_counter()
+        u = sh.list_rows.numel()
+        if mask is None:
+            local, counts = torch.arange(u, device=sh.x.device), sh.list_sizes
+        else:
+            local = torch.nonzero(mask[sh.list_offset : sh.list_offset + u]).flatten().to(sh.x.device)
+            counts = [int(mask[s:e].sum()) for s, e in _bounds(sh.list_sizes)]
+        positions, ids = sh.list_rows[local], local + sh.list_offset
+        self.columns = (positions, ids)
+        k = min(self.k, max(sum(counts) - 1, 1))
+        x32 = _prepared32(sh.x, sh.metric, positions)
+        index, s2, close, sent = _ring_band_lists(comm, x32, ids, sh.lower[local], sh.upper[local], k, counts,
+                                                  block_elements=self.block_elements)
+        del x32
+        if k < self.k:  # fewer rows than K: pad the lists
+            index = torch.cat([index, index.new_full((index.shape[0], self.k - k), -1)], dim=1)
+            s2 = torch.cat([s2, s2.new_full((s2.shape[0], self.k - k), torch.inf)], dim=1)
+        slack = sh.slack[local]
+        packed = _pack_lists(index, s2, list_limits(index, s2, slack), close, slack)
+        t1 = time.perf_counter()
+        if self.first_ring_s is None:
+            self.first_ring_s, self.first_ring_bytes = t1 - t0, sent
+        gathered, sent = _gather_rows(comm, packed, counts, out_device=torch.device("cpu"))
+        self.bytes_to_root += sent
+        self.gather_s += time.perf_counter() - t1
+        self.time_s += time.perf_counter() - t0
+        return gathered
 
 
-def _local_long_lists(sh: _Shard, q64: torch.Tensor, q_ids: torch.Tensor, q_lower: torch.Tensor, k: int,
-                      unvisited_only: bool, block_elements: int) -> torch.Tensor:
-    """This rank's part of the long lists: per float64 query row (global ids ``q_ids``, band lower bounds
-    ``q_lower``), the ``k`` smallest float64 squared distances ``>= q_lower`` to this rank's rows (the unvisited
-    ones when ``unvisited_only``; the query row itself excluded), by (value, global id). Returns (Q, 2 k)
-    float64: values (+inf padding), then global ids (-1 padding), as one tensor to gather."""
-    x64 = prepare(sh.x, sh.metric, torch.float64)
-    ids = torch.arange(sh.m, device=x64.device) + sh.offset
-    if unvisited_only:
-        x64, ids = x64[~sh.visited], ids[~sh.visited]
+class RingLongListBuilder:
+    """Long lists (``long_k`` entries, float64 products) of the crowded lists of each ring build
+    (:func:`~tfp_kernels.order.builders.crowded_lists`): rank 0 broadcasts the crowded list rows in float64
+    (:func:`_long_query`), every rank lists the build's list rows it holds for them (:func:`_local_long_lists`) and
+    rank 0 merges the ranks' best by (value, id) (:func:`_long_lists_root`). A failure on any rank (say, out of
+    memory) ends the round on every rank and turns the long lists off: they only save scans.
+
+    Rank 0 calls :meth:`lengthen` (``commands``, ``emb_host`` given); the other ranks :meth:`serve` at its
+    ``_LONG`` command.
+
+    Args:
+        comm, sh: as :class:`RingListBuilder`'s; long_k: the long lists' length; t2: the squared threshold;
+            max_sq: the global max of the list rows' float64 squared norms (the lists' bound); room:
+            ``EngineSettings.long_list_room``; block_elements: the tile's elements.
+        commands: rank 0's :class:`_Commands`; emb_host: rank 0's (N, D) host rows; node_of: (R,) int64 host, each
+            list row's node (a duplicate group's lowest member), or None (the list rows are the nodes).
+
+    Attributes:
+        time_s: this rank's seconds in long lists; failed: rank 0, a round failed (no other follows).
+    """
+
+    def __init__(self, comm: _Comm, sh: _Shard, long_k: int, *, t2: float, max_sq: float, room: int,
+                 block_elements: int, commands: _Commands | None = None, emb_host: torch.Tensor | None = None,
+                 node_of: torch.Tensor | None = None):
+        self.comm, self.sh, self.long_k, self.t2, self.max_sq, self.room = comm, sh, long_k, t2, max_sq, room
+        self.block_elements, self.commands, self.emb_host, self.node_of = block_elements, commands, emb_host, node_of
+        self.time_s = 0.0
+        self.failed = False
+
+    def lengthen(self, rows: torch.Tensor | None, index: torch.Tensor, s2: torch.Tensor, slack: torch.Tensor,
+                 columns) -> LongLists | None:
+        """Rank 0: long lists of the crowded ones among a build's lists (index (Q, K) int32, s2 (Q, K) float32, slack
+        (Q,) float64 host; of the list rows ``rows``, None: all), over the build's list rows (``columns``: rank
+        0's, see :attr:`RingListBuilder.columns`); None when none is crowded or the round failed."""
+        if self.failed:
+            return None
+        t_start = time.perf_counter()
+        try:
+            crowded = torch.nonzero(crowded_lists(index, s2, slack, self.t2, self.room)).flatten()
+            if crowded.numel() == 0:
+                return None
+            ids = crowded if rows is None else rows[crowded]
+            nodes = ids if self.node_of is None else self.node_of[ids]
+            try:  # (rank 0's own preparation, before the command: nothing collective to agree on yet)
+                payload, q_slack = _long_query(self.emb_host, nodes, ids, metric=self.sh.metric, t2=self.t2,
+                                               k=self.long_k, max_sq=self.max_sq)
+            except Exception as err:  # (e.g. out of memory: the long lists only save scans)
+                raise _LongListsFailed(0, kernel_failure(err)) from err
+            self.commands.send(_LONG)
+            long_index, long_s2, limit2, q_slack = _long_lists_root(self.comm, self.sh, payload, q_slack, columns,
+                                                                    block_elements=self.block_elements)
+            return LongLists(crowded, long_index, long_s2, limit2, q_slack)
+        except _LongListsFailed as err:  # (every rank left the round together, or none entered it)
+            warnings.warn(f"tfp_order(group=...): the long lists failed {err}; going on without them (same "
+                          "path, more scans)", RuntimeWarning, stacklevel=5)
+            self.failed = True
+            return None
+        finally:
+            self.time_s += time.perf_counter() - t_start
+
+    def serve(self, columns) -> None:
+        """A rank other than 0: its part of a round, over its list rows of the last build (``columns``)."""
+        t_start = time.perf_counter()
+        try:
+            _serve_long_lists(self.comm, self.sh, columns, self.block_elements)
+        except _LongListsFailed as err:  # (every rank left the round; rank 0 turns the long lists off)
+            if err.rank == self.comm.rank:
+                warnings.warn(f"tfp_order(group=...): this rank's part of the long lists failed {err}; the ranks "
+                              "go on without them (same path, more scans)", RuntimeWarning, stacklevel=4)
+        finally:
+            self.time_s += time.perf_counter() - t_start
+
+
+def _long_list_builder(comm: _Comm, sh: _Shard, options: OrderOptions, k: int, t2: float, block_elements: int, *,
+                       commands, emb_host, node_of) -> RingLongListBuilder | None:
+    """The run's :class:`RingLongListBuilder` (collective: the bound's max), or None: as in one process, for
+    ``long_lists=True``, or ``"auto"`` from ``EngineSettings.long_list_min_rows`` list rows; never with a cap or
+    t = 0."""
+    o, s = options, options.settings
+    num_lists = sum(sh.list_sizes)
+    long_k = min(s.long_list_factor * k, num_lists - 1)
+    use = num_lists >= s.long_list_min_rows if o.long_lists == "auto" else bool(o.long_lists)
+    if not (use and o.max_rejections is None and t2 > 0 and long_k > k):
+        return None
+    local = prepare(sh.x.index_select(0, sh.list_rows), sh.metric, torch.float64).square().sum(dim=1)
+    max_sq = comm.all_max(float(local.max()) if local.numel() else 0.0)
+    return RingLongListBuilder(comm, sh, long_k, t2=t2, max_sq=max_sq, room=s.long_list_room,
+                               block_elements=block_elements, commands=commands, emb_host=emb_host, node_of=node_of)
+
+
+def _local_long_lists(sh: _Shard, q64: torch.Tensor, q_ids: torch.Tensor, q_lower: torch.Tensor, k: int, columns,
+                      block_elements: int) -> torch.Tensor:
+    """This rank's part of the long lists: per float64 query row (global list-row ids ``q_ids``, band lower bounds
+    ``q_lower``), the ``k`` smallest float64 squared distances ``>= q_lower`` to this rank's list rows ``columns``
+    (``(positions, ids)``: local rows and their global list-row ids; the query row itself excluded), by (value,
+    id). Returns (Q, 2 k) float64: values (+inf padding), then ids (-1 padding), as one tensor to gather."""
+    positions, ids = columns
+    x64 = prepare(sh.x.index_select(0, positions), sh.metric, torch.float64)
+    ids = ids.to(x64.device)
     q = q64.shape[0]
     out = torch.cat([torch.full((q, k), torch.inf, dtype=torch.float64, device=x64.device),
                      torch.full((q, k), -1.0, dtype=torch.float64, device=x64.device)], dim=1)
@@ -814,7 +1075,7 @@ def _local_long_lists(sh: _Shard, q64: torch.Tensor, q_ids: torch.Tensor, q_lowe
         s2 = (q_sq[q0:q1, None] + sq[None, :]) - 2.0 * (q64[q0:q1] @ x64.T)
         s2.clamp_(min=0).masked_fill_(q_ids[q0:q1, None] == ids[None, :], torch.inf)  # self
         s2.masked_fill_(s2 < q_lower[q0:q1, None], torch.inf)
-        vals, cols = select_smallest(s2, kk)  # (local columns in increasing global id)
+        vals, cols = select_smallest(s2, kk)  # (columns in increasing id)
         out[q0:q1, :kk] = vals
         out[q0:q1, k : k + kk] = torch.where(torch.isinf(vals), -1, ids[cols]).double()
     return out
@@ -839,12 +1100,13 @@ def _agree_on_failure(comm: _Comm, err: Exception | None) -> None:
         raise _LongListsFailed(rank, kernel_failure(err) if rank == comm.rank and err is not None else "")
 
 
-def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, payload=None) -> torch.Tensor | None:
+def _serve_long_lists(comm: _Comm, sh: _Shard, columns, block_elements: int, payload=None) -> torch.Tensor | None:
     """Every rank's side of a long-list round (:func:`_long_lists_root` broadcasts ``payload`` on rank 0): this
-    rank's part, gathered to rank 0 (returned there, (W Q, 2 k) in rank order; None elsewhere). A failure on
-    any rank (say, out of memory) ends the round on every rank with :class:`_LongListsFailed`."""
-    q, k, unvisited_only = comm.bcast(
-        payload[0] if payload is not None else torch.zeros(3, dtype=torch.int64)).tolist()
+    rank's part over its list rows ``columns`` (:func:`_local_long_lists`), gathered to rank 0 (returned there,
+    (W Q, 2 k) in rank order; None elsewhere). A failure on any rank (say, out of memory) ends the round on
+    every rank with :class:`_LongListsFailed`."""
+    dim = sh.x.shape[1]
+    q, k = comm.bcast(payload[0] if payload is not None else torch.zeros(2, dtype=torch.int64)).tolist()
     buf, err = None, None
     try:  # (the query rows' buffer: Q x D float64, as large as the rank's part)
         buf = payload[1] if payload is not None else torch.empty(q * (dim + 2), dtype=torch.float64,
@@ -857,7 +1119,7 @@ def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, pa
     q_ids, q_lower = data[q * dim : q * dim + q].long(), data[q * dim + q :]
     part = None
     try:
-        part = _local_long_lists(sh, q64, q_ids, q_lower, k, bool(unvisited_only), block_elements).cpu()
+        part = _local_long_lists(sh, q64, q_ids, q_lower, k, columns, block_elements).cpu()
     except Exception as e:  # noqa: BLE001
         err = e
     _agree_on_failure(comm, err)
@@ -865,26 +1127,27 @@ def _serve_long_lists(comm: _Comm, sh: _Shard, dim: int, block_elements: int, pa
     return gathered
 
 
-def _long_query(sh: _Shard, emb_host: torch.Tensor, rows: torch.Tensor, *, t2: float, k: int,
-                unvisited_only: bool, max_sq: float):
-    """Rank 0, before a long-list round: the payload of the list rows ``rows`` (global ids, host int64) for
-    :func:`_serve_long_lists` (their float64 rows, ids and band lower bounds) and their bound (Q,) float64."""
-    q64 = prepare(emb_host.index_select(0, rows), sh.metric, torch.float64)
+def _long_query(emb_host: torch.Tensor, nodes: torch.Tensor, ids: torch.Tensor, *, metric: str, t2: float, k: int,
+                max_sq: float):
+    """Rank 0, before a long-list round: the payload of the list rows ``ids`` (global list-row ids, host int64; the
+    rows of ``nodes``) for :func:`_serve_long_lists` (their float64 rows, ids and band lower bounds) and their
+    bound (Q,) float64."""
+    q64 = prepare(emb_host.index_select(0, nodes), metric, torch.float64)
     slack = float64_error_coef(emb_host.shape[1]) * (q64.square().sum(dim=1) + max_sq)
     lower, _ = band_bounds(t2, slack)
-    payload = (torch.tensor([rows.numel(), k, int(unvisited_only)], dtype=torch.int64),
-               torch.cat([q64.flatten(), rows.double(), lower.double()]))
+    payload = (torch.tensor([ids.numel(), k], dtype=torch.int64),
+               torch.cat([q64.flatten(), ids.double(), lower.double()]))
     return payload, slack
 
 
-def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, *, dim: int, block_elements: int):
-    """Rank 0: the long lists of the rows of ``payload`` (:func:`_long_query`), over every rank's rows (the
-    unvisited ones when asked), in float64: the query rows broadcast, each rank's best ``k`` gathered and merged
-    by (value, id) (the global best k are among the ranks' best k). Returns host tensors (index (Q, k) int32,
-    s2 (Q, k) float32, limit2 (Q,) float64, slack (Q,) float64) as the single-process long lists; raises
+def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, columns, *, block_elements: int):
+    """Rank 0: the long lists of the rows of ``payload`` (:func:`_long_query`), over every rank's list rows of the
+    build (``columns``: rank 0's), in float64: the query rows broadcast, each rank's best ``k`` gathered and
+    merged by (value, id) (the global best k are among the ranks' best k). Returns host tensors (index (Q, k)
+    int32, s2 (Q, k) float32, limit2 (Q,) float64, slack (Q,) float64) as the single-process long lists; raises
     :class:`_LongListsFailed` when a rank failed its part (every rank then left the round)."""
-    q, k, _ = payload[0].tolist()
-    gathered = _serve_long_lists(comm, sh, dim, block_elements, payload)
+    q, k = payload[0].tolist()
+    gathered = _serve_long_lists(comm, sh, columns, block_elements, payload)
     try:  # (rank 0 alone from here: the other ranks are done with the round)
         parts = gathered.view(comm.world, q, 2 * k)
         values = parts[:, :, :k].permute(1, 0, 2).reshape(q, comm.world * k)
@@ -898,32 +1161,244 @@ def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, *, d
         raise _LongListsFailed(0, kernel_failure(err)) from err
 
 
-def _serve(comm: _Comm, sh: _Shard, n: int, dim: int, *, threshold, max_rejections, k, block_elements):
-    """The loop of the ranks other than 0 during the walk: run the broadcast commands until done."""
+class _Commands:
+    """Rank 0's side of the walk's protocol (:func:`_serve` is the other ranks'): :meth:`send` broadcasts a
+    command with the nodes visited since the last one (every rank marks its own, rank 0 too) and, for a scan, the
+    window's rows.
+
+    Args:
+        comm, sh: the group and rank 0's rows; path: (N,) int64 host, the walk's path (read up to each step).
+    """
+
+    def __init__(self, comm: _Comm, sh: _Shard, path: torch.Tensor):
+        self.comm, self.sh, self.path = comm, sh, path
+        self.synced = 0  # path[:synced] has been sent to the other ranks
+
+    def send(self, cmd: int, step: int | None = None, win_rows: torch.Tensor | None = None) -> None:
+        """Broadcast ``cmd`` at ``step`` (``path[:step]`` set; None: the step of the last command), then one
+        payload: the nodes visited since the last command and ``win_rows`` ((w, D) float64 host, or None)."""
+        step = self.synced if step is None else step
+        new = self.path[self.synced : step]
+        n_win = 0 if win_rows is None else win_rows.shape[0]
+        self.comm.bcast(torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.int64))
+        if new.numel() or n_win:
+            parts = [new.double()] + ([] if win_rows is None else [win_rows.flatten()])
+            self.comm.bcast(torch.cat(parts))
+        self.sh.mark(new)
+        self.synced = step
+
+
+def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int) -> float:
+    """The loop of the ranks other than 0 during the walk: run rank 0's commands (:class:`_Commands`) until done.
+    Returns this rank's seconds in scans."""
+    dim = sh.x.shape[1]
+    scan_s = 0.0
     while True:
         cmd, step, n_new, n_win = comm.bcast(torch.zeros(4, dtype=torch.int64)).tolist()
+        win_rows = None
         if n_new or n_win:
             payload = comm.bcast(torch.empty(n_new + n_win * dim, dtype=torch.float64))
             sh.mark(payload[:n_new].long())
             win_rows = payload[n_new:].view(n_win, dim)
         if cmd == _DONE:
-            return
+            return scan_s
         if cmd == _BASIS:
             _projection(comm, sh, None, n, dim)
         elif cmd == _SCAN:
             # (the node rank 0 takes comes with its next command: under "spread" it settles forced steps itself)
-            _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
+            t0 = time.perf_counter()
+            _sharded_pick(comm, sh, step, n, win_rows, threshold=rule.threshold, max_rejections=rule.max_rejections)
+            scan_s += time.perf_counter() - t0
         elif cmd == _REBUILD:
-            _rebuild(comm, sh, k, block_elements)
+            builder.serve(first=False)
         elif cmd == _LONG:
-            try:
-                _serve_long_lists(comm, sh, dim, block_elements)
-            except _LongListsFailed as err:  # (every rank left the round; rank 0 turns the long lists off)
-                if err.rank == comm.rank:
-                    warnings.warn(f"tfp_order(group=...): this rank's part of the long lists failed {err}; the ranks "
-                                  "go on without them (same path, more scans)", RuntimeWarning, stacklevel=2)
+            builder.long.serve(builder.columns)
         else:  # pragma: no cover - protocol error
             raise RuntimeError(f"tfp_order(group=...): unknown command {cmd} from rank 0")
+
+
+class ShardedScanPicker:
+    """The sharded walk's exact scan (a picker: ``pick(step) -> node``, ``counts()``), commanded from rank 0: every
+    rank scans its own unvisited rows and the ranks settle the global pick (:func:`_sharded_pick`). Where no node
+    is valid it takes the rule's ``c_0`` (with the cap ``c_M``): the policy's
+    :class:`~tfp_kernels.order.pickers.PolicyPicker` around it settles such a step under ``"spread"``.
+
+    Args:
+        comm, sh: the group and rank 0's rows; commands: rank 0's :class:`_Commands`; emb_host: (N, D) host rows
+            (the window's rows are sent from them); state: the :class:`~tfp_kernels.order.pickers.WalkState`;
+            rule: the :class:`~tfp_kernels.order.pickers.Rule`.
+    """
+
+    def __init__(self, comm: _Comm, sh: _Shard, commands: _Commands, emb_host: torch.Tensor, state: WalkState,
+                 rule: Rule):
+        self.comm, self.sh, self.commands = comm, sh, commands
+        self.emb_host, self.state, self.rule = emb_host, state, rule
+
+    def pick(self, step: int) -> int:
+        sh, n, dim = self.sh, self.state.n, self.emb_host.shape[1]
+        if sh.basis is None:  # (the scans' projections, at the first scan)
+            self.commands.send(_BASIS, step)
+            _projection(self.comm, sh, self.emb_host, n, dim)
+        window = self.state.path[max(0, step - self.rule.window) : step]
+        win_rows = prepare(self.emb_host.index_select(0, window), sh.metric)
+        self.commands.send(_SCAN, step, win_rows)
+        return _sharded_pick(self.comm, sh, step, n, win_rows, threshold=self.rule.threshold,
+                             max_rejections=self.rule.max_rejections)
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+
+def _rebuild_lists(commands: _Commands, builder: RingListBuilder, lists: ListTables, state: WalkState,
+                   groups: DuplicateGroups | None):
+    """``rebuild(step)`` of :func:`~tfp_kernels.order.schedule.run_walk` on rank 0: the lists of the list rows with
+    an unvisited node, among themselves, over the ring."""
+
+    def rebuild(step: int) -> None:
+        commands.send(_REBUILD, step)
+        if groups is not None:  # the groups with an unvisited member
+            alive = torch.zeros(builder.num_lists, dtype=torch.bool)
+            alive[groups.group_of[~state.visited].long()] = True
+            rows = torch.nonzero(alive).flatten()
+        else:
+            rows = torch.nonzero(~state.visited).flatten()
+        lists.install(rows, builder.build(rows))
+
+    return rebuild
+
+
+def _close_sets(emb_host: torch.Tensor, lists: ListTables, options: OrderOptions):
+    """Rank 0: the close sets of the nodes where the cap could fire
+    (:func:`~tfp_kernels.order.builders.cap_close_sets`), from its host copy of the rows, or None (no cap, or none);
+    with a cap the list rows are the nodes."""
+    o, n = options, emb_host.shape[0]
+    if not (o.use_close_sets and o.max_rejections is not None and n - 1 > o.max_rejections):
+        return None
+    x32 = torch.cat([prepare(emb_host[r0 : r0 + 4096], o.metric, torch.float64).float() for r0 in range(0, n, 4096)])
+    sq = squared_norms64(x32).float()  # (rounded once from float64, as the single-process lists do)
+    return cap_close_sets(x32, sq, lists.num_close, squared_threshold(o.threshold, o.metric),
+                          sq.double() + sq.max().double(), lists.index.shape[1], o.max_rejections,
+                          budget=o.settings.close_set_budget)
+
+
+def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: DuplicateGroups | None,
+               builder: RingListBuilder, commands: _Commands, state: WalkState, options: OrderOptions,
+               time_setup: float) -> EngineCounters:
+    """Rank 0: the first build, then the walk (:func:`~tfp_kernels.order.schedule.run_walk`, the single-process
+    driver) over the ring's lists with the sharded scans and rebuilds; fills ``state.path``; returns the run's
+    counters."""
+    o = options
+    n = state.n
+    t0 = time.perf_counter()
+    lists = ListTables(builder.build(None), long_k=None if builder.long is None else builder.long.long_k)
+    close = _close_sets(emb_host, lists, o)
+    time_band = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n,
+                         groups=lambda: near_duplicate_groups(emb_host, threshold=o.threshold, metric=o.metric))
+    counters = WalkCounters()  # (its scans stay 0: the op returns at each scan, run over the ranks)
+    norms = (torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous() if o.metric == "cosine"
+             else torch.empty(0, dtype=torch.float64))
+    slack = builder.row_slack if groups is None else builder.row_slack[groups.group_of.long()]  # (per node)
+    walk_groups = None if groups is None else (groups.group_of, groups.offsets, groups.members,
+                                               groups.offsets[:-1].clone())
+    walk = WalkOp(
+        WalkTables(emb_host, norms, lists.index, lists.s2, lists.limit2, slack.contiguous(), lists.num_close,
+                   state.path, state.visited, host_scan=no_host_scan(), groups=walk_groups, long_lists=lists.long,
+                   close_sets=close, policy=policy),
+        threshold=o.threshold, window=o.window, max_rejections=o.max_rejections, cosine=o.metric == "cosine",
+        counters=counters)
+    rule = Rule(o.metric, o.threshold, o.window, o.max_rejections)
+    picker = PolicyPicker(ShardedScanPicker(comm, sh, commands, emb_host, state, rule), policy, emb_host, state,
+                          prepared=False)
+    bar = progress_bar(o, n)
+    time_setup += time.perf_counter() - t0
+
+    tally = run_walk(n, walk=walk, pick=picker.pick, rebuild=_rebuild_lists(commands, builder, lists, state, groups)
+                     if o.rebuild == "auto" else None, path=state.path, visited=state.visited, counters=counters,
+                     k=builder.k, bar=bar, settings=o.settings)
+    if bar is not None:
+        bar.close()
+    commands.send(_DONE, n)
+    forced = picker.forced
+    forced.add_walk_counter(counters.tensor)
+    long = builder.long
+    return EngineCounters(
+        band_backend="torch-ring", band_dtype="float32", k=builder.k,
+        num_fallbacks=tally.scans + counters.scans, num_rebuilds=tally.rebuilds,
+        time_band_s=time_band + tally.band_s, time_walk_s=tally.walk_s, time_fallback_s=tally.fallback_s,
+        time_setup_s=time_setup, num_groups=builder.num_lists,
+        num_long_lists=lists.num_long_lists, long_k=0 if long is None else long.long_k,
+        time_long_s=0.0 if long is None else long.time_s,
+        num_close_sets=0 if close is None else int((close[0].diff() > 0).sum()),
+        num_cap_fallbacks=counters.cap_scans, num_close_set_scans=counters.close_set_scans,
+        num_forced_steps=forced.count, first_forced_step=forced.first,
+    )
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    """What the distribution cost this rank (:class:`ShardedOrderStats`' fields of the same meaning)."""
+
+    time_lists_s: float = 0.0
+    time_gather_s: float = 0.0
+    bytes_ring: int = 0
+    bytes_to_root: int = 0
+
+
+def _share_counters(comm: _Comm, record: EngineCounters | None, *, time_band_s: float, time_long_s: float,
+                    time_fallback_s: float, time_setup_s: float) -> EngineCounters:
+    """Rank 0's counters (``record`` there) on every rank (collective); the other ranks put their own times in."""
+    shared = [record]
+    if comm.world > 1:
+        dist.broadcast_object_list(shared, group=comm.group, group_src=_ROOT, device=comm.device)
+    if comm.rank == _ROOT:
+        return record
+    return dataclasses.replace(shared[0], time_band_s=time_band_s, time_long_s=time_long_s, time_walk_s=0.0,
+                               time_fallback_s=time_fallback_s, time_setup_s=time_setup_s)
+
+
+def _sharded_order(comm: _Comm, shard: torch.Tensor, sizes: list[int], options: OrderOptions,
+                   block_elements: int) -> tuple[torch.Tensor, EngineCounters, _Traffic]:
+    """The sharded engine on every rank (collective), for N >= 2 rows and a known threshold (``options``, in the
+    scaled rows' units): rows to rank 0 and the duplicate groups, the bands and K, the ring's first build, the
+    walk on rank 0 (the others serving it). Returns the (N,) int64 host path, rank 0's counters and this rank's
+    :class:`_Traffic`."""
+    o, n = options, sum(sizes)
+    t0 = time.perf_counter()
+    sh = _Shard(shard, sum(sizes[: comm.rank]), sizes, o.metric)
+    host_dtype = torch.float64 if shard.dtype == torch.float64 else torch.float32
+    emb_host, rows_sent = _gather_rows(comm, shard, sizes, out_device=torch.device("cpu"), out_dtype=host_dtype)
+    gather_s = time.perf_counter() - t0
+    groups = _share_groups(comm, sh, emb_host, o)
+    t2 = squared_threshold(o.threshold, o.metric)
+    x32, sq_norms = _set_list_bounds(comm, sh, t2)
+    k = _auto_list_length(comm, sh, x32, sq_norms, t2, o.settings) if o.k == "auto" else o.k
+    k = min(k, max(sum(sh.list_sizes) - 1, 1))
+    del x32, sq_norms
+    state = commands = None
+    if comm.rank == _ROOT:
+        state = WalkState(n, o.start, torch.device("cpu"), o.window)
+        commands = _Commands(comm, sh, state.path)
+    long = _long_list_builder(comm, sh, o, k, t2, block_elements, commands=commands, emb_host=emb_host,
+                              node_of=None if groups is None else groups.representatives)
+    builder = RingListBuilder(comm, sh, k, block_elements=block_elements, long=long)
+    time_setup = time.perf_counter() - t0 - gather_s
+    record, scan_s = None, 0.0
+    if comm.rank == _ROOT:
+        record = _walk_root(comm, sh, emb_host, groups, builder, commands, state, o, time_setup)
+        path = state.path
+    else:
+        builder.serve(first=True)
+        scan_s = _serve(comm, sh, builder, Rule(o.metric, o.threshold, o.window, o.max_rejections), n)
+        path = torch.empty(n, dtype=torch.int64)
+    path = comm.bcast(path)
+    long_s = 0.0 if long is None else long.time_s
+    record = _share_counters(comm, record, time_band_s=builder.time_s + long_s, time_long_s=long_s,
+                             time_fallback_s=scan_s, time_setup_s=time_setup)
+    return path, record, _Traffic(builder.first_ring_s or 0.0, gather_s + builder.gather_s, builder.first_ring_bytes,
+                                  rows_sent + builder.bytes_to_root)
 
 
 def tfp_order_sharded(
@@ -961,7 +1436,9 @@ def tfp_order_sharded(
         group: the process group (None: the default group). Must be initialised.
         metric, quantile, threshold, window, max_rejections, start, k, progress, return_stats: as in
             :func:`~tfp_kernels.tfp_order`, the same on every rank (checked). ``start`` is a global index.
-            ``k="auto"``: the single-process rule, its sampled rows counted against every rank's rows.
+            ``k="auto"``: the single-process rule, its sampled list rows counted against every rank's list rows.
+            Exact duplicates are grouped as in one process (one band list per group; not with a cap, nor with
+            ``t = 0``): ``stats.num_groups`` counts the list rows.
         backend: ``"auto"`` or ``"fast"`` (the only sharded implementation: ring band lists, C++ walk on
             rank 0, sharded exact scans). The compiled extension is needed on rank 0.
         rebuild: as in the single-process fast path: ``"auto"`` recomputes the lists of the unvisited nodes
@@ -971,10 +1448,14 @@ def tfp_order_sharded(
             (tfp_order uses the defaults None and 0).
         block_elements: elements of the (rows x columns) float32 tile of the list phase.
         long_lists: as in :func:`~tfp_kernels.tfp_order`: the crowded lists (gathered on rank 0) get 4K-entry
-            float64 lists, each rank listing its own rows for them and rank 0 merging the ranks' best.
+            float64 lists, each rank listing its own list rows for them and rank 0 merging the ranks' best.
         policy: as in :func:`~tfp_kernels.tfp_order` (the same path): the C++ walk on rank 0 takes the urgent
-            duplicate groups' members (the groups of rank 0's copy of the rows), and rank 0 settles the forced steps
-            (farthest node from the window) over its copy of the rows after the sharded scan found no valid node.
+            near-duplicate groups' members (grouped over rank 0's copy of the rows), and rank 0 settles the forced
+            steps (farthest node from the window) over its copy of the rows after the sharded scan found no valid
+            node.
+        settings: None (the defaults) or an :class:`~tfp_kernels.order.options.EngineSettings`, as in
+            :func:`~tfp_kernels.tfp_order` (the band lists' schedule is not used: the ring lists in float32),
+            equal on every rank (checked).
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1`` (global indices), the
@@ -982,317 +1463,50 @@ def tfp_order_sharded(
 
     Raises:
         TypeError / ValueError on every rank when any rank's shard or arguments are bad, or when the ranks
-        disagree on D, dtype, device type or arguments (the message names the ranks).
+        disagree on D, dtype, device type, arguments or settings (the message names the ranks).
     """
     comm = _Comm(group)
-    (shard, sizes, metric, quantile, threshold, window, max_rejections, start, k) = _validate(
-        comm,
-        embeddings,
-        metric=metric,
-        quantile=quantile,
-        threshold=threshold,
-        window=window,
-        max_rejections=max_rejections,
-        start=start,
-        k=k,
-        backend=backend,
-        rebuild=rebuild,
-        long_lists=long_lists,
-        policy=policy,
-    )
-    n, dim = sum(sizes), shard.shape[1]
-    window, max_rejections = inputs.check_window(window, n), inputs.check_max_rejections(max_rejections, n)
-    settings = check_settings(settings)
+    req = _validate(comm, embeddings, metric=metric, quantile=quantile, threshold=threshold, window=window,
+                    max_rejections=max_rejections, start=start, k=k, backend=backend, rebuild=rebuild,
+                    long_lists=long_lists, policy=policy, settings=settings)
+    n = sum(req.sizes)
     # every rank's rows scaled by the same 2**k (from the largest entry of all ranks' rows), detached
-    scaled = inputs.prepare_rows(shard, metric, largest=comm.all_max(inputs.largest_magnitude(shard)))
-    shard, given_threshold, threshold = scaled.rows, threshold, scaled.to_rows_units(threshold)
-    offset = sum(sizes[: comm.rank])
-    device = shard.device
-    bytes_root = bytes_ring = 0
+    scaled = inputs.prepare_rows(req.shard, req.metric, largest=comm.all_max(inputs.largest_magnitude(req.shard)))
+    shard, threshold = scaled.rows, scaled.to_rows_units(req.threshold)
     t0 = time.perf_counter()
+    threshold_sent = 0
     if threshold is not None:
         source = "given"
     elif n == 1:
         threshold, source = 0.0, "given"
     else:
-        threshold, source, sent = _sharded_threshold(
-            comm, shard, sizes, offset, metric=metric, quantile=quantile, sample_pairs=sample_pairs, seed=seed
+        threshold, source, threshold_sent = _sharded_threshold(
+            comm, shard, req.sizes, sum(req.sizes[: comm.rank]), metric=req.metric, quantile=req.quantile,
+            sample_pairs=sample_pairs, seed=seed,
         )
-        bytes_root += sent
     t1 = time.perf_counter()
-    if k == "auto" and n == 1:
-        k = settings.auto_k_base
-    stats = {
-        "band_backend": "torch-ring",
-        "band_dtype": "float32",
-        "k": k,
-        "num_fallbacks": 0,
-        "num_rebuilds": 0,
-        "time_band_s": 0.0,
-        "time_walk_s": 0.0,
-        "time_fallback_s": 0.0,
-        "num_long_lists": 0,
-        "long_k": 0,
-        "time_long_s": 0.0,
-        "num_close_sets": 0,
-        "num_cap_fallbacks": 0,
-        "num_forced_steps": 0,
-        "first_forced_step": -1,
-    }
-    time_gather = time_lists = 0.0
     if n == 1:
-        path = torch.full((1,), start, dtype=torch.int64, device=device)
+        path = torch.full((1,), req.start, dtype=torch.int64)
+        record = EngineCounters(band_backend="torch-ring", band_dtype="float32", num_groups=1,
+                                k=req.settings.auto_k_base if req.k == "auto" else req.k)
+        traffic = _Traffic()
     else:
-        sh = _Shard(shard, offset, sizes, metric)
-        # the band of every row: the single-process bounds (global max of the squared norms)
-        x32 = _prepared32(shard, metric)
-        sq_norms = squared_norms64(x32).float()
-        max_sq = comm.all_max(float(sq_norms.max()) if sh.m else 0.0)
-        coef = squared_distance_error_coef(dim, torch.float32, rounded_norms=True)  # (as _ring_band_lists forms s2)
-        sh.slack = coef * (sq_norms.double() + max_sq)
-        t2 = squared_threshold(threshold, metric)
-        sh.lower, sh.upper = band_bounds(t2, sh.slack)
-        if k == "auto":
-            k = _auto_list_length(comm, sh, x32, sq_norms, n, t2, settings)
-            stats["k"] = k
-        del x32
-        long_k = min(settings.long_list_factor * min(k, n - 1), n - 1)
-        use_long = (long_lists is True or (long_lists == "auto" and n >= settings.long_list_min_rows)) and (
-            max_rejections is None and t2 > 0 and long_k > min(k, n - 1))
-        max_sq64 = 0.0
-        if use_long:  # (the float64 lists' bound: the global max of the float64 rows' squared norms)
-            local = prepare(shard, metric, torch.float64).square().sum(dim=1)
-            max_sq64 = comm.all_max(float(local.max()) if sh.m else 0.0)
-            stats["long_k"] = long_k
-        tb = time.perf_counter()
-        packed, bytes_ring = _lists(comm, sh, None, sizes, k, block_elements)
-        stats["time_band_s"] = time_lists = time.perf_counter() - tb
-        tg = time.perf_counter()
-        lists, sent = _gather_rows(comm, packed, sizes, out_device=torch.device("cpu"))
-        bytes_root += sent
-        del packed
-        host_dtype = torch.float64 if shard.dtype == torch.float64 else torch.float32
-        emb_host, sent = _gather_rows(
-            comm, shard, sizes, out_device=torch.device("cpu"), out_dtype=host_dtype
-        )
-        bytes_root += sent
-        time_gather = time.perf_counter() - tg
-        common = {
-            "threshold": threshold,
-            "max_rejections": max_rejections,
-            "k": k,
-            "block_elements": block_elements,
-        }
-        long_args = {"long_k": long_k if use_long else 0, "t2": t2, "max_sq": max_sq64}
-        if comm.rank == _ROOT:
-            path = _walk_root(
-                comm,
-                sh,
-                n,
-                dim,
-                lists,
-                emb_host,
-                window=window,
-                start=start,
-                rebuild=rebuild,
-                progress=progress,
-                stats=stats,
-                policy=policy,
-                settings=settings,
-                **long_args,
-                **common,
-            )
-        else:
-            _serve(comm, sh, n, dim, **common)
-            path = torch.empty(n, dtype=torch.int64)
-        path = comm.bcast(path)
-        counted = ("num_fallbacks", "num_rebuilds", "num_long_lists", "num_close_sets", "num_cap_fallbacks",
-                   "num_forced_steps", "first_forced_step")
-        counters = comm.bcast(torch.tensor([stats[key] for key in counted], dtype=torch.int64))
-        for key, value in zip(counted, counters.tolist()):
-            stats[key] = int(value)
-        path = path.to(device)
-    t3 = time.perf_counter()
+        options = OrderOptions(metric=req.metric, threshold=threshold, window=req.window,
+                               max_rejections=req.max_rejections, start=req.start, policy=req.policy, k=req.k,
+                               rebuild=req.rebuild, long_lists=req.long_lists, progress=progress,
+                               settings=req.settings)
+        path, record, traffic = _sharded_order(comm, shard, req.sizes, options, block_elements)
+    path = path.to(shard.device)
+    t2 = time.perf_counter()
     if not return_stats:
         return path
-    if stats["first_forced_step"] < 0:
-        stats["first_forced_step"] = None
-    threshold = scaled.to_user_units(threshold) if given_threshold is None else given_threshold  # (user units)
+    threshold = scaled.to_user_units(threshold) if req.threshold is None else req.threshold  # (user units)
     return path, ShardedOrderStats(
-        threshold=threshold,
-        threshold_source=source,
-        backend="sharded",
-        num_nodes=n,
-        time_threshold_s=t1 - t0,
-        time_order_s=t3 - t1,
-        policy=policy,
-        **stats,
-        world_size=comm.world,
-        rank=comm.rank,
-        num_rows=sizes[comm.rank],
-        time_lists_s=time_lists,
-        time_gather_s=time_gather,
-        bytes_ring=bytes_ring,
-        bytes_to_root=bytes_root,
+        threshold=threshold, threshold_source=source, backend="sharded", num_nodes=n, time_threshold_s=t1 - t0,
+        time_order_s=t2 - t1, policy=req.policy, **dataclasses.asdict(record), world_size=comm.world, rank=comm.rank,
+        num_rows=req.sizes[comm.rank], time_lists_s=traffic.time_lists_s, time_gather_s=traffic.time_gather_s,
+        bytes_ring=traffic.bytes_ring, bytes_to_root=threshold_sent + traffic.bytes_to_root,
     )
-
-
-def _walk_root(
-    comm: _Comm,
-    sh: _Shard,
-    n: int,
-    dim: int,
-    lists: torch.Tensor,
-    emb_host: torch.Tensor,
-    *,
-    threshold,
-    window,
-    max_rejections,
-    start,
-    k,
-    block_elements,
-    rebuild,
-    progress,
-    stats,
-    long_k=0,
-    t2=0.0,
-    max_sq=0.0,
-    policy="paper",
-    settings: EngineSettings = DEFAULT_SETTINGS,
-) -> torch.Tensor:
-    """Rank 0: the C++ walk over the gathered lists, commanding the sharded scans, rebuilds and long lists
-    (``long_k`` > 0: the crowded lists get long ones, see :func:`_long_lists_root`)."""
-    band_index, band_s2, limit2, num_close, slack_host = _unpack_lists(lists, k)
-    del lists
-    metric = sh.metric
-    norms_host = (
-        torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous()
-        if metric == "cosine"
-        else torch.empty(0, dtype=torch.float64)
-    )
-    path = torch.empty(n, dtype=torch.long)
-    path[0] = start
-    visited = torch.zeros(n, dtype=torch.bool)
-    visited[start] = True
-    counters = WalkCounters()  # (scans stays 0: the op never scans here)
-    synced = 0  # path[:synced] has been sent to the other ranks
-
-    def command(cmd: int, step: int, win_rows: torch.Tensor | None = None) -> None:
-        """Broadcast a command, then one payload: the nodes visited since the last one, the window rows."""
-        nonlocal synced
-        new = path[synced:step]
-        n_win = 0 if win_rows is None else win_rows.shape[0]
-        comm.bcast(torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.int64))
-        if new.numel() or n_win:
-            parts = [new.double()] + ([] if win_rows is None else [win_rows.flatten()])
-            comm.bcast(torch.cat(parts))
-        sh.mark(new)
-        synced = step
-
-    long_tables = LongListTables(n, long_k)
-
-    long_failed = []  # a failed long-list round turns them off for the rest of the walk, on every rank
-
-    def lengthen(rows: torch.Tensor, step: int, unvisited_only: bool) -> None:
-        """Long lists for the crowded lists among ``rows`` (host int64 node ids), among all nodes or the
-        unvisited ones."""
-        if long_failed:
-            return
-        t_start = time.perf_counter()
-        crowded = rows[crowded_lists(band_index[rows], band_s2[rows], slack_host[rows], t2, settings.long_list_room)]
-        if crowded.numel():
-            try:
-                try:  # (rank 0's own preparation, before the command: nothing collective to agree on yet)
-                    payload, slack = _long_query(sh, emb_host, crowded, t2=t2, k=long_k,
-                                                 unvisited_only=unvisited_only, max_sq=max_sq)
-                except Exception as err:  # (e.g. out of memory: the long lists only save scans)
-                    raise _LongListsFailed(0, kernel_failure(err)) from err
-                command(_LONG, step)
-                index, s2, limit, slack = _long_lists_root(comm, sh, payload, slack, dim=dim,
-                                                           block_elements=block_elements)
-            except _LongListsFailed as err:  # (every rank left the round together, or none entered it)
-                warnings.warn(f"tfp_order(group=...): the long lists failed {err}; going on without them (same "
-                              "path, more scans)", RuntimeWarning, stacklevel=4)
-                long_failed.append(err)
-            else:
-                long_tables.append(crowded, index, s2, slack)
-                limit2[crowded] = limit
-                stats["num_long_lists"] += crowded.numel()
-        stats["time_long_s"] += time.perf_counter() - t_start
-
-    if long_k:
-        lengthen(torch.arange(n), 1, False)
-        stats["time_band_s"] += stats["time_long_s"]  # (as in one process: the lists' time holds theirs)
-    close = None  # close sets of the nodes where the cap could fire, from rank 0's host copy of the rows
-    if max_rejections is not None and n - 1 > max_rejections:
-        t_start = time.perf_counter()
-        x32 = torch.cat([prepare(emb_host[r0 : r0 + 4096], metric, torch.float64).float() for r0 in range(0, n, 4096)])
-        sq = squared_norms64(x32).float()  # (rounded once from float64, as the single-process lists do)
-        close = cap_close_sets(x32, sq, num_close, t2, sq.double() + sq.max().double(), band_index.shape[1],
-                               max_rejections, budget=settings.close_set_budget)
-        del x32
-        stats["num_close_sets"] = 0 if close is None else int((close[0].diff() > 0).sum())
-        stats["time_band_s"] += time.perf_counter() - t_start
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, initial=1, desc="tfp walk (sharded)", unit="node", disable=None)
-        if bar.disable:
-            bar = None
-    have_basis = False
-    policy = walk_policy(policy, threshold=threshold, metric=metric, n=n,
-                         groups=lambda: near_duplicate_groups(emb_host, threshold=threshold, metric=metric))
-    forced_steps = ForcedSteps()
-
-    walk = WalkOp(
-        WalkTables(emb_host, norms_host, band_index, band_s2, limit2, slack_host, num_close, path, visited,
-                   host_scan=no_host_scan(), long_lists=long_tables if long_k else None, close_sets=close,
-                   policy=policy),
-        threshold=threshold, window=window, max_rejections=max_rejections, cosine=metric == "cosine",
-        counters=counters)
-
-    def pick(step: int) -> int:  # a sharded exact scan
-        nonlocal have_basis
-        if not have_basis:
-            command(_BASIS, step)
-            _projection(comm, sh, emb_host, n, dim)
-            have_basis = True
-        win_rows = prepare(emb_host.index_select(0, path[max(0, step - window) : step]), metric)
-        command(_SCAN, step, win_rows)
-        node = _sharded_pick(comm, sh, step, n, win_rows, threshold=threshold, max_rejections=max_rejections)
-        # (the scan takes c_0 where no node is valid; under "spread" rank 0 settles such a step on its rows)
-        node, forced = policy.settle(node, emb_host, path[max(0, step - window) : step].tolist(),
-                                     lambda: torch.nonzero(~visited).flatten(), prepared=False)
-        forced_steps.note(step, forced)
-        return node
-
-    def rebuild_lists(step: int) -> None:
-        command(_REBUILD, step)
-        gathered, _ = _rebuild(comm, sh, k, block_elements)
-        rows_host = torch.nonzero(~visited).flatten()
-        for table, part in zip((band_index, band_s2, limit2, num_close, slack_host), _unpack_lists(gathered, k)):
-            table[rows_host] = part
-        if long_k:
-            long_tables.clear(rows_host)
-            lengthen(rows_host, step, True)
-
-    tally = run_walk(
-        n, walk=walk, pick=pick, rebuild=rebuild_lists if rebuild == "auto" else None, path=path, visited=visited,
-        counters=counters, k=k, bar=bar, settings=settings,
-    )
-    stats["time_walk_s"] += tally.walk_s
-    stats["time_fallback_s"] += tally.fallback_s
-    stats["time_band_s"] += tally.band_s
-    stats["num_fallbacks"] += tally.scans
-    stats["num_rebuilds"] += tally.rebuilds
-    stats["num_cap_fallbacks"] = counters.cap_scans
-    stats["num_forced_steps"] = forced_steps.count  # (all at scans, and those run from here)
-    stats["first_forced_step"] = -1 if forced_steps.first is None else forced_steps.first
-    if bar is not None:
-        bar.close()
-    command(_DONE, n)
-    return path
 
 
 # tfp_order(shard, ..., group=g) hands its arguments to tfp_order_sharded (the ordering layer does not import

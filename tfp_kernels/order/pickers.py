@@ -245,16 +245,20 @@ class CloseSetPicker:
 class PolicyPicker:
     """``inner``'s pick settled by the walk's :class:`~tfp_kernels.order.policy.WalkPolicy` (the node farthest from
     the window at a forced step under ``"spread"``); ``forced``: the :class:`~tfp_kernels.order.policy.ForcedSteps`
-    these picks made."""
+    these picks made.
 
-    def __init__(self, inner, policy: WalkPolicy, x64: torch.Tensor, state: WalkState):
-        self.inner, self.policy, self.x64, self.state = inner, policy, x64, state
+    ``x64``: (N, D) float64 prepared rows on the state's device; or, with ``prepared=False``, the embeddings
+    themselves (any float dtype: each block the policy reads is prepared there, as the sharded walk's host copy
+    of the rows is)."""
+
+    def __init__(self, inner, policy: WalkPolicy, x64: torch.Tensor, state: WalkState, *, prepared: bool = True):
+        self.inner, self.policy, self.x64, self.state, self.prepared = inner, policy, x64, state, prepared
         self.forced = ForcedSteps()
 
     def pick(self, step: int) -> int:
         s = self.state
         node, forced = self.policy.settle(self.inner.pick(step), self.x64, s.window_nodes(step),
-                                          lambda: s.unvisited_on_device(step))
+                                          lambda: s.unvisited_on_device(step), prepared=self.prepared)
         self.forced.note(step, forced)
         return node
 
