@@ -368,6 +368,51 @@ def test_near_duplicate_groups_against_reference(emb, t, metric, block_elements)
             assert group_of[inverse == rows].unique().numel() == 1
 
 
+def brute_force_alone(emb, t, metric):
+    """(N,) bool: rows with no other row at exact distance < t."""
+    x = prepare(emb, metric)
+    l2 = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    d = l2 if metric == "l2" else 0.5 * l2.square()
+    d.fill_diagonal_(torch.inf)
+    return (d >= t).all(dim=1)
+
+
+@pytest.mark.parametrize("emb, t, metric", GROUP_CASES[1:])
+def test_near_duplicate_groups_skip_the_alone_nodes(emb, t, metric):
+    t = float(estimate_threshold(emb, quantile=0.05, metric=metric)) if t is None else t
+    alone = brute_force_alone(emb, t, metric)
+    some = alone & (torch.arange(emb.shape[0]) % 2 == 0)  # any true subset will do
+    want = near_duplicate_groups_reference(emb, threshold=t, metric=metric)
+    for hint in (alone, some):
+        got = near_duplicate_groups(emb, threshold=t, metric=metric, alone=hint, block_elements=7)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_extension
+@pytest.mark.parametrize("emb, t, metric", [
+    (jittered_clusters(300, 8, clusters=6, radius=1.0, seed=3), 1.0, "l2"),  # t small: most rows alone
+    (sft_like(200, 6, seed=2), None, "cosine"),  # equal rows: list rows are groups
+    (with_group(150, 5, 30, seed=1), None, "l2"),
+])
+def test_fast_path_alone_nodes_are_alone(emb, t, metric):
+    from tfp_kernels.order.builders import ListTables
+    from tfp_kernels.order.fast import Kernels, PreparedRows, list_builder
+    from tfp_kernels.order.options import OrderOptions
+
+    t = float(estimate_threshold(emb, quantile=0.02, metric=metric)) if t is None else t
+    o = OrderOptions(metric=metric, threshold=t, window=4, policy="spread")
+    rows = PreparedRows.of(emb, o)
+    builder, _ = list_builder(rows, o, emb.shape[1], Kernels())
+    lists = ListTables(builder.build_all(may_fall_back=True), long_k=None)
+    alone = rows.alone(lists)
+    truth = brute_force_alone(emb, t, metric)
+    assert alone.dtype == torch.bool and alone.shape == truth.shape
+    assert not bool((alone & ~truth).any())  # never claims a node with a near neighbour
+    assert int(alone.sum()) >= 3 * int(truth.sum()) // 4  # and finds most of those without one (24 of 25, 6, 28)
+
+
 def test_near_duplicate_groups_edges():
     emb = gaussian(20, 4)
     assert near_duplicate_groups(emb, threshold=0.0, metric="l2") is None  # t = 0: nothing is closer than t

@@ -140,7 +140,8 @@ def urgent_group_tables(group_of: torch.Tensor, counts: torch.Tensor) -> tuple[t
 
 
 def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, prepared: bool = False,
-                          block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor] | None:
+                          alone: torch.Tensor | None = None, block_elements: int = BLOCK_ELEMENTS,
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``"spread"`` policy's groups of near-duplicates: leaders in index order, each with the nodes closer than
     ``threshold`` to it.
 
@@ -154,6 +155,9 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
         x: (N, D) float64 prepared rows (``prepared=True``, :func:`~tfp_kernels.order.distance.prepare`), or the
             embeddings themselves (any floating dtype); any device (the screening runs there).
         threshold: t, in the units of ``x``; metric: ``"l2"`` or ``"cosine"``.
+        alone: (N,) bool, any device, or None: nodes known to have no other node closer than ``threshold`` (e.g.
+            a band list that counts no row within its error bound of t); each is its own group, with no product
+            computed for it. The groups are the same with or without it, as long as it is true.
 
     Returns:
         ``(group_of (N,) int64, counts (G,) int64)`` on the device of ``x``, groups numbered by their leaders; or
@@ -169,10 +173,12 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
     # |s2 of the product - s2| <= (D + 4) eps (|a|^2 + |b|^2): the dot product's rounding, with room to spare
     coef = 8.0 * (x.shape[1] + 4) * torch.finfo(torch.float64).eps
     group_of = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    if alone is not None:
+        group_of[alone.to(x.device)] = -2  # (never free: numbered below)
     num = 0
     start = 0
     while start < n:
-        free = torch.nonzero(group_of[start:] < 0).flatten() + start  # (U,) not in a group, increasing
+        free = torch.nonzero(group_of[start:] == -1).flatten() + start  # (U,) not in a group, increasing
         if free.numel() == 0:
             break
         cand = free[: max(1, min(free.numel(), block_elements // free.numel()))]  # the next leaders, maybe
@@ -186,6 +192,15 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
             group_of[free[members]] = num
             num += 1
         start = int(cand[-1]) + 1
+    if alone is not None:  # each alone node its own group; then the groups numbered by their leaders again
+        lone = torch.nonzero(group_of == -2).flatten()
+        group_of[lone] = num + torch.arange(lone.numel(), device=x.device)
+        num += lone.numel()
+        leader = torch.full((num,), n, dtype=torch.int64, device=x.device)
+        leader.scatter_reduce_(0, group_of, torch.arange(n, device=x.device), reduce="amin")
+        rank = torch.empty_like(leader)
+        rank[torch.argsort(leader)] = torch.arange(num, device=x.device)
+        group_of = rank[group_of]
     counts = torch.bincount(group_of, minlength=num)
     return None if int(counts.max()) < 2 else (group_of, counts)
 
