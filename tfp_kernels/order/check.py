@@ -110,11 +110,7 @@ class _SpreadState:
     near-duplicates (:func:`~tfp_kernels.order.policy.near_duplicate_groups`) and the path positions of their
     members."""
 
-    def __init__(self, embeddings: torch.Tensor, pos: torch.Tensor, threshold: float, metric: str):
-        found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric)
-        n = embeddings.shape[0]
-        group_of, counts = found if found is not None else (torch.arange(n, device=embeddings.device),
-                                                            torch.ones(n, dtype=torch.int64, device=embeddings.device))
+    def __init__(self, group_of: torch.Tensor, counts: torch.Tensor, pos: torch.Tensor):
         self.members = torch.nonzero(counts[group_of] >= 2).flatten()  # (M,) increasing
         _, self.group = torch.unique(group_of[self.members], return_inverse=True)  # (M,) in 0..G-1
         self.num_groups = int(self.group.max()) + 1 if self.members.numel() else 0
@@ -285,7 +281,8 @@ def check_path(
     block = max(1, _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"]) // (n * (window + 1)))
     spread = None
     if policy == "spread":
-        spread = _SpreadState(embeddings, pos, threshold, metric) if threshold > 0 else None
+        found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric)  # (None with t = 0)
+        spread = None if found is None else _SpreadState(*found, pos)
         block = max(1, block // 2)  # (room for the urgent groups' (steps x members) tables)
     tolerated = 0
     for b in range(0, steps.numel(), block):

@@ -167,7 +167,6 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
     if threshold <= 0 or n < 2:
         return None
     x = x if prepared else prepare(x, metric)
-    host = x.cpu()
     sq = x.square().sum(dim=1)
     t2 = threshold * threshold if metric == "l2" else 2.0 * threshold
     # |s2 of the product - s2| <= (D + 4) eps (|a|^2 + |b|^2): the dot product's rounding, with room to spare
@@ -182,7 +181,7 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
         if free.numel() == 0:
             break
         cand = free[: max(1, min(free.numel(), block_elements // free.numel()))]  # the next leaders, maybe
-        near = _near_pairs(x, host, sq, cand, free, t2, coef, threshold, metric)  # (C, U) bool
+        near = _near_pairs(x, sq, cand, free, t2, coef, threshold, metric)  # (C, U) bool
         taken = torch.zeros(free.numel(), dtype=torch.bool, device=x.device)
         for r in range(cand.numel()):
             if bool(taken[r]):  # (cand[r] == free[r]: joined an earlier leader of this block)
@@ -205,7 +204,7 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
     return None if int(counts.max()) < 2 else (group_of, counts)
 
 
-def _near_pairs(x, host, sq, rows, cols, t2: float, coef: float, threshold: float, metric: str) -> torch.Tensor:
+def _near_pairs(x, sq, rows, cols, t2: float, coef: float, threshold: float, metric: str) -> torch.Tensor:
     """(R, C) bool: whether node ``rows[i]`` lies at exact distance ``< threshold`` from node ``cols[j]``
     (:func:`near_duplicate_groups`)."""
     a, b = x.index_select(0, rows), x.index_select(0, cols)
@@ -215,8 +214,9 @@ def _near_pairs(x, host, sq, rows, cols, t2: float, coef: float, threshold: floa
     near = s2 < t2 - bound
     unsure = torch.nonzero((s2 - t2).abs_() <= bound)
     if unsure.numel():
-        i, j = rows[unsure[:, 0]].cpu(), cols[unsure[:, 1]].cpu()
-        l2 = (host.index_select(0, i) - host.index_select(0, j)).square_().sum(dim=1).sqrt_()
+        a_rows = x.index_select(0, rows[unsure[:, 0]]).cpu()  # (the undecided pairs' rows only, to the host)
+        b_rows = x.index_select(0, cols[unsure[:, 1]]).cpu()
+        l2 = (a_rows - b_rows).square_().sum(dim=1).sqrt_()
         d = l2 if metric == "l2" else 0.5 * l2.square()
         near[unsure[:, 0], unsure[:, 1]] = (d < threshold).to(near.device)
     return near

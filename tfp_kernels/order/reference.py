@@ -52,11 +52,8 @@ class _UrgentGroups:
     """The ``"spread"`` policy's urgent groups (:mod:`~tfp_kernels.order.policy`), in plain torch: the groups of
     near-duplicates (:func:`~tfp_kernels.order.policy.near_duplicate_groups`) and the unvisited members of each."""
 
-    def __init__(self, embeddings: torch.Tensor, start: int, threshold: float, metric: str):
-        found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric)
-        n = embeddings.shape[0]
-        self.group_of, counts = found if found is not None else (torch.arange(n, device=embeddings.device),
-                                                                torch.ones(n, dtype=torch.int64, device=embeddings.device))
+    def __init__(self, group_of: torch.Tensor, counts: torch.Tensor, start: int):
+        self.group_of = group_of
         self.remaining = counts.clone()
         self.remaining[self.group_of[start]] -= 1
 
@@ -226,7 +223,9 @@ def reference_walk(
     if n == 1:
         return (path, forced) if return_forced else path
     x = prepare(embeddings, metric)
-    urgent = _UrgentGroups(embeddings, start, threshold, metric) if policy == "spread" and threshold > 0 else None
+    spread = policy == "spread"
+    found = near_duplicate_groups(embeddings, threshold=threshold, metric=metric) if spread else None
+    urgent = None if found is None else _UrgentGroups(*found, start)  # (None: no group of two, or t = 0)
     # rows[s % window] holds D[path[s], j] for the nodes j still unvisited when path[s] was appended.
     rows = torch.empty(window, n, dtype=x.dtype, device=device)
     unvisited = torch.cat([torch.arange(start, device=device), torch.arange(start + 1, n, device=device)])
@@ -237,7 +236,7 @@ def reference_walk(
         for back in range(2, min(window, step) + 1):
             valid &= rows[(step - back) % window, unvisited] >= threshold
         pos = None if urgent is None else urgent.pick(unvisited, d_last, valid, window)
-        if pos is None and policy == "spread" and not bool(valid.any()):
+        if pos is None and spread and not bool(valid.any()):
             pos = _pick_farthest(rows, unvisited, [(step - back) % window for back in range(1, min(window, step) + 1)])
         if pos is None:
             pos = _pick_next(d_last, valid, max_rejections)
