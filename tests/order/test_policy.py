@@ -406,7 +406,7 @@ def test_fast_path_alone_nodes_are_alone(emb, t, metric):
     rows = PreparedRows.of(emb, o)
     builder, _ = list_builder(rows, o, emb.shape[1], Kernels())
     lists = ListTables(builder.build_all(may_fall_back=True), long_k=None)
-    alone = rows.alone(lists)
+    alone = lists.alone(rows.groups)
     truth = brute_force_alone(emb, t, metric)
     assert alone.dtype == torch.bool and alone.shape == truth.shape
     assert not bool((alone & ~truth).any())  # never claims a node with a near neighbour

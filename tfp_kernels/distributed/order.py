@@ -1296,7 +1296,8 @@ def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: Duplicat
 
     t0 = time.perf_counter()
     policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n,
-                         groups=lambda: near_duplicate_groups(emb_host, threshold=o.threshold, metric=o.metric))
+                         groups=lambda: near_duplicate_groups(emb_host, threshold=o.threshold,
+                                                              metric=o.metric, alone=lists.alone(groups)))
     counters = WalkCounters()  # (its scans stay 0: the op returns at each scan, run over the ranks)
     norms = (torch.linalg.vector_norm(emb_host.double(), dim=1).contiguous() if o.metric == "cosine"
              else torch.empty(0, dtype=torch.float64))

@@ -26,6 +26,7 @@ import torch
 
 from .band_precision import band_error_coef, resolve_band_backend
 from .band_topk import BandLists, band_bounds, band_topk_rows, band_topk_torch, close_sets, float64_error_coef, list_limits
+from .duplicates import DuplicateGroups
 from .failures import warn_failure
 from .options import DEFAULT_SETTINGS, EngineSettings
 from .walk_op import LongListTables, host_table
@@ -224,6 +225,16 @@ class ListTables:
         self.long = None if long_k is None else LongListTables(self.index.shape[0], long_k)
         self.num_long_lists = 0
         self._add_long(None, first.long)
+
+    def alone(self, groups: DuplicateGroups | None) -> torch.Tensor:
+        """(N,) bool host: the nodes no other node lies closer than t to, as the first build's lists prove it
+        (``num_close``, over every row, counts none within the lists' error bound of t, and the node has no
+        equal row); ``groups``: the lists' exact-duplicate groups (list row of each node), or None (one row
+        per node). What :func:`~tfp_kernels.order.policy.near_duplicate_groups` may skip."""
+        no_close = self.num_close == 0
+        if groups is None:
+            return no_close
+        return (no_close & (groups.offsets.diff() == 1))[groups.group_of.long()]
 
     def install(self, rows: torch.Tensor, built: BuiltLists) -> None:
         """A rebuild's lists of the list rows ``rows`` ((Q,) int64 host) replace theirs, in place (the bound walk

@@ -125,13 +125,6 @@ class PreparedRows:
         return tables if self.representatives is None else tuple(t.index_select(0, self.representatives)
                                                                  for t in tables)
 
-    def alone(self, lists: ListTables) -> torch.Tensor:
-        """(N,) bool host: the nodes no other node lies closer than t to, as the first lists prove it (their list
-        row counts no row within the lists' error bound of t, and the node has no equal row)."""
-        no_close = lists.num_close == 0
-        g = self.groups
-        return no_close if g is None else (no_close & (g.offsets.diff() == 1))[g.group_of.long()]
-
     def walk_groups(self) -> tuple[torch.Tensor, ...] | None:
         """The op's duplicate-group tables (with a fresh ``next`` table), or None."""
         g = self.groups
@@ -225,7 +218,7 @@ def fast_tfp_order(embeddings: torch.Tensor, options: OrderOptions, kernels: Ker
     t0 = time.perf_counter()
     policy = walk_policy(o.policy, threshold=o.threshold, metric=o.metric, n=n,
                          groups=lambda: near_duplicate_groups(rows.x64, threshold=o.threshold, metric=o.metric,
-                                                              prepared=True, alone=rows.alone(lists)))
+                                                              prepared=True, alone=lists.alone(rows.groups)))
     time_setup += time.perf_counter() - t0
     if o.progress:
         from tqdm.auto import tqdm
