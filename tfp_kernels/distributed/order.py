@@ -499,7 +499,7 @@ def _share_groups(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, option
     every row is distinct or they are not grouped)."""
     o, n = options, sum(sh.sizes)
     groups = None
-    if comm.rank == _ROOT and o.group_duplicates and o.max_rejections is None and o.threshold > 0 and n > 2:
+    if comm.rank == _ROOT and o.groups_duplicates(n):
         found = duplicate_groups(emb_host)
         groups = None if found is None else _numbered_by_first_member(found)
     num_groups = torch.tensor([n if groups is None else groups.representatives.numel()], dtype=torch.int64)

@@ -113,8 +113,8 @@ class PreparedRows:
         sq = squared_norms64(x32).float()  # the float32 rows' norms, rounded once (band_error_coef's rounded_norms)
         host = host_table(embeddings, torch.float64 if embeddings.dtype == torch.float64 else torch.float32,
                           min_bytes=o.settings.huge_page_min_bytes)
-        groups = None  # not with the cap (its proof counts nodes) nor with t = 0 (duplicates are then valid)
-        if o.group_duplicates and o.max_rejections is None and o.threshold > 0 and embeddings.shape[0] > 2:
+        groups = None
+        if o.groups_duplicates(embeddings.shape[0]):
             groups = duplicate_groups(embeddings)  # (on the GPU for CUDA inputs: ~4 s of host sort at N = 1e6)
         reps = None if groups is None else groups.representatives.to(embeddings.device)
         return cls(x64, x32, sq, sq.double() + sq.max().double(), squared_threshold(o.threshold, o.metric), host,

@@ -134,3 +134,9 @@ class OrderOptions:
             raise ValueError(f"band backend must be 'auto', 'triton' or 'torch', got {self.band_backend!r}")
         if not isinstance(self.settings, EngineSettings):
             raise TypeError(f"settings must be an EngineSettings, got {type(self.settings).__name__}")
+
+    def groups_duplicates(self, n: int) -> bool:
+        """Whether a run over ``n`` rows lists one row per group of equal rows: ``group_duplicates``, and not
+        with a cap (its proof counts nodes), nor with t = 0 (equal rows are then valid neighbours), nor for
+        n <= 2."""
+        return self.group_duplicates and self.max_rejections is None and self.threshold > 0 and n > 2
