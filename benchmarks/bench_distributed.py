@@ -79,6 +79,7 @@ def _worker(rank: int, world: int, store_file: str, spec_file: str, out_file: st
             k=spec["k"],
             max_rejections=spec["max_rejections"],
             policy=spec.get("policy", "paper"),
+            fallback=spec.get("fallback", "auto"),
             return_stats=True,
         )
         wall = time.perf_counter() - t0

@@ -58,8 +58,9 @@ def case_embeddings(case: dict) -> torch.Tensor:
     return x
 
 
-def start(world_size: int, cases: list[dict], tmp_dir: Path) -> dict:
-    """Start ``world_size`` worker processes on ``cases``; :func:`finish` collects them."""
+def start(world_size: int, cases: list[dict], tmp_dir: Path, env: dict | None = None) -> dict:
+    """Start ``world_size`` worker processes on ``cases`` (``env``: more environment variables); :func:`finish`
+    collects them."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     cases_file = tmp_dir / "cases.pt"
@@ -70,6 +71,7 @@ def start(world_size: int, cases: list[dict], tmp_dir: Path) -> dict:
         os.environ,
         PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         OMP_NUM_THREADS="1",
+        **(env or {}),
     )
     procs = []
     for rank in range(world_size):
@@ -123,9 +125,10 @@ def finish(handle: dict, *, timeout: float = COLLECTIVE_TIMEOUT_S + 90) -> list[
     return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = COLLECTIVE_TIMEOUT_S + 90) -> list[list[dict]]:
+def launch(world_size: int, cases: list[dict], tmp_dir: Path, *, timeout: float = COLLECTIVE_TIMEOUT_S + 90,
+           env: dict | None = None) -> list[list[dict]]:
     """Run ``cases`` on ``world_size`` gloo processes and wait: :func:`start` + :func:`finish`."""
-    return finish(start(world_size, cases, tmp_dir), timeout=timeout)
+    return finish(start(world_size, cases, tmp_dir, env), timeout=timeout)
 
 
 def _run_case(case: dict, rank: int, world: int) -> dict:

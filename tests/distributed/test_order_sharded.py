@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from tfp_kernels import tfp_order, tfp_order_reference
 from tfp_kernels.distributed import ShardedOrderStats, shard_bounds, shard_rows, tfp_order_sharded
+from tfp_kernels.order.band_topk_triton import triton_runs_on
 from tfp_kernels.order.threshold import threshold_estimate
 
 _spec = importlib.util.spec_from_file_location(
@@ -70,6 +71,11 @@ GOOD = {
                       "settings": {"min_rebuild_nodes": 64}},
     "groups_cosine_w1": {"n": 300, "d": 8, "clusters": 6, "copies": 120,
                          "kwargs": {"k": 4, "metric": "cosine", "window": 1}, "settings": {"min_rebuild_nodes": 64}},
+    # t is the 2% quantile of the pair distances, so some pair lies at exactly t: the scans' float64 distances must
+    # be the reference's bits (its cdist kernel), or that pair falls on the other side of t (this case parted from
+    # one process at step 49 when the scans summed the squared differences in another order)
+    "tie_at_t_cosine_w2": {"n": 200, "d": 12, "clusters": 6, "copies": 60,
+                           "kwargs": {"k": 4, "metric": "cosine", "window": 2}},
     # no groups with a cap (its proof counts nodes) nor with t = 0 (duplicates are then valid), as in one process
     "groups_off_cap": {"n": 300, "d": 8, "clusters": 6, "copies": 80, "kwargs": {"k": 4, "max_rejections": 10}},
     "groups_off_t0": {"n": 300, "d": 8, "clusters": 6, "copies": 80, "kwargs": {"k": 4, "threshold": 0.0}},
@@ -331,8 +337,52 @@ def test_one_rank_in_process(tmp_path):
             tfp_order_sharded(torch.full((4, 2), float("nan")))
         with pytest.raises(ValueError, match="every rank's embedding shard is empty"):
             tfp_order_sharded(torch.empty(0, 3))
+        with pytest.raises(ValueError, match="fallback must be 'auto', 'device' or 'triton' with a process group"):
+            tfp_order(emb, group=dist.group.WORLD, fallback="host")
+        with pytest.raises(ValueError, match="band_backend must be 'auto', 'torch' or 'triton', got 'cuda'"):
+            tfp_order_sharded(emb, band_backend="cuda")
+        if not triton_runs_on("cpu"):
+            with pytest.raises(ValueError, match="band_backend='triton' needs Triton and CUDA embeddings"):
+                tfp_order_sharded(emb, band_backend="triton")
+            with pytest.raises(ValueError, match="fallback='triton' needs Triton and CUDA embeddings"):
+                tfp_order_sharded(emb, fallback="triton")
+        else:
+            with pytest.raises(ValueError, match="fallback='triton' scans windows of at most 64 nodes"):
+                tfp_order_sharded(emb, fallback="triton", window=65)
+        _masked_scan_matches_the_rule(emb)
     finally:
         dist.destroy_process_group()
+
+
+def _masked_scan_matches_the_rule(emb):
+    """The masked scan's pick (its torch kernel, in a 1-rank group) against the rule on the float64 rows: nearest
+    unvisited node valid against the window (ties by index), else the nearest; random states, both metrics,
+    equal rows (ties) and a threshold at a pair's exact distance."""
+    from tfp_kernels.distributed import order as sharded
+    from tfp_kernels.order.distance import distances_between, prepare
+
+    g = torch.Generator().manual_seed(0)
+    emb = emb.clone()
+    emb[7] = emb[3]  # equal rows: a tie broken by index
+    for metric in ("l2", "cosine"):
+        x64 = prepare(emb, metric)
+        sh = sharded._Shard(emb, 0, [emb.shape[0]], metric)
+        masked = sharded._MaskedScan(sharded._Comm(None), sh, sharded.masked_scan_torch, 4)
+        for trial in range(40):
+            sh.visited = torch.rand(emb.shape[0], generator=g) < 0.5
+            window = torch.nonzero(sh.visited).flatten()
+            window = window[torch.randperm(window.numel(), generator=g)[: 1 + trial % 4]]
+            unv = torch.nonzero(~sh.visited).flatten()
+            d = distances_between(x64[unv], x64[window], metric)  # (last = window[-1])
+            pick = d[:, -1].clone()
+            # thresholds: a quantile, one exactly at a pair's distance, none valid (huge), all valid (0)
+            t = [float(d.quantile(0.3)), float(d[0, -1]), 1e9, 0.0][trial % 4]
+            valid = (d >= t).all(dim=1)
+            pick[~valid] = torch.inf
+            want = int(unv[int(torch.argmin(pick))]) if bool(valid.any()) else int(unv[int(torch.argmin(d[:, -1]))])
+            got = masked.pick(x64[window], t)
+            assert got == want, (metric, trial, t, got, want)
+        assert masked.settled > 0
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 5])

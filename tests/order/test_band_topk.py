@@ -59,18 +59,23 @@ def skip_unless_cpu_has(isa):
         pytest.skip(f"this CPU has no {isa} (the op would run a lower version: tested under that name)")
 
 
-def assert_lists_match(fast, ref, x, coef):
-    """Fast lists equal the reference except where exact squared distances tie within the error bound."""
-    sq = x.double().square().sum(1)
+def assert_lists_match(fast, ref, x, coef, exact=None, norms=None):
+    """Fast lists equal the reference except where exact squared distances tie within the error bound.
+    ``exact(i, cols)``: the exact squared distances of row i to the columns ``cols`` (default: rows of ``x``);
+    ``norms``: the squared norms that bound every pair (default: those of ``x``)."""
+    if exact is None:
+        def exact(i, cols):
+            return (x.double()[cols] - x.double()[i]).square().sum(1)
+    sq = x.double().square().sum(1) if norms is None else norms
     assert fast.index.shape == ref.index.shape and fast.index.dtype == torch.int32
     assert torch.equal(fast.index == -1, torch.isinf(fast.s2))
-    for i in range(x.shape[0]):
+    for i in range(fast.index.shape[0]):
         a, b = fast.index[i], ref.index[i]
         if torch.equal(a, b):
             continue
         # differences only among entries whose exact distances are within the error bound of each other
         # or of the band edge: compare exact distances position by position
-        ea = torch.where(a >= 0, (x.double()[a.clamp(min=0).long()] - x.double()[i]).square().sum(1), torch.inf)
+        ea = torch.where(a >= 0, exact(i, a.clamp(min=0).long()), torch.inf)
         eb = ref.s2[i].double()
         tol = coef * (sq[i] + sq.max()) * 4
         both = torch.isfinite(ea) & torch.isfinite(eb)
@@ -805,3 +810,70 @@ def test_close_sets_of_no_rows_and_bad_arguments():
     with pytest.raises(ValueError, match=r"must be \(Q,\)"):
         close_sets(x, sq, torch.tensor([0, 1]), torch.ones(1))
 
+
+
+@needs_triton
+@pytest.mark.parametrize("m, c, d, k, config", [
+    (1, 1, 3, 4, None),  # one row, one column
+    (37, 21, 19, 8, None),  # neither a multiple of the tile, d not a power of two
+    (20, 53, 33, 16, {"CAP": 16, "programs": 2}),  # persistent programs, a merge before every tile with candidates
+    (16, 5, 7, 40, None),  # K > C: lists padded
+])
+def test_triton_rows_against_columns_match_reference(m, c, d, k, config):
+    # rows listed against another array's rows (a sharded build's block of another rank's rows): the one launch
+    # over the concatenation must list exactly the columns the reference does, none of the rows themselves
+    g = torch.Generator().manual_seed(m * 100 + c)
+    cols = torch.randn(c, d, generator=g)
+    x = torch.randn(m, d, generator=g)
+    if c > 2:
+        x[0] = cols[2]  # a row equal to a column: s2 = 0 is a column, listed when the band starts at 0
+        cols[1] = cols[0]  # two equal columns: ties by column
+    s2 = torch.cdist(x.double(), cols.double()).square()
+    lo = (s2.quantile(0.1, dim=1) * 1.0001).float() if c > 2 else torch.zeros(m)
+    hi = (s2.quantile(0.5, dim=1) * 1.0001).float() if c > 2 else torch.full((m,), 1e9)
+    lo[0] = 0.0
+    args = [t.to(DEVICE) for t in (x, x.square().sum(1), lo, hi)]
+    config = None if config is None else _interp_config(**config)
+    tri = band_topk_triton(*args, k, config=config,
+                           columns=(cols.to(DEVICE), cols.to(DEVICE).square().sum(1)))
+    ref = band_topk_reference(x, lo, hi, k, columns=cols)
+    tri = type(tri)(tri.index.cpu(), tri.s2.cpu(), tri.num_close.cpu())
+    assert tri.index.shape == (m, k) and int(tri.index.max()) < c
+    assert torch.equal(tri.num_close, ref.num_close)
+    coef = squared_distance_error_coef(d, torch.float32)
+    both = torch.cat([cols, x]).double()
+    assert_lists_match(tri, ref, None, coef, norms=both.square().sum(1),
+                       exact=lambda i, j: (cols.double()[j] - x[i].double()).square().sum(1))
+    if c > 2:
+        assert int(tri.index[0, 0]) == 2  # the equal column, first (its float32 s2 ~ 1e-6, not 0)
+
+
+@needs_triton
+def test_triton_columns_refuse_the_pairs_schedule_and_bad_shapes():
+    x = torch.randn(4, 3, device=DEVICE)
+    zero = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="schedule='rows' only"):
+        band_topk_triton(x, x.square().sum(1), zero, zero, 2, schedule="pairs", columns=(x, x.square().sum(1)))
+    with pytest.raises(ValueError, match=r"columns must be \(C, 3\)"):
+        band_topk_triton(x, x.square().sum(1), zero, zero, 2, columns=(x[:, :2], x.square().sum(1)))
+
+
+def test_reference_with_columns_lists_no_row_out():
+    # the reference's columns mode: every column counts, a column equal to the row included
+    x = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    cols = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    out = band_topk_reference(x, torch.zeros(2), torch.full((2,), 2.0), 2, columns=cols)
+    assert out.index.tolist() == [[0, 1], [1, 0]]
+    assert out.s2.tolist() == [[0.0, 1.0], [4.0, 9.0]]
+    assert out.num_close.tolist() == [2, 0]
+
+
+def test_distances_between_is_distances_from_bit_for_bit():
+    # the sharded scans measure window rows sent to them against their own rows: the reference's bits
+    from tfp_kernels.order.distance import distances_between, distances_from, prepare
+
+    x = make_rows(57, 19, seed=4).double()
+    for metric in ("l2", "cosine"):
+        p = prepare(x, metric)
+        rows, cols = torch.tensor([0, 5, 17, 56]), torch.tensor([3, 0, 40])
+        assert torch.equal(distances_between(p[rows], p[cols], metric), distances_from(p, rows, cols, metric))

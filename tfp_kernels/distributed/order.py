@@ -81,7 +81,7 @@ from ..order.band_topk import (
     squared_distance_error_coef,
 )
 from ..order.builders import BuiltLists, ListTables, LongLists, cap_close_sets, crowded_lists
-from ..order.distance import ieee_fp32_matmul, pair_distances, prepare
+from ..order.distance import distances_between, ieee_fp32_matmul, pair_distances, prepare
 from ..order import list_length
 from ..order.duplicates import DuplicateGroups, duplicate_groups
 from ..order.failures import kernel_failure
@@ -91,6 +91,7 @@ from ..order.options import EngineSettings, OrderOptions, check_settings
 from ..order.pickers import PolicyPicker, Rule, WalkState
 from ..order.policy import check_policy, near_duplicate_groups, walk_policy
 from ..order.scan import LB_SAFETY, PROJECTION_DIM, PROJECTION_SAMPLE, projection_basis
+from ..order.scan_triton import MAX_SCAN_WINDOW, masked_scan_torch, masked_scan_triton
 from ..order.schedule import run_walk
 from ..order.stats import EngineCounters, OrderStats
 from ..order.walk_op import WalkCounters, WalkOp, WalkTables
@@ -263,11 +264,36 @@ class _Request(NamedTuple):
     long_lists: bool | str
     policy: str
     settings: EngineSettings
+    band_backend: str = "torch"
+    fallback: str = "device"
+
+
+def _sharded_backends(device: torch.device, band_backend, fallback, window: int) -> tuple[str, str]:
+    """``band_backend`` ("auto", "torch", "triton") and ``fallback`` ("auto", "device", "triton") of a sharded run
+    on ``device``, resolved (ValueError for a bad value, or "triton" where Triton cannot run)."""
+    from ..order.band_topk_triton import triton_runs_on
+
+    if band_backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"band_backend must be 'auto', 'torch' or 'triton', got {band_backend!r}")
+    if fallback not in ("auto", "device", "triton"):
+        raise ValueError(f"fallback must be 'auto', 'device' or 'triton' with a process group, got {fallback!r}")
+    triton_here = device.type == "cuda" and triton_runs_on(device)
+    for name, value in (("band_backend", band_backend), ("fallback", fallback)):
+        if value == "triton" and not triton_runs_on(device):
+            raise ValueError(f"{name}='triton' needs Triton and CUDA embeddings (CPU ones only under "
+                             f"TRITON_INTERPRET=1), got embeddings on {device}")
+    if band_backend == "auto":
+        band_backend = "triton" if triton_here else "torch"
+    if fallback == "auto":
+        fallback = "triton" if triton_here and window <= MAX_SCAN_WINDOW else "device"
+    elif fallback == "triton" and window > MAX_SCAN_WINDOW:
+        raise ValueError(f"fallback='triton' scans windows of at most {MAX_SCAN_WINDOW} nodes, got window={window}")
+    return band_backend, fallback
 
 
 def _validate(
     comm: _Comm, embeddings, *, metric, quantile, threshold, window, max_rejections, start, k, backend,
-    rebuild="auto", long_lists="auto", policy="paper", settings=None,
+    rebuild="auto", long_lists="auto", policy="paper", settings=None, band_backend="auto", fallback="auto",
 ) -> _Request:
     """Collective validation: every rank raises the same error when any rank's input is bad."""
     arg_error = None
@@ -287,6 +313,8 @@ def _validate(
             raise ValueError(f"rebuild must be 'auto' or None, got {rebuild!r}")
         long_lists = _checks.check_long_lists(long_lists)
         settings = check_settings(settings)
+        if isinstance(embeddings, torch.Tensor) and isinstance(window, int):
+            band_backend, fallback = _sharded_backends(embeddings.device, band_backend, fallback, window)
     except (TypeError, ValueError) as err:
         arg_error = (type(err).__name__, str(err))
     args = {
@@ -300,6 +328,8 @@ def _validate(
         "rebuild": rebuild,
         "long_lists": long_lists,
         "policy": policy,
+        "band_backend": band_backend,
+        "fallback": fallback,
     }
     info, checked = _local_errors(embeddings, metric=metric if arg_error is None else "l2", args=args)
     info["settings"] = settings if arg_error is None else None
@@ -342,7 +372,7 @@ def _validate(
         raise ValueError("tfp_order(group=...): every rank's embedding shard is empty (N = 0)")
     return _Request(checked, sizes, metric, quantile, threshold, inputs.check_window(window, n),
                     inputs.check_max_rejections(max_rejections, n), _checks.check_start(start, n), k, rebuild,
-                    long_lists, policy, settings)
+                    long_lists, policy, settings, band_backend, fallback)
 
 
 def _gather_rows(comm: _Comm, local: torch.Tensor, counts: list[int], *, out_device, out_dtype=None):
@@ -580,6 +610,22 @@ def _block_keys(s2, cols_ids, lower, upper, k, self_offset, select_op):
     return keys, close
 
 
+def _triton_block_keys(x32, sq, cols_x, cols_ids, lower, upper, k: int, own: bool):
+    """The band lists of the rows ``x32`` (their squared norms ``sq``) against one column block (``cols_x``, global
+    ids ``cols_ids`` ascending; ``own``: the rows themselves, each left out of its list) by the fused Triton
+    kernel, as :func:`_block_keys`' (m, k) int64 keys and (m,) int32 counts."""
+    from ..order.band_topk_triton import band_topk_triton
+
+    if own:
+        lists = band_topk_triton(x32, sq, lower, upper, k)
+    else:
+        lists = band_topk_triton(x32, sq, lower, upper, k, columns=(cols_x, squared_norms64(cols_x).float()))
+    have = lists.index >= 0
+    gid = cols_ids.index_select(0, lists.index.clamp(min=0).long().flatten()).view(lists.index.shape)
+    keys = (lists.s2.view(torch.int32).to(torch.int64) << 32) | gid
+    return keys.masked_fill_(~have, _MAX_KEY), lists.num_close
+
+
 def _ring_band_lists(
     comm: _Comm,
     x32,
@@ -591,6 +637,7 @@ def _ring_band_lists(
     *,
     block_elements: int,
     use_extension: bool = True,
+    backend: str = "torch",
 ):
     """Band top-k lists of this rank's rows against the rows of every rank, blocks passed around the ring.
 
@@ -598,6 +645,11 @@ def _ring_band_lists(
         x32: (m, D) float32 prepared rows of this rank; ids: (m,) int64 their global list-row ids, ascending.
         lower, upper: (m,) float32 band bounds (squared domain); k: K.
         counts: rows per rank (the m of every rank).
+        block_elements: the torch tiles' (rows x columns) elements.
+        use_extension: torch on CPU tensors: select with the C++ op ``band_select`` when built.
+        backend: ``"torch"`` (float32 tiles, :func:`_block_keys`) or ``"triton"`` (one launch of the fused
+            kernel per column block: :func:`~tfp_kernels.order.band_topk_triton.band_topk_triton`, its own block
+            square, the others with ``columns=``; IEEE float32 products, the same error bound).
 
     Returns:
         index (m, K) int32 global ids (-1 padding), s2 (m, K) float32 (+inf padding), num_close (m,) int32,
@@ -636,7 +688,12 @@ def _ring_band_lists(
             if ops:
                 works = dist.batch_isend_irecv(ops)
         c = counts[owner]
-        if c > 0 and m > 0:
+        if c > 0 and m > 0 and backend == "triton":
+            cols_x, cols_ids = cur_x.to(dev), cur_ids.to(dev)
+            keys, cl = _triton_block_keys(x32, sq, cols_x, cols_ids, lower, upper, k, owner == comm.rank)
+            best = torch.topk(torch.cat([best, keys], dim=1), k, dim=1, largest=False, sorted=True).values
+            close += cl
+        elif c > 0 and m > 0:
             cols_x, cols_ids = cur_x.to(dev), cur_ids.to(dev)
             cols_sq = squared_norms64(cols_x).float()
             rows_per_tile = max(1, block_elements // c)
@@ -687,11 +744,6 @@ def _unpack_lists(packed: torch.Tensor, k: int):
         col += nbytes
     index, s2, limit2, num_close, slack = out
     return index, s2, limit2.flatten(), num_close.flatten(), slack.flatten()
-
-
-def _metric(s2: torch.Tensor, metric: str) -> torch.Tensor:
-    l2 = s2.sqrt()
-    return l2 if metric == "l2" else 0.5 * l2.square()
 
 
 def _lex_sorted(d: torch.Tensor, ids: torch.Tensor):
@@ -754,8 +806,10 @@ class _LocalScan:
             return
         sh, metric = self.sh, self.sh.metric
         rows = prepare(sh.x.index_select(0, cand), metric)
-        s2 = (rows - self.last_row).square_().sum(dim=1)
-        d = _metric(s2, metric)
+        # (the kernel of the reference's distances: the same bits, so ties with t fall the same way)
+        l2 = distances_between(rows, self.last_row[None, :], "l2")[:, 0]
+        s2 = l2.square()
+        d = l2 if metric == "l2" else 0.5 * s2
         ids = cand + sh.offset
         i0 = int(torch.argmin(d))
         self.c0 = min(self.c0, (float(d[i0]), int(ids[i0])))
@@ -769,8 +823,8 @@ class _LocalScan:
                 part = pos[c0 : c0 + chunk]
                 sub = rows.index_select(0, part.to(rows.device))
                 valid = torch.ones(part.numel(), dtype=torch.bool, device=rows.device)
-                for p in self.others:
-                    valid &= _metric((sub - p).square_().sum(dim=1), metric) >= self.threshold
+                if self.others.shape[0]:
+                    valid &= (distances_between(sub, self.others, metric) >= self.threshold).all(dim=1)
                 hit = torch.nonzero(valid).flatten()
                 if hit.numel():
                     j = int(part[int(hit[0])])
@@ -859,6 +913,99 @@ def _sharded_pick(
             batch = min(scan.n_u, batch * 4)
 
 
+#: The masked scans' kernels by ``fallback`` (:class:`_MaskedScan`).
+_MASKED_SCANS = {"device": masked_scan_torch, "triton": masked_scan_triton}
+
+
+class _MaskedScan:
+    """This rank's side of the masked scans (the sharded form of
+    :func:`~tfp_kernels.order.scan_triton.triton_exact_pick`, for the steps where the cap cannot fire): one float32
+    pass over its unvisited rows against the window's rows, then float64 distances for the few rows the pass
+    cannot decide, settled over the ranks by two ``all_gather`` (three where no node is valid).
+
+    Every rank keeps its rows in float32 (prepared in float64, rounded: the rows of the band lists) with
+    room for the window's rows after them: the window's rows (sent by rank 0 in float64) are rounded alike
+    and scanned as the last rows of the same table, so the scan kernels index them like any row.
+    Bounds: ``coef (|q|^2 + max |x|^2)`` per query row ``q`` (the float32 bound of
+    :func:`~tfp_kernels.order.band_topk.squared_distance_error_coef`, the global max of the squared norms),
+    the scan's rule as :func:`~tfp_kernels.order.scan_triton.triton_exact_pick`'s.
+
+    Args:
+        comm, sh: the group and this rank's rows; scan: :func:`~tfp_kernels.order.scan_triton.masked_scan_triton`
+            or its torch twin :func:`~tfp_kernels.order.scan_triton.masked_scan_torch`; window: the rule's
+            window (at most :data:`~tfp_kernels.order.scan_triton.MAX_SCAN_WINDOW`).
+
+    Attributes:
+        settled: rows this rank measured in float64, summed over its scans.
+    """
+
+    def __init__(self, comm: _Comm, sh: _Shard, scan, window: int):
+        self.comm, self.sh, self.scan = comm, sh, scan
+        m, dim = sh.x.shape
+        self.x32 = torch.empty(m + window, dim, dtype=torch.float32, device=sh.x.device)
+        self.x32[:m] = _prepared32(sh.x, sh.metric)
+        self.sq = torch.empty(m + window, dtype=torch.float32, device=sh.x.device)
+        self.sq[:m] = squared_norms64(self.x32[:m]).float()
+        self.max_sq = comm.all_max(float(self.sq[:m].max()) if m else 0.0)
+        self.coef = squared_distance_error_coef(dim, torch.float32, rounded_norms=True)
+        self.settled = 0
+
+    def _gathered(self, values: list[float]) -> torch.Tensor:
+        return self.comm.all_gather(torch.tensor(values, dtype=torch.float64)).view(self.comm.world, len(values))
+
+    def _nearest(self, rows: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
+        """This rank's least (d, global id) of ``rows`` (local positions, ascending), or (inf, inf)."""
+        if rows.numel() == 0:
+            return math.inf, math.inf
+        i = int(torch.argmin(d))  # (the first minimum: the lowest id)
+        return float(d[i]), float(rows[i] + self.sh.offset)
+
+    def pick(self, win_rows: torch.Tensor, threshold: float) -> int:
+        """The rule's next node over all ranks (collective; the same on every rank). ``win_rows``: (w, D) float64
+        prepared rows of the window's path nodes, ``last`` last."""
+        sh, m = self.sh, self.sh.m
+        w = win_rows.shape[0]
+        queries64 = win_rows.flip(0).to(sh.x.device)  # last first
+        self.x32[m : m + w] = queries64.float()
+        self.sq[m : m + w] = squared_norms64(self.x32[m : m + w]).float()
+        q_slack = self.coef * (self.sq[m : m + w].double() + self.max_sq)
+        lower, upper = band_bounds(squared_threshold(threshold, sh.metric), q_slack)
+        two_slack = 2.0 * float(q_slack[0])
+        unv = torch.nonzero(~sh.visited).flatten()
+        queries = torch.arange(m, m + w, device=sh.x.device)
+        s2_last, status = (self.scan(self.x32, self.sq, unv, queries, lower, upper) if unv.numel()
+                           else (torch.empty(0), torch.empty(0, dtype=torch.int8)))
+        sure = torch.where(status == 2, s2_last, torch.inf)
+        local = [float(sure.min()) if unv.numel() else math.inf, float(s2_last.min()) if unv.numel() else math.inf]
+        best_sure, least = (float(v) for v in self._gathered(local).min(dim=0).values)
+        # the answer is valid and exactly no farther than the best surely valid row (all undecided rows when no
+        # row is surely valid), as in one process
+        limit = best_sure + two_slack if math.isfinite(best_sure) else math.inf
+        cand = unv[(status >= 1) & (s2_last <= limit)]
+        rows = prepare(sh.x.index_select(0, cand), sh.metric)
+        d = distances_between(rows, queries64, sh.metric)  # (the reference's kernel: ties with t fall alike)
+        self.settled += cand.numel()
+        valid = (d >= threshold).all(dim=1)
+        found = self._gathered(list(self._nearest(cand[valid], d[valid, 0].cpu())))
+        node = _least_key(found)
+        if node is not None:
+            return node
+        # no valid node on any rank: c_0, the nearest unvisited node (ties by index)
+        near = unv[s2_last <= least + two_slack]
+        d_last = distances_between(prepare(sh.x.index_select(0, near), sh.metric), queries64[:1], sh.metric)[:, 0]
+        self.settled += near.numel()
+        return _least_key(self._gathered(list(self._nearest(near, d_last.cpu()))))
+
+
+def _least_key(keys: torch.Tensor) -> int | None:
+    """The id of the least (d, id) row of ``keys`` ((world, 2) float64; rows of +inf: none), or None."""
+    keys = keys[torch.isfinite(keys[:, 1])]
+    if keys.numel() == 0:
+        return None
+    _d, ids = _lex_sorted(keys[:, 0], keys[:, 1].long())
+    return int(ids[0])
+
+
 def _projection(comm: _Comm, sh: _Shard, emb_host: torch.Tensor | None, n: int, dim: int) -> None:
     """Rank 0 computes an orthonormal basis from a sample of rows and broadcasts it; every rank projects."""
     r = torch.zeros(1, dtype=torch.int64)
@@ -888,8 +1035,9 @@ class RingListBuilder:
     Args:
         comm, sh: the group and this rank's rows (their list rows and bands set).
         k: the lists' length K (clamped to the list rows of a rebuild, padded).
-        block_elements: elements of the (rows x columns) float32 tile of the ring.
+        block_elements: elements of the (rows x columns) float32 tile of the ring (torch).
         long: a :class:`RingLongListBuilder`, or None (no long lists).
+        backend: ``"torch"`` or ``"triton"``: what lists each column block (:func:`_ring_band_lists`).
 
     Attributes:
         num_lists: R, the list rows of all ranks.
@@ -902,8 +1050,9 @@ class RingListBuilder:
     """
 
     def __init__(self, comm: _Comm, sh: _Shard, k: int, *, block_elements: int,
-                 long: RingLongListBuilder | None = None):
+                 long: RingLongListBuilder | None = None, backend: str = "torch"):
         self.comm, self.sh, self.k, self.block_elements, self.long = comm, sh, k, block_elements, long
+        self.backend = backend
         self.num_lists = sum(sh.list_sizes)
         self.columns = None
         self.row_slack = None
@@ -946,7 +1095,7 @@ class RingListBuilder:
         k = min(self.k, max(sum(counts) - 1, 1))
         x32 = _prepared32(sh.x, sh.metric, positions)
         index, s2, close, sent = _ring_band_lists(comm, x32, ids, sh.lower[local], sh.upper[local], k, counts,
-                                                  block_elements=self.block_elements)
+                                                  block_elements=self.block_elements, backend=self.backend)
         del x32
         if k < self.k:  # fewer rows than K: pad the lists
             index = torch.cat([index, index.new_full((index.shape[0], self.k - k), -1)], dim=1)
@@ -1188,7 +1337,17 @@ class _Commands:
         self.synced = step
 
 
-def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int) -> float:
+def _scan_step(comm: _Comm, sh: _Shard, masked: _MaskedScan | None, step: int, n: int, win_rows: torch.Tensor,
+               rule: Rule) -> int:
+    """One sharded scan (collective): the masked scan where it serves (given, and the cap cannot fire), else the
+    projection-ordered scan :func:`_sharded_pick` (the basis sent before)."""
+    if masked is not None and not rule.cap_may_fire(n - step):
+        return masked.pick(win_rows, rule.threshold)
+    return _sharded_pick(comm, sh, step, n, win_rows, threshold=rule.threshold, max_rejections=rule.max_rejections)
+
+
+def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int,
+           masked: _MaskedScan | None = None) -> float:
     """The loop of the ranks other than 0 during the walk: run rank 0's commands (:class:`_Commands`) until done.
     Returns this rank's seconds in scans."""
     dim = sh.x.shape[1]
@@ -1207,7 +1366,7 @@ def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int
         elif cmd == _SCAN:
             # (the node rank 0 takes comes with its next command: under "spread" it settles forced steps itself)
             t0 = time.perf_counter()
-            _sharded_pick(comm, sh, step, n, win_rows, threshold=rule.threshold, max_rejections=rule.max_rejections)
+            _scan_step(comm, sh, masked, step, n, win_rows, rule)
             scan_s += time.perf_counter() - t0
         elif cmd == _REBUILD:
             builder.serve(first=False)
@@ -1219,34 +1378,43 @@ def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int
 
 class ShardedScanPicker:
     """The sharded walk's exact scan (a picker: ``pick(step) -> node``, ``counts()``), commanded from rank 0: every
-    rank scans its own unvisited rows and the ranks settle the global pick (:func:`_sharded_pick`). Where no node
-    is valid it takes the rule's ``c_0`` (with the cap ``c_M``): the policy's
-    :class:`~tfp_kernels.order.pickers.PolicyPicker` around it settles such a step under ``"spread"``.
+    rank scans its own unvisited rows and the ranks settle the global pick (:func:`_scan_step`: the masked scan of
+    :class:`_MaskedScan` where given and the cap cannot fire, else :func:`_sharded_pick`). Where no node is valid
+    it takes the rule's ``c_0`` (with the cap ``c_M``): the policy's :class:`~tfp_kernels.order.pickers.PolicyPicker`
+    around it settles such a step under ``"spread"``.
 
     Args:
         comm, sh: the group and rank 0's rows; commands: rank 0's :class:`_Commands`; emb_host: (N, D) host rows
             (the window's rows are sent from them); state: the :class:`~tfp_kernels.order.pickers.WalkState`;
-            rule: the :class:`~tfp_kernels.order.pickers.Rule`.
+            rule: the :class:`~tfp_kernels.order.pickers.Rule`; masked: rank 0's :class:`_MaskedScan`, or None.
+
+    ``counts()``: its scans by kind, ``num_masked_scans`` and ``num_projection_scans`` (the rows they measured in
+    float64 are each rank's own count, :class:`_MaskedScan`'s ``settled``, summed into the stats at the end).
     """
 
     def __init__(self, comm: _Comm, sh: _Shard, commands: _Commands, emb_host: torch.Tensor, state: WalkState,
-                 rule: Rule):
+                 rule: Rule, masked: _MaskedScan | None = None):
         self.comm, self.sh, self.commands = comm, sh, commands
-        self.emb_host, self.state, self.rule = emb_host, state, rule
+        self.emb_host, self.state, self.rule, self.masked = emb_host, state, rule, masked
+        self.masked_scans = self.projection_scans = 0
 
     def pick(self, step: int) -> int:
         sh, n, dim = self.sh, self.state.n, self.emb_host.shape[1]
-        if sh.basis is None:  # (the scans' projections, at the first scan)
+        projection = self.masked is None or self.rule.cap_may_fire(n - step)
+        if projection and sh.basis is None:  # (the projection scans' basis, at the first of them)
             self.commands.send(_BASIS, step)
             _projection(self.comm, sh, self.emb_host, n, dim)
         window = self.state.path[max(0, step - self.rule.window) : step]
         win_rows = prepare(self.emb_host.index_select(0, window), sh.metric)
         self.commands.send(_SCAN, step, win_rows)
-        return _sharded_pick(self.comm, sh, step, n, win_rows, threshold=self.rule.threshold,
-                             max_rejections=self.rule.max_rejections)
+        if projection:
+            self.projection_scans += 1
+        else:
+            self.masked_scans += 1
+        return _scan_step(self.comm, sh, self.masked, step, n, win_rows, self.rule)
 
     def counts(self) -> dict[str, int]:
-        return {}
+        return {"num_masked_scans": self.masked_scans, "num_projection_scans": self.projection_scans}
 
 
 def _rebuild_lists(commands: _Commands, builder: RingListBuilder, lists: ListTables, state: WalkState,
@@ -1283,7 +1451,7 @@ def _close_sets(emb_host: torch.Tensor, lists: ListTables, options: OrderOptions
 
 def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: DuplicateGroups | None,
                builder: RingListBuilder, commands: _Commands, state: WalkState, options: OrderOptions,
-               time_setup: float) -> EngineCounters:
+               time_setup: float, masked: _MaskedScan | None = None) -> EngineCounters:
     """Rank 0: the first build, then the walk (:func:`~tfp_kernels.order.schedule.run_walk`, the single-process
     driver) over the ring's lists with the sharded scans and rebuilds; fills ``state.path``; returns the run's
     counters."""
@@ -1311,8 +1479,8 @@ def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: Duplicat
         threshold=o.threshold, window=o.window, max_rejections=o.max_rejections, cosine=o.metric == "cosine",
         counters=counters)
     rule = Rule(o.metric, o.threshold, o.window, o.max_rejections)
-    picker = PolicyPicker(ShardedScanPicker(comm, sh, commands, emb_host, state, rule), policy, emb_host, state,
-                          prepared=False)
+    picker = PolicyPicker(ShardedScanPicker(comm, sh, commands, emb_host, state, rule, masked), policy, emb_host,
+                          state, prepared=False)
     bar = progress_bar(o, n)
     time_setup += time.perf_counter() - t0
 
@@ -1326,7 +1494,7 @@ def _walk_root(comm: _Comm, sh: _Shard, emb_host: torch.Tensor, groups: Duplicat
     forced.add_walk_counter(counters.tensor)
     long = builder.long
     return EngineCounters(
-        band_backend="torch-ring", band_dtype="float32", k=builder.k,
+        band_backend=f"{builder.backend}-ring", band_dtype="float32", k=builder.k,
         num_fallbacks=tally.scans + counters.scans, num_rebuilds=tally.rebuilds,
         time_band_s=time_band + tally.band_s, time_walk_s=tally.walk_s, time_fallback_s=tally.fallback_s,
         time_setup_s=time_setup, num_groups=builder.num_lists,
@@ -1384,17 +1552,23 @@ def _sharded_order(comm: _Comm, shard: torch.Tensor, sizes: list[int], options: 
         commands = _Commands(comm, sh, state.path)
     long = _long_list_builder(comm, sh, o, k, t2, block_elements, commands=commands, emb_host=emb_host,
                               node_of=None if groups is None else groups.representatives)
-    builder = RingListBuilder(comm, sh, k, block_elements=block_elements, long=long)
+    builder = RingListBuilder(comm, sh, k, block_elements=block_elements, long=long, backend=o.band_backend)
+    # (windows beyond the scan kernel's: every scan by projections, no float32 copy of window rows to hold)
+    masked = _MaskedScan(comm, sh, _MASKED_SCANS[o.fallback], o.window) if o.window <= MAX_SCAN_WINDOW else None
     time_setup = time.perf_counter() - t0 - gather_s
     record, scan_s = None, 0.0
     if comm.rank == _ROOT:
-        record = _walk_root(comm, sh, emb_host, groups, builder, commands, state, o, time_setup)
+        record = _walk_root(comm, sh, emb_host, groups, builder, commands, state, o, time_setup, masked)
         path = state.path
     else:
         builder.serve(first=True)
-        scan_s = _serve(comm, sh, builder, Rule(o.metric, o.threshold, o.window, o.max_rejections), n)
+        scan_s = _serve(comm, sh, builder, Rule(o.metric, o.threshold, o.window, o.max_rejections), n, masked)
         path = torch.empty(n, dtype=torch.int64)
     path = comm.bcast(path)
+    if masked is not None:  # (the rows every rank's masked scans measured in float64)
+        settled = int(comm.all_gather(torch.tensor([masked.settled], dtype=torch.int64)).sum())
+        if record is not None:
+            record = dataclasses.replace(record, scan_candidates=settled)
     long_s = 0.0 if long is None else long.time_s
     record = _share_counters(comm, record, time_band_s=builder.time_s + long_s, time_long_s=long_s,
                              time_fallback_s=scan_s, time_setup_s=time_setup)
@@ -1423,6 +1597,8 @@ def tfp_order_sharded(
     long_lists: bool | str = "auto",
     policy: str = "paper",
     settings: EngineSettings | None = None,
+    band_backend: str = "auto",
+    fallback: str = "auto",
 ):
     """TFP order of rows sharded over the ranks of a process group (collective: every rank calls it).
 
@@ -1457,6 +1633,17 @@ def tfp_order_sharded(
         settings: None (the defaults) or an :class:`~tfp_kernels.order.options.EngineSettings`, as in
             :func:`~tfp_kernels.tfp_order` (the band lists' schedule is not used: the ring lists in float32),
             equal on every rank (checked).
+        band_backend: what lists each block of the ring: ``"torch"`` (float32 tiles; on the CPU the C++
+            selection), ``"triton"`` (the fused kernel, one launch per column block, IEEE float32 products:
+            CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"`` (triton for CUDA embeddings where
+            Triton runs, else torch). Same lists up to float32 rounding (same bound), same path.
+        fallback: how each rank scans its unvisited rows (:class:`_MaskedScan`: one masked float32 pass against
+            the window's rows, then float64 distances for the rows the pass cannot decide, two ``all_gather``
+            per scan): ``"device"`` (the pass in torch ops), ``"triton"`` (the Triton scan kernel: CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``; windows of up to 64 nodes) or ``"auto"`` (triton for CUDA
+            embeddings where Triton runs and the window fits, else device). Steps where the cap can fire, and
+            every step of a window beyond 64 nodes, take the projection-ordered scan (:func:`_sharded_pick`).
+            Same path.
 
     Returns:
         path: (N,) int64 on the device of ``embeddings``, a permutation of ``0..N-1`` (global indices), the
@@ -1469,7 +1656,8 @@ def tfp_order_sharded(
     comm = _Comm(group)
     req = _validate(comm, embeddings, metric=metric, quantile=quantile, threshold=threshold, window=window,
                     max_rejections=max_rejections, start=start, k=k, backend=backend, rebuild=rebuild,
-                    long_lists=long_lists, policy=policy, settings=settings)
+                    long_lists=long_lists, policy=policy, settings=settings, band_backend=band_backend,
+                    fallback=fallback)
     n = sum(req.sizes)
     # every rank's rows scaled by the same 2**k (from the largest entry of all ranks' rows), detached
     scaled = inputs.prepare_rows(req.shard, req.metric, largest=comm.all_max(inputs.largest_magnitude(req.shard)))
@@ -1495,7 +1683,7 @@ def tfp_order_sharded(
         options = OrderOptions(metric=req.metric, threshold=threshold, window=req.window,
                                max_rejections=req.max_rejections, start=req.start, policy=req.policy, k=req.k,
                                rebuild=req.rebuild, long_lists=req.long_lists, progress=progress,
-                               settings=req.settings)
+                               settings=req.settings, band_backend=req.band_backend, fallback=req.fallback)
         path, record, traffic = _sharded_order(comm, shard, req.sizes, options, block_elements)
     path = path.to(shard.device)
     t2 = time.perf_counter()

@@ -106,7 +106,8 @@ def tfp_order(
         fallback: where the fast backend runs its exact fallback scans: ``"host"`` (in the C++ walk, on
             host copies), ``"device"`` (torch on the embeddings' device), ``"triton"`` (one fused Triton
             pass per scan, CUDA) or ``"auto"`` (host for CPU tensors and for up to 16,384 CUDA rows,
-            device beyond). Same path in all.
+            device beyond). Same path in all. With ``group``: ``"auto"``, ``"device"`` or ``"triton"``
+            (:func:`tfp_kernels.distributed.tfp_order_sharded`'s ``fallback``).
         band_dtype: what the band lists multiply (fast backend): ``"auto"`` (``"float16x3"`` with the
             Triton kernel on CUDA: rows scaled per row and split as float16 hi + lo, three tensor-core
             products summed by chunks, an error bound 4x below float32 products'; float32 on the CPU),
@@ -155,7 +156,7 @@ def tfp_order(
         return sharded_driver()(
             embeddings, group=group, metric=metric, quantile=quantile, threshold=threshold, window=window,
             max_rejections=max_rejections, start=start, k=k, backend=backend, progress=progress,
-            return_stats=return_stats, long_lists=long_lists, policy=policy, settings=settings,
+            return_stats=return_stats, long_lists=long_lists, policy=policy, settings=settings, fallback=fallback,
         )
     metric = _checks.check_metric(metric)
     embeddings = _checks.check_embeddings(embeddings, metric=metric)

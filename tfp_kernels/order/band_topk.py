@@ -216,14 +216,16 @@ def band_bounds(t2: float, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _finish_block(s2: torch.Tensor, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int):
-    """Band top-k of one (B, N) block of squared distances (modified in place).
+    """Band top-k of one (B, N) block of squared distances (modified in place); ``rows``: the block's rows as
+    columns (each left out of its own list), or None (the columns are other rows).
 
     The K smallest are selected by (value, column), so that ties at the K-th place go to the lower
     column, as in the Triton kernel: float32 values are packed with their column into int64 keys
     (non-negative float bits order like the values); float64 blocks (the reference) use a stable sort.
     """
     b, n = s2.shape
-    s2[torch.arange(b, device=s2.device), rows] = torch.inf  # self
+    if rows is not None:
+        s2[torch.arange(b, device=s2.device), rows] = torch.inf  # self
     num_close = (s2 < upper[:, None]).sum(dim=1, dtype=torch.int32)
     s2.masked_fill_(s2 < lower[:, None], torch.inf)
     kk = min(k, n)
@@ -251,26 +253,31 @@ def _check_bounds(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: 
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
-def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int) -> BandLists:
+def band_topk_reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
+                        columns: torch.Tensor | None = None) -> BandLists:
     """Band top-k with exact float64 squared distances (explicit differences), blockwise.
 
     Args:
         x: (N, D) prepared rows, any float dtype, CPU or CUDA.
         lower, upper: (N,) bounds in the squared domain (any float dtype, same device).
         k: K >= 1.
+        columns: None (each row against the other rows of ``x``), or (C, D) other rows (same device): each row
+            against them (no row is left out), the lists' indices into ``columns``.
 
     Returns:
         :class:`BandLists` on the device of ``x`` (``s2`` rounded to float32 for the output).
     """
     _check_bounds(x, lower, upper, k)
     x64 = x.double()
+    cols64 = x64 if columns is None else columns.double()
     n = x64.shape[0]
-    block = max(1, BLOCK_ELEMENTS // n)
+    block = max(1, BLOCK_ELEMENTS // max(1, cols64.shape[0]))
     parts = []
     for r0 in range(0, n, block):
         rows = torch.arange(r0, min(n, r0 + block), device=x.device)
-        s2 = torch.cdist(x64[rows], x64, compute_mode="donot_use_mm_for_euclid_dist").square_()
-        parts.append(_finish_block(s2, rows, lower[rows].double(), upper[rows].double(), k))
+        s2 = torch.cdist(x64[rows], cols64, compute_mode="donot_use_mm_for_euclid_dist").square_()
+        parts.append(_finish_block(s2, rows if columns is None else None, lower[rows].double(),
+                                   upper[rows].double(), k))
     index, s2, num_close = (torch.cat(p) for p in zip(*parts))
     return BandLists(index, s2, num_close)
 

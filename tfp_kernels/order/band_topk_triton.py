@@ -1,7 +1,9 @@
 """Fused Triton kernel: blockwise squared distances + threshold band + top-k per row, with a filter epilogue.
 
 Each program is persistent: it takes row blocks of ``BLOCK_M`` rows in turn (``pid``, ``pid + grid``, ...)
-and streams every column block of ``x`` (``BLOCK_N`` columns at a time) past them. Per tile it
+and streams every column block of ``x`` (``BLOCK_N`` columns at a time) past them (or, for the rows of one
+array against those of another, the rows ``row_start ..`` of their concatenation past its first ``n_cols``
+columns: a row is never a column there, so the self tests below never fire). Per tile it
 
 1. computes the (BLOCK_M, BLOCK_N) squared distances ``|a|^2 + |b|^2 - 2 a.b`` with ``tl.dot``
    (tensor cores for bf16/fp16 rows, IEEE float32 products for float32 rows; float32 accumulation; split
@@ -89,7 +91,7 @@ if HAVE_TRITON:
         x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
         a_desc, b_desc, a_lo_desc, b_lo_desc,
         sq_norms_ptr, lower_ptr, upper_ptr, best_ptr, cand_s2_ptr, cand_col_ptr,
-        n_rows, dim,
+        row_start, row_end, n_cols, dim,
         K: tl.constexpr, CAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr, DESCRIPTORS: tl.constexpr,
@@ -98,29 +100,30 @@ if HAVE_TRITON:
         pid = tl.program_id(0)
         num_programs = tl.num_programs(0)
         offs_k = tl.arange(0, K)
-        opaque_zero = n_rows.to(tl.float32) * 0.0  # (see tile_s2)
+        opaque_zero = n_cols.to(tl.float32) * 0.0  # (see tile_s2)
         local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's scratch rows
         best_buf = best_ptr + local[:, None] * K
         cand_s2_buf = cand_s2_ptr + local[:, None] * CAP
         cand_col_buf = cand_col_ptr + local[:, None] * CAP
-        for row0 in range(pid * BLOCK_M, n_rows, num_programs * BLOCK_M):
+        for row0 in range(row_start + pid * BLOCK_M, row_end, num_programs * BLOCK_M):
             rows = row0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_rows
+            row_ok = rows < row_end
             rows64 = rows.to(tl.int64)
+            out_rows = rows - row_start  # (the outputs and the bounds hold the listed rows only)
             row_norm = tl.load(sq_norms_ptr + rows, mask=row_ok, other=0.0)
             row_scale = row_norm  # (unused unless SCALED)
             if SCALED:  # rows stored as x / scale (powers of two)
                 row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-            lower = tl.load(lower_ptr + rows, mask=row_ok, other=float("inf"))  # padding rows keep nothing
-            upper = tl.load(upper_ptr + rows, mask=row_ok, other=0.0)
+            lower = tl.load(lower_ptr + out_rows, mask=row_ok, other=float("inf"))  # padding rows keep nothing
+            upper = tl.load(upper_ptr + out_rows, mask=row_ok, other=0.0)
             tl.debug_barrier()
             tl.store(best_buf + offs_k[None, :], tl.full((BLOCK_M, K), 0x7FFFFFFFFFFFFFFF, tl.int64))
             cutoff = tl.full((BLOCK_M,), float("inf"), tl.float32)
             count = tl.zeros((BLOCK_M,), tl.int32)
             close = tl.zeros((BLOCK_M,), tl.int32)
-            for col0 in range(0, n_rows, BLOCK_N):
+            for col0 in range(0, n_cols, BLOCK_N):
                 cols = col0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < n_rows
+                col_ok = cols < n_cols
                 s2 = tile_s2(
                     x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd, a_desc, b_desc, a_lo_desc, b_lo_desc,
                     sq_norms_ptr, rows64, row_ok, row_norm, row_scale, row0, cols, col_ok, col0, dim, opaque_zero,
@@ -139,8 +142,8 @@ if HAVE_TRITON:
                         cutoff, _ = list_cutoff(best)
                         count = tl.zeros((BLOCK_M,), tl.int32)
             best = merge_candidates(best_buf, cand_s2_buf, cand_col_buf, rows, count, K, BLOCK_M)
-            store_lists(best, rows64, row_ok, out_index_ptr, out_s2_ptr, K)
-            tl.store(out_close_ptr + rows, close, mask=row_ok)
+            store_lists(best, out_rows.to(tl.int64), row_ok, out_index_ptr, out_s2_ptr, K)
+            tl.store(out_close_ptr + out_rows, close, mask=row_ok)
 
 
 def _configs(k_pad: int, device_type: str, hopper: bool = False, split: bool = False) -> list[dict]:
@@ -235,8 +238,10 @@ def _stacked_rows(hi: torch.Tensor, lo: torch.Tensor, chunk: int) -> torch.Tenso
     return torch.cat(parts, dim=2).reshape(n, 2 * padded)
 
 
-def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms):
-    """One kernel launch. ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
+def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms, listed=None):
+    """One kernel launch: the rows of ``x`` against all of them, or with ``listed = (row_start, row_end, n_cols)``
+    the rows ``row_start .. row_end - 1`` against the columns ``0 .. n_cols - 1`` (``lower``, ``upper`` and the
+    results then hold the listed rows only; a row is left out of its own list only if it is also a column). ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
     between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
     ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU) and
     ``DESCRIPTORS`` (tiles read through tensor descriptors, the tensor memory accelerator on Hopper, instead of
@@ -246,7 +251,9 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
     term, in a fresh accumulator per chunk) or ``SINGLES`` (tiles where no row keeps more than one candidate
     append by row reductions: ``append_candidates``)."""
     config = dict(config)
-    n, dim = x.shape
+    dim = x.shape[1]
+    row_start, row_end, n_cols = listed or (0, x.shape[0], x.shape[0])
+    n = row_end - row_start
     block_m = config["BLOCK_M"]
     descriptors = bool(config.pop("DESCRIPTORS", False))
     stacked = bool(config.pop("STACKED", False))
@@ -276,9 +283,9 @@ def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, nu
         x = _stacked_rows(x, x_lo, config["BLOCK_D"])
     _band_topk_kernel[(grid,)](
         index, s2, close, x, x if x_lo is None else x_lo, sq_norms if scale is None else scale, x.stride(0),
-        x.stride(1), a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms, lower, upper, best, cand_s2, cand_col, n, dim,
-        K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None, SCALED=scale is not None,
-        DESCRIPTORS=descriptors, STACKED=stacked, SINGLES=singles, **config,
+        x.stride(1), a_desc, b_desc, a_lo_desc, b_lo_desc, sq_norms, lower, upper, best, cand_s2, cand_col,
+        row_start, row_end, n_cols, dim, K=k_pad, CAP=cap, INPUT_PRECISION=precision, SPLIT=x_lo is not None,
+        SCALED=scale is not None, DESCRIPTORS=descriptors, STACKED=stacked, SINGLES=singles, **config,
     )
     return index, s2, close
 
@@ -321,8 +328,10 @@ def _tuned_config(x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_
 def band_topk_triton(
     x: torch.Tensor, sq_norms: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int,
     *, input_dtype: torch.dtype | None = None, config: dict | None = None, schedule: str = "rows",
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BandLists:
-    """Band top-k lists with the fused Triton kernel.
+    """Band top-k lists with the fused Triton kernel: every row of ``x`` against the other rows of ``x``, or
+    against the rows of ``columns``.
 
     Args:
         x: (N, D) prepared rows, float32 (or bf16/fp16), CUDA (or CPU under ``TRITON_INTERPRET=1``).
@@ -346,6 +355,12 @@ def band_topk_triton(
             pair's product once (N^2 D / 2), in rounds of disjoint pairs of super blocks
             (:mod:`~tfp_kernels.order.band_pairs_triton`; pointer tiles, untuned: ``config`` from
             :func:`pairs_config` unless given). Same lists up to each product's rounding (same error bound).
+        columns: None, or ``(x_cols, sq_cols)``: (C, D) other prepared rows (same dtype and device as ``x``) and
+            their (C,) float32 squared norms: each row of ``x`` is listed against them (none is left out: they
+            are not rows of ``x``), the lists' indices into ``x_cols``. One launch over the rows of the
+            concatenation ``[x_cols; x]`` from C on, against its first C columns (a sharded build's block of
+            another rank's rows; :func:`~tfp_kernels.order.band_topk.band_topk_reference` with ``columns`` is
+            its reference). ``schedule="rows"`` only.
 
     Returns:
         :class:`~tfp_kernels.order.band_topk.BandLists` on the device of ``x``.
@@ -359,6 +374,18 @@ def band_topk_triton(
         raise ValueError(f"schedule must be 'rows' or 'pairs', got {schedule!r}")
     if not 1 <= k <= 1024:
         raise ValueError(f"k must lie in [1, 1024], got {k}")
+    if columns is not None:
+        if schedule != "rows":
+            raise ValueError("band_topk_triton: columns= lists rows against other rows: schedule='rows' only")
+        x_cols, sq_cols = columns
+        if x_cols.dim() != 2 or x_cols.shape[1] != x.shape[1] or sq_cols.shape != (x_cols.shape[0],):
+            raise ValueError(f"band_topk_triton: columns must be (C, {x.shape[1]}) rows and (C,) squared norms, got "
+                             f"{tuple(x_cols.shape)} and {tuple(sq_cols.shape)}")
+        if x_cols.shape[0] + n >= 2**31:
+            raise ValueError(f"band_topk_triton supports C + N < 2^31 rows, got {x_cols.shape[0] + n}")
+        listed = (x_cols.shape[0], x_cols.shape[0] + n, x_cols.shape[0])
+        x = torch.cat([x_cols.to(x.dtype), x])
+        sq_norms = torch.cat([sq_cols.float(), sq_norms.float()])
     input_dtype = input_dtype or torch.float32
     scale = None
     if input_dtype in SPLIT_DTYPES:
@@ -384,7 +411,10 @@ def band_topk_triton(
         index, s2, close = launch_pairs(config or pairs_config(k_pad, x.device.type), xin, x_lo, scale, sq_norms,
                                         lower, upper, k_pad, precision, num_sms)
     else:
-        if config is None:
+        if config is None and columns is not None:  # (the tuning times square launches of the rows)
+            config = _configs(k_pad, x.device.type)[0]
+        elif config is None:
             config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
-        index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
+        index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms,
+                                   listed=None if columns is None else listed)
     return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)

@@ -76,6 +76,13 @@ def distances_from(
     return _finish(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), metric)
 
 
+def distances_between(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact distances between the rows of two arrays of prepared rows: (R, D) ``a`` and (C, D) ``b`` (same dtype
+    and device) give (R, C), bit for bit the entries :func:`distances_from` gives for the same rows (the same
+    ``torch.cdist`` kernel: a sum of squared differences, then one square root)."""
+    return _finish(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), metric)
+
+
 def pair_distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: str,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Exact distances ``D[i[k], j[k]]`` for a list of pairs, computed in blocks.
