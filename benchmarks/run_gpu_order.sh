@@ -12,6 +12,9 @@
 #            order_<n>_progress.log; BAND_SCHEDULE=pairs: the band lists of the pairs kernel (JSON *_pairs_*)
 #   new-tests  the GPU tests of the kernels added since the last GPU run (settle kernels, stacked products,
 #            longer lists, float64 long lists, close sets with a cap, the pairs kernel)
+#   sharded  the sharded path's CUDA pieces: the rows-against-columns band launch's tests on the GPU, then
+#            benchmarks/bench_sharded_cuda.py: the ring's Triton lists and the sharded masked scans in a one-rank
+#            NCCL group vs one process at N = 65,536 (sharded_cuda_*.json)
 #   band-k   the float16 x 3 band kernel at K = 128 and 256, N = 65,536 (band_topk_k<K>_*.json)
 #   profile  torch.profiler over tfp_order at N = 131,072 (where a scan's time goes)
 #   tests    the GPU tests of the ordering, then the kernels' tests (their CPU cases run on the GPU here)
@@ -119,6 +122,9 @@ sys.exit(0 if f and json.load(open(f[0]))['rows'][0]['tfp_order']['band_backend'
       pytests 60 tests/order/test_scan_triton.py -k settle
       pytests 120 tests/order/test_band_topk.py -k "256 or stacked or coherent or candidates"
       pytests 90 tests/order/test_band_pairs.py ;;
+    sharded)
+      pytests 60 tests/order/test_band_topk.py -k "columns"
+      timeout "$(left 240)" python3 -m benchmarks.bench_sharded_cuda --sizes 65536 ;;
     n4096)
       timeout "$(left 110)" python3 -m benchmarks.bench_order --device cuda --sizes 4096 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -28,7 +28,9 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    ring (``isend`` to ``r + 1``, ``irecv`` from ``r - 1``, the next block's transfer overlapping the current
    block's products), so a rank holds its own rows and at most two column blocks, never all embeddings.
    Blockwise float32 products (IEEE, no TF32) with the same error bound and the same band as the
-   single-process lists; per row the running K best are merged by (squared distance, global list-row id).
+   single-process lists: torch tiles (on the CPU selected by the C++ op), or on CUDA one launch of the fused
+   Triton band kernel per column block (``band_backend``; the rank's own block square, another rank's as
+   columns); per row the running K best are merged by (squared distance, global list-row id).
    The lists are gathered to rank 0.
 5. **Walk** on rank 0: the single-process driver (:func:`~tfp_kernels.order.schedule.run_walk`) over the same
    components: the C++ walk (:class:`~tfp_kernels.order.walk_op.WalkOp` on
@@ -36,10 +38,16 @@ Phases (all ranks take part in each; the transport is ``torch.distributed``: glo
    (:class:`ShardedScanPicker`, behind the policy's :class:`~tfp_kernels.order.pickers.PolicyPicker`). The other
    ranks serve commands that rank 0 broadcasts (:func:`_serve`), each with the nodes visited since the last:
    *scan* (where a list cannot prove its answer): rank 0 broadcasts the step and the window rows; each rank
-   scans its own unvisited rows exactly (candidates in the order of a projection lower bound, float64 exact
-   distances, the single-process scan's rule) and an ``all_gather`` of per-rank summaries settles the global
-   pick with ties broken by global index (more rounds only when a rank must look further, and for the
-   rejection cap a count and, when the cap fires, a gather of each rank's M + 1 nearest). *rebuild*: the lists
+   scans its own unvisited rows exactly, the single-process scan's rule with float64 distances from the
+   reference's kernel, ties broken by global index. Where the cap cannot fire (and the window has at most 64
+   nodes): a *masked scan* (:class:`_MaskedScan`, ``fallback``): one float32 pass over the rank's rows against
+   the window's rows (torch ops, or the Triton scan kernel on CUDA) marks each row surely valid, surely
+   invalid or undecided; each rank measures in float64 only its rows that can still beat its best surely
+   valid row (and those nearest ``last``), and one ``all_gather`` of every rank's best valid row and nearest
+   row gives the pick. Elsewhere: candidates in the order of a projection lower bound
+   (:func:`_sharded_pick`), an ``all_gather`` of per-rank summaries per round (more rounds only when a rank
+   must look further, and for the rejection cap a count and, when the cap fires, a gather of each rank's
+   M + 1 nearest). *rebuild*: the lists
    of the list rows with an unvisited node, recomputed among themselves with the same ring (rank 0 broadcasts
    which). *long*: long lists for the crowded lists of a build (``long_lists``, see
    :func:`~tfp_kernels.order.builders.crowded_lists`; :class:`RingLongListBuilder`): rank 0 broadcasts those
@@ -51,7 +59,8 @@ Memory per rank (n_r rows of dimension D, K list length, N total rows, ``b`` = `
 - list phase, every rank: the shard (n_r D in its dtype) + float32 rows (4 n_r D) + two column blocks in
   flight (8 max_r(n_r) D) + running lists and their merge (24 n_r K) + one (rows x columns) float32 tile
   (4 b bytes, 64 MiB by default): O((N / ranks) (D + K)).
-- scans, every rank: float64 projections of its rows (8 n_r r, r <= 64) + a visited mask.
+- scans, every rank: float32 prepared rows with room for the window's (4 (n_r + window) D) for the masked
+  scans, float64 projections of its rows (8 n_r r, r <= 64) for the others + a visited mask.
 - rank 0 from the list phase on: the N x D embeddings as a host copy (float32, or float64 for float64 input:
   4 N D bytes) + the host lists (N (8 K + 20) bytes) + path/visited (9 N): O(N (D + K)). This is the
   price of an exact walk with one round trip per fallback instead of per step; see benchmarks/README.md
@@ -921,7 +930,7 @@ class _MaskedScan:
     """This rank's side of the masked scans (the sharded form of
     :func:`~tfp_kernels.order.scan_triton.triton_exact_pick`, for the steps where the cap cannot fire): one float32
     pass over its unvisited rows against the window's rows, then float64 distances for the few rows the pass
-    cannot decide, settled over the ranks by two ``all_gather`` (three where no node is valid).
+    cannot decide, settled over the ranks by one ``all_gather`` of each rank's best valid row and nearest row.
 
     Every rank keeps its rows in float32 (prepared in float64, rounded: the rows of the band lists) with
     room for the window's rows after them: the window's rows (sent by rank 0 in float64) are rounded alike
@@ -972,29 +981,27 @@ class _MaskedScan:
         lower, upper = band_bounds(squared_threshold(threshold, sh.metric), q_slack)
         two_slack = 2.0 * float(q_slack[0])
         unv = torch.nonzero(~sh.visited).flatten()
-        queries = torch.arange(m, m + w, device=sh.x.device)
-        s2_last, status = (self.scan(self.x32, self.sq, unv, queries, lower, upper) if unv.numel()
-                           else (torch.empty(0), torch.empty(0, dtype=torch.int8)))
-        sure = torch.where(status == 2, s2_last, torch.inf)
-        local = [float(sure.min()) if unv.numel() else math.inf, float(s2_last.min()) if unv.numel() else math.inf]
-        best_sure, least = (float(v) for v in self._gathered(local).min(dim=0).values)
-        # the answer is valid and exactly no farther than the best surely valid row (all undecided rows when no
-        # row is surely valid), as in one process
-        limit = best_sure + two_slack if math.isfinite(best_sure) else math.inf
-        cand = unv[(status >= 1) & (s2_last <= limit)]
-        rows = prepare(sh.x.index_select(0, cand), sh.metric)
-        d = distances_between(rows, queries64, sh.metric)  # (the reference's kernel: ties with t fall alike)
-        self.settled += cand.numel()
-        valid = (d >= threshold).all(dim=1)
-        found = self._gathered(list(self._nearest(cand[valid], d[valid, 0].cpu())))
-        node = _least_key(found)
-        if node is not None:
-            return node
-        # no valid node on any rank: c_0, the nearest unvisited node (ties by index)
-        near = unv[s2_last <= least + two_slack]
-        d_last = distances_between(prepare(sh.x.index_select(0, near), sh.metric), queries64[:1], sh.metric)[:, 0]
-        self.settled += near.numel()
-        return _least_key(self._gathered(list(self._nearest(near, d_last.cpu()))))
+        best, nearest = (math.inf, math.inf), (math.inf, math.inf)
+        if unv.numel():
+            queries = torch.arange(m, m + w, device=sh.x.device)
+            s2_last, status = self.scan(self.x32, self.sq, unv, queries, lower, upper)
+            # this rank's best valid row is valid and exactly no farther than its best surely valid row (all its
+            # undecided rows when it has none): the float64 distances of those (the reference's kernel)
+            best_sure = float(torch.where(status == 2, s2_last, torch.inf).min())
+            limit = best_sure + two_slack if math.isfinite(best_sure) else math.inf
+            cand = unv[(status >= 1) & (s2_last <= limit)]
+            d = distances_between(prepare(sh.x.index_select(0, cand), sh.metric), queries64, sh.metric)
+            valid = (d >= threshold).all(dim=1)
+            best = self._nearest(cand[valid], d[valid, 0].cpu())
+            # and its nearest row, c_0 should no rank have a valid one (sent along: no second round)
+            near = unv[s2_last <= float(s2_last.min()) + two_slack]
+            d_last = distances_between(prepare(sh.x.index_select(0, near), sh.metric), queries64[:1], sh.metric)
+            nearest = self._nearest(near, d_last[:, 0].cpu())
+            self.settled += cand.numel() + near.numel()
+        # the least (d, id) over the ranks' best valid rows, else over their nearest rows (ties by index)
+        found = self._gathered([*best, *nearest])
+        node = _least_key(found[:, :2])
+        return node if node is not None else _least_key(found[:, 2:])
 
 
 def _least_key(keys: torch.Tensor) -> int | None:
@@ -1310,31 +1317,61 @@ def _long_lists_root(comm: _Comm, sh: _Shard, payload, slack: torch.Tensor, colu
         raise _LongListsFailed(0, kernel_failure(err)) from err
 
 
+#: Visited nodes a command carries in its one message beyond the window's rows (more: a second message).
+_INLINE_NODES = 256
+
+
+def _message_size(window: int, dim: int) -> int:
+    """float64 entries of a command's message: the header (command, step, new nodes, window rows), the window's
+    rows and :data:`_INLINE_NODES` visited nodes."""
+    return 4 + window * dim + _INLINE_NODES
+
+
 class _Commands:
     """Rank 0's side of the walk's protocol (:func:`_serve` is the other ranks'): :meth:`send` broadcasts a
     command with the nodes visited since the last one (every rank marks its own, rank 0 too) and, for a scan, the
-    window's rows.
+    window's rows, in one message of :func:`_message_size` float64 entries (a second one only for a longer list of
+    visited nodes: one collective per command, the scans' price on many ranks).
 
     Args:
-        comm, sh: the group and rank 0's rows; path: (N,) int64 host, the walk's path (read up to each step).
+        comm, sh: the group and rank 0's rows; path: (N,) int64 host, the walk's path (read up to each step);
+        window: the rule's window (capped at N - 1).
     """
 
-    def __init__(self, comm: _Comm, sh: _Shard, path: torch.Tensor):
+    def __init__(self, comm: _Comm, sh: _Shard, path: torch.Tensor, window: int):
         self.comm, self.sh, self.path = comm, sh, path
+        self.size = _message_size(window, sh.x.shape[1])
         self.synced = 0  # path[:synced] has been sent to the other ranks
 
     def send(self, cmd: int, step: int | None = None, win_rows: torch.Tensor | None = None) -> None:
-        """Broadcast ``cmd`` at ``step`` (``path[:step]`` set; None: the step of the last command), then one
-        payload: the nodes visited since the last command and ``win_rows`` ((w, D) float64 host, or None)."""
+        """Broadcast ``cmd`` at ``step`` (``path[:step]`` set; None: the step of the last command) with the nodes
+        visited since the last command and ``win_rows`` ((w, D) float64 host, or None)."""
         step = self.synced if step is None else step
         new = self.path[self.synced : step]
         n_win = 0 if win_rows is None else win_rows.shape[0]
-        self.comm.bcast(torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.int64))
-        if new.numel() or n_win:
-            parts = [new.double()] + ([] if win_rows is None else [win_rows.flatten()])
-            self.comm.bcast(torch.cat(parts))
+        payload = torch.cat([new.double()] + ([] if win_rows is None else [win_rows.flatten()]))
+        message = torch.zeros(self.size, dtype=torch.float64)
+        message[:4] = torch.tensor([cmd, step, new.numel(), n_win], dtype=torch.float64)
+        inline = payload.numel() <= self.size - 4
+        if inline:
+            message[4 : 4 + payload.numel()] = payload
+        self.comm.bcast(message)
+        if not inline:
+            self.comm.bcast(payload)
         self.sh.mark(new)
         self.synced = step
+
+
+def _receive(comm: _Comm, sh: _Shard, size: int) -> tuple[int, int, torch.Tensor | None]:
+    """A rank other than 0: the next command of :meth:`_Commands.send` (``size``: its message's entries), its
+    visited nodes marked. Returns ``(cmd, step, win_rows)`` (win_rows: (w, D) float64 host, or None)."""
+    dim = sh.x.shape[1]
+    message = comm.bcast(torch.empty(size, dtype=torch.float64))
+    cmd, step, n_new, n_win = (int(v) for v in message[:4].tolist())
+    total = n_new + n_win * dim
+    payload = message[4 : 4 + total] if total <= size - 4 else comm.bcast(torch.empty(total, dtype=torch.float64))
+    sh.mark(payload[:n_new].long())
+    return cmd, step, payload[n_new:].view(n_win, dim) if n_win else None
 
 
 def _scan_step(comm: _Comm, sh: _Shard, masked: _MaskedScan | None, step: int, n: int, win_rows: torch.Tensor,
@@ -1352,13 +1389,9 @@ def _serve(comm: _Comm, sh: _Shard, builder: RingListBuilder, rule: Rule, n: int
     Returns this rank's seconds in scans."""
     dim = sh.x.shape[1]
     scan_s = 0.0
+    size = _message_size(rule.window, dim)
     while True:
-        cmd, step, n_new, n_win = comm.bcast(torch.zeros(4, dtype=torch.int64)).tolist()
-        win_rows = None
-        if n_new or n_win:
-            payload = comm.bcast(torch.empty(n_new + n_win * dim, dtype=torch.float64))
-            sh.mark(payload[:n_new].long())
-            win_rows = payload[n_new:].view(n_win, dim)
+        cmd, step, win_rows = _receive(comm, sh, size)
         if cmd == _DONE:
             return scan_s
         if cmd == _BASIS:
@@ -1549,7 +1582,7 @@ def _sharded_order(comm: _Comm, shard: torch.Tensor, sizes: list[int], options: 
     state = commands = None
     if comm.rank == _ROOT:
         state = WalkState(n, o.start, torch.device("cpu"), o.window)
-        commands = _Commands(comm, sh, state.path)
+        commands = _Commands(comm, sh, state.path, o.window)
     long = _long_list_builder(comm, sh, o, k, t2, block_elements, commands=commands, emb_host=emb_host,
                               node_of=None if groups is None else groups.representatives)
     builder = RingListBuilder(comm, sh, k, block_elements=block_elements, long=long, backend=o.band_backend)
@@ -1638,7 +1671,7 @@ def tfp_order_sharded(
             CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"`` (triton for CUDA embeddings where
             Triton runs, else torch). Same lists up to float32 rounding (same bound), same path.
         fallback: how each rank scans its unvisited rows (:class:`_MaskedScan`: one masked float32 pass against
-            the window's rows, then float64 distances for the rows the pass cannot decide, two ``all_gather``
+            the window's rows, then float64 distances for the rows the pass cannot decide, one ``all_gather``
             per scan): ``"device"`` (the pass in torch ops), ``"triton"`` (the Triton scan kernel: CUDA, or CPU
             tensors under ``TRITON_INTERPRET=1``; windows of up to 64 nodes) or ``"auto"`` (triton for CUDA
             embeddings where Triton runs and the window fits, else device). Steps where the cap can fire, and
