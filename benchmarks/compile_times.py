@@ -37,7 +37,8 @@ _BAND_TYPES = {
     "out_index_ptr": "*i32", "out_s2_ptr": "*fp32", "out_close_ptr": "*i32", "x_ptr": "*fp16", "x_lo_ptr": "*fp16",
     "scale_ptr": "*fp32", "stride_xn": "i64", "stride_xd": "i64", "a_desc": "*fp16", "b_desc": "*fp16",
     "a_lo_desc": "*fp16", "b_lo_desc": "*fp16", "sq_norms_ptr": "*fp32", "lower_ptr": "*fp32", "upper_ptr": "*fp32",
-    "best_ptr": "*i64", "cand_s2_ptr": "*fp32", "cand_col_ptr": "*i32", "n_rows": "i32", "dim": "i32",
+    "best_ptr": "*i64", "cand_s2_ptr": "*fp32", "cand_col_ptr": "*i32", "row_start": "i32", "row_end": "i32",
+    "n_cols": "i32", "dim": "i32",
 }
 _PAIRS_TYPES = {
     "pairs_ptr": "*i32", "x_ptr": "*fp16", "x_lo_ptr": "*fp16", "scale_ptr": "*fp32", "stride_xn": "i64",
@@ -61,7 +62,8 @@ _REDUCE_TYPES = {"out_ptr": "*i64", "prog_d_ptr": "*fp64", "prog_node_ptr": "*i6
 
 def compile_seconds(fn, types: dict, constants: dict, arch: int, **options) -> dict:
     """Compile ``fn`` (a ``@triton.jit`` function) with these argument types and constexprs for ``sm_<arch>``,
-    specialised as a launch specialises it (pointers and ``stride_*n``/``dim``/``n_rows`` divisible by 16, the
+    specialised as a launch specialises it (pointers and ``stride_*n``/``dim``/``n_rows`` (the band kernel's
+    ``row_end``/``n_cols``; its ``row_start`` is never specialised) divisible by 16, the
     inner strides ``stride_*d`` equal to 1: without them the loads are neither vectorised nor pipelined).
     Returns the seconds and what the kernel's Triton GPU IR shows: asynchronous copies (the loads pipelined
     into shared memory) and the waits on tensor-core products (``pendings = 0``: the product is waited for)."""
@@ -69,7 +71,7 @@ def compile_seconds(fn, types: dict, constants: dict, arch: int, **options) -> d
     constants = {**{name: 1 for name in names if name.startswith("stride_") and name.endswith("d")}, **constants}
     signature = {name: types.get(name, "constexpr") for name in names}
     aligned = [name for name in names if name in types and name not in constants and (
-        types[name].startswith("*") or name in ("dim", "n_rows") or (name.startswith("stride_") and name.endswith("n")))]
+        types[name].startswith("*") or name in ("dim", "n_rows", "row_end", "n_cols") or (name.startswith("stride_") and name.endswith("n")))]
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(key),): value for key, value in constants.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})

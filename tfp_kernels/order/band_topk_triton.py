@@ -85,7 +85,9 @@ def triton_runs_on(device: torch.device | str) -> bool:
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # (row_start: the column count of a rows-against-columns launch, any value; specialised on its divisibility,
+    # each ring step could compile another variant of a kernel that takes seconds to compile)
+    @triton.jit(do_not_specialize=["row_start"])
     def _band_topk_kernel(
         out_index_ptr, out_s2_ptr, out_close_ptr,
         x_ptr, x_lo_ptr, scale_ptr, stride_xn, stride_xd,
