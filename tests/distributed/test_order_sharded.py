@@ -40,6 +40,8 @@ GOOD = {
     "one_row": {"n": 1, "d": 4},
     "three_rows": {"n": 3, "d": 4, "kwargs": {"start": 2}},
     "float16": {"n": 40, "d": 8, "dtype": torch.float16, "kwargs": {"window": 2}},
+    # a window beyond the masked scans' 64 rows: every scan by projections (no float32 copy of window rows)
+    "window_70": {"n": 150, "d": 8, "clusters": 4, "kwargs": {"window": 70, "k": 4}},
     # clustered, short lists: fallback scans and (n >= 1024) list rebuilds
     "clustered_l2": {"n": 1100, "d": 12, "clusters": 16, "kwargs": {"k": 4}},
     "clustered_cosine_cap": {
@@ -212,6 +214,9 @@ def test_fallbacks_and_rebuilds_exercised(world2, world4):
     assert world4["clustered_l2"][0]["stats"].num_rebuilds >= 1
     # cap cases: the cap can fire at every step, so every step is a scan
     assert world2["l2_cap_k4"][0]["stats"].num_fallbacks > 0
+    # scans by the masked pass (rows measured in float64 counted), except with a window beyond its 64 rows
+    assert world2["clustered_l2"][0]["stats"].scan_candidates > 0
+    assert world2["window_70"][0]["stats"].num_fallbacks > 0 == world2["window_70"][0]["stats"].scan_candidates
     # rank 0 gives the nodes where the counts let the cap fire close sets (from its host copy of the rows), and
     # the walk counts their unvisited members: the same path (_check_good), every rank told the counts
     for res in world2["clustered_cosine_cap"]:
