@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distance import BLOCK_ELEMENTS, prepare
+from .distance import BLOCK_ELEMENTS, pair_distances, prepare
 from .inputs import prepare_rows
 
 POLICIES = ("paper", "spread")
@@ -149,7 +149,8 @@ def near_duplicate_groups(x: torch.Tensor, *, threshold: float, metric: str, pre
     not yet in a group leads the next, which takes every node not yet in a group closer than ``threshold`` to it;
     and so on. Equal rows always share a group (they are at the same distance from every leader). Distances are
     exact: a float64 product screens the pairs with a bound on its rounding, and the pairs the bound cannot decide
-    are measured as explicit differences in float64 on the host (the same arithmetic on every device).
+    are measured as explicit differences in float64 on the host (the same arithmetic on every device), with the
+    reference's ``torch.cdist`` kernel (:func:`~tfp_kernels.order.distance.pair_distances`).
 
     Args:
         x: (N, D) float64 prepared rows (``prepared=True``, :func:`~tfp_kernels.order.distance.prepare`), or the
@@ -214,10 +215,12 @@ def _near_pairs(x, sq, rows, cols, t2: float, coef: float, threshold: float, met
     near = s2 < t2 - bound
     unsure = torch.nonzero((s2 - t2).abs_() <= bound)
     if unsure.numel():
-        a_rows = x.index_select(0, rows[unsure[:, 0]]).cpu()  # (the undecided pairs' rows only, to the host)
-        b_rows = x.index_select(0, cols[unsure[:, 1]]).cpu()
-        l2 = (a_rows - b_rows).square_().sum(dim=1).sqrt_()
-        d = l2 if metric == "l2" else 0.5 * l2.square()
+        # the undecided pairs' rows only, to the host (the same arithmetic on every device), measured with the
+        # reference's kernel (as near_duplicate_groups_reference and the walks measure: a pair at exactly t falls
+        # on the same side)
+        u = unsure.shape[0]
+        pair_rows = torch.cat([x.index_select(0, rows[unsure[:, 0]]), x.index_select(0, cols[unsure[:, 1]])]).cpu()
+        d = pair_distances(pair_rows, torch.arange(u), torch.arange(u, 2 * u), metric)
         near[unsure[:, 0], unsure[:, 1]] = (d < threshold).to(near.device)
     return near
 
