@@ -280,7 +280,7 @@ class _Request(NamedTuple):
 def _sharded_backends(device: torch.device, band_backend, fallback, window: int) -> tuple[str, str]:
     """``band_backend`` ("auto", "torch", "triton") and ``fallback`` ("auto", "device", "triton") of a sharded run
     on ``device``, resolved (ValueError for a bad value, or "triton" where Triton cannot run)."""
-    from ..order.band_topk_triton import triton_runs_on
+    from ..order.band_topk_triton import require_triton, triton_runs_on
 
     if band_backend not in ("auto", "torch", "triton"):
         raise ValueError(f"band_backend must be 'auto', 'torch' or 'triton', got {band_backend!r}")
@@ -288,9 +288,8 @@ def _sharded_backends(device: torch.device, band_backend, fallback, window: int)
         raise ValueError(f"fallback must be 'auto', 'device' or 'triton' with a process group, got {fallback!r}")
     triton_here = device.type == "cuda" and triton_runs_on(device)
     for name, value in (("band_backend", band_backend), ("fallback", fallback)):
-        if value == "triton" and not triton_runs_on(device):
-            raise ValueError(f"{name}='triton' needs Triton and CUDA embeddings (CPU ones only under "
-                             f"TRITON_INTERPRET=1), got embeddings on {device}")
+        if value == "triton":
+            require_triton(name, device)
     if band_backend == "auto":
         band_backend = "triton" if triton_here else "torch"
     if fallback == "auto":
@@ -1374,11 +1373,17 @@ def _receive(comm: _Comm, sh: _Shard, size: int) -> tuple[int, int, torch.Tensor
     return cmd, step, payload[n_new:].view(n_win, dim) if n_win else None
 
 
+def _projection_scan(masked: _MaskedScan | None, rule: Rule, unvisited: int) -> bool:
+    """Whether a scan with ``unvisited`` nodes left is the projection-ordered one: no masked scan given, or the cap
+    can fire (every rank decides it alike, from the step)."""
+    return masked is None or rule.cap_may_fire(unvisited)
+
+
 def _scan_step(comm: _Comm, sh: _Shard, masked: _MaskedScan | None, step: int, n: int, win_rows: torch.Tensor,
                rule: Rule) -> int:
     """One sharded scan (collective): the masked scan where it serves (given, and the cap cannot fire), else the
     projection-ordered scan :func:`_sharded_pick` (the basis sent before)."""
-    if masked is not None and not rule.cap_may_fire(n - step):
+    if not _projection_scan(masked, rule, n - step):
         return masked.pick(win_rows, rule.threshold)
     return _sharded_pick(comm, sh, step, n, win_rows, threshold=rule.threshold, max_rejections=rule.max_rejections)
 
@@ -1433,7 +1438,7 @@ class ShardedScanPicker:
 
     def pick(self, step: int) -> int:
         sh, n, dim = self.sh, self.state.n, self.emb_host.shape[1]
-        projection = self.masked is None or self.rule.cap_may_fire(n - step)
+        projection = _projection_scan(self.masked, self.rule, n - step)
         if projection and sh.basis is None:  # (the projection scans' basis, at the first of them)
             self.commands.send(_BASIS, step)
             _projection(self.comm, sh, self.emb_host, n, dim)

@@ -83,6 +83,14 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
+def require_triton(name: str, device: torch.device | str) -> None:
+    """ValueError naming the argument ``name`` (its value ``"triton"``) where Triton cannot take tensors of
+    ``device`` (:func:`triton_runs_on`)."""
+    if not triton_runs_on(device):
+        raise ValueError(f"{name}='triton' needs Triton and CUDA embeddings (CPU ones only under TRITON_INTERPRET=1), "
+                         f"got embeddings on {device}")
+
+
 if HAVE_TRITON:
 
     # (row_start: the column count of a rows-against-columns launch, any value; specialised on its divisibility,
@@ -243,8 +251,9 @@ def _stacked_rows(hi: torch.Tensor, lo: torch.Tensor, chunk: int) -> torch.Tenso
 def _launch(config, x, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms, listed=None):
     """One kernel launch: the rows of ``x`` against all of them, or with ``listed = (row_start, row_end, n_cols)``
     the rows ``row_start .. row_end - 1`` against the columns ``0 .. n_cols - 1`` (``lower``, ``upper`` and the
-    results then hold the listed rows only; a row is left out of its own list only if it is also a column). ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row
-    between merges: a multiple of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
+    results then hold the listed rows only; a row is left out of its own list only if it is also a column).
+    ``config`` holds the tile shape and, optionally, ``CAP`` (candidate slots per row between merges: a multiple
+    of K, at least BLOCK_N; default 4 BLOCK_N rounded up to a multiple of K),
     ``programs`` (persistent programs; default min(row blocks, 2 x SMs), one per row block off the GPU) and
     ``DESCRIPTORS`` (tiles read through tensor descriptors, the tensor memory accelerator on Hopper, instead of
     masked pointer loads; 16-bit rows only) or ``STACKED`` (split rows: the chunk's four products lo.lo',
@@ -376,6 +385,7 @@ def band_topk_triton(
         raise ValueError(f"schedule must be 'rows' or 'pairs', got {schedule!r}")
     if not 1 <= k <= 1024:
         raise ValueError(f"k must lie in [1, 1024], got {k}")
+    listed = None  # (rows against columns: the launch's (row_start, row_end, n_cols))
     if columns is not None:
         if schedule != "rows":
             raise ValueError("band_topk_triton: columns= lists rows against other rows: schedule='rows' only")
@@ -418,5 +428,5 @@ def band_topk_triton(
         elif config is None:
             config = _tuned_config(xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms)
         index, s2, close = _launch(config, xin, x_lo, scale, sq_norms, lower, upper, k_pad, precision, num_sms,
-                                   listed=None if columns is None else listed)
+                                   listed=listed)
     return BandLists(index[:, :k].contiguous(), s2[:, :k].contiguous(), close)

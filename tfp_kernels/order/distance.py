@@ -71,15 +71,14 @@ def distances_from(
     Returns:
         (R, C) (or (R, N)) distances in the dtype of ``x``.
     """
-    a = x.index_select(0, rows)
     b = x if cols is None else x.index_select(0, cols)
-    return _finish(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), metric)
+    return distances_between(x.index_select(0, rows), b, metric)
 
 
 def distances_between(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
     """Exact distances between the rows of two arrays of prepared rows: (R, D) ``a`` and (C, D) ``b`` (same dtype
-    and device) give (R, C), bit for bit the entries :func:`distances_from` gives for the same rows (the same
-    ``torch.cdist`` kernel: a sum of squared differences, then one square root)."""
+    and device) give (R, C), the entries :func:`distances_from` gives for the same rows (it calls this: the
+    ``torch.cdist`` kernel, a sum of squared differences, then one square root)."""
     return _finish(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), metric)
 
 

@@ -71,13 +71,9 @@ def resolve_fallback(fallback: str, device: torch.device, n: int, host_scan_max_
     if fallback == "auto":
         return "host" if device.type == "cpu" or n <= host_scan_max_nodes else "device"
     if fallback == "triton":
-        from .band_topk_triton import triton_runs_on
+        from .band_topk_triton import require_triton
 
-        if not triton_runs_on(device):
-            raise ValueError(
-                f"fallback='triton' needs Triton and CUDA embeddings (CPU ones only under TRITON_INTERPRET=1), "
-                f"got embeddings on {device}"
-            )
+        require_triton("fallback", device)
     return fallback
 
 
